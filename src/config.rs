@@ -1,0 +1,753 @@
+//! Configuration: a TOML file, then `KDEDUP_<SECTION>__<KEY>` environment
+//! overrides, then validation into richer types. Parsing never guesses: unknown
+//! keys are errors, and every error names the file, the key and what is allowed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::ConfigError;
+
+/// Prefix of environment overrides: `KDEDUP_KAFKA__BROKERS=…` sets `[kafka] brokers`.
+pub const ENV_PREFIX: &str = "KDEDUP_";
+
+// ---------------------------------------------------------------------------
+// The file as written
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    kafka: KafkaSection,
+    #[serde(default)]
+    key: KeySection,
+    #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
+    filter: FilterSection,
+    sink: SinkSection,
+    dead_letter: DeadLetterSection,
+    #[serde(default)]
+    duplicates: DuplicatesSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+    #[serde(default)]
+    pipeline: PipelineSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KafkaSection {
+    #[serde(deserialize_with = "lenient_string")]
+    brokers: String,
+    #[serde(deserialize_with = "lenient_string")]
+    group_id: String,
+    #[serde(deserialize_with = "string_list")]
+    topics: Vec<String>,
+    #[serde(default)]
+    consumer: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    producer: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeySection {
+    #[serde(default = "default_key_source")]
+    source: String,
+    #[serde(default = "default_header", deserialize_with = "lenient_string")]
+    header: String,
+    #[serde(default = "default_json_pointer")]
+    json_pointer: String,
+    #[serde(default, deserialize_with = "lenient_opt_string")]
+    scope: Option<String>,
+    #[serde(default = "default_max_bytes")]
+    max_bytes: usize,
+    #[serde(default = "default_on_oversize")]
+    on_oversize: String,
+    #[serde(default, deserialize_with = "string_list")]
+    fingerprint_fields: Vec<String>,
+}
+
+impl Default for KeySection {
+    fn default() -> Self {
+        KeySection {
+            source: default_key_source(),
+            header: default_header(),
+            json_pointer: default_json_pointer(),
+            scope: None,
+            max_bytes: default_max_bytes(),
+            on_oversize: default_on_oversize(),
+            fingerprint_fields: Vec::new(),
+        }
+    }
+}
+
+fn default_key_source() -> String {
+    "header".into()
+}
+fn default_header() -> String {
+    "event-id".into()
+}
+fn default_json_pointer() -> String {
+    "/id".into()
+}
+fn default_max_bytes() -> usize {
+    512
+}
+fn default_on_oversize() -> String {
+    "hash".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    #[serde(default = "default_store_kind")]
+    kind: String,
+    #[serde(default = "default_store_path")]
+    path: PathBuf,
+    #[serde(default = "default_ttl_secs")]
+    ttl_secs: u64,
+    #[serde(default = "default_lease_secs")]
+    lease_secs: u64,
+    #[serde(default = "default_sweep_interval_secs")]
+    sweep_interval_secs: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            kind: default_store_kind(),
+            path: default_store_path(),
+            ttl_secs: default_ttl_secs(),
+            lease_secs: default_lease_secs(),
+            sweep_interval_secs: default_sweep_interval_secs(),
+        }
+    }
+}
+
+fn default_store_kind() -> String {
+    "embedded".into()
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("./kdedup-data")
+}
+fn default_ttl_secs() -> u64 {
+    86_400
+}
+fn default_lease_secs() -> u64 {
+    60
+}
+fn default_sweep_interval_secs() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterSection {
+    #[serde(default = "default_expected_keys")]
+    expected_keys: u64,
+    #[serde(default = "default_fpr")]
+    false_positive_rate: f64,
+    #[serde(default = "default_recent_keys")]
+    recent_keys: usize,
+}
+
+impl Default for FilterSection {
+    fn default() -> Self {
+        FilterSection {
+            expected_keys: default_expected_keys(),
+            false_positive_rate: default_fpr(),
+            recent_keys: default_recent_keys(),
+        }
+    }
+}
+
+fn default_expected_keys() -> u64 {
+    10_000_000
+}
+fn default_fpr() -> f64 {
+    0.001
+}
+fn default_recent_keys() -> usize {
+    100_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinkSection {
+    kind: String,
+    #[serde(default, deserialize_with = "lenient_string")]
+    topic: String,
+    #[serde(default = "default_partitioning")]
+    partitioning: String,
+}
+
+fn default_partitioning() -> String {
+    "source".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterSection {
+    #[serde(deserialize_with = "lenient_string")]
+    topic: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DuplicatesSection {
+    #[serde(default, deserialize_with = "lenient_string")]
+    topic: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    #[serde(default = "default_metrics_listen")]
+    listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection { listen: default_metrics_listen() }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineSection {
+    #[serde(default = "default_batch_max")]
+    batch_max: usize,
+    #[serde(default = "default_commit_interval_ms")]
+    commit_interval_ms: u64,
+    #[serde(default = "default_drain_timeout_ms")]
+    drain_timeout_ms: u64,
+    #[serde(default = "default_on_conflict")]
+    on_conflict: String,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        PipelineSection {
+            batch_max: default_batch_max(),
+            commit_interval_ms: default_commit_interval_ms(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+            on_conflict: default_on_conflict(),
+        }
+    }
+}
+
+fn default_batch_max() -> usize {
+    1000
+}
+fn default_commit_interval_ms() -> u64 {
+    1000
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+fn default_on_conflict() -> String {
+    "dead_letter".into()
+}
+
+/// Accepts a string, or a number/bool written where a string was meant (an
+/// environment override `KDEDUP_KAFKA__GROUP_ID=42` arrives as an integer).
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = toml::Value::deserialize(d)?;
+    scalar_to_string(&value).ok_or_else(|| serde::de::Error::custom("expected a string"))
+}
+
+fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    lenient_string(d).map(Some)
+}
+
+/// Accepts a list of strings, or one comma-separated string (handy from the environment).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| scalar_to_string(v).ok_or_else(|| serde::de::Error::custom("expected a list of strings")))
+            .collect(),
+        other => {
+            let s = scalar_to_string(&other).ok_or_else(|| serde::de::Error::custom("expected a list of strings"))?;
+            Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+        }
+    }
+}
+
+fn scalar_to_string(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration the rest of the crate uses
+// ---------------------------------------------------------------------------
+
+/// Where the event ID comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Header(String),
+    RecordKey,
+    /// RFC 6901 pointer into a JSON payload.
+    Json(String),
+    PayloadHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOversize {
+    Hash,
+    DeadLetter,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub source: KeySource,
+    pub scope: String,
+    pub max_bytes: NonZeroUsize,
+    pub on_oversize: OnOversize,
+    /// JSON pointers whose values make the fingerprint; empty = the whole payload.
+    pub fingerprint_fields: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Embedded { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// How long a completed key suppresses its duplicates.
+    pub ttl: Duration,
+    /// How long an in-flight claim is honoured before another owner may take it over.
+    pub lease: Duration,
+    /// How often expired rows are removed from disk.
+    pub sweep_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct FilterConfig {
+    pub expected_keys: NonZeroU64,
+    pub false_positive_rate: f64,
+    pub recent_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioning {
+    /// Output partition = input partition (modulo the output's partition count):
+    /// each input partition's order is kept in the output.
+    Source,
+    /// The librdkafka partitioner hashes the record key.
+    Key,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkConfig {
+    Kafka { topic: String, partitioning: Partitioning },
+    Stdout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    DeadLetter,
+    /// Treat a reused ID with another payload as a plain duplicate (still counted).
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub batch_max: NonZeroUsize,
+    pub commit_interval: Duration,
+    pub drain_timeout: Duration,
+    pub on_conflict: OnConflict,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Raw librdkafka properties, passed through as given.
+    pub consumer: BTreeMap<String, String>,
+    pub producer: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub key: KeyConfig,
+    pub store: StoreConfig,
+    pub retention: Retention,
+    pub filter: FilterConfig,
+    pub sink: SinkConfig,
+    pub dead_letter_topic: String,
+    pub duplicates_topic: Option<String>,
+    /// `None` when `[metrics] listen = ""`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub pipeline: PipelineConfig,
+}
+
+impl Config {
+    /// Reads `path`, applies `KDEDUP_…` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment; `origin` names the source in errors.
+    pub fn from_toml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        let applied = apply_env_overrides(&mut table, env)?;
+        let file: FileConfig = FileConfig::deserialize(table).map_err(|e| {
+            let mut message = e.to_string().trim().to_string();
+            if !applied.is_empty() {
+                message.push_str(&format!(" (environment overrides applied: {})", applied.join(", ")));
+            }
+            parse_err(message)
+        })?;
+        validate(file, origin)
+    }
+}
+
+/// Applies `KDEDUP_SECTION__KEY=value` (and `KDEDUP_KAFKA__CONSUMER__FETCH_MIN_BYTES`
+/// for raw librdkafka properties, underscores becoming dots). Values are read as
+/// TOML when they parse as a TOML value (numbers, booleans, arrays), else as strings.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let parts: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        let invalid = |message: &str| ConfigError::Invalid {
+            origin: format!("environment variable {name}"),
+            key: rest.to_string(),
+            message: message.to_string(),
+        };
+        let (section, path) = match parts.as_slice() {
+            [section, key] => (section.clone(), vec![key.clone()]),
+            [section, sub, prop] if section == "kafka" && (sub == "consumer" || sub == "producer") => {
+                (section.clone(), vec![sub.clone(), prop.replace('_', ".")])
+            }
+            // KDEDUP_LOG and friends are run-time flags, not config keys.
+            [_] => continue,
+            _ => return Err(invalid("must look like KDEDUP_<SECTION>__<KEY>")),
+        };
+        let value = parse_env_value(&raw);
+        let mut node = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        for (i, segment) in path.iter().enumerate() {
+            let toml::Value::Table(t) = node else {
+                return Err(invalid(&format!("section [{section}] is not a table in the file")));
+            };
+            if i + 1 == path.len() {
+                t.insert(segment.clone(), value.clone());
+                break;
+            }
+            node = t.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        }
+        applied.push(name.clone());
+    }
+    Ok(applied)
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key: key.to_string(),
+        message,
+    };
+
+    let kafka = &file.kafka;
+    if kafka.brokers.trim().is_empty() {
+        return Err(invalid("kafka.brokers", "must list at least one host:port".into()));
+    }
+    if kafka.group_id.trim().is_empty() {
+        return Err(invalid("kafka.group_id", "must not be empty".into()));
+    }
+    if kafka.topics.is_empty() {
+        return Err(invalid("kafka.topics", "must name at least one input topic".into()));
+    }
+    let props = |section: &str, map: &BTreeMap<String, toml::Value>| {
+        map.iter()
+            .map(|(k, v)| {
+                scalar_to_string(v)
+                    .map(|s| (k.clone(), s))
+                    .ok_or_else(|| invalid(&format!("kafka.{section}.{k}"), "must be a string, number or boolean".into()))
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()
+    };
+    let consumer = props("consumer", &kafka.consumer)?;
+    let producer = props("producer", &kafka.producer)?;
+    for (key, forbidden) in [("enable.auto.commit", "true"), ("enable.auto.offset.store", "true")] {
+        if consumer.get(key).map(String::as_str) == Some(forbidden) {
+            return Err(invalid(
+                &format!("kafka.consumer.{key}"),
+                "cannot be true: kdedup commits offsets itself, only behind finished work".into(),
+            ));
+        }
+    }
+
+    let k = &file.key;
+    let source = match k.source.as_str() {
+        "header" => {
+            if k.header.is_empty() {
+                return Err(invalid("key.header", "must name a header when key.source = \"header\"".into()));
+            }
+            KeySource::Header(k.header.clone())
+        }
+        "key" => KeySource::RecordKey,
+        "json" => {
+            check_pointer(&k.json_pointer).map_err(|m| invalid("key.json_pointer", m))?;
+            KeySource::Json(k.json_pointer.clone())
+        }
+        "payload_hash" => KeySource::PayloadHash,
+        other => {
+            return Err(invalid(
+                "key.source",
+                format!("is \"{other}\"; allowed: \"header\", \"key\", \"json\", \"payload_hash\""),
+            ))
+        }
+    };
+    for pointer in &k.fingerprint_fields {
+        check_pointer(pointer).map_err(|m| invalid("key.fingerprint_fields", m))?;
+    }
+    let on_oversize = match k.on_oversize.as_str() {
+        "hash" => OnOversize::Hash,
+        "dead_letter" => OnOversize::DeadLetter,
+        other => return Err(invalid("key.on_oversize", format!("is \"{other}\"; allowed: \"hash\", \"dead_letter\""))),
+    };
+    let max_bytes = NonZeroUsize::new(k.max_bytes).ok_or_else(|| invalid("key.max_bytes", "must be at least 1".into()))?;
+    let scope = k.scope.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| kafka.group_id.clone());
+    if scope.len() > u16::MAX as usize {
+        return Err(invalid("key.scope", "must be shorter than 65535 bytes".into()));
+    }
+
+    let s = &file.store;
+    let store = match s.kind.as_str() {
+        "embedded" => StoreConfig::Embedded { path: s.path.clone() },
+        "postgres" | "scylla" => {
+            return Err(invalid("store.kind", format!("\"{}\" is not built yet; use \"embedded\"", s.kind)))
+        }
+        other => return Err(invalid("store.kind", format!("is \"{other}\"; allowed: \"embedded\""))),
+    };
+    if s.ttl_secs == 0 {
+        return Err(invalid("store.ttl_secs", "must be at least 1".into()));
+    }
+    if s.lease_secs == 0 || s.lease_secs >= s.ttl_secs {
+        return Err(invalid("store.lease_secs", format!("must be at least 1 and below store.ttl_secs ({})", s.ttl_secs)));
+    }
+    if s.sweep_interval_secs == 0 {
+        return Err(invalid("store.sweep_interval_secs", "must be at least 1".into()));
+    }
+
+    let f = &file.filter;
+    let expected_keys =
+        NonZeroU64::new(f.expected_keys).ok_or_else(|| invalid("filter.expected_keys", "must be at least 1".into()))?;
+    if !(f.false_positive_rate > 0.0 && f.false_positive_rate < 0.5) {
+        return Err(invalid("filter.false_positive_rate", "must be between 0 and 0.5 (e.g. 0.001)".into()));
+    }
+
+    let sink = match file.sink.kind.as_str() {
+        "kafka" => {
+            if file.sink.topic.is_empty() {
+                return Err(invalid("sink.topic", "must name the output topic when sink.kind = \"kafka\"".into()));
+            }
+            if kafka.topics.contains(&file.sink.topic) {
+                return Err(invalid("sink.topic", "must differ from the input topics (it would loop)".into()));
+            }
+            let partitioning = match file.sink.partitioning.as_str() {
+                "source" => Partitioning::Source,
+                "key" => Partitioning::Key,
+                other => {
+                    return Err(invalid("sink.partitioning", format!("is \"{other}\"; allowed: \"source\", \"key\"")))
+                }
+            };
+            SinkConfig::Kafka { topic: file.sink.topic.clone(), partitioning }
+        }
+        "stdout" => SinkConfig::Stdout,
+        other => return Err(invalid("sink.kind", format!("is \"{other}\"; allowed: \"kafka\", \"stdout\""))),
+    };
+    if file.dead_letter.topic.is_empty() {
+        return Err(invalid(
+            "dead_letter.topic",
+            "must name a topic: records that cannot be handled go there, never silently dropped".into(),
+        ));
+    }
+    if kafka.topics.contains(&file.dead_letter.topic) {
+        return Err(invalid("dead_letter.topic", "must differ from the input topics".into()));
+    }
+    let duplicates_topic = Some(file.duplicates.topic.clone()).filter(|t| !t.is_empty());
+
+    let metrics_listen = if file.metrics.listen.is_empty() {
+        None
+    } else {
+        Some(file.metrics.listen.parse::<SocketAddr>().map_err(|e| {
+            invalid("metrics.listen", format!("is \"{}\": {e}; write host:port, e.g. 127.0.0.1:9464, or \"\" to disable", file.metrics.listen))
+        })?)
+    };
+
+    let p = &file.pipeline;
+    let batch_max = NonZeroUsize::new(p.batch_max).ok_or_else(|| invalid("pipeline.batch_max", "must be at least 1".into()))?;
+    if p.commit_interval_ms == 0 {
+        return Err(invalid("pipeline.commit_interval_ms", "must be at least 1".into()));
+    }
+    let on_conflict = match p.on_conflict.as_str() {
+        "dead_letter" => OnConflict::DeadLetter,
+        "drop" => OnConflict::Drop,
+        other => {
+            return Err(invalid("pipeline.on_conflict", format!("is \"{other}\"; allowed: \"dead_letter\", \"drop\"")))
+        }
+    };
+
+    Ok(Config {
+        kafka: KafkaConfig {
+            brokers: kafka.brokers.clone(),
+            group_id: kafka.group_id.clone(),
+            topics: kafka.topics.clone(),
+            consumer,
+            producer,
+        },
+        key: KeyConfig { source, scope, max_bytes, on_oversize, fingerprint_fields: k.fingerprint_fields.clone() },
+        store,
+        retention: Retention {
+            ttl: Duration::from_secs(s.ttl_secs),
+            lease: Duration::from_secs(s.lease_secs),
+            sweep_interval: Duration::from_secs(s.sweep_interval_secs),
+        },
+        filter: FilterConfig {
+            expected_keys,
+            false_positive_rate: f.false_positive_rate,
+            recent_keys: f.recent_keys,
+        },
+        sink,
+        dead_letter_topic: file.dead_letter.topic.clone(),
+        duplicates_topic,
+        metrics_listen,
+        pipeline: PipelineConfig {
+            batch_max,
+            commit_interval: Duration::from_millis(p.commit_interval_ms),
+            drain_timeout: Duration::from_millis(p.drain_timeout_ms),
+            on_conflict,
+        },
+    })
+}
+
+fn check_pointer(pointer: &str) -> Result<(), String> {
+    if pointer.is_empty() || pointer.starts_with('/') {
+        Ok(())
+    } else {
+        Err(format!("\"{pointer}\" is not a JSON pointer (RFC 6901): it must start with '/', e.g. \"/payment/id\""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        group_id = "g"
+        topics = ["orders"]
+        [sink]
+        kind = "kafka"
+        topic = "orders.deduped"
+        [dead_letter]
+        topic = "orders.dlq"
+    "#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, "test.toml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.key.source, KeySource::Header("event-id".into()));
+        assert_eq!(c.key.scope, "g", "scope defaults to group_id");
+        assert_eq!(c.retention.ttl, Duration::from_secs(86_400));
+        assert_eq!(c.duplicates_topic, None);
+        assert_eq!(c.pipeline.on_conflict, OnConflict::DeadLetter);
+    }
+
+    #[test]
+    fn env_overrides_win_and_keep_types() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("KDEDUP_KAFKA__BROKERS", "10.0.0.1:9092"),
+                ("KDEDUP_KAFKA__GROUP_ID", "42"),
+                ("KDEDUP_STORE__TTL_SECS", "7200"),
+                ("KDEDUP_KAFKA__TOPICS", "a,b"),
+                ("KDEDUP_KAFKA__CONSUMER__FETCH_MIN_BYTES", "1024"),
+                ("KDEDUP_LOG", "debug"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "10.0.0.1:9092");
+        assert_eq!(c.kafka.group_id, "42");
+        assert_eq!(c.retention.ttl, Duration::from_secs(7200));
+        assert_eq!(c.kafka.topics, vec!["a", "b"]);
+        assert_eq!(c.kafka.consumer.get("fetch.min.bytes").map(String::as_str), Some("1024"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it_and_the_file() {
+        let err = load(&format!("{MINIMAL}\n[store]\nttl = 5\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("test.toml") && err.contains("ttl"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_allowed() {
+        let err = load(&format!("{MINIMAL}\n[key]\nsource = \"xml\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("key.source") && err.contains("\"json\""), "{err}");
+        let err = load(&format!("{MINIMAL}\n[key]\nsource = \"json\"\njson_pointer = \"id\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RFC 6901"), "{err}");
+        let err = load(MINIMAL, &[("KDEDUP_STORE__LEASE_SECS", "999999")]).unwrap_err().to_string();
+        assert!(err.contains("store.lease_secs"), "{err}");
+        let err = load(MINIMAL, &[("KDEDUP_SINK__TOPIC", "orders")]).unwrap_err().to_string();
+        assert!(err.contains("loop"), "{err}");
+        let err = load(MINIMAL, &[("KDEDUP_KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "true")]).unwrap_err().to_string();
+        assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../config/kdedup.toml");
+        load(text, &[]).unwrap();
+    }
+}

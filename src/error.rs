@@ -1,0 +1,111 @@
+//! Error enums, one per stage. Each says what failed and what to check, and
+//! `is_retriable()` decides between retry-with-backoff (the record waits, the
+//! partition pauses) and giving up on that record (dead-letter, with reason).
+
+use std::path::PathBuf;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// Loading or validating the configuration. Never retriable: fix the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {origin}: `{key}` {message}")]
+    Invalid { origin: String, key: String, message: String },
+}
+
+/// Why a record cannot be handled at all. These never stop a partition: the
+/// record is dead-lettered with `reason()` in its headers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record has no event ID: {0}")]
+    MissingId(String),
+    #[error("payload is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("event ID is {len} bytes, over the {max}-byte limit")]
+    OversizeId { len: usize, max: usize },
+    #[error("event ID reused with a different payload (fingerprint {stored} was stored first)")]
+    Conflict { stored: String },
+    #[error("sink rejected the record: {0}")]
+    SinkRejected(String),
+}
+
+impl RecordError {
+    /// Stable, machine-readable reason code carried in the `kdedup-reason` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RecordError::MissingId(_) => "missing_id",
+            RecordError::InvalidJson(_) => "invalid_json",
+            RecordError::OversizeId { .. } => "oversize_id",
+            RecordError::Conflict { .. } => "conflict",
+            RecordError::SinkRejected(_) => "sink_rejected",
+        }
+    }
+}
+
+/// A store call failed. Retriable errors pause the partition until the store
+/// answers again; no offset moves meanwhile.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("embedded store at {path} failed: {message}; check disk space and permissions")]
+    Embedded { path: String, message: String },
+    #[error("store row for a key is corrupt ({0}); run `kdedup forget` on the key or restore the store")]
+    Corrupt(String),
+    #[error("store task was cancelled or panicked: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            // Disk errors on a local store are usually not transient, but retrying keeps
+            // the partition paused (and offsets unmoved) instead of losing records;
+            // an operator sees the error in logs and on /readyz.
+            StoreError::Embedded { .. } | StoreError::Task(_) => true,
+            StoreError::Corrupt(_) => false,
+        }
+    }
+}
+
+/// The side effect failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("producing to topic {topic} failed: {source}")]
+    Kafka { topic: String, source: KafkaError },
+    #[error("writing to stdout failed: {0}")]
+    Stdout(#[from] std::io::Error),
+}
+
+impl SinkError {
+    /// Retriable failures are retried with backoff while the partition waits;
+    /// the others dead-letter the record (with its claim released).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            SinkError::Kafka { source, .. } => match source.rdkafka_error_code() {
+                Some(
+                    RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::InvalidRecord
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::InvalidMessageSize,
+                ) => false,
+                _ => true,
+            },
+            SinkError::Stdout(_) => true,
+        }
+    }
+}
+
+/// Talking to Kafka as a consumer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot create the Kafka consumer (check [kafka] brokers and [kafka.consumer]): {0}")]
+    Create(KafkaError),
+    #[error("cannot subscribe to {topics:?}: {source}")]
+    Subscribe { topics: Vec<String>, source: KafkaError },
+    #[error("cannot start the consumer thread: {0}")]
+    Thread(std::io::Error),
+}

@@ -1,0 +1,31 @@
+//! kdedup makes at-least-once Kafka streams safe for side effects.
+//!
+//! The path of one record:
+//!
+//! 1. [`source`]: a consumer in a group; each partition gets its own queue and task.
+//! 2. [`event`]: the event ID (header, record key, JSON pointer or payload hash),
+//!    its scope, and a payload fingerprint; records without one are dead-lettered.
+//! 3. [`filter`]: a recent-key cache and a time-sliced Bloom filter that only save store calls.
+//! 4. [`store`]: the authority: atomic claim → `New | Duplicate | InFlight | Conflict`.
+//! 5. [`sink`]: the side effect, only for `New`; dead letters and duplicates to side topics.
+//! 6. complete: the claim turns `Done` and lives for the retention TTL.
+//! 7. [`offsets`]: the contiguous watermark, committed only behind finished, durable work.
+//!
+//! [`pipeline`] chains the stages per partition; [`service`] assembles them from a
+//! [`config::Config`]; [`cli`] is the command line; [`demo`] and [`mock`] run the
+//! whole path in-process.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod event;
+pub mod filter;
+pub mod metrics;
+pub mod mock;
+pub mod offsets;
+pub mod pipeline;
+pub mod service;
+pub mod sink;
+pub mod source;
+pub mod store;

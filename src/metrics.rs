@@ -1,0 +1,181 @@
+//! Every metric in one place, plus the HTTP endpoint (`/metrics`, `/healthz`,
+//! `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
+//! can run several pipelines in one process and read exact counts.
+//!
+//! Labels are bounded: outcome, op, result, topic, partition. Never an event ID.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Outcomes of a record; they sum to the records consumed.
+pub const OUTCOMES: [&str; 4] = ["new", "duplicate", "conflict", "dead_letter"];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub consumed: IntCounter,
+    pub records: IntCounterVec,
+    pub filter: IntCounterVec,
+    pub bloom_false_positives: IntCounter,
+    pub store_seconds: HistogramVec,
+    pub store_errors: IntCounter,
+    pub sink_seconds: Histogram,
+    pub sink_errors: IntCounter,
+    pub claim_waits: IntCounter,
+    pub claims_resumed: IntCounter,
+    pub claims_lost: IntCounter,
+    pub commits: IntCounter,
+    pub fsyncs: IntCounter,
+    pub committed_offset: IntGaugeVec,
+    pub assigned_partitions: IntGauge,
+    ready: Arc<AtomicBool>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric names are static and valid");
+            registry.register(Box::new(c.clone())).expect("each metric is registered once");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric names are static and valid");
+            registry.register(Box::new(c.clone())).expect("each metric is registered once");
+            c
+        };
+        // 100 µs .. ~6.5 s
+        let buckets = prometheus::exponential_buckets(0.0001, 2.0, 17).expect("static bucket layout");
+        let store_seconds = HistogramVec::new(
+            HistogramOpts::new("kdedup_store_seconds", "Store call latency by operation (one call carries a batch).")
+                .buckets(buckets.clone()),
+            &["op"],
+        )
+        .expect("static metric");
+        registry.register(Box::new(store_seconds.clone())).expect("registered once");
+        let sink_seconds = Histogram::with_opts(
+            HistogramOpts::new("kdedup_sink_seconds", "Time for a batch's effects to be acknowledged by the sink.")
+                .buckets(buckets),
+        )
+        .expect("static metric");
+        registry.register(Box::new(sink_seconds.clone())).expect("registered once");
+        let committed_offset = IntGaugeVec::new(
+            Opts::new("kdedup_committed_offset", "Last offset committed (next to read), per partition."),
+            &["topic", "partition"],
+        )
+        .expect("static metric");
+        registry.register(Box::new(committed_offset.clone())).expect("registered once");
+        let assigned_partitions = IntGauge::new("kdedup_assigned_partitions", "Partitions this process owns.").expect("static metric");
+        registry.register(Box::new(assigned_partitions.clone())).expect("registered once");
+
+        let records = counter_vec(
+            "kdedup_records_total",
+            "Records finished, by outcome: new (effect ran), duplicate, conflict, dead_letter.",
+            &["outcome"],
+        );
+        for outcome in OUTCOMES {
+            records.with_label_values(&[outcome]);
+        }
+        let filter = counter_vec(
+            "kdedup_filter_total",
+            "Filter answers: recent_hit (no store call), bloom_hit (store read first), bloom_miss (claim directly).",
+            &["result"],
+        );
+        Metrics {
+            consumed: counter("kdedup_records_consumed_total", "Records taken from Kafka."),
+            records,
+            filter,
+            bloom_false_positives: counter(
+                "kdedup_bloom_false_positives_total",
+                "Bloom hits whose store read found no row.",
+            ),
+            store_seconds,
+            store_errors: counter("kdedup_store_errors_total", "Failed store calls (retried with backoff)."),
+            sink_seconds,
+            sink_errors: counter("kdedup_sink_errors_total", "Failed effects (retried, or dead-lettered when not retriable)."),
+            claim_waits: counter("kdedup_claim_waits_total", "Claims answered in-flight (another owner's live lease)."),
+            claims_resumed: counter("kdedup_claims_resumed_total", "Claims resumed at their own position after a crash."),
+            claims_lost: counter(
+                "kdedup_claims_lost_total",
+                "Completions refused because the claim was taken over (the effect may run twice).",
+            ),
+            commits: counter("kdedup_commits_total", "Offset commits sent to Kafka."),
+            fsyncs: counter("kdedup_store_syncs_total", "Store durability barriers (fsyncs) run before commits."),
+            committed_offset,
+            assigned_partitions,
+            registry,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn outcome(&self, outcome: &str) -> u64 {
+        self.records.with_label_values(&[outcome]).get()
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// The metrics endpoint, served from its own thread until dropped.
+pub struct MetricsServer {
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+impl MetricsServer {
+    pub fn start(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<MetricsServer> {
+        let server = tiny_http::Server::http(addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e} (set [metrics] listen)"))?;
+        let addr = server.server_addr().to_ip().unwrap_or(addr);
+        let server = Arc::new(server);
+        let serving = server.clone();
+        let thread = std::thread::Builder::new().name("kdedup-metrics".into()).spawn(move || {
+            for request in serving.incoming_requests() {
+                let (status, body, content_type) = match request.url() {
+                    "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
+                    "/healthz" => (200, "ok\n".to_string(), "text/plain"),
+                    "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
+                    "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
+                    _ => (404, "try /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
+                };
+                let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
+                let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
+            }
+        })?;
+        Ok(MetricsServer { server, thread: Some(thread), addr })
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! An in-process Kafka-protocol cluster (librdkafka's mock cluster) and the
+//! helpers the demo and the tests use around it: create topics, produce,
+//! read a topic back whole, read end and committed offsets.
+//!
+//! This is real Kafka protocol over loopback sockets, served by librdkafka;
+//! kdedup's own code talks to it exactly as it talks to a broker.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct Produce {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// A record read back.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Consumed {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+    }
+
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+/// The cluster lives as long as this value (it is owned by an internal producer).
+pub struct MockKafka {
+    owner: FutureProducer,
+    bootstrap: String,
+}
+
+impl MockKafka {
+    pub fn start(brokers: i32) -> anyhow::Result<MockKafka> {
+        let owner: FutureProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", brokers.to_string())
+            .set("log_level", "3")
+            .create()
+            .context("cannot start librdkafka's mock cluster")?;
+        let bootstrap = owner
+            .client()
+            .mock_cluster()
+            .ok_or_else(|| anyhow!("mock cluster missing"))?
+            .bootstrap_servers();
+        // SAFETY: the handle belongs to `owner`, which outlives this call; the function only
+        // sets an integer on the cluster. Without it, every group join waits the mock's
+        // default 3 s initial rebalance delay.
+        unsafe {
+            let handle = rdkafka_sys::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+            rdkafka_sys::rd_kafka_mock_group_initial_rebalance_delay_ms(handle, 0);
+        }
+        Ok(MockKafka { owner, bootstrap })
+    }
+
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        let cluster = self.owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?;
+        cluster.create_topic(name, partitions, 1).with_context(|| format!("cannot create topic {name}"))
+    }
+}
+
+/// Produces records in order and waits for every delivery.
+pub async fn produce_all(brokers: &str, topic: &str, records: &[Produce]) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    for chunk in records.chunks(50_000) {
+        let mut deliveries = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(r.headers.len());
+            for (k, v) in &r.headers {
+                headers = headers.insert(rdkafka::message::Header { key: k, value: Some(v) });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).partition(r.partition).headers(headers);
+            if let Some(k) = &r.key {
+                record = record.key(k);
+            }
+            if let Some(p) = &r.payload {
+                record = record.payload(p);
+            }
+            deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        }
+        for d in deliveries {
+            d.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    producer.flush(Duration::from_secs(10))?;
+    Ok(())
+}
+
+fn reader(brokers: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "kdedup-reader")
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
+/// End offsets (high watermarks) of every partition of `topic`.
+pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let c = reader(brokers)?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for {topic}"))?;
+    let mut out = BTreeMap::new();
+    for p in t.partitions() {
+        let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+        out.insert(p.id(), high);
+    }
+    Ok(out)
+}
+
+/// Offsets `group` has committed on `topic` (partitions without a commit are absent).
+pub fn committed_offsets(brokers: &str, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let ends = end_offsets(brokers, topic)?;
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Reads every record of `topic` up to its current end offsets, each partition in order.
+pub fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<Consumed>> {
+    let ends = end_offsets(brokers, topic)?;
+    let c = reader(brokers)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let total: i64 = ends.values().sum();
+    let mut out = Vec::with_capacity(total as usize);
+    let mut positions: BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while positions.iter().any(|(p, pos)| *pos < ends[p]) {
+        if std::time::Instant::now() > deadline {
+            return Err(anyhow!("timed out reading {topic}: at {positions:?}, ends {ends:?}"));
+        }
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                positions.insert(m.partition(), m.offset() + 1);
+                let headers = m
+                    .headers()
+                    .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+                    .unwrap_or_default();
+                out.push(Consumed {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+            Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
+            None => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,620 @@
+//! The per-partition task: takes batches from one partition's queue and runs
+//! each through key → filter → store → sink → complete → offsets.
+//!
+//! Batches, not records, cross every hand-off: up to `batch_max` records are
+//! taken at once, the filter is locked once, the store gets one call per step,
+//! the producer gets the whole batch before any delivery is awaited.
+//!
+//! Within a batch, records that share a key are resolved in order: the first
+//! goes to the store, later ones follow its answer (a duplicate of it, or a
+//! conflict). Batches of one partition run one after another, so a key seen
+//! again in the next batch finds the first one completed.
+//!
+//! Failure handling: store errors and retriable sink errors are retried with
+//! backoff while the partition waits (readiness goes false, no offset moves);
+//! records that cannot be handled are dead-lettered with their reason.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{OnConflict, PipelineConfig};
+use crate::error::{RecordError, SinkError, StoreError};
+use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
+use crate::filter::{Filter, Verdict};
+use crate::metrics::Metrics;
+use crate::offsets::{CommitBook, OffsetTracker, TopicPartition};
+use crate::sink::{SideTopics, Sink};
+use crate::source::{PartitionHandler, PartitionQueue};
+use crate::store::{now_ms, Claim, ClaimRequest, ClaimState, DedupStore, Store};
+
+/// Test hooks that stand in for crashes at chosen points. Empty in production.
+#[derive(Default, Clone)]
+pub struct Faults {
+    /// Claim the batch holding this position, then stop the partition task
+    /// before any effect runs, as a crash would. Fires once.
+    pub crash_after_claim: Arc<Mutex<Option<Position>>>,
+    /// Notified when a fault fired.
+    pub fired: Arc<tokio::sync::Notify>,
+}
+
+impl Faults {
+    fn take_crash_after_claim(&self, batch: &[Item]) -> bool {
+        let mut slot = self.crash_after_claim.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = slot.as_ref().is_some_and(|p| batch.iter().any(|i| i.record().position == *p));
+        if hit {
+            *slot = None;
+        }
+        hit
+    }
+}
+
+/// Everything a partition task needs; shared by all partition tasks.
+pub struct Stages {
+    pub extractor: KeyExtractor,
+    pub filter: Mutex<Filter>,
+    pub store: Store,
+    pub sink: Sink,
+    pub side: SideTopics,
+    pub metrics: Metrics,
+    pub book: Arc<CommitBook>,
+    pub config: PipelineConfig,
+    pub faults: Faults,
+}
+
+/// A record on its way through one batch.
+enum Item {
+    Keyed { envelope: Envelope, decision: Option<Decision> },
+    Bad { record: Record, error: RecordError },
+}
+
+impl Item {
+    fn record(&self) -> &Record {
+        match self {
+            Item::Keyed { envelope, .. } => &envelope.record,
+            Item::Bad { record, .. } => record,
+        }
+    }
+}
+
+/// The dedup decision for a keyed record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    New,
+    Duplicate,
+    Conflict(Fingerprint),
+}
+
+/// Why a batch stopped short; the partition task ends without publishing it.
+#[derive(Debug)]
+enum Stop {
+    /// Draining was requested while the batch waited on a retry.
+    Draining,
+    /// A test fault fired.
+    Crashed,
+}
+
+/// Exponential backoff from 50 ms to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(Duration::from_millis(50))
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+}
+
+/// One partition's worker.
+pub struct PartitionTask {
+    tp: TopicPartition,
+    stages: Arc<Stages>,
+    stop: watch::Receiver<bool>,
+    tracker: OffsetTracker,
+}
+
+impl PartitionTask {
+    pub async fn run(mut self, queue: PartitionQueue) {
+        let (topic, partition) = (self.tp.0.clone(), self.tp.1);
+        let batch_max = self.stages.config.batch_max.get();
+        let mut stream = queue.stream();
+        debug!(%topic, partition, "partition task started");
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|s| *s) => break,
+                m = stream.next() => m,
+            };
+            let mut records = Vec::with_capacity(batch_max);
+            take(&mut records, first, &topic, partition);
+            // Take whatever else is ready now, up to a full batch: batches grow under load.
+            while records.len() < batch_max {
+                match stream.next().now_or_never() {
+                    Some(m) => take(&mut records, m, &topic, partition),
+                    None => break,
+                }
+            }
+            if records.is_empty() {
+                continue;
+            }
+            match self.process(records).await {
+                Ok(()) => {}
+                Err(Stop::Draining) => break,
+                Err(Stop::Crashed) => {
+                    warn!(%topic, partition, "injected crash: partition task stops without finishing its batch");
+                    self.stages.faults.fired.notify_waiters();
+                    return;
+                }
+            }
+        }
+        debug!(%topic, partition, in_flight = self.tracker.in_flight(), "partition task stopped");
+    }
+
+    fn draining(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Retries a store call with backoff until it answers; readiness is false meanwhile.
+    async fn store_call<T, F, Fut>(&self, op: &'static str, mut call: F) -> Result<T, Stop>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Backoff::new();
+        loop {
+            let started = Instant::now();
+            let result = call().await;
+            self.stages.metrics.store_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(v) => {
+                    self.stages.metrics.set_ready(true);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.stages.metrics.store_errors.inc();
+                    self.stages.metrics.set_ready(false);
+                    if !e.is_retriable() {
+                        // A corrupt row cannot be fixed by waiting; keep the partition
+                        // paused and loud rather than guess.
+                        error!(topic = %self.tp.0, partition = self.tp.1, op, error = %e, "store call failed; not retriable, operator action needed");
+                    } else {
+                        warn!(topic = %self.tp.0, partition = self.tp.1, op, error = %e, "store call failed; retrying");
+                    }
+                    if self.draining() {
+                        return Err(Stop::Draining);
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+
+    async fn process(&mut self, records: Vec<Record>) -> Result<(), Stop> {
+        let s = self.stages.clone();
+        s.metrics.consumed.inc_by(records.len() as u64);
+        let offsets: Vec<i64> = records.iter().map(|r| r.position.offset).collect();
+        for &o in &offsets {
+            if let Err(e) = self.tracker.begin(o) {
+                // librdkafka delivers a partition in order; this would be a bug upstream.
+                error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset order broken");
+            }
+        }
+
+        // key
+        let mut items: Vec<Item> = records
+            .into_iter()
+            .map(|r| match s.extractor.extract(r) {
+                Ok(envelope) => Item::Keyed { envelope, decision: None },
+                Err((record, error)) => Item::Bad { record, error },
+            })
+            .collect();
+
+        self.decide(&mut items).await?;
+        if s.faults.take_crash_after_claim(&items) {
+            return Err(Stop::Crashed);
+        }
+        self.apply_effects(&mut items).await?;
+
+        for o in offsets {
+            if let Err(e) = self.tracker.finish(o) {
+                error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset tracking broken");
+            }
+        }
+        if let Some(w) = self.tracker.watermark() {
+            s.book.publish(&self.tp, w);
+        }
+        Ok(())
+    }
+
+    /// filter + store: gives every keyed item its decision.
+    async fn decide(&self, items: &mut [Item]) -> Result<(), Stop> {
+        let s = &self.stages;
+        let now = now_ms();
+        // Leaders are the first record of each key in the batch; followers copy their answer.
+        let mut leader_of: HashMap<u128, usize> = HashMap::new();
+        let mut followers: Vec<(usize, usize)> = Vec::new();
+        let mut suspects = Vec::new();
+        let mut to_claim = Vec::new();
+        let mut recent_hits = 0;
+        {
+            let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, item) in items.iter_mut().enumerate() {
+                let Item::Keyed { envelope, decision } = item else { continue };
+                let digest = envelope.key.digest();
+                if let Some(&leader) = leader_of.get(&digest) {
+                    followers.push((i, leader));
+                    continue;
+                }
+                leader_of.insert(digest, i);
+                match filter.check(envelope, now) {
+                    Verdict::RecentDuplicate => {
+                        recent_hits += 1;
+                        *decision = Some(Decision::Duplicate);
+                    }
+                    Verdict::Suspect => suspects.push(i),
+                    Verdict::LikelyNew => to_claim.push(i),
+                }
+            }
+        }
+        for (result, n) in [("recent_hit", recent_hits), ("bloom_hit", suspects.len()), ("bloom_miss", to_claim.len())] {
+            s.metrics.filter.with_label_values(&[result]).inc_by(n as u64);
+        }
+
+        // Suspected duplicates: a read first; only keys not found done go on to the claim.
+        if !suspects.is_empty() {
+            let keys: Vec<_> = suspects.iter().map(|&i| envelope(&items[i]).key.clone()).collect();
+            let rows = self.store_call("lookup", || s.store.lookup(keys.clone(), now)).await?;
+            for (&i, row) in suspects.iter().zip(rows) {
+                match row {
+                    Some(row) if row.state == ClaimState::Done => {
+                        let fp = envelope(&items[i]).fingerprint;
+                        set_decision(&mut items[i], if row.fingerprint == fp { Decision::Duplicate } else { Decision::Conflict(row.fingerprint) });
+                    }
+                    Some(_) => to_claim.push(i),
+                    None => {
+                        s.metrics.bloom_false_positives.inc();
+                        to_claim.push(i);
+                    }
+                }
+            }
+            to_claim.sort_unstable();
+        }
+
+        // Claims; in-flight answers (another owner's live lease) wait and ask again.
+        let mut backoff = Backoff::new();
+        while !to_claim.is_empty() {
+            let requests: Vec<ClaimRequest> = to_claim
+                .iter()
+                .map(|&i| {
+                    let e = envelope(&items[i]);
+                    ClaimRequest { key: e.key.clone(), fingerprint: e.fingerprint, position: e.record.position.clone() }
+                })
+                .collect();
+            let answers = self.store_call("claim", || s.store.claim(requests.clone(), now_ms())).await?;
+            let mut waiting = Vec::new();
+            for (&i, answer) in to_claim.iter().zip(answers) {
+                match answer {
+                    Claim::New { resumed } => {
+                        if resumed {
+                            s.metrics.claims_resumed.inc();
+                            info!(position = %envelope(&items[i]).record.position, "resuming our own unfinished claim");
+                        }
+                        set_decision(&mut items[i], Decision::New);
+                    }
+                    Claim::Duplicate => set_decision(&mut items[i], Decision::Duplicate),
+                    Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
+                    Claim::InFlight { holder, .. } => {
+                        s.metrics.claim_waits.inc();
+                        debug!(position = %envelope(&items[i]).record.position, %holder, "key in flight elsewhere; waiting");
+                        waiting.push(i);
+                    }
+                }
+            }
+            to_claim = waiting;
+            if !to_claim.is_empty() {
+                if self.draining() {
+                    return Err(Stop::Draining);
+                }
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+
+        for (i, leader) in followers {
+            let authority = match (decision_of(&items[leader]), envelope(&items[leader]).fingerprint) {
+                (Decision::Conflict(stored), _) => stored,
+                (_, fp) => fp,
+            };
+            let fp = envelope(&items[i]).fingerprint;
+            set_decision(&mut items[i], if fp == authority { Decision::Duplicate } else { Decision::Conflict(authority) });
+        }
+        Ok(())
+    }
+
+    /// sink + side topics + complete/release.
+    async fn apply_effects(&self, items: &mut [Item]) -> Result<(), Stop> {
+        let s = &self.stages;
+
+        // The effect, for new events, in order; retriable failures are retried.
+        let new: Vec<usize> = (0..items.len())
+            .filter(|&i| matches!(items[i], Item::Keyed { decision: Some(Decision::New), .. }))
+            .collect();
+        let mut rejected: Vec<(usize, SinkError)> = Vec::new();
+        let mut pending = new.clone();
+        let mut backoff = Backoff::new();
+        let started = Instant::now();
+        while !pending.is_empty() {
+            let batch: Vec<&Envelope> = pending.iter().map(|&i| envelope(&items[i])).collect();
+            let results = s.sink.deliver(&batch).await;
+            let mut retry = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(()) => {}
+                    Err(e) if e.is_retriable() => {
+                        s.metrics.sink_errors.inc();
+                        warn!(position = %envelope(&items[i]).record.position, error = %e, sink = s.sink.kind(), "effect failed; retrying");
+                        retry.push(i);
+                    }
+                    Err(e) => {
+                        s.metrics.sink_errors.inc();
+                        rejected.push((i, e));
+                    }
+                }
+            }
+            pending = retry;
+            if !pending.is_empty() {
+                s.metrics.set_ready(false);
+                if self.draining() {
+                    return Err(Stop::Draining);
+                }
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+        s.metrics.sink_seconds.observe(started.elapsed().as_secs_f64());
+
+        // A rejected effect releases its claim (the key is not burned) and is dead-lettered.
+        if !rejected.is_empty() {
+            let keys: Vec<_> = rejected
+                .iter()
+                .map(|(i, _)| {
+                    let e = envelope(&items[*i]);
+                    (e.key.clone(), e.record.position.clone())
+                })
+                .collect();
+            self.store_call("release", || s.store.release(keys.clone())).await?;
+            for (i, e) in rejected {
+                let Item::Keyed { envelope, .. } = std::mem::replace(&mut items[i], placeholder()) else { unreachable!() };
+                items[i] = Item::Bad { record: envelope.record, error: RecordError::SinkRejected(e.to_string()) };
+            }
+        }
+
+        // complete
+        let done: Vec<(crate::event::EventKey, Position)> = items
+            .iter()
+            .filter_map(|item| match item {
+                Item::Keyed { envelope, decision: Some(Decision::New) } => Some((envelope.key.clone(), envelope.record.position.clone())),
+                _ => None,
+            })
+            .collect();
+        if !done.is_empty() {
+            let held = self.store_call("complete", || s.store.complete(done.clone(), now_ms())).await?;
+            for ((_, position), held) in done.iter().zip(held) {
+                if !held {
+                    s.metrics.claims_lost.inc();
+                    warn!(%position, "claim was taken over before completion; the effect may run twice");
+                }
+            }
+        }
+
+        // Side topics: dead letters and (optionally) duplicates.
+        let conflicts_dead_letter = s.config.on_conflict == OnConflict::DeadLetter;
+        let mut dead: Vec<(&Record, RecordError)> = Vec::new();
+        let mut dups: Vec<&Envelope> = Vec::new();
+        for item in items.iter() {
+            match item {
+                Item::Bad { record, error } => dead.push((record, error.clone())),
+                Item::Keyed { envelope, decision: Some(Decision::Conflict(stored)) } if conflicts_dead_letter => {
+                    dead.push((&envelope.record, RecordError::Conflict { stored: stored.to_string() }))
+                }
+                Item::Keyed { envelope, decision: Some(Decision::Duplicate) } => dups.push(envelope),
+                _ => {}
+            }
+        }
+        let dead_refs: Vec<(&Record, &RecordError)> = dead.iter().map(|(r, e)| (*r, e)).collect();
+        self.write_side("dead_letter", &dead_refs, |batch| s.side.dead_letter(batch)).await?;
+        self.write_side("duplicates", &dups, |batch| s.side.duplicates(batch)).await?;
+
+        // filter memory + outcome counts
+        let now = now_ms();
+        let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+        for item in items.iter() {
+            let outcome = match item {
+                Item::Bad { .. } => "dead_letter",
+                Item::Keyed { envelope, decision } => match decision.expect("every keyed item is decided before effects") {
+                    Decision::New | Decision::Duplicate => {
+                        filter.remember_done(envelope, envelope.fingerprint, now);
+                        if decision == &Some(Decision::New) { "new" } else { "duplicate" }
+                    }
+                    Decision::Conflict(_) => {
+                        filter.remember_seen(envelope, now);
+                        "conflict"
+                    }
+                },
+            };
+            s.metrics.records.with_label_values(&[outcome]).inc();
+        }
+        Ok(())
+    }
+
+    /// Writes to a side topic, retrying retriable failures; a record the topic
+    /// refuses for good is logged loudly (it cannot be written anywhere else).
+    async fn write_side<T, F, Fut>(&self, what: &'static str, records: &[T], write: F) -> Result<(), Stop>
+    where
+        T: HasPosition,
+        F: Fn(Vec<T>) -> Fut,
+        Fut: std::future::Future<Output = Vec<Result<(), SinkError>>>,
+    {
+        let mut pending: Vec<usize> = (0..records.len()).collect();
+        let mut backoff = Backoff::new();
+        while !pending.is_empty() {
+            let batch: Vec<T> = pending.iter().map(|&i| records[i].clone()).collect();
+            let results = write(batch).await;
+            let mut retry = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(()) => {}
+                    Err(e) if e.is_retriable() => retry.push(i),
+                    Err(e) => {
+                        self.stages.metrics.sink_errors.inc();
+                        error!(position = %records[i].position(), topic = what, error = %e, "side topic refused the record for good");
+                    }
+                }
+            }
+            pending = retry;
+            if !pending.is_empty() {
+                self.stages.metrics.sink_errors.inc();
+                warn!(topic = what, records = pending.len(), "side topic write failed; retrying");
+                if self.draining() {
+                    return Err(Stop::Draining);
+                }
+                tokio::time::sleep(backoff.next()).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds a polled message to the batch (errors are librdkafka's own, logged; it retries).
+fn take(
+    records: &mut Vec<Record>,
+    message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
+    topic: &Arc<str>,
+    partition: i32,
+) {
+    match message {
+        Some(Ok(m)) => records.push(Record::from_message(&m, topic)),
+        Some(Err(e)) => warn!(%topic, partition, error = %e, "partition queue reported an error"),
+        None => {}
+    }
+}
+
+trait HasPosition: Clone {
+    fn position(&self) -> &Position;
+}
+impl HasPosition for (&Record, &RecordError) {
+    fn position(&self) -> &Position {
+        &self.0.position
+    }
+}
+impl HasPosition for &Envelope {
+    fn position(&self) -> &Position {
+        &self.record.position
+    }
+}
+
+fn envelope(item: &Item) -> &Envelope {
+    match item {
+        Item::Keyed { envelope, .. } => envelope,
+        Item::Bad { .. } => unreachable!("only keyed items are indexed for the store"),
+    }
+}
+
+fn decision_of(item: &Item) -> Decision {
+    match item {
+        Item::Keyed { decision: Some(d), .. } => *d,
+        _ => unreachable!("leaders are decided before their followers"),
+    }
+}
+
+fn set_decision(item: &mut Item, d: Decision) {
+    if let Item::Keyed { decision, .. } = item {
+        *decision = Some(d);
+    }
+}
+
+fn placeholder() -> Item {
+    Item::Bad {
+        record: Record {
+            position: Position { topic: Arc::from(""), partition: -1, offset: -1 },
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            timestamp_ms: None,
+        },
+        error: RecordError::MissingId(String::new()),
+    }
+}
+
+/// Starts and stops partition tasks as the source assigns and revokes partitions.
+pub struct Workers {
+    stages: Arc<Stages>,
+    runtime: tokio::runtime::Handle,
+    running: Mutex<HashMap<TopicPartition, Running>>,
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+    /// Disconnected when the task's future is dropped: finished, aborted or panicked.
+    ended: std::sync::mpsc::Receiver<()>,
+}
+
+impl Workers {
+    pub fn new(stages: Arc<Stages>, runtime: tokio::runtime::Handle) -> Workers {
+        Workers { stages, runtime, running: Mutex::new(HashMap::new()) }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl PartitionHandler for Workers {
+    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
+        let task = PartitionTask { tp: tp.clone(), stages: self.stages.clone(), stop: stop_rx, tracker: OffsetTracker::new() };
+        let handle = self.runtime.spawn(async move {
+            let _ended = ended_tx; // dropped with the future, whatever ends it
+            task.run(queue).await;
+        });
+        self.stages.metrics.assigned_partitions.inc();
+        if let Some(old) = self.running().insert(tp, Running { stop: stop_tx, handle, ended: ended_rx }) {
+            old.handle.abort();
+        }
+    }
+
+    fn revoked(&self, partitions: &[TopicPartition], drain: bool) {
+        let taken: Vec<(TopicPartition, Running)> = {
+            let mut running = self.running();
+            partitions.iter().filter_map(|tp| running.remove(tp).map(|r| (tp.clone(), r))).collect()
+        };
+        for (_, r) in &taken {
+            if drain {
+                let _ = r.stop.send(true);
+            } else {
+                r.handle.abort();
+            }
+        }
+        let deadline = Instant::now() + if drain { self.stages.config.drain_timeout } else { Duration::ZERO };
+        for (tp, r) in taken {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = r.ended.recv_timeout(left) {
+                warn!(topic = %tp.0, partition = tp.1, "partition did not drain in time; abandoning its unfinished batch");
+                r.handle.abort();
+                let _ = r.ended.recv_timeout(Duration::from_secs(5));
+            }
+            self.stages.metrics.assigned_partitions.dec();
+        }
+    }
+
+    fn all(&self) -> Vec<TopicPartition> {
+        self.running().keys().cloned().collect()
+    }
+}

@@ -1,0 +1,110 @@
+//! `kdedup run`: assembles the stages from a [`Config`] and runs them until
+//! the shutdown future says how to stop. Tests and the demo call [`run`]
+//! directly with their own shutdown future, so nothing needs a signal.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, SinkConfig};
+use crate::event::KeyExtractor;
+use crate::filter::Filter;
+use crate::metrics::{Metrics, MetricsServer};
+use crate::offsets::CommitBook;
+use crate::pipeline::{Faults, Stages, Workers};
+use crate::sink::{KafkaSink, KafkaWriter, SideTopics, Sink, StdoutSink};
+use crate::source::{Source, StopMode};
+use crate::store::{now_ms, DedupStore, Store};
+
+/// What a caller can bring to a run besides the config.
+#[derive(Default, Clone)]
+pub struct RunOptions {
+    /// Shared with the caller, who may read counts while the run goes on.
+    pub metrics: Metrics,
+    pub faults: Faults,
+    /// Serve `[metrics] listen`; off for in-process runs (demo, tests).
+    pub serve_metrics: bool,
+}
+
+pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Output = StopMode>) -> anyhow::Result<()> {
+    let metrics = options.metrics;
+    let _server = match (options.serve_metrics, config.metrics_listen) {
+        (true, Some(addr)) => {
+            let server = MetricsServer::start(addr, metrics.clone())?;
+            info!(addr = %server.addr, "serving /metrics, /healthz and /readyz");
+            Some(server)
+        }
+        _ => None,
+    };
+
+    let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
+    let writer = KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
+    let sink = match &config.sink {
+        SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
+            KafkaSink::new(writer.clone(), topic, *partitioning)
+                .with_context(|| format!("output topic `{topic}` ([sink] topic) must exist"))?,
+        ),
+        SinkConfig::Stdout => Sink::Stdout(StdoutSink),
+    };
+    for topic in std::iter::once(&config.dead_letter_topic).chain(config.duplicates_topic.as_ref()) {
+        writer
+            .partition_count(topic, Duration::from_secs(10))
+            .with_context(|| format!("topic `{topic}` ([dead_letter] / [duplicates]) must exist"))?;
+    }
+
+    let barrier_store = store.clone();
+    let book = Arc::new(CommitBook::new(Box::new(move || barrier_store.sync())));
+    let stages = Arc::new(Stages {
+        extractor: KeyExtractor::new(config.key.clone()),
+        filter: Mutex::new(Filter::new(&config.filter, config.retention.ttl, now_ms())),
+        store: store.clone(),
+        sink,
+        side: SideTopics {
+            writer: writer.clone(),
+            dead_letter: config.dead_letter_topic.clone(),
+            duplicates: config.duplicates_topic.clone(),
+        },
+        metrics: metrics.clone(),
+        book: book.clone(),
+        config: config.pipeline.clone(),
+        faults: options.faults,
+    });
+    let workers = Arc::new(Workers::new(stages, tokio::runtime::Handle::current()));
+    let source = Source::start(
+        &config.kafka,
+        workers,
+        book,
+        metrics.clone(),
+        config.pipeline.commit_interval,
+        store.is_single_instance(),
+    )?;
+    info!(topics = ?config.kafka.topics, group = %config.kafka.group_id, store = store.kind(), "kdedup running");
+
+    let sweep_interval = config.retention.sweep_interval;
+    let sweep_store = store.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweep_interval);
+        loop {
+            tick.tick().await;
+            match sweep_store.sweep(now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => debug!(removed = n, "expired keys swept"),
+                Err(e) => warn!(error = %e, "sweeping expired keys failed; will retry"),
+            }
+        }
+    });
+
+    let mode = shutdown.await;
+    info!(?mode, "stopping");
+    tokio::task::spawn_blocking(move || source.stop(mode)).await.context("source thread")?;
+    sweeper.abort();
+    let _ = sweeper.await;
+    if mode == StopMode::Drain {
+        writer.flush(Duration::from_secs(30)).context("flushing the producer")?;
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Kafka outputs: the deduplicated output topic (the effect), and the writer
+//! that the dead-letter and duplicates topics share.
+//!
+//! Records of a batch are enqueued strictly in order (a full local queue is
+//! waited out, never skipped), then all deliveries are awaited together: one
+//! hand-off to librdkafka per batch, ordering kept by the idempotent producer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+
+use crate::config::Partitioning;
+use crate::error::SinkError;
+use crate::event::{Envelope, Record};
+
+/// Header names kdedup adds to what it writes (the contract in `schemas/headers.md`).
+pub mod headers {
+    pub const EVENT_ID: &str = "kdedup-event-id";
+    pub const SCOPE: &str = "kdedup-scope";
+    pub const SOURCE_TOPIC: &str = "kdedup-source-topic";
+    pub const SOURCE_PARTITION: &str = "kdedup-source-partition";
+    pub const SOURCE_OFFSET: &str = "kdedup-source-offset";
+    pub const REASON: &str = "kdedup-reason";
+    pub const ERROR: &str = "kdedup-error";
+}
+
+/// One record to write.
+pub struct OutRecord<'a> {
+    pub topic: &'a str,
+    pub partition: Option<i32>,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: OwnedHeaders,
+}
+
+/// A shared idempotent producer.
+#[derive(Clone)]
+pub struct KafkaWriter {
+    producer: FutureProducer,
+}
+
+impl KafkaWriter {
+    pub fn new(brokers: &str, overrides: &BTreeMap<String, String>) -> Result<KafkaWriter, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000");
+        for (k, v) in overrides {
+            config.set(k, v);
+        }
+        Ok(KafkaWriter { producer: config.create()? })
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Partition count of `topic`, from broker metadata.
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<i32, KafkaError> {
+        let md = self.producer.client().fetch_metadata(Some(topic), timeout)?;
+        let t = md.topics().iter().find(|t| t.name() == topic);
+        match t {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+            _ => Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)),
+        }
+    }
+
+    /// Writes records in order; one result per record, in order.
+    pub async fn write_all(&self, records: Vec<OutRecord<'_>>) -> Vec<Result<(), SinkError>> {
+        let mut pending = Vec::with_capacity(records.len());
+        for r in records {
+            let topic = r.topic.to_string();
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(r.topic).headers(r.headers);
+            if let Some(k) = r.key {
+                record = record.key(k);
+            }
+            if let Some(p) = r.payload {
+                record = record.payload(p);
+            }
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(Ok((topic, delivery)));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // librdkafka's local queue is full: wait for deliveries to drain it.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((source, _)) => {
+                        pending.push(Err(SinkError::Kafka { topic, source }));
+                        break;
+                    }
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            results.push(match p {
+                Ok((topic, delivery)) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((source, _))) => Err(SinkError::Kafka { topic, source }),
+                    Err(_) => Err(SinkError::Kafka { topic, source: KafkaError::Canceled }),
+                },
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    /// Waits until everything enqueued is delivered (shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+}
+
+/// Copies a record's own headers and adds kdedup's position headers.
+pub fn headers_with_source(record: &Record) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(record.headers.len() + 5);
+    for (k, v) in &record.headers {
+        h = h.insert(Header { key: k, value: v.as_deref() });
+    }
+    let p = &record.position;
+    h.insert(Header { key: headers::SOURCE_TOPIC, value: Some(p.topic.as_bytes()) })
+        .insert(Header { key: headers::SOURCE_PARTITION, value: Some(p.partition.to_string().as_bytes()) })
+        .insert(Header { key: headers::SOURCE_OFFSET, value: Some(p.offset.to_string().as_bytes()) })
+}
+
+/// The output topic: the deduplicated stream.
+pub struct KafkaSink {
+    writer: KafkaWriter,
+    topic: Arc<str>,
+    partitioning: Partitioning,
+    partitions: i32,
+}
+
+impl KafkaSink {
+    pub fn new(writer: KafkaWriter, topic: &str, partitioning: Partitioning) -> Result<KafkaSink, SinkError> {
+        let partitions = writer
+            .partition_count(topic, Duration::from_secs(10))
+            .map_err(|source| SinkError::Kafka { topic: topic.to_string(), source })?;
+        Ok(KafkaSink { writer, topic: Arc::from(topic), partitioning, partitions })
+    }
+
+    pub async fn deliver(&self, batch: &[&Envelope]) -> Vec<Result<(), SinkError>> {
+        let out = batch
+            .iter()
+            .map(|e| OutRecord {
+                topic: &self.topic,
+                partition: match self.partitioning {
+                    Partitioning::Source => Some(e.record.position.partition.rem_euclid(self.partitions)),
+                    Partitioning::Key => None,
+                },
+                key: e.record.key.as_deref().or(Some(&e.key.id)),
+                payload: e.record.payload.as_deref(),
+                headers: headers_with_source(&e.record)
+                    .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) })
+                    .insert(Header { key: headers::SCOPE, value: Some(e.key.scope.as_bytes()) }),
+            })
+            .collect();
+        self.writer.write_all(out).await
+    }
+}

@@ -1,0 +1,98 @@
+//! The sink stage: the side effect, run only for `New` events, and the side
+//! topics for records that are not effects.
+//!
+//! - [`Sink`]: the configured effect, one of [`KafkaSink`] (output topic,
+//!   idempotent producer, event ID and source position as headers) or
+//!   [`StdoutSink`] (JSON lines).
+//! - [`SideTopics`]: the dead-letter topic (reason in headers) and the
+//!   optional duplicates topic.
+//!
+//! Sinks must be idempotent for the event ID: a crash between the effect and
+//! its completion runs the effect again on redelivery.
+
+pub mod kafka;
+pub mod stdout;
+
+use rdkafka::message::Header;
+
+pub use kafka::{KafkaSink, KafkaWriter};
+pub use stdout::StdoutSink;
+
+use crate::error::{RecordError, SinkError};
+use crate::event::{Envelope, Record};
+use kafka::{headers, headers_with_source, OutRecord};
+
+/// The configured effect.
+pub enum Sink {
+    Kafka(KafkaSink),
+    Stdout(StdoutSink),
+}
+
+impl Sink {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Sink::Kafka(_) => "kafka",
+            Sink::Stdout(_) => "stdout",
+        }
+    }
+
+    /// Runs the effect for each event, in order; one result per event.
+    pub async fn deliver(&self, batch: &[&Envelope]) -> Vec<Result<(), SinkError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        match self {
+            Sink::Kafka(s) => s.deliver(batch).await,
+            Sink::Stdout(s) => s.deliver(batch).await,
+        }
+    }
+}
+
+/// Where records go that are not effects.
+#[derive(Clone)]
+pub struct SideTopics {
+    pub writer: KafkaWriter,
+    pub dead_letter: String,
+    pub duplicates: Option<String>,
+}
+
+impl SideTopics {
+    /// Dead-letters records with their reasons; one result per record.
+    pub async fn dead_letter(&self, records: Vec<(&Record, &RecordError)>) -> Vec<Result<(), SinkError>> {
+        let out = records
+            .iter()
+            .map(|(record, error)| {
+                let message = error.to_string();
+                OutRecord {
+                    topic: &self.dead_letter,
+                    partition: None,
+                    key: record.key.as_deref(),
+                    payload: record.payload.as_deref(),
+                    headers: headers_with_source(record)
+                        .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
+                        .insert(Header { key: headers::ERROR, value: Some(message.as_bytes()) }),
+                }
+            })
+            .collect();
+        self.writer.write_all(out).await
+    }
+
+    /// Copies duplicates to the audit topic, when one is configured.
+    pub async fn duplicates(&self, envelopes: Vec<&Envelope>) -> Vec<Result<(), SinkError>> {
+        let Some(topic) = &self.duplicates else {
+            return envelopes.iter().map(|_| Ok(())).collect();
+        };
+        let out = envelopes
+            .iter()
+            .map(|e| OutRecord {
+                topic,
+                partition: None,
+                key: e.record.key.as_deref().or(Some(&e.key.id)),
+                payload: e.record.payload.as_deref(),
+                headers: headers_with_source(&e.record)
+                    .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
+            })
+            .collect();
+        self.writer.write_all(out).await
+    }
+}

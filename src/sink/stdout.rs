@@ -1,0 +1,38 @@
+//! Writes each new event as one JSON line on standard output: handy for
+//! trying a pipeline out and for piping into other tools.
+
+use std::io::Write;
+
+use crate::error::SinkError;
+use crate::event::{hex, Envelope};
+
+pub struct StdoutSink;
+
+impl StdoutSink {
+    pub async fn deliver(&self, batch: &[&Envelope]) -> Vec<Result<(), SinkError>> {
+        let mut buf = Vec::with_capacity(batch.len() * 128);
+        for e in batch {
+            let payload = e.record.payload.as_deref().unwrap_or_default();
+            let line = serde_json::json!({
+                "event_id": e.key.display_id(),
+                "scope": &*e.key.scope,
+                "topic": &*e.record.position.topic,
+                "partition": e.record.position.partition,
+                "offset": e.record.position.offset,
+                "payload": std::str::from_utf8(payload).map(str::to_string).unwrap_or_else(|_| format!("hex:{}", hex(payload))),
+            });
+            serde_json::to_writer(&mut buf, &line).expect("writing JSON to a Vec cannot fail");
+            buf.push(b'\n');
+        }
+        let result = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&buf).and_then(|()| out.flush())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match result {
+            Ok(()) => batch.iter().map(|_| Ok(())).collect(),
+            Err(e) => batch.iter().map(|_| Err(SinkError::Stdout(std::io::Error::new(e.kind(), e.to_string())))).collect(),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The source: one Kafka consumer in a consumer group, its rebalances, and
+//! its commits.
+//!
+//! The consumer's main queue is polled on a dedicated thread, so rebalance
+//! callbacks may block there (draining revoked partitions) without stalling
+//! the async workers. Each assigned partition's messages are split into their
+//! own queue *before* the assignment is applied, so no message of an assigned
+//! partition can reach the main queue, and a [`PartitionHandler`] runs one task
+//! per partition.
+//!
+//! Commits: every `commit_interval`, and synchronously on revoke and shutdown,
+//! the [`CommitBook`] is asked for finished watermarks (after the store's
+//! durability barrier) and they are committed. Auto-commit and the offset
+//! store are off: nothing else moves an offset.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use crate::config::KafkaConfig;
+use crate::error::SourceError;
+use crate::metrics::Metrics;
+use crate::offsets::{CommitBook, TopicPartition};
+
+pub type PartitionQueue = StreamPartitionQueue<SourceContext>;
+type Kafka = StreamConsumer<SourceContext>;
+
+/// Receives partitions as they are assigned and revoked.
+pub trait PartitionHandler: Send + Sync + 'static {
+    /// Start work on a newly assigned partition.
+    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue);
+    /// Stop work on these partitions; with `drain`, let in-flight batches
+    /// finish (bounded), else abandon them. Returns when they have stopped.
+    fn revoked(&self, partitions: &[TopicPartition], drain: bool);
+    /// Partitions currently running.
+    fn all(&self) -> Vec<TopicPartition>;
+}
+
+/// How the source ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Finish in-flight batches (bounded), commit, leave the group.
+    Drain,
+    /// Stop at once and leave without committing, as a crashed member would
+    /// (used by tests; what is unfinished is redelivered to the next owner).
+    Abandon,
+}
+
+pub struct SourceContext {
+    consumer: OnceLock<Weak<Kafka>>,
+    handler: Arc<dyn PartitionHandler>,
+    book: Arc<CommitBook>,
+    metrics: Metrics,
+    abandon: AtomicBool,
+    /// Interned topic names, so records share one allocation per topic.
+    topics: HashMap<String, Arc<str>>,
+    /// Partitions of the subscribed topics, when known (for the single-instance check).
+    total_partitions: Option<usize>,
+    single_instance_store: bool,
+    assigned: Mutex<HashSet<TopicPartition>>,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.on_assign(tpl),
+            Rebalance::Revoke(tpl) => self.on_revoke(base, tpl),
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+impl SourceContext {
+    fn tp_list(&self, tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+        tpl.elements()
+            .iter()
+            .map(|e| {
+                let topic = self.topics.get(e.topic()).cloned().unwrap_or_else(|| Arc::from(e.topic()));
+                (topic, e.partition())
+            })
+            .collect()
+    }
+
+    fn on_assign(&self, tpl: &TopicPartitionList) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            error!("assignment arrived before the consumer was ready; it will be redelivered on the next rebalance");
+            return;
+        };
+        let partitions = self.tp_list(tpl);
+        info!(partitions = ?partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>(), "partitions assigned");
+        for tp in partitions {
+            match consumer.split_partition_queue(&tp.0, tp.1) {
+                Some(queue) => {
+                    self.book.open(tp.clone());
+                    self.assigned.lock().unwrap_or_else(|p| p.into_inner()).insert(tp.clone());
+                    self.handler.assigned(tp, queue);
+                }
+                None => error!(topic = %tp.0, partition = tp.1, "cannot split the partition's queue; it is not processed"),
+            }
+        }
+        self.metrics.set_ready(true);
+        let owned = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if let Some(total) = self.total_partitions {
+            if self.single_instance_store && owned < total {
+                warn!(
+                    owned,
+                    total,
+                    "the embedded store is correct for one instance only, but this process owns only part of the \
+                     topic: another process in the group decides the other partitions against its own store, so \
+                     duplicates across instances are not caught; run one instance or use a shared store"
+                );
+            }
+        }
+    }
+
+    fn on_revoke(&self, base: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let partitions = self.tp_list(tpl);
+        let abandon = self.abandon.load(Ordering::SeqCst);
+        info!(partitions = partitions.len(), abandon, lost = base.assignment_lost(), "partitions revoked; draining");
+        self.handler.revoked(&partitions, !abandon);
+        if !abandon {
+            commit(base, &self.book, &self.metrics, Some(&partitions));
+        }
+        let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        for tp in &partitions {
+            self.book.close(tp);
+            assigned.remove(tp);
+        }
+    }
+}
+
+/// Commits what the book says is finished and durable.
+fn commit<C: Consumer<SourceContext>>(consumer: &C, book: &CommitBook, metrics: &Metrics, only: Option<&[TopicPartition]>) {
+    let ready = match book.prepare(only) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "store durability barrier failed; offsets not committed this time");
+            return;
+        }
+    };
+    if ready.is_empty() {
+        return;
+    }
+    metrics.fsyncs.inc();
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in &ready {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            error!(%topic, partition, error = %e, "cannot build the commit list");
+            return;
+        }
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
+            book.committed(&ready);
+            metrics.commits.inc();
+            for ((topic, partition), offset) in &ready {
+                metrics.committed_offset.with_label_values(&[topic.to_string(), partition.to_string()]).set(*offset);
+            }
+            debug!(partitions = ready.len(), "offsets committed");
+        }
+        Err(e) => warn!(error = %e, "offset commit failed; will retry with the next commit"),
+    }
+}
+
+/// The running source; dropping it without `stop` abandons it.
+pub struct Source {
+    stop: Option<tokio::sync::oneshot::Sender<StopMode>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Consumer properties kdedup sets; `[kafka.consumer]` may add to them but the
+/// commit-related ones are checked at config validation.
+pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &kafka.consumer {
+        c.set(k, v);
+    }
+    c
+}
+
+impl Source {
+    pub fn start(
+        kafka: &KafkaConfig,
+        handler: Arc<dyn PartitionHandler>,
+        book: Arc<CommitBook>,
+        metrics: Metrics,
+        commit_interval: Duration,
+        single_instance_store: bool,
+    ) -> Result<Source, SourceError> {
+        let topics: HashMap<String, Arc<str>> = kafka.topics.iter().map(|t| (t.clone(), Arc::from(t.as_str()))).collect();
+        // Learn the topics' sizes first (for the single-instance check); not fatal if it fails.
+        let total_partitions = {
+            let probe: Result<BaseConsumer, _> = consumer_config(kafka).create();
+            probe.ok().and_then(|c| {
+                kafka.topics.iter().try_fold(0usize, |sum, t| {
+                    let md = c.fetch_metadata(Some(t), Duration::from_secs(5)).ok()?;
+                    Some(sum + md.topics().first()?.partitions().len())
+                })
+            })
+        };
+        let context = SourceContext {
+            consumer: OnceLock::new(),
+            handler: handler.clone(),
+            book: book.clone(),
+            metrics: metrics.clone(),
+            abandon: AtomicBool::new(false),
+            topics,
+            total_partitions,
+            single_instance_store,
+            assigned: Mutex::new(HashSet::new()),
+        };
+        let consumer: Arc<Kafka> =
+            Arc::new(consumer_config(kafka).create_with_context(context).map_err(SourceError::Create)?);
+        consumer.context().consumer.set(Arc::downgrade(&consumer)).ok();
+        let names: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(|source| SourceError::Subscribe { topics: kafka.topics.clone(), source })?;
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("kdedup-source".into())
+            .spawn(move || poll_loop(consumer, handler, book, metrics, commit_interval, stop_rx))
+            .map_err(SourceError::Thread)?;
+        Ok(Source { stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    /// Stops the source and waits for it (blocking: call from a blocking context).
+    pub fn stop(mut self, mode: StopMode) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(mode);
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                error!("source thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(StopMode::Abandon);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn poll_loop(
+    consumer: Arc<Kafka>,
+    handler: Arc<dyn PartitionHandler>,
+    book: Arc<CommitBook>,
+    metrics: Metrics,
+    commit_interval: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<StopMode>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the source thread's runtime");
+            return;
+        }
+    };
+    let mode = runtime.block_on(async {
+        let mut tick = tokio::time::interval(commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                mode = &mut stop => break mode.unwrap_or(StopMode::Abandon),
+                _ = tick.tick() => commit(&*consumer, &book, &metrics, None),
+                message = consumer.recv() => match message {
+                    // Partition queues are split before assignment, so this is not expected.
+                    // Hold that partition's commits below this record: it is redelivered
+                    // to whoever owns the partition next, never skipped.
+                    Ok(m) => {
+                        use rdkafka::Message;
+                        error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "record arrived on the main queue; holding its partition's commits below it");
+                        let tp: TopicPartition = (Arc::from(m.topic()), m.partition());
+                        book.hold(&tp, m.offset());
+                    }
+                    Err(e) => warn!(error = %e, "consumer error"),
+                },
+            }
+        }
+    });
+    metrics.set_ready(false);
+    match mode {
+        StopMode::Drain => {
+            let all = handler.all();
+            info!(partitions = all.len(), "shutting down: draining partitions");
+            handler.revoked(&all, true);
+            commit(&*consumer, &book, &metrics, None);
+        }
+        StopMode::Abandon => {
+            consumer.context().abandon.store(true, Ordering::SeqCst);
+            handler.revoked(&handler.all(), false);
+        }
+    }
+    // Closing the consumer leaves the group now (a revoke callback runs here and
+    // finds nothing left to drain); the last partition queues went with their tasks.
+    drop(runtime);
+    drop(consumer);
+    info!("consumer closed");
+}

@@ -1,0 +1,369 @@
+//! The embedded store: fjall (an LSM tree) on local disk, for one machine.
+//!
+//! - Atomicity: every call reads and writes under one mutex and commits its
+//!   writes as one fjall batch, so concurrent claims of a key from many
+//!   partition tasks see exactly one `New`.
+//! - Durability: batches reach the OS on commit (a `kill -9` loses nothing
+//!   written); `sync()` fsyncs the journal and runs once per offset commit,
+//!   not per record, so the disk is synced about once a second.
+//! - Expiry: rows carry `expires_at_ms` and stop counting at once when it
+//!   passes; an index keyspace ordered by expiry lets `sweep` delete expired
+//!   rows in bounded chunks without scanning live ones.
+//!
+//! Correct for a single consumer instance only: two processes cannot share it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{decide, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
+use crate::config::Retention;
+use crate::error::StoreError;
+use crate::event::{EventKey, Fingerprint, Position};
+
+/// How many expired rows one sweep chunk deletes while holding the lock.
+const SWEEP_CHUNK: usize = 10_000;
+const ROW_VERSION: u8 = 1;
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    claims: Keyspace,
+    /// `expires_at_ms (u64 BE) | encoded key` → empty: the sweep's work list.
+    expiry: Keyspace,
+    lock: Mutex<()>,
+    ttl_ms: u64,
+    lease_ms: u64,
+    path: PathBuf,
+    round_trips: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl EmbeddedStore {
+    pub fn open(path: &Path, retention: &Retention) -> Result<EmbeddedStore, StoreError> {
+        let fail = |e: &dyn std::fmt::Display| StoreError::Embedded { path: path.display().to_string(), message: e.to_string() };
+        std::fs::create_dir_all(path).map_err(|e| fail(&e))?;
+        let db = Database::builder(path).open().map_err(|e| fail(&e))?;
+        let claims = db.keyspace("claims", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
+        let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                db,
+                claims,
+                expiry,
+                lock: Mutex::new(()),
+                ttl_ms: retention.ttl.as_millis() as u64,
+                lease_ms: retention.lease.as_millis() as u64,
+                path: path.to_path_buf(),
+                round_trips: AtomicU64::new(0),
+                syncs: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Rows on disk, expired or not (scans: for tests and `inspect`).
+    pub fn row_count(&self) -> Result<usize, StoreError> {
+        self.inner.claims.len().map_err(|e| self.inner.err(e))
+    }
+
+    /// Runs `f` on the blocking pool under the store lock.
+    async fn locked<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            inner.round_trips.fetch_add(1, Ordering::Relaxed);
+            let _guard = inner.lock.lock().unwrap_or_else(|p| p.into_inner());
+            f(&inner)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+impl Inner {
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Embedded { path: self.path.display().to_string(), message: e.to_string() }
+    }
+
+    fn read(&self, key: &[u8]) -> Result<Option<ClaimRow>, StoreError> {
+        match self.claims.get(key).map_err(|e| self.err(e))? {
+            Some(bytes) => decode_row(&bytes).map(Some).ok_or_else(|| StoreError::Corrupt(format!("row of {} bytes", bytes.len()))),
+            None => Ok(None),
+        }
+    }
+}
+
+fn expiry_key(expires_at_ms: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&expires_at_ms.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+impl DedupStore for EmbeddedStore {
+    async fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> Result<Vec<Claim>, StoreError> {
+        self.locked(move |s| {
+            let mut batch = s.db.batch();
+            // Writes of this batch, so a key repeated in it sees the earlier request.
+            let mut overlay: std::collections::HashMap<Vec<u8>, ClaimRow> = std::collections::HashMap::new();
+            let mut answers = Vec::with_capacity(requests.len());
+            for request in requests {
+                let key = request.key.encode();
+                let existing = match overlay.get(&key) {
+                    Some(row) => Some(row.clone()),
+                    None => s.read(&key)?,
+                };
+                let claim = decide(existing.as_ref(), &request, now_ms);
+                if let Claim::New { resumed } = claim {
+                    let row = match (resumed, existing) {
+                        // Resume keeps the original claim time, so the TTL does not stretch.
+                        (true, Some(old)) => ClaimRow { lease_until_ms: now_ms + s.lease_ms, ..old },
+                        _ => {
+                            let row = ClaimRow {
+                                state: ClaimState::InFlight,
+                                fingerprint: request.fingerprint,
+                                position: request.position.clone(),
+                                claimed_at_ms: now_ms,
+                                lease_until_ms: now_ms + s.lease_ms,
+                                expires_at_ms: now_ms + s.ttl_ms,
+                            };
+                            batch.insert(&s.expiry, expiry_key(row.expires_at_ms, &key), []);
+                            row
+                        }
+                    };
+                    batch.insert(&s.claims, key.clone(), encode_row(&row));
+                    overlay.insert(key, row);
+                }
+                answers.push(claim);
+            }
+            batch.commit().map_err(|e| s.err(e))?;
+            Ok(answers)
+        })
+        .await
+    }
+
+    async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
+        self.locked(move |s| {
+            let mut batch = s.db.batch();
+            let mut answers = Vec::with_capacity(done.len());
+            for (key, position) in done {
+                let key = key.encode();
+                let held = match s.read(&key)? {
+                    Some(row) if row.position == position && row.expires_at_ms > now_ms => {
+                        if row.state == ClaimState::InFlight {
+                            batch.insert(&s.claims, key, encode_row(&ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..row }));
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+                answers.push(held);
+            }
+            batch.commit().map_err(|e| s.err(e))?;
+            Ok(answers)
+        })
+        .await
+    }
+
+    async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
+        self.locked(move |s| {
+            let mut batch = s.db.batch();
+            for (key, position) in keys {
+                let key = key.encode();
+                if let Some(row) = s.read(&key)? {
+                    if row.state == ClaimState::InFlight && row.position == position {
+                        batch.remove(&s.claims, key);
+                    }
+                }
+            }
+            batch.commit().map_err(|e| s.err(e))
+        })
+        .await
+    }
+
+    async fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> Result<Vec<Option<ClaimRow>>, StoreError> {
+        // Reads need no lock: each key's row is written whole by one batch.
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            inner.round_trips.fetch_add(1, Ordering::Relaxed);
+            keys.iter()
+                .map(|k| Ok(inner.read(&k.encode())?.filter(|row| row.expires_at_ms > now_ms)))
+                .collect()
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn forget(&self, key: EventKey) -> Result<bool, StoreError> {
+        self.locked(move |s| {
+            let key = key.encode();
+            let existed = s.read(&key)?.is_some();
+            s.claims.remove(key).map_err(|e| s.err(e))?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        loop {
+            let (count, more) = self
+                .locked(move |s| {
+                    let mut batch = s.db.batch();
+                    let mut count = 0;
+                    let mut seen = 0;
+                    let end = (now_ms + 1).to_be_bytes();
+                    for entry in s.expiry.range(..end.as_slice()) {
+                        let index_key = entry.key().map_err(|e| s.err(e))?;
+                        seen += 1;
+                        if seen > SWEEP_CHUNK {
+                            break;
+                        }
+                        let key = &index_key[8..];
+                        // The row may have been re-claimed since (a later expiry): keep it then.
+                        if let Some(row) = s.read(key)? {
+                            if row.expires_at_ms <= now_ms {
+                                batch.remove(&s.claims, key.to_vec());
+                                count += 1;
+                            }
+                        }
+                        batch.remove(&s.expiry, index_key.to_vec());
+                    }
+                    batch.commit().map_err(|e| s.err(e))?;
+                    Ok((count, seen > SWEEP_CHUNK))
+                })
+                .await?;
+            removed += count;
+            if !more {
+                return Ok(removed);
+            }
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.inner.syncs.fetch_add(1, Ordering::Relaxed);
+        self.inner.db.persist(PersistMode::SyncAll).map_err(|e| self.inner.err(e))
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            round_trips: self.inner.round_trips.load(Ordering::Relaxed),
+            syncs: self.inner.syncs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// `version | state | fingerprint(16) | claimed_at | lease_until | expires_at | partition | offset | topic`
+fn encode_row(row: &ClaimRow) -> Vec<u8> {
+    let topic = row.position.topic.as_bytes();
+    let mut v = Vec::with_capacity(2 + 16 + 24 + 12 + topic.len());
+    v.push(ROW_VERSION);
+    v.push(match row.state {
+        ClaimState::InFlight => 1,
+        ClaimState::Done => 2,
+    });
+    v.extend_from_slice(&row.fingerprint.0.to_be_bytes());
+    v.extend_from_slice(&row.claimed_at_ms.to_be_bytes());
+    v.extend_from_slice(&row.lease_until_ms.to_be_bytes());
+    v.extend_from_slice(&row.expires_at_ms.to_be_bytes());
+    v.extend_from_slice(&row.position.partition.to_be_bytes());
+    v.extend_from_slice(&row.position.offset.to_be_bytes());
+    v.extend_from_slice(topic);
+    v
+}
+
+fn decode_row(v: &[u8]) -> Option<ClaimRow> {
+    if v.len() < 54 || v[0] != ROW_VERSION {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().expect("8-byte slice"));
+    let state = match v[1] {
+        1 => ClaimState::InFlight,
+        2 => ClaimState::Done,
+        _ => return None,
+    };
+    Some(ClaimRow {
+        state,
+        fingerprint: Fingerprint(u128::from_be_bytes(v[2..18].try_into().expect("16-byte slice"))),
+        claimed_at_ms: u64_at(18),
+        lease_until_ms: u64_at(26),
+        expires_at_ms: u64_at(34),
+        position: Position {
+            partition: i32::from_be_bytes(v[42..46].try_into().expect("4-byte slice")),
+            offset: i64::from_be_bytes(v[46..54].try_into().expect("8-byte slice")),
+            topic: Arc::from(std::str::from_utf8(&v[54..]).ok()?),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn retention() -> Retention {
+        Retention { ttl: Duration::from_secs(100), lease: Duration::from_secs(10), sweep_interval: Duration::from_secs(1) }
+    }
+
+    fn request(id: &str, fp: u128, offset: i64) -> ClaimRequest {
+        ClaimRequest {
+            key: EventKey { scope: Arc::from("s"), id: id.as_bytes().to_vec() },
+            fingerprint: Fingerprint(fp),
+            position: Position { topic: Arc::from("t"), partition: 0, offset },
+        }
+    }
+
+    #[test]
+    fn rows_round_trip() {
+        let row = ClaimRow {
+            state: ClaimState::Done,
+            fingerprint: Fingerprint(u128::MAX - 3),
+            position: Position { topic: Arc::from("orders"), partition: 7, offset: 1 << 40 },
+            claimed_at_ms: 1,
+            lease_until_ms: 2,
+            expires_at_ms: 3,
+        };
+        assert_eq!(decode_row(&encode_row(&row)), Some(row));
+        assert_eq!(decode_row(&[9; 60]), None);
+    }
+
+    #[tokio::test]
+    async fn ttl_expiry_with_controlled_time_and_sweep_removes_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let t0 = 1_000_000;
+        let r = request("a", 1, 5);
+        assert_eq!(store.claim(vec![r.clone()], t0).await.unwrap(), vec![Claim::New { resumed: false }]);
+        assert_eq!(store.complete(vec![(r.key.clone(), r.position.clone())], t0).await.unwrap(), vec![true]);
+        let later = request("a", 1, 9);
+        assert_eq!(store.claim(vec![later.clone()], t0 + 99_999).await.unwrap(), vec![Claim::Duplicate]);
+        // At the TTL the row stops counting at once, before any sweep.
+        assert_eq!(store.lookup(vec![r.key.clone()], t0 + 100_000).await.unwrap(), vec![None]);
+        assert_eq!(store.sweep(t0 + 50_000).await.unwrap(), 0, "nothing expired yet");
+        assert_eq!(store.row_count().unwrap(), 1);
+        assert_eq!(store.sweep(t0 + 100_000).await.unwrap(), 1);
+        assert_eq!(store.row_count().unwrap(), 0, "expired row is gone from disk");
+        assert_eq!(store.claim(vec![later], t0 + 100_001).await.unwrap(), vec![Claim::New { resumed: false }]);
+    }
+
+    #[tokio::test]
+    async fn sweep_keeps_rows_reclaimed_after_their_first_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let r = request("a", 1, 5);
+        store.claim(vec![r.clone()], 0).await.unwrap();
+        store.claim(vec![request("a", 1, 6)], 100_000).await.unwrap(); // expired, claimed anew
+        assert_eq!(store.sweep(150_000).await.unwrap(), 0);
+        assert_eq!(store.row_count().unwrap(), 1);
+        assert_eq!(store.sweep(200_000).await.unwrap(), 1);
+    }
+}

@@ -1,0 +1,190 @@
+//! The store stage: the only authority on whether an event was handled.
+//!
+//! - [`DedupStore`]: the contract every backend keeps (batch-first: each call
+//!   takes many keys, so a partition is never limited to one round trip per record).
+//! - [`Claim`]: the answer to an atomic insert-if-absent.
+//! - [`ClaimRow`]: what a key's row holds: state, fingerprint, claimant position, lease.
+//! - [`Store`]: the enum that picks a backend and dispatches to it.
+//! - `embedded`: on-disk store for one machine.
+//!
+//! Lifecycle of a key: `claim` writes `InFlight` with a short lease and the
+//! claimant's position; `complete` turns it `Done` (it then lives until its
+//! TTL, counted from the claim); `release` deletes an `InFlight` row whose
+//! effect failed, so the key is not burned without its effect. A redelivery
+//! of the same position is the claimant's own crashed attempt and resumes
+//! (`New { resumed: true }`); a different position waits for the lease
+//! (`InFlight`) and takes over once it has lapsed.
+
+pub mod embedded;
+
+use std::future::Future;
+
+use crate::config::{Retention, StoreConfig};
+use crate::error::StoreError;
+use crate::event::{EventKey, Fingerprint, Position};
+
+pub use embedded::EmbeddedStore;
+
+/// A request to claim one key for one record.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub key: EventKey,
+    pub fingerprint: Fingerprint,
+    pub position: Position,
+}
+
+/// The store's answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller owns the key now and must run the effect, then `complete` or `release`.
+    /// `resumed`: the row already named this very position (our own crashed attempt).
+    New { resumed: bool },
+    /// Completed earlier with the same fingerprint.
+    Duplicate,
+    /// Another position holds a live lease; ask again later.
+    InFlight { holder: Position, lease_until_ms: u64 },
+    /// The key exists with another fingerprint.
+    Conflict { stored: Fingerprint },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimState {
+    InFlight,
+    Done,
+}
+
+/// One key's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRow {
+    pub state: ClaimState,
+    pub fingerprint: Fingerprint,
+    pub position: Position,
+    pub claimed_at_ms: u64,
+    /// For `InFlight`: when another owner may take over.
+    pub lease_until_ms: u64,
+    /// When the row stops counting, whatever its state.
+    pub expires_at_ms: u64,
+}
+
+/// Decides a claim against the current row. Shared by backends that read and
+/// write under their own lock, so every backend answers alike.
+pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64) -> Claim {
+    match existing {
+        None => Claim::New { resumed: false },
+        Some(row) if row.expires_at_ms <= now_ms => Claim::New { resumed: false },
+        Some(row) if row.state == ClaimState::Done => {
+            if row.fingerprint == request.fingerprint {
+                Claim::Duplicate
+            } else {
+                Claim::Conflict { stored: row.fingerprint }
+            }
+        }
+        Some(row) if row.position == request.position => Claim::New { resumed: true },
+        Some(row) if row.lease_until_ms <= now_ms => Claim::New { resumed: false },
+        Some(row) => Claim::InFlight { holder: row.position.clone(), lease_until_ms: row.lease_until_ms },
+    }
+}
+
+/// Counters a backend keeps about its own work (for metrics and the bench).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreStats {
+    pub round_trips: u64,
+    pub syncs: u64,
+}
+
+/// The contract of a dedup store. All calls take batches; answers come back
+/// in request order. Time is passed in, so tests control it.
+pub trait DedupStore: Send + Sync {
+    /// Atomic insert-if-absent per key, in request order (a key repeated in one
+    /// batch sees the earlier request's write).
+    fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
+
+    /// Marks claims done. `false` for a key whose claim this position no longer holds.
+    fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+
+    /// Drops in-flight claims this position holds (the effect failed).
+    fn release(&self, keys: Vec<(EventKey, Position)>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Current rows, expired ones answered as `None`.
+    fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> impl Future<Output = Result<Vec<Option<ClaimRow>>, StoreError>> + Send;
+
+    /// Deletes a key whatever its state; `true` if it existed.
+    fn forget(&self, key: EventKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Removes expired rows from storage; returns how many.
+    fn sweep(&self, now_ms: u64) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Durability barrier: everything written before returns is durable. Blocking;
+    /// called on the commit path before offsets are committed.
+    fn sync(&self) -> Result<(), StoreError>;
+
+    fn stats(&self) -> StoreStats;
+}
+
+/// The configured backend.
+#[derive(Clone)]
+pub enum Store {
+    Embedded(EmbeddedStore),
+}
+
+impl Store {
+    pub fn open(config: &StoreConfig, retention: &Retention) -> Result<Store, StoreError> {
+        match config {
+            StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Embedded(_) => "embedded",
+        }
+    }
+
+    /// Whether this backend is only correct when one process owns every partition.
+    pub fn is_single_instance(&self) -> bool {
+        matches!(self, Store::Embedded(_))
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Embedded($s) => $call,
+        }
+    };
+}
+
+impl DedupStore for Store {
+    async fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> Result<Vec<Claim>, StoreError> {
+        dispatch!(self, s => s.claim(requests, now_ms).await)
+    }
+    async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
+        dispatch!(self, s => s.complete(done, now_ms).await)
+    }
+    async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
+        dispatch!(self, s => s.release(keys).await)
+    }
+    async fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> Result<Vec<Option<ClaimRow>>, StoreError> {
+        dispatch!(self, s => s.lookup(keys, now_ms).await)
+    }
+    async fn forget(&self, key: EventKey) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.forget(key).await)
+    }
+    async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
+        dispatch!(self, s => s.sweep(now_ms).await)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.sync())
+    }
+    fn stats(&self) -> StoreStats {
+        dispatch!(self, s => s.stats())
+    }
+}
+
+/// Milliseconds since the Unix epoch, the store's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
