@@ -63,7 +63,7 @@ impl RecentCache {
         }
         self.maybe_rotate(now_ms);
         if self.current.len() >= self.per_generation {
-            self.rotate(now_ms);
+            self.rotate_full();
         }
         self.current.insert(digest, fingerprint);
     }
@@ -75,19 +75,27 @@ impl RecentCache {
     }
 
     fn maybe_rotate(&mut self, now_ms: u64) {
-        // An entry is inserted at most max_age after a rotation and survives one
-        // more rotation: at most 2 * max_age = ttl / 2 in all.
-        if now_ms.saturating_sub(self.rotated_at_ms) >= self.max_age_ms {
-            self.rotate(now_ms);
-            if now_ms.saturating_sub(self.rotated_at_ms) >= self.max_age_ms {
-                self.rotate(now_ms);
+        // Generations start on a fixed grid of max_age: an entry is inserted
+        // within one generation and dropped at the end of the next, so it
+        // lives under 2 * max_age = ttl / 2.
+        let elapsed = now_ms.saturating_sub(self.rotated_at_ms) / self.max_age_ms;
+        match elapsed {
+            0 => {}
+            1 => {
+                self.previous = std::mem::take(&mut self.current);
+                self.rotated_at_ms += self.max_age_ms;
+            }
+            n => {
+                self.previous.clear();
+                self.current.clear();
+                self.rotated_at_ms += n * self.max_age_ms;
             }
         }
     }
 
-    fn rotate(&mut self, now_ms: u64) {
+    /// Early rotation when the current generation is full (keeps memory bounded).
+    fn rotate_full(&mut self) {
         self.previous = std::mem::take(&mut self.current);
-        self.rotated_at_ms = now_ms;
     }
 
     pub fn len(&self) -> usize {
@@ -120,7 +128,9 @@ struct Slice {
 impl SlicedBloom {
     pub fn new(expected_keys: u64, false_positive_rate: f64, ttl: Duration, now_ms: u64) -> SlicedBloom {
         let live = (SLICES - 1) as u64;
-        let items_per_slice = (expected_keys.div_ceil(live)).max(1) as usize;
+        // Each slice covers ttl / live of time, so it expects expected_keys / live keys;
+        // a quarter more leaves room for bursts before a slice must rotate early.
+        let items_per_slice = (expected_keys.div_ceil(live) * 5 / 4).max(1) as usize;
         // A lookup checks every slice, so each gets its share of the false-positive budget.
         let slice_fpr = false_positive_rate / SLICES as f64;
         let mut filter = SlicedBloom {
@@ -150,6 +160,10 @@ impl SlicedBloom {
         let front = self.slices.front().expect("there is always a current slice");
         // Rotate on age, or early when a slice is full so its false-positive rate holds.
         if now_ms.saturating_sub(front.started_ms) >= self.slice_span_ms || front.items >= self.items_per_slice {
+            // A slice's keys were inserted within one span of its start and must stay
+            // one TTL after that: it goes once it started SLICES spans ago.
+            let horizon = self.slice_span_ms * SLICES as u64;
+            self.slices.retain(|s| now_ms.saturating_sub(s.started_ms) < horizon);
             self.push_slice(now_ms);
         }
         let front = self.slices.front_mut().expect("there is always a current slice");
@@ -239,9 +253,9 @@ mod tests {
     fn bloom_has_no_false_negatives_within_the_ttl_and_forgets_after() {
         let mut b = SlicedBloom::new(1000, 0.01, TTL, 0);
         for d in 0..1000u128 {
-            b.insert(d, d as u64 * 300); // spread over 300 s
+            b.insert(d, d as u64 * 399); // the expected keys, spread over the TTL
         }
-        let now = 299_700;
+        let now = 399_000;
         assert!((0..1000u128).all(|d| b.check(d)), "no false negatives inside the window");
         // Much later, with fresh inserts rotating the slices, old keys are gone.
         for d in 10_000..10_010u128 {

@@ -149,7 +149,7 @@ impl PartitionTask {
                 Err(Stop::Draining) => break,
                 Err(Stop::Crashed) => {
                     warn!(%topic, partition, "injected crash: partition task stops without finishing its batch");
-                    self.stages.faults.fired.notify_waiters();
+                    self.stages.faults.fired.notify_one();
                     return;
                 }
             }
@@ -299,12 +299,15 @@ impl PartitionTask {
                 .collect();
             let answers = self.store_call("claim", || s.store.claim(requests.clone(), now_ms())).await?;
             let mut waiting = Vec::new();
+            let mut resumed_from: Option<(i64, u64)> = None;
             for (&i, answer) in to_claim.iter().zip(answers) {
                 match answer {
                     Claim::New { resumed } => {
                         if resumed {
                             s.metrics.claims_resumed.inc();
-                            info!(position = %envelope(&items[i]).record.position, "resuming our own unfinished claim");
+                            let offset = envelope(&items[i]).record.position.offset;
+                            let (first, n) = resumed_from.unwrap_or((offset, 0));
+                            resumed_from = Some((first, n + 1));
                         }
                         set_decision(&mut items[i], Decision::New);
                     }
@@ -316,6 +319,9 @@ impl PartitionTask {
                         waiting.push(i);
                     }
                 }
+            }
+            if let Some((first_offset, count)) = resumed_from {
+                info!(topic = %self.tp.0, partition = self.tp.1, first_offset, count, "resuming our own unfinished claims after a crash");
             }
             to_claim = waiting;
             if !to_claim.is_empty() {
@@ -590,19 +596,15 @@ impl PartitionHandler for Workers {
         }
     }
 
-    fn revoked(&self, partitions: &[TopicPartition], drain: bool) {
+    fn revoked(&self, partitions: &[TopicPartition]) {
         let taken: Vec<(TopicPartition, Running)> = {
             let mut running = self.running();
             partitions.iter().filter_map(|tp| running.remove(tp).map(|r| (tp.clone(), r))).collect()
         };
         for (_, r) in &taken {
-            if drain {
-                let _ = r.stop.send(true);
-            } else {
-                r.handle.abort();
-            }
+            let _ = r.stop.send(true);
         }
-        let deadline = Instant::now() + if drain { self.stages.config.drain_timeout } else { Duration::ZERO };
+        let deadline = Instant::now() + self.stages.config.drain_timeout;
         for (tp, r) in taken {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = r.ended.recv_timeout(left) {

@@ -36,9 +36,9 @@ type Kafka = StreamConsumer<SourceContext>;
 pub trait PartitionHandler: Send + Sync + 'static {
     /// Start work on a newly assigned partition.
     fn assigned(&self, tp: TopicPartition, queue: PartitionQueue);
-    /// Stop work on these partitions; with `drain`, let in-flight batches
-    /// finish (bounded), else abandon them. Returns when they have stopped.
-    fn revoked(&self, partitions: &[TopicPartition], drain: bool);
+    /// Stop work on these partitions: no new batches; in-flight batches may
+    /// finish within the drain timeout. Returns when they have stopped.
+    fn revoked(&self, partitions: &[TopicPartition]);
     /// Partitions currently running.
     fn all(&self) -> Vec<TopicPartition>;
 }
@@ -48,8 +48,9 @@ pub trait PartitionHandler: Send + Sync + 'static {
 pub enum StopMode {
     /// Finish in-flight batches (bounded), commit, leave the group.
     Drain,
-    /// Stop at once and leave without committing, as a crashed member would
-    /// (used by tests; what is unfinished is redelivered to the next owner).
+    /// Stop taking records and leave the group without committing anything
+    /// more, as a member that dies would (tests use it: everything after the
+    /// last commit is redelivered to the next owner).
     Abandon,
 }
 
@@ -126,7 +127,7 @@ impl SourceContext {
         let partitions = self.tp_list(tpl);
         let abandon = self.abandon.load(Ordering::SeqCst);
         info!(partitions = partitions.len(), abandon, lost = base.assignment_lost(), "partitions revoked; draining");
-        self.handler.revoked(&partitions, !abandon);
+        self.handler.revoked(&partitions);
         if !abandon {
             commit(base, &self.book, &self.metrics, Some(&partitions));
         }
@@ -306,17 +307,18 @@ fn poll_loop(
         StopMode::Drain => {
             let all = handler.all();
             info!(partitions = all.len(), "shutting down: draining partitions");
-            handler.revoked(&all, true);
+            handler.revoked(&all);
             commit(&*consumer, &book, &metrics, None);
         }
         StopMode::Abandon => {
             consumer.context().abandon.store(true, Ordering::SeqCst);
-            handler.revoked(&handler.all(), false);
+            handler.revoked(&handler.all());
         }
     }
     // Closing the consumer leaves the group now (a revoke callback runs here and
     // finds nothing left to drain); the last partition queues went with their tasks.
     drop(runtime);
+    debug!(holders = Arc::strong_count(&consumer), "closing the consumer");
     drop(consumer);
     info!("consumer closed");
 }

@@ -1,1 +1,9 @@
+//! Integration tests over the real Kafka protocol (librdkafka's mock cluster,
+//! in-process) and the real embedded store. One binary, one module per topic.
 
+mod dead_letter;
+mod path;
+mod restart;
+mod store_contract;
+mod store_crash;
+mod utils;

@@ -1,0 +1,51 @@
+//! The whole path on one machine, clean run.
+
+use kdedup::mock;
+use kdedup::pipeline::Faults;
+use kdedup::source::StopMode;
+
+use crate::utils::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_unique_event_exactly_once_in_input_order_and_offsets_committed_to_the_end() {
+    let kafka = cluster(4);
+    let (records, ids) = events(20_000, 5_000, 4, 1); // 20% of 25k records are duplicates
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("path");
+    let running = start(config(&kafka, &group, dir.path(), &[]), Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    let metrics = running.metrics.clone();
+    running.stop(StopMode::Drain).await;
+
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    assert_exactly_once(&output, &ids);
+    assert_input_order(&output);
+    assert_eq!(metrics.consumed.get(), 25_000);
+    assert_eq!(metrics.outcome("new"), 20_000);
+    assert_eq!(metrics.outcome("duplicate"), 5_000);
+    assert_outcomes_sum(&metrics);
+    assert!(mock::read_all(kafka.bootstrap(), DLQ).unwrap().is_empty());
+
+    // The group's committed offsets, read back from the broker, equal the end offsets.
+    let ends = mock::end_offsets(kafka.bootstrap(), INPUT).unwrap();
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
+    assert_eq!(committed, ends);
+    // Fewer store fsyncs than one per 1000 records: they ride on commits.
+    assert!(metrics.fsyncs.get() <= metrics.commits.get() + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_sink_and_duplicates_topic() {
+    let kafka = cluster(2);
+    kafka.create_topic("dups", 1).unwrap();
+    let (records, _) = events(200, 50, 2, 2);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka, &unique("dups"), dir.path(), &[("KDEDUP_DUPLICATES__TOPIC", "dups")]);
+    let running = start(config, Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    running.stop(StopMode::Drain).await;
+    let dups = mock::read_all(kafka.bootstrap(), "dups").unwrap();
+    assert_eq!(dups.len(), 50, "every duplicate is copied to the audit topic");
+}
