@@ -154,6 +154,9 @@ topic = "{DEAD_LETTER}"
 [metrics]
 listen = ""
 
+[kafka.producer]
+"compression.type" = "lz4"
+
 [pipeline]
 commit_interval_ms = 200
 "#,
@@ -206,6 +209,9 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     ));
     mock::produce_all(kafka.bootstrap(), INPUT, &data.records).await.context("producing the demo stream")?;
     let ends = mock::end_offsets(kafka.bootstrap(), INPUT)?;
+    if ends.values().sum::<i64>() != data.records.len() as i64 {
+        anyhow::bail!("the input topic holds {} records, not {}", ends.values().sum::<i64>(), data.records.len());
+    }
 
     let dir = tempfile::tempdir()?;
     let config = demo_config(kafka.bootstrap(), &dir.path().join("store"), options.events.max(1000))?;
