@@ -1,0 +1,140 @@
+//! The real binary: help, config errors, the demo, and `run` under SIGTERM.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kdedup::mock;
+
+use crate::utils::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kdedup");
+
+fn output(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).env_remove("KDEDUP_LOG").output().expect("the binary runs")
+}
+
+#[test]
+fn help_teaches_the_commands_and_the_environment_overrides() {
+    let top = String::from_utf8(output(&["--help"]).stdout).unwrap();
+    for word in ["run", "demo", "inspect", "forget", "kdedup demo"] {
+        assert!(top.contains(word), "--help lacks {word}:\n{top}");
+    }
+    let run = String::from_utf8(output(&["run", "--help"]).stdout).unwrap();
+    assert!(run.contains("KDEDUP_<SECTION>__<KEY>") && run.contains("SIGTERM"), "{run}");
+}
+
+#[test]
+fn a_bad_config_is_a_clear_error_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string("config/kdedup.toml").unwrap().replace("ttl_secs = 86400", "ttl_seconds = 86400");
+    std::fs::write(&path, text).unwrap();
+    let out = output(&["run", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad.toml") && stderr.contains("ttl_seconds"), "{stderr}");
+    let missing = output(&["run", "--config", "/nonexistent/kdedup.toml"]);
+    assert!(String::from_utf8(missing.stderr).unwrap().contains("/nonexistent/kdedup.toml"));
+}
+
+#[test]
+fn demo_json_reports_every_event_exactly_once() {
+    let out = output(&["demo", "--events", "20000", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let n = |k: &str| report[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {report}"));
+    assert_eq!(n("records_in"), 20_000);
+    assert_eq!(n("lost"), 0);
+    assert_eq!(n("duplicated_effects"), 0);
+    assert_eq!(n("emitted"), n("unique_events"));
+    assert_eq!(n("duplicates_dropped"), n("duplicates_in"));
+    assert_eq!(n("dead_lettered"), n("malformed_in"));
+    assert!(report["events_per_sec"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_metrics_and_drains_commits_and_exits_zero_on_sigterm() {
+    let kafka = cluster(2);
+    let (records, ids) = events(3_000, 500, 2, 9);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let group = unique("cli");
+    let store = dir.path().join("store");
+    let env = [
+        ("KDEDUP_KAFKA__BROKERS", kafka.bootstrap().to_string()),
+        ("KDEDUP_KAFKA__GROUP_ID", group.clone()),
+        ("KDEDUP_KAFKA__TOPICS", INPUT.to_string()),
+        ("KDEDUP_SINK__TOPIC", OUTPUT.to_string()),
+        ("KDEDUP_DEAD_LETTER__TOPIC", DLQ.to_string()),
+        ("KDEDUP_STORE__PATH", store.display().to_string()),
+        ("KDEDUP_METRICS__LISTEN", format!("127.0.0.1:{port}")),
+        ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "100".to_string()),
+        ("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "3000".to_string()),
+    ];
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "--config", "config/kdedup.toml"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("KDEDUP_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut all = String::new();
+        BufReader::new(stderr).read_to_string(&mut all).unwrap();
+        all
+    });
+
+    let scrape = move |path: &'static str| async move {
+        tokio::task::spawn_blocking(move || http_get(port, path)).await.unwrap()
+    };
+    // Outcomes are counted when a record is finished (consumed is counted on arrival).
+    wait_for("every record finished, per /metrics", Duration::from_secs(60), || async {
+        scrape("/metrics").await.is_some_and(|(_, body)| {
+            let outcome = |o: &str| metric(&body, &format!("kdedup_records_total{{outcome=\"{o}\"}}")).unwrap_or(0.0);
+            outcome("new") + outcome("duplicate") == 3_500.0
+        })
+    })
+    .await;
+    let (status, _) = scrape("/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = scrape("/readyz").await.unwrap();
+    assert_eq!(status, 200, "ready while it owns partitions and the store answers");
+    let (_, body) = scrape("/metrics").await.unwrap();
+    assert_eq!(metric(&body, r#"kdedup_records_total{outcome="new"}"#), Some(3_000.0));
+    assert_eq!(metric(&body, r#"kdedup_records_total{outcome="duplicate"}"#), Some(500.0));
+
+    // SIGTERM: drain, commit, exit 0.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let logs = logs.join().unwrap();
+    assert!(status.success(), "exit {status:?}; logs:\n{logs}");
+    assert!(logs.lines().any(|l| l.contains("\"level\":\"INFO\"")), "logs are JSON on request:\n{logs}");
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
+    assert_eq!(committed, mock::end_offsets(kafka.bootstrap(), INPUT).unwrap());
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
+}
+
+/// A minimal HTTP/1.0 GET on loopback: (status, body), or None if nothing listens yet.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).ok()?;
+    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).ok()?;
+    let body = rest.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of one sample line in Prometheus text.
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+}
