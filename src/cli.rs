@@ -79,26 +79,23 @@ pub enum Command {
         json: bool,
     },
     /// Show what the store holds for an event ID.
-    Inspect {
-        #[arg(long, short, env = "KDEDUP_CONFIG")]
-        config: PathBuf,
-        /// The event ID as it appears in the record (UTF-8).
-        #[arg(long)]
-        id: String,
-        /// Scope; defaults to [key] scope from the config.
-        #[arg(long)]
-        scope: Option<String>,
-    },
+    Inspect(KeyArgs),
     /// Delete an event ID from the store so its next delivery runs the effect again.
     /// The embedded store cannot be opened while `kdedup run` holds it: stop the service first.
-    Forget {
-        #[arg(long, short, env = "KDEDUP_CONFIG")]
-        config: PathBuf,
-        #[arg(long)]
-        id: String,
-        #[arg(long)]
-        scope: Option<String>,
-    },
+    Forget(KeyArgs),
+}
+
+/// Names one key in the configured store.
+#[derive(Debug, clap::Args)]
+pub struct KeyArgs {
+    #[arg(long, short, env = "KDEDUP_CONFIG")]
+    config: PathBuf,
+    /// The event ID as it appears in the record (UTF-8).
+    #[arg(long)]
+    id: String,
+    /// Scope; defaults to [key] scope from the config.
+    #[arg(long)]
+    scope: Option<String>,
 }
 
 /// Runs a parsed command; returns the process exit code.
@@ -125,8 +122,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if report.ok() { 0 } else { 1 })
         }
-        Command::Inspect { config, id, scope } => {
-            let (store, key) = open_for_key(&config, id, scope)?;
+        Command::Inspect(args) => {
+            let (store, key) = open_for_key(args)?;
             match store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() {
                 Some(row) => println!(
                     "{}\nstate: {:?}\nfingerprint: {}\nclaimed by: {}\nclaimed at (ms): {}\nexpires at (ms): {}",
@@ -141,8 +138,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Forget { config, id, scope } => {
-            let (store, key) = open_for_key(&config, id, scope)?;
+        Command::Forget(args) => {
+            let (store, key) = open_for_key(args)?;
             let existed = store.forget(key.clone()).await?;
             store.sync()?;
             println!("{}: {}", key.display_id(), if existed { "forgotten" } else { "was not in the store" });
@@ -151,8 +148,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn open_for_key(path: &std::path::Path, id: String, scope: Option<String>) -> anyhow::Result<(Store, EventKey)> {
-    let config = Config::load(path)?;
+fn open_for_key(KeyArgs { config, id, scope }: KeyArgs) -> anyhow::Result<(Store, EventKey)> {
+    let config = Config::load(&config)?;
     let store = Store::open(&config.store, &config.retention).with_context(|| match &config.store {
         StoreConfig::Embedded { path } => format!("cannot open the store at {} (is `kdedup run` using it?)", path.display()),
     })?;
