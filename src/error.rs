@@ -84,16 +84,16 @@ impl SinkError {
     /// the others dead-letter the record (with its claim released).
     pub fn is_retriable(&self) -> bool {
         match self {
-            SinkError::Kafka { source, .. } => match source.rdkafka_error_code() {
+            SinkError::Kafka { source, .. } => !matches!(
+                source.rdkafka_error_code(),
                 Some(
                     RDKafkaErrorCode::MessageSizeTooLarge
-                    | RDKafkaErrorCode::InvalidMessage
-                    | RDKafkaErrorCode::InvalidRecord
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::InvalidMessageSize,
-                ) => false,
-                _ => true,
-            },
+                        | RDKafkaErrorCode::InvalidMessage
+                        | RDKafkaErrorCode::InvalidRecord
+                        | RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::InvalidMessageSize
+                )
+            ),
             SinkError::Stdout(_) => true,
         }
     }

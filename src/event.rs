@@ -129,6 +129,8 @@ impl KeyExtractor {
         KeyExtractor { config, scope }
     }
 
+    /// The record comes back with the error, so it can be dead-lettered as it was.
+    #[allow(clippy::result_large_err)]
     pub fn extract(&self, record: Record) -> Result<Envelope, (Record, RecordError)> {
         match self.key_and_fingerprint(&record) {
             Ok((id, fingerprint)) => Ok(Envelope { key: EventKey { scope: self.scope.clone(), id }, fingerprint, record }),
