@@ -83,6 +83,28 @@ pub enum Command {
     /// Delete an event ID from the store so its next delivery runs the effect again.
     /// The embedded store cannot be opened while `kdedup run` holds it: stop the service first.
     Forget(KeyArgs),
+    /// Print or apply the store's schema (PostgreSQL; the embedded store needs none).
+    Schema {
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemaAction {
+    /// Print the schema of the configured store (or of --kind) to stdout.
+    Print {
+        #[arg(long, short, env = "KDEDUP_CONFIG", required_unless_present = "kind")]
+        config: Option<PathBuf>,
+        /// Store kind, instead of reading a config: postgres.
+        #[arg(long, conflicts_with = "config")]
+        kind: Option<String>,
+    },
+    /// Create the store's tables and indexes if missing (idempotent; safe to run on every deploy).
+    Apply {
+        #[arg(long, short, env = "KDEDUP_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 /// Names one key in the configured store.
@@ -122,6 +144,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if report.ok() { 0 } else { 1 })
         }
+        Command::Schema { action: SchemaAction::Print { config, kind } } => {
+            let schema = match (config, kind.as_deref()) {
+                (_, Some("postgres")) => Some(crate::store::postgres::SCHEMA),
+                (_, Some(other)) => anyhow::bail!("--kind {other}: allowed: postgres"),
+                (Some(path), None) => {
+                    let config = Config::load(&path)?;
+                    match config.store {
+                        StoreConfig::Postgres { .. } => Some(crate::store::postgres::SCHEMA),
+                        StoreConfig::Embedded { .. } => None,
+                    }
+                }
+                (None, None) => unreachable!("clap requires --config or --kind"),
+            };
+            match schema {
+                Some(text) => print!("{text}"),
+                None => println!("-- the embedded store needs no schema"),
+            }
+            Ok(0)
+        }
+        Command::Schema { action: SchemaAction::Apply { config } } => {
+            let config = Config::load(&config)?;
+            let store = Store::open(&config.store, &config.retention)?;
+            store.apply_schema().await.context("applying the schema")?;
+            println!("schema applied ({} store)", store.kind());
+            Ok(0)
+        }
         Command::Inspect(args) => {
             let (store, key) = open_for_key(args)?;
             match store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() {
@@ -152,6 +200,7 @@ fn open_for_key(KeyArgs { config, id, scope }: KeyArgs) -> anyhow::Result<(Store
     let config = Config::load(&config)?;
     let store = Store::open(&config.store, &config.retention).with_context(|| match &config.store {
         StoreConfig::Embedded { path } => format!("cannot open the store at {} (is `kdedup run` using it?)", path.display()),
+        StoreConfig::Postgres { .. } => "cannot open the PostgreSQL store".to_string(),
     })?;
     let scope = scope.unwrap_or(config.key.scope);
     Ok((store, EventKey { scope: scope.as_str().into(), id: id.into_bytes() }))

@@ -116,6 +116,11 @@ struct StoreSection {
     lease_secs: u64,
     #[serde(default = "default_sweep_interval_secs")]
     sweep_interval_secs: u64,
+    /// PostgreSQL URL, when kind = "postgres" (may carry the password: set it from the environment).
+    #[serde(default)]
+    url: String,
+    #[serde(default = "default_pool_size")]
+    pool_size: usize,
 }
 
 impl Default for StoreSection {
@@ -126,6 +131,8 @@ impl Default for StoreSection {
             ttl_secs: default_ttl_secs(),
             lease_secs: default_lease_secs(),
             sweep_interval_secs: default_sweep_interval_secs(),
+            url: String::new(),
+            pool_size: default_pool_size(),
         }
     }
 }
@@ -144,6 +151,9 @@ fn default_lease_secs() -> u64 {
 }
 fn default_sweep_interval_secs() -> u64 {
     60
+}
+fn default_pool_size() -> usize {
+    16
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -324,9 +334,20 @@ pub struct KeyConfig {
     pub fingerprint_fields: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum StoreConfig {
     Embedded { path: PathBuf },
+    Postgres { url: String, pool_size: usize },
+}
+
+/// Never prints the PostgreSQL URL: it may hold a password.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreConfig::Embedded { path } => f.debug_struct("Embedded").field("path", path).finish(),
+            StoreConfig::Postgres { pool_size, .. } => f.debug_struct("Postgres").field("pool_size", pool_size).finish_non_exhaustive(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -556,10 +577,22 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     let s = &file.store;
     let store = match s.kind.as_str() {
         "embedded" => StoreConfig::Embedded { path: s.path.clone() },
-        "postgres" | "scylla" => {
-            return Err(invalid("store.kind", format!("\"{}\" is not built yet; use \"embedded\"", s.kind)))
+        "postgres" => {
+            if !(s.url.starts_with("postgres://") || s.url.starts_with("postgresql://")) {
+                return Err(invalid(
+                    "store.url",
+                    "must be a PostgreSQL URL (postgres://user@host:port/db) when store.kind = \"postgres\"; \
+                     set it from the environment (KDEDUP_STORE__URL) when it holds a password"
+                        .into(),
+                ));
+            }
+            if s.pool_size == 0 {
+                return Err(invalid("store.pool_size", "must be at least 1".into()));
+            }
+            StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size }
         }
-        other => return Err(invalid("store.kind", format!("is \"{other}\"; allowed: \"embedded\""))),
+        "scylla" => return Err(invalid("store.kind", "\"scylla\" is not built yet; use \"embedded\" or \"postgres\"".into())),
+        other => return Err(invalid("store.kind", format!("is \"{other}\"; allowed: \"embedded\", \"postgres\""))),
     };
     if s.ttl_secs == 0 {
         return Err(invalid("store.ttl_secs", "must be at least 1".into()));

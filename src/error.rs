@@ -56,6 +56,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store task was cancelled or panicked: {0}")]
     Task(String),
+    #[error("PostgreSQL store: {message}; check [store] url and that the server is up")]
+    Postgres { message: String, retriable: bool },
+    #[error("store configuration: {0}")]
+    Config(String),
 }
 
 impl StoreError {
@@ -65,7 +69,8 @@ impl StoreError {
             // the partition paused (and offsets unmoved) instead of losing records;
             // an operator sees the error in logs and on /readyz.
             StoreError::Embedded { .. } | StoreError::Task(_) => true,
-            StoreError::Corrupt(_) => false,
+            StoreError::Postgres { retriable, .. } => *retriable,
+            StoreError::Corrupt(_) | StoreError::Config(_) => false,
         }
     }
 }

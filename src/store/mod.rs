@@ -6,6 +6,7 @@
 //! - [`ClaimRow`]: what a key's row holds: state, fingerprint, claimant position, lease.
 //! - [`Store`]: the enum that picks a backend and dispatches to it.
 //! - `embedded`: on-disk store for one machine.
+//! - `postgres`: shared store for consumer groups across processes.
 //!
 //! Lifecycle of a key: `claim` writes `InFlight` with a short lease and the
 //! claimant's position; `complete` turns it `Done` (it then lives until its
@@ -16,6 +17,7 @@
 //! (`InFlight`) and takes over once it has lapsed.
 
 pub mod embedded;
+pub mod postgres;
 
 use std::future::Future;
 
@@ -24,6 +26,7 @@ use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
 
 pub use embedded::EmbeddedStore;
+pub use postgres::PostgresStore;
 
 /// A request to claim one key for one record.
 #[derive(Debug, Clone)]
@@ -125,18 +128,37 @@ pub trait DedupStore: Send + Sync {
 #[derive(Clone)]
 pub enum Store {
     Embedded(EmbeddedStore),
+    Postgres(PostgresStore),
 }
 
 impl Store {
     pub fn open(config: &StoreConfig, retention: &Retention) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
+            StoreConfig::Postgres { url, pool_size } => Ok(Store::Postgres(PostgresStore::open(url, *pool_size, retention)?)),
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Embedded(_) => "embedded",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The schema this backend needs, if any (`kdedup schema print`).
+    pub fn schema(&self) -> Option<&'static str> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Postgres(_) => Some(postgres::SCHEMA),
+        }
+    }
+
+    /// Creates what the schema describes, idempotently (`kdedup schema apply`).
+    pub async fn apply_schema(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Postgres(s) => s.apply_schema().await,
         }
     }
 
@@ -150,6 +172,7 @@ macro_rules! dispatch {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             Store::Embedded($s) => $call,
+            Store::Postgres($s) => $call,
         }
     };
 }

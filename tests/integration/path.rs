@@ -49,3 +49,29 @@ async fn stdout_sink_and_duplicates_topic() {
     let dups = mock::read_all(kafka.bootstrap(), "dups").unwrap();
     assert_eq!(dups.len(), 50, "every duplicate is copied to the audit topic");
 }
+
+/// The same path with the shared PostgreSQL store (skipped, and said so, without one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_path_on_the_postgres_store() {
+    let Ok(url) = std::env::var("KDEDUP_TEST_POSTGRES") else {
+        eprintln!("whole_path_on_the_postgres_store skipped: KDEDUP_TEST_POSTGRES is not set (scripts/test sets it)");
+        return;
+    };
+    let kafka = cluster(4);
+    let (records, ids) = events(5_000, 1_000, 4, 5);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("pg-path");
+    let config = config(&kafka, &group, dir.path(), &[("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", &url)]);
+    kdedup::store::Store::open(&config.store, &config.retention).unwrap().apply_schema().await.unwrap();
+    let running = start(config, Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    let metrics = running.metrics.clone();
+    running.stop(StopMode::Drain).await;
+
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
+    assert_eq!(metrics.outcome("new"), 5_000);
+    assert_eq!(metrics.outcome("duplicate"), 1_000);
+    assert_outcomes_sum(&metrics);
+    assert_eq!(metrics.fsyncs.get(), metrics.commits.get(), "one (no-op) barrier per commit");
+}

@@ -1,0 +1,333 @@
+//! The PostgreSQL store: a shared store for consumer groups across processes.
+//!
+//! - `claim` is one statement per batch: `INSERT … ON CONFLICT … DO UPDATE …
+//!   WHERE <expired, lease lapsed, or our own position>`, with the batch's
+//!   keys unnested from arrays. The same statement reads the rows as they
+//!   were before it (all parts of a statement share one snapshot), so the
+//!   answer for a key it did not win (`Duplicate | InFlight | Conflict`)
+//!   needs no second round trip. A key that another transaction inserted
+//!   concurrently is neither won nor visible: it is asked again.
+//! - `complete`, `release`, `lookup`, `forget` are one statement each, all
+//!   conditional on the claimant's position where ownership matters.
+//! - Every statement commits on its own, durably: `sync` has nothing to do.
+//! - Rows are inserted in key order, so concurrent batches lock rows in the
+//!   same order and cannot deadlock each other.
+//!
+//! Schema: `schemas/postgres.sql`.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{NoTls, Row};
+
+use super::{decide, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
+use crate::config::Retention;
+use crate::error::StoreError;
+use crate::event::{EventKey, Fingerprint, Position};
+
+pub const SCHEMA: &str = include_str!("../../schemas/postgres.sql");
+
+/// How many expired rows one sweep statement deletes.
+const SWEEP_CHUNK: i64 = 10_000;
+
+const CLAIM: &str = r#"
+WITH req AS (
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::text[], $5::int[], $6::bigint[])
+        WITH ORDINALITY AS r(scope, event_id, fingerprint, topic, partition, "offset", ord)
+),
+won AS (
+    INSERT INTO kdedup_claims AS c
+        (scope, event_id, state, fingerprint, topic, partition, "offset", claimed_at, lease_until, expires_at)
+    SELECT scope, event_id, 1, fingerprint, topic, partition, "offset", $7::bigint, $7::bigint + $8::bigint, $7::bigint + $9::bigint
+    FROM req ORDER BY scope, event_id
+    ON CONFLICT (scope, event_id) DO UPDATE SET
+        state = 1,
+        fingerprint = EXCLUDED.fingerprint,
+        topic = EXCLUDED.topic,
+        partition = EXCLUDED.partition,
+        "offset" = EXCLUDED."offset",
+        lease_until = EXCLUDED.lease_until,
+        -- resuming our own claim keeps its clock: the TTL does not stretch
+        claimed_at = CASE WHEN c.expires_at > $7 AND c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition
+                               AND c."offset" = EXCLUDED."offset" THEN c.claimed_at ELSE EXCLUDED.claimed_at END,
+        expires_at = CASE WHEN c.expires_at > $7 AND c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition
+                               AND c."offset" = EXCLUDED."offset" THEN c.expires_at ELSE EXCLUDED.expires_at END
+    WHERE c.expires_at <= $7
+       OR (c.state = 1 AND (c.lease_until <= $7
+           OR (c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition AND c."offset" = EXCLUDED."offset")))
+    RETURNING c.scope, c.event_id
+)
+SELECT r.ord, w.event_id IS NOT NULL AS won,
+       o.state, o.fingerprint, o.topic, o.partition, o."offset", o.claimed_at, o.lease_until, o.expires_at
+FROM req r
+LEFT JOIN won w ON w.scope = r.scope AND w.event_id = r.event_id
+LEFT JOIN kdedup_claims o ON o.scope = r.scope AND o.event_id = r.event_id
+ORDER BY r.ord
+"#;
+
+const COMPLETE: &str = r#"
+UPDATE kdedup_claims c SET state = 2, lease_until = 0
+FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int[], $5::bigint[]) AS r(scope, event_id, topic, partition, "offset")
+WHERE c.scope = r.scope AND c.event_id = r.event_id
+  AND c.topic = r.topic AND c.partition = r.partition AND c."offset" = r."offset"
+  AND c.expires_at > $6
+RETURNING c.scope, c.event_id
+"#;
+
+const RELEASE: &str = r#"
+DELETE FROM kdedup_claims c
+USING unnest($1::text[], $2::bytea[], $3::text[], $4::int[], $5::bigint[]) AS r(scope, event_id, topic, partition, "offset")
+WHERE c.scope = r.scope AND c.event_id = r.event_id AND c.state = 1
+  AND c.topic = r.topic AND c.partition = r.partition AND c."offset" = r."offset"
+"#;
+
+const LOOKUP: &str = r#"
+SELECT c.scope, c.event_id, c.state, c.fingerprint, c.topic, c.partition, c."offset", c.claimed_at, c.lease_until, c.expires_at
+FROM kdedup_claims c
+JOIN unnest($1::text[], $2::bytea[]) AS r(scope, event_id) ON c.scope = r.scope AND c.event_id = r.event_id
+WHERE c.expires_at > $3
+"#;
+
+const FORGET: &str = "DELETE FROM kdedup_claims WHERE scope = $1 AND event_id = $2";
+
+const SWEEP: &str = r#"
+DELETE FROM kdedup_claims WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM kdedup_claims WHERE expires_at <= $1 LIMIT $2
+))
+"#;
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    ttl_ms: i64,
+    lease_ms: i64,
+    stats: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    round_trips: AtomicU64,
+}
+
+impl PostgresStore {
+    /// Connects lazily: the pool opens connections on first use, so a store
+    /// that is down at start makes the pipeline wait, not exit.
+    pub fn open(url: &str, pool_size: usize, retention: &Retention) -> Result<PostgresStore, StoreError> {
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Config(format!("[store] url is not a PostgreSQL URL: {e}")))?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .build()
+            .map_err(|e| StoreError::Config(format!("cannot build the connection pool: {e}")))?;
+        Ok(PostgresStore {
+            pool,
+            ttl_ms: retention.ttl.as_millis() as i64,
+            lease_ms: retention.lease.as_millis() as i64,
+            stats: Arc::new(Counters::default()),
+        })
+    }
+
+    /// Creates the table and index if missing. Concurrent `CREATE … IF NOT
+    /// EXISTS` can still collide in PostgreSQL's catalog, so appliers take turns
+    /// on an advisory lock.
+    pub async fn apply_schema(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let script = format!("BEGIN;\nSELECT pg_advisory_xact_lock(7270001);\n{SCHEMA}\nCOMMIT;");
+        client.batch_execute(&script).await.map_err(pg_error)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.pool.get().await.map_err(|e| StoreError::Postgres {
+            message: format!("no connection: {e}"),
+            retriable: true,
+        })
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.query(&statement, params).await.map_err(pg_error)
+    }
+
+    async fn claim_round(&self, requests: &[ClaimRequest], now_ms: u64) -> Result<Vec<Option<Claim>>, StoreError> {
+        let scopes: Vec<&str> = requests.iter().map(|r| &*r.key.scope).collect();
+        let ids: Vec<&[u8]> = requests.iter().map(|r| r.key.id.as_slice()).collect();
+        let fingerprints: Vec<[u8; 16]> = requests.iter().map(|r| r.fingerprint.0.to_be_bytes()).collect();
+        let fps: Vec<&[u8]> = fingerprints.iter().map(|f| f.as_slice()).collect();
+        let topics: Vec<&str> = requests.iter().map(|r| &*r.position.topic).collect();
+        let partitions: Vec<i32> = requests.iter().map(|r| r.position.partition).collect();
+        let offsets: Vec<i64> = requests.iter().map(|r| r.position.offset).collect();
+        let now = now_ms as i64;
+        let rows = self
+            .query(CLAIM, &[&scopes, &ids, &fps, &topics, &partitions, &offsets, &now, &self.lease_ms, &self.ttl_ms])
+            .await?;
+        let mut answers = vec![None; requests.len()];
+        for row in rows {
+            let ord: i64 = row.get(0);
+            let i = (ord - 1) as usize;
+            let won: bool = row.get(1);
+            let old = row_at(&row, 2)?;
+            let request = &requests[i];
+            let claim = decide(old.as_ref(), request, now_ms);
+            answers[i] = match (won, claim) {
+                (true, claim @ Claim::New { .. }) => Some(claim),
+                // Not won, yet the old row says we could have: another writer changed
+                // it under us. Not won and no old row: another writer inserted it
+                // concurrently. Either way the next round sees the settled row.
+                (false, Claim::New { .. }) | (true, _) => None,
+                (false, claim) => Some(claim),
+            };
+        }
+        Ok(answers)
+    }
+}
+
+/// Reads a claim row from `row` starting at column `at` (state first); `None` if absent.
+fn row_at(row: &Row, at: usize) -> Result<Option<ClaimRow>, StoreError> {
+    let state: Option<i16> = row.get(at);
+    let Some(state) = state else { return Ok(None) };
+    let fingerprint: Vec<u8> = row.get(at + 1);
+    let fingerprint: [u8; 16] =
+        fingerprint.try_into().map_err(|_| StoreError::Corrupt("fingerprint is not 16 bytes".into()))?;
+    let topic: String = row.get(at + 2);
+    Ok(Some(ClaimRow {
+        state: match state {
+            1 => ClaimState::InFlight,
+            2 => ClaimState::Done,
+            other => return Err(StoreError::Corrupt(format!("unknown state {other}"))),
+        },
+        fingerprint: Fingerprint(u128::from_be_bytes(fingerprint)),
+        position: Position { topic: Arc::from(topic), partition: row.get(at + 3), offset: row.get(at + 4) },
+        claimed_at_ms: row.get::<_, i64>(at + 5) as u64,
+        lease_until_ms: row.get::<_, i64>(at + 6) as u64,
+        expires_at_ms: row.get::<_, i64>(at + 7) as u64,
+    }))
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    use tokio_postgres::error::SqlState;
+    let retriable = e.is_closed()
+        || e.as_db_error().is_none()
+        || e.code().is_some_and(|c| {
+            [
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::QUERY_CANCELED,
+            ]
+            .contains(c)
+        });
+    let message = match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    StoreError::Postgres { message, retriable }
+}
+
+type KeyRef<'a> = (&'a str, &'a [u8]);
+
+/// Positional arrays of (scope, id, topic, partition, offset) for unnest.
+fn position_arrays(items: &[(EventKey, Position)]) -> (Vec<&str>, Vec<&[u8]>, Vec<&str>, Vec<i32>, Vec<i64>) {
+    (
+        items.iter().map(|(k, _)| &*k.scope).collect(),
+        items.iter().map(|(k, _)| k.id.as_slice()).collect(),
+        items.iter().map(|(_, p)| &*p.topic).collect(),
+        items.iter().map(|(_, p)| p.partition).collect(),
+        items.iter().map(|(_, p)| p.offset).collect(),
+    )
+}
+
+impl DedupStore for PostgresStore {
+    async fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> Result<Vec<Claim>, StoreError> {
+        let mut answers: Vec<Option<Claim>> = vec![None; requests.len()];
+        // ON CONFLICT cannot touch a row twice in one statement: a key repeated in
+        // the batch waits for a later round, which then sees the earlier write.
+        let mut pending: Vec<usize> = (0..requests.len()).collect();
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            if rounds > 100 {
+                return Err(StoreError::Postgres { message: "claims kept racing; giving up this batch".into(), retriable: true });
+            }
+            let mut seen: HashMap<KeyRef<'_>, ()> = HashMap::new();
+            let (this_round, later): (Vec<usize>, Vec<usize>) = pending
+                .iter()
+                .partition(|&&i| seen.insert((&*requests[i].key.scope, requests[i].key.id.as_slice()), ()).is_none());
+            let batch: Vec<ClaimRequest> = this_round.iter().map(|&i| requests[i].clone()).collect();
+            let results = self.claim_round(&batch, now_ms).await?;
+            let mut retry = later;
+            for (&i, answer) in this_round.iter().zip(results) {
+                match answer {
+                    Some(a) => answers[i] = Some(a),
+                    None => retry.push(i),
+                }
+            }
+            retry.sort_unstable();
+            pending = retry;
+        }
+        Ok(answers.into_iter().map(|a| a.expect("every request answered before the loop ends")).collect())
+    }
+
+    async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
+        let (scopes, ids, topics, partitions, offsets) = position_arrays(&done);
+        let now = now_ms as i64;
+        let rows = self.query(COMPLETE, &[&scopes, &ids, &topics, &partitions, &offsets, &now]).await?;
+        let held: std::collections::HashSet<(String, Vec<u8>)> =
+            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1))).collect();
+        Ok(done.iter().map(|(k, _)| held.contains(&(k.scope.to_string(), k.id.clone()))).collect())
+    }
+
+    async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
+        let (scopes, ids, topics, partitions, offsets) = position_arrays(&keys);
+        self.query(RELEASE, &[&scopes, &ids, &topics, &partitions, &offsets]).await.map(drop)
+    }
+
+    async fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> Result<Vec<Option<ClaimRow>>, StoreError> {
+        let scopes: Vec<&str> = keys.iter().map(|k| &*k.scope).collect();
+        let ids: Vec<&[u8]> = keys.iter().map(|k| k.id.as_slice()).collect();
+        let now = now_ms as i64;
+        let rows = self.query(LOOKUP, &[&scopes, &ids, &now]).await?;
+        let mut found: HashMap<(String, Vec<u8>), ClaimRow> = HashMap::new();
+        for row in &rows {
+            if let Some(claim) = row_at(row, 2)? {
+                found.insert((row.get(0), row.get(1)), claim);
+            }
+        }
+        Ok(keys.iter().map(|k| found.get(&(k.scope.to_string(), k.id.clone())).cloned()).collect())
+    }
+
+    async fn forget(&self, key: EventKey) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client.execute(FORGET, &[&&*key.scope, &key.id]).await.map_err(pg_error)?;
+        Ok(n > 0)
+    }
+
+    async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(SWEEP).await.map_err(pg_error)?;
+        let mut removed = 0;
+        loop {
+            let n = client.execute(&statement, &[&(now_ms as i64), &SWEEP_CHUNK]).await.map_err(pg_error)?;
+            removed += n as usize;
+            if (n as i64) < SWEEP_CHUNK {
+                return Ok(removed);
+            }
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats { round_trips: self.stats.round_trips.load(Ordering::Relaxed), syncs: 0 }
+    }
+}
