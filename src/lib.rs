@@ -11,7 +11,8 @@
 //! 6. complete: the claim turns `Done` and lives for the retention TTL.
 //! 7. [`offsets`]: the contiguous watermark, committed only behind finished, durable work.
 //!
-//! [`pipeline`] chains the stages per partition; [`service`] assembles them from a
+//! [`reconcile`] finds effects that ran after the last commit when a partition
+//! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
 //! [`config::Config`]; [`cli`] is the command line; [`demo`] and [`mock`] run the
 //! whole path in-process.
 
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod mock;
 pub mod offsets;
 pub mod pipeline;
+pub mod reconcile;
 pub mod service;
 pub mod sink;
 pub mod source;

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub claim_waits: IntCounter,
     pub claims_resumed: IntCounter,
     pub claims_lost: IntCounter,
+    pub reconciled: IntCounter,
     pub commits: IntCounter,
     pub fsyncs: IntCounter,
     pub committed_offset: IntGaugeVec,
@@ -111,6 +112,10 @@ impl Metrics {
             claims_lost: counter(
                 "kdedup_claims_lost_total",
                 "Completions refused because the claim was taken over (the effect may run twice).",
+            ),
+            reconciled: counter(
+                "kdedup_reconciled_total",
+                "New claims whose effect was found already in the output (a crash after the effect): completed, not re-run.",
             ),
             commits: counter("kdedup_commits_total", "Offset commits sent to Kafka."),
             fsyncs: counter("kdedup_store_syncs_total", "Store durability barriers (fsyncs) run before commits."),

@@ -80,6 +80,39 @@ struct Mark {
     committed: Option<i64>,
     /// Never commit past this offset (a record that did not reach its partition task).
     hold: Option<i64>,
+    output: Option<OutputMark>,
+}
+
+/// Where a partition's effects stand in the output topic: every record of the
+/// partition below the committed offset was written below `offset` of output
+/// partition `partition`. Travels in the commit's metadata, so the next owner
+/// knows where to start reading the output to find effects that ran after the
+/// last commit ([`crate::reconcile`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputMark {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl OutputMark {
+    const PREFIX: &'static str = "kdedup1 out=";
+
+    pub fn to_metadata(self) -> String {
+        format!("{}{}:{}", Self::PREFIX, self.partition, self.offset)
+    }
+
+    pub fn from_metadata(metadata: &str) -> Option<OutputMark> {
+        let (p, o) = metadata.strip_prefix(Self::PREFIX)?.split_once(':')?;
+        Some(OutputMark { partition: p.parse().ok()?, offset: o.parse().ok()? })
+    }
+}
+
+/// One partition's offset to commit, with its output mark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub output: Option<OutputMark>,
 }
 
 /// The durability barrier run before each commit (the store's `sync`).
@@ -101,16 +134,22 @@ impl CommitBook {
         self.marks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A partition was assigned: start clean.
-    pub fn open(&self, tp: TopicPartition) {
-        self.marks().insert(tp, Mark::default());
+    /// A partition was assigned: start clean, carrying the output mark of the
+    /// last commit forward until this owner writes output of its own.
+    pub fn open(&self, tp: TopicPartition, output: Option<OutputMark>) {
+        self.marks().insert(tp, Mark { output, ..Mark::default() });
     }
 
-    /// A partition task reports its watermark. Ignored once the partition is closed,
-    /// so a late task can never move a revoked partition's offset.
-    pub fn publish(&self, tp: &TopicPartition, watermark: i64) {
+    /// A partition task reports its watermark (and, if it wrote output, the
+    /// output offset below which everything before the watermark lies).
+    /// Ignored once the partition is closed, so a late task can never move a
+    /// revoked partition's offset.
+    pub fn publish(&self, tp: &TopicPartition, watermark: i64, output: Option<OutputMark>) {
         if let Some(mark) = self.marks().get_mut(tp) {
             mark.watermark = Some(mark.watermark.map_or(watermark, |w| w.max(watermark)));
+            if output.is_some() {
+                mark.output = output;
+            }
         }
     }
 
@@ -130,14 +169,14 @@ impl CommitBook {
     /// Offsets that moved since the last commit, for `only` (or all partitions),
     /// made durable first: snapshot, then barrier, so everything behind the
     /// snapshot was written before the barrier ran.
-    pub fn prepare(&self, only: Option<&[TopicPartition]>) -> Result<Vec<(TopicPartition, i64)>, StoreError> {
-        let snapshot: Vec<(TopicPartition, i64)> = self
+    pub fn prepare(&self, only: Option<&[TopicPartition]>) -> Result<Vec<Ready>, StoreError> {
+        let snapshot: Vec<Ready> = self
             .marks()
             .iter()
             .filter(|(tp, _)| only.is_none_or(|o| o.contains(tp)))
             .filter_map(|(tp, m)| match (m.watermark.map(|w| m.hold.map_or(w, |h| w.min(h))), m.committed) {
                 (Some(w), Some(c)) if w <= c => None,
-                (Some(w), _) => Some((tp.clone(), w)),
+                (Some(w), _) => Some(Ready { tp: tp.clone(), offset: w, output: m.output }),
                 (None, _) => None,
             })
             .collect();
@@ -148,11 +187,11 @@ impl CommitBook {
     }
 
     /// The broker accepted these offsets.
-    pub fn committed(&self, offsets: &[(TopicPartition, i64)]) {
+    pub fn committed(&self, offsets: &[Ready]) {
         let mut marks = self.marks();
-        for (tp, offset) in offsets {
-            if let Some(m) = marks.get_mut(tp) {
-                m.committed = Some(m.committed.map_or(*offset, |c| c.max(*offset)));
+        for r in offsets {
+            if let Some(m) = marks.get_mut(&r.tp) {
+                m.committed = Some(m.committed.map_or(r.offset, |c| c.max(r.offset)));
             }
         }
     }
@@ -199,19 +238,21 @@ mod tests {
     fn commit_book_skips_closed_partitions_and_unmoved_offsets() {
         let book = CommitBook::new(Box::new(|| Ok(())));
         let tp: TopicPartition = (Arc::from("t"), 0);
-        book.publish(&tp, 5);
+        book.publish(&tp, 5, None);
         assert!(book.prepare(None).unwrap().is_empty(), "not open: ignored");
-        book.open(tp.clone());
-        book.publish(&tp, 5);
+        let carried = OutputMark { partition: 2, offset: 40 };
+        book.open(tp.clone(), Some(carried));
+        book.publish(&tp, 5, None);
         let ready = book.prepare(None).unwrap();
-        assert_eq!(ready, vec![(tp.clone(), 5)]);
+        assert_eq!(ready, vec![Ready { tp: tp.clone(), offset: 5, output: Some(carried) }], "mark carried forward");
         book.committed(&ready);
         assert!(book.prepare(None).unwrap().is_empty(), "nothing moved");
         book.hold(&tp, 7);
-        book.publish(&tp, 9);
-        assert_eq!(book.prepare(None).unwrap(), vec![(tp.clone(), 7)], "held below the stray record");
+        let ours = OutputMark { partition: 2, offset: 55 };
+        book.publish(&tp, 9, Some(ours));
+        assert_eq!(book.prepare(None).unwrap(), vec![Ready { tp: tp.clone(), offset: 7, output: Some(ours) }], "held below the stray record");
         book.close(&tp);
-        book.publish(&tp, 9);
+        book.publish(&tp, 9, None);
         assert!(book.prepare(None).unwrap().is_empty());
     }
 
@@ -219,9 +260,17 @@ mod tests {
     fn a_failed_barrier_commits_nothing() {
         let book = CommitBook::new(Box::new(|| Err(StoreError::Task("disk gone".into()))));
         let tp: TopicPartition = (Arc::from("t"), 0);
-        book.open(tp.clone());
-        book.publish(&tp, 3);
+        book.open(tp.clone(), None);
+        book.publish(&tp, 3, None);
         assert!(book.prepare(None).is_err());
+    }
+
+    #[test]
+    fn output_marks_round_trip_through_commit_metadata() {
+        let m = OutputMark { partition: 3, offset: 1 << 40 };
+        assert_eq!(OutputMark::from_metadata(&m.to_metadata()), Some(m));
+        assert_eq!(OutputMark::from_metadata(""), None);
+        assert_eq!(OutputMark::from_metadata("someone else's metadata"), None);
     }
 
     #[derive(Debug, Clone)]

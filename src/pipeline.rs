@@ -14,7 +14,7 @@
 //! backoff while the partition waits (readiness goes false, no offset moves);
 //! records that cannot be handled are dead-lettered with their reason.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,10 @@ use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, Verdict};
 use crate::metrics::Metrics;
-use crate::offsets::{CommitBook, OffsetTracker, TopicPartition};
-use crate::sink::{SideTopics, Sink};
-use crate::source::{PartitionHandler, PartitionQueue};
+use crate::offsets::{CommitBook, OffsetTracker, OutputMark, TopicPartition};
+use crate::reconcile::Reconciler;
+use crate::sink::{Effect, SideTopics, Sink};
+use crate::source::{PartitionHandler, PartitionQueue, Resume};
 use crate::store::{now_ms, Claim, ClaimRequest, ClaimState, DedupStore, Store};
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
@@ -38,13 +39,16 @@ pub struct Faults {
     /// Claim the batch holding this position, then stop the partition task
     /// before any effect runs, as a crash would. Fires once.
     pub crash_after_claim: Arc<Mutex<Option<Position>>>,
+    /// Run the effects of the batch holding this position, then stop before
+    /// completing the claims (the window reconciliation closes). Fires once.
+    pub crash_after_effect: Arc<Mutex<Option<Position>>>,
     /// Notified when a fault fired.
     pub fired: Arc<tokio::sync::Notify>,
 }
 
 impl Faults {
-    fn take_crash_after_claim(&self, batch: &[Item]) -> bool {
-        let mut slot = self.crash_after_claim.lock().unwrap_or_else(|p| p.into_inner());
+    fn take(slot: &Mutex<Option<Position>>, batch: &[Item]) -> bool {
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         let hit = slot.as_ref().is_some_and(|p| batch.iter().any(|i| i.record().position == *p));
         if hit {
             *slot = None;
@@ -64,6 +68,18 @@ pub struct Stages {
     pub book: Arc<CommitBook>,
     pub config: PipelineConfig,
     pub faults: Faults,
+    /// Reads the output back on assignment; `None` when the sink has no
+    /// fixed output partition per input partition.
+    pub reconciler: Option<Reconciler>,
+}
+
+impl Stages {
+    fn output_partition(&self, input_partition: i32) -> Option<i32> {
+        match &self.sink {
+            Sink::Kafka(k) => k.output_partition(input_partition),
+            Sink::Stdout(_) => None,
+        }
+    }
 }
 
 /// A record on its way through one batch.
@@ -84,7 +100,8 @@ impl Item {
 /// The dedup decision for a keyed record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decision {
-    New,
+    /// `resumed`: our own earlier attempt at this very record held the claim.
+    New { resumed: bool },
     Duplicate,
     Conflict(Fingerprint),
 }
@@ -118,6 +135,11 @@ pub struct PartitionTask {
     stages: Arc<Stages>,
     stop: watch::Receiver<bool>,
     tracker: OffsetTracker,
+    resume: Resume,
+    /// Offsets whose effect is already in the output (found by reconciliation).
+    emitted: HashSet<i64>,
+    /// Where this partition's latest effect landed, plus one.
+    output: Option<OutputMark>,
 }
 
 impl PartitionTask {
@@ -126,6 +148,9 @@ impl PartitionTask {
         let batch_max = self.stages.config.batch_max.get();
         let mut stream = queue.stream();
         debug!(%topic, partition, "partition task started");
+        if self.reconcile().await.is_err() {
+            return;
+        }
         loop {
             let first = tokio::select! {
                 biased;
@@ -159,6 +184,39 @@ impl PartitionTask {
 
     fn draining(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Before the first batch: find effects that ran after the last commit.
+    /// Retried until it succeeds: processing without it could emit twice.
+    async fn reconcile(&mut self) -> Result<(), Stop> {
+        let (Some(reconciler), Some(output_partition)) = (&self.stages.reconciler, self.stages.output_partition(self.tp.1))
+        else {
+            return Ok(());
+        };
+        let from = self.resume.committed.unwrap_or(0);
+        let mut backoff = Backoff::new();
+        loop {
+            let (r, tp, mark) = (reconciler.clone(), self.tp.clone(), self.resume.output);
+            let started = Instant::now();
+            let result = tokio::task::spawn_blocking(move || r.emitted_since(&tp, from, output_partition, mark)).await;
+            match result.map_err(anyhow::Error::from).and_then(|r| r) {
+                Ok(found) => {
+                    let secs = started.elapsed().as_secs_f64();
+                    if !found.is_empty() {
+                        info!(topic = %self.tp.0, partition = self.tp.1, found = found.len(), secs, "effects after the last commit found in the output; they will not run again");
+                    }
+                    self.emitted = found;
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(topic = %self.tp.0, partition = self.tp.1, error = %e, "cannot read the output back; retrying before processing");
+                    if self.draining() {
+                        return Err(Stop::Draining);
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
     }
 
     /// Retries a store call with backoff until it answers; readiness is false meanwhile.
@@ -217,7 +275,7 @@ impl PartitionTask {
             .collect();
 
         self.decide(&mut items).await?;
-        if s.faults.take_crash_after_claim(&items) {
+        if Faults::take(&s.faults.crash_after_claim, &items) {
             return Err(Stop::Crashed);
         }
         self.apply_effects(&mut items).await?;
@@ -228,7 +286,7 @@ impl PartitionTask {
             }
         }
         if let Some(w) = self.tracker.watermark() {
-            s.book.publish(&self.tp, w);
+            s.book.publish(&self.tp, w, self.output);
         }
         Ok(())
     }
@@ -309,7 +367,7 @@ impl PartitionTask {
                             let (first, n) = resumed_from.unwrap_or((offset, 0));
                             resumed_from = Some((first, n + 1));
                         }
-                        set_decision(&mut items[i], Decision::New);
+                        set_decision(&mut items[i], Decision::New { resumed });
                     }
                     Claim::Duplicate => set_decision(&mut items[i], Decision::Duplicate),
                     Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
@@ -344,24 +402,43 @@ impl PartitionTask {
     }
 
     /// sink + side topics + complete/release.
-    async fn apply_effects(&self, items: &mut [Item]) -> Result<(), Stop> {
-        let s = &self.stages;
+    async fn apply_effects(&mut self, items: &mut [Item]) -> Result<(), Stop> {
+        let s = self.stages.clone();
 
         // The effect, for new events, in order; retriable failures are retried.
-        let new: Vec<usize> = (0..items.len())
-            .filter(|&i| matches!(items[i], Item::Keyed { decision: Some(Decision::New), .. }))
-            .collect();
+        // Effects reconciliation found in the output already ran: they are only completed.
+        let mut pending: Vec<usize> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Item::Keyed { envelope, decision: Some(Decision::New { .. }) } = item {
+                if self.emitted.remove(&envelope.record.position.offset) {
+                    s.metrics.reconciled.inc();
+                } else {
+                    pending.push(i);
+                }
+            }
+        }
         let mut rejected: Vec<(usize, SinkError)> = Vec::new();
-        let mut pending = new.clone();
         let mut backoff = Backoff::new();
         let started = Instant::now();
         while !pending.is_empty() {
-            let batch: Vec<&Envelope> = pending.iter().map(|&i| envelope(&items[i])).collect();
+            let batch: Vec<Effect<'_>> = pending
+                .iter()
+                .map(|&i| Effect {
+                    envelope: envelope(&items[i]),
+                    possible_repeat: matches!(items[i], Item::Keyed { decision: Some(Decision::New { resumed: true }), .. }),
+                })
+                .collect();
             let results = s.sink.deliver(&batch).await;
             let mut retry = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 match result {
-                    Ok(()) => {}
+                    Ok(None) => {}
+                    Ok(Some(landed)) => {
+                        let next = OutputMark { partition: landed.partition, offset: landed.offset + 1 };
+                        if self.output.is_none_or(|o| o.partition != next.partition || o.offset < next.offset) {
+                            self.output = Some(next);
+                        }
+                    }
                     Err(e) if e.is_retriable() => {
                         s.metrics.sink_errors.inc();
                         warn!(position = %envelope(&items[i]).record.position, error = %e, sink = s.sink.kind(), "effect failed; retrying");
@@ -383,6 +460,9 @@ impl PartitionTask {
             }
         }
         s.metrics.sink_seconds.observe(started.elapsed().as_secs_f64());
+        if Faults::take(&s.faults.crash_after_effect, items) {
+            return Err(Stop::Crashed);
+        }
 
         // A rejected effect releases its claim (the key is not burned) and is dead-lettered.
         if !rejected.is_empty() {
@@ -404,7 +484,9 @@ impl PartitionTask {
         let done: Vec<(crate::event::EventKey, Position)> = items
             .iter()
             .filter_map(|item| match item {
-                Item::Keyed { envelope, decision: Some(Decision::New) } => Some((envelope.key.clone(), envelope.record.position.clone())),
+                Item::Keyed { envelope, decision: Some(Decision::New { .. }) } => {
+                    Some((envelope.key.clone(), envelope.record.position.clone()))
+                }
                 _ => None,
             })
             .collect();
@@ -443,9 +525,13 @@ impl PartitionTask {
             let outcome = match item {
                 Item::Bad { .. } => "dead_letter",
                 Item::Keyed { envelope, decision } => match decision.expect("every keyed item is decided before effects") {
-                    Decision::New | Decision::Duplicate => {
+                    Decision::New { .. } => {
                         filter.remember_done(envelope, envelope.fingerprint, now);
-                        if decision == &Some(Decision::New) { "new" } else { "duplicate" }
+                        "new"
+                    }
+                    Decision::Duplicate => {
+                        filter.remember_done(envelope, envelope.fingerprint, now);
+                        "duplicate"
                     }
                     Decision::Conflict(_) => {
                         filter.remember_seen(envelope, now);
@@ -582,10 +668,18 @@ impl Workers {
 }
 
 impl PartitionHandler for Workers {
-    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue) {
+    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
-        let task = PartitionTask { tp: tp.clone(), stages: self.stages.clone(), stop: stop_rx, tracker: OffsetTracker::new() };
+        let task = PartitionTask {
+            tp: tp.clone(),
+            stages: self.stages.clone(),
+            stop: stop_rx,
+            tracker: OffsetTracker::new(),
+            resume,
+            emitted: HashSet::new(),
+            output: resume.output,
+        };
         let handle = self.runtime.spawn(async move {
             let _ended = ended_tx; // dropped with the future, whatever ends it
             task.run(queue).await;

@@ -15,6 +15,7 @@ use crate::filter::Filter;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
 use crate::pipeline::{Faults, Stages, Workers};
+use crate::reconcile::Reconciler;
 use crate::sink::{KafkaSink, KafkaWriter, SideTopics, Sink, StdoutSink};
 use crate::source::{Source, StopMode};
 use crate::store::{now_ms, DedupStore, Store};
@@ -71,6 +72,10 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         book: book.clone(),
         config: config.pipeline.clone(),
         faults: options.faults,
+        reconciler: match &config.sink {
+            SinkConfig::Kafka { topic, .. } => Some(Reconciler { brokers: config.kafka.brokers.clone(), output_topic: topic.clone() }),
+            SinkConfig::Stdout => None,
+        },
     });
     let workers = Arc::new(Workers::new(stages, tokio::runtime::Handle::current()));
     let source = Source::start(

@@ -27,15 +27,24 @@ use tracing::{debug, error, info, warn};
 use crate::config::KafkaConfig;
 use crate::error::SourceError;
 use crate::metrics::Metrics;
-use crate::offsets::{CommitBook, TopicPartition};
+use crate::offsets::{CommitBook, OutputMark, Ready, TopicPartition};
 
 pub type PartitionQueue = StreamPartitionQueue<SourceContext>;
 type Kafka = StreamConsumer<SourceContext>;
 
+/// What the group remembers of a partition when it is assigned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// The committed offset: where consumption starts.
+    pub committed: Option<i64>,
+    /// Where the output stood at that commit (from the commit's metadata).
+    pub output: Option<OutputMark>,
+}
+
 /// Receives partitions as they are assigned and revoked.
 pub trait PartitionHandler: Send + Sync + 'static {
     /// Start work on a newly assigned partition.
-    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue);
+    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume);
     /// Stop work on these partitions: no new batches; in-flight batches may
     /// finish within the drain timeout. Returns when they have stopped.
     fn revoked(&self, partitions: &[TopicPartition]);
@@ -73,7 +82,7 @@ impl ClientContext for SourceContext {}
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.on_assign(tpl),
+            Rebalance::Assign(tpl) => self.on_assign(base, tpl),
             Rebalance::Revoke(tpl) => self.on_revoke(base, tpl),
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
@@ -91,19 +100,21 @@ impl SourceContext {
             .collect()
     }
 
-    fn on_assign(&self, tpl: &TopicPartitionList) {
+    fn on_assign(&self, base: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             error!("assignment arrived before the consumer was ready; it will be redelivered on the next rebalance");
             return;
         };
         let partitions = self.tp_list(tpl);
         info!(partitions = ?partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>(), "partitions assigned");
+        let resumes = self.resumes(base, tpl);
         for tp in partitions {
             match consumer.split_partition_queue(&tp.0, tp.1) {
                 Some(queue) => {
-                    self.book.open(tp.clone());
+                    let resume = resumes.get(&tp).copied().unwrap_or_default();
+                    self.book.open(tp.clone(), resume.output);
                     self.assigned.lock().unwrap_or_else(|p| p.into_inner()).insert(tp.clone());
-                    self.handler.assigned(tp, queue);
+                    self.handler.assigned(tp, queue, resume);
                 }
                 None => error!(topic = %tp.0, partition = tp.1, "cannot split the partition's queue; it is not processed"),
             }
@@ -119,6 +130,30 @@ impl SourceContext {
                      topic: another process in the group decides the other partitions against its own store, so \
                      duplicates across instances are not caught; run one instance or use a shared store"
                 );
+            }
+        }
+    }
+
+    /// Committed offsets and their metadata for newly assigned partitions. Without
+    /// them (the coordinator does not answer in time) partitions start with no
+    /// output mark, and reconciliation reads the output from its beginning.
+    fn resumes(&self, base: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> HashMap<TopicPartition, Resume> {
+        match base.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(committed) => committed
+                .elements()
+                .iter()
+                .map(|e| {
+                    let topic = self.topics.get(e.topic()).cloned().unwrap_or_else(|| Arc::from(e.topic()));
+                    let committed = match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    };
+                    ((topic, e.partition()), Resume { committed, output: OutputMark::from_metadata(e.metadata()) })
+                })
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot read committed offsets for the new assignment");
+                HashMap::new()
             }
         }
     }
@@ -153,17 +188,21 @@ fn commit<C: Consumer<SourceContext>>(consumer: &C, book: &CommitBook, metrics: 
     }
     metrics.fsyncs.inc();
     let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in &ready {
-        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+    for Ready { tp: (topic, partition), offset, output } in &ready {
+        let mut elem = tpl.add_partition(topic, *partition);
+        if let Err(e) = elem.set_offset(Offset::Offset(*offset)) {
             error!(%topic, partition, error = %e, "cannot build the commit list");
             return;
+        }
+        if let Some(mark) = output {
+            elem.set_metadata(mark.to_metadata());
         }
     }
     match consumer.commit(&tpl, CommitMode::Sync) {
         Ok(()) => {
             book.committed(&ready);
             metrics.commits.inc();
-            for ((topic, partition), offset) in &ready {
+            for Ready { tp: (topic, partition), offset, .. } in &ready {
                 metrics.committed_offset.with_label_values(&[topic.to_string(), partition.to_string()]).set(*offset);
             }
             debug!(partitions = ready.len(), "offsets committed");

@@ -16,7 +16,10 @@ use rdkafka::ClientConfig;
 
 use crate::config::Partitioning;
 use crate::error::SinkError;
-use crate::event::{Envelope, Record};
+use crate::event::Record;
+use crate::offsets::OutputMark;
+
+use super::Effect;
 
 /// Header names kdedup adds to what it writes (the contract in `schemas/headers.md`).
 pub mod headers {
@@ -27,6 +30,7 @@ pub mod headers {
     pub const SOURCE_OFFSET: &str = "kdedup-source-offset";
     pub const REASON: &str = "kdedup-reason";
     pub const ERROR: &str = "kdedup-error";
+    pub const POSSIBLE_REPEAT: &str = "kdedup-possible-repeat";
 }
 
 /// One record to write.
@@ -72,8 +76,8 @@ impl KafkaWriter {
         }
     }
 
-    /// Writes records in order; one result per record, in order.
-    pub async fn write_all(&self, records: Vec<OutRecord<'_>>) -> Vec<Result<(), SinkError>> {
+    /// Writes records in order; one result per record, in order: where it landed.
+    pub async fn write_all(&self, records: Vec<OutRecord<'_>>) -> Vec<Result<OutputMark, SinkError>> {
         let mut pending = Vec::with_capacity(records.len());
         for r in records {
             let topic = r.topic.to_string();
@@ -109,7 +113,7 @@ impl KafkaWriter {
         for p in pending {
             results.push(match p {
                 Ok((topic, delivery)) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(d)) => Ok(OutputMark { partition: d.partition, offset: d.offset }),
                     Ok(Err((source, _))) => Err(SinkError::Kafka { topic, source }),
                     Err(_) => Err(SinkError::Kafka { topic, source: KafkaError::Canceled }),
                 },
@@ -153,22 +157,38 @@ impl KafkaSink {
         Ok(KafkaSink { writer, topic: Arc::from(topic), partitioning, partitions })
     }
 
-    pub async fn deliver(&self, batch: &[&Envelope]) -> Vec<Result<(), SinkError>> {
+    /// The output partition an input partition's effects go to, when fixed
+    /// (`partitioning = "source"`); `None` when the key decides.
+    pub fn output_partition(&self, input_partition: i32) -> Option<i32> {
+        match self.partitioning {
+            Partitioning::Source => Some(input_partition.rem_euclid(self.partitions)),
+            Partitioning::Key => None,
+        }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
         let out = batch
             .iter()
-            .map(|e| OutRecord {
-                topic: &self.topic,
-                partition: match self.partitioning {
-                    Partitioning::Source => Some(e.record.position.partition.rem_euclid(self.partitions)),
-                    Partitioning::Key => None,
-                },
-                key: e.record.key.as_deref().or(Some(&e.key.id)),
-                payload: e.record.payload.as_deref(),
-                headers: headers_with_source(&e.record)
+            .map(|Effect { envelope: e, possible_repeat }| {
+                let mut h = headers_with_source(&e.record)
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) })
-                    .insert(Header { key: headers::SCOPE, value: Some(e.key.scope.as_bytes()) }),
+                    .insert(Header { key: headers::SCOPE, value: Some(e.key.scope.as_bytes()) });
+                if *possible_repeat {
+                    h = h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) });
+                }
+                OutRecord {
+                    topic: &self.topic,
+                    partition: self.output_partition(e.record.position.partition),
+                    key: e.record.key.as_deref().or(Some(&e.key.id)),
+                    payload: e.record.payload.as_deref(),
+                    headers: h,
+                }
             })
             .collect();
-        self.writer.write_all(out).await
+        self.writer.write_all(out).await.into_iter().map(|r| r.map(Some)).collect()
     }
 }

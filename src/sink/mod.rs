@@ -20,7 +20,16 @@ pub use stdout::StdoutSink;
 
 use crate::error::{RecordError, SinkError};
 use crate::event::{Envelope, Record};
+use crate::offsets::OutputMark;
 use kafka::{headers, headers_with_source, OutRecord};
+
+/// One effect to run.
+pub struct Effect<'a> {
+    pub envelope: &'a Envelope,
+    /// The effect may have run before (a resumed claim whose earlier attempt
+    /// could not be ruled out): travels as the `kdedup-possible-repeat` header.
+    pub possible_repeat: bool,
+}
 
 /// The configured effect.
 pub enum Sink {
@@ -36,8 +45,9 @@ impl Sink {
         }
     }
 
-    /// Runs the effect for each event, in order; one result per event.
-    pub async fn deliver(&self, batch: &[&Envelope]) -> Vec<Result<(), SinkError>> {
+    /// Runs the effect for each event, in order; one result per event, with
+    /// where it landed in the output topic when the sink is Kafka.
+    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
         if batch.is_empty() {
             return Vec::new();
         }
@@ -74,7 +84,7 @@ impl SideTopics {
                 }
             })
             .collect();
-        self.writer.write_all(out).await
+        self.writer.write_all(out).await.into_iter().map(|r| r.map(drop)).collect()
     }
 
     /// Copies duplicates to the audit topic, when one is configured.
@@ -93,6 +103,6 @@ impl SideTopics {
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
             })
             .collect();
-        self.writer.write_all(out).await
+        self.writer.write_all(out).await.into_iter().map(|r| r.map(drop)).collect()
     }
 }

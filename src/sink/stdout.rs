@@ -4,14 +4,17 @@
 use std::io::Write;
 
 use crate::error::SinkError;
-use crate::event::{hex, Envelope};
+use crate::event::hex;
+use crate::offsets::OutputMark;
+
+use super::Effect;
 
 pub struct StdoutSink;
 
 impl StdoutSink {
-    pub async fn deliver(&self, batch: &[&Envelope]) -> Vec<Result<(), SinkError>> {
+    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
         let mut buf = Vec::with_capacity(batch.len() * 128);
-        for e in batch {
+        for Effect { envelope: e, possible_repeat } in batch {
             let payload = e.record.payload.as_deref().unwrap_or_default();
             let line = serde_json::json!({
                 "event_id": e.key.display_id(),
@@ -20,6 +23,7 @@ impl StdoutSink {
                 "partition": e.record.position.partition,
                 "offset": e.record.position.offset,
                 "payload": std::str::from_utf8(payload).map(str::to_string).unwrap_or_else(|_| format!("hex:{}", hex(payload))),
+                "possible_repeat": possible_repeat,
             });
             serde_json::to_writer(&mut buf, &line).expect("writing JSON to a Vec cannot fail");
             buf.push(b'\n');
@@ -31,7 +35,7 @@ impl StdoutSink {
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match result {
-            Ok(()) => batch.iter().map(|_| Ok(())).collect(),
+            Ok(()) => batch.iter().map(|_| Ok(None)).collect(),
             Err(e) => batch.iter().map(|_| Err(SinkError::Stdout(std::io::Error::new(e.kind(), e.to_string())))).collect(),
         }
     }

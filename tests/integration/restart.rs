@@ -85,3 +85,30 @@ async fn crash_between_claim_and_effect_is_resumed_on_redelivery_not_dropped() {
     let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
     assert_exactly_once(&output, &ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_effect_and_completion_is_reconciled_from_the_output_not_emitted_twice() {
+    let kafka = cluster(2);
+    let (records, ids) = events(2_000, 200, 2, 6);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("effect-crash");
+    let victim = Position { topic: Arc::from(INPUT), partition: 1, offset: 700 };
+    let faults = Faults::default();
+    *faults.crash_after_effect.lock().unwrap() = Some(victim.clone());
+
+    let first = start(config(&kafka, &group, dir.path(), &[("KDEDUP_PIPELINE__BATCH_MAX", "50")]), faults.clone());
+    tokio::time::timeout(Duration::from_secs(60), faults.fired.notified()).await.expect("the fault fired");
+    first.stop(StopMode::Drain).await;
+    let emitted_before = emitted_counts(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap());
+    let victim_id = String::from_utf8(records.iter().filter(|r| r.partition == 1).nth(700).unwrap().headers[0].1.clone()).unwrap();
+    assert_eq!(emitted_before.get(&victim_id), Some(&1), "the victim's effect ran before the crash");
+
+    let second = start(config(&kafka, &group, dir.path(), &[]), Faults::default());
+    wait_all_committed(&kafka, &second.metrics).await;
+    let metrics = second.metrics.clone();
+    second.stop(StopMode::Drain).await;
+    assert!(metrics.reconciled.get() >= 1, "the victim's batch was found in the output");
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
+    assert_outcomes_sum(&metrics);
+}
