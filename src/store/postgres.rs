@@ -234,15 +234,23 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
 
 type KeyRef<'a> = (&'a str, &'a [u8]);
 
-/// Positional arrays of (scope, id, topic, partition, offset) for unnest.
-fn position_arrays(items: &[(EventKey, Position)]) -> (Vec<&str>, Vec<&[u8]>, Vec<&str>, Vec<i32>, Vec<i64>) {
-    (
-        items.iter().map(|(k, _)| &*k.scope).collect(),
-        items.iter().map(|(k, _)| k.id.as_slice()).collect(),
-        items.iter().map(|(_, p)| &*p.topic).collect(),
-        items.iter().map(|(_, p)| p.partition).collect(),
-        items.iter().map(|(_, p)| p.offset).collect(),
-    )
+/// Column arrays of (scope, id, topic, partition, offset), for unnest.
+struct PositionArrays<'a> {
+    scopes: Vec<&'a str>,
+    ids: Vec<&'a [u8]>,
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+}
+
+fn position_arrays(items: &[(EventKey, Position)]) -> PositionArrays<'_> {
+    PositionArrays {
+        scopes: items.iter().map(|(k, _)| &*k.scope).collect(),
+        ids: items.iter().map(|(k, _)| k.id.as_slice()).collect(),
+        topics: items.iter().map(|(_, p)| &*p.topic).collect(),
+        partitions: items.iter().map(|(_, p)| p.partition).collect(),
+        offsets: items.iter().map(|(_, p)| p.offset).collect(),
+    }
 }
 
 impl DedupStore for PostgresStore {
@@ -277,7 +285,7 @@ impl DedupStore for PostgresStore {
     }
 
     async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
-        let (scopes, ids, topics, partitions, offsets) = position_arrays(&done);
+        let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&done);
         let now = now_ms as i64;
         let rows = self.query(COMPLETE, &[&scopes, &ids, &topics, &partitions, &offsets, &now]).await?;
         let held: std::collections::HashSet<(String, Vec<u8>)> =
@@ -286,7 +294,7 @@ impl DedupStore for PostgresStore {
     }
 
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
-        let (scopes, ids, topics, partitions, offsets) = position_arrays(&keys);
+        let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&keys);
         self.query(RELEASE, &[&scopes, &ids, &topics, &partitions, &offsets]).await.map(drop)
     }
 
