@@ -3,6 +3,7 @@
 
 mod cli;
 mod dead_letter;
+mod outage;
 mod path;
 mod restart;
 mod store_contract;
