@@ -134,10 +134,10 @@ impl CommitBook {
         self.marks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A partition was assigned: start clean, carrying the output mark of the
-    /// last commit forward until this owner writes output of its own.
-    pub fn open(&self, tp: TopicPartition, output: Option<OutputMark>) {
-        self.marks().insert(tp, Mark { output, ..Mark::default() });
+    /// A partition was assigned: start clean from the group's committed offset,
+    /// carrying its output mark forward until this owner writes output of its own.
+    pub fn open(&self, tp: TopicPartition, committed: Option<i64>, output: Option<OutputMark>) {
+        self.marks().insert(tp, Mark { committed, output, ..Mark::default() });
     }
 
     /// A partition task reports its watermark (and, if it wrote output, the
@@ -241,7 +241,7 @@ mod tests {
         book.publish(&tp, 5, None);
         assert!(book.prepare(None).unwrap().is_empty(), "not open: ignored");
         let carried = OutputMark { partition: 2, offset: 40 };
-        book.open(tp.clone(), Some(carried));
+        book.open(tp.clone(), None, Some(carried));
         book.publish(&tp, 5, None);
         let ready = book.prepare(None).unwrap();
         assert_eq!(ready, vec![Ready { tp: tp.clone(), offset: 5, output: Some(carried) }], "mark carried forward");
@@ -260,7 +260,7 @@ mod tests {
     fn a_failed_barrier_commits_nothing() {
         let book = CommitBook::new(Box::new(|| Err(StoreError::Task("disk gone".into()))));
         let tp: TopicPartition = (Arc::from("t"), 0);
-        book.open(tp.clone(), None);
+        book.open(tp.clone(), None, None);
         book.publish(&tp, 3, None);
         assert!(book.prepare(None).is_err());
     }

@@ -112,7 +112,10 @@ impl SourceContext {
             match consumer.split_partition_queue(&tp.0, tp.1) {
                 Some(queue) => {
                     let resume = resumes.get(&tp).copied().unwrap_or_default();
-                    self.book.open(tp.clone(), resume.output);
+                    self.book.open(tp.clone(), resume.committed, resume.output);
+                    if let Some(committed) = resume.committed {
+                        self.metrics.committed_offset.with_label_values(&[tp.0.to_string(), tp.1.to_string()]).set(committed);
+                    }
                     self.assigned.lock().unwrap_or_else(|p| p.into_inner()).insert(tp.clone());
                     self.handler.assigned(tp, queue, resume);
                 }
