@@ -80,14 +80,11 @@ struct Mark {
     committed: Option<i64>,
     /// Never commit past this offset (a record that did not reach its partition task).
     hold: Option<i64>,
-    output: Option<OutputMark>,
+    logs: LogMarks,
 }
 
-/// Where a partition's effects stand in the output topic: every record of the
-/// partition below the committed offset was written below `offset` of output
-/// partition `partition`. Travels in the commit's metadata, so the next owner
-/// knows where to start reading the output to find effects that ran after the
-/// last commit ([`crate::reconcile`]).
+/// A position in a topic kdedup writes to: every record of a partition below
+/// the committed offset was written below `offset` of `partition`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputMark {
     pub partition: i32,
@@ -95,24 +92,76 @@ pub struct OutputMark {
 }
 
 impl OutputMark {
-    const PREFIX: &'static str = "kdedup1 out=";
-
-    pub fn to_metadata(self) -> String {
-        format!("{}{}:{}", Self::PREFIX, self.partition, self.offset)
-    }
-
-    pub fn from_metadata(metadata: &str) -> Option<OutputMark> {
-        let (p, o) = metadata.strip_prefix(Self::PREFIX)?.split_once(':')?;
-        Some(OutputMark { partition: p.parse().ok()?, offset: o.parse().ok()? })
+    /// Moves the mark past a record that landed at `landed` (same partition only
+    /// moves forward; a new partition replaces it).
+    pub fn advance(mark: &mut Option<OutputMark>, landed: OutputMark) {
+        let next = OutputMark { partition: landed.partition, offset: landed.offset + 1 };
+        if mark.is_none_or(|m| m.partition != next.partition || m.offset < next.offset) {
+            *mark = Some(next);
+        }
     }
 }
 
-/// One partition's offset to commit, with its output mark.
+/// Where a partition's writes stand in the output and dead-letter topics.
+/// Travels in the commit's metadata, so the next owner knows where to start
+/// reading them to find writes made after the last commit ([`crate::reconcile`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogMarks {
+    pub output: Option<OutputMark>,
+    pub dead_letter: Option<OutputMark>,
+}
+
+impl LogMarks {
+    const PREFIX: &'static str = "kdedup1";
+
+    /// `kdedup1 out=P:O dlq=P:O`, each part present when known.
+    pub fn to_metadata(self) -> String {
+        let mut s = String::from(Self::PREFIX);
+        for (name, mark) in [("out", self.output), ("dlq", self.dead_letter)] {
+            if let Some(m) = mark {
+                s.push_str(&format!(" {name}={}:{}", m.partition, m.offset));
+            }
+        }
+        s
+    }
+
+    pub fn from_metadata(metadata: &str) -> LogMarks {
+        let mut marks = LogMarks::default();
+        let mut words = metadata.split(' ');
+        if words.next() != Some(Self::PREFIX) {
+            return marks;
+        }
+        for word in words {
+            let Some((name, at)) = word.split_once('=') else { continue };
+            let Some((p, o)) = at.split_once(':') else { continue };
+            let (Ok(partition), Ok(offset)) = (p.parse(), o.parse()) else { continue };
+            let mark = Some(OutputMark { partition, offset });
+            match name {
+                "out" => marks.output = mark,
+                "dlq" => marks.dead_letter = mark,
+                _ => {}
+            }
+        }
+        marks
+    }
+
+    /// Takes the parts `newer` knows.
+    fn merge(&mut self, newer: LogMarks) {
+        self.output = newer.output.or(self.output);
+        self.dead_letter = newer.dead_letter.or(self.dead_letter);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.output.is_none() && self.dead_letter.is_none()
+    }
+}
+
+/// One partition's offset to commit, with its log marks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
     pub tp: TopicPartition,
     pub offset: i64,
-    pub output: Option<OutputMark>,
+    pub logs: LogMarks,
 }
 
 /// The durability barrier run before each commit (the store's `sync`).
@@ -135,21 +184,18 @@ impl CommitBook {
     }
 
     /// A partition was assigned: start clean from the group's committed offset,
-    /// carrying its output mark forward until this owner writes output of its own.
-    pub fn open(&self, tp: TopicPartition, committed: Option<i64>, output: Option<OutputMark>) {
-        self.marks().insert(tp, Mark { committed, output, ..Mark::default() });
+    /// carrying its log marks forward until this owner writes records of its own.
+    pub fn open(&self, tp: TopicPartition, committed: Option<i64>, logs: LogMarks) {
+        self.marks().insert(tp, Mark { committed, logs, ..Mark::default() });
     }
 
-    /// A partition task reports its watermark (and, if it wrote output, the
-    /// output offset below which everything before the watermark lies).
-    /// Ignored once the partition is closed, so a late task can never move a
-    /// revoked partition's offset.
-    pub fn publish(&self, tp: &TopicPartition, watermark: i64, output: Option<OutputMark>) {
+    /// A partition task reports its watermark (and where its writes stand for
+    /// everything before it). Ignored once the partition is closed, so a late
+    /// task can never move a revoked partition's offset.
+    pub fn publish(&self, tp: &TopicPartition, watermark: i64, logs: LogMarks) {
         if let Some(mark) = self.marks().get_mut(tp) {
             mark.watermark = Some(mark.watermark.map_or(watermark, |w| w.max(watermark)));
-            if output.is_some() {
-                mark.output = output;
-            }
+            mark.logs.merge(logs);
         }
     }
 
@@ -176,7 +222,7 @@ impl CommitBook {
             .filter(|(tp, _)| only.is_none_or(|o| o.contains(tp)))
             .filter_map(|(tp, m)| match (m.watermark.map(|w| m.hold.map_or(w, |h| w.min(h))), m.committed) {
                 (Some(w), Some(c)) if w <= c => None,
-                (Some(w), _) => Some(Ready { tp: tp.clone(), offset: w, output: m.output }),
+                (Some(w), _) => Some(Ready { tp: tp.clone(), offset: w, logs: m.logs }),
                 (None, _) => None,
             })
             .collect();
@@ -238,21 +284,22 @@ mod tests {
     fn commit_book_skips_closed_partitions_and_unmoved_offsets() {
         let book = CommitBook::new(Box::new(|| Ok(())));
         let tp: TopicPartition = (Arc::from("t"), 0);
-        book.publish(&tp, 5, None);
+        book.publish(&tp, 5, LogMarks::default());
         assert!(book.prepare(None).unwrap().is_empty(), "not open: ignored");
-        let carried = OutputMark { partition: 2, offset: 40 };
-        book.open(tp.clone(), None, Some(carried));
-        book.publish(&tp, 5, None);
+        let carried = LogMarks { output: Some(OutputMark { partition: 2, offset: 40 }), dead_letter: None };
+        book.open(tp.clone(), None, carried);
+        book.publish(&tp, 5, LogMarks::default());
         let ready = book.prepare(None).unwrap();
-        assert_eq!(ready, vec![Ready { tp: tp.clone(), offset: 5, output: Some(carried) }], "mark carried forward");
+        assert_eq!(ready, vec![Ready { tp: tp.clone(), offset: 5, logs: carried }], "marks carried forward");
         book.committed(&ready);
         assert!(book.prepare(None).unwrap().is_empty(), "nothing moved");
         book.hold(&tp, 7);
-        let ours = OutputMark { partition: 2, offset: 55 };
-        book.publish(&tp, 9, Some(ours));
-        assert_eq!(book.prepare(None).unwrap(), vec![Ready { tp: tp.clone(), offset: 7, output: Some(ours) }], "held below the stray record");
+        let dlq = OutputMark { partition: 0, offset: 3 };
+        book.publish(&tp, 9, LogMarks { output: None, dead_letter: Some(dlq) });
+        let both = LogMarks { dead_letter: Some(dlq), ..carried };
+        assert_eq!(book.prepare(None).unwrap(), vec![Ready { tp: tp.clone(), offset: 7, logs: both }], "held below the stray record");
         book.close(&tp);
-        book.publish(&tp, 9, None);
+        book.publish(&tp, 9, LogMarks::default());
         assert!(book.prepare(None).unwrap().is_empty());
     }
 
@@ -260,17 +307,22 @@ mod tests {
     fn a_failed_barrier_commits_nothing() {
         let book = CommitBook::new(Box::new(|| Err(StoreError::Task("disk gone".into()))));
         let tp: TopicPartition = (Arc::from("t"), 0);
-        book.open(tp.clone(), None, None);
-        book.publish(&tp, 3, None);
+        book.open(tp.clone(), None, LogMarks::default());
+        book.publish(&tp, 3, LogMarks::default());
         assert!(book.prepare(None).is_err());
     }
 
     #[test]
-    fn output_marks_round_trip_through_commit_metadata() {
-        let m = OutputMark { partition: 3, offset: 1 << 40 };
-        assert_eq!(OutputMark::from_metadata(&m.to_metadata()), Some(m));
-        assert_eq!(OutputMark::from_metadata(""), None);
-        assert_eq!(OutputMark::from_metadata("someone else's metadata"), None);
+    fn log_marks_round_trip_through_commit_metadata() {
+        let m = LogMarks {
+            output: Some(OutputMark { partition: 3, offset: 1 << 40 }),
+            dead_letter: Some(OutputMark { partition: 0, offset: 7 }),
+        };
+        assert_eq!(LogMarks::from_metadata(&m.to_metadata()), m);
+        let only_dlq = LogMarks { output: None, ..m };
+        assert_eq!(LogMarks::from_metadata(&only_dlq.to_metadata()), only_dlq);
+        assert!(LogMarks::from_metadata("").is_empty());
+        assert!(LogMarks::from_metadata("someone else's metadata").is_empty());
     }
 
     #[derive(Debug, Clone)]

@@ -27,8 +27,8 @@ use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, Verdict};
 use crate::metrics::Metrics;
-use crate::offsets::{CommitBook, OffsetTracker, OutputMark, TopicPartition};
-use crate::reconcile::Reconciler;
+use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
+use crate::reconcile::{Log, Reconciler};
 use crate::sink::{Effect, SideTopics, Sink};
 use crate::source::{PartitionHandler, PartitionQueue, Resume};
 use crate::store::{now_ms, Claim, ClaimRequest, ClaimState, DedupStore, Store};
@@ -68,17 +68,21 @@ pub struct Stages {
     pub book: Arc<CommitBook>,
     pub config: PipelineConfig,
     pub faults: Faults,
-    /// Reads the output back on assignment; `None` when the sink has no
-    /// fixed output partition per input partition.
-    pub reconciler: Option<Reconciler>,
+    /// Reads the output and dead-letter topics back on assignment.
+    pub reconciler: Reconciler,
 }
 
 impl Stages {
-    fn output_partition(&self, input_partition: i32) -> Option<i32> {
+    /// The output log an input partition writes to, when it is fixed.
+    fn output_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Option<Log> {
         match &self.sink {
-            Sink::Kafka(k) => k.output_partition(input_partition),
+            Sink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log { topic: k.topic().to_string(), partition, mark }),
             Sink::Stdout(_) => None,
         }
+    }
+
+    fn dead_letter_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Log {
+        Log { topic: self.side.dead_letter.clone(), partition: self.side.dead_letter_partition(input_partition), mark }
     }
 }
 
@@ -138,8 +142,10 @@ pub struct PartitionTask {
     resume: Resume,
     /// Offsets whose effect is already in the output (found by reconciliation).
     emitted: HashSet<i64>,
-    /// Where this partition's latest effect landed, plus one.
-    output: Option<OutputMark>,
+    /// Offsets already in the dead-letter topic (found by reconciliation).
+    dead_lettered: HashSet<i64>,
+    /// Where this partition's latest writes landed, plus one.
+    logs: LogMarks,
 }
 
 impl PartitionTask {
@@ -186,26 +192,26 @@ impl PartitionTask {
         *self.stop.borrow()
     }
 
-    /// Before the first batch: find effects that ran after the last commit.
-    /// Retried until it succeeds: processing without it could emit twice.
+    /// Before the first batch: find effects and dead letters written after the
+    /// last commit. Retried until it succeeds: going on without it could write twice.
     async fn reconcile(&mut self) -> Result<(), Stop> {
-        let (Some(reconciler), Some(output_partition)) = (&self.stages.reconciler, self.stages.output_partition(self.tp.1))
-        else {
-            return Ok(());
-        };
         let from = self.resume.committed.unwrap_or(0);
+        let output = self.stages.output_log(self.tp.1, self.resume.logs.output);
+        let dead_letter = self.stages.dead_letter_log(self.tp.1, self.resume.logs.dead_letter);
         let mut backoff = Backoff::new();
         loop {
-            let (r, tp, mark) = (reconciler.clone(), self.tp.clone(), self.resume.output);
+            let (r, tp, output, dead_letter) =
+                (self.stages.reconciler.clone(), self.tp.clone(), output.clone(), dead_letter.clone());
             let started = Instant::now();
-            let result = tokio::task::spawn_blocking(move || r.emitted_since(&tp, from, output_partition, mark)).await;
+            let result = tokio::task::spawn_blocking(move || r.find(&tp, from, output, dead_letter)).await;
             match result.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok(found) => {
                     let secs = started.elapsed().as_secs_f64();
-                    if !found.is_empty() {
-                        info!(topic = %self.tp.0, partition = self.tp.1, found = found.len(), secs, "effects after the last commit found in the output; they will not run again");
+                    if !found.emitted.is_empty() || !found.dead_lettered.is_empty() {
+                        info!(topic = %self.tp.0, partition = self.tp.1, emitted = found.emitted.len(), dead_lettered = found.dead_lettered.len(), secs, "writes after the last commit found; they will not be made again");
                     }
-                    self.emitted = found;
+                    self.emitted = found.emitted;
+                    self.dead_lettered = found.dead_lettered;
                     return Ok(());
                 }
                 Err(e) => {
@@ -286,7 +292,7 @@ impl PartitionTask {
             }
         }
         if let Some(w) = self.tracker.watermark() {
-            s.book.publish(&self.tp, w, self.output);
+            s.book.publish(&self.tp, w, self.logs);
         }
         Ok(())
     }
@@ -433,12 +439,7 @@ impl PartitionTask {
             for (&i, result) in pending.iter().zip(results) {
                 match result {
                     Ok(None) => {}
-                    Ok(Some(landed)) => {
-                        let next = OutputMark { partition: landed.partition, offset: landed.offset + 1 };
-                        if self.output.is_none_or(|o| o.partition != next.partition || o.offset < next.offset) {
-                            self.output = Some(next);
-                        }
-                    }
+                    Ok(Some(landed)) => OutputMark::advance(&mut self.logs.output, landed),
                     Err(e) if e.is_retriable() => {
                         s.metrics.sink_errors.inc();
                         warn!(position = %envelope(&items[i]).record.position, error = %e, sink = s.sink.kind(), "effect failed; retrying");
@@ -505,18 +506,31 @@ impl PartitionTask {
         let mut dead: Vec<(&Record, RecordError)> = Vec::new();
         let mut dups: Vec<&Envelope> = Vec::new();
         for item in items.iter() {
-            match item {
-                Item::Bad { record, error } => dead.push((record, error.clone())),
+            let (record, error) = match item {
+                Item::Bad { record, error } => (record, error.clone()),
                 Item::Keyed { envelope, decision: Some(Decision::Conflict(stored)) } if conflicts_dead_letter => {
-                    dead.push((&envelope.record, RecordError::Conflict { stored: stored.to_string() }))
+                    (&envelope.record, RecordError::Conflict { stored: stored.to_string() })
                 }
-                Item::Keyed { envelope, decision: Some(Decision::Duplicate) } => dups.push(envelope),
-                _ => {}
+                Item::Keyed { envelope, decision: Some(Decision::Duplicate) } => {
+                    dups.push(envelope);
+                    continue;
+                }
+                _ => continue,
+            };
+            // Dead-lettered by an owner that died before committing: not again.
+            if self.dead_lettered.remove(&record.position.offset) {
+                s.metrics.reconciled.inc();
+            } else {
+                dead.push((record, error));
             }
         }
         let dead_refs: Vec<(&Record, &RecordError)> = dead.iter().map(|(r, e)| (*r, e)).collect();
-        self.write_side("dead_letter", &dead_refs, |batch| s.side.dead_letter(batch)).await?;
-        self.write_side("duplicates", &dups, |batch| s.side.duplicates(batch)).await?;
+        for landed in self.write_side("dead_letter", &dead_refs, |batch| s.side.dead_letter(batch)).await? {
+            OutputMark::advance(&mut self.logs.dead_letter, landed);
+        }
+        if s.side.duplicates.is_some() {
+            self.write_side("duplicates", &dups, |batch| s.side.duplicates(batch)).await?;
+        }
 
         // filter memory + outcome counts
         let now = now_ms();
@@ -546,12 +560,14 @@ impl PartitionTask {
 
     /// Writes to a side topic, retrying retriable failures; a record the topic
     /// refuses for good is logged loudly (it cannot be written anywhere else).
-    async fn write_side<T, F, Fut>(&self, what: &'static str, records: &[T], write: F) -> Result<(), Stop>
+    /// Returns where the written records landed.
+    async fn write_side<T, F, Fut>(&self, what: &'static str, records: &[T], write: F) -> Result<Vec<OutputMark>, Stop>
     where
         T: HasPosition,
         F: Fn(Vec<T>) -> Fut,
-        Fut: std::future::Future<Output = Vec<Result<(), SinkError>>>,
+        Fut: std::future::Future<Output = Vec<Result<OutputMark, SinkError>>>,
     {
+        let mut landed = Vec::with_capacity(records.len());
         let mut pending: Vec<usize> = (0..records.len()).collect();
         let mut backoff = Backoff::new();
         while !pending.is_empty() {
@@ -560,7 +576,7 @@ impl PartitionTask {
             let mut retry = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 match result {
-                    Ok(()) => {}
+                    Ok(mark) => landed.push(mark),
                     Err(e) if e.is_retriable() => retry.push(i),
                     Err(e) => {
                         self.stages.metrics.sink_errors.inc();
@@ -578,7 +594,7 @@ impl PartitionTask {
                 tokio::time::sleep(backoff.next()).await;
             }
         }
-        Ok(())
+        Ok(landed)
     }
 }
 
@@ -678,7 +694,8 @@ impl PartitionHandler for Workers {
             tracker: OffsetTracker::new(),
             resume,
             emitted: HashSet::new(),
-            output: resume.output,
+            dead_lettered: HashSet::new(),
+            logs: resume.logs,
         };
         let handle = self.runtime.spawn(async move {
             let _ended = ended_tx; // dropped with the future, whatever ends it

@@ -1,14 +1,15 @@
-//! Reconciliation: which records of a partition already had their effect,
-//! though the claim was never completed (the owner died between the effect
-//! and the completion).
+//! Reconciliation: which records of a partition already had their effect (or
+//! their dead letter), though the claim was never completed or the offset
+//! never committed (the owner died in between).
 //!
 //! Design choice: the output topic is the log of what was emitted. Each
 //! output record carries its source position (`kdedup-source-*` headers),
 //! and each offset commit carries, in its metadata, the output offset below
-//! which everything before the committed offset lies ([`OutputMark`]). A new
+//! which everything before the committed offset lies ([`crate::offsets::LogMarks`]). A new
 //! owner reads the output partition from that mark to its end and collects
 //! the source offsets of its partition at or after the committed offset: those
-//! effects ran, and are completed without running again.
+//! effects ran, and are completed without running again. The dead-letter topic
+//! is reconciled the same way, so a bad record is dead-lettered once.
 //!
 //! Why not Kafka transactions (outputs and offsets in one transaction,
 //! KIP-447 fencing)? They close the window too, but they tie the effect to
@@ -35,24 +36,44 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use crate::offsets::{OutputMark, TopicPartition};
 use crate::sink::kafka::headers;
 
-/// Reads an output topic back.
+/// Reads the topics kdedup writes back.
 #[derive(Clone)]
 pub struct Reconciler {
     pub brokers: String,
-    pub output_topic: String,
+}
+
+/// A topic partition that one input partition writes to, and where to start reading it.
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub topic: String,
+    pub partition: i32,
+    pub mark: Option<OutputMark>,
+}
+
+/// What reconciliation found for one input partition.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub emitted: HashSet<i64>,
+    pub dead_lettered: HashSet<i64>,
 }
 
 impl Reconciler {
-    /// Source offsets of `source` at or after `from_offset` found in output
-    /// partition `output_partition`, reading from `mark` (or the log start) to
-    /// the current end. Blocking: run it on the blocking pool.
-    pub fn emitted_since(
-        &self,
-        source: &TopicPartition,
-        from_offset: i64,
-        output_partition: i32,
-        mark: Option<OutputMark>,
-    ) -> anyhow::Result<HashSet<i64>> {
+    /// Reads the output (if fixed) and dead-letter logs of `source` from its marks.
+    /// Blocking: run it on the blocking pool.
+    pub fn find(&self, source: &TopicPartition, from_offset: i64, output: Option<Log>, dead_letter: Log) -> anyhow::Result<Found> {
+        Ok(Found {
+            emitted: match output {
+                Some(log) => self.written_since(source, from_offset, &log)?,
+                None => HashSet::new(),
+            },
+            dead_lettered: self.written_since(source, from_offset, &dead_letter)?,
+        })
+    }
+
+    /// Source offsets of `source` at or after `from_offset` found in `log`,
+    /// reading from its mark (or the log start) to the current end.
+    fn written_since(&self, source: &TopicPartition, from_offset: i64, log: &Log) -> anyhow::Result<HashSet<i64>> {
+        let (topic, output_partition, mark) = (&log.topic, log.partition, log.mark);
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             // librdkafka wants a group for assign(); this reader never joins or commits.
@@ -63,24 +84,33 @@ impl Reconciler {
             .context("cannot create the reconciliation reader")?;
         let timeout = Duration::from_secs(10);
         let (low, high) = consumer
-            .fetch_watermarks(&self.output_topic, output_partition, timeout)
-            .context("cannot read the output topic's offsets")?;
+            .fetch_watermarks(topic, output_partition, timeout)
+            .with_context(|| format!("cannot read the offsets of {topic}"))?;
         let start = mark.filter(|m| m.partition == output_partition).map_or(low, |m| m.offset.max(low));
         let mut found = HashSet::new();
         if start >= high {
             return Ok(found);
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.output_topic, output_partition, Offset::Offset(start))?;
+        tpl.add_partition_offset(topic, output_partition, Offset::Offset(start))?;
         consumer.assign(&tpl)?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut position = start;
-        while position < high {
-            if Instant::now() > deadline {
-                return Err(anyhow!("reading {}/{output_partition} from {start} to {high} timed out at {position}", self.output_topic));
-            }
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let message = message.context("reading the output topic")?;
+        loop {
+            // Past the high watermark, take only what has already arrived: a broker
+            // that reports the watermark at the start of its last batch (tansu does)
+            // still delivers that whole batch in the same fetch.
+            let wait = if position < high { Duration::from_millis(200) } else { Duration::from_millis(50) };
+            let Some(message) = consumer.poll(wait) else {
+                if position >= high {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(anyhow!("reading {topic}/{output_partition} from {start} to {high} timed out at {position}"));
+                }
+                continue;
+            };
+            let message = message.with_context(|| format!("reading {topic}"))?;
             position = message.offset() + 1;
             let Some(hs) = message.headers() else { continue };
             let header = |name: &str| {

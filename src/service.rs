@@ -50,10 +50,14 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         ),
         SinkConfig::Stdout => Sink::Stdout(StdoutSink),
     };
-    for topic in std::iter::once(&config.dead_letter_topic).chain(config.duplicates_topic.as_ref()) {
+    let partitions_of = |topic: &str| {
         writer
             .partition_count(topic, Duration::from_secs(10))
-            .with_context(|| format!("topic `{topic}` ([dead_letter] / [duplicates]) must exist"))?;
+            .with_context(|| format!("topic `{topic}` ([dead_letter] / [duplicates]) must exist"))
+    };
+    let dead_letter_partitions = partitions_of(&config.dead_letter_topic)?;
+    if let Some(topic) = &config.duplicates_topic {
+        partitions_of(topic)?;
     }
 
     let barrier_store = store.clone();
@@ -66,16 +70,14 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         side: SideTopics {
             writer: writer.clone(),
             dead_letter: config.dead_letter_topic.clone(),
+            dead_letter_partitions,
             duplicates: config.duplicates_topic.clone(),
         },
         metrics: metrics.clone(),
         book: book.clone(),
         config: config.pipeline.clone(),
         faults: options.faults,
-        reconciler: match &config.sink {
-            SinkConfig::Kafka { topic, .. } => Some(Reconciler { brokers: config.kafka.brokers.clone(), output_topic: topic.clone() }),
-            SinkConfig::Stdout => None,
-        },
+        reconciler: Reconciler { brokers: config.kafka.brokers.clone() },
     });
     let workers = Arc::new(Workers::new(stages, tokio::runtime::Handle::current()));
     let source = Source::start(

@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::KafkaConfig;
 use crate::error::SourceError;
 use crate::metrics::Metrics;
-use crate::offsets::{CommitBook, OutputMark, Ready, TopicPartition};
+use crate::offsets::{CommitBook, LogMarks, Ready, TopicPartition};
 
 pub type PartitionQueue = StreamPartitionQueue<SourceContext>;
 type Kafka = StreamConsumer<SourceContext>;
@@ -37,8 +37,8 @@ type Kafka = StreamConsumer<SourceContext>;
 pub struct Resume {
     /// The committed offset: where consumption starts.
     pub committed: Option<i64>,
-    /// Where the output stood at that commit (from the commit's metadata).
-    pub output: Option<OutputMark>,
+    /// Where the output and dead-letter topics stood at that commit (from its metadata).
+    pub logs: LogMarks,
 }
 
 /// Receives partitions as they are assigned and revoked.
@@ -112,7 +112,7 @@ impl SourceContext {
             match consumer.split_partition_queue(&tp.0, tp.1) {
                 Some(queue) => {
                     let resume = resumes.get(&tp).copied().unwrap_or_default();
-                    self.book.open(tp.clone(), resume.committed, resume.output);
+                    self.book.open(tp.clone(), resume.committed, resume.logs);
                     if let Some(committed) = resume.committed {
                         self.metrics.committed_offset.with_label_values(&[tp.0.to_string(), tp.1.to_string()]).set(committed);
                     }
@@ -151,7 +151,7 @@ impl SourceContext {
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     };
-                    ((topic, e.partition()), Resume { committed, output: OutputMark::from_metadata(e.metadata()) })
+                    ((topic, e.partition()), Resume { committed, logs: LogMarks::from_metadata(e.metadata()) })
                 })
                 .collect(),
             Err(e) => {
@@ -191,14 +191,14 @@ fn commit<C: Consumer<SourceContext>>(consumer: &C, book: &CommitBook, metrics: 
     }
     metrics.fsyncs.inc();
     let mut tpl = TopicPartitionList::new();
-    for Ready { tp: (topic, partition), offset, output } in &ready {
+    for Ready { tp: (topic, partition), offset, logs } in &ready {
         let mut elem = tpl.add_partition(topic, *partition);
         if let Err(e) = elem.set_offset(Offset::Offset(*offset)) {
             error!(%topic, partition, error = %e, "cannot build the commit list");
             return;
         }
-        if let Some(mark) = output {
-            elem.set_metadata(mark.to_metadata());
+        if !logs.is_empty() {
+            elem.set_metadata(logs.to_metadata());
         }
     }
     match consumer.commit(&tpl, CommitMode::Sync) {

@@ -63,19 +63,27 @@ impl Sink {
 pub struct SideTopics {
     pub writer: KafkaWriter,
     pub dead_letter: String,
+    /// Partitions of the dead-letter topic: an input partition's dead letters
+    /// all go to one of them, so the next owner can find them (reconciliation).
+    pub dead_letter_partitions: i32,
     pub duplicates: Option<String>,
 }
 
 impl SideTopics {
-    /// Dead-letters records with their reasons; one result per record.
-    pub async fn dead_letter(&self, records: Vec<(&Record, &RecordError)>) -> Vec<Result<(), SinkError>> {
+    /// The dead-letter partition an input partition writes to.
+    pub fn dead_letter_partition(&self, input_partition: i32) -> i32 {
+        input_partition.rem_euclid(self.dead_letter_partitions.max(1))
+    }
+
+    /// Dead-letters records with their reasons; one result per record, with where it landed.
+    pub async fn dead_letter(&self, records: Vec<(&Record, &RecordError)>) -> Vec<Result<OutputMark, SinkError>> {
         let out = records
             .iter()
             .map(|(record, error)| {
                 let message = error.to_string();
                 OutRecord {
                     topic: &self.dead_letter,
-                    partition: None,
+                    partition: Some(self.dead_letter_partition(record.position.partition)),
                     key: record.key.as_deref(),
                     payload: record.payload.as_deref(),
                     headers: headers_with_source(record)
@@ -84,13 +92,13 @@ impl SideTopics {
                 }
             })
             .collect();
-        self.writer.write_all(out).await.into_iter().map(|r| r.map(drop)).collect()
+        self.writer.write_all(out).await
     }
 
-    /// Copies duplicates to the audit topic, when one is configured.
-    pub async fn duplicates(&self, envelopes: Vec<&Envelope>) -> Vec<Result<(), SinkError>> {
+    /// Copies duplicates to the audit topic, when one is configured (else writes nothing).
+    pub async fn duplicates(&self, envelopes: Vec<&Envelope>) -> Vec<Result<OutputMark, SinkError>> {
         let Some(topic) = &self.duplicates else {
-            return envelopes.iter().map(|_| Ok(())).collect();
+            return Vec::new();
         };
         let out = envelopes
             .iter()
@@ -103,6 +111,6 @@ impl SideTopics {
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
             })
             .collect();
-        self.writer.write_all(out).await.into_iter().map(|r| r.map(drop)).collect()
+        self.writer.write_all(out).await
     }
 }

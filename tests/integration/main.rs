@@ -3,6 +3,7 @@
 
 mod cli;
 mod dead_letter;
+mod group;
 mod outage;
 mod path;
 mod restart;

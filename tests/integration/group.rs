@@ -1,0 +1,187 @@
+//! A consumer group of real `kdedup run` processes on a real broker (tansu)
+//! with the shared PostgreSQL store, under faults. Needs KDEDUP_TEST_BROKER
+//! and KDEDUP_TEST_POSTGRES (scripts/test starts both and sets them).
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kdedup::mock::{self, Produce};
+use kdedup::sink::kafka::headers;
+use rand::{Rng, SeedableRng};
+
+use crate::utils::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kdedup");
+
+struct Env {
+    brokers: String,
+    postgres: String,
+}
+
+fn env() -> Option<Env> {
+    match (std::env::var("KDEDUP_TEST_BROKER"), std::env::var("KDEDUP_TEST_POSTGRES")) {
+        (Ok(brokers), Ok(postgres)) => Some(Env { brokers, postgres }),
+        _ => {
+            eprintln!("skipped: KDEDUP_TEST_BROKER and KDEDUP_TEST_POSTGRES are not both set (scripts/test sets them)");
+            None
+        }
+    }
+}
+
+/// Topic names of one test, unique on the shared broker.
+struct Topics {
+    input: String,
+    output: String,
+    dlq: String,
+    group: String,
+}
+
+impl Topics {
+    async fn create(env: &Env, partitions: i32) -> Topics {
+        let t = Topics { input: unique("in"), output: unique("out"), dlq: unique("dlq"), group: unique("group") };
+        mock::create_topics(&env.brokers, &[(&t.input, partitions), (&t.output, partitions), (&t.dlq, 1)]).await.unwrap();
+        t
+    }
+}
+
+/// One `kdedup run` process; its logs go to a file kept with the test's temp dir.
+struct Member {
+    child: Child,
+}
+
+impl Member {
+    fn spawn(env: &Env, topics: &Topics, logs: &std::path::Path, n: usize) -> Member {
+        let log = std::fs::File::create(logs.join(format!("member-{n}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config", "config/kdedup.toml"])
+            .env("KDEDUP_LOG", "kdedup=info")
+            .env("KDEDUP_KAFKA__BROKERS", &env.brokers)
+            .env("KDEDUP_KAFKA__GROUP_ID", &topics.group)
+            // The shared store outlives tests: a scope per test keeps their keys apart.
+            .env("KDEDUP_KEY__SCOPE", &topics.group)
+            .env("KDEDUP_KAFKA__TOPICS", &topics.input)
+            .env("KDEDUP_SINK__TOPIC", &topics.output)
+            .env("KDEDUP_DEAD_LETTER__TOPIC", &topics.dlq)
+            .env("KDEDUP_STORE__KIND", "postgres")
+            .env("KDEDUP_STORE__URL", &env.postgres)
+            .env("KDEDUP_STORE__LEASE_SECS", "5")
+            .env("KDEDUP_METRICS__LISTEN", "")
+            .env("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "200")
+            // tansu joins a group in about max(1 s, session.timeout.ms / 2): test settings only.
+            .env("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "2000")
+            .env("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Member { child }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Bad records: no ID header, an empty one.
+fn bad(partition: i32, k: usize) -> Produce {
+    Produce {
+        partition,
+        key: None,
+        payload: Some(format!("{{\"bad\":{k}}}").into_bytes()),
+        headers: if k % 2 == 0 { vec![] } else { vec![("event-id".into(), Vec::new())] },
+    }
+}
+
+async fn wait_committed_to_end(env: &Env, topics: &Topics, limit: Duration, logs: &std::path::Path) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let ends = mock::end_offsets(&env.brokers, &topics.input).unwrap();
+        let committed = mock::committed_offsets(&env.brokers, &topics.group, &topics.input).unwrap();
+        // `>=`: tansu reports a partition's end at the start of its last batch.
+        if ends.iter().all(|(p, end)| *end == 0 || committed.get(p).is_some_and(|c| c >= end)) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let mut all_logs = String::new();
+            for entry in std::fs::read_dir(logs).unwrap() {
+                let path = entry.unwrap().path();
+                all_logs += &format!("--- {}\n{}", path.display(), std::fs::read_to_string(&path).unwrap_or_default());
+            }
+            panic!("commits did not reach the end offsets: committed {committed:?}, ends {ends:?}\n{all_logs}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
+    let Some(env) = env() else { return };
+    let topics = Topics::create(&env, 6).await;
+    let logs = tempfile::tempdir().unwrap();
+    let (mut records, ids) = events(50_000, 7_500, 6, 11);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let bad_count = 30;
+    for k in 0..bad_count {
+        let at = rng.random_range(0..records.len());
+        records.insert(at, bad((k % 6) as i32, k));
+    }
+
+    let mut members: Vec<Option<Member>> = (0..3).map(|n| Some(Member::spawn(&env, &topics, logs.path(), n))).collect();
+    let mut spawned = 3;
+    // Produce in slices while a random member is killed and restarted every few seconds.
+    let slices: Vec<&[Produce]> = records.chunks(records.len() / 10 + 1).collect();
+    let mut next_kill = Instant::now() + Duration::from_secs(2);
+    let mut kills = 0;
+    for slice in slices {
+        mock::produce_all(&env.brokers, &topics.input, slice).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await; // pacing the producer, not synchronising
+        if Instant::now() >= next_kill {
+            let victim = rng.random_range(0..members.len());
+            members[victim].take().unwrap().kill();
+            members[victim] = Some(Member::spawn(&env, &topics, logs.path(), spawned));
+            spawned += 1;
+            kills += 1;
+            next_kill = Instant::now() + Duration::from_millis(rng.random_range(1500..3500));
+        }
+    }
+    // Two more kills after the last record was produced.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let victim = rng.random_range(0..members.len());
+        members[victim].take().unwrap().kill();
+        members[victim] = Some(Member::spawn(&env, &topics, logs.path(), spawned));
+        spawned += 1;
+        kills += 1;
+    }
+    assert!(kills >= 4, "only {kills} kills");
+
+    wait_committed_to_end(&env, &topics, Duration::from_secs(180), logs.path()).await;
+    for m in members.into_iter().flatten() {
+        assert!(m.terminate().success(), "a member exited non-zero on SIGTERM");
+    }
+
+    let output = mock::read_all(&env.brokers, &topics.output).unwrap();
+    assert_exactly_once(&output, &ids);
+    let dead = mock::read_all(&env.brokers, &topics.dlq).unwrap();
+    assert_eq!(dead.len(), bad_count, "the dead-letter topic holds exactly the injected bad records");
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &dead {
+        *reasons.entry(r.header_str(headers::REASON).unwrap_or("?").to_string()).or_default() += 1;
+    }
+    assert_eq!(reasons, BTreeMap::from([("missing_id".to_string(), bad_count)]));
+}
+
