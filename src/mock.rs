@@ -51,6 +51,7 @@ impl Consumed {
 pub struct MockKafka {
     owner: FutureProducer,
     bootstrap: String,
+    brokers: i32,
 }
 
 impl MockKafka {
@@ -72,11 +73,21 @@ impl MockKafka {
             let handle = rdkafka_sys::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
             rdkafka_sys::rd_kafka_mock_group_initial_rebalance_delay_ms(handle, 0);
         }
-        Ok(MockKafka { owner, bootstrap })
+        Ok(MockKafka { owner, bootstrap, brokers })
     }
 
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// Takes every broker down (`up = false`) or brings them back: a broker restart
+    /// as clients see it, with the log kept.
+    pub fn set_brokers_up(&self, up: bool) -> anyhow::Result<()> {
+        let cluster = self.owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?;
+        for id in 1..=self.brokers {
+            if up { cluster.broker_up(id) } else { cluster.broker_down(id) }.with_context(|| format!("broker {id}"))?;
+        }
+        Ok(())
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {

@@ -124,3 +124,29 @@ async fn postgres_outage_pauses_the_pipeline_which_resumes_by_itself_losing_noth
     assert_eq!(m.outcome("duplicate"), 2_000);
     assert_outcomes_sum(&m);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_recovers_without_loss_or_repeats() {
+    let kafka = cluster(4);
+    let (records, ids) = events(10_000, 2_000, 4, 12);
+    let (first_half, second_half) = records.split_at(records.len() / 2);
+    mock::produce_all(kafka.bootstrap(), INPUT, first_half).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(&kafka, &unique("broker-restart"), dir.path(), &[]), Faults::default());
+    let m = running.metrics.clone();
+    wait_for("some records decided", Duration::from_secs(60), || {
+        let n = m.consumed.get();
+        async move { n >= 2_000 }
+    })
+    .await;
+
+    kafka.set_brokers_up(false).unwrap();
+    // Longer than the test session timeout (3 s): the member loses its assignment and rejoins.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    kafka.set_brokers_up(true).unwrap();
+    mock::produce_all(kafka.bootstrap(), INPUT, second_half).await.unwrap();
+
+    wait_all_committed(&kafka, &running.metrics).await;
+    running.stop(StopMode::Drain).await;
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
+}
