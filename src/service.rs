@@ -42,6 +42,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     };
 
     let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
+    store.check_schema().await?;
     let writer = KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
     let sink = match &config.sink {
         SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(

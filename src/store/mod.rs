@@ -162,6 +162,14 @@ impl Store {
         }
     }
 
+    /// Refuses to start on a store whose schema is missing.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Postgres(s) => s.check_schema().await,
+        }
+    }
+
     /// Whether this backend is only correct when one process owns every partition.
     pub fn is_single_instance(&self) -> bool {
         matches!(self, Store::Embedded(_))

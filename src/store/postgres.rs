@@ -140,6 +140,21 @@ impl PostgresStore {
         client.batch_execute(&script).await.map_err(pg_error)
     }
 
+    /// Fails with a clear error when the table is missing; a server that does
+    /// not answer is not an error here (the pipeline waits for it).
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let client = match self.client().await {
+            Ok(c) => c,
+            Err(_) => return Ok(()),
+        };
+        match client.simple_query("SELECT 1 FROM kdedup_claims LIMIT 0").await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Err(StoreError::Config(
+                "table kdedup_claims does not exist: run `kdedup schema apply --config FILE` first".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
         self.pool.get().await.map_err(|e| StoreError::Postgres {

@@ -39,6 +39,29 @@ fn a_bad_config_is_a_clear_error_naming_file_and_key() {
 }
 
 #[test]
+fn run_refuses_a_postgres_store_without_its_table() {
+    let Ok(url) = std::env::var("KDEDUP_TEST_POSTGRES") else {
+        eprintln!("skipped: KDEDUP_TEST_POSTGRES is not set (scripts/test sets it)");
+        return;
+    };
+    // A database of its own, without the table.
+    let db = unique("empty").replace('-', "_");
+    let admin = std::process::Command::new("psql").args([url.as_str(), "-qc", &format!("CREATE DATABASE {db}")]).output().unwrap();
+    assert!(admin.status.success(), "{}", String::from_utf8_lossy(&admin.stderr));
+    let empty = format!("{}/{db}", url.rsplit_once('/').unwrap().0);
+    let out = Command::new(BIN)
+        .args(["run", "--config", "config/kdedup.toml"])
+        .env("KDEDUP_STORE__KIND", "postgres")
+        .env("KDEDUP_STORE__URL", &empty)
+        .env("KDEDUP_METRICS__LISTEN", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("kdedup schema apply"), "{stderr}");
+}
+
+#[test]
 fn demo_json_reports_every_event_exactly_once() {
     let out = output(&["demo", "--events", "20000", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

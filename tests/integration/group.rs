@@ -41,9 +41,17 @@ struct Topics {
 }
 
 impl Topics {
+    /// Creates the topics, and the store's table the way an operator would.
     async fn create(env: &Env, partitions: i32) -> Topics {
         let t = Topics { input: unique("in"), output: unique("out"), dlq: unique("dlq"), group: unique("group") };
         mock::create_topics(&env.brokers, &[(&t.input, partitions), (&t.output, partitions), (&t.dlq, 1)]).await.unwrap();
+        let applied = Command::new(BIN)
+            .args(["schema", "apply", "--config", "config/kdedup.toml"])
+            .env("KDEDUP_STORE__KIND", "postgres")
+            .env("KDEDUP_STORE__URL", &env.postgres)
+            .output()
+            .unwrap();
+        assert!(applied.status.success(), "schema apply: {}", String::from_utf8_lossy(&applied.stderr));
         t
     }
 }
