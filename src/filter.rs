@@ -171,9 +171,6 @@ impl SlicedBloom {
         front.items += 1;
     }
 
-    pub fn memory_bytes(&self) -> usize {
-        self.slices.iter().map(|s| s.bloom.as_slice().len()).sum()
-    }
 }
 
 /// Both tiers together; the pipeline locks it once per batch.
@@ -211,14 +208,6 @@ impl Filter {
     /// Records a key the store holds in some state (the Bloom only).
     pub fn remember_seen(&mut self, envelope: &Envelope, now_ms: u64) {
         self.bloom.insert(envelope.key.digest(), now_ms);
-    }
-
-    pub fn forget(&mut self, envelope: &Envelope) {
-        self.recent.remove(envelope.key.digest());
-    }
-
-    pub fn bloom_memory_bytes(&self) -> usize {
-        self.bloom.memory_bytes()
     }
 }
 

@@ -241,10 +241,6 @@ impl CommitBook {
             }
         }
     }
-
-    pub fn watermark(&self, tp: &TopicPartition) -> Option<i64> {
-        self.marks().get(tp).and_then(|m| m.watermark)
-    }
 }
 
 #[cfg(test)]

@@ -62,10 +62,6 @@ impl KafkaWriter {
         Ok(KafkaWriter { producer: config.create()? })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
-    }
-
     /// Partition count of `topic`, from broker metadata.
     pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<i32, KafkaError> {
         let md = self.producer.client().fetch_metadata(Some(topic), timeout)?;
