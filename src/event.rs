@@ -114,6 +114,8 @@ pub struct Envelope {
     pub record: Record,
     pub key: EventKey,
     pub fingerprint: Fingerprint,
+    /// `key.digest()`, computed once at extraction for the in-process filters.
+    pub digest: u128,
 }
 
 /// The key stage.
@@ -133,7 +135,10 @@ impl KeyExtractor {
     #[allow(clippy::result_large_err)]
     pub fn extract(&self, record: Record) -> Result<Envelope, (Record, RecordError)> {
         match self.key_and_fingerprint(&record) {
-            Ok((id, fingerprint)) => Ok(Envelope { key: EventKey { scope: self.scope.clone(), id }, fingerprint, record }),
+            Ok((id, fingerprint)) => {
+                let key = EventKey { scope: self.scope.clone(), id };
+                Ok(Envelope { digest: key.digest(), key, fingerprint, record })
+            }
             Err(e) => Err((record, e)),
         }
     }

@@ -188,7 +188,7 @@ impl Filter {
     }
 
     pub fn check(&mut self, envelope: &Envelope, now_ms: u64) -> Verdict {
-        let digest = envelope.key.digest();
+        let digest = envelope.digest;
         if self.recent.get(digest, now_ms) == Some(envelope.fingerprint) {
             Verdict::RecentDuplicate
         } else if self.bloom.check(digest) {
@@ -200,14 +200,14 @@ impl Filter {
 
     /// Records a key the store now holds as done with `fingerprint`.
     pub fn remember_done(&mut self, envelope: &Envelope, fingerprint: Fingerprint, now_ms: u64) {
-        let digest = envelope.key.digest();
+        let digest = envelope.digest;
         self.recent.insert(digest, fingerprint, now_ms);
         self.bloom.insert(digest, now_ms);
     }
 
     /// Records a key the store holds in some state (the Bloom only).
     pub fn remember_seen(&mut self, envelope: &Envelope, now_ms: u64) {
-        self.bloom.insert(envelope.key.digest(), now_ms);
+        self.bloom.insert(envelope.digest, now_ms);
     }
 }
 

@@ -311,7 +311,7 @@ impl PartitionTask {
             let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
             for (i, item) in items.iter_mut().enumerate() {
                 let Item::Keyed { envelope, decision } = item else { continue };
-                let digest = envelope.key.digest();
+                let digest = envelope.digest;
                 if let Some(&leader) = leader_of.get(&digest) {
                     followers.push((i, leader));
                     continue;

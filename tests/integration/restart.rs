@@ -49,6 +49,16 @@ async fn member_dropped_mid_stream_without_committing_then_restarted_on_the_same
     assert_outcomes_sum(&metrics);
 }
 
+/// A first life in small batches with one fault armed by `arm`; returns once the
+/// fault fired and the member stopped (committing only what finished).
+async fn first_life_until_fault(kafka: &kdedup::mock::MockKafka, group: &str, dir: &std::path::Path, arm: impl FnOnce(&Faults)) {
+    let faults = Faults::default();
+    arm(&faults);
+    let first = start(config(kafka, group, dir, &[("KDEDUP_PIPELINE__BATCH_MAX", "50")]), faults.clone());
+    tokio::time::timeout(Duration::from_secs(60), faults.fired.notified()).await.expect("the fault fired");
+    first.stop(StopMode::Drain).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_claim_and_effect_is_resumed_on_redelivery_not_dropped() {
     let kafka = cluster(2);
@@ -57,12 +67,7 @@ async fn crash_between_claim_and_effect_is_resumed_on_redelivery_not_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let group = unique("crash");
     let victim = Position { topic: Arc::from(INPUT), partition: 0, offset: 500 };
-    let faults = Faults::default();
-    *faults.crash_after_claim.lock().unwrap() = Some(victim.clone());
-
-    let first = start(config(&kafka, &group, dir.path(), &[("KDEDUP_PIPELINE__BATCH_MAX", "50")]), faults.clone());
-    tokio::time::timeout(Duration::from_secs(60), faults.fired.notified()).await.expect("the fault fired");
-    first.stop(StopMode::Drain).await;
+    first_life_until_fault(&kafka, &group, dir.path(), |f| *f.crash_after_claim.lock().unwrap() = Some(victim.clone())).await;
 
     // The victim was claimed and never completed: its row names its own position.
     let config = config(&kafka, &group, dir.path(), &[]);
@@ -94,12 +99,7 @@ async fn crash_between_effect_and_completion_is_reconciled_from_the_output_not_e
     let dir = tempfile::tempdir().unwrap();
     let group = unique("effect-crash");
     let victim = Position { topic: Arc::from(INPUT), partition: 1, offset: 700 };
-    let faults = Faults::default();
-    *faults.crash_after_effect.lock().unwrap() = Some(victim.clone());
-
-    let first = start(config(&kafka, &group, dir.path(), &[("KDEDUP_PIPELINE__BATCH_MAX", "50")]), faults.clone());
-    tokio::time::timeout(Duration::from_secs(60), faults.fired.notified()).await.expect("the fault fired");
-    first.stop(StopMode::Drain).await;
+    first_life_until_fault(&kafka, &group, dir.path(), |f| *f.crash_after_effect.lock().unwrap() = Some(victim)).await;
     let emitted_before = emitted_counts(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap());
     let victim_id = String::from_utf8(records.iter().filter(|r| r.partition == 1).nth(700).unwrap().headers[0].1.clone()).unwrap();
     assert_eq!(emitted_before.get(&victim_id), Some(&1), "the victim's effect ran before the crash");
