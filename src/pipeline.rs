@@ -84,6 +84,17 @@ impl Stages {
     fn dead_letter_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Log {
         Log { topic: self.side.dead_letter.clone(), partition: self.side.dead_letter_partition(input_partition), mark }
     }
+
+    /// Waits until this process's own writes to the logs of `input_partition`
+    /// have resolved: an abandoned task's writes may still be queued, and must
+    /// land before anyone reads those logs back.
+    async fn settle_logs(&self, input_partition: i32) {
+        if let Some(out) = self.output_log(input_partition, None) {
+            self.side.writer.settled(&out.topic, out.partition).await;
+        }
+        let dead_letter = self.dead_letter_log(input_partition, None);
+        self.side.writer.settled(&dead_letter.topic, dead_letter.partition).await;
+    }
 }
 
 /// A record on its way through one batch.
@@ -198,6 +209,11 @@ impl PartitionTask {
         let from = self.resume.committed.unwrap_or(0);
         let output = self.stages.output_log(self.tp.1, self.resume.logs.output);
         let dead_letter = self.stages.dead_letter_log(self.tp.1, self.resume.logs.dead_letter);
+        let stages = self.stages.clone();
+        tokio::select! {
+            _ = stages.settle_logs(self.tp.1) => {}
+            _ = self.stop.wait_for(|s| *s) => return Err(Stop::Draining),
+        }
         let mut backoff = Backoff::new();
         loop {
             let (r, tp, output, dead_letter) =
@@ -426,12 +442,16 @@ impl PartitionTask {
         let mut rejected: Vec<(usize, SinkError)> = Vec::new();
         let mut backoff = Backoff::new();
         let started = Instant::now();
+        // A failed write may still have landed (a delivery timeout says "possibly
+        // persisted"), so retries are marked as possible repeats.
+        let mut retrying = false;
         while !pending.is_empty() {
             let batch: Vec<Effect<'_>> = pending
                 .iter()
                 .map(|&i| Effect {
                     envelope: envelope(&items[i]),
-                    possible_repeat: matches!(items[i], Item::Keyed { decision: Some(Decision::New { resumed: true }), .. }),
+                    possible_repeat: retrying
+                        || matches!(items[i], Item::Keyed { decision: Some(Decision::New { resumed: true }), .. }),
                 })
                 .collect();
             let results = s.sink.deliver(&batch).await;
@@ -452,6 +472,7 @@ impl PartitionTask {
                 }
             }
             pending = retry;
+            retrying = true;
             if !pending.is_empty() {
                 s.metrics.set_ready(false);
                 if self.draining() {
@@ -716,7 +737,7 @@ impl PartitionHandler for Workers {
             let _ = r.stop.send(true);
         }
         let deadline = Instant::now() + self.stages.config.drain_timeout;
-        for (tp, r) in taken {
+        for (tp, r) in &taken {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = r.ended.recv_timeout(left) {
                 warn!(topic = %tp.0, partition = tp.1, "partition did not drain in time; abandoning its unfinished batch");
@@ -724,6 +745,21 @@ impl PartitionHandler for Workers {
                 let _ = r.ended.recv_timeout(Duration::from_secs(5));
             }
             self.stages.metrics.assigned_partitions.dec();
+        }
+        // Writes of the stopped tasks may still be queued in the producer; the
+        // next owner reads these logs back to learn what was written, so let
+        // them land first (within the same bound). Called on the consumer's
+        // own runtime thread: wait on a channel, not by blocking on a runtime.
+        let (settled_tx, settled_rx) = std::sync::mpsc::channel::<()>();
+        let (stages, inputs) = (self.stages.clone(), taken.iter().map(|(tp, _)| tp.1).collect::<Vec<_>>());
+        self.runtime.spawn(async move {
+            for p in inputs {
+                stages.settle_logs(p).await;
+            }
+            let _ = settled_tx.send(());
+        });
+        if settled_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+            warn!(partitions = taken.len(), "writes of revoked partitions still unresolved at the drain timeout; the next owner may repeat them (marked as possible repeats)");
         }
     }
 

@@ -5,14 +5,15 @@
 //! waited out, never skipped), then all deliveries are awaited together: one
 //! hand-off to librdkafka per batch, ordering kept by the idempotent producer.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
+use tokio::sync::{oneshot, Notify};
 
 use crate::config::Partitioning;
 use crate::error::SinkError;
@@ -35,7 +36,6 @@ pub mod headers {
 
 /// One record to write.
 pub struct OutRecord<'a> {
-    pub topic: &'a str,
     pub partition: Option<i32>,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
@@ -46,6 +46,112 @@ pub struct OutRecord<'a> {
 #[derive(Clone)]
 pub struct KafkaWriter {
     producer: FutureProducer,
+    outstanding: Arc<Outstanding>,
+}
+
+/// Writes handed to librdkafka whose delivery has not resolved yet, per topic
+/// partition. A partition task that is abandoned at the drain timeout leaves
+/// its writes queued in the producer; they still land, later. Whoever reads a
+/// partition back to learn what was written (reconciliation) waits for these
+/// first, or a write landing after the read would be made a second time.
+/// Only writes to an explicit partition are counted: those are the ones read back.
+#[derive(Default)]
+struct Outstanding {
+    counts: Mutex<HashMap<(String, i32), usize>>,
+    resolved: Notify,
+}
+
+impl Outstanding {
+    fn add(&self, topic: &str, partitions: &HashMap<i32, usize>) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (&p, &n) in partitions {
+            *counts.entry((topic.to_string(), p)).or_default() += n;
+        }
+    }
+
+    fn remove(&self, topic: &str, partitions: &HashMap<i32, usize>) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (&p, &n) in partitions {
+            let key = (topic.to_string(), p);
+            if let Some(left) = counts.get_mut(&key) {
+                *left -= n.min(*left);
+                if *left == 0 {
+                    counts.remove(&key);
+                }
+            }
+        }
+        drop(counts);
+        self.resolved.notify_waiters();
+    }
+
+    fn any(&self, topic: &str, partition: i32) -> bool {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(topic.to_string(), partition))
+    }
+}
+
+type Delivered = Result<OutputMark, KafkaError>;
+
+/// One `write_all` call's enqueued writes, counted as outstanding from
+/// before the first is handed over until all have resolved. Resolving runs
+/// in a task of its own: started by `resolve`, or on drop if the caller was
+/// cancelled first, so the count is always given back.
+struct Deliveries {
+    outstanding: Arc<Outstanding>,
+    topic: String,
+    partitions: HashMap<i32, usize>,
+    pending: Vec<Result<DeliveryFuture, KafkaError>>,
+    started: bool,
+}
+
+impl Deliveries {
+    fn new(outstanding: Arc<Outstanding>, topic: &str, records: &[OutRecord<'_>]) -> Deliveries {
+        let mut partitions: HashMap<i32, usize> = HashMap::new();
+        for p in records.iter().filter_map(|r| r.partition) {
+            *partitions.entry(p).or_default() += 1;
+        }
+        outstanding.add(topic, &partitions);
+        Deliveries { outstanding, topic: topic.to_string(), partitions, pending: Vec::with_capacity(records.len()), started: false }
+    }
+
+    fn resolve(mut self) -> oneshot::Receiver<Vec<Delivered>> {
+        self.start()
+    }
+
+    fn start(&mut self) -> oneshot::Receiver<Vec<Delivered>> {
+        self.started = true;
+        let (tx, rx) = oneshot::channel();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime left (shutting down): nobody will read these logs back here.
+            self.outstanding.remove(&self.topic, &self.partitions);
+            return rx;
+        };
+        let (outstanding, topic, partitions, pending) =
+            (self.outstanding.clone(), std::mem::take(&mut self.topic), std::mem::take(&mut self.partitions), std::mem::take(&mut self.pending));
+        runtime.spawn(async move {
+            let mut results = Vec::with_capacity(pending.len());
+            for p in pending {
+                results.push(match p {
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(d)) => Ok(OutputMark { partition: d.partition, offset: d.offset }),
+                        Ok(Err((source, _))) => Err(source),
+                        Err(_) => Err(KafkaError::Canceled),
+                    },
+                    Err(source) => Err(source),
+                });
+            }
+            outstanding.remove(&topic, &partitions);
+            let _ = tx.send(results);
+        });
+        rx
+    }
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        if !self.started {
+            let _ = self.start();
+        }
+    }
 }
 
 impl KafkaWriter {
@@ -59,7 +165,7 @@ impl KafkaWriter {
         for (k, v) in overrides {
             config.set(k, v);
         }
-        Ok(KafkaWriter { producer: config.create()? })
+        Ok(KafkaWriter { producer: config.create()?, outstanding: Arc::default() })
     }
 
     /// Partition count of `topic`, from broker metadata.
@@ -72,12 +178,15 @@ impl KafkaWriter {
         }
     }
 
-    /// Writes records in order; one result per record, in order: where it landed.
-    pub async fn write_all(&self, records: Vec<OutRecord<'_>>) -> Vec<Result<OutputMark, SinkError>> {
-        let mut pending = Vec::with_capacity(records.len());
+    /// Writes records to `topic` in order; one result per record, in order:
+    /// where it landed. Deliveries are awaited by a task of their own, so a
+    /// caller cancelled at any await point leaves its writes counted as
+    /// outstanding until they resolve.
+    pub async fn write_all(&self, topic: &str, records: Vec<OutRecord<'_>>) -> Vec<Result<OutputMark, SinkError>> {
+        let n = records.len();
+        let mut deliveries = Deliveries::new(self.outstanding.clone(), topic, &records);
         for r in records {
-            let topic = r.topic.to_string();
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(r.topic).headers(r.headers);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(r.headers);
             if let Some(k) = r.key {
                 record = record.key(k);
             }
@@ -90,7 +199,7 @@ impl KafkaWriter {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push(Ok((topic, delivery)));
+                        deliveries.pending.push(Ok(delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -99,24 +208,28 @@ impl KafkaWriter {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     Err((source, _)) => {
-                        pending.push(Err(SinkError::Kafka { topic, source }));
+                        deliveries.pending.push(Err(source));
                         break;
                     }
                 }
             }
         }
-        let mut results = Vec::with_capacity(pending.len());
-        for p in pending {
-            results.push(match p {
-                Ok((topic, delivery)) => match delivery.await {
-                    Ok(Ok(d)) => Ok(OutputMark { partition: d.partition, offset: d.offset }),
-                    Ok(Err((source, _))) => Err(SinkError::Kafka { topic, source }),
-                    Err(_) => Err(SinkError::Kafka { topic, source: KafkaError::Canceled }),
-                },
-                Err(e) => Err(e),
-            });
+        let results = deliveries.resolve().await.unwrap_or_else(|_| (0..n).map(|_| Err(KafkaError::Canceled)).collect());
+        results.into_iter().map(|r| r.map_err(|source| SinkError::Kafka { topic: topic.to_string(), source })).collect()
+    }
+
+    /// Waits until every write this process made to `topic`/`partition` has
+    /// resolved (landed or failed for good), so reading it back sees them all.
+    pub async fn settled(&self, topic: &str, partition: i32) {
+        loop {
+            let resolved = self.outstanding.resolved.notified();
+            tokio::pin!(resolved);
+            resolved.as_mut().enable();
+            if !self.outstanding.any(topic, partition) {
+                return;
+            }
+            resolved.await;
         }
-        results
     }
 
     /// Waits until everything enqueued is delivered (shutdown).
@@ -177,7 +290,6 @@ impl KafkaSink {
                     h = h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) });
                 }
                 OutRecord {
-                    topic: &self.topic,
                     partition: self.output_partition(e.record.position.partition),
                     key: e.record.key.as_deref().or(Some(&e.key.id)),
                     payload: e.record.payload.as_deref(),
@@ -185,6 +297,6 @@ impl KafkaSink {
                 }
             })
             .collect();
-        self.writer.write_all(out).await.into_iter().map(|r| r.map(Some)).collect()
+        self.writer.write_all(&self.topic, out).await.into_iter().map(|r| r.map(Some)).collect()
     }
 }

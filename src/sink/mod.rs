@@ -82,7 +82,6 @@ impl SideTopics {
             .map(|(record, error)| {
                 let message = error.to_string();
                 OutRecord {
-                    topic: &self.dead_letter,
                     partition: Some(self.dead_letter_partition(record.position.partition)),
                     key: record.key.as_deref(),
                     payload: record.payload.as_deref(),
@@ -92,7 +91,7 @@ impl SideTopics {
                 }
             })
             .collect();
-        self.writer.write_all(out).await
+        self.writer.write_all(&self.dead_letter, out).await
     }
 
     /// Copies duplicates to the audit topic, when one is configured (else writes nothing).
@@ -103,7 +102,6 @@ impl SideTopics {
         let out = envelopes
             .iter()
             .map(|e| OutRecord {
-                topic,
                 partition: None,
                 key: e.record.key.as_deref().or(Some(&e.key.id)),
                 payload: e.record.payload.as_deref(),
@@ -111,6 +109,6 @@ impl SideTopics {
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
             })
             .collect();
-        self.writer.write_all(out).await
+        self.writer.write_all(topic, out).await
     }
 }
