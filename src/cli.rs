@@ -1,4 +1,4 @@
-//! The command line: `run`, `demo`, `inspect`, `forget`.
+//! The command line: `run`, `demo`, `inspect`, `forget`, `schema`.
 
 use std::path::PathBuf;
 
@@ -83,7 +83,7 @@ pub enum Command {
     /// Delete an event ID from the store so its next delivery runs the effect again.
     /// The embedded store cannot be opened while `kdedup run` holds it: stop the service first.
     Forget(KeyArgs),
-    /// Print or apply the store's schema (PostgreSQL; the embedded store needs none).
+    /// Print or apply the store's schema (PostgreSQL, ScyllaDB; the embedded store needs none).
     Schema {
         #[command(subcommand)]
         action: SchemaAction,
@@ -92,11 +92,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum SchemaAction {
-    /// Print the schema of the configured store (or of --kind) to stdout.
+    /// Print the schema of the configured store (or of --kind) to stdout. With a
+    /// config, the ScyllaDB schema is rendered with its keyspace, replication and TTL.
     Print {
         #[arg(long, short, env = "KDEDUP_CONFIG", required_unless_present = "kind")]
         config: Option<PathBuf>,
-        /// Store kind, instead of reading a config: postgres.
+        /// Store kind, instead of reading a config: postgres, or scylla (the
+        /// template, with its {{…}} fields unfilled).
         #[arg(long, conflicts_with = "config")]
         kind: Option<String>,
     },
@@ -146,12 +148,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Schema { action: SchemaAction::Print { config, kind } } => {
             let schema = match (config, kind.as_deref()) {
-                (_, Some("postgres")) => Some(crate::store::postgres::SCHEMA),
-                (_, Some(other)) => anyhow::bail!("--kind {other}: allowed: postgres"),
+                (_, Some("postgres")) => Some(crate::store::postgres::SCHEMA.to_string()),
+                (_, Some("scylla")) => Some(crate::store::scylla::SCHEMA_TEMPLATE.to_string()),
+                (_, Some(other)) => anyhow::bail!("--kind {other}: allowed: postgres, scylla"),
                 (Some(path), None) => {
                     let config = Config::load(&path)?;
-                    match config.store {
-                        StoreConfig::Postgres { .. } => Some(crate::store::postgres::SCHEMA),
+                    match &config.store {
+                        StoreConfig::Postgres { .. } => Some(crate::store::postgres::SCHEMA.to_string()),
+                        StoreConfig::Scylla(scylla) => Some(crate::store::scylla::render_schema(scylla, &config.retention)),
                         StoreConfig::Embedded { .. } => None,
                     }
                 }
@@ -201,6 +205,7 @@ fn open_for_key(KeyArgs { config, id, scope }: KeyArgs) -> anyhow::Result<(Store
     let store = Store::open(&config.store, &config.retention).with_context(|| match &config.store {
         StoreConfig::Embedded { path } => format!("cannot open the store at {} (is `kdedup run` using it?)", path.display()),
         StoreConfig::Postgres { .. } => "cannot open the PostgreSQL store".to_string(),
+        StoreConfig::Scylla(_) => "cannot open the ScyllaDB store".to_string(),
     })?;
     let scope = scope.unwrap_or(config.key.scope);
     Ok((store, EventKey { scope: scope.as_str().into(), id: id.into_bytes() }))

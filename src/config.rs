@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -121,6 +121,35 @@ struct StoreSection {
     url: String,
     #[serde(default = "default_pool_size")]
     pool_size: usize,
+    // ScyllaDB, when kind = "scylla".
+    #[serde(default, deserialize_with = "string_list")]
+    contact_points: Vec<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    local_datacenter: String,
+    #[serde(default = "default_keyspace", deserialize_with = "lenient_string")]
+    keyspace: String,
+    /// Datacenter name -> replication factor; empty = 3 in local_datacenter.
+    #[serde(default)]
+    replication: BTreeMap<String, toml::Value>,
+    #[serde(default = "default_consistency")]
+    consistency: String,
+    #[serde(default = "default_serial_consistency")]
+    serial_consistency: String,
+    #[serde(default = "default_request_timeout_ms")]
+    request_timeout_ms: u64,
+    #[serde(default = "default_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default)]
+    tls: bool,
+    #[serde(default)]
+    tls_ca_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    username: String,
+    /// Set it from the environment (KDEDUP_STORE__PASSWORD), never in the file.
+    #[serde(default, deserialize_with = "lenient_string")]
+    password: String,
 }
 
 impl Default for StoreSection {
@@ -133,6 +162,19 @@ impl Default for StoreSection {
             sweep_interval_secs: default_sweep_interval_secs(),
             url: String::new(),
             pool_size: default_pool_size(),
+            contact_points: Vec::new(),
+            local_datacenter: String::new(),
+            keyspace: default_keyspace(),
+            replication: BTreeMap::new(),
+            consistency: default_consistency(),
+            serial_consistency: default_serial_consistency(),
+            request_timeout_ms: default_request_timeout_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            max_in_flight: default_max_in_flight(),
+            tls: false,
+            tls_ca_file: None,
+            username: String::new(),
+            password: String::new(),
         }
     }
 }
@@ -154,6 +196,24 @@ fn default_sweep_interval_secs() -> u64 {
 }
 fn default_pool_size() -> usize {
     16
+}
+fn default_keyspace() -> String {
+    "kdedup".into()
+}
+fn default_consistency() -> String {
+    "local_quorum".into()
+}
+fn default_serial_consistency() -> String {
+    "local_serial".into()
+}
+fn default_request_timeout_ms() -> u64 {
+    5_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_in_flight() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,15 +398,81 @@ pub struct KeyConfig {
 pub enum StoreConfig {
     Embedded { path: PathBuf },
     Postgres { url: String, pool_size: usize },
+    Scylla(Box<ScyllaConfig>),
 }
 
-/// Never prints the PostgreSQL URL: it may hold a password.
+/// Never prints the PostgreSQL URL or the ScyllaDB password: they are secrets.
 impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreConfig::Embedded { path } => f.debug_struct("Embedded").field("path", path).finish(),
             StoreConfig::Postgres { pool_size, .. } => f.debug_struct("Postgres").field("pool_size", pool_size).finish_non_exhaustive(),
+            StoreConfig::Scylla(c) => f.debug_tuple("Scylla").field(c).finish(),
         }
+    }
+}
+
+/// Consistency of the commit (learn) phase of a lightweight transaction and
+/// of plain reads: `LOCAL_QUORUM` stays inside the local datacenter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScyllaConsistency {
+    LocalQuorum,
+    Quorum,
+}
+
+/// Consistency of the Paxos round of a lightweight transaction (and of the
+/// SERIAL reads that settle ambiguous outcomes). `LocalSerial` is linearizable
+/// within one datacenter only: every kdedup process of one scope must then
+/// use the same datacenter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScyllaSerialConsistency {
+    LocalSerial,
+    Serial,
+}
+
+#[derive(Clone)]
+pub struct ScyllaConfig {
+    /// host:port of a few nodes; the driver discovers the rest.
+    pub contact_points: Vec<String>,
+    /// The datacenter this process talks to; LOCAL_* consistencies mean this one.
+    pub local_datacenter: String,
+    pub keyspace: String,
+    /// Datacenter -> replication factor (NetworkTopologyStrategy).
+    pub replication: BTreeMap<String, NonZeroU32>,
+    pub consistency: ScyllaConsistency,
+    pub serial_consistency: ScyllaSerialConsistency,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Statements one store call keeps in flight at once.
+    pub max_in_flight: NonZeroUsize,
+    /// `Some` when TLS is on.
+    pub tls: Option<ScyllaTls>,
+    /// (username, password) for PasswordAuthenticator.
+    pub credentials: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScyllaTls {
+    /// The CA bundle (PEM) to trust; the system's roots when `None`.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for ScyllaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScyllaConfig")
+            .field("contact_points", &self.contact_points)
+            .field("local_datacenter", &self.local_datacenter)
+            .field("keyspace", &self.keyspace)
+            .field("replication", &self.replication)
+            .field("consistency", &self.consistency)
+            .field("serial_consistency", &self.serial_consistency)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("tls", &self.tls)
+            .field("username", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
     }
 }
 
@@ -591,8 +717,10 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             }
             StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size }
         }
-        "scylla" => return Err(invalid("store.kind", "\"scylla\" is not built yet; use \"embedded\" or \"postgres\"".into())),
-        other => return Err(invalid("store.kind", format!("is \"{other}\"; allowed: \"embedded\", \"postgres\""))),
+        "scylla" => StoreConfig::Scylla(Box::new(validate_scylla(s).map_err(|(key, message)| invalid(key, message))?)),
+        other => {
+            return Err(invalid("store.kind", format!("is \"{other}\"; allowed: \"embedded\", \"postgres\", \"scylla\"")))
+        }
     };
     if s.ttl_secs == 0 {
         return Err(invalid("store.ttl_secs", "must be at least 1".into()));
@@ -696,6 +824,105 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     })
 }
 
+/// The `[store]` keys of kind = "scylla"; errors name the key.
+fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, String)> {
+    if s.contact_points.is_empty() {
+        return Err(("store.contact_points", "must list at least one node as host:port, e.g. [\"10.0.0.5:9042\"], when store.kind = \"scylla\"".into()));
+    }
+    for point in &s.contact_points {
+        let port = point.rsplit_once(':').map(|(_, p)| p);
+        if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
+            return Err(("store.contact_points", format!("\"{point}\" is not host:port; write e.g. \"10.0.0.5:9042\" (the CQL port)")));
+        }
+    }
+    if s.local_datacenter.trim().is_empty() {
+        return Err((
+            "store.local_datacenter",
+            "must name the ScyllaDB datacenter this process talks to (the `Datacenter:` line of `nodetool status`, \
+             e.g. \"datacenter1\") when store.kind = \"scylla\""
+                .into(),
+        ));
+    }
+    if !is_cql_identifier(&s.keyspace) {
+        return Err((
+            "store.keyspace",
+            format!("is \"{}\"; allowed: a lowercase letter, then up to 47 lowercase letters, digits or '_'", s.keyspace),
+        ));
+    }
+    let mut replication = BTreeMap::new();
+    for (dc, rf) in &s.replication {
+        if dc.is_empty() || !dc.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+            return Err(("store.replication", format!("datacenter name \"{dc}\" may hold only letters, digits, '_', '-', '.'")));
+        }
+        let rf = rf
+            .as_integer()
+            .and_then(|n| u32::try_from(n).ok())
+            .and_then(NonZeroU32::new)
+            .ok_or_else(|| ("store.replication", format!("{dc} = {rf}: the replication factor must be a whole number of at least 1")))?;
+        replication.insert(dc.clone(), rf);
+    }
+    if replication.is_empty() {
+        replication.insert(s.local_datacenter.clone(), NonZeroU32::new(3).expect("3 is not zero"));
+    }
+    if !replication.contains_key(&s.local_datacenter) {
+        return Err((
+            "store.replication",
+            format!("has no replicas in store.local_datacenter \"{}\": LOCAL_QUORUM there could never be reached", s.local_datacenter),
+        ));
+    }
+    let consistency = match s.consistency.as_str() {
+        "local_quorum" => ScyllaConsistency::LocalQuorum,
+        "quorum" => ScyllaConsistency::Quorum,
+        other => return Err(("store.consistency", format!("is \"{other}\"; allowed: \"local_quorum\", \"quorum\""))),
+    };
+    let serial_consistency = match s.serial_consistency.as_str() {
+        "local_serial" => ScyllaSerialConsistency::LocalSerial,
+        "serial" => ScyllaSerialConsistency::Serial,
+        other => return Err(("store.serial_consistency", format!("is \"{other}\"; allowed: \"local_serial\", \"serial\""))),
+    };
+    if s.request_timeout_ms == 0 {
+        return Err(("store.request_timeout_ms", "must be at least 1".into()));
+    }
+    if s.connect_timeout_ms == 0 {
+        return Err(("store.connect_timeout_ms", "must be at least 1".into()));
+    }
+    let max_in_flight = NonZeroUsize::new(s.max_in_flight).ok_or(("store.max_in_flight", "must be at least 1".to_string()))?;
+    let tls = match (s.tls, &s.tls_ca_file) {
+        (true, ca) => Some(ScyllaTls { ca_file: ca.clone() }),
+        (false, None) => None,
+        (false, Some(_)) => return Err(("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it".into())),
+    };
+    let credentials = match (s.username.is_empty(), s.password.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some((s.username.clone(), s.password.clone())),
+        (true, false) => return Err(("store.username", "must be set when store.password is (KDEDUP_STORE__USERNAME)".into())),
+        (false, true) => {
+            return Err(("store.password", "must be set when store.username is; set it from the environment (KDEDUP_STORE__PASSWORD)".into()))
+        }
+    };
+    Ok(ScyllaConfig {
+        contact_points: s.contact_points.clone(),
+        local_datacenter: s.local_datacenter.clone(),
+        keyspace: s.keyspace.clone(),
+        replication,
+        consistency,
+        serial_consistency,
+        request_timeout: Duration::from_millis(s.request_timeout_ms),
+        connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+        max_in_flight,
+        tls,
+        credentials,
+    })
+}
+
+/// An unquoted CQL name that means itself (CQL folds unquoted names to lowercase).
+fn is_cql_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && name.len() <= 48
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 fn check_pointer(pointer: &str) -> Result<(), String> {
     if pointer.is_empty() || pointer.starts_with('/') {
         Ok(())
@@ -776,6 +1003,102 @@ mod tests {
         assert!(err.contains("loop"), "{err}");
         let err = load(MINIMAL, &[("KDEDUP_KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "true")]).unwrap_err().to_string();
         assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    const SCYLLA: &str = r#"
+        [store]
+        kind = "scylla"
+        contact_points = ["10.0.0.5:9042", "scylla-2:9042"]
+        local_datacenter = "dc1"
+    "#;
+
+    fn scylla(extra: &str, env: &[(&str, &str)]) -> Result<ScyllaConfig, ConfigError> {
+        let c = load(&format!("{MINIMAL}{SCYLLA}{extra}"), env)?;
+        match c.store {
+            StoreConfig::Scylla(c) => Ok(*c),
+            other => panic!("not a scylla store: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn scylla_store_gets_documented_defaults() {
+        let c = scylla("", &[]).unwrap();
+        assert_eq!(c.contact_points, vec!["10.0.0.5:9042", "scylla-2:9042"]);
+        assert_eq!(c.keyspace, "kdedup");
+        assert_eq!(c.replication.get("dc1").map(|rf| rf.get()), Some(3), "3 replicas in the local DC by default");
+        assert_eq!(c.consistency, ScyllaConsistency::LocalQuorum);
+        assert_eq!(c.serial_consistency, ScyllaSerialConsistency::LocalSerial);
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_in_flight.get(), 256);
+        assert!(c.tls.is_none() && c.credentials.is_none());
+    }
+
+    #[test]
+    fn scylla_settings_come_from_the_environment_too() {
+        let c = scylla(
+            "replication = { dc1 = 3, dc2 = 3 }\n",
+            &[
+                ("KDEDUP_STORE__CONTACT_POINTS", "127.0.0.1:9042"),
+                ("KDEDUP_STORE__CONSISTENCY", "quorum"),
+                ("KDEDUP_STORE__SERIAL_CONSISTENCY", "serial"),
+                ("KDEDUP_STORE__TLS", "true"),
+                ("KDEDUP_STORE__USERNAME", "kdedup"),
+                ("KDEDUP_STORE__PASSWORD", "s3cret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.contact_points, vec!["127.0.0.1:9042"]);
+        assert_eq!(c.replication.len(), 2);
+        assert_eq!((c.consistency, c.serial_consistency), (ScyllaConsistency::Quorum, ScyllaSerialConsistency::Serial));
+        assert_eq!(c.tls, Some(ScyllaTls { ca_file: None }), "TLS with the system's roots");
+        assert_eq!(c.credentials, Some(("kdedup".into(), "s3cret".into())));
+        let shown = format!("{:?}", StoreConfig::Scylla(Box::new(c)));
+        assert!(!shown.contains("s3cret") && shown.contains("kdedup"), "{shown}");
+    }
+
+    #[test]
+    fn scylla_errors_name_the_key_and_what_is_allowed() {
+        let err = |extra: &str, env: &[(&str, &str)]| scylla(extra, env).unwrap_err().to_string();
+        let e = err("", &[("KDEDUP_STORE__CONTACT_POINTS", "10.0.0.5")]);
+        assert!(e.contains("store.contact_points") && e.contains("host:port"), "{e}");
+        let e = err("", &[("KDEDUP_STORE__LOCAL_DATACENTER", "")]);
+        assert!(e.contains("store.local_datacenter") && e.contains("nodetool status"), "{e}");
+        let e = err("", &[("KDEDUP_STORE__CONSISTENCY", "one")]);
+        assert!(e.contains("store.consistency") && e.contains("\"local_quorum\", \"quorum\""), "{e}");
+        let e = err("", &[("KDEDUP_STORE__SERIAL_CONSISTENCY", "quorum")]);
+        assert!(e.contains("store.serial_consistency") && e.contains("\"local_serial\""), "{e}");
+        let e = err("", &[("KDEDUP_STORE__KEYSPACE", "Dedup-1")]);
+        assert!(e.contains("store.keyspace"), "{e}");
+        let e = err("replication = { dc2 = 3 }\n", &[]);
+        assert!(e.contains("store.replication") && e.contains("dc1"), "{e}");
+        let e = err("replication = { dc1 = 0 }\n", &[]);
+        assert!(e.contains("store.replication"), "{e}");
+        let e = err("replication = { \"dc1'\" = 3 }\n", &[]);
+        assert!(e.contains("store.replication"), "{e}");
+        let e = err("", &[("KDEDUP_STORE__TLS_CA_FILE", "/ca.pem")]);
+        assert!(e.contains("store.tls_ca_file"), "{e}");
+        let e = err("", &[("KDEDUP_STORE__USERNAME", "kdedup")]);
+        assert!(e.contains("store.password") && e.contains("KDEDUP_STORE__PASSWORD"), "{e}");
+        let e = err("", &[("KDEDUP_STORE__MAX_IN_FLIGHT", "0")]);
+        assert!(e.contains("store.max_in_flight"), "{e}");
+        let e = load(&format!("{MINIMAL}\n[store]\nkind = \"cassandra\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("\"scylla\""), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_scylla_example_is_valid_once_uncommented() {
+        let text = include_str!("../config/kdedup.toml");
+        let start = text.find("# kind = \"scylla\"").expect("the example file carries a commented scylla store");
+        let store: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim()))
+            .collect();
+        match load(&format!("{MINIMAL}\n[store]\n{store}"), &[]).unwrap().store {
+            StoreConfig::Scylla(c) => assert_eq!(c.local_datacenter, "datacenter1"),
+            other => panic!("not a scylla store: {other:?}"),
+        }
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum StoreError {
     Task(String),
     #[error("PostgreSQL store: {message}; check [store] url and that the server is up")]
     Postgres { message: String, retriable: bool },
+    #[error("ScyllaDB store: {message}; check [store] contact_points, local_datacenter and that the nodes are up")]
+    Scylla { message: String, retriable: bool },
     #[error("store configuration: {0}")]
     Config(String),
 }
@@ -69,7 +71,7 @@ impl StoreError {
             // the partition paused (and offsets unmoved) instead of losing records;
             // an operator sees the error in logs and on /readyz.
             StoreError::Embedded { .. } | StoreError::Task(_) => true,
-            StoreError::Postgres { retriable, .. } => *retriable,
+            StoreError::Postgres { retriable, .. } | StoreError::Scylla { retriable, .. } => *retriable,
             StoreError::Corrupt(_) | StoreError::Config(_) => false,
         }
     }

@@ -2,7 +2,11 @@
 //! `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
 //! can run several pipelines in one process and read exact counts.
 //!
-//! Labels are bounded: outcome, op, result, topic, partition. Never an event ID.
+//! Labels are bounded: outcome, op, result, store, topic, partition. Never an event ID.
+//!
+//! A store that talks to its server statement by statement (ScyllaDB) keeps
+//! [`StoreOpMetrics`] of its own, since one store serves every pipeline of a
+//! process; the service registers them into the pipeline's registry.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -142,6 +146,72 @@ impl Metrics {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Results of one store statement, the `result` label of `kdedup_store_ops_total`.
+pub const STORE_OP_RESULTS: [&str; 5] = ["applied", "not_applied", "ok", "timeout", "error"];
+
+/// Per-statement metrics of a store (one store call may run many statements):
+/// `kdedup_store_ops_total{store,op,result}` and `kdedup_store_op_seconds{store,op}`.
+/// `op` names the statement kind (for ScyllaDB: `insert`, `takeover`, `resume`,
+/// `complete`, `release`, `forget`, `sweep_delete` are lightweight transactions;
+/// `read`, `serial_read`, `scan` are reads), so lookups on the Bloom route and
+/// Paxos claims are counted apart; `result` is one of [`STORE_OP_RESULTS`].
+#[derive(Clone)]
+pub struct StoreOpMetrics {
+    pub ops: IntCounterVec,
+    pub seconds: HistogramVec,
+}
+
+impl Default for StoreOpMetrics {
+    fn default() -> Self {
+        StoreOpMetrics::new()
+    }
+}
+
+impl StoreOpMetrics {
+    /// Unregistered; see [`Metrics::register_store_ops`].
+    pub fn new() -> StoreOpMetrics {
+        let ops = IntCounterVec::new(
+            Opts::new(
+                "kdedup_store_ops_total",
+                "Store statements by kind and result: applied / not_applied (lightweight transactions), ok (reads), \
+                 timeout (outcome unknown at first; settled by a SERIAL read), error.",
+            ),
+            &["store", "op", "result"],
+        )
+        .expect("static metric");
+        // 100 µs .. ~6.5 s, as kdedup_store_seconds
+        let buckets = prometheus::exponential_buckets(0.0001, 2.0, 17).expect("static bucket layout");
+        let seconds = HistogramVec::new(
+            HistogramOpts::new("kdedup_store_op_seconds", "Latency of one store statement, by kind.").buckets(buckets),
+            &["store", "op"],
+        )
+        .expect("static metric");
+        StoreOpMetrics { ops, seconds }
+    }
+
+    pub fn observe(&self, store: &str, op: &str, result: &str, seconds: f64) {
+        self.ops.with_label_values(&[store, op, result]).inc();
+        self.seconds.with_label_values(&[store, op]).observe(seconds);
+    }
+
+    /// How many statements of this kind ended with this result.
+    pub fn count(&self, store: &str, op: &str, result: &str) -> u64 {
+        self.ops.with_label_values(&[store, op, result]).get()
+    }
+}
+
+impl Metrics {
+    /// Exposes a store's per-statement metrics on this registry (once; again is a no-op).
+    pub fn register_store_ops(&self, ops: &StoreOpMetrics) {
+        for collector in [Box::new(ops.ops.clone()) as Box<dyn prometheus::core::Collector>, Box::new(ops.seconds.clone())] {
+            match self.registry.register(collector) {
+                Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot register the store's statement metrics"),
+            }
+        }
     }
 }
 

@@ -43,6 +43,9 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
 
     let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
     store.check_schema().await?;
+    if let Some(ops) = store.op_metrics() {
+        metrics.register_store_ops(ops);
+    }
     let writer = KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
     let sink = match &config.sink {
         SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
@@ -94,6 +97,10 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     let sweep_interval = config.retention.sweep_interval;
     let sweep_store = store.clone();
     let sweeper = tokio::spawn(async move {
+        if sweep_store.expires_by_itself() {
+            // ScyllaDB's TTL removes rows; a sweep there would scan the whole table.
+            return;
+        }
         let mut tick = tokio::time::interval(sweep_interval);
         loop {
             tick.tick().await;

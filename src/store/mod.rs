@@ -7,6 +7,7 @@
 //! - [`Store`]: the enum that picks a backend and dispatches to it.
 //! - `embedded`: on-disk store for one machine.
 //! - `postgres`: shared store for consumer groups across processes.
+//! - `scylla`: shared store for consumer groups across machines (lightweight transactions).
 //!
 //! Lifecycle of a key: `claim` writes `InFlight` with a short lease and the
 //! claimant's position; `complete` turns it `Done` (it then lives until its
@@ -18,15 +19,18 @@
 
 pub mod embedded;
 pub mod postgres;
+pub mod scylla;
 
 use std::future::Future;
 
 use crate::config::{Retention, StoreConfig};
+use crate::metrics::StoreOpMetrics;
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
 
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
+pub use scylla::ScyllaStore;
 
 /// A request to claim one key for one record.
 #[derive(Debug, Clone)]
@@ -129,6 +133,7 @@ pub trait DedupStore: Send + Sync {
 pub enum Store {
     Embedded(EmbeddedStore),
     Postgres(PostgresStore),
+    Scylla(ScyllaStore),
 }
 
 impl Store {
@@ -136,6 +141,7 @@ impl Store {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
             StoreConfig::Postgres { url, pool_size } => Ok(Store::Postgres(PostgresStore::open(url, *pool_size, retention)?)),
+            StoreConfig::Scylla(scylla) => Ok(Store::Scylla(ScyllaStore::open(scylla, retention)?)),
         }
     }
 
@@ -143,6 +149,7 @@ impl Store {
         match self {
             Store::Embedded(_) => "embedded",
             Store::Postgres(_) => "postgres",
+            Store::Scylla(_) => "scylla",
         }
     }
 
@@ -151,6 +158,7 @@ impl Store {
         match self {
             Store::Embedded(_) => None,
             Store::Postgres(_) => Some(postgres::SCHEMA),
+            Store::Scylla(_) => Some(scylla::SCHEMA_TEMPLATE),
         }
     }
 
@@ -159,6 +167,7 @@ impl Store {
         match self {
             Store::Embedded(_) => Ok(()),
             Store::Postgres(s) => s.apply_schema().await,
+            Store::Scylla(s) => s.apply_schema().await,
         }
     }
 
@@ -167,6 +176,21 @@ impl Store {
         match self {
             Store::Embedded(_) => Ok(()),
             Store::Postgres(s) => s.check_schema().await,
+            Store::Scylla(s) => s.check_schema().await,
+        }
+    }
+
+    /// Whether the backend removes expired rows by itself (ScyllaDB's TTL), so
+    /// the service schedules no sweeps (a ScyllaDB sweep scans the whole table).
+    pub fn expires_by_itself(&self) -> bool {
+        matches!(self, Store::Scylla(_))
+    }
+
+    /// Per-statement metrics, for backends that keep them.
+    pub fn op_metrics(&self) -> Option<&StoreOpMetrics> {
+        match self {
+            Store::Scylla(s) => Some(s.op_metrics()),
+            Store::Embedded(_) | Store::Postgres(_) => None,
         }
     }
 
@@ -181,6 +205,7 @@ macro_rules! dispatch {
         match $self {
             Store::Embedded($s) => $call,
             Store::Postgres($s) => $call,
+            Store::Scylla($s) => $call,
         }
     };
 }

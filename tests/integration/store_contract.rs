@@ -1,10 +1,15 @@
-//! The contract of `DedupStore`, run against every reachable backend
-//! (the embedded store here; shared stores join as they are built).
+//! The contract of `DedupStore`, run against every reachable backend: the
+//! embedded store always, PostgreSQL when KDEDUP_TEST_POSTGRES holds a URL,
+//! ScyllaDB when KDEDUP_TEST_SCYLLA holds a node's host:port (each test then
+//! gets a keyspace of its own, dropped at its end, since a sweep is table-wide).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use kdedup::config::{Retention, StoreConfig};
+use std::collections::BTreeMap;
+use std::num::{NonZeroU32, NonZeroUsize};
+
+use kdedup::config::{Retention, ScyllaConfig, ScyllaConsistency, ScyllaSerialConsistency, StoreConfig};
 use kdedup::event::{EventKey, Fingerprint, Position};
 use kdedup::store::{Claim, ClaimRequest, ClaimState, DedupStore, Store};
 
@@ -27,6 +32,46 @@ struct Backend {
     store: Store,
     scope: Arc<str>,
     _dir: Option<tempfile::TempDir>,
+    _keyspace: Option<TestKeyspace>,
+}
+
+/// A ScyllaDB keyspace of one test, dropped when the test's backend goes.
+struct TestKeyspace {
+    contact_point: String,
+    keyspace: String,
+}
+
+impl Drop for TestKeyspace {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (contact_point, keyspace) = (self.contact_point.clone(), self.keyspace.clone());
+        // The contract tests run on the multi-threaded runtime, where blocking in place is allowed.
+        tokio::task::block_in_place(|| {
+            runtime.block_on(async move {
+                let session = scylla::client::session_builder::SessionBuilder::new().known_node(&contact_point).build().await;
+                if let Ok(session) = session {
+                    let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await;
+                }
+            })
+        });
+    }
+}
+
+fn scylla_config(contact_point: &str, keyspace: &str) -> ScyllaConfig {
+    let datacenter = std::env::var("KDEDUP_TEST_SCYLLA_DC").unwrap_or_else(|_| "datacenter1".into());
+    ScyllaConfig {
+        contact_points: vec![contact_point.to_string()],
+        local_datacenter: datacenter.clone(),
+        keyspace: keyspace.to_string(),
+        replication: BTreeMap::from([(datacenter, NonZeroU32::MIN)]),
+        consistency: ScyllaConsistency::LocalQuorum,
+        serial_consistency: ScyllaSerialConsistency::LocalSerial,
+        request_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        max_in_flight: NonZeroUsize::new(64).expect("64 is not zero"),
+        tls: None,
+        credentials: None,
+    }
 }
 
 impl Backend {
@@ -44,14 +89,40 @@ impl Backend {
 async fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreConfig::Embedded { path: dir.path().to_path_buf() }, &retention()).unwrap();
-    let mut all = vec![Backend { name: "embedded", store, scope: Arc::from("contract"), _dir: Some(dir) }];
+    let mut all = vec![Backend { name: "embedded", store, scope: Arc::from("contract"), _dir: Some(dir), _keyspace: None }];
     match std::env::var("KDEDUP_TEST_POSTGRES") {
         Ok(url) => {
             let store = Store::open(&StoreConfig::Postgres { url, pool_size: 8 }, &retention()).unwrap();
             store.apply_schema().await.expect("PostgreSQL at KDEDUP_TEST_POSTGRES answers");
-            all.push(Backend { name: "postgres", store, scope: Arc::from(crate::utils::unique("contract")), _dir: None });
+            all.push(Backend {
+                name: "postgres",
+                store,
+                scope: Arc::from(crate::utils::unique("contract")),
+                _dir: None,
+                _keyspace: None,
+            });
         }
         Err(_) => eprintln!("store contract: postgres skipped: KDEDUP_TEST_POSTGRES is not set (scripts/test sets it)"),
+    }
+    match std::env::var("KDEDUP_TEST_SCYLLA") {
+        Ok(contact_point) => {
+            let keyspace = crate::utils::unique("kdedup_contract").replace('-', "_");
+            let config = scylla_config(&contact_point, &keyspace);
+            let store = Store::open(&StoreConfig::Scylla(Box::new(config)), &retention()).unwrap();
+            let cleanup = TestKeyspace { contact_point, keyspace };
+            store.apply_schema().await.expect("ScyllaDB at KDEDUP_TEST_SCYLLA answers and accepts the schema");
+            all.push(Backend {
+                name: "scylla",
+                store,
+                scope: Arc::from(crate::utils::unique("contract")),
+                _dir: None,
+                _keyspace: Some(cleanup),
+            });
+        }
+        Err(_) => eprintln!(
+            "store contract: scylla skipped: KDEDUP_TEST_SCYLLA is not set (give a node's host:port, e.g. \
+             KDEDUP_TEST_SCYLLA=127.0.0.1:9042, and KDEDUP_TEST_SCYLLA_DC if its datacenter is not datacenter1)"
+        ),
     }
     all
 }
@@ -162,5 +233,24 @@ async fn ttl_expiry_counts_at_once_and_sweep_removes() {
         assert!(store.sweep(T0 + TTL_MS).await.unwrap() >= 1, "{name}");
         // Gone from storage, not just hidden: asked as of before its expiry, the key is unknown.
         assert_eq!(claim1(store, b.req("k", 1, at(0, 3)), T0 + TTL_MS - 2).await, Claim::New { resumed: false }, "{name}");
+    }
+}
+
+/// The Bloom route on ScyllaDB: a lookup is a plain read, a claim a Paxos
+/// round, and each is counted apart (only backends with statement metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_and_lightweight_transactions_are_counted_apart() {
+    for b in backends().await {
+        let (name, store) = (b.name, &b.store);
+        let Some(ops) = store.op_metrics() else { continue };
+        let kind = store.kind();
+        assert_eq!(store.lookup(vec![b.key("k")], T0).await.unwrap(), vec![None], "{name}");
+        assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0).await, Claim::New { resumed: false }, "{name}");
+        assert!(matches!(claim1(store, b.req("k", 1, at(0, 2)), T0).await, Claim::InFlight { .. }), "{name}");
+        assert_eq!(ops.count(kind, "read", "ok"), 1, "{name}: one plain read");
+        assert_eq!(ops.count(kind, "insert", "applied"), 1, "{name}");
+        assert_eq!(ops.count(kind, "insert", "not_applied"), 1, "{name}: the rejected row answered, no second round trip");
+        assert_eq!(ops.count(kind, "serial_read", "ok"), 0, "{name}");
+        assert_eq!(store.stats().round_trips, 3, "{name}");
     }
 }
