@@ -1,4 +1,4 @@
-//! The command line: `run`, `demo`, `inspect`, `forget`, `schema`.
+//! The command line: `run`, `demo`, `bench`, `inspect`, `forget`, `schema`.
 
 use std::path::PathBuf;
 
@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, StoreConfig};
+use crate::bench::{self, BenchOptions, BenchStore};
 use crate::demo::{self, DemoOptions};
 use crate::event::EventKey;
 use crate::metrics::Metrics;
@@ -78,6 +79,52 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure what deduplication costs: the same seeded dataset through a plain
+    /// consume-produce-commit passthrough, then through kdedup; prints both and
+    /// their ratio, and checks both outputs.
+    #[command(long_about = "Measure what deduplication costs next to the consumer you already run.\n\n\
+        One seeded dataset (default 1,000,000 events of 100 bytes, 20% duplicates: half right after their \
+        original, half anywhere earlier) is produced once; then, one after the other on that input: (a) a \
+        passthrough that consumes, produces to an output topic and commits behind deliveries, with kdedup's own \
+        client settings, batch size and commit interval; (b) kdedup's whole path. For each: events/s, CPU \
+        seconds per event and peak RSS of this process, p50/p99 latency added per record (arrival in the batch \
+        to output delivered); for kdedup also store round trips and fsyncs per 1000 events, filter hit rates and \
+        the measured Bloom false-positive rate. Both outputs are read back and checked; exit 1 if either is wrong.\n\n\
+        Without --brokers the cluster is librdkafka's mock cluster in a child process (it keeps 5 MiB per \
+        partition: use more --partitions for more events). --store postgres|scylla take their connection from \
+        the environment, e.g. KDEDUP_STORE__URL=postgres://... .")]
+    Bench {
+        /// Kafka bootstrap servers to run against (topics of their own are created); default: a mock cluster.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Events in the dataset.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Share of events that repeat an earlier one (0 to 0.9).
+        #[arg(long, default_value_t = 0.2)]
+        duplicate_rate: f64,
+        /// Payload size of each event, bytes.
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+        /// Partitions of the input and output topics.
+        #[arg(long, default_value_t = 16)]
+        partitions: i32,
+        /// The store kdedup runs against.
+        #[arg(long, value_enum, default_value = "embedded")]
+        store: BenchStore,
+        /// Seed of the dataset (same seed, same data).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs librdkafka's mock cluster, prints its address, serves until stdin closes (used by `bench`).
+    #[command(hide = true)]
+    MockCluster {
+        /// Topics to create, as NAME:PARTITIONS.
+        topics: Vec<String>,
+    },
     /// Show what the store holds for an event ID.
     Inspect(KeyArgs),
     /// Delete an event ID from the store so its next delivery runs the effect again.
@@ -145,6 +192,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 print_report(&report);
             }
             Ok(if report.ok() { 0 } else { 1 })
+        }
+        Command::Bench { brokers, events, duplicate_rate, payload_bytes, partitions, store, seed, json } => {
+            if !(0.0..=0.9).contains(&duplicate_rate) {
+                anyhow::bail!("--duplicate-rate must be between 0 and 0.9, got {duplicate_rate}");
+            }
+            if partitions < 1 || events < 1 {
+                anyhow::bail!("--partitions and --events must be at least 1");
+            }
+            let options = BenchOptions { brokers, events, duplicate_rate, payload_bytes, partitions, store, seed, progress: !json };
+            let report = bench::run(&options).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                bench::print_table(&report);
+            }
+            Ok(if report.verified { 0 } else { 1 })
+        }
+        Command::MockCluster { topics } => {
+            tokio::task::spawn_blocking(move || bench::serve_mock_cluster(&topics)).await??;
+            Ok(0)
         }
         Command::Schema { action: SchemaAction::Print { config, kind } } => {
             let schema = match (config, kind.as_deref()) {

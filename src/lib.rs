@@ -14,8 +14,9 @@
 //! [`reconcile`] finds effects that ran after the last commit when a partition
 //! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
 //! [`config::Config`]; [`cli`] is the command line; [`demo`] and [`mock`] run the
-//! whole path in-process.
+//! whole path in-process; [`bench`] measures it against a plain passthrough.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -174,6 +174,7 @@ impl PartitionTask {
                 _ = self.stop.wait_for(|s| *s) => break,
                 m = stream.next() => m,
             };
+            let arrived = Instant::now();
             let mut records = Vec::with_capacity(batch_max);
             take(&mut records, first, &topic, partition);
             // Take whatever else is ready now, up to a full batch: batches grow under load.
@@ -186,7 +187,7 @@ impl PartitionTask {
             if records.is_empty() {
                 continue;
             }
-            match self.process(records).await {
+            match self.process(records, arrived).await {
                 Ok(()) => {}
                 Err(Stop::Draining) => break,
                 Err(Stop::Crashed) => {
@@ -276,7 +277,9 @@ impl PartitionTask {
         }
     }
 
-    async fn process(&mut self, records: Vec<Record>) -> Result<(), Stop> {
+    /// One batch through key, filter, store, sink and complete; `arrived` is
+    /// when its first record was taken from the partition queue.
+    async fn process(&mut self, records: Vec<Record>, arrived: Instant) -> Result<(), Stop> {
         let s = self.stages.clone();
         s.metrics.consumed.inc_by(records.len() as u64);
         let offsets: Vec<i64> = records.iter().map(|r| r.position.offset).collect();
@@ -302,6 +305,10 @@ impl PartitionTask {
         }
         self.apply_effects(&mut items).await?;
 
+        let secs = arrived.elapsed().as_secs_f64();
+        for _ in &offsets {
+            s.metrics.record_seconds.observe(secs);
+        }
         for o in offsets {
             if let Err(e) = self.tracker.finish(o) {
                 error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset tracking broken");

@@ -1,0 +1,619 @@
+//! `kdedup bench`: what deduplication costs next to the consumer a user
+//! already runs. One seeded dataset is produced once; then, one after the
+//! other on that same input, (a) a **passthrough** (consume, produce to an
+//! output topic, commit behind deliveries; same client settings, batch size
+//! and commit interval, no dedup) and (b) **kdedup**'s whole path. Both
+//! outputs are read back and checked.
+//!
+//! Without `--brokers`, the Kafka-protocol cluster is librdkafka's mock
+//! cluster in a child process (`kdedup mock-cluster`), so the CPU time and
+//! peak RSS measured here are the pipeline's, not the broker's.
+//!
+//! Latency is per record, from its arrival in the consumer-side batch to its
+//! output delivery (and, for kdedup, its claim completed): the time each
+//! pipeline adds. An event-timestamp clock would measure queueing instead,
+//! since the dataset is produced before either run starts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use prometheus::{Histogram, HistogramOpts};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::Config;
+use crate::demo::wait_committed;
+use crate::metrics::{self, Metrics};
+use crate::mock::{self, Produce};
+use crate::service::{self, RunOptions};
+use crate::sink::kafka::{headers, OutRecord};
+use crate::sink::KafkaWriter;
+use crate::source::{self, StopMode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchStore {
+    Embedded,
+    Postgres,
+    Scylla,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// External brokers; `None` starts a mock cluster in a child process.
+    pub brokers: Option<String>,
+    pub events: u64,
+    pub duplicate_rate: f64,
+    pub payload_bytes: usize,
+    pub partitions: i32,
+    pub store: BenchStore,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// One pipeline's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub events_per_sec: f64,
+    pub elapsed_secs: f64,
+    /// User + system CPU time of this process per input record.
+    pub cpu_secs_per_event: f64,
+    /// Peak resident set during the phase (the peak is reset before it starts).
+    pub peak_rss_bytes: u64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub records_out: u64,
+}
+
+/// kdedup's own counters, per 1000 input records unless named otherwise.
+#[derive(Debug, Clone, Serialize)]
+pub struct DedupFigures {
+    pub store_round_trips_per_1000: f64,
+    pub store_reads_per_1000: f64,
+    pub fsyncs_per_1000: f64,
+    pub recent_cache_hit_rate: f64,
+    pub bloom_hit_rate: f64,
+    /// Bloom hits whose store read found nothing, over the keys that were new.
+    pub bloom_false_positive_rate: f64,
+    pub duplicates_dropped: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub brokers: String,
+    pub store: BenchStore,
+    pub events: u64,
+    pub unique_events: u64,
+    pub duplicate_rate: f64,
+    pub payload_bytes: usize,
+    pub partitions: i32,
+    pub passthrough: Phase,
+    pub kdedup: Phase,
+    #[serde(flatten)]
+    pub dedup: DedupFigures,
+    /// kdedup events/s over passthrough events/s.
+    pub ratio: f64,
+    pub verified: bool,
+    /// What the check of both outputs found.
+    pub verification: String,
+}
+
+const INPUT: &str = "bench.in";
+const PASSTHROUGH_OUT: &str = "bench.passthrough";
+const KDEDUP_OUT: &str = "bench.kdedup";
+const DEAD_LETTER: &str = "bench.dlq";
+
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let say = |s: &str| {
+        if options.progress {
+            eprintln!("{s}");
+        }
+    };
+    // Topic names of their own on real brokers, so runs never see each other's data.
+    let suffix = if options.brokers.is_some() { format!("-{}-{}", std::process::id(), crate::store::now_ms()) } else { String::new() };
+    let name = |t: &str| format!("{t}{suffix}");
+    let (input, pass_out, dedup_out, dlq) = (name(INPUT), name(PASSTHROUGH_OUT), name(KDEDUP_OUT), name(DEAD_LETTER));
+    let topics = [(input.as_str(), options.partitions), (&pass_out, options.partitions), (&dedup_out, options.partitions), (&dlq, 1)];
+    let mut _cluster = None;
+    let brokers = match &options.brokers {
+        Some(b) => {
+            mock::create_topics(b, &topics).await.context("creating the bench topics")?;
+            b.clone()
+        }
+        None => {
+            let (child, bootstrap) = spawn_mock_cluster(&topics)?;
+            _cluster = Some(ChildCluster(child));
+            bootstrap
+        }
+    };
+
+    say(&format!(
+        "kdedup bench: producing {} events ({:.0}% duplicates, {} B payloads) to {} partitions...",
+        options.events,
+        options.duplicate_rate * 100.0,
+        options.payload_bytes,
+        options.partitions
+    ));
+    let unique = produce_dataset(&brokers, &input, options).await?;
+    let ends = mock::end_offsets(&brokers, &input)?;
+    let produced: i64 = ends.values().sum();
+    if produced < options.events as i64 {
+        bail!("the input topic holds {produced} records, not {}", options.events);
+    }
+
+    let config = bench_config(&brokers, &input, &dedup_out, &dlq, options)?;
+    let dir = tempfile::tempdir()?;
+    let config = with_store_path(config, dir.path())?;
+    if options.store != BenchStore::Embedded {
+        crate::store::Store::open(&config.store, &config.retention)?.apply_schema().await.context("applying the store schema")?;
+    }
+
+    say("(a) passthrough: consume, produce, commit...");
+    let latency = latency_histogram();
+    let meter = Meter::start();
+    passthrough(&config, &input, &pass_out, &ends, &latency, options.progress).await?;
+    let passthrough = meter.finish(options.events, &latency);
+
+    say("(b) kdedup: the whole path...");
+    let metrics = Metrics::new();
+    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
+    let meter = Meter::start();
+    let (m, input_topic, ends_b, progress, total) = (metrics.clone(), input.clone(), ends.clone(), options.progress, options.events);
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let finished_w = finished.clone();
+    service::run(&config, run_options, async move {
+        wait_committed(&m, &input_topic, &ends_b, progress, total).await;
+        *finished_w.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        StopMode::Drain
+    })
+    .await?;
+    let finished_at = finished.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_else(Instant::now);
+    let kdedup = meter.finish_at(options.events, &metrics.record_seconds, finished_at);
+
+    say("reading both outputs back...");
+    let pass_records = mock::read_all(&brokers, &pass_out)?;
+    let dedup_records = mock::read_all(&brokers, &dedup_out)?;
+    let (verified, verification) = verify(produced as u64, unique, &pass_records, &dedup_records);
+    let (passthrough, kdedup) =
+        (Phase { records_out: pass_records.len() as u64, ..passthrough }, Phase { records_out: dedup_records.len() as u64, ..kdedup });
+
+    let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
+    let filter = |r: &str| metrics.filter.with_label_values(&[r]).get() as f64;
+    let (recent, bloom_hit, bloom_miss) = (filter("recent_hit"), filter("bloom_hit"), filter("bloom_miss"));
+    let checked = (recent + bloom_hit + bloom_miss).max(1.0);
+    let false_positives = metrics.bloom_false_positives.get() as f64;
+    let store_calls: u64 = ["lookup", "claim", "complete", "release"].iter().map(|op| metrics.store_seconds.with_label_values(&[op]).get_sample_count()).sum();
+    let dedup = DedupFigures {
+        store_round_trips_per_1000: per_1000(store_calls as f64),
+        store_reads_per_1000: per_1000(metrics.store_seconds.with_label_values(&["lookup"]).get_sample_count() as f64),
+        fsyncs_per_1000: per_1000(metrics.fsyncs.get() as f64),
+        recent_cache_hit_rate: recent / checked,
+        bloom_hit_rate: bloom_hit / checked,
+        bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
+        duplicates_dropped: metrics.outcome("duplicate"),
+    };
+    Ok(BenchReport {
+        machine: machine(),
+        brokers: if options.brokers.is_some() { brokers } else { "mock cluster (child process)".into() },
+        store: options.store,
+        events: options.events,
+        unique_events: unique,
+        duplicate_rate: options.duplicate_rate,
+        payload_bytes: options.payload_bytes,
+        partitions: options.partitions,
+        ratio: kdedup.events_per_sec / passthrough.events_per_sec.max(f64::MIN_POSITIVE),
+        passthrough,
+        kdedup,
+        dedup,
+        verified,
+        verification,
+    })
+}
+
+/// Event `n`'s ID; the bench checks the output by these numbers.
+fn event_id(n: u64) -> String {
+    format!("bench-{n:010}")
+}
+
+/// Produces the dataset in chunks (never all in memory): events with
+/// `duplicate_rate` repeats, half right after their original (a producer
+/// retry), half anywhere earlier (a replay). Returns the unique count.
+async fn produce_dataset(brokers: &str, topic: &str, o: &BenchOptions) -> anyhow::Result<u64> {
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let mut unique = 0u64;
+    let mut chunk = Vec::with_capacity(100_000);
+    let started = Instant::now();
+    for i in 0..o.events {
+        let n = if unique > 0 && rng.random_bool(o.duplicate_rate) {
+            if rng.random_bool(0.5) {
+                unique - 1 - rng.random_range(0..unique.min(8))
+            } else {
+                rng.random_range(0..unique)
+            }
+        } else {
+            unique += 1;
+            unique - 1
+        };
+        chunk.push(event(n, o.payload_bytes, o.partitions));
+        if chunk.len() == chunk.capacity() || i + 1 == o.events {
+            mock::produce_all(brokers, topic, &chunk).await.context("producing the bench dataset")?;
+            chunk.clear();
+            if o.progress {
+                eprintln!("  {}/{} produced ({:.0}/s)", i + 1, o.events, (i + 1) as f64 / started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    Ok(unique)
+}
+
+/// Event `n`: same ID, same payload, whenever it repeats. The payload is JSON
+/// padded to `payload_bytes` with text derived from the ID.
+fn event(n: u64, payload_bytes: usize, partitions: i32) -> Produce {
+    let id = event_id(n);
+    let mut payload = format!(r#"{{"id":"{id}","amount":{},"pad":""#, n % 9973);
+    let mut x = xxh3_64(id.as_bytes());
+    while payload.len() + 2 < payload_bytes {
+        payload.push((b'a' + (x % 26) as u8) as char);
+        x = x.rotate_left(5) ^ 0x9e37_79b9_7f4a_7c15;
+    }
+    payload.push_str("\"}");
+    Produce {
+        partition: (xxh3_64(id.as_bytes()) % partitions as u64) as i32,
+        key: Some(id.as_bytes().to_vec()),
+        payload: Some(payload.into_bytes()),
+        headers: vec![("event-id".into(), id.into_bytes())],
+    }
+}
+
+/// The pipeline configuration both runs share, written as a user would.
+/// `KDEDUP_…` environment variables apply, e.g. `KDEDUP_STORE__URL` for `--store postgres`.
+fn bench_config(brokers: &str, input: &str, output: &str, dlq: &str, o: &BenchOptions) -> anyhow::Result<Config> {
+    let store = match o.store {
+        BenchStore::Embedded => "kind = \"embedded\"\npath = \"STORE_PATH\"",
+        BenchStore::Postgres => "kind = \"postgres\"",
+        BenchStore::Scylla => "kind = \"scylla\"",
+    };
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "kdedup-bench-{seed}"
+topics = ["{input}"]
+
+[key]
+source = "header"
+header = "event-id"
+
+[store]
+{store}
+
+[filter]
+expected_keys = {expected}
+
+[sink]
+kind = "kafka"
+topic = "{output}"
+
+[dead_letter]
+topic = "{dlq}"
+
+[metrics]
+listen = ""
+
+[kafka.producer]
+"compression.type" = "lz4"
+"#,
+        seed = o.seed,
+        expected = o.events.max(1000),
+    );
+    let env = std::env::vars().filter(|(k, _)| k.starts_with("KDEDUP_"));
+    Ok(Config::from_toml_with_env(&text, "bench config", env)?)
+}
+
+fn with_store_path(config: Config, dir: &std::path::Path) -> anyhow::Result<Config> {
+    let mut config = config;
+    if let crate::config::StoreConfig::Embedded { path } = &mut config.store {
+        if path.as_os_str() == "STORE_PATH" {
+            *path = dir.join("store");
+        }
+    }
+    Ok(config)
+}
+
+/// The baseline: a plain consume -> produce -> commit loop with kdedup's own
+/// client settings (consumer, producer), batch size and commit interval.
+/// Batches are pipelined (several awaiting delivery at once); offsets are
+/// committed only behind delivered records.
+async fn passthrough(
+    config: &Config,
+    input: &str,
+    output: &str,
+    ends: &BTreeMap<i32, i64>,
+    latency: &Histogram,
+    progress: bool,
+) -> anyhow::Result<()> {
+    let mut kafka = config.kafka.clone();
+    kafka.group_id = format!("{}-passthrough", kafka.group_id);
+    let consumer: StreamConsumer = source::consumer_config(&kafka).create().context("creating the passthrough consumer")?;
+    consumer.subscribe(&[input])?;
+    let writer = KafkaWriter::new(&kafka.brokers, &kafka.producer)?;
+    let partitions = ends.len() as i32;
+    let batch_max = config.pipeline.batch_max.get();
+    let mut inflight = FuturesOrdered::new();
+    let mut delivered: HashMap<i32, i64> = HashMap::new();
+    let mut tick = tokio::time::interval(config.pipeline.commit_interval);
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let finished = |delivered: &HashMap<i32, i64>| ends.iter().all(|(p, end)| *end == 0 || delivered.get(p).is_some_and(|d| d >= end));
+    while !finished(&delivered) {
+        tokio::select! {
+            m = consumer.recv(), if inflight.len() < 4 => {
+                let arrived = Instant::now();
+                let mut batch: Vec<OwnedMessage> = vec![m?.detach()];
+                while batch.len() < batch_max {
+                    match consumer.recv().now_or_never() {
+                        Some(m) => batch.push(m?.detach()),
+                        None => break,
+                    }
+                }
+                let (writer, topic) = (writer.clone(), output.to_string());
+                inflight.push_back(async move {
+                    let out = batch
+                        .iter()
+                        .map(|m| OutRecord {
+                            partition: Some(m.partition().rem_euclid(partitions)),
+                            key: m.key(),
+                            payload: m.payload(),
+                            headers: m.headers().cloned().unwrap_or_default(),
+                        })
+                        .collect();
+                    let results = writer.write_all(&topic, out).await;
+                    let positions: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
+                    (positions, results, arrived)
+                });
+            }
+            Some((positions, results, arrived)) = inflight.next() => {
+                let secs = arrived.elapsed().as_secs_f64();
+                for ((p, o), result) in positions.into_iter().zip(results) {
+                    result.map_err(|e| anyhow!("passthrough write failed: {e}"))?;
+                    latency.observe(secs);
+                    delivered.insert(p, o + 1);
+                }
+            }
+            _ = tick.tick() => {
+                commit(&consumer, input, &delivered, CommitMode::Async)?;
+                if progress && last_report.elapsed() >= Duration::from_secs(1) {
+                    let n: i64 = delivered.values().sum();
+                    eprintln!("  {n} records passed through ({:.0}/s)", n as f64 / started.elapsed().as_secs_f64());
+                    last_report = Instant::now();
+                }
+            }
+        }
+    }
+    commit(&consumer, input, &delivered, CommitMode::Sync)?;
+    Ok(())
+}
+
+fn commit(consumer: &StreamConsumer, topic: &str, delivered: &HashMap<i32, i64>, mode: CommitMode) -> anyhow::Result<()> {
+    if delivered.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, next) in delivered {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*next))?;
+    }
+    consumer.commit(&tpl, mode).context("passthrough commit")
+}
+
+/// Checks both outputs: the passthrough copied every record; kdedup emitted
+/// every unique event exactly once.
+fn verify(records_in: u64, unique: u64, passthrough: &[mock::Consumed], dedup: &[mock::Consumed]) -> (bool, String) {
+    let mut seen = vec![0u8; unique as usize];
+    let mut strangers = 0u64;
+    for r in dedup {
+        let n = r
+            .header(headers::EVENT_ID)
+            .and_then(|id| std::str::from_utf8(id).ok())
+            .and_then(|id| id.strip_prefix("bench-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        match n {
+            Some(n) if n < seen.len() => seen[n] = seen[n].saturating_add(1),
+            _ => strangers += 1,
+        }
+    }
+    let lost = seen.iter().filter(|c| **c == 0).count();
+    let repeated = seen.iter().filter(|c| **c > 1).count();
+    let pass_ok = passthrough.len() as u64 == records_in;
+    let ok = pass_ok && lost == 0 && repeated == 0 && strangers == 0;
+    let text = format!(
+        "passthrough copied {} of {records_in} records; kdedup emitted {} records: {lost} unique events lost, {repeated} emitted more than once, {strangers} unknown",
+        passthrough.len(),
+        dedup.len()
+    );
+    (ok, text)
+}
+
+/// CPU time and peak memory of this process over one phase.
+struct Meter {
+    started: Instant,
+    cpu_secs: f64,
+}
+
+impl Meter {
+    fn start() -> Meter {
+        // Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux 4.0+).
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        Meter { started: Instant::now(), cpu_secs: cpu_secs() }
+    }
+
+    fn finish(self, events: u64, latency: &Histogram) -> Phase {
+        self.finish_at(events, latency, Instant::now())
+    }
+
+    fn finish_at(self, events: u64, latency: &Histogram, at: Instant) -> Phase {
+        let elapsed = at.duration_since(self.started).as_secs_f64();
+        Phase {
+            events_per_sec: events as f64 / elapsed.max(f64::MIN_POSITIVE),
+            elapsed_secs: elapsed,
+            cpu_secs_per_event: (cpu_secs() - self.cpu_secs) / events.max(1) as f64,
+            peak_rss_bytes: peak_rss_bytes(),
+            latency_p50_ms: quantile(latency, 0.50) * 1000.0,
+            latency_p99_ms: quantile(latency, 0.99) * 1000.0,
+            records_out: 0,
+        }
+    }
+}
+
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The same buckets as kdedup's own `kdedup_record_seconds`.
+fn latency_histogram() -> Histogram {
+    Histogram::with_opts(HistogramOpts::new("bench_passthrough_record_seconds", "passthrough latency").buckets(metrics::record_buckets()))
+        .expect("static metric")
+}
+
+/// Quantile `q` of a histogram, interpolated linearly inside its bucket.
+fn quantile(h: &Histogram, q: f64) -> f64 {
+    let total = h.get_sample_count();
+    if total == 0 {
+        return 0.0;
+    }
+    let rank = q * total as f64;
+    let proto = prometheus::core::Collector::collect(h);
+    let buckets = proto[0].get_metric()[0].get_histogram().get_bucket();
+    let (mut lower, mut below) = (0.0, 0u64);
+    for b in buckets {
+        let (upper, count) = (b.upper_bound(), b.cumulative_count());
+        if count as f64 >= rank {
+            let inside = (count - below).max(1) as f64;
+            return lower + (upper - lower) * ((rank - below as f64) / inside).clamp(0.0, 1.0);
+        }
+        (lower, below) = (upper, count);
+    }
+    lower
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+        .map_or(0, |kb| (kb as f64 / 1024.0 / 1024.0).round() as u64);
+    format!("{cpus} cores, {mem_gib} GiB, {} {}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+/// The mock cluster in a child process; it ends when its stdin closes.
+struct ChildCluster(Child);
+
+impl Drop for ChildCluster {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_mock_cluster(topics: &[(&str, i32)]) -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe().context("locating the kdedup binary")?;
+    let mut child = Command::new(exe)
+        .arg("mock-cluster")
+        .args(topics.iter().map(|(name, partitions)| format!("{name}:{partitions}")))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the mock cluster process")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("mock cluster stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).context("reading the mock cluster's address")?;
+    let bootstrap = line.trim().to_string();
+    if bootstrap.is_empty() {
+        bail!("the mock cluster process printed no address");
+    }
+    Ok((child, bootstrap))
+}
+
+/// `kdedup mock-cluster NAME:PARTITIONS...`: runs librdkafka's mock cluster
+/// with these topics, prints its bootstrap address on stdout, and serves
+/// until stdin closes.
+pub fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
+    let kafka = mock::MockKafka::start(3)?;
+    for t in topics {
+        let (name, partitions) = t.rsplit_once(':').ok_or_else(|| anyhow!("topic {t}: expected NAME:PARTITIONS"))?;
+        kafka.create_topic(name, partitions.parse().with_context(|| format!("topic {t}: partitions"))?)?;
+    }
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", kafka.bootstrap())?;
+    out.flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    drop(kafka);
+    Ok(())
+}
+
+/// The report as a table for people.
+pub fn print_table(r: &BenchReport) {
+    println!("kdedup bench  ({}; {}; store {:?})", r.machine, r.brokers, r.store);
+    println!(
+        "  {} events ({} unique, {:.0}% duplicates), {} B payloads, {} partitions",
+        r.events,
+        r.unique_events,
+        r.duplicate_rate * 100.0,
+        r.payload_bytes,
+        r.partitions
+    );
+    println!("  {:<12} {:>11} {:>9} {:>13} {:>10} {:>9} {:>9}", "", "events/s", "secs", "CPU µs/event", "peak RSS", "p50 ms", "p99 ms");
+    for (name, p) in [("passthrough", &r.passthrough), ("kdedup", &r.kdedup)] {
+        println!(
+            "  {:<12} {:>11.0} {:>9.2} {:>13.2} {:>7.0} MiB {:>9.2} {:>9.2}",
+            name,
+            p.events_per_sec,
+            p.elapsed_secs,
+            p.cpu_secs_per_event * 1e6,
+            p.peak_rss_bytes as f64 / 1048576.0,
+            p.latency_p50_ms,
+            p.latency_p99_ms
+        );
+    }
+    let d = &r.dedup;
+    println!("  ratio kdedup/passthrough: {:.2}", r.ratio);
+    println!(
+        "  per 1000 events: {:.2} store round trips ({:.2} reads), {:.2} fsyncs",
+        d.store_round_trips_per_1000, d.store_reads_per_1000, d.fsyncs_per_1000
+    );
+    println!(
+        "  filter: recent-cache hits {:.1}%, Bloom hits {:.1}%, Bloom false-positive rate {:.4}%; {} duplicates dropped",
+        d.recent_cache_hit_rate * 100.0,
+        d.bloom_hit_rate * 100.0,
+        d.bloom_false_positive_rate * 100.0,
+        d.duplicates_dropped
+    );
+    println!("  verified: {} ({})", if r.verified { "yes" } else { "NO" }, r.verification);
+}
