@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{OnConflict, PipelineConfig};
 use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
-use crate::filter::{Filter, Verdict};
+use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
 use crate::metrics::Metrics;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler};
@@ -332,8 +332,21 @@ impl PartitionTask {
         let mut recent_hits = 0;
         {
             let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+            // The aging filter outgrows the caches: read its buckets a few keys ahead.
+            let digests: Vec<u128> = items
+                .iter()
+                .filter_map(|item| match item {
+                    Item::Keyed { envelope, .. } => Some(envelope.digest),
+                    Item::Bad { .. } => None,
+                })
+                .collect();
+            digests.iter().take(PREFETCH_AHEAD).for_each(|d| filter.prefetch(*d));
+            let mut ahead = digests.iter().skip(PREFETCH_AHEAD);
             for (i, item) in items.iter_mut().enumerate() {
                 let Item::Keyed { envelope, decision } = item else { continue };
+                if let Some(d) = ahead.next() {
+                    filter.prefetch(*d);
+                }
                 let digest = envelope.digest;
                 if let Some(&leader) = leader_of.get(&digest) {
                     followers.push((i, leader));
