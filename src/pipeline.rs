@@ -26,7 +26,7 @@ use crate::config::{OnConflict, PipelineConfig};
 use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler};
 use crate::sink::{Effect, SideTopics, Sink};
@@ -576,25 +576,33 @@ impl PartitionTask {
         // filter memory + outcome counts
         let now = now_ms();
         let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = [0u64; OUTCOMES.len()];
         for item in items.iter() {
             let outcome = match item {
-                Item::Bad { .. } => "dead_letter",
+                Item::Bad { .. } => 3,
                 Item::Keyed { envelope, decision } => match decision.expect("every keyed item is decided before effects") {
                     Decision::New { .. } => {
                         filter.remember_done(envelope, envelope.fingerprint, now);
-                        "new"
+                        0
                     }
                     Decision::Duplicate => {
                         filter.remember_done(envelope, envelope.fingerprint, now);
-                        "duplicate"
+                        1
                     }
                     Decision::Conflict(_) => {
                         filter.remember_seen(envelope, now);
-                        "conflict"
+                        2
                     }
                 },
             };
-            s.metrics.records.with_label_values(&[outcome]).inc();
+            counts[outcome] += 1;
+        }
+        drop(filter);
+        // Indexes follow OUTCOMES: new, duplicate, conflict, dead_letter.
+        for (outcome, n) in OUTCOMES.iter().zip(counts) {
+            if n > 0 {
+                s.metrics.records.with_label_values(&[outcome]).inc_by(n);
+            }
         }
         Ok(())
     }
