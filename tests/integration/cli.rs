@@ -76,6 +76,29 @@ fn demo_json_reports_every_event_exactly_once() {
     assert!(report["events_per_sec"].as_f64().unwrap() > 0.0);
 }
 
+#[test]
+fn bench_json_compares_both_runs_and_verifies_their_outputs() {
+    let out = output(&["bench", "--events", "20000", "--partitions", "4", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let f = |path: &[&str]| {
+        let v = path.iter().fold(&report, |v, k| &v[*k]);
+        v.as_f64().unwrap_or_else(|| panic!("{} missing in {report}", path.join(".")))
+    };
+    assert_eq!(report["verified"], serde_json::Value::Bool(true), "{report}");
+    assert_eq!(f(&["passthrough", "records_out"]), 20_000.0);
+    assert_eq!(f(&["kdedup", "records_out"]), f(&["unique_events"]));
+    for run in ["passthrough", "kdedup"] {
+        assert!(f(&[run, "events_per_sec"]) > 0.0);
+        assert!(f(&[run, "cpu_secs_per_event"]) > 0.0);
+        assert!(f(&[run, "peak_rss_bytes"]) > 0.0);
+        assert!(f(&[run, "latency_p99_ms"]) >= f(&[run, "latency_p50_ms"]));
+    }
+    let ratio = f(&["kdedup", "events_per_sec"]) / f(&["passthrough", "events_per_sec"]);
+    assert!((f(&["ratio"]) - ratio).abs() < 1e-9);
+    assert!(f(&["kdedup", "fsyncs_per_1000"]) > 0.0, "commits sync the store");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_metrics_and_drains_commits_and_exits_zero_on_sigterm() {
     let kafka = cluster(2);
