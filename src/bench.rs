@@ -162,9 +162,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         bail!("the input topic holds {produced} records, not {}", options.events);
     }
 
-    let config = bench_config(&brokers, &input, &dedup_out, &dlq, options)?;
     let dir = tempfile::tempdir()?;
-    let config = with_store_path(config, dir.path())?;
+    let config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), options)?;
     if options.store != BenchStore::Embedded {
         crate::store::Store::open(&config.store, &config.retention)?.apply_schema().await.context("applying the store schema")?;
     }
@@ -288,11 +287,11 @@ fn event(n: u64, payload_bytes: usize, partitions: i32) -> Produce {
 
 /// The pipeline configuration both runs share, written as a user would.
 /// `KDEDUP_…` environment variables apply, e.g. `KDEDUP_STORE__URL` for `--store postgres`.
-fn bench_config(brokers: &str, input: &str, output: &str, dlq: &str, o: &BenchOptions) -> anyhow::Result<Config> {
+fn bench_config(brokers: &str, input: &str, output: &str, dlq: &str, store_dir: &std::path::Path, o: &BenchOptions) -> anyhow::Result<Config> {
     let store = match o.store {
-        BenchStore::Embedded => "kind = \"embedded\"\npath = \"STORE_PATH\"",
-        BenchStore::Postgres => "kind = \"postgres\"",
-        BenchStore::Scylla => "kind = \"scylla\"",
+        BenchStore::Embedded => format!("kind = \"embedded\"\npath = \"{}\"", store_dir.display().to_string().replace('\\', "/")),
+        BenchStore::Postgres => "kind = \"postgres\"".to_string(),
+        BenchStore::Scylla => "kind = \"scylla\"".to_string(),
     };
     let text = format!(
         r#"
@@ -329,16 +328,6 @@ listen = ""
     );
     let env = std::env::vars().filter(|(k, _)| k.starts_with("KDEDUP_"));
     Ok(Config::from_toml_with_env(&text, "bench config", env)?)
-}
-
-fn with_store_path(config: Config, dir: &std::path::Path) -> anyhow::Result<Config> {
-    let mut config = config;
-    if let crate::config::StoreConfig::Embedded { path } = &mut config.store {
-        if path.as_os_str() == "STORE_PATH" {
-            *path = dir.join("store");
-        }
-    }
-    Ok(config)
 }
 
 /// The baseline: a plain consume -> produce -> commit loop with kdedup's own

@@ -5,7 +5,7 @@
 //! 1. [`source`]: a consumer in a group; each partition gets its own queue and task.
 //! 2. [`event`]: the event ID (header, record key, JSON pointer or payload hash),
 //!    its scope, and a payload fingerprint; records without one are dead-lettered.
-//! 3. [`filter`]: a recent-key cache and a time-sliced Bloom filter that only save store calls.
+//! 3. [`filter`]: a recent-key cache and an aging filter (cuckoo table) that only save store calls.
 //! 4. [`store`]: the authority: atomic claim → `New | Duplicate | InFlight | Conflict`.
 //! 5. [`sink`]: the side effect, only for `New`; dead letters and duplicates to side topics.
 //! 6. complete: the claim turns `Done` and lives for the retention TTL.
