@@ -149,7 +149,8 @@ impl Deliveries {
 impl Drop for Deliveries {
     fn drop(&mut self) {
         if !self.started {
-            let _ = self.start();
+            // Cancelled before `resolve`: resolve anyway, for the count; nobody awaits the results.
+            drop(self.start());
         }
     }
 }
