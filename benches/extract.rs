@@ -43,7 +43,10 @@ fn extract(c: &mut Criterion) {
         ("header", extractor(KeySource::Header("event-id".into()), &[])),
         ("record_key", extractor(KeySource::RecordKey, &[])),
         ("json_pointer", extractor(KeySource::Json("/payment/id".into()), &[])),
-        ("json_pointer_fingerprint_fields", extractor(KeySource::Json("/payment/id".into()), &["/payment/amount", "/payment/currency"])),
+        (
+            "json_pointer_fingerprint_fields",
+            extractor(KeySource::Json("/payment/id".into()), &["/payment/amount", "/payment/currency"]),
+        ),
         ("payload_hash", extractor(KeySource::PayloadHash, &[])),
     ];
     let mut group = c.benchmark_group("extract");

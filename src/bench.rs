@@ -131,10 +131,19 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         }
     };
     // Topic names of their own on real brokers, so runs never see each other's data.
-    let suffix = if options.brokers.is_some() { format!("-{}-{}", std::process::id(), crate::store::now_ms()) } else { String::new() };
+    let suffix = if options.brokers.is_some() {
+        format!("-{}-{}", std::process::id(), crate::store::now_ms())
+    } else {
+        String::new()
+    };
     let name = |t: &str| format!("{t}{suffix}");
     let (input, pass_out, dedup_out, dlq) = (name(INPUT), name(PASSTHROUGH_OUT), name(KDEDUP_OUT), name(DEAD_LETTER));
-    let topics = [(input.as_str(), options.partitions), (&pass_out, options.partitions), (&dedup_out, options.partitions), (&dlq, 1)];
+    let topics = [
+        (input.as_str(), options.partitions),
+        (&pass_out, options.partitions),
+        (&dedup_out, options.partitions),
+        (&dlq, 1),
+    ];
     let mut _cluster = None;
     let brokers = match &options.brokers {
         Some(b) => {
@@ -165,7 +174,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let dir = tempfile::tempdir()?;
     let config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), options)?;
     if options.store != BenchStore::Embedded {
-        crate::store::Store::open(&config.store, &config.retention)?.apply_schema().await.context("applying the store schema")?;
+        crate::store::Store::open(&config.store, &config.retention)?
+            .apply_schema()
+            .await
+            .context("applying the store schema")?;
     }
 
     say("(a) passthrough: consume, produce, commit...");
@@ -178,7 +190,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let metrics = Metrics::new();
     let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
     let meter = Meter::start();
-    let (m, input_topic, ends_b, progress, total) = (metrics.clone(), input.clone(), ends.clone(), options.progress, options.events);
+    let (m, input_topic, ends_b, progress, total) =
+        (metrics.clone(), input.clone(), ends.clone(), options.progress, options.events);
     let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
     let finished_w = finished.clone();
     service::run(&config, run_options, async move {
@@ -194,15 +207,20 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let pass_records = mock::read_all(&brokers, &pass_out)?;
     let dedup_records = mock::read_all(&brokers, &dedup_out)?;
     let (verified, verification) = verify(produced as u64, unique, &pass_records, &dedup_records);
-    let (passthrough, kdedup) =
-        (Phase { records_out: pass_records.len() as u64, ..passthrough }, Phase { records_out: dedup_records.len() as u64, ..kdedup });
+    let (passthrough, kdedup) = (
+        Phase { records_out: pass_records.len() as u64, ..passthrough },
+        Phase { records_out: dedup_records.len() as u64, ..kdedup },
+    );
 
     let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
     let filter = |r: &str| metrics.filter.with_label_values(&[r]).get() as f64;
     let (recent, bloom_hit, bloom_miss) = (filter("recent_hit"), filter("bloom_hit"), filter("bloom_miss"));
     let checked = (recent + bloom_hit + bloom_miss).max(1.0);
     let false_positives = metrics.bloom_false_positives.get() as f64;
-    let store_calls: u64 = ["lookup", "claim", "complete", "release"].iter().map(|op| metrics.store_seconds.with_label_values(&[op]).get_sample_count()).sum();
+    let store_calls: u64 = ["lookup", "claim", "complete", "release"]
+        .iter()
+        .map(|op| metrics.store_seconds.with_label_values(&[op]).get_sample_count())
+        .sum();
     let dedup = DedupFigures {
         store_round_trips_per_1000: per_1000(store_calls as f64),
         store_reads_per_1000: per_1000(metrics.store_seconds.with_label_values(&["lookup"]).get_sample_count() as f64),
@@ -259,7 +277,12 @@ async fn produce_dataset(brokers: &str, topic: &str, o: &BenchOptions) -> anyhow
             mock::produce_all(brokers, topic, &chunk).await.context("producing the bench dataset")?;
             chunk.clear();
             if o.progress {
-                eprintln!("  {}/{} produced ({:.0}/s)", i + 1, o.events, (i + 1) as f64 / started.elapsed().as_secs_f64());
+                eprintln!(
+                    "  {}/{} produced ({:.0}/s)",
+                    i + 1,
+                    o.events,
+                    (i + 1) as f64 / started.elapsed().as_secs_f64()
+                );
             }
         }
     }
@@ -287,9 +310,18 @@ fn event(n: u64, payload_bytes: usize, partitions: i32) -> Produce {
 
 /// The pipeline configuration both runs share, written as a user would.
 /// `KDEDUP_…` environment variables apply, e.g. `KDEDUP_STORE__URL` for `--store postgres`.
-fn bench_config(brokers: &str, input: &str, output: &str, dlq: &str, store_dir: &std::path::Path, o: &BenchOptions) -> anyhow::Result<Config> {
+fn bench_config(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    store_dir: &std::path::Path,
+    o: &BenchOptions,
+) -> anyhow::Result<Config> {
     let store = match o.store {
-        BenchStore::Embedded => format!("kind = \"embedded\"\npath = \"{}\"", store_dir.display().to_string().replace('\\', "/")),
+        BenchStore::Embedded => {
+            format!("kind = \"embedded\"\npath = \"{}\"", store_dir.display().to_string().replace('\\', "/"))
+        }
         BenchStore::Postgres => "kind = \"postgres\"".to_string(),
         BenchStore::Scylla => "kind = \"scylla\"".to_string(),
     };
@@ -344,7 +376,8 @@ async fn passthrough(
 ) -> anyhow::Result<()> {
     let mut kafka = config.kafka.clone();
     kafka.group_id = format!("{}-passthrough", kafka.group_id);
-    let consumer: StreamConsumer = source::consumer_config(&kafka).create().context("creating the passthrough consumer")?;
+    let consumer: StreamConsumer =
+        source::consumer_config(&kafka).create().context("creating the passthrough consumer")?;
     consumer.subscribe(&[input])?;
     let writer = KafkaWriter::new(&kafka.brokers, &kafka.producer)?;
     let partitions = ends.len() as i32;
@@ -354,7 +387,9 @@ async fn passthrough(
     let mut tick = tokio::time::interval(config.pipeline.commit_interval);
     let started = Instant::now();
     let mut last_report = Instant::now();
-    let finished = |delivered: &HashMap<i32, i64>| ends.iter().all(|(p, end)| *end == 0 || delivered.get(p).is_some_and(|d| d >= end));
+    let finished = |delivered: &HashMap<i32, i64>| {
+        ends.iter().all(|(p, end)| *end == 0 || delivered.get(p).is_some_and(|d| d >= end))
+    };
     while !finished(&delivered) {
         tokio::select! {
             m = consumer.recv(), if inflight.len() < 4 => {
@@ -404,7 +439,12 @@ async fn passthrough(
     Ok(())
 }
 
-fn commit(consumer: &StreamConsumer, topic: &str, delivered: &HashMap<i32, i64>, mode: CommitMode) -> anyhow::Result<()> {
+fn commit(
+    consumer: &StreamConsumer,
+    topic: &str,
+    delivered: &HashMap<i32, i64>,
+    mode: CommitMode,
+) -> anyhow::Result<()> {
     if delivered.is_empty() {
         return Ok(());
     }
@@ -495,8 +535,11 @@ fn peak_rss_bytes() -> u64 {
 
 /// The same buckets as kdedup's own `kdedup_record_seconds`.
 fn latency_histogram() -> Histogram {
-    Histogram::with_opts(HistogramOpts::new("bench_passthrough_record_seconds", "passthrough latency").buckets(metrics::record_buckets()))
-        .expect("static metric")
+    Histogram::with_opts(
+        HistogramOpts::new("bench_passthrough_record_seconds", "passthrough latency")
+            .buckets(metrics::record_buckets()),
+    )
+    .expect("static metric")
 }
 
 /// Quantile `q` of a histogram, interpolated linearly inside its bucket.
@@ -524,7 +567,11 @@ fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
         .map_or(0, |kb| (kb as f64 / 1024.0 / 1024.0).round() as u64);
     format!("{cpus} cores, {mem_gib} GiB, {} {}", std::env::consts::OS, std::env::consts::ARCH)
 }
@@ -588,7 +635,10 @@ pub fn print_table(r: &BenchReport) {
         r.payload_bytes,
         r.partitions
     );
-    println!("  {:<12} {:>11} {:>9} {:>13} {:>10} {:>9} {:>9}", "", "events/s", "secs", "CPU µs/event", "peak RSS", "p50 ms", "p99 ms");
+    println!(
+        "  {:<12} {:>11} {:>9} {:>13} {:>10} {:>9} {:>9}",
+        "", "events/s", "secs", "CPU µs/event", "peak RSS", "p50 ms", "p99 ms"
+    );
     for (name, p) in [("passthrough", &r.passthrough), ("kdedup", &r.kdedup.run)] {
         println!(
             "  {:<12} {:>11.0} {:>9.2} {:>13.2} {:>7.0} MiB {:>9.2} {:>9.2}",

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, StoreConfig};
 use crate::bench::{self, BenchOptions, BenchStore};
+use crate::config::{Config, StoreConfig};
 use crate::demo::{self, DemoOptions};
 use crate::event::EventKey;
 use crate::metrics::Metrics;
@@ -200,7 +200,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             if partitions < 1 || events < 1 {
                 anyhow::bail!("--partitions and --events must be at least 1");
             }
-            let options = BenchOptions { brokers, events, duplicate_rate, payload_bytes, partitions, store, seed, progress: !json };
+            let options = BenchOptions {
+                brokers,
+                events,
+                duplicate_rate,
+                payload_bytes,
+                partitions,
+                store,
+                seed,
+                progress: !json,
+            };
             let report = bench::run(&options).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -222,7 +231,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     let config = Config::load(&path)?;
                     match &config.store {
                         StoreConfig::Postgres { .. } => Some(crate::store::postgres::SCHEMA.to_string()),
-                        StoreConfig::Scylla(scylla) => Some(crate::store::scylla::render_schema(scylla, &config.retention)),
+                        StoreConfig::Scylla(scylla) => {
+                            Some(crate::store::scylla::render_schema(scylla, &config.retention))
+                        }
                         StoreConfig::Embedded { .. } => None,
                     }
                 }
@@ -270,7 +281,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 fn open_for_key(KeyArgs { config, id, scope }: KeyArgs) -> anyhow::Result<(Store, EventKey)> {
     let config = Config::load(&config)?;
     let store = Store::open(&config.store, &config.retention).with_context(|| match &config.store {
-        StoreConfig::Embedded { path } => format!("cannot open the store at {} (is `kdedup run` using it?)", path.display()),
+        StoreConfig::Embedded { path } => {
+            format!("cannot open the store at {} (is `kdedup run` using it?)", path.display())
+        }
         StoreConfig::Postgres { .. } => "cannot open the PostgreSQL store".to_string(),
         StoreConfig::Scylla(_) => "cannot open the ScyllaDB store".to_string(),
     })?;
@@ -294,7 +307,10 @@ fn print_report(r: &demo::DemoReport) {
     println!("  elapsed              {:>9.2}s", r.elapsed_secs);
     println!("  throughput           {:>8.0}/s", r.events_per_sec);
     println!();
-    println!("{}", if r.ok() { "OK: every unique event emitted exactly once" } else { "FAILED: events lost or emitted twice" });
+    println!(
+        "{}",
+        if r.ok() { "OK: every unique event emitted exactly once" } else { "FAILED: events lost or emitted twice" }
+    );
 }
 
 /// Resolves on SIGTERM or Ctrl-C: drain and stop.

@@ -406,7 +406,9 @@ impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreConfig::Embedded { path } => f.debug_struct("Embedded").field("path", path).finish(),
-            StoreConfig::Postgres { pool_size, .. } => f.debug_struct("Postgres").field("pool_size", pool_size).finish_non_exhaustive(),
+            StoreConfig::Postgres { pool_size, .. } => {
+                f.debug_struct("Postgres").field("pool_size", pool_size).finish_non_exhaustive()
+            }
             StoreConfig::Scylla(c) => f.debug_tuple("Scylla").field(c).finish(),
         }
     }
@@ -551,8 +553,8 @@ pub struct Config {
 impl Config {
     /// Reads `path`, applies `KDEDUP_…` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
     }
 
@@ -602,9 +604,7 @@ fn apply_env_overrides(
             _ => return Err(invalid("must look like KDEDUP_<SECTION>__<KEY>")),
         };
         let value = parse_env_value(&raw);
-        let mut node = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let mut node = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         for (i, segment) in path.iter().enumerate() {
             let toml::Value::Table(t) = node else {
                 return Err(invalid(&format!("section [{section}] is not a table in the file")));
@@ -629,11 +629,8 @@ fn parse_env_value(raw: &str) -> toml::Value {
 }
 
 fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
-    let invalid = |key: &str, message: String| ConfigError::Invalid {
-        origin: origin.to_string(),
-        key: key.to_string(),
-        message,
-    };
+    let invalid =
+        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
 
     let kafka = &file.kafka;
     if kafka.brokers.trim().is_empty() {
@@ -648,9 +645,9 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     let props = |section: &str, map: &BTreeMap<String, toml::Value>| {
         map.iter()
             .map(|(k, v)| {
-                scalar_to_string(v)
-                    .map(|s| (k.clone(), s))
-                    .ok_or_else(|| invalid(&format!("kafka.{section}.{k}"), "must be a string, number or boolean".into()))
+                scalar_to_string(v).map(|s| (k.clone(), s)).ok_or_else(|| {
+                    invalid(&format!("kafka.{section}.{k}"), "must be a string, number or boolean".into())
+                })
             })
             .collect::<Result<BTreeMap<_, _>, _>>()
     };
@@ -694,7 +691,8 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         "dead_letter" => OnOversize::DeadLetter,
         other => return Err(invalid("key.on_oversize", format!("is \"{other}\"; allowed: \"hash\", \"dead_letter\""))),
     };
-    let max_bytes = NonZeroUsize::new(k.max_bytes).ok_or_else(|| invalid("key.max_bytes", "must be at least 1".into()))?;
+    let max_bytes =
+        NonZeroUsize::new(k.max_bytes).ok_or_else(|| invalid("key.max_bytes", "must be at least 1".into()))?;
     let scope = k.scope.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| kafka.group_id.clone());
     if scope.len() > u16::MAX as usize {
         return Err(invalid("key.scope", "must be shorter than 65535 bytes".into()));
@@ -719,14 +717,20 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         }
         "scylla" => StoreConfig::Scylla(Box::new(validate_scylla(s).map_err(|(key, message)| invalid(key, message))?)),
         other => {
-            return Err(invalid("store.kind", format!("is \"{other}\"; allowed: \"embedded\", \"postgres\", \"scylla\"")))
+            return Err(invalid(
+                "store.kind",
+                format!("is \"{other}\"; allowed: \"embedded\", \"postgres\", \"scylla\""),
+            ))
         }
     };
     if s.ttl_secs == 0 {
         return Err(invalid("store.ttl_secs", "must be at least 1".into()));
     }
     if s.lease_secs == 0 || s.lease_secs >= s.ttl_secs {
-        return Err(invalid("store.lease_secs", format!("must be at least 1 and below store.ttl_secs ({})", s.ttl_secs)));
+        return Err(invalid(
+            "store.lease_secs",
+            format!("must be at least 1 and below store.ttl_secs ({})", s.ttl_secs),
+        ));
     }
     if s.sweep_interval_secs == 0 {
         return Err(invalid("store.sweep_interval_secs", "must be at least 1".into()));
@@ -774,12 +778,19 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         None
     } else {
         Some(file.metrics.listen.parse::<SocketAddr>().map_err(|e| {
-            invalid("metrics.listen", format!("is \"{}\": {e}; write host:port, e.g. 127.0.0.1:9464, or \"\" to disable", file.metrics.listen))
+            invalid(
+                "metrics.listen",
+                format!(
+                    "is \"{}\": {e}; write host:port, e.g. 127.0.0.1:9464, or \"\" to disable",
+                    file.metrics.listen
+                ),
+            )
         })?)
     };
 
     let p = &file.pipeline;
-    let batch_max = NonZeroUsize::new(p.batch_max).ok_or_else(|| invalid("pipeline.batch_max", "must be at least 1".into()))?;
+    let batch_max =
+        NonZeroUsize::new(p.batch_max).ok_or_else(|| invalid("pipeline.batch_max", "must be at least 1".into()))?;
     if p.commit_interval_ms == 0 {
         return Err(invalid("pipeline.commit_interval_ms", "must be at least 1".into()));
     }
@@ -806,11 +817,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             lease: Duration::from_secs(s.lease_secs),
             sweep_interval: Duration::from_secs(s.sweep_interval_secs),
         },
-        filter: FilterConfig {
-            expected_keys,
-            false_positive_rate: f.false_positive_rate,
-            recent_keys: f.recent_keys,
-        },
+        filter: FilterConfig { expected_keys, false_positive_rate: f.false_positive_rate, recent_keys: f.recent_keys },
         sink,
         dead_letter_topic: file.dead_letter.topic.clone(),
         duplicates_topic,
@@ -827,12 +834,18 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
 /// The `[store]` keys of kind = "scylla"; errors name the key.
 fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, String)> {
     if s.contact_points.is_empty() {
-        return Err(("store.contact_points", "must list at least one node as host:port, e.g. [\"10.0.0.5:9042\"], when store.kind = \"scylla\"".into()));
+        return Err((
+            "store.contact_points",
+            "must list at least one node as host:port, e.g. [\"10.0.0.5:9042\"], when store.kind = \"scylla\"".into(),
+        ));
     }
     for point in &s.contact_points {
         let port = point.rsplit_once(':').map(|(_, p)| p);
         if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
-            return Err(("store.contact_points", format!("\"{point}\" is not host:port; write e.g. \"10.0.0.5:9042\" (the CQL port)")));
+            return Err((
+                "store.contact_points",
+                format!("\"{point}\" is not host:port; write e.g. \"10.0.0.5:9042\" (the CQL port)"),
+            ));
         }
     }
     if s.local_datacenter.trim().is_empty() {
@@ -846,19 +859,23 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
     if !is_cql_identifier(&s.keyspace) {
         return Err((
             "store.keyspace",
-            format!("is \"{}\"; allowed: a lowercase letter, then up to 47 lowercase letters, digits or '_'", s.keyspace),
+            format!(
+                "is \"{}\"; allowed: a lowercase letter, then up to 47 lowercase letters, digits or '_'",
+                s.keyspace
+            ),
         ));
     }
     let mut replication = BTreeMap::new();
     for (dc, rf) in &s.replication {
         if dc.is_empty() || !dc.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
-            return Err(("store.replication", format!("datacenter name \"{dc}\" may hold only letters, digits, '_', '-', '.'")));
+            return Err((
+                "store.replication",
+                format!("datacenter name \"{dc}\" may hold only letters, digits, '_', '-', '.'"),
+            ));
         }
-        let rf = rf
-            .as_integer()
-            .and_then(|n| u32::try_from(n).ok())
-            .and_then(NonZeroU32::new)
-            .ok_or_else(|| ("store.replication", format!("{dc} = {rf}: the replication factor must be a whole number of at least 1")))?;
+        let rf = rf.as_integer().and_then(|n| u32::try_from(n).ok()).and_then(NonZeroU32::new).ok_or_else(|| {
+            ("store.replication", format!("{dc} = {rf}: the replication factor must be a whole number of at least 1"))
+        })?;
         replication.insert(dc.clone(), rf);
     }
     if replication.is_empty() {
@@ -867,7 +884,10 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
     if !replication.contains_key(&s.local_datacenter) {
         return Err((
             "store.replication",
-            format!("has no replicas in store.local_datacenter \"{}\": LOCAL_QUORUM there could never be reached", s.local_datacenter),
+            format!(
+                "has no replicas in store.local_datacenter \"{}\": LOCAL_QUORUM there could never be reached",
+                s.local_datacenter
+            ),
         ));
     }
     let consistency = match s.consistency.as_str() {
@@ -878,7 +898,9 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
     let serial_consistency = match s.serial_consistency.as_str() {
         "local_serial" => ScyllaSerialConsistency::LocalSerial,
         "serial" => ScyllaSerialConsistency::Serial,
-        other => return Err(("store.serial_consistency", format!("is \"{other}\"; allowed: \"local_serial\", \"serial\""))),
+        other => {
+            return Err(("store.serial_consistency", format!("is \"{other}\"; allowed: \"local_serial\", \"serial\"")))
+        }
     };
     if s.request_timeout_ms == 0 {
         return Err(("store.request_timeout_ms", "must be at least 1".into()));
@@ -886,18 +908,26 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
     if s.connect_timeout_ms == 0 {
         return Err(("store.connect_timeout_ms", "must be at least 1".into()));
     }
-    let max_in_flight = NonZeroUsize::new(s.max_in_flight).ok_or(("store.max_in_flight", "must be at least 1".to_string()))?;
+    let max_in_flight =
+        NonZeroUsize::new(s.max_in_flight).ok_or(("store.max_in_flight", "must be at least 1".to_string()))?;
     let tls = match (s.tls, &s.tls_ca_file) {
         (true, ca) => Some(ScyllaTls { ca_file: ca.clone() }),
         (false, None) => None,
-        (false, Some(_)) => return Err(("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it".into())),
+        (false, Some(_)) => {
+            return Err(("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it".into()))
+        }
     };
     let credentials = match (s.username.is_empty(), s.password.is_empty()) {
         (true, true) => None,
         (false, false) => Some((s.username.clone(), s.password.clone())),
-        (true, false) => return Err(("store.username", "must be set when store.password is (KDEDUP_STORE__USERNAME)".into())),
+        (true, false) => {
+            return Err(("store.username", "must be set when store.password is (KDEDUP_STORE__USERNAME)".into()))
+        }
         (false, true) => {
-            return Err(("store.password", "must be set when store.username is; set it from the environment (KDEDUP_STORE__PASSWORD)".into()))
+            return Err((
+                "store.password",
+                "must be set when store.username is; set it from the environment (KDEDUP_STORE__PASSWORD)".into(),
+            ))
         }
     };
     Ok(ScyllaConfig {

@@ -170,9 +170,9 @@ pub async fn wait_committed(metrics: &Metrics, topic: &str, ends: &BTreeMap<i32,
     let started = Instant::now();
     let mut last_report = Instant::now();
     loop {
-        let done = ends
-            .iter()
-            .all(|(p, end)| *end == 0 || metrics.committed_offset.with_label_values(&[topic, &p.to_string()]).get() >= *end);
+        let done = ends.iter().all(|(p, end)| {
+            *end == 0 || metrics.committed_offset.with_label_values(&[topic, &p.to_string()]).get() >= *end
+        });
         if done {
             return;
         }

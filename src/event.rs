@@ -148,8 +148,12 @@ impl KeyExtractor {
         // Parse JSON once when either the ID or the fingerprint needs it.
         let needs_json = matches!(self.config.source, KeySource::Json(_)) || !self.config.fingerprint_fields.is_empty();
         let json = if needs_json {
-            let bytes = payload.ok_or_else(|| RecordError::MissingId("record has no payload to read JSON from".into()))?;
-            Some(serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| RecordError::InvalidJson(e.to_string()))?)
+            let bytes =
+                payload.ok_or_else(|| RecordError::MissingId("record has no payload to read JSON from".into()))?;
+            Some(
+                serde_json::from_slice::<serde_json::Value>(bytes)
+                    .map_err(|e| RecordError::InvalidJson(e.to_string()))?,
+            )
         } else {
             None
         };
@@ -179,7 +183,11 @@ impl KeyExtractor {
             }
             KeySource::PayloadHash => match payload {
                 Some(p) => sha256_tag(p),
-                None => return Err(RecordError::MissingId("record has no payload to hash (key.source = \"payload_hash\")".into())),
+                None => {
+                    return Err(RecordError::MissingId(
+                        "record has no payload to hash (key.source = \"payload_hash\")".into(),
+                    ))
+                }
             },
         };
 

@@ -334,7 +334,8 @@ impl AgingCuckoo {
         let s = self.spot(digest);
         let want = (s.fp << TAG_BITS) * LANE_LOW;
         // Both loads before any branch, so their cache misses overlap.
-        let holds = |t: &Buckets| zero_lanes((t[s.i1] & FP_LANES) ^ want) | zero_lanes((t[s.i2] & FP_LANES) ^ want) != 0;
+        let holds =
+            |t: &Buckets| zero_lanes((t[s.i1] & FP_LANES) ^ want) | zero_lanes((t[s.i2] & FP_LANES) ^ want) != 0;
         let (first, overflow) = self.tables.split_first().expect("there is always a first table");
         holds(first) || overflow.iter().any(holds)
     }

@@ -99,7 +99,8 @@ impl Metrics {
         )
         .expect("static metric");
         registry.register(Box::new(committed_offset.clone())).expect("registered once");
-        let assigned_partitions = IntGauge::new("kdedup_assigned_partitions", "Partitions this process owns.").expect("static metric");
+        let assigned_partitions =
+            IntGauge::new("kdedup_assigned_partitions", "Partitions this process owns.").expect("static metric");
         registry.register(Box::new(assigned_partitions.clone())).expect("registered once");
 
         let records = counter_vec(
@@ -223,7 +224,9 @@ impl StoreOpMetrics {
 impl Metrics {
     /// Exposes a store's per-statement metrics on this registry (once; again is a no-op).
     pub fn register_store_ops(&self, ops: &StoreOpMetrics) {
-        for collector in [Box::new(ops.ops.clone()) as Box<dyn prometheus::core::Collector>, Box::new(ops.seconds.clone())] {
+        for collector in
+            [Box::new(ops.ops.clone()) as Box<dyn prometheus::core::Collector>, Box::new(ops.seconds.clone())]
+        {
             match self.registry.register(collector) {
                 Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot register the store's statement metrics"),
@@ -255,8 +258,10 @@ impl MetricsServer {
                     "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
                     _ => (404, "try /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
                 };
-                let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
-                let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
+                let header =
+                    tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
+                let _ = request
+                    .respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
             }
         })?;
         Ok(MetricsServer { server, thread: Some(thread), addr })

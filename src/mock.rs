@@ -61,11 +61,8 @@ impl MockKafka {
             .set("log_level", "3")
             .create()
             .context("cannot start librdkafka's mock cluster")?;
-        let bootstrap = owner
-            .client()
-            .mock_cluster()
-            .ok_or_else(|| anyhow!("mock cluster missing"))?
-            .bootstrap_servers();
+        let bootstrap =
+            owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?.bootstrap_servers();
         // SAFETY: the handle belongs to `owner`, which outlives this call; the function only
         // sets an integer on the cluster. Without it, every group join waits the mock's
         // default 3 s initial rebalance delay.
@@ -101,8 +98,11 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> anyhow::Res
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create()?;
-    let new: Vec<NewTopic<'_>> = topics.iter().map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1))).collect();
-    for result in admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await? {
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1))).collect();
+    for result in
+        admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?
+    {
         result.map_err(|(topic, e)| anyhow!("cannot create topic {topic}: {e}"))?;
     }
     Ok(())
@@ -124,7 +124,8 @@ pub async fn produce_all(brokers: &str, topic: &str, records: &[Produce]) -> any
             for (k, v) in &r.headers {
                 headers = headers.insert(rdkafka::message::Header { key: k, value: Some(v) });
             }
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).partition(r.partition).headers(headers);
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).partition(r.partition).headers(headers);
             if let Some(k) = &r.key {
                 record = record.key(k);
             }

@@ -49,10 +49,7 @@ impl OffsetTracker {
 
     /// A record is finished; returns the new watermark if it moved.
     pub fn finish(&mut self, offset: i64) -> Result<Option<i64>, TrackError> {
-        let index = self
-            .pending
-            .binary_search_by_key(&offset, |(o, _)| *o)
-            .map_err(|_| TrackError::Unknown(offset))?;
+        let index = self.pending.binary_search_by_key(&offset, |(o, _)| *o).map_err(|_| TrackError::Unknown(offset))?;
         self.pending[index].1 = true;
         let before = self.watermark;
         while let Some(&(o, true)) = self.pending.front() {
@@ -293,7 +290,11 @@ mod tests {
         let dlq = OutputMark { partition: 0, offset: 3 };
         book.publish(&tp, 9, LogMarks { output: None, dead_letter: Some(dlq) });
         let both = LogMarks { dead_letter: Some(dlq), ..carried };
-        assert_eq!(book.prepare(None).unwrap(), vec![Ready { tp: tp.clone(), offset: 7, logs: both }], "held below the stray record");
+        assert_eq!(
+            book.prepare(None).unwrap(),
+            vec![Ready { tp: tp.clone(), offset: 7, logs: both }],
+            "held below the stray record"
+        );
         book.close(&tp);
         book.publish(&tp, 9, LogMarks::default());
         assert!(book.prepare(None).unwrap().is_empty());

@@ -76,7 +76,11 @@ impl Stages {
     /// The output log an input partition writes to, when it is fixed.
     fn output_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Option<Log> {
         match &self.sink {
-            Sink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log { topic: k.topic().to_string(), partition, mark }),
+            Sink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log {
+                topic: k.topic().to_string(),
+                partition,
+                mark,
+            }),
             Sink::Stdout(_) => None,
         }
     }
@@ -116,7 +120,9 @@ impl Item {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decision {
     /// `resumed`: our own earlier attempt at this very record held the claim.
-    New { resumed: bool },
+    New {
+        resumed: bool,
+    },
     Duplicate,
     Conflict(Fingerprint),
 }
@@ -363,7 +369,8 @@ impl PartitionTask {
                 }
             }
         }
-        for (result, n) in [("recent_hit", recent_hits), ("bloom_hit", suspects.len()), ("bloom_miss", to_claim.len())] {
+        for (result, n) in [("recent_hit", recent_hits), ("bloom_hit", suspects.len()), ("bloom_miss", to_claim.len())]
+        {
             s.metrics.filter.with_label_values(&[result]).inc_by(n as u64);
         }
 
@@ -375,7 +382,14 @@ impl PartitionTask {
                 match row {
                     Some(row) if row.state == ClaimState::Done => {
                         let fp = envelope(&items[i]).fingerprint;
-                        set_decision(&mut items[i], if row.fingerprint == fp { Decision::Duplicate } else { Decision::Conflict(row.fingerprint) });
+                        set_decision(
+                            &mut items[i],
+                            if row.fingerprint == fp {
+                                Decision::Duplicate
+                            } else {
+                                Decision::Conflict(row.fingerprint)
+                            },
+                        );
                     }
                     Some(_) => to_claim.push(i),
                     None => {
@@ -438,7 +452,10 @@ impl PartitionTask {
                 (_, fp) => fp,
             };
             let fp = envelope(&items[i]).fingerprint;
-            set_decision(&mut items[i], if fp == authority { Decision::Duplicate } else { Decision::Conflict(authority) });
+            set_decision(
+                &mut items[i],
+                if fp == authority { Decision::Duplicate } else { Decision::Conflict(authority) },
+            );
         }
         Ok(())
     }
@@ -517,7 +534,9 @@ impl PartitionTask {
                 .collect();
             self.store_call("release", || s.store.release(keys.clone())).await?;
             for (i, e) in rejected {
-                let Item::Keyed { envelope, .. } = std::mem::replace(&mut items[i], placeholder()) else { unreachable!() };
+                let Item::Keyed { envelope, .. } = std::mem::replace(&mut items[i], placeholder()) else {
+                    unreachable!()
+                };
                 items[i] = Item::Bad { record: envelope.record, error: RecordError::SinkRejected(e.to_string()) };
             }
         }
@@ -580,20 +599,22 @@ impl PartitionTask {
         for item in items.iter() {
             let outcome = match item {
                 Item::Bad { .. } => 3,
-                Item::Keyed { envelope, decision } => match decision.expect("every keyed item is decided before effects") {
-                    Decision::New { .. } => {
-                        filter.remember_done(envelope, envelope.fingerprint, now);
-                        0
+                Item::Keyed { envelope, decision } => {
+                    match decision.expect("every keyed item is decided before effects") {
+                        Decision::New { .. } => {
+                            filter.remember_done(envelope, envelope.fingerprint, now);
+                            0
+                        }
+                        Decision::Duplicate => {
+                            filter.remember_done(envelope, envelope.fingerprint, now);
+                            1
+                        }
+                        Decision::Conflict(_) => {
+                            filter.remember_seen(envelope, now);
+                            2
+                        }
                     }
-                    Decision::Duplicate => {
-                        filter.remember_done(envelope, envelope.fingerprint, now);
-                        1
-                    }
-                    Decision::Conflict(_) => {
-                        filter.remember_seen(envelope, now);
-                        2
-                    }
-                },
+                }
             };
             counts[outcome] += 1;
         }

@@ -60,7 +60,13 @@ pub struct Found {
 impl Reconciler {
     /// Reads the output (if fixed) and dead-letter logs of `source` from its marks.
     /// Blocking: run it on the blocking pool.
-    pub fn find(&self, source: &TopicPartition, from_offset: i64, output: Option<Log>, dead_letter: Log) -> anyhow::Result<Found> {
+    pub fn find(
+        &self,
+        source: &TopicPartition,
+        from_offset: i64,
+        output: Option<Log>,
+        dead_letter: Log,
+    ) -> anyhow::Result<Found> {
         Ok(Found {
             emitted: match output {
                 Some(log) => self.written_since(source, from_offset, &log)?,
@@ -106,7 +112,9 @@ impl Reconciler {
                     break;
                 }
                 if Instant::now() > deadline {
-                    return Err(anyhow!("reading {topic}/{output_partition} from {start} to {high} timed out at {position}"));
+                    return Err(anyhow!(
+                        "reading {topic}/{output_partition} from {start} to {high} timed out at {position}"
+                    ));
                 }
                 continue;
             };
@@ -118,7 +126,9 @@ impl Reconciler {
             };
             let same_source = header(headers::SOURCE_TOPIC) == Some(&*source.0)
                 && header(headers::SOURCE_PARTITION).and_then(|p| p.parse::<i32>().ok()) == Some(source.1);
-            if let (true, Some(offset)) = (same_source, header(headers::SOURCE_OFFSET).and_then(|o| o.parse::<i64>().ok())) {
+            if let (true, Some(offset)) =
+                (same_source, header(headers::SOURCE_OFFSET).and_then(|o| o.parse::<i64>().ok()))
+            {
                 if offset >= from_offset {
                     found.insert(offset);
                 }

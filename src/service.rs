@@ -46,7 +46,8 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     if let Some(ops) = store.op_metrics() {
         metrics.register_store_ops(ops);
     }
-    let writer = KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
+    let writer =
+        KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
     let sink = match &config.sink {
         SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
             KafkaSink::new(writer.clone(), topic, *partitioning)

@@ -114,12 +114,17 @@ impl SourceContext {
                     let resume = resumes.get(&tp).copied().unwrap_or_default();
                     self.book.open(tp.clone(), resume.committed, resume.logs);
                     if let Some(committed) = resume.committed {
-                        self.metrics.committed_offset.with_label_values(&[tp.0.to_string(), tp.1.to_string()]).set(committed);
+                        self.metrics
+                            .committed_offset
+                            .with_label_values(&[tp.0.to_string(), tp.1.to_string()])
+                            .set(committed);
                     }
                     self.assigned.lock().unwrap_or_else(|p| p.into_inner()).insert(tp.clone());
                     self.handler.assigned(tp, queue, resume);
                 }
-                None => error!(topic = %tp.0, partition = tp.1, "cannot split the partition's queue; it is not processed"),
+                None => {
+                    error!(topic = %tp.0, partition = tp.1, "cannot split the partition's queue; it is not processed")
+                }
             }
         }
         self.metrics.set_ready(true);
@@ -178,7 +183,12 @@ impl SourceContext {
 }
 
 /// Commits what the book says is finished and durable.
-fn commit<C: Consumer<SourceContext>>(consumer: &C, book: &CommitBook, metrics: &Metrics, only: Option<&[TopicPartition]>) {
+fn commit<C: Consumer<SourceContext>>(
+    consumer: &C,
+    book: &CommitBook,
+    metrics: &Metrics,
+    only: Option<&[TopicPartition]>,
+) {
     let ready = match book.prepare(only) {
         Ok(r) => r,
         Err(e) => {
@@ -253,7 +263,8 @@ impl Source {
         commit_interval: Duration,
         single_instance_store: bool,
     ) -> Result<Source, SourceError> {
-        let topics: HashMap<String, Arc<str>> = kafka.topics.iter().map(|t| (t.clone(), Arc::from(t.as_str()))).collect();
+        let topics: HashMap<String, Arc<str>> =
+            kafka.topics.iter().map(|t| (t.clone(), Arc::from(t.as_str()))).collect();
         // Learn the topics' sizes first (for the single-instance check); not fatal if it fails.
         let total_partitions = {
             let probe: Result<BaseConsumer, _> = consumer_config(kafka).create();
@@ -279,9 +290,7 @@ impl Source {
             Arc::new(consumer_config(kafka).create_with_context(context).map_err(SourceError::Create)?);
         consumer.context().consumer.set(Arc::downgrade(&consumer)).ok();
         let names: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&names)
-            .map_err(|source| SourceError::Subscribe { topics: kafka.topics.clone(), source })?;
+        consumer.subscribe(&names).map_err(|source| SourceError::Subscribe { topics: kafka.topics.clone(), source })?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()

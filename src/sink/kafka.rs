@@ -110,7 +110,13 @@ impl Deliveries {
             *partitions.entry(p).or_default() += 1;
         }
         outstanding.add(topic, &partitions);
-        Deliveries { outstanding, topic: topic.to_string(), partitions, pending: Vec::with_capacity(records.len()), started: false }
+        Deliveries {
+            outstanding,
+            topic: topic.to_string(),
+            partitions,
+            pending: Vec::with_capacity(records.len()),
+            started: false,
+        }
     }
 
     fn resolve(mut self) -> oneshot::Receiver<Vec<Delivered>> {
@@ -125,8 +131,12 @@ impl Deliveries {
             self.outstanding.remove(&self.topic, &self.partitions);
             return rx;
         };
-        let (outstanding, topic, partitions, pending) =
-            (self.outstanding.clone(), std::mem::take(&mut self.topic), std::mem::take(&mut self.partitions), std::mem::take(&mut self.pending));
+        let (outstanding, topic, partitions, pending) = (
+            self.outstanding.clone(),
+            std::mem::take(&mut self.topic),
+            std::mem::take(&mut self.partitions),
+            std::mem::take(&mut self.pending),
+        );
         runtime.spawn(async move {
             let mut results = Vec::with_capacity(pending.len());
             for p in pending {
@@ -215,7 +225,8 @@ impl KafkaWriter {
                 }
             }
         }
-        let results = deliveries.resolve().await.unwrap_or_else(|_| (0..n).map(|_| Err(KafkaError::Canceled)).collect());
+        let results =
+            deliveries.resolve().await.unwrap_or_else(|_| (0..n).map(|_| Err(KafkaError::Canceled)).collect());
         results.into_iter().map(|r| r.map_err(|source| SinkError::Kafka { topic: topic.to_string(), source })).collect()
     }
 

@@ -36,7 +36,9 @@ impl StdoutSink {
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match result {
             Ok(()) => batch.iter().map(|_| Ok(None)).collect(),
-            Err(e) => batch.iter().map(|_| Err(SinkError::Stdout(std::io::Error::new(e.kind(), e.to_string())))).collect(),
+            Err(e) => {
+                batch.iter().map(|_| Err(SinkError::Stdout(std::io::Error::new(e.kind(), e.to_string())))).collect()
+            }
         }
     }
 }

@@ -58,7 +58,10 @@ struct Inner {
 
 impl EmbeddedStore {
     pub fn open(path: &Path, retention: &Retention) -> Result<EmbeddedStore, StoreError> {
-        let fail = |e: &dyn std::fmt::Display| StoreError::Embedded { path: path.display().to_string(), message: e.to_string() };
+        let fail = |e: &dyn std::fmt::Display| StoreError::Embedded {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
         std::fs::create_dir_all(path).map_err(|e| fail(&e))?;
         let db = Database::builder(path).open().map_err(|e| fail(&e))?;
         let claims = db.keyspace("claims", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
@@ -106,7 +109,9 @@ impl Inner {
 
     fn read(&self, key: &[u8]) -> Result<Option<ClaimRow>, StoreError> {
         match self.claims.get(key).map_err(|e| self.err(e))? {
-            Some(bytes) => decode_row(&bytes).map(Some).ok_or_else(|| StoreError::Corrupt(format!("row of {} bytes", bytes.len()))),
+            Some(bytes) => {
+                decode_row(&bytes).map(Some).ok_or_else(|| StoreError::Corrupt(format!("row of {} bytes", bytes.len())))
+            }
             None => Ok(None),
         }
     }
@@ -178,7 +183,11 @@ impl DedupStore for EmbeddedStore {
                 let held = match row {
                     Some(row) if row.position == position && row.expires_at_ms > now_ms => {
                         if row.state == ClaimState::InFlight {
-                            batch.insert(&s.claims, key, encode_row(&ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..row }));
+                            batch.insert(
+                                &s.claims,
+                                key,
+                                encode_row(&ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..row }),
+                            );
                         }
                         true
                     }
@@ -214,9 +223,7 @@ impl DedupStore for EmbeddedStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             inner.round_trips.fetch_add(1, Ordering::Relaxed);
-            keys.iter()
-                .map(|k| Ok(inner.read(&k.encode())?.filter(|row| row.expires_at_ms > now_ms)))
-                .collect()
+            keys.iter().map(|k| Ok(inner.read(&k.encode())?.filter(|row| row.expires_at_ms > now_ms))).collect()
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -333,7 +340,11 @@ mod tests {
     use super::*;
 
     fn retention() -> Retention {
-        Retention { ttl: Duration::from_secs(100), lease: Duration::from_secs(10), sweep_interval: Duration::from_secs(1) }
+        Retention {
+            ttl: Duration::from_secs(100),
+            lease: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(1),
+        }
     }
 
     fn request(id: &str, fp: u128, offset: i64) -> ClaimRequest {

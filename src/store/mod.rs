@@ -24,9 +24,9 @@ pub mod scylla;
 use std::future::Future;
 
 use crate::config::{Retention, StoreConfig};
-use crate::metrics::StoreOpMetrics;
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
+use crate::metrics::StoreOpMetrics;
 
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
@@ -104,16 +104,28 @@ pub struct StoreStats {
 pub trait DedupStore: Send + Sync {
     /// Atomic insert-if-absent per key, in request order (a key repeated in one
     /// batch sees the earlier request's write).
-    fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
+    fn claim(
+        &self,
+        requests: Vec<ClaimRequest>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
 
     /// Marks claims done. `false` for a key whose claim this position no longer holds.
-    fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+    fn complete(
+        &self,
+        done: Vec<(EventKey, Position)>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
 
     /// Drops in-flight claims this position holds (the effect failed).
     fn release(&self, keys: Vec<(EventKey, Position)>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Current rows, expired ones answered as `None`.
-    fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> impl Future<Output = Result<Vec<Option<ClaimRow>>, StoreError>> + Send;
+    fn lookup(
+        &self,
+        keys: Vec<EventKey>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Vec<Option<ClaimRow>>, StoreError>> + Send;
 
     /// Deletes a key whatever its state; `true` if it existed.
     fn forget(&self, key: EventKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
@@ -140,7 +152,9 @@ impl Store {
     pub fn open(config: &StoreConfig, retention: &Retention) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
-            StoreConfig::Postgres { url, pool_size } => Ok(Store::Postgres(PostgresStore::open(url, *pool_size, retention)?)),
+            StoreConfig::Postgres { url, pool_size } => {
+                Ok(Store::Postgres(PostgresStore::open(url, *pool_size, retention)?))
+            }
             StoreConfig::Scylla(scylla) => Ok(Store::Scylla(ScyllaStore::open(scylla, retention)?)),
         }
     }
@@ -239,8 +253,5 @@ impl DedupStore for Store {
 
 /// Milliseconds since the Unix epoch, the store's clock.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -157,13 +157,17 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.pool.get().await.map_err(|e| StoreError::Postgres {
-            message: format!("no connection: {e}"),
-            retriable: true,
-        })
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Postgres { message: format!("no connection: {e}"), retriable: true })
     }
 
-    async fn query(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
         let client = self.client().await?;
         let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
         client.query(&statement, params).await.map_err(pg_error)
@@ -278,7 +282,10 @@ impl DedupStore for PostgresStore {
         while !pending.is_empty() {
             rounds += 1;
             if rounds > 100 {
-                return Err(StoreError::Postgres { message: "claims kept racing; giving up this batch".into(), retriable: true });
+                return Err(StoreError::Postgres {
+                    message: "claims kept racing; giving up this batch".into(),
+                    retriable: true,
+                });
             }
             let mut seen: HashMap<KeyRef<'_>, ()> = HashMap::new();
             let (this_round, later): (Vec<usize>, Vec<usize>) = pending

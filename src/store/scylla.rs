@@ -133,7 +133,8 @@ fn without_tablets_option(statement: &str) -> String {
 /// know the `tablets` option (ScyllaDB before 6.0, Cassandra).
 fn rejects_tablets_option(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
-    m.contains("tablets") && (m.contains("unknown") || m.contains("not supported") || m.contains("unrecognized") || m.contains("invalid"))
+    m.contains("tablets")
+        && (m.contains("unknown") || m.contains("not supported") || m.contains("unrecognized") || m.contains("invalid"))
 }
 
 const COLUMNS: &str = r#"state, fingerprint, topic, partition, "offset", claimed_at_ms, lease_until_ms, expires_at_ms"#;
@@ -231,7 +232,8 @@ pub fn shown_row(names: &[&str], values: &[Option<CqlValue>]) -> Result<Shown, S
         return Ok(Shown::Partial);
     }
     let corrupt = |what: &str| StoreError::Corrupt(format!("ScyllaDB row: {what}"));
-    let value = |i: usize| columns[i].clone().flatten().ok_or_else(|| corrupt(&format!("{} is null", CLAIM_COLUMNS[i])));
+    let value =
+        |i: usize| columns[i].clone().flatten().ok_or_else(|| corrupt(&format!("{} is null", CLAIM_COLUMNS[i])));
     let bigint = |i: usize| match value(i)? {
         CqlValue::BigInt(v) => Ok(v),
         other => Err(corrupt(&format!("{} is {other:?}, not bigint", CLAIM_COLUMNS[i]))),
@@ -318,7 +320,9 @@ pub fn intended_row(step: &Step, request: &ClaimRequest, now_ms: u64, lease_ms: 
         Step::Answer(_) => None,
         Step::Insert | Step::TakeOverExpired | Step::TakeOverLapsed => Some(fresh()),
         // Resuming keeps the claim's clock: the TTL does not stretch.
-        Step::Resume(old) => Some(ClaimRow { fingerprint: request.fingerprint, lease_until_ms: now_ms + lease_ms, ..old.clone() }),
+        Step::Resume(old) => {
+            Some(ClaimRow { fingerprint: request.fingerprint, lease_until_ms: now_ms + lease_ms, ..old.clone() })
+        }
     }
 }
 
@@ -353,7 +357,9 @@ pub fn classify(error: &ExecutionError) -> ErrorClass {
             // Sent, then the connection broke: the node may have run it.
             RequestAttemptError::BrokenConnectionError(_) => ErrorClass::Ambiguous,
             RequestAttemptError::UnableToAllocStreamId => ErrorClass::Retriable,
-            RequestAttemptError::SerializationError(_) | RequestAttemptError::CqlRequestSerialization(_) => ErrorClass::Fatal,
+            RequestAttemptError::SerializationError(_) | RequestAttemptError::CqlRequestSerialization(_) => {
+                ErrorClass::Fatal
+            }
             _ => ErrorClass::Retriable,
         },
         ExecutionError::BadQuery(_) => ErrorClass::Fatal,
@@ -555,8 +561,9 @@ impl ScyllaStore {
         let started = Instant::now();
         match c.session.execute_unpaged(statement, values).await {
             Ok(result) => {
-                let answer = first_row(result, lwt_answer)?
-                    .ok_or_else(|| StoreError::Corrupt("ScyllaDB answered a lightweight transaction with no row".into()))?;
+                let answer = first_row(result, lwt_answer)?.ok_or_else(|| {
+                    StoreError::Corrupt("ScyllaDB answered a lightweight transaction with no row".into())
+                })?;
                 self.observe(op, if answer.applied { "applied" } else { "not_applied" }, started);
                 Ok(Lwt::Answer(answer))
             }
@@ -619,14 +626,19 @@ impl ScyllaStore {
             let lwt = match &step {
                 Step::Insert => self.lwt("insert", &c.insert, (scope, id, st, sc, to, pa, of, ca, lu, ea, ttl)).await?,
                 Step::TakeOverExpired => {
-                    self.lwt("takeover", &c.take_over_expired, (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, now)).await?
+                    self.lwt("takeover", &c.take_over_expired, (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, now))
+                        .await?
                 }
                 Step::TakeOverLapsed => {
-                    self.lwt("takeover", &c.take_over_lapsed, (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, now)).await?
+                    self.lwt("takeover", &c.take_over_lapsed, (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, now))
+                        .await?
                 }
                 Step::Resume(old) => {
-                    let expected = (&*old.position.topic, old.position.partition, old.position.offset, old.expires_at_ms as i64);
-                    let values = (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, expected.0, expected.1, expected.2, expected.3);
+                    let expected =
+                        (&*old.position.topic, old.position.partition, old.position.offset, old.expires_at_ms as i64);
+                    let values = (
+                        ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, expected.0, expected.1, expected.2, expected.3,
+                    );
                     self.lwt("resume", &c.rewrite_own, values).await?
                 }
                 Step::Answer(_) => unreachable!("answers return before a statement is chosen"),
@@ -693,7 +705,9 @@ impl ScyllaStore {
             match self.lwt("complete", &c.rewrite_own, values).await? {
                 Lwt::Answer(answer) => {
                     let answer = match answer.row {
-                        Shown::Partial => LwtAnswer { applied: answer.applied, row: shown(self.row_of(key, Shown::Partial).await?) },
+                        Shown::Partial => {
+                            LwtAnswer { applied: answer.applied, row: shown(self.row_of(key, Shown::Partial).await?) }
+                        }
                         _ => answer,
                     };
                     return Ok(completion_holds(&done, &answer));
@@ -705,7 +719,10 @@ impl ScyllaStore {
                 },
             }
         }
-        Err(StoreError::Scylla { message: format!("completion of key {} stayed unknown", key.display_id()), retriable: true })
+        Err(StoreError::Scylla {
+            message: format!("completion of key {} stayed unknown", key.display_id()),
+            retriable: true,
+        })
     }
 
     async fn release_one(&self, key: &EventKey, position: &Position) -> Result<(), StoreError> {
@@ -721,7 +738,10 @@ impl ScyllaStore {
                 },
             }
         }
-        Err(StoreError::Scylla { message: format!("release of key {} stayed unknown", key.display_id()), retriable: true })
+        Err(StoreError::Scylla {
+            message: format!("release of key {} stayed unknown", key.display_id()),
+            retriable: true,
+        })
     }
 
     fn remember(&self, key: &EventKey, row: &ClaimRow, now_ms: u64) {
@@ -907,7 +927,10 @@ async fn prepare_all(config: &ScyllaConfig, cql: &Cql) -> Result<Connected, Stor
             let mut statement = session.prepare(text.as_str()).await.map_err(|e| {
                 let missing = e.to_string().contains(TABLE) || e.to_string().to_ascii_lowercase().contains("keyspace");
                 StoreError::Scylla {
-                    message: format!("cannot prepare `{text}`: {e}{}", if missing { " (has `kdedup schema apply` run?)" } else { "" }),
+                    message: format!(
+                        "cannot prepare `{text}`: {e}{}",
+                        if missing { " (has `kdedup schema apply` run?)" } else { "" }
+                    ),
                     retriable: true,
                 }
             })?;
@@ -976,9 +999,10 @@ impl DedupStore for ScyllaStore {
 
     /// The Bloom route's cheap read: a plain read at the configured quorum, no Paxos.
     async fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> Result<Vec<Option<ClaimRow>>, StoreError> {
-        self.each(keys, |key| async move {
-            Ok(self.read_row(&key, false).await?.filter(|row| row.expires_at_ms > now_ms))
-        })
+        self.each(
+            keys,
+            |key| async move { Ok(self.read_row(&key, false).await?.filter(|row| row.expires_at_ms > now_ms)) },
+        )
         .await
     }
 
@@ -999,7 +1023,10 @@ impl DedupStore for ScyllaStore {
                 }
             }
         }
-        Err(StoreError::Scylla { message: format!("forgetting key {} stayed unknown", key.display_id()), retriable: true })
+        Err(StoreError::Scylla {
+            message: format!("forgetting key {} stayed unknown", key.display_id()),
+            retriable: true,
+        })
     }
 
     /// Scans the table for rows past `expires_at_ms` and deletes them (`IF`
@@ -1017,7 +1044,8 @@ impl DedupStore for ScyllaStore {
             .map_err(|e| StoreError::Corrupt(format!("sweep scan columns: {e}")))?;
         let mut expired = Vec::new();
         while let Some(row) = rows.next().await {
-            let (scope, id, _) = row.map_err(|e| StoreError::Scylla { message: format!("sweep scan: {e}"), retriable: true })?;
+            let (scope, id, _) =
+                row.map_err(|e| StoreError::Scylla { message: format!("sweep scan: {e}"), retriable: true })?;
             expired.push(EventKey { scope: Arc::from(scope), id });
         }
         self.observe("scan", "ok", started);
@@ -1025,7 +1053,8 @@ impl DedupStore for ScyllaStore {
             .each(expired, |key| async move {
                 // An unknown outcome is not settled here: the condition only ever
                 // removes an expired row, and the next sweep finds it if it stayed.
-                match self.lwt("sweep_delete", &c.sweep_delete, (&*key.scope, key.id.as_slice(), now_ms as i64)).await? {
+                match self.lwt("sweep_delete", &c.sweep_delete, (&*key.scope, key.id.as_slice(), now_ms as i64)).await?
+                {
                     Lwt::Answer(answer) => Ok(usize::from(answer.applied)),
                     Lwt::Unknown => Ok(0),
                 }
@@ -1063,7 +1092,10 @@ mod tests {
             contact_points: vec!["127.0.0.1:9042".into()],
             local_datacenter: "dc1".into(),
             keyspace: "dedup".into(),
-            replication: BTreeMap::from([("dc1".into(), NonZeroU32::new(3).unwrap()), ("dc2".into(), NonZeroU32::new(2).unwrap())]),
+            replication: BTreeMap::from([
+                ("dc1".into(), NonZeroU32::new(3).unwrap()),
+                ("dc2".into(), NonZeroU32::new(2).unwrap()),
+            ]),
             consistency: ScyllaConsistency::LocalQuorum,
             serial_consistency: ScyllaSerialConsistency::LocalSerial,
             request_timeout: Duration::from_secs(5),
@@ -1075,7 +1107,11 @@ mod tests {
     }
 
     fn retention(ttl_secs: u64) -> Retention {
-        Retention { ttl: Duration::from_secs(ttl_secs), lease: Duration::from_secs(60), sweep_interval: Duration::from_secs(60) }
+        Retention {
+            ttl: Duration::from_secs(ttl_secs),
+            lease: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(60),
+        }
     }
 
     fn at(partition: i32, offset: i64) -> Position {
@@ -1083,7 +1119,11 @@ mod tests {
     }
 
     fn request(fp: u128, position: Position) -> ClaimRequest {
-        ClaimRequest { key: EventKey { scope: Arc::from("s"), id: b"k".to_vec() }, fingerprint: Fingerprint(fp), position }
+        ClaimRequest {
+            key: EventKey { scope: Arc::from("s"), id: b"k".to_vec() },
+            fingerprint: Fingerprint(fp),
+            position,
+        }
     }
 
     fn row(state: ClaimState, fp: u128, position: Position, claimed: u64) -> ClaimRow {
@@ -1099,7 +1139,19 @@ mod tests {
 
     /// The columns ScyllaDB returns for an LWT on this table, with a row's values.
     fn response(applied: bool, row: Option<&ClaimRow>) -> (Vec<&'static str>, Vec<Option<CqlValue>>) {
-        let names = vec!["[applied]", "scope", "event_id", "claimed_at_ms", "expires_at_ms", "fingerprint", "lease_until_ms", "offset", "partition", "state", "topic"];
+        let names = vec![
+            "[applied]",
+            "scope",
+            "event_id",
+            "claimed_at_ms",
+            "expires_at_ms",
+            "fingerprint",
+            "lease_until_ms",
+            "offset",
+            "partition",
+            "state",
+            "topic",
+        ];
         let mut values = vec![Some(CqlValue::Boolean(applied))];
         match row {
             None => values.extend(std::iter::repeat_n(None, 10)),
@@ -1126,16 +1178,32 @@ mod tests {
             cql.insert,
             r#"INSERT INTO dedup.kdedup_claims (scope, event_id, state, fingerprint, topic, partition, "offset", claimed_at_ms, lease_until_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"#
         );
-        assert!(cql.take_over_expired.starts_with("UPDATE dedup.kdedup_claims USING TTL ? SET state = ?,"), "{}", cql.take_over_expired);
+        assert!(
+            cql.take_over_expired.starts_with("UPDATE dedup.kdedup_claims USING TTL ? SET state = ?,"),
+            "{}",
+            cql.take_over_expired
+        );
         assert!(cql.take_over_expired.ends_with("WHERE scope = ? AND event_id = ? IF expires_at_ms <= ?"));
         assert!(cql.take_over_lapsed.ends_with("IF state = 1 AND lease_until_ms <= ?"));
-        assert!(cql.rewrite_own.ends_with(r#"IF state = 1 AND topic = ? AND partition = ? AND "offset" = ? AND expires_at_ms = ?"#));
-        assert!(cql.release.starts_with("DELETE FROM dedup.kdedup_claims WHERE scope = ? AND event_id = ? IF state = 1"));
+        assert!(cql
+            .rewrite_own
+            .ends_with(r#"IF state = 1 AND topic = ? AND partition = ? AND "offset" = ? AND expires_at_ms = ?"#));
+        assert!(cql
+            .release
+            .starts_with("DELETE FROM dedup.kdedup_claims WHERE scope = ? AND event_id = ? IF state = 1"));
         assert!(cql.forget.ends_with("IF EXISTS"));
         assert!(cql.sweep_delete.ends_with("IF expires_at_ms <= ?"));
         assert!(!cql.read.contains(" IF "), "lookup is a plain read");
         // Every write is conditional: no plain write mixes with Paxos on a row.
-        for write in [&cql.insert, &cql.take_over_expired, &cql.take_over_lapsed, &cql.rewrite_own, &cql.release, &cql.forget, &cql.sweep_delete] {
+        for write in [
+            &cql.insert,
+            &cql.take_over_expired,
+            &cql.take_over_lapsed,
+            &cql.rewrite_own,
+            &cql.release,
+            &cql.forget,
+            &cql.sweep_delete,
+        ] {
             assert!(write.contains(" IF "), "{write}");
         }
         // Bind markers match the value tuples the store sends.
@@ -1211,7 +1279,10 @@ mod tests {
         // Completed earlier: duplicate, or conflict with another fingerprint.
         let done = row(ClaimState::Done, 1, at(3, 3), NOW);
         assert_eq!(next_step(Some(&done), &mine, now), Step::Answer(Claim::Duplicate));
-        assert_eq!(next_step(Some(&done), &request(2, at(0, 5)), now), Step::Answer(Claim::Conflict { stored: Fingerprint(1) }));
+        assert_eq!(
+            next_step(Some(&done), &request(2, at(0, 5)), now),
+            Step::Answer(Claim::Conflict { stored: Fingerprint(1) })
+        );
         // Another position's live lease.
         let theirs = row(ClaimState::InFlight, 1, at(3, 3), NOW);
         assert_eq!(
@@ -1222,7 +1293,10 @@ mod tests {
         let ours = row(ClaimState::InFlight, 1, at(0, 5), NOW);
         assert_eq!(next_step(Some(&ours), &mine, now), Step::Resume(ours.clone()));
         let resumed = intended_row(&Step::Resume(ours.clone()), &mine, now, LEASE, TTL).unwrap();
-        assert_eq!((resumed.claimed_at_ms, resumed.expires_at_ms, resumed.lease_until_ms), (NOW, NOW + TTL, now + LEASE));
+        assert_eq!(
+            (resumed.claimed_at_ms, resumed.expires_at_ms, resumed.lease_until_ms),
+            (NOW, NOW + TTL, now + LEASE)
+        );
         // Lapsed lease, expired rows (done or not), no row.
         assert_eq!(next_step(Some(&theirs), &mine, NOW + LEASE), Step::TakeOverLapsed);
         assert_eq!(next_step(Some(&done), &mine, NOW + TTL), Step::TakeOverExpired);
@@ -1230,7 +1304,17 @@ mod tests {
         assert_eq!(next_step(None, &mine, now), Step::Insert);
         // A fresh claim's row.
         let fresh = intended_row(&Step::TakeOverLapsed, &mine, now, LEASE, TTL).unwrap();
-        assert_eq!(fresh, ClaimRow { state: ClaimState::InFlight, fingerprint: Fingerprint(1), position: at(0, 5), claimed_at_ms: now, lease_until_ms: now + LEASE, expires_at_ms: now + TTL });
+        assert_eq!(
+            fresh,
+            ClaimRow {
+                state: ClaimState::InFlight,
+                fingerprint: Fingerprint(1),
+                position: at(0, 5),
+                claimed_at_ms: now,
+                lease_until_ms: now + LEASE,
+                expires_at_ms: now + TTL
+            }
+        );
         assert_eq!(intended_row(&Step::Answer(Claim::Duplicate), &mine, now, LEASE, TTL), None);
     }
 
@@ -1245,23 +1329,37 @@ mod tests {
         let done = ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..mine.clone() };
         assert!(completion_holds(&done, &LwtAnswer { applied: true, row: Shown::Row(mine.clone()) }));
         assert!(completion_holds(&done, &LwtAnswer { applied: false, row: Shown::Row(done.clone()) }));
-        assert!(!completion_holds(&done, &LwtAnswer { applied: false, row: Shown::Row(row(ClaimState::InFlight, 1, at(1, 9), NOW)) }));
+        assert!(!completion_holds(
+            &done,
+            &LwtAnswer { applied: false, row: Shown::Row(row(ClaimState::InFlight, 1, at(1, 9), NOW)) }
+        ));
         assert!(!completion_holds(&done, &LwtAnswer { applied: false, row: Shown::Absent }));
     }
 
     #[test]
     fn errors_are_classed_ambiguous_retriable_or_fatal() {
         let db = |e: DbError| ExecutionError::LastAttemptError(RequestAttemptError::DbError(e, "msg".into()));
-        let write_timeout = DbError::WriteTimeout { consistency: Consistency::LocalQuorum, received: 1, required: 2, write_type: WriteType::Cas };
+        let write_timeout = DbError::WriteTimeout {
+            consistency: Consistency::LocalQuorum,
+            received: 1,
+            required: 2,
+            write_type: WriteType::Cas,
+        };
         assert_eq!(classify(&db(write_timeout)), ErrorClass::Ambiguous);
         assert_eq!(classify(&ExecutionError::RequestTimeout(Duration::from_secs(5))), ErrorClass::Ambiguous);
         let node = std::net::IpAddr::from([127, 0, 0, 1]);
-        let broken = RequestAttemptError::BrokenConnectionError(BrokenConnectionErrorKind::KeepaliveTimeout(node).into());
+        let broken =
+            RequestAttemptError::BrokenConnectionError(BrokenConnectionErrorKind::KeepaliveTimeout(node).into());
         assert_eq!(classify(&ExecutionError::LastAttemptError(broken)), ErrorClass::Ambiguous);
         let unavailable = DbError::Unavailable { consistency: Consistency::LocalSerial, required: 2, alive: 1 };
         assert_eq!(classify(&db(unavailable)), ErrorClass::Retriable);
         assert_eq!(classify(&db(DbError::Overloaded)), ErrorClass::Retriable);
-        let read_timeout = DbError::ReadTimeout { consistency: Consistency::LocalSerial, received: 1, required: 2, data_present: false };
+        let read_timeout = DbError::ReadTimeout {
+            consistency: Consistency::LocalSerial,
+            received: 1,
+            required: 2,
+            data_present: false,
+        };
         assert_eq!(classify(&db(read_timeout)), ErrorClass::Retriable);
         assert_eq!(classify(&ExecutionError::EmptyPlan), ErrorClass::Retriable);
         assert_eq!(classify(&db(DbError::Invalid)), ErrorClass::Fatal);

@@ -28,7 +28,8 @@ fn help_teaches_the_commands_and_the_environment_overrides() {
 fn a_bad_config_is_a_clear_error_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    let text = std::fs::read_to_string("config/kdedup.toml").unwrap().replace("ttl_secs = 86400", "ttl_seconds = 86400");
+    let text =
+        std::fs::read_to_string("config/kdedup.toml").unwrap().replace("ttl_secs = 86400", "ttl_seconds = 86400");
     std::fs::write(&path, text).unwrap();
     let out = output(&["run", "--config", path.to_str().unwrap()]);
     let stderr = String::from_utf8(out.stderr).unwrap();
@@ -46,7 +47,10 @@ fn run_refuses_a_postgres_store_without_its_table() {
     };
     // A database of its own, without the table.
     let db = unique("empty").replace('-', "_");
-    let admin = std::process::Command::new("psql").args([url.as_str(), "-qc", &format!("CREATE DATABASE {db}")]).output().unwrap();
+    let admin = std::process::Command::new("psql")
+        .args([url.as_str(), "-qc", &format!("CREATE DATABASE {db}")])
+        .output()
+        .unwrap();
     assert!(admin.status.success(), "{}", String::from_utf8_lossy(&admin.stderr));
     let empty = format!("{}/{db}", url.rsplit_once('/').unwrap().0);
     let out = Command::new(BIN)

@@ -32,7 +32,11 @@ async fn malformed_missing_and_oversize_ids_and_conflicts_are_dead_lettered_with
     ];
     mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let env = [("KDEDUP_KEY__SOURCE", "json"), ("KDEDUP_KEY__JSON_POINTER", "/id"), ("KDEDUP_KEY__ON_OVERSIZE", "dead_letter")];
+    let env = [
+        ("KDEDUP_KEY__SOURCE", "json"),
+        ("KDEDUP_KEY__JSON_POINTER", "/id"),
+        ("KDEDUP_KEY__ON_OVERSIZE", "dead_letter"),
+    ];
     let running = start(config(&kafka, &unique("dlq"), dir.path(), &env), Faults::default());
     wait_all_committed(&kafka, &running.metrics).await;
     let metrics = running.metrics.clone();
@@ -46,10 +50,17 @@ async fn malformed_missing_and_oversize_ids_and_conflicts_are_dead_lettered_with
         assert!(r.header_str(headers::SOURCE_OFFSET).is_some(), "the source position travels too");
     }
     let expected: BTreeMap<String, usize> =
-        [("invalid_json", 1), ("missing_id", 3), ("oversize_id", 1), ("conflict", 1)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        [("invalid_json", 1), ("missing_id", 3), ("oversize_id", 1), ("conflict", 1)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
     assert_eq!(reasons, expected);
     let conflict = dead.iter().find(|r| r.header_str(headers::REASON) == Some("conflict")).unwrap();
-    assert_eq!(conflict.payload.as_deref(), Some(br#"{"id":"a","amount":999}"#.as_slice()), "the original payload is kept");
+    assert_eq!(
+        conflict.payload.as_deref(),
+        Some(br#"{"id":"a","amount":999}"#.as_slice()),
+        "the original payload is kept"
+    );
 
     let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
     assert_exactly_once(&output, &["a".into(), "b".into(), "c".into()]);

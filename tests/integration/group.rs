@@ -44,7 +44,9 @@ impl Topics {
     /// Creates the topics, and the store's table the way an operator would.
     async fn create(env: &Env, partitions: i32) -> Topics {
         let t = Topics { input: unique("in"), output: unique("out"), dlq: unique("dlq"), group: unique("group") };
-        mock::create_topics(&env.brokers, &[(&t.input, partitions), (&t.output, partitions), (&t.dlq, 1)]).await.unwrap();
+        mock::create_topics(&env.brokers, &[(&t.input, partitions), (&t.output, partitions), (&t.dlq, 1)])
+            .await
+            .unwrap();
         let applied = Command::new(BIN)
             .args(["schema", "apply", "--config", "config/kdedup.toml"])
             .env("KDEDUP_STORE__KIND", "postgres")
@@ -136,7 +138,10 @@ async fn wait_committed_to_end(env: &Env, topics: &Topics, limit: Duration, logs
             return;
         }
         if Instant::now() > deadline {
-            panic!("commits did not reach the end offsets: committed {committed:?}, ends {ends:?}\n{}", member_logs(logs));
+            panic!(
+                "commits did not reach the end offsets: committed {committed:?}, ends {ends:?}\n{}",
+                member_logs(logs)
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -201,7 +206,6 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
     assert_eq!(reasons, BTreeMap::from([("missing_id".to_string(), bad_count)]));
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed() {
     let Some(env) = env() else { return };
@@ -216,7 +220,8 @@ async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed(
     let total: i64 = records.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let committed: i64 = mock::committed_offsets(&env.brokers, &topics.group, &topics.input).unwrap().values().sum();
+        let committed: i64 =
+            mock::committed_offsets(&env.brokers, &topics.group, &topics.input).unwrap().values().sum();
         if committed > 0 {
             assert!(committed < total, "the stream finished before SIGTERM; make it longer");
             break;
@@ -244,7 +249,11 @@ async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed(
         let offset = next_offset.entry(r.partition).or_insert(0);
         let id = String::from_utf8(r.headers[0].1.clone()).unwrap();
         if *offset < committed.get(&r.partition).copied().unwrap_or(0) && seen.insert(id.clone()) {
-            assert!(emitted.contains_key(&id), "{id} at {}/{offset} is below the commit but was not emitted", r.partition);
+            assert!(
+                emitted.contains_key(&id),
+                "{id} at {}/{offset} is below the commit but was not emitted",
+                r.partition
+            );
         }
         *offset += 1;
     }

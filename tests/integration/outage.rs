@@ -23,7 +23,11 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     fn start() -> Option<PrivatePostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql").ok()?.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).max()?;
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .max()?;
         let data = tempfile::tempdir().ok()?;
         let root = unsafe { libc::geteuid() } == 0;
         if root {
@@ -55,7 +59,8 @@ impl PrivatePostgres {
     }
 
     fn up(&self) {
-        let options = format!("-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}", self.port, self.dir());
+        let options =
+            format!("-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}", self.port, self.dir());
         assert!(self.run("pg_ctl", &["-D", &self.dir(), "-w", "-o", &options, "start"]), "pg_ctl start failed");
     }
 
@@ -87,7 +92,8 @@ async fn postgres_outage_pauses_the_pipeline_which_resumes_by_itself_losing_noth
     mock::produce_all(kafka.bootstrap(), INPUT, first_half).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let group = unique("outage");
-    let config = config(&kafka, &group, dir.path(), &[("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", &pg.url())]);
+    let config =
+        config(&kafka, &group, dir.path(), &[("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", &pg.url())]);
     Store::open(&config.store, &config.retention).unwrap().apply_schema().await.unwrap();
     let running = start(config, Faults::default());
     let m = running.metrics.clone();
@@ -167,5 +173,9 @@ async fn broker_restart_mid_stream_recovers_without_loss_or_repeats() {
     // finished but not committed before the outage come again after the
     // rejoin, so outcomes cover every input record and at most every delivery.
     let decided: u64 = kdedup::metrics::OUTCOMES.iter().map(|o| m.outcome(o)).sum();
-    assert!(decided >= records.len() as u64 && decided <= m.consumed.get(), "decided {decided}, consumed {}", m.consumed.get());
+    assert!(
+        decided >= records.len() as u64 && decided <= m.consumed.get(),
+        "decided {decided}, consumed {}",
+        m.consumed.get()
+    );
 }

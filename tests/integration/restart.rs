@@ -21,7 +21,12 @@ async fn member_dropped_mid_stream_without_committing_then_restarted_on_the_same
     let group = unique("drop");
     // Commits are rare in the first life, so most finished work is uncommitted when it dies.
     let first = start(
-        config(&kafka, &group, dir.path(), &[("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "3600000"), ("KDEDUP_PIPELINE__BATCH_MAX", "100")]),
+        config(
+            &kafka,
+            &group,
+            dir.path(),
+            &[("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "3600000"), ("KDEDUP_PIPELINE__BATCH_MAX", "100")],
+        ),
         Faults::default(),
     );
     let m = first.metrics.clone();
@@ -51,7 +56,12 @@ async fn member_dropped_mid_stream_without_committing_then_restarted_on_the_same
 
 /// A first life in small batches with one fault armed by `arm`; returns once the
 /// fault fired and the member stopped (committing only what finished).
-async fn first_life_until_fault(kafka: &kdedup::mock::MockKafka, group: &str, dir: &std::path::Path, arm: impl FnOnce(&Faults)) {
+async fn first_life_until_fault(
+    kafka: &kdedup::mock::MockKafka,
+    group: &str,
+    dir: &std::path::Path,
+    arm: impl FnOnce(&Faults),
+) {
     let faults = Faults::default();
     arm(&faults);
     let first = start(config(kafka, group, dir, &[("KDEDUP_PIPELINE__BATCH_MAX", "50")]), faults.clone());
@@ -67,7 +77,8 @@ async fn crash_between_claim_and_effect_is_resumed_on_redelivery_not_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let group = unique("crash");
     let victim = Position { topic: Arc::from(INPUT), partition: 0, offset: 500 };
-    first_life_until_fault(&kafka, &group, dir.path(), |f| *f.crash_after_claim.lock().unwrap() = Some(victim.clone())).await;
+    first_life_until_fault(&kafka, &group, dir.path(), |f| *f.crash_after_claim.lock().unwrap() = Some(victim.clone()))
+        .await;
 
     // The victim was claimed and never completed: its row names its own position.
     let config = config(&kafka, &group, dir.path(), &[]);
@@ -101,7 +112,8 @@ async fn crash_between_effect_and_completion_is_reconciled_from_the_output_not_e
     let victim = Position { topic: Arc::from(INPUT), partition: 1, offset: 700 };
     first_life_until_fault(&kafka, &group, dir.path(), |f| *f.crash_after_effect.lock().unwrap() = Some(victim)).await;
     let emitted_before = emitted_counts(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap());
-    let victim_id = String::from_utf8(records.iter().filter(|r| r.partition == 1).nth(700).unwrap().headers[0].1.clone()).unwrap();
+    let victim_id =
+        String::from_utf8(records.iter().filter(|r| r.partition == 1).nth(700).unwrap().headers[0].1.clone()).unwrap();
     assert_eq!(emitted_before.get(&victim_id), Some(&1), "the victim's effect ran before the crash");
 
     let second = start(config(&kafka, &group, dir.path(), &[]), Faults::default());

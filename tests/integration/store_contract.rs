@@ -48,7 +48,8 @@ impl Drop for TestKeyspace {
         // The contract tests run on the multi-threaded runtime, where blocking in place is allowed.
         tokio::task::block_in_place(|| {
             runtime.block_on(async move {
-                let session = scylla::client::session_builder::SessionBuilder::new().known_node(&contact_point).build().await;
+                let session =
+                    scylla::client::session_builder::SessionBuilder::new().known_node(&contact_point).build().await;
                 if let Ok(session) = session {
                     let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await;
                 }
@@ -89,7 +90,8 @@ impl Backend {
 async fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreConfig::Embedded { path: dir.path().to_path_buf() }, &retention()).unwrap();
-    let mut all = vec![Backend { name: "embedded", store, scope: Arc::from("contract"), _dir: Some(dir), _keyspace: None }];
+    let mut all =
+        vec![Backend { name: "embedded", store, scope: Arc::from("contract"), _dir: Some(dir), _keyspace: None }];
     match std::env::var("KDEDUP_TEST_POSTGRES") {
         Ok(url) => {
             let store = Store::open(&StoreConfig::Postgres { url, pool_size: 8 }, &retention()).unwrap();
@@ -142,7 +144,11 @@ async fn new_then_duplicate_then_conflict() {
         assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0).await, Claim::New { resumed: false }, "{name}");
         assert!(store.complete(vec![(b.key("k"), at(0, 1))], T0).await.unwrap()[0], "{name}");
         assert_eq!(claim1(store, b.req("k", 1, at(1, 9)), T0 + 1).await, Claim::Duplicate, "{name}");
-        assert_eq!(claim1(store, b.req("k", 2, at(1, 10)), T0 + 2).await, Claim::Conflict { stored: Fingerprint(1) }, "{name}");
+        assert_eq!(
+            claim1(store, b.req("k", 2, at(1, 10)), T0 + 2).await,
+            Claim::Conflict { stored: Fingerprint(1) },
+            "{name}"
+        );
     }
 }
 
@@ -184,10 +190,22 @@ async fn live_lease_blocks_others_then_lapses_and_is_taken_over() {
         claim1(store, b.req("k", 1, at(0, 1)), T0).await;
         let other = claim1(store, b.req("k", 1, at(1, 5)), T0 + LEASE_MS - 1).await;
         assert_eq!(other, Claim::InFlight { holder: at(0, 1), lease_until_ms: T0 + LEASE_MS }, "{name}");
-        assert_eq!(claim1(store, b.req("k", 1, at(1, 5)), T0 + LEASE_MS).await, Claim::New { resumed: false }, "{name}");
+        assert_eq!(
+            claim1(store, b.req("k", 1, at(1, 5)), T0 + LEASE_MS).await,
+            Claim::New { resumed: false },
+            "{name}"
+        );
         // The first owner lost its claim: its completion is refused.
-        assert_eq!(store.complete(vec![(b.key("k"), at(0, 1))], T0 + LEASE_MS + 1).await.unwrap(), vec![false], "{name}");
-        assert_eq!(store.complete(vec![(b.key("k"), at(1, 5))], T0 + LEASE_MS + 1).await.unwrap(), vec![true], "{name}");
+        assert_eq!(
+            store.complete(vec![(b.key("k"), at(0, 1))], T0 + LEASE_MS + 1).await.unwrap(),
+            vec![false],
+            "{name}"
+        );
+        assert_eq!(
+            store.complete(vec![(b.key("k"), at(1, 5))], T0 + LEASE_MS + 1).await.unwrap(),
+            vec![true],
+            "{name}"
+        );
     }
 }
 
@@ -232,7 +250,11 @@ async fn ttl_expiry_counts_at_once_and_sweep_removes() {
         // Other tests' rows may share a server and expire too: at least ours went.
         assert!(store.sweep(T0 + TTL_MS).await.unwrap() >= 1, "{name}");
         // Gone from storage, not just hidden: asked as of before its expiry, the key is unknown.
-        assert_eq!(claim1(store, b.req("k", 1, at(0, 3)), T0 + TTL_MS - 2).await, Claim::New { resumed: false }, "{name}");
+        assert_eq!(
+            claim1(store, b.req("k", 1, at(0, 3)), T0 + TTL_MS - 2).await,
+            Claim::New { resumed: false },
+            "{name}"
+        );
     }
 }
 
@@ -249,7 +271,11 @@ async fn lookups_and_lightweight_transactions_are_counted_apart() {
         assert!(matches!(claim1(store, b.req("k", 1, at(0, 2)), T0).await, Claim::InFlight { .. }), "{name}");
         assert_eq!(ops.count(kind, "read", "ok"), 1, "{name}: one plain read");
         assert_eq!(ops.count(kind, "insert", "applied"), 1, "{name}");
-        assert_eq!(ops.count(kind, "insert", "not_applied"), 1, "{name}: the rejected row answered, no second round trip");
+        assert_eq!(
+            ops.count(kind, "insert", "not_applied"),
+            1,
+            "{name}: the rejected row answered, no second round trip"
+        );
         assert_eq!(ops.count(kind, "serial_read", "ok"), 0, "{name}");
         assert_eq!(store.stats().round_trips, 3, "{name}");
     }

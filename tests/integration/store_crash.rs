@@ -13,7 +13,11 @@ use kdedup::store::{Claim, ClaimRequest, DedupStore, Store};
 const CHILD_ENV: &str = "KDEDUP_TEST_STORE_CHILD";
 
 fn retention() -> Retention {
-    Retention { ttl: Duration::from_secs(3600), lease: Duration::from_secs(60), sweep_interval: Duration::from_secs(60) }
+    Retention {
+        ttl: Duration::from_secs(3600),
+        lease: Duration::from_secs(60),
+        sweep_interval: Duration::from_secs(60),
+    }
 }
 
 fn request(i: u64) -> ClaimRequest {
@@ -73,9 +77,23 @@ async fn store_survives_sigkill() {
     child.wait().unwrap();
     assert!(synced);
 
-    let store = Store::open(&StoreConfig::Embedded { path: dir.path().into() }, &retention()).expect("reopens after SIGKILL");
+    let store =
+        Store::open(&StoreConfig::Embedded { path: dir.path().into() }, &retention()).expect("reopens after SIGKILL");
     // Every completion the child reported (synced or only written to the OS) is still done.
-    let answers = store.claim((0..written).map(|i| ClaimRequest { position: Position { offset: -1, ..request(i).position }, ..request(i) }).collect(), 2).await.unwrap();
+    let answers = store
+        .claim(
+            (0..written)
+                .map(|i| ClaimRequest { position: Position { offset: -1, ..request(i).position }, ..request(i) })
+                .collect(),
+            2,
+        )
+        .await
+        .unwrap();
     let not_done: Vec<u64> = (0..written).filter(|i| answers[*i as usize] != Claim::Duplicate).collect();
-    assert!(not_done.is_empty(), "{} of {written} completed keys lost, first {:?}", not_done.len(), &not_done[..not_done.len().min(5)]);
+    assert!(
+        not_done.is_empty(),
+        "{} of {written} completed keys lost, first {:?}",
+        not_done.len(),
+        &not_done[..not_done.len().min(5)]
+    );
 }
