@@ -90,6 +90,9 @@ impl SinkError {
     /// Retriable failures are retried with backoff while the partition waits;
     /// the others dead-letter the record (with its claim released).
     pub fn is_retriable(&self) -> bool {
+        if self.is_fatal() {
+            return false;
+        }
         match self {
             SinkError::Kafka { source, .. } => !matches!(
                 source.rdkafka_error_code(),
@@ -102,6 +105,15 @@ impl SinkError {
                 )
             ),
             SinkError::Stdout(_) => true,
+        }
+    }
+
+    /// The producer itself is broken (librdkafka's fatal errors: the idempotent
+    /// producer's sequence cannot be recovered): no retry on this producer helps.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            SinkError::Kafka { source, .. } => source.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
+            SinkError::Stdout(_) => false,
         }
     }
 }

@@ -55,11 +55,14 @@ pub enum Verdict {
 }
 
 /// Bounded exact cache in two generations: lookups check both, inserts go to
-/// the current one, and rotation drops the older generation whole.
+/// the current one, and rotation drops the older generation whole. Every
+/// entry carries the time its store row stops counting (the first claim plus
+/// the TTL) and is a hit only before it: the cache never outlives the row it
+/// vouches for, and a duplicate never extends it.
 #[derive(Debug)]
 pub struct RecentCache {
-    current: HashMap<u128, Fingerprint>,
-    previous: HashMap<u128, Fingerprint>,
+    current: HashMap<u128, (Fingerprint, u64)>,
+    previous: HashMap<u128, (Fingerprint, u64)>,
     per_generation: usize,
     max_age_ms: u64,
     rotated_at_ms: u64,
@@ -77,20 +80,26 @@ impl RecentCache {
         }
     }
 
+    /// The fingerprint of a key whose row still counts at `now_ms`.
     pub fn get(&mut self, digest: u128, now_ms: u64) -> Option<Fingerprint> {
         self.maybe_rotate(now_ms);
-        self.current.get(&digest).or_else(|| self.previous.get(&digest)).copied()
+        let (fingerprint, valid_until_ms) =
+            self.current.get(&digest).or_else(|| self.previous.get(&digest)).copied()?;
+        (now_ms < valid_until_ms).then_some(fingerprint)
     }
 
-    pub fn insert(&mut self, digest: u128, fingerprint: Fingerprint, now_ms: u64) {
-        if self.per_generation == 0 {
+    /// Caches a key done in the store with `fingerprint`, whose row stops
+    /// counting at `valid_until_ms`.
+    pub fn insert(&mut self, digest: u128, fingerprint: Fingerprint, valid_until_ms: u64, now_ms: u64) {
+        if self.per_generation == 0 || valid_until_ms <= now_ms {
             return;
         }
         self.maybe_rotate(now_ms);
         if self.current.len() >= self.per_generation {
             self.rotate_full();
         }
-        self.current.insert(digest, fingerprint);
+        self.previous.remove(&digest);
+        self.current.insert(digest, (fingerprint, valid_until_ms));
     }
 
     /// Drops a key, e.g. after `forget` or a released claim.
@@ -506,6 +515,7 @@ impl AgingCuckoo {
 pub struct Filter {
     recent: RecentCache,
     aging: AgingCuckoo,
+    ttl_ms: u64,
 }
 
 impl Filter {
@@ -513,6 +523,7 @@ impl Filter {
         Filter {
             recent: RecentCache::new(config.recent_keys, ttl, now_ms),
             aging: AgingCuckoo::new(config.expected_keys.get(), config.false_positive_rate, ttl, now_ms),
+            ttl_ms: ttl.as_millis() as u64,
         }
     }
 
@@ -529,11 +540,24 @@ impl Filter {
         }
     }
 
-    /// Records a key the store now holds as done with `fingerprint`.
-    pub fn remember_done(&mut self, envelope: &Envelope, fingerprint: Fingerprint, now_ms: u64) {
+    /// Records a key this process claimed at `claimed_at_ms` and completed:
+    /// its row lives one TTL from the claim.
+    pub fn remember_claimed(&mut self, envelope: &Envelope, claimed_at_ms: u64, now_ms: u64) {
+        self.remember_done(envelope, claimed_at_ms.saturating_add(self.ttl_ms), now_ms);
+    }
+
+    /// Records a key the store holds as done with the envelope's fingerprint,
+    /// in a row that stops counting at `expires_at_ms`.
+    pub fn remember_done(&mut self, envelope: &Envelope, expires_at_ms: u64, now_ms: u64) {
         let digest = envelope.digest;
-        self.recent.insert(digest, fingerprint, now_ms);
+        self.recent.insert(digest, envelope.fingerprint, expires_at_ms, now_ms);
         self.aging.insert(digest, now_ms);
+    }
+
+    /// Drops a key from the exact cache (its claim was released, or it was
+    /// forgotten); the aging filter only ever sends it to a store read.
+    pub fn forget(&mut self, digest: u128) {
+        self.recent.remove(digest);
     }
 
     /// Records a key the store holds in some state (the aging filter only).
@@ -563,20 +587,117 @@ mod tests {
     fn recent_cache_is_bounded_and_expires_within_half_the_ttl() {
         let mut c = RecentCache::new(4, TTL, 0);
         for d in 0..10u128 {
-            c.insert(d, Fingerprint(d), 0);
+            c.insert(d, Fingerprint(d), u64::MAX, 0);
         }
         assert!(c.len() <= 4, "holds {} keys", c.len());
         assert_eq!(c.get(9, 0), Some(Fingerprint(9)));
         let mut c = RecentCache::new(100, TTL, 0);
-        c.insert(1, Fingerprint(1), 0);
+        c.insert(1, Fingerprint(1), u64::MAX, 0);
         assert_eq!(c.get(1, 199_000), Some(Fingerprint(1)));
         assert_eq!(c.get(1, 200_000), None, "gone by ttl/2");
     }
 
     #[test]
+    fn recent_cache_never_outlives_the_row_it_vouches_for() {
+        let mut c = RecentCache::new(100, TTL, 0);
+        c.insert(1, Fingerprint(1), 50_000, 0);
+        assert_eq!(c.get(1, 49_999), Some(Fingerprint(1)));
+        assert_eq!(c.get(1, 50_000), None, "the row stopped counting");
+        c.insert(2, Fingerprint(2), 10, 10);
+        assert_eq!(c.get(2, 10), None, "an expired row is never cached");
+    }
+
+    /// The pipeline's policy, step by step against the real embedded store with
+    /// controlled time: a key claimed once, then recurring every tenth of the
+    /// TTL (a periodic message under content dedup) until past the TTL, then
+    /// claimed and released. Whenever the cache says "duplicate", the store
+    /// must say so too; past the TTL both say new.
+    #[tokio::test]
+    async fn cache_and_store_agree_through_a_keys_life() {
+        use std::sync::Arc;
+
+        use crate::config::{FilterConfig, Retention};
+        use crate::event::{EventKey, Position, Record};
+        use crate::store::{Acquired, Claim, ClaimRequest, DedupStore, EmbeddedStore};
+
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention { ttl: TTL, lease: Duration::from_secs(10), sweep_interval: Duration::from_secs(1) };
+        let store = EmbeddedStore::open(dir.path(), &retention).unwrap();
+        let t0: u64 = 1_700_000_000_000;
+        let config = FilterConfig {
+            expected_keys: std::num::NonZeroU64::new(1000).unwrap(),
+            false_positive_rate: 0.001,
+            recent_keys: 1000,
+        };
+        let mut filter = Filter::new(&config, TTL, t0);
+        let key = EventKey { scope: Arc::from("s"), id: b"periodic".to_vec() };
+        let at = |offset: i64| {
+            let position = Position { topic: Arc::from("t"), partition: (offset % 3) as i32, offset };
+            let record = Record {
+                position,
+                key: None,
+                payload: Some(b"same".to_vec()),
+                headers: Vec::new(),
+                timestamp_ms: None,
+            };
+            Envelope { digest: key.digest(), key: key.clone(), fingerprint: Fingerprint(7), record }
+        };
+        let request = |e: &Envelope| ClaimRequest {
+            key: e.key.clone(),
+            fingerprint: e.fingerprint,
+            position: e.record.position.clone(),
+        };
+        let ttl_ms = TTL.as_millis() as u64;
+
+        let first = at(0);
+        assert_eq!(store.claim(vec![request(&first)], t0).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
+        store.complete(vec![(first.key.clone(), first.record.position.clone())], t0).await.unwrap();
+        filter.remember_claimed(&first, t0, t0);
+
+        let mut cache_hits = 0;
+        for step in 1..=11u64 {
+            let now = t0 + step * ttl_ms / 10;
+            let e = at(step as i64);
+            let verdict = filter.check(&e, now);
+            let answer = store.claim(vec![request(&e)], now).await.unwrap().remove(0);
+            if verdict == Verdict::RecentDuplicate {
+                cache_hits += 1;
+                assert_eq!(
+                    answer,
+                    Claim::Duplicate,
+                    "at {step}/10 of the ttl the cache vouched for a row the store lacks"
+                );
+            }
+            match answer {
+                // Past the TTL the key is new again: claimed, completed, remembered anew.
+                Claim::New(_) => {
+                    assert!(now >= t0 + ttl_ms, "new before the ttl ran out, at {step}/10");
+                    store.complete(vec![(e.key.clone(), e.record.position.clone())], now).await.unwrap();
+                    filter.remember_claimed(&e, now, now);
+                }
+                // A duplicate from a claim says nothing of the row's age: aging tier only.
+                Claim::Duplicate => filter.remember_seen(&e, now),
+                other => panic!("unexpected {other:?} at {step}/10"),
+            }
+        }
+        assert!(cache_hits >= 3, "the cache saved store calls early in the key's life ({cache_hits})");
+
+        // Released claims leave the cache at once: a resend is new for both.
+        let now = t0 + 3 * ttl_ms;
+        let e = at(100);
+        assert_eq!(store.claim(vec![request(&e)], now).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
+        filter.remember_claimed(&e, now, now);
+        store.release(vec![(e.key.clone(), e.record.position.clone())]).await.unwrap();
+        filter.forget(e.digest);
+        let resend = at(101);
+        assert_ne!(filter.check(&resend, now + 1), Verdict::RecentDuplicate);
+        assert_eq!(store.claim(vec![request(&resend)], now + 1).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
+    }
+
+    #[test]
     fn disabled_cache_holds_nothing() {
         let mut c = RecentCache::new(0, TTL, 0);
-        c.insert(1, Fingerprint(1), 0);
+        c.insert(1, Fingerprint(1), u64::MAX, 0);
         assert!(c.is_empty());
     }
 

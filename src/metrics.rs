@@ -8,9 +8,10 @@
 //! [`StoreOpMetrics`] of its own, since one store serves every pipeline of a
 //! process; the service registers them into the pipeline's registry.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use prometheus::{
@@ -47,7 +48,24 @@ pub struct Metrics {
     pub fsyncs: IntCounter,
     pub committed_offset: IntGaugeVec,
     pub assigned_partitions: IntGauge,
-    ready: Arc<AtomicBool>,
+    pub lease_takeovers: IntCounter,
+    pub leases_lost: IntCounter,
+    pub possible_repeats: IntCounter,
+    pub partition_panics: IntCounter,
+    pub side_refusals: IntCounterVec,
+    pub ownership_checks: IntCounter,
+    pub zombie_batches_dropped: IntCounter,
+    pub partition_stalled_since: IntGaugeVec,
+    health: Arc<Health>,
+}
+
+/// Readiness: the source is in its group, and no assigned partition is stalled
+/// (retrying a store call, an effect, a dead letter, or its reconciliation).
+#[derive(Default)]
+struct Health {
+    source_ready: AtomicBool,
+    /// Stalled partitions and since when (seconds since the epoch).
+    stalled: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl Default for Metrics {
@@ -143,8 +161,46 @@ impl Metrics {
             fsyncs: counter("kdedup_store_syncs_total", "Store durability barriers (fsyncs) run before commits."),
             committed_offset,
             assigned_partitions,
+            lease_takeovers: counter(
+                "kdedup_lease_takeovers_total",
+                "Claims taken over from another position whose lease lapsed (its owner died or froze); emitted as possible repeats.",
+            ),
+            leases_lost: counter(
+                "kdedup_leases_lost_total",
+                "Lease renewals refused: another owner took the claim over while this one held it.",
+            ),
+            possible_repeats: counter(
+                "kdedup_possible_repeats_total",
+                "Effects emitted with kdedup-possible-repeat: true (resumed, taken over, or retried after a failed delivery).",
+            ),
+            partition_panics: counter("kdedup_partition_panics_total", "Partition tasks that panicked (kdedup then exits non-zero)."),
+            side_refusals: counter_vec(
+                "kdedup_side_refusals_total",
+                "Side-topic writes refused for good, by side (a refused dead letter stalls its partition).",
+                &["side"],
+            ),
+            ownership_checks: counter(
+                "kdedup_ownership_checks_total",
+                "Batches that waited for the group's word before writing, after this process was frozen.",
+            ),
+            zombie_batches_dropped: counter(
+                "kdedup_zombie_batches_dropped_total",
+                "Batches not written because their partition was revoked after a freeze (the next owner writes them).",
+            ),
+            partition_stalled_since: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "kdedup_partition_stalled_since_seconds",
+                        "When the partition stalled (Unix seconds; 0 while it progresses): it is retrying a store call, an effect, a dead letter or its reconciliation.",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("static metric");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             registry,
-            ready: Arc::new(AtomicBool::new(false)),
+            health: Arc::default(),
         }
     }
 
@@ -152,12 +208,45 @@ impl Metrics {
         self.records.with_label_values(&[outcome]).get()
     }
 
+    /// The source joined its group (true) or is leaving it (false).
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        self.health.source_ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Ready: in the group, and every assigned partition progressing or idle.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.health.source_ready.load(Ordering::Relaxed) && self.stalled_partitions() == 0
+    }
+
+    pub fn stalled_partitions(&self) -> usize {
+        self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// A partition is retrying and cannot move on; the first call sets the time.
+    pub fn partition_stalled(&self, tp: &(Arc<str>, i32)) {
+        let mut stalled = self.health.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Vacant(slot) = stalled.entry((tp.0.to_string(), tp.1)) {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(1);
+            slot.insert(since);
+            self.partition_stalled_since.with_label_values(&[tp.0.to_string(), tp.1.to_string()]).set(since);
+        }
+    }
+
+    /// The partition moved on.
+    pub fn partition_progressing(&self, tp: &(Arc<str>, i32)) {
+        let mut stalled = self.health.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        if stalled.remove(&(tp.0.to_string(), tp.1)).is_some() {
+            self.partition_stalled_since.with_label_values(&[tp.0.to_string(), tp.1.to_string()]).set(0);
+        }
+    }
+
+    /// The partition left this process: it no longer counts for readiness.
+    pub fn partition_gone(&self, tp: &(Arc<str>, i32)) {
+        self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tp.0.to_string(), tp.1));
+        let _ = self.partition_stalled_since.remove_label_values(&[tp.0.to_string(), tp.1.to_string()]);
     }
 
     pub fn render(&self) -> String {

@@ -87,6 +87,21 @@ impl MockKafka {
         Ok(())
     }
 
+    /// Answers the next `errors.len()` produce requests (to any topic) with these
+    /// errors, one each, in order: a broker that refuses writes (an ACL, a size limit).
+    pub fn refuse_produce(&self, errors: &[rdkafka_sys::types::RDKafkaRespErr]) -> anyhow::Result<()> {
+        let cluster = self.owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?;
+        cluster.request_errors(rdkafka_sys::types::RDKafkaApiKey::Produce, errors);
+        Ok(())
+    }
+
+    /// Drops the errors [`MockKafka::refuse_produce`] queued and not yet used.
+    pub fn accept_produce(&self) -> anyhow::Result<()> {
+        let cluster = self.owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?;
+        cluster.clear_request_errors(rdkafka_sys::types::RDKafkaApiKey::Produce);
+        Ok(())
+    }
+
     pub fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
         let cluster = self.owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?;
         cluster.create_topic(name, partitions, 1).with_context(|| format!("cannot create topic {name}"))

@@ -10,11 +10,27 @@
 //! conflict). Batches of one partition run one after another, so a key seen
 //! again in the next batch finds the first one completed.
 //!
+//! While a batch holds claims, a heartbeat renews their leases every third of
+//! `lease_secs`, so a slow effect never lets another partition take a live
+//! claim over. A claim that is taken over after all (its owner died or froze
+//! past its lease) is emitted with `kdedup-possible-repeat: true`.
+//!
+//! Before a batch writes anything, the task checks it still owns its
+//! partition: if the process was frozen (SIGSTOP, a VM pause) for half the
+//! session timeout or more, it waits for the group's word (a revoke) for a
+//! few heartbeats before writing, so a thawed zombie does not write batches
+//! for partitions already reassigned.
+//!
 //! Failure handling: store errors and retriable sink errors are retried with
-//! backoff while the partition waits (readiness goes false, no offset moves);
-//! records that cannot be handled are dead-lettered with their reason.
+//! backoff while the partition waits (it reports itself stalled: `/readyz`
+//! answers 503, no offset moves); records that cannot be handled are
+//! dead-lettered with their reason; a dead letter that cannot be written
+//! stalls the partition, loudly, rather than commit the record unwritten.
+//! A fatal producer error or a panicking partition task stops the process
+//! with a non-zero exit (see [`Fatal`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,14 +40,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{OnConflict, PipelineConfig};
 use crate::error::{RecordError, SinkError, StoreError};
-use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
+use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler};
 use crate::sink::{Effect, SideTopics, Sink};
 use crate::source::{PartitionHandler, PartitionQueue, Resume};
-use crate::store::{now_ms, Claim, ClaimRequest, ClaimState, DedupStore, Store};
+use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Store};
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
 #[derive(Default, Clone)]
@@ -42,6 +58,11 @@ pub struct Faults {
     /// Run the effects of the batch holding this position, then stop before
     /// completing the claims (the window reconciliation closes). Fires once.
     pub crash_after_effect: Arc<Mutex<Option<Position>>>,
+    /// Panic in the partition task that takes the batch holding this position. Fires once.
+    pub panic_at: Arc<Mutex<Option<Position>>>,
+    /// Hold the effects of the batch holding this position this long before
+    /// delivering them (a slow endpoint, an output leader that is down). Fires once.
+    pub slow_effect: Arc<Mutex<Option<(Position, Duration)>>>,
     /// Notified when a fault fired.
     pub fired: Arc<tokio::sync::Notify>,
 }
@@ -54,6 +75,109 @@ impl Faults {
             *slot = None;
         }
         hit
+    }
+
+    fn take_delay(&self, batch: &[Item]) -> Option<Duration> {
+        let mut slot = self.slow_effect.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = slot.as_ref().is_some_and(|(p, _)| batch.iter().any(|i| i.record().position == *p));
+        if hit {
+            slot.take().map(|(_, d)| d)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why the process must stop: raised by a partition task that cannot go on
+/// (a panic, a fatal producer error); `kdedup run` then drains what it can,
+/// commits, and exits non-zero, so the orchestrator restarts it.
+///
+/// Why exit rather than restart the partition in-process: a panic is a bug
+/// whose state cannot be trusted, and a fatal producer error (the idempotent
+/// producer's sequence is broken) cannot be cleared without a new producer,
+/// which every partition shares. A restarted process starts from the last
+/// commit and reconciles, so nothing finished is lost and nothing unfinished
+/// is committed; a record that panics every owner makes a crash loop, which
+/// is loud, instead of a silent stall.
+#[derive(Clone)]
+pub struct Fatal(watch::Sender<Option<String>>);
+
+impl Default for Fatal {
+    fn default() -> Self {
+        Fatal(watch::channel(None).0)
+    }
+}
+
+impl Fatal {
+    /// The first reason raised wins.
+    pub fn raise(&self, why: String) {
+        self.0.send_if_modified(|slot| {
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some(why);
+            true
+        });
+    }
+
+    /// Resolves with the reason once one is raised.
+    pub async fn raised(&self) -> String {
+        let mut rx = self.0.subscribe();
+        let raised = rx.wait_for(Option::is_some).await.map(|why| why.clone().unwrap_or_default());
+        match raised {
+            Ok(why) => why,
+            // The sender lives in `self`: this cannot close while we wait.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// Notices that this process was frozen (SIGSTOP, a paused VM, a starved
+/// host) for long enough that the group may have given its partitions away.
+/// A ticker records every tick; a tick that comes late by half the session
+/// timeout or more marks a freeze.
+pub struct Liveness {
+    /// When the last freeze ended (ms since the epoch; 0: never).
+    thawed_at_ms: AtomicU64,
+    /// A gap between ticks this long is a freeze.
+    freeze_after: Duration,
+    /// How long a task that saw a freeze waits for a revoke before writing.
+    confirm_for: Duration,
+}
+
+impl Liveness {
+    /// From the consumer's `session.timeout.ms` and `heartbeat.interval.ms`.
+    pub fn new(session_timeout: Duration, heartbeat_interval: Duration) -> Liveness {
+        Liveness {
+            thawed_at_ms: AtomicU64::new(0),
+            freeze_after: (session_timeout / 2).max(Duration::from_millis(200)),
+            // A thawed member's next heartbeat learns it was expelled; a few of them.
+            confirm_for: (heartbeat_interval * 3 + Duration::from_millis(500)).min(session_timeout),
+        }
+    }
+
+    /// Ticks until the runtime stops; spawn it once per process.
+    pub async fn watch(self: Arc<Self>) {
+        let tick = (self.freeze_after / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let mut last = Instant::now();
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let gap = now.duration_since(last);
+            if gap >= self.freeze_after {
+                warn!(
+                    frozen_ms = gap.as_millis() as u64,
+                    "this process was frozen; partitions check they are still owned before writing"
+                );
+                self.thawed_at_ms.store(now_ms(), Ordering::SeqCst);
+            }
+            last = now;
+        }
+    }
+
+    /// Whether a freeze ended after `since_ms`.
+    fn froze_since(&self, since_ms: u64) -> bool {
+        self.thawed_at_ms.load(Ordering::SeqCst) >= since_ms
     }
 }
 
@@ -70,6 +194,10 @@ pub struct Stages {
     pub faults: Faults,
     /// Reads the output and dead-letter topics back on assignment.
     pub reconciler: Reconciler,
+    /// The store's lease: claims are renewed every third of it.
+    pub lease: Duration,
+    pub liveness: Arc<Liveness>,
+    pub fatal: Fatal,
 }
 
 impl Stages {
@@ -103,8 +231,16 @@ impl Stages {
 
 /// A record on its way through one batch.
 enum Item {
-    Keyed { envelope: Envelope, decision: Option<Decision> },
-    Bad { record: Record, error: RecordError },
+    /// `leader`: the batch's first record of the same key, when this is a later one.
+    Keyed {
+        envelope: Envelope,
+        decision: Option<Decision>,
+        leader: Option<usize>,
+    },
+    Bad {
+        record: Record,
+        error: RecordError,
+    },
 }
 
 impl Item {
@@ -119,21 +255,27 @@ impl Item {
 /// The dedup decision for a keyed record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decision {
-    /// `resumed`: our own earlier attempt at this very record held the claim.
+    /// `claimed_at_ms`: the clock the claim was made with (its row expires a TTL later).
     New {
-        resumed: bool,
+        acquired: Acquired,
+        claimed_at_ms: u64,
     },
-    Duplicate,
+    /// `expires_at_ms`: when the row that says so stops counting, when known.
+    Duplicate {
+        expires_at_ms: Option<u64>,
+    },
     Conflict(Fingerprint),
 }
 
 /// Why a batch stopped short; the partition task ends without publishing it.
 #[derive(Debug)]
 enum Stop {
-    /// Draining was requested while the batch waited on a retry.
+    /// Draining was requested (revoke, shutdown), or the partition may be lost.
     Draining,
     /// A test fault fired.
     Crashed,
+    /// The process must stop (already raised on [`Fatal`]).
+    Fatal,
 }
 
 /// Exponential backoff from 50 ms to 5 s.
@@ -147,6 +289,32 @@ impl Backoff {
         let d = self.0;
         self.0 = (self.0 * 2).min(Duration::from_secs(5));
         d
+    }
+}
+
+/// Claims a batch holds between its claim and its completion, for the heartbeat.
+#[derive(Default)]
+struct Held {
+    keys: Mutex<Vec<(EventKey, Position)>>,
+    /// Offsets whose lease renewal was refused: taken over while we held them.
+    lost: Mutex<HashSet<i64>>,
+}
+
+impl Held {
+    fn add(&self, keys: impl IntoIterator<Item = (EventKey, Position)>) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).extend(keys);
+    }
+    fn clear(&self) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+    fn snapshot(&self) -> Vec<(EventKey, Position)> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn remove(&self, gone: &[(EventKey, Position)]) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).retain(|k| !gone.contains(k));
+    }
+    fn was_lost(&self, offset: i64) -> bool {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).contains(&offset)
     }
 }
 
@@ -196,6 +364,7 @@ impl PartitionTask {
             match self.process(records, arrived).await {
                 Ok(()) => {}
                 Err(Stop::Draining) => break,
+                Err(Stop::Fatal) => return,
                 Err(Stop::Crashed) => {
                     warn!(%topic, partition, "injected crash: partition task stops without finishing its batch");
                     self.stages.faults.fired.notify_one();
@@ -208,6 +377,24 @@ impl PartitionTask {
 
     fn draining(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Sleeps the next backoff step, or ends at once when the partition drains.
+    async fn pause(&self, backoff: &mut Backoff) -> Result<(), Stop> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Err(Stop::Draining),
+            _ = tokio::time::sleep(backoff.next()) => Ok(()),
+        }
+    }
+
+    fn stalled(&self) {
+        self.stages.metrics.partition_stalled(&self.tp);
+    }
+
+    fn progressing(&self) {
+        self.stages.metrics.partition_progressing(&self.tp);
     }
 
     /// Before the first batch: find effects and dead letters written after the
@@ -235,20 +422,20 @@ impl PartitionTask {
                     }
                     self.emitted = found.emitted;
                     self.dead_lettered = found.dead_lettered;
+                    self.progressing();
                     return Ok(());
                 }
                 Err(e) => {
+                    self.stalled();
                     warn!(topic = %self.tp.0, partition = self.tp.1, error = %e, "cannot read the output back; retrying before processing");
-                    if self.draining() {
-                        return Err(Stop::Draining);
-                    }
-                    tokio::time::sleep(backoff.next()).await;
+                    self.pause(&mut backoff).await?;
                 }
             }
         }
     }
 
-    /// Retries a store call with backoff until it answers; readiness is false meanwhile.
+    /// Retries a store call with backoff until it answers; the partition reports
+    /// itself stalled meanwhile.
     async fn store_call<T, F, Fut>(&self, op: &'static str, mut call: F) -> Result<T, Stop>
     where
         F: FnMut() -> Fut,
@@ -261,12 +448,12 @@ impl PartitionTask {
             self.stages.metrics.store_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(v) => {
-                    self.stages.metrics.set_ready(true);
+                    self.progressing();
                     return Ok(v);
                 }
                 Err(e) => {
                     self.stages.metrics.store_errors.inc();
-                    self.stages.metrics.set_ready(false);
+                    self.stalled();
                     if !e.is_retriable() {
                         // A corrupt row cannot be fixed by waiting; keep the partition
                         // paused and loud rather than guess.
@@ -274,19 +461,35 @@ impl PartitionTask {
                     } else {
                         warn!(topic = %self.tp.0, partition = self.tp.1, op, error = %e, "store call failed; retrying");
                     }
-                    if self.draining() {
-                        return Err(Stop::Draining);
-                    }
-                    tokio::time::sleep(backoff.next()).await;
+                    self.pause(&mut backoff).await?;
                 }
             }
         }
     }
 
-    /// One batch through key, filter, store, sink and complete; `arrived` is
-    /// when its first record was taken from the partition queue.
+    /// One batch through key, filter, store, sink and complete, while a
+    /// heartbeat renews the leases of the claims it holds; `arrived` is when
+    /// its first record was taken from the partition queue.
     async fn process(&mut self, records: Vec<Record>, arrived: Instant) -> Result<(), Stop> {
+        let held = Held::default();
+        let stages = self.stages.clone();
+        let tp = self.tp.clone();
+        let work = self.process_batch(records, arrived, &held);
+        tokio::pin!(work);
+        let period = (stages.lease / 3).max(Duration::from_millis(100));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = heartbeat.tick() => renew(&stages, &tp, &held).await,
+            }
+        }
+    }
+
+    async fn process_batch(&mut self, records: Vec<Record>, arrived: Instant, held: &Held) -> Result<(), Stop> {
         let s = self.stages.clone();
+        let started_ms = now_ms();
         s.metrics.consumed.inc_by(records.len() as u64);
         let offsets: Vec<i64> = records.iter().map(|r| r.position.offset).collect();
         for &o in &offsets {
@@ -300,16 +503,20 @@ impl PartitionTask {
         let mut items: Vec<Item> = records
             .into_iter()
             .map(|r| match s.extractor.extract(r) {
-                Ok(envelope) => Item::Keyed { envelope, decision: None },
+                Ok(envelope) => Item::Keyed { envelope, decision: None, leader: None },
                 Err((record, error)) => Item::Bad { record, error },
             })
             .collect();
+        if Faults::take(&s.faults.panic_at, &items) {
+            panic!("injected panic in partition {}/{}", self.tp.0, self.tp.1);
+        }
 
-        self.decide(&mut items).await?;
+        self.decide(&mut items, held).await?;
         if Faults::take(&s.faults.crash_after_claim, &items) {
             return Err(Stop::Crashed);
         }
-        self.apply_effects(&mut items).await?;
+        self.confirm_ownership(started_ms).await?;
+        self.apply_effects(&mut items, held).await?;
 
         let secs = arrived.elapsed().as_secs_f64();
         for _ in &offsets {
@@ -326,8 +533,30 @@ impl PartitionTask {
         Ok(())
     }
 
-    /// filter + store: gives every keyed item its decision.
-    async fn decide(&self, items: &mut [Item]) -> Result<(), Stop> {
+    /// A zombie's guard: after a freeze that may have cost this process its
+    /// partitions, wait for the group's word before writing. librdkafka learns
+    /// at its next heartbeat that the member was expelled, and revokes the
+    /// partitions (the stop signal); no revoke within a few heartbeats means
+    /// the group kept us.
+    async fn confirm_ownership(&self, batch_started_ms: u64) -> Result<(), Stop> {
+        let liveness = &self.stages.liveness;
+        if !liveness.froze_since(batch_started_ms.saturating_sub(liveness.freeze_after.as_millis() as u64)) {
+            return if self.draining() { Err(Stop::Draining) } else { Ok(()) };
+        }
+        self.stages.metrics.ownership_checks.inc();
+        let mut stop = self.stop.clone();
+        let revoked = tokio::time::timeout(liveness.confirm_for, stop.wait_for(|s| *s)).await.is_ok();
+        if revoked {
+            warn!(topic = %self.tp.0, partition = self.tp.1, "partition revoked after a freeze; its batch is not written (the next owner processes it)");
+            self.stages.metrics.zombie_batches_dropped.inc();
+            return Err(Stop::Draining);
+        }
+        Ok(())
+    }
+
+    /// filter + store: gives every keyed item its decision; the claims won are
+    /// added to `held` as they are won, for the heartbeat.
+    async fn decide(&self, items: &mut [Item], held: &Held) -> Result<(), Stop> {
         let s = &self.stages;
         let now = now_ms();
         // Leaders are the first record of each key in the batch; followers copy their answer.
@@ -349,20 +578,21 @@ impl PartitionTask {
             digests.iter().take(PREFETCH_AHEAD).for_each(|d| filter.prefetch(*d));
             let mut ahead = digests.iter().skip(PREFETCH_AHEAD);
             for (i, item) in items.iter_mut().enumerate() {
-                let Item::Keyed { envelope, decision } = item else { continue };
+                let Item::Keyed { envelope, decision, leader } = item else { continue };
                 if let Some(d) = ahead.next() {
                     filter.prefetch(*d);
                 }
                 let digest = envelope.digest;
-                if let Some(&leader) = leader_of.get(&digest) {
-                    followers.push((i, leader));
+                if let Some(&first) = leader_of.get(&digest) {
+                    *leader = Some(first);
+                    followers.push((i, first));
                     continue;
                 }
                 leader_of.insert(digest, i);
                 match filter.check(envelope, now) {
                     Verdict::RecentDuplicate => {
                         recent_hits += 1;
-                        *decision = Some(Decision::Duplicate);
+                        *decision = Some(Decision::Duplicate { expires_at_ms: None });
                     }
                     Verdict::Suspect => suspects.push(i),
                     Verdict::LikelyNew => to_claim.push(i),
@@ -385,7 +615,7 @@ impl PartitionTask {
                         set_decision(
                             &mut items[i],
                             if row.fingerprint == fp {
-                                Decision::Duplicate
+                                Decision::Duplicate { expires_at_ms: Some(row.expires_at_ms) }
                             } else {
                                 Decision::Conflict(row.fingerprint)
                             },
@@ -411,21 +641,32 @@ impl PartitionTask {
                     ClaimRequest { key: e.key.clone(), fingerprint: e.fingerprint, position: e.record.position.clone() }
                 })
                 .collect();
-            let answers = self.store_call("claim", || s.store.claim(requests.clone(), now_ms())).await?;
+            let claimed_at_ms = now_ms();
+            let answers = self.store_call("claim", || s.store.claim(requests.clone(), claimed_at_ms)).await?;
             let mut waiting = Vec::new();
+            let mut fresh = Vec::new();
             let mut resumed_from: Option<(i64, u64)> = None;
             for (&i, answer) in to_claim.iter().zip(answers) {
                 match answer {
-                    Claim::New { resumed } => {
-                        if resumed {
-                            s.metrics.claims_resumed.inc();
-                            let offset = envelope(&items[i]).record.position.offset;
-                            let (first, n) = resumed_from.unwrap_or((offset, 0));
-                            resumed_from = Some((first, n + 1));
+                    Claim::New(acquired) => {
+                        match acquired {
+                            Acquired::Fresh => fresh.push(i),
+                            Acquired::Resumed => {
+                                s.metrics.claims_resumed.inc();
+                                let offset = envelope(&items[i]).record.position.offset;
+                                let (first, n) = resumed_from.unwrap_or((offset, 0));
+                                resumed_from = Some((first, n + 1));
+                            }
+                            Acquired::TakenOver => {
+                                s.metrics.lease_takeovers.inc();
+                                warn!(position = %envelope(&items[i]).record.position, "took over a claim whose lease lapsed; its owner's effect may have run, so this one is marked as a possible repeat");
+                            }
                         }
-                        set_decision(&mut items[i], Decision::New { resumed });
+                        let e = envelope(&items[i]);
+                        held.add([(e.key.clone(), e.record.position.clone())]);
+                        set_decision(&mut items[i], Decision::New { acquired, claimed_at_ms });
                     }
-                    Claim::Duplicate => set_decision(&mut items[i], Decision::Duplicate),
+                    Claim::Duplicate => set_decision(&mut items[i], Decision::Duplicate { expires_at_ms: None }),
                     Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
                     Claim::InFlight { holder, .. } => {
                         s.metrics.claim_waits.inc();
@@ -437,12 +678,28 @@ impl PartitionTask {
             if let Some((first_offset, count)) = resumed_from {
                 info!(topic = %self.tp.0, partition = self.tp.1, first_offset, count, "resuming our own unfinished claims after a crash");
             }
+            if !waiting.is_empty() && !fresh.is_empty() && !s.store.claims_batch_atomically() {
+                // A store that claims key by key (ScyllaDB) lets two batches sharing
+                // keys each win some and wait on the other's, held alive by both
+                // heartbeats: give back what this round won fresh and ask again
+                // after a jittered pause, so one of them gets all.
+                let keys: Vec<_> = fresh
+                    .iter()
+                    .map(|&i| {
+                        let e = envelope(&items[i]);
+                        (e.key.clone(), e.record.position.clone())
+                    })
+                    .collect();
+                held.remove(&keys);
+                self.store_call("release", || s.store.release(keys.clone())).await?;
+                waiting.extend(fresh);
+                waiting.sort_unstable();
+                tokio::time::sleep(Duration::from_millis(rand::random_range(0..50))).await;
+            }
             to_claim = waiting;
             if !to_claim.is_empty() {
-                if self.draining() {
-                    return Err(Stop::Draining);
-                }
-                tokio::time::sleep(backoff.next()).await;
+                self.stalled();
+                self.pause(&mut backoff).await?;
             }
         }
 
@@ -454,27 +711,35 @@ impl PartitionTask {
             let fp = envelope(&items[i]).fingerprint;
             set_decision(
                 &mut items[i],
-                if fp == authority { Decision::Duplicate } else { Decision::Conflict(authority) },
+                if fp == authority {
+                    Decision::Duplicate { expires_at_ms: None }
+                } else {
+                    Decision::Conflict(authority)
+                },
             );
         }
         Ok(())
     }
 
     /// sink + side topics + complete/release.
-    async fn apply_effects(&mut self, items: &mut [Item]) -> Result<(), Stop> {
+    async fn apply_effects(&mut self, items: &mut [Item], held: &Held) -> Result<(), Stop> {
         let s = self.stages.clone();
 
         // The effect, for new events, in order; retriable failures are retried.
         // Effects reconciliation found in the output already ran: they are only completed.
         let mut pending: Vec<usize> = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            if let Item::Keyed { envelope, decision: Some(Decision::New { .. }) } = item {
+            if let Item::Keyed { envelope, decision: Some(Decision::New { .. }), .. } = item {
                 if self.emitted.remove(&envelope.record.position.offset) {
                     s.metrics.reconciled.inc();
                 } else {
                     pending.push(i);
                 }
             }
+        }
+        if let Some(delay) = s.faults.take_delay(items) {
+            s.faults.fired.notify_one();
+            tokio::time::sleep(delay).await;
         }
         let mut rejected: Vec<(usize, SinkError)> = Vec::new();
         let mut backoff = Backoff::new();
@@ -485,18 +750,29 @@ impl PartitionTask {
         while !pending.is_empty() {
             let batch: Vec<Effect<'_>> = pending
                 .iter()
-                .map(|&i| Effect {
-                    envelope: envelope(&items[i]),
-                    possible_repeat: retrying
-                        || matches!(items[i], Item::Keyed { decision: Some(Decision::New { resumed: true }), .. }),
+                .map(|&i| {
+                    let envelope = envelope(&items[i]);
+                    let taken = matches!(items[i], Item::Keyed { decision: Some(Decision::New { acquired, .. }), .. } if acquired.may_repeat());
+                    Effect {
+                        envelope,
+                        possible_repeat: retrying || taken || held.was_lost(envelope.record.position.offset),
+                    }
                 })
                 .collect();
+            let repeats = batch.iter().filter(|e| e.possible_repeat).count();
+            s.metrics.possible_repeats.inc_by(repeats as u64);
             let results = s.sink.deliver(&batch).await;
             let mut retry = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 match result {
                     Ok(None) => {}
                     Ok(Some(landed)) => OutputMark::advance(&mut self.logs.output, landed),
+                    Err(e) if e.is_fatal() => {
+                        s.metrics.sink_errors.inc();
+                        error!(topic = %self.tp.0, partition = self.tp.1, position = %envelope(&items[i]).record.position, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
+                        s.fatal.raise(format!("fatal producer error: {e}"));
+                        return Err(Stop::Fatal);
+                    }
                     Err(e) if e.is_retriable() => {
                         s.metrics.sink_errors.inc();
                         warn!(position = %envelope(&items[i]).record.position, error = %e, sink = s.sink.kind(), "effect failed; retrying");
@@ -511,19 +787,19 @@ impl PartitionTask {
             pending = retry;
             retrying = true;
             if !pending.is_empty() {
-                s.metrics.set_ready(false);
-                if self.draining() {
-                    return Err(Stop::Draining);
-                }
-                tokio::time::sleep(backoff.next()).await;
+                self.stalled();
+                self.pause(&mut backoff).await?;
             }
         }
+        self.progressing();
         s.metrics.sink_seconds.observe(started.elapsed().as_secs_f64());
         if Faults::take(&s.faults.crash_after_effect, items) {
             return Err(Stop::Crashed);
         }
 
-        // A rejected effect releases its claim (the key is not burned) and is dead-lettered.
+        // A rejected effect releases its claim (the key is not burned) and is
+        // dead-lettered; so are later records of the same event in this batch,
+        // which followed the rejected one as its duplicates.
         if !rejected.is_empty() {
             let keys: Vec<_> = rejected
                 .iter()
@@ -532,25 +808,44 @@ impl PartitionTask {
                     (e.key.clone(), e.record.position.clone())
                 })
                 .collect();
+            held.remove(&keys);
             self.store_call("release", || s.store.release(keys.clone())).await?;
+            let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+            let mut reasons: HashMap<usize, String> = HashMap::new();
             for (i, e) in rejected {
+                filter.forget(envelope(&items[i]).digest);
+                let reason = e.to_string();
+                reasons.insert(i, reason.clone());
                 let Item::Keyed { envelope, .. } = std::mem::replace(&mut items[i], placeholder()) else {
-                    unreachable!()
+                    unreachable!("only keyed items have effects")
                 };
-                items[i] = Item::Bad { record: envelope.record, error: RecordError::SinkRejected(e.to_string()) };
+                items[i] = Item::Bad { record: envelope.record, error: RecordError::SinkRejected(reason) };
+            }
+            drop(filter);
+            for item in items.iter_mut() {
+                let Item::Keyed { leader: Some(leader), .. } = item else { continue };
+                let Some(reason) = reasons.get(leader) else { continue };
+                let error = RecordError::SinkRejected(format!(
+                    "the first record of this event in its batch was rejected: {reason}"
+                ));
+                let Item::Keyed { envelope, .. } = std::mem::replace(item, placeholder()) else {
+                    unreachable!("matched as keyed above")
+                };
+                *item = Item::Bad { record: envelope.record, error };
             }
         }
 
         // complete
-        let done: Vec<(crate::event::EventKey, Position)> = items
+        let done: Vec<(EventKey, Position)> = items
             .iter()
             .filter_map(|item| match item {
-                Item::Keyed { envelope, decision: Some(Decision::New { .. }) } => {
+                Item::Keyed { envelope, decision: Some(Decision::New { .. }), .. } => {
                     Some((envelope.key.clone(), envelope.record.position.clone()))
                 }
                 _ => None,
             })
             .collect();
+        held.clear();
         if !done.is_empty() {
             let held = self.store_call("complete", || s.store.complete(done.clone(), now_ms())).await?;
             for ((_, position), held) in done.iter().zip(held) {
@@ -568,10 +863,10 @@ impl PartitionTask {
         for item in items.iter() {
             let (record, error) = match item {
                 Item::Bad { record, error } => (record, error.clone()),
-                Item::Keyed { envelope, decision: Some(Decision::Conflict(stored)) } if conflicts_dead_letter => {
+                Item::Keyed { envelope, decision: Some(Decision::Conflict(stored)), .. } if conflicts_dead_letter => {
                     (&envelope.record, RecordError::Conflict { stored: stored.to_string() })
                 }
-                Item::Keyed { envelope, decision: Some(Decision::Duplicate) } => {
+                Item::Keyed { envelope, decision: Some(Decision::Duplicate { .. }), .. } => {
                     dups.push(envelope);
                     continue;
                 }
@@ -585,11 +880,11 @@ impl PartitionTask {
             }
         }
         let dead_refs: Vec<(&Record, &RecordError)> = dead.iter().map(|(r, e)| (*r, e)).collect();
-        for landed in self.write_side("dead_letter", &dead_refs, |batch| s.side.dead_letter(batch)).await? {
+        for landed in self.write_side(Side::DeadLetter, &dead_refs, |batch| s.side.dead_letter(batch)).await? {
             OutputMark::advance(&mut self.logs.dead_letter, landed);
         }
         if s.side.duplicates.is_some() {
-            self.write_side("duplicates", &dups, |batch| s.side.duplicates(batch)).await?;
+            self.write_side(Side::Duplicates, &dups, |batch| s.side.duplicates(batch)).await?;
         }
 
         // filter memory + outcome counts
@@ -599,14 +894,26 @@ impl PartitionTask {
         for item in items.iter() {
             let outcome = match item {
                 Item::Bad { .. } => 3,
-                Item::Keyed { envelope, decision } => {
+                Item::Keyed { envelope, decision, .. } => {
                     match decision.expect("every keyed item is decided before effects") {
-                        Decision::New { .. } => {
-                            filter.remember_done(envelope, envelope.fingerprint, now);
+                        // The row lives a TTL from its claim; a resumed claim kept an
+                        // older claim time we do not know here, so it is not cached.
+                        Decision::New { acquired, claimed_at_ms } => {
+                            if acquired == Acquired::Resumed {
+                                filter.remember_seen(envelope, now);
+                            } else {
+                                filter.remember_claimed(envelope, claimed_at_ms, now);
+                            }
                             0
                         }
-                        Decision::Duplicate => {
-                            filter.remember_done(envelope, envelope.fingerprint, now);
+                        // Only a row read back says how long it lives: a duplicate never
+                        // extends what the cache vouches for.
+                        Decision::Duplicate { expires_at_ms: Some(expires_at_ms) } => {
+                            filter.remember_done(envelope, expires_at_ms, now);
+                            1
+                        }
+                        Decision::Duplicate { expires_at_ms: None } => {
+                            filter.remember_seen(envelope, now);
                             1
                         }
                         Decision::Conflict(_) => {
@@ -628,15 +935,21 @@ impl PartitionTask {
         Ok(())
     }
 
-    /// Writes to a side topic, retrying retriable failures; a record the topic
-    /// refuses for good is logged loudly (it cannot be written anywhere else).
+    /// Writes to a side topic, retrying retriable failures. A dead letter the
+    /// topic refuses for good has nowhere else to go: the partition stalls on
+    /// it, loudly (error log naming the record, the stalled gauge, `/readyz`
+    /// 503), and keeps trying, so the record is never committed unwritten.
+    /// (Records refused for their size were already written truncated by
+    /// [`SideTopics::dead_letter`].) A duplicates-topic copy refused for good
+    /// is only an audit copy: logged, counted, and skipped.
     /// Returns where the written records landed.
-    async fn write_side<T, F, Fut>(&self, what: &'static str, records: &[T], write: F) -> Result<Vec<OutputMark>, Stop>
+    async fn write_side<T, F, Fut>(&self, side: Side, records: &[T], write: F) -> Result<Vec<OutputMark>, Stop>
     where
         T: HasPosition,
         F: Fn(Vec<T>) -> Fut,
         Fut: std::future::Future<Output = Vec<Result<OutputMark, SinkError>>>,
     {
+        let what = side.name();
         let mut landed = Vec::with_capacity(records.len());
         let mut pending: Vec<usize> = (0..records.len()).collect();
         let mut backoff = Backoff::new();
@@ -647,27 +960,79 @@ impl PartitionTask {
             for (&i, result) in pending.iter().zip(results) {
                 match result {
                     Ok(mark) => landed.push(mark),
+                    Err(e) if e.is_fatal() => {
+                        error!(position = %records[i].position(), topic = what, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
+                        self.stages.fatal.raise(format!("fatal producer error: {e}"));
+                        return Err(Stop::Fatal);
+                    }
                     Err(e) if e.is_retriable() => retry.push(i),
                     Err(e) => {
                         self.stages.metrics.sink_errors.inc();
-                        error!(position = %records[i].position(), topic = what, error = %e, "side topic refused the record for good");
+                        self.stages.metrics.side_refusals.with_label_values(&[what]).inc();
+                        match side {
+                            Side::DeadLetter => {
+                                error!(position = %records[i].position(), topic = what, error = %e, "the dead-letter topic refuses this record: the partition stalls on it until the topic accepts it (check its ACLs, size limits and existence)");
+                                retry.push(i);
+                            }
+                            Side::Duplicates => {
+                                error!(position = %records[i].position(), topic = what, error = %e, "the duplicates topic refused an audit copy; skipped")
+                            }
+                        }
                     }
                 }
             }
             pending = retry;
             if !pending.is_empty() {
                 self.stages.metrics.sink_errors.inc();
+                self.stalled();
                 warn!(topic = what, records = pending.len(), "side topic write failed; retrying");
-                if self.draining() {
-                    return Err(Stop::Draining);
-                }
-                tokio::time::sleep(backoff.next()).await;
+                self.pause(&mut backoff).await?;
             }
         }
+        self.progressing();
         Ok(landed)
     }
 }
 
+/// The side topics, for logs and the refusal counter.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    DeadLetter,
+    Duplicates,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::DeadLetter => "dead_letter",
+            Side::Duplicates => "duplicates",
+        }
+    }
+}
+
+/// One heartbeat: extends the leases of the claims a batch holds. A refusal
+/// means another owner took the claim over while we held it (our lease had
+/// lapsed: a freeze, a store outage longer than the lease): the effect is then
+/// marked as a possible repeat.
+async fn renew(stages: &Stages, tp: &TopicPartition, held: &Held) {
+    let keys = held.snapshot();
+    if keys.is_empty() {
+        return;
+    }
+    match stages.store.renew(keys.clone(), now_ms()).await {
+        Ok(answers) => {
+            let lost: Vec<i64> = keys.iter().zip(answers).filter(|(_, ok)| !ok).map(|((_, p), _)| p.offset).collect();
+            if !lost.is_empty() {
+                stages.metrics.leases_lost.inc_by(lost.len() as u64);
+                warn!(topic = %tp.0, partition = tp.1, claims = lost.len(), first_offset = lost[0], "claims taken over while this partition held them; their effects will be marked as possible repeats");
+                held.lost.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
+            }
+        }
+        Err(e) => {
+            warn!(topic = %tp.0, partition = tp.1, error = %e, "lease renewal failed; trying again at the next heartbeat")
+        }
+    }
+}
 /// Adds a polled message to the batch (errors are librdkafka's own, logged; it retries).
 fn take(
     records: &mut Vec<Record>,
@@ -767,9 +1132,22 @@ impl PartitionHandler for Workers {
             dead_lettered: HashSet::new(),
             logs: resume.logs,
         };
+        let stages = self.stages.clone();
+        let tp_of_task = tp.clone();
         let handle = self.runtime.spawn(async move {
             let _ended = ended_tx; // dropped with the future, whatever ends it
-            task.run(queue).await;
+            if let Err(panic) = std::panic::AssertUnwindSafe(task.run(queue)).catch_unwind().await {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_string());
+                let (topic, partition) = (&tp_of_task.0, tp_of_task.1);
+                error!(%topic, partition, panic = %what, "partition task panicked; its partition is stalled and kdedup stops (exit non-zero) so that it restarts from the last commit");
+                stages.metrics.partition_panics.inc();
+                stages.metrics.partition_stalled(&tp_of_task);
+                stages.fatal.raise(format!("partition task {topic}/{partition} panicked: {what}"));
+            }
         });
         self.stages.metrics.assigned_partitions.inc();
         if let Some(old) = self.running().insert(tp, Running { stop: stop_tx, handle, ended: ended_rx }) {
@@ -794,6 +1172,7 @@ impl PartitionHandler for Workers {
                 let _ = r.ended.recv_timeout(Duration::from_secs(5));
             }
             self.stages.metrics.assigned_partitions.dec();
+            self.stages.metrics.partition_gone(tp);
         }
         // Writes of the stopped tasks may still be queued in the producer; the
         // next owner reads these logs back to learn what was written, so let

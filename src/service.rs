@@ -14,7 +14,7 @@ use crate::event::KeyExtractor;
 use crate::filter::Filter;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
-use crate::pipeline::{Faults, Stages, Workers};
+use crate::pipeline::{Fatal, Faults, Liveness, Stages, Workers};
 use crate::reconcile::Reconciler;
 use crate::sink::{KafkaSink, KafkaWriter, SideTopics, Sink, StdoutSink};
 use crate::source::{Source, StopMode};
@@ -65,6 +65,11 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         partitions_of(topic)?;
     }
 
+    let liveness = Arc::new(Liveness::new(
+        consumer_ms(config, "session.timeout.ms", 45_000),
+        consumer_ms(config, "heartbeat.interval.ms", 3_000),
+    ));
+    let fatal = Fatal::default();
     let barrier_store = store.clone();
     let book = Arc::new(CommitBook::new(Box::new(move || barrier_store.sync())));
     let stages = Arc::new(Stages {
@@ -83,7 +88,11 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         config: config.pipeline.clone(),
         faults: options.faults,
         reconciler: Reconciler { brokers: config.kafka.brokers.clone() },
+        lease: config.retention.lease,
+        liveness: liveness.clone(),
+        fatal: fatal.clone(),
     });
+    let watcher = tokio::spawn(liveness.watch());
     let workers = Arc::new(Workers::new(stages, tokio::runtime::Handle::current()));
     let source = Source::start(
         &config.kafka,
@@ -113,14 +122,29 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         }
     });
 
-    let mode = shutdown.await;
+    let (mode, fatal) = tokio::select! {
+        mode = shutdown => (mode, None),
+        why = fatal.raised() => (StopMode::Drain, Some(why)),
+    };
     info!(?mode, "stopping");
     tokio::task::spawn_blocking(move || source.stop(mode)).await.context("source thread")?;
-    sweeper.abort();
-    let _ = sweeper.await;
+    for task in [sweeper, watcher] {
+        task.abort();
+        let _ = task.await;
+    }
     if mode == StopMode::Drain {
         writer.flush(Duration::from_secs(30)).context("flushing the producer")?;
     }
+    if let Some(why) = fatal {
+        return Err(anyhow::anyhow!(
+            "{why}; stopped after committing the finished work, exit non-zero so that it is restarted"
+        ));
+    }
     info!("stopped");
     Ok(())
+}
+
+/// A duration property of the consumer, as librdkafka would read it (its default otherwise).
+fn consumer_ms(config: &Config, key: &str, default_ms: u64) -> Duration {
+    Duration::from_millis(config.kafka.consumer.get(key).and_then(|v| v.trim().parse().ok()).unwrap_or(default_ms))
 }

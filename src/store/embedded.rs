@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{decide, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
+use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
 use crate::config::Retention;
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -138,10 +138,10 @@ impl DedupStore for EmbeddedStore {
                     None => s.read(&key)?,
                 };
                 let claim = decide(existing.as_ref(), &request, now_ms);
-                if let Claim::New { resumed } = claim {
-                    let row = match (resumed, existing) {
+                if let Claim::New(how) = claim {
+                    let row = match (how, existing) {
                         // Resume keeps the original claim time, so the TTL does not stretch.
-                        (true, Some(old)) => ClaimRow { lease_until_ms: now_ms + s.lease_ms, ..old },
+                        (Acquired::Resumed, Some(old)) => ClaimRow { lease_until_ms: now_ms + s.lease_ms, ..old },
                         _ => {
                             let row = ClaimRow {
                                 state: ClaimState::InFlight,
@@ -194,6 +194,38 @@ impl DedupStore for EmbeddedStore {
                     _ => false,
                 };
                 answers.push(held);
+            }
+            batch.commit().map_err(|e| s.err(e))?;
+            Ok(answers)
+        })
+        .await
+    }
+
+    async fn renew(&self, held: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
+        let lease_ms = self.inner.lease_ms;
+        self.locked(move |s, pending| {
+            let mut batch = s.db.batch();
+            let mut answers = Vec::with_capacity(held.len());
+            for (key, position) in held {
+                let key = key.encode();
+                let row = match pending.get(&key) {
+                    Some(row) => Some(row.clone()),
+                    None => s.read(&key)?,
+                };
+                let renewed = match row {
+                    Some(row)
+                        if row.state == ClaimState::InFlight
+                            && row.position == position
+                            && row.expires_at_ms > now_ms =>
+                    {
+                        let row = ClaimRow { lease_until_ms: (now_ms + lease_ms).max(row.lease_until_ms), ..row };
+                        batch.insert(&s.claims, key.clone(), encode_row(&row));
+                        pending.insert(key, row);
+                        true
+                    }
+                    _ => false,
+                };
+                answers.push(renewed);
             }
             batch.commit().map_err(|e| s.err(e))?;
             Ok(answers)
@@ -375,7 +407,7 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
         let t0 = 1_000_000;
         let r = request("a", 1, 5);
-        assert_eq!(store.claim(vec![r.clone()], t0).await.unwrap(), vec![Claim::New { resumed: false }]);
+        assert_eq!(store.claim(vec![r.clone()], t0).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
         assert_eq!(store.complete(vec![(r.key.clone(), r.position.clone())], t0).await.unwrap(), vec![true]);
         let later = request("a", 1, 9);
         assert_eq!(store.claim(vec![later.clone()], t0 + 99_999).await.unwrap(), vec![Claim::Duplicate]);
@@ -385,7 +417,7 @@ mod tests {
         assert_eq!(store.row_count().unwrap(), 1);
         assert_eq!(store.sweep(t0 + 100_000).await.unwrap(), 1);
         assert_eq!(store.row_count().unwrap(), 0, "expired row is gone from disk");
-        assert_eq!(store.claim(vec![later], t0 + 100_001).await.unwrap(), vec![Claim::New { resumed: false }]);
+        assert_eq!(store.claim(vec![later], t0 + 100_001).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
     }
 
     #[tokio::test]

@@ -12,10 +12,14 @@
 //! Lifecycle of a key: `claim` writes `InFlight` with a short lease and the
 //! claimant's position; `complete` turns it `Done` (it then lives until its
 //! TTL, counted from the claim); `release` deletes an `InFlight` row whose
-//! effect failed, so the key is not burned without its effect. A redelivery
-//! of the same position is the claimant's own crashed attempt and resumes
-//! (`New { resumed: true }`); a different position waits for the lease
-//! (`InFlight`) and takes over once it has lapsed.
+//! effect failed, so the key is not burned without its effect. While its
+//! effect runs, the owner `renew`s the lease (a heartbeat per partition task),
+//! so a live owner's claim is never taken over. A redelivery of the same
+//! position is the claimant's own crashed attempt and resumes
+//! (`New(Acquired::Resumed)`); a different position waits for the lease
+//! (`InFlight`) and takes over once it has lapsed (`New(Acquired::TakenOver)`):
+//! the old owner's effect may have landed, so the effect is marked as a
+//! possible repeat.
 
 pub mod embedded;
 pub mod postgres;
@@ -40,12 +44,31 @@ pub struct ClaimRequest {
     pub position: Position,
 }
 
+/// How a `New` claim was won.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    /// No live row: nobody ran the effect within the TTL.
+    Fresh,
+    /// The row already named this very position: our own earlier attempt at
+    /// this record (a crash, or an abandoned batch), whose effect may have run.
+    Resumed,
+    /// Another position's in-flight claim whose lease lapsed: its owner died or
+    /// stalled, and its effect may have run.
+    TakenOver,
+}
+
+impl Acquired {
+    /// Whether an earlier attempt's effect may already have landed.
+    pub fn may_repeat(self) -> bool {
+        !matches!(self, Acquired::Fresh)
+    }
+}
+
 /// The store's answer to a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// The caller owns the key now and must run the effect, then `complete` or `release`.
-    /// `resumed`: the row already named this very position (our own crashed attempt).
-    New { resumed: bool },
+    New(Acquired),
     /// Completed earlier with the same fingerprint.
     Duplicate,
     /// Another position holds a live lease; ask again later.
@@ -77,8 +100,8 @@ pub struct ClaimRow {
 /// write under their own lock, so every backend answers alike.
 pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64) -> Claim {
     match existing {
-        None => Claim::New { resumed: false },
-        Some(row) if row.expires_at_ms <= now_ms => Claim::New { resumed: false },
+        None => Claim::New(Acquired::Fresh),
+        Some(row) if row.expires_at_ms <= now_ms => Claim::New(Acquired::Fresh),
         Some(row) if row.state == ClaimState::Done => {
             if row.fingerprint == request.fingerprint {
                 Claim::Duplicate
@@ -86,8 +109,8 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64) 
                 Claim::Conflict { stored: row.fingerprint }
             }
         }
-        Some(row) if row.position == request.position => Claim::New { resumed: true },
-        Some(row) if row.lease_until_ms <= now_ms => Claim::New { resumed: false },
+        Some(row) if row.position == request.position => Claim::New(Acquired::Resumed),
+        Some(row) if row.lease_until_ms <= now_ms => Claim::New(Acquired::TakenOver),
         Some(row) => Claim::InFlight { holder: row.position.clone(), lease_until_ms: row.lease_until_ms },
     }
 }
@@ -114,6 +137,15 @@ pub trait DedupStore: Send + Sync {
     fn complete(
         &self,
         done: Vec<(EventKey, Position)>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+
+    /// Extends the leases of in-flight claims this position holds to `now_ms +
+    /// lease`: the owner's heartbeat while its effects run. `false` for a key
+    /// whose claim this position no longer holds (taken over, or expired).
+    fn renew(
+        &self,
+        held: Vec<(EventKey, Position)>,
         now_ms: u64,
     ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
 
@@ -208,6 +240,15 @@ impl Store {
         }
     }
 
+    /// Whether one `claim` call decides all its keys as one step, so that two
+    /// batches sharing keys cannot each win some and wait on the other's (the
+    /// embedded store holds one lock; PostgreSQL inserts a batch's keys in key
+    /// order in one statement, so the first shared key decides them all).
+    /// ScyllaDB claims key by key, concurrently.
+    pub fn claims_batch_atomically(&self) -> bool {
+        !matches!(self, Store::Scylla(_))
+    }
+
     /// Whether this backend is only correct when one process owns every partition.
     pub fn is_single_instance(&self) -> bool {
         matches!(self, Store::Embedded(_))
@@ -230,6 +271,9 @@ impl DedupStore for Store {
     }
     async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
         dispatch!(self, s => s.complete(done, now_ms).await)
+    }
+    async fn renew(&self, held: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
+        dispatch!(self, s => s.renew(held, now_ms).await)
     }
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
         dispatch!(self, s => s.release(keys).await)

@@ -84,6 +84,15 @@ WHERE c.scope = r.scope AND c.event_id = r.event_id AND c.state = 1
   AND c.topic = r.topic AND c.partition = r.partition AND c."offset" = r."offset"
 "#;
 
+const RENEW: &str = r#"
+UPDATE kdedup_claims c SET lease_until = GREATEST(c.lease_until, $6::bigint + $7::bigint)
+FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int[], $5::bigint[]) AS r(scope, event_id, topic, partition, "offset")
+WHERE c.scope = r.scope AND c.event_id = r.event_id AND c.state = 1
+  AND c.topic = r.topic AND c.partition = r.partition AND c."offset" = r."offset"
+  AND c.expires_at > $6
+RETURNING c.scope, c.event_id
+"#;
+
 const LOOKUP: &str = r#"
 SELECT c.scope, c.event_id, c.state, c.fingerprint, c.topic, c.partition, c."offset", c.claimed_at, c.lease_until, c.expires_at
 FROM kdedup_claims c
@@ -251,6 +260,13 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
     StoreError::Postgres { message, retriable }
 }
 
+/// For each requested key, whether a `RETURNING scope, event_id` statement returned it.
+fn keys_returned(rows: &[Row], requested: &[(EventKey, Position)]) -> Vec<bool> {
+    let returned: std::collections::HashSet<(String, Vec<u8>)> =
+        rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1))).collect();
+    requested.iter().map(|(k, _)| returned.contains(&(k.scope.to_string(), k.id.clone()))).collect()
+}
+
 type KeyRef<'a> = (&'a str, &'a [u8]);
 
 /// Column arrays of (scope, id, topic, partition, offset), for unnest.
@@ -310,9 +326,14 @@ impl DedupStore for PostgresStore {
         let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&done);
         let now = now_ms as i64;
         let rows = self.query(COMPLETE, &[&scopes, &ids, &topics, &partitions, &offsets, &now]).await?;
-        let held: std::collections::HashSet<(String, Vec<u8>)> =
-            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1))).collect();
-        Ok(done.iter().map(|(k, _)| held.contains(&(k.scope.to_string(), k.id.clone()))).collect())
+        Ok(keys_returned(&rows, &done))
+    }
+
+    async fn renew(&self, held: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
+        let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&held);
+        let now = now_ms as i64;
+        let rows = self.query(RENEW, &[&scopes, &ids, &topics, &partitions, &offsets, &now, &self.lease_ms]).await?;
+        Ok(keys_returned(&rows, &held))
     }
 
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {

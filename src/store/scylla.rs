@@ -52,7 +52,7 @@ use scylla::value::{CqlValue, Row};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use super::{decide, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
+use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
 use crate::config::{Retention, ScyllaConfig, ScyllaConsistency, ScyllaSerialConsistency};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -294,14 +294,25 @@ pub enum Step {
     Resume(ClaimRow),
 }
 
+impl Step {
+    /// How a claim that applied this step was won.
+    fn acquired(&self) -> Acquired {
+        match self {
+            Step::Resume(_) => Acquired::Resumed,
+            Step::TakeOverLapsed => Acquired::TakenOver,
+            Step::Insert | Step::TakeOverExpired | Step::Answer(_) => Acquired::Fresh,
+        }
+    }
+}
+
 /// Maps the row a claim saw (a rejected LWT's old row, or a SERIAL read) to
 /// the next step, through [`decide`], so ScyllaDB answers as every backend does.
 pub fn next_step(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64) -> Step {
     let Some(row) = existing else { return Step::Insert };
     match decide(Some(row), request, now_ms) {
-        Claim::New { resumed: true } => Step::Resume(row.clone()),
-        Claim::New { resumed: false } if row.expires_at_ms <= now_ms => Step::TakeOverExpired,
-        Claim::New { resumed: false } => Step::TakeOverLapsed,
+        Claim::New(Acquired::Resumed) => Step::Resume(row.clone()),
+        Claim::New(_) if row.expires_at_ms <= now_ms => Step::TakeOverExpired,
+        Claim::New(_) => Step::TakeOverLapsed,
         other => Step::Answer(other),
     }
 }
@@ -646,14 +657,14 @@ impl ScyllaStore {
             let existing = match lwt {
                 Lwt::Answer(answer) if answer.applied => {
                     self.remember(key, &intended, now_ms);
-                    return Ok(Claim::New { resumed: matches!(step, Step::Resume(_)) });
+                    return Ok(Claim::New(step.acquired()));
                 }
                 Lwt::Answer(answer) => self.row_of(key, answer.row).await?,
                 Lwt::Unknown => {
                     let current = self.read_row(key, true).await?;
                     if shows_our_write(&intended, current.as_ref()) {
                         self.remember(key, &intended, now_ms);
-                        return Ok(Claim::New { resumed: matches!(step, Step::Resume(_)) });
+                        return Ok(Claim::New(step.acquired()));
                     }
                     current
                 }
@@ -723,6 +734,54 @@ impl ScyllaStore {
             message: format!("completion of key {} stayed unknown", key.display_id()),
             retriable: true,
         })
+    }
+
+    /// Extends the lease of one claim this position holds: a conditional rewrite
+    /// of our own in-flight row, like completion; `false` when it is no longer ours.
+    async fn renew_one(&self, key: &EventKey, position: &Position, now_ms: u64) -> Result<bool, StoreError> {
+        let c = self.connected().await?;
+        let granted =
+            self.inner.granted.lock().unwrap_or_else(|p| p.into_inner()).get(&(key.clone(), position.clone())).cloned();
+        let held = match granted {
+            Some(row) => row,
+            None => match self.read_row(key, true).await? {
+                Some(row) if row.state == ClaimState::InFlight && &row.position == position => row,
+                _ => return Ok(false),
+            },
+        };
+        if held.expires_at_ms <= now_ms {
+            return Ok(false);
+        }
+        let renewed =
+            ClaimRow { lease_until_ms: (now_ms + self.inner.lease_ms).max(held.lease_until_ms), ..held.clone() };
+        let fp = renewed.fingerprint.0.to_be_bytes();
+        let (st, sc, to, pa, of, ca, lu, ea) = row_values(&renewed, &fp);
+        let ttl = ttl_secs(renewed.expires_at_ms, now_ms);
+        let values = (
+            ttl,
+            st,
+            sc,
+            to,
+            pa,
+            of,
+            ca,
+            lu,
+            ea,
+            &*key.scope,
+            key.id.as_slice(),
+            &*held.position.topic,
+            held.position.partition,
+            held.position.offset,
+            held.expires_at_ms as i64,
+        );
+        let applied = match self.lwt("renew", &c.rewrite_own, values).await? {
+            Lwt::Answer(answer) => answer.applied,
+            Lwt::Unknown => self.read_row(key, true).await?.is_some_and(|row| row == renewed),
+        };
+        if applied {
+            self.remember(key, &renewed, now_ms);
+        }
+        Ok(applied)
     }
 
     async fn release_one(&self, key: &EventKey, position: &Position) -> Result<(), StoreError> {
@@ -991,6 +1050,10 @@ impl DedupStore for ScyllaStore {
 
     async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
         self.each(done, |(key, position)| async move { self.complete_one(&key, &position, now_ms).await }).await
+    }
+
+    async fn renew(&self, held: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
+        self.each(held, |(key, position)| async move { self.renew_one(&key, &position, now_ms).await }).await
     }
 
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {

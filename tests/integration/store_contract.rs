@@ -11,7 +11,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 
 use kdedup::config::{Retention, ScyllaConfig, ScyllaConsistency, ScyllaSerialConsistency, StoreConfig};
 use kdedup::event::{EventKey, Fingerprint, Position};
-use kdedup::store::{Claim, ClaimRequest, ClaimState, DedupStore, Store};
+use kdedup::store::{Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Store};
 
 const TTL_MS: u64 = 100_000;
 const LEASE_MS: u64 = 10_000;
@@ -141,7 +141,7 @@ async fn claim1(store: &Store, r: ClaimRequest, now: u64) -> Claim {
 async fn new_then_duplicate_then_conflict() {
     for b in backends().await {
         let (name, store) = (b.name, &b.store);
-        assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0).await, Claim::New { resumed: false }, "{name}");
+        assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0).await, Claim::New(Acquired::Fresh), "{name}");
         assert!(store.complete(vec![(b.key("k"), at(0, 1))], T0).await.unwrap()[0], "{name}");
         assert_eq!(claim1(store, b.req("k", 1, at(1, 9)), T0 + 1).await, Claim::Duplicate, "{name}");
         assert_eq!(
@@ -157,7 +157,7 @@ async fn a_key_repeated_in_one_batch_sees_the_first_claim() {
     for b in backends().await {
         let (name, store) = (b.name, &b.store);
         let answers = store.claim(vec![b.req("k", 1, at(0, 1)), b.req("k", 1, at(0, 2))], T0).await.unwrap();
-        assert_eq!(answers[0], Claim::New { resumed: false }, "{name}");
+        assert_eq!(answers[0], Claim::New(Acquired::Fresh), "{name}");
         assert!(matches!(answers[1], Claim::InFlight { .. }), "{name}: {:?}", answers[1]);
     }
 }
@@ -192,7 +192,7 @@ async fn live_lease_blocks_others_then_lapses_and_is_taken_over() {
         assert_eq!(other, Claim::InFlight { holder: at(0, 1), lease_until_ms: T0 + LEASE_MS }, "{name}");
         assert_eq!(
             claim1(store, b.req("k", 1, at(1, 5)), T0 + LEASE_MS).await,
-            Claim::New { resumed: false },
+            Claim::New(Acquired::TakenOver),
             "{name}"
         );
         // The first owner lost its claim: its completion is refused.
@@ -210,11 +210,37 @@ async fn live_lease_blocks_others_then_lapses_and_is_taken_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_lease_is_not_taken_over_and_only_its_holder_renews() {
+    for b in backends().await {
+        let (name, store) = (b.name, &b.store);
+        claim1(store, b.req("k", 1, at(0, 1)), T0).await;
+        // The holder's heartbeat, just before the lease would lapse.
+        let renewed_at = T0 + LEASE_MS - 1;
+        assert_eq!(store.renew(vec![(b.key("k"), at(0, 1))], renewed_at).await.unwrap(), vec![true], "{name}");
+        assert_eq!(
+            store.renew(vec![(b.key("k"), at(5, 5))], renewed_at).await.unwrap(),
+            vec![false],
+            "{name}: not the holder"
+        );
+        // Past the first lease, within the renewed one: still in flight for everyone else.
+        let other = claim1(store, b.req("k", 1, at(1, 5)), T0 + LEASE_MS + 1).await;
+        assert_eq!(other, Claim::InFlight { holder: at(0, 1), lease_until_ms: renewed_at + LEASE_MS }, "{name}");
+        // Without another heartbeat it lapses, is taken over, and the old holder can renew no more.
+        let later = renewed_at + LEASE_MS;
+        assert_eq!(claim1(store, b.req("k", 1, at(1, 5)), later).await, Claim::New(Acquired::TakenOver), "{name}");
+        assert_eq!(store.renew(vec![(b.key("k"), at(0, 1))], later + 1).await.unwrap(), vec![false], "{name}");
+        assert!(store.complete(vec![(b.key("k"), at(1, 5))], later + 1).await.unwrap()[0], "{name}");
+        // A done row is not in flight: nothing to renew.
+        assert_eq!(store.renew(vec![(b.key("k"), at(1, 5))], later + 2).await.unwrap(), vec![false], "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_of_the_same_position_resumes_its_own_claim() {
     for b in backends().await {
         let (name, store) = (b.name, &b.store);
         claim1(store, b.req("k", 1, at(3, 42)), T0).await;
-        assert_eq!(claim1(store, b.req("k", 1, at(3, 42)), T0 + 1).await, Claim::New { resumed: true }, "{name}");
+        assert_eq!(claim1(store, b.req("k", 1, at(3, 42)), T0 + 1).await, Claim::New(Acquired::Resumed), "{name}");
         store.complete(vec![(b.key("k"), at(3, 42))], T0 + 2).await.unwrap();
         assert_eq!(claim1(store, b.req("k", 1, at(3, 42)), T0 + 3).await, Claim::Duplicate, "{name}: done is done");
     }
@@ -229,13 +255,13 @@ async fn release_frees_the_key_and_forget_deletes_it() {
         assert!(store.lookup(vec![b.key("k")], T0).await.unwrap()[0].is_some(), "{name}");
         store.release(vec![(b.key("k"), at(0, 1))]).await.unwrap();
         assert_eq!(store.lookup(vec![b.key("k")], T0).await.unwrap(), vec![None], "{name}");
-        assert_eq!(claim1(store, b.req("k", 1, at(1, 2)), T0 + 1).await, Claim::New { resumed: false }, "{name}");
+        assert_eq!(claim1(store, b.req("k", 1, at(1, 2)), T0 + 1).await, Claim::New(Acquired::Fresh), "{name}");
         store.complete(vec![(b.key("k"), at(1, 2))], T0 + 1).await.unwrap();
         let row = store.lookup(vec![b.key("k")], T0 + 2).await.unwrap().pop().unwrap().unwrap();
         assert_eq!(row.state, ClaimState::Done, "{name}");
         assert!(store.forget(b.key("k")).await.unwrap(), "{name}");
         assert!(!store.forget(b.key("k")).await.unwrap(), "{name}");
-        assert_eq!(claim1(store, b.req("k", 1, at(1, 3)), T0 + 3).await, Claim::New { resumed: false }, "{name}");
+        assert_eq!(claim1(store, b.req("k", 1, at(1, 3)), T0 + 3).await, Claim::New(Acquired::Fresh), "{name}");
     }
 }
 
@@ -252,7 +278,7 @@ async fn ttl_expiry_counts_at_once_and_sweep_removes() {
         // Gone from storage, not just hidden: asked as of before its expiry, the key is unknown.
         assert_eq!(
             claim1(store, b.req("k", 1, at(0, 3)), T0 + TTL_MS - 2).await,
-            Claim::New { resumed: false },
+            Claim::New(Acquired::Fresh),
             "{name}"
         );
     }
@@ -267,7 +293,7 @@ async fn lookups_and_lightweight_transactions_are_counted_apart() {
         let Some(ops) = store.op_metrics() else { continue };
         let kind = store.kind();
         assert_eq!(store.lookup(vec![b.key("k")], T0).await.unwrap(), vec![None], "{name}");
-        assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0).await, Claim::New { resumed: false }, "{name}");
+        assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0).await, Claim::New(Acquired::Fresh), "{name}");
         assert!(matches!(claim1(store, b.req("k", 1, at(0, 2)), T0).await, Claim::InFlight { .. }), "{name}");
         assert_eq!(ops.count(kind, "read", "ok"), 1, "{name}: one plain read");
         assert_eq!(ops.count(kind, "insert", "applied"), 1, "{name}");

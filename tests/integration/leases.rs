@@ -1,0 +1,179 @@
+//! Claims held across time and refusals: a slow effect keeps its claim alive
+//! while a duplicate waits on another partition; a crashed owner's claim is
+//! taken over only as a marked repeat; a record that both the output and the
+//! dead-letter topic refuse stalls its partition instead of being committed;
+//! a partition task that panics stops the process with an error.
+
+use std::time::Duration;
+
+use kdedup::event::Position;
+use kdedup::metrics::Metrics;
+use kdedup::mock::{self, Produce};
+use kdedup::pipeline::Faults;
+use kdedup::service::{self, RunOptions};
+use kdedup::sink::kafka::headers;
+use kdedup::source::StopMode;
+use rdkafka_sys::types::RDKafkaRespErr;
+
+use crate::utils::*;
+
+/// One event as a record on `partition`, ID in the `event-id` header.
+fn event(id: &str, partition: i32) -> Produce {
+    Produce {
+        partition,
+        key: Some(format!("k-{partition}").into_bytes()),
+        payload: Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
+        headers: vec![("event-id".into(), id.as_bytes().to_vec())],
+    }
+}
+
+fn position(partition: i32, offset: i64) -> Position {
+    Position { topic: INPUT.into(), partition, offset }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_effect_keeps_its_claim_while_a_duplicate_waits_on_another_partition() {
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    // The effect of the first copy takes three leases; without renewal the copy
+    // on partition 1 would take the claim over after one and emit it again.
+    let faults = Faults::default();
+    *faults.slow_effect.lock().unwrap() = Some((position(0, 0), Duration::from_secs(3)));
+    let running =
+        start(config(&kafka, &unique("slow"), dir.path(), &[("KDEDUP_STORE__LEASE_SECS", "1")]), faults.clone());
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("slow-1", 0)]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), faults.fired.notified()).await.expect("the slow effect started");
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("slow-1", 1), event("other", 1)]).await.unwrap();
+    wait_all_committed(&kafka, &running.metrics).await;
+    let m = running.metrics.clone();
+    running.stop(StopMode::Drain).await;
+
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    assert_exactly_once(&output, &["slow-1".to_string(), "other".to_string()]);
+    assert!(output.iter().all(|r| r.header(headers::POSSIBLE_REPEAT).is_none()), "nothing was a possible repeat");
+    assert!(m.claim_waits.get() >= 1, "the copy waited for the live claim");
+    assert_eq!(m.lease_takeovers.get(), 0, "the renewed lease was never taken over");
+    assert_eq!(m.outcome("duplicate"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_effect_then_a_duplicate_elsewhere_after_the_lease_is_never_an_unmarked_repeat() {
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("takeover");
+    let env = [("KDEDUP_STORE__LEASE_SECS", "1"), ("KDEDUP_PIPELINE__BATCH_MAX", "1")];
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("crash-1", 0)]).await.unwrap();
+    let faults = Faults::default();
+    *faults.crash_after_effect.lock().unwrap() = Some(position(0, 0));
+    let first = start(config(&kafka, &group, dir.path(), &env), faults.clone());
+    tokio::time::timeout(Duration::from_secs(30), faults.fired.notified()).await.expect("the crash fired");
+    first.stop(StopMode::Drain).await;
+    // The claim is in flight, its owner gone; its lease runs out.
+    let lapsed = kdedup::store::now_ms() + 1_100;
+    wait_for("the crashed claim's lease to lapse", Duration::from_secs(5), || async move {
+        kdedup::store::now_ms() >= lapsed
+    })
+    .await;
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("crash-1", 1)]).await.unwrap();
+
+    let second = start(config(&kafka, &group, dir.path(), &env), Faults::default());
+    wait_all_committed(&kafka, &second.metrics).await;
+    let m = second.metrics.clone();
+    second.stop(StopMode::Drain).await;
+
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    let copies: Vec<_> = output.iter().filter(|r| r.header_str(headers::EVENT_ID) == Some("crash-1")).collect();
+    // Either partition 0's next owner reconciled first (its effect found in the
+    // output: the copy is a duplicate), or the copy took the lapsed claim over
+    // and was emitted again, marked.
+    match copies.as_slice() {
+        [_] => assert_eq!(m.lease_takeovers.get(), 0),
+        [first, again] => {
+            assert!(first.header(headers::POSSIBLE_REPEAT).is_none(), "the original is not a repeat");
+            assert_eq!(again.header_str(headers::POSSIBLE_REPEAT), Some("true"), "a takeover's effect is marked");
+            assert_eq!(m.lease_takeovers.get(), 1);
+        }
+        other => panic!("crash-1 emitted {} times", other.len()),
+    }
+    eprintln!("takeover after a crash: {} copies, {} takeovers", copies.len(), m.lease_takeovers.get());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_both_topics_refuse_stalls_its_partition_and_is_never_committed_unwritten() {
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("refused");
+    let ids: Vec<String> = (0..5).map(|i| format!("acl-{i}")).collect();
+    let records: Vec<Produce> = ids.iter().map(|id| event(id, 0)).collect();
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    // From now on every produce request is refused for good, as an ACL mistake on
+    // both the output and the dead-letter topic would be.
+    kafka.refuse_produce(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 10_000]).unwrap();
+    let running = start(config(&kafka, &group, dir.path(), &[]), Faults::default());
+    let m = running.metrics.clone();
+
+    wait_for("the dead-letter refusal to stall the partition", Duration::from_secs(60), || {
+        let (refused, stalled) = (m.side_refusals.with_label_values(&["dead_letter"]).get(), m.stalled_partitions());
+        async move { refused >= 1 && stalled == 1 }
+    })
+    .await;
+    assert!(!m.is_ready(), "a stalled partition makes the process unready");
+    assert!(m.partition_stalled_since.with_label_values(&[INPUT, "0"]).get() > 0, "the gauge says since when");
+    // Let commit intervals pass (100 ms each) while it stalls: still nothing committed.
+    let stalled_at = m.commits.get();
+    wait_for("a few commit ticks", Duration::from_secs(10), || {
+        let ticks = m.store_errors.get() + m.sink_errors.get();
+        async move { ticks >= 3 }
+    })
+    .await;
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
+    assert!(committed.get(&0).is_none_or(|&c| c == 0), "nothing committed past the refused records: {committed:?}");
+    assert_eq!(m.commits.get(), stalled_at, "no commit moved while the dead letters were refused");
+
+    // The topics accept writes again: the records are dead-lettered (the output refused
+    // them for good), the partition moves on and commits.
+    kafka.accept_produce().unwrap();
+    wait_all_committed(&kafka, &m).await;
+    assert!(m.is_ready());
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    let reasons: Vec<_> = dead.iter().map(|r| r.header_str(headers::REASON).unwrap_or("")).collect();
+    assert_eq!(reasons, vec!["sink_rejected"; 5], "every refused record is dead-lettered once, with its reason");
+    assert!(mock::read_all(kafka.bootstrap(), OUTPUT).unwrap().is_empty());
+
+    // Their claims were released: the same events sent again are emitted.
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    wait_all_committed(&kafka, &m).await;
+    running.stop(StopMode::Drain).await;
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_partition_task_stops_the_run_with_an_error_and_commits_nothing_past_it() {
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("panic");
+    let (records, ids) = events(200, 0, 2, 5);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let faults = Faults::default();
+    *faults.panic_at.lock().unwrap() = Some(position(0, 50));
+    let metrics = Metrics::new();
+    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics: false };
+    let config = config(&kafka, &group, dir.path(), &[("KDEDUP_PIPELINE__BATCH_MAX", "10")]);
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        service::run(&config, options, std::future::pending::<StopMode>()),
+    )
+    .await
+    .expect("the run stops by itself after the panic");
+    let error = format!("{:#}", run.expect_err("a panicked partition task ends the run with an error"));
+    assert!(error.contains("panicked") && error.contains(&format!("{INPUT}/0")), "{error}");
+    assert_eq!(metrics.partition_panics.get(), 1);
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
+    assert!(committed.get(&0).is_none_or(|&c| c <= 50), "partition 0 committed past the panic: {committed:?}");
+
+    // Restarted (as an orchestrator would), the same records go through.
+    let again = start(config.clone(), Faults::default());
+    wait_all_committed(&kafka, &again.metrics).await;
+    again.stop(StopMode::Drain).await;
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
+}
