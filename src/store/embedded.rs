@@ -137,7 +137,7 @@ impl DedupStore for EmbeddedStore {
                     Some(row) => Some(row.clone()),
                     None => s.read(&key)?,
                 };
-                let claim = decide(existing.as_ref(), &request, now_ms);
+                let claim = decide(existing.as_ref(), &request, now_ms, s.lease_ms);
                 if let Claim::New(how) = claim {
                     let row = match (how, existing) {
                         // Resume keeps the original claim time, so the TTL does not stretch.

@@ -98,7 +98,16 @@ pub struct ClaimRow {
 
 /// Decides a claim against the current row. Shared by backends that read and
 /// write under their own lock, so every backend answers alike.
-pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64) -> Claim {
+///
+/// An in-flight row of another position is taken over only once its lease has
+/// been lapsed for `grace_ms` more (the stores pass one lease): its holder's
+/// heartbeat stopped, and the holder's own partition is being handed to a new
+/// owner, who reconciles it against the output and resumes the claim at its
+/// own position, completing it without a second effect. Taking it over from
+/// elsewhere first would emit again (marked); waiting a little longer lets the
+/// original's owner finish it, and takeover stays the fallback when it never
+/// comes back (its records gone, its pipeline stopped).
+pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, grace_ms: u64) -> Claim {
     match existing {
         None => Claim::New(Acquired::Fresh),
         Some(row) if row.expires_at_ms <= now_ms => Claim::New(Acquired::Fresh),
@@ -110,7 +119,7 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64) 
             }
         }
         Some(row) if row.position == request.position => Claim::New(Acquired::Resumed),
-        Some(row) if row.lease_until_ms <= now_ms => Claim::New(Acquired::TakenOver),
+        Some(row) if row.lease_until_ms.saturating_add(grace_ms) <= now_ms => Claim::New(Acquired::TakenOver),
         Some(row) => Claim::InFlight { holder: row.position.clone(), lease_until_ms: row.lease_until_ms },
     }
 }

@@ -56,7 +56,7 @@ won AS (
         expires_at = CASE WHEN c.expires_at > $7 AND c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition
                                AND c."offset" = EXCLUDED."offset" THEN c.expires_at ELSE EXCLUDED.expires_at END
     WHERE c.expires_at <= $7
-       OR (c.state = 1 AND (c.lease_until <= $7
+       OR (c.state = 1 AND (c.lease_until + $8 <= $7
            OR (c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition AND c."offset" = EXCLUDED."offset")))
     RETURNING c.scope, c.event_id
 )
@@ -201,7 +201,7 @@ impl PostgresStore {
             let won: bool = row.get(1);
             let old = row_at(&row, 2)?;
             let request = &requests[i];
-            let claim = decide(old.as_ref(), request, now_ms);
+            let claim = decide(old.as_ref(), request, now_ms, self.lease_ms as u64);
             answers[i] = match (won, claim) {
                 (true, claim @ Claim::New { .. }) => Some(claim),
                 // Not won, yet the old row says we could have: another writer changed

@@ -307,9 +307,9 @@ impl Step {
 
 /// Maps the row a claim saw (a rejected LWT's old row, or a SERIAL read) to
 /// the next step, through [`decide`], so ScyllaDB answers as every backend does.
-pub fn next_step(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64) -> Step {
+pub fn next_step(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, grace_ms: u64) -> Step {
     let Some(row) = existing else { return Step::Insert };
-    match decide(Some(row), request, now_ms) {
+    match decide(Some(row), request, now_ms, grace_ms) {
         Claim::New(Acquired::Resumed) => Step::Resume(row.clone()),
         Claim::New(_) if row.expires_at_ms <= now_ms => Step::TakeOverExpired,
         Claim::New(_) => Step::TakeOverLapsed,
@@ -641,8 +641,14 @@ impl ScyllaStore {
                         .await?
                 }
                 Step::TakeOverLapsed => {
-                    self.lwt("takeover", &c.take_over_lapsed, (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, now))
-                        .await?
+                    // Lapsed for one lease more (see `decide`).
+                    let lapsed_before = now - lease_ms as i64;
+                    self.lwt(
+                        "takeover",
+                        &c.take_over_lapsed,
+                        (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, lapsed_before),
+                    )
+                    .await?
                 }
                 Step::Resume(old) => {
                     let expected =
@@ -669,7 +675,7 @@ impl ScyllaStore {
                     current
                 }
             };
-            step = next_step(existing.as_ref(), request, now_ms);
+            step = next_step(existing.as_ref(), request, now_ms, lease_ms);
         }
         Err(StoreError::Scylla { message: format!("claims of key {} kept racing", key.display_id()), retriable: true })
     }
@@ -1341,30 +1347,32 @@ mod tests {
         let now = NOW + 1;
         // Completed earlier: duplicate, or conflict with another fingerprint.
         let done = row(ClaimState::Done, 1, at(3, 3), NOW);
-        assert_eq!(next_step(Some(&done), &mine, now), Step::Answer(Claim::Duplicate));
+        assert_eq!(next_step(Some(&done), &mine, now, LEASE), Step::Answer(Claim::Duplicate));
         assert_eq!(
-            next_step(Some(&done), &request(2, at(0, 5)), now),
+            next_step(Some(&done), &request(2, at(0, 5)), now, LEASE),
             Step::Answer(Claim::Conflict { stored: Fingerprint(1) })
         );
         // Another position's live lease.
         let theirs = row(ClaimState::InFlight, 1, at(3, 3), NOW);
         assert_eq!(
-            next_step(Some(&theirs), &mine, now),
+            next_step(Some(&theirs), &mine, now, LEASE),
             Step::Answer(Claim::InFlight { holder: at(3, 3), lease_until_ms: NOW + LEASE })
         );
         // Our own position: resume, keeping the claim's clock.
         let ours = row(ClaimState::InFlight, 1, at(0, 5), NOW);
-        assert_eq!(next_step(Some(&ours), &mine, now), Step::Resume(ours.clone()));
+        assert_eq!(next_step(Some(&ours), &mine, now, LEASE), Step::Resume(ours.clone()));
         let resumed = intended_row(&Step::Resume(ours.clone()), &mine, now, LEASE, TTL).unwrap();
         assert_eq!(
             (resumed.claimed_at_ms, resumed.expires_at_ms, resumed.lease_until_ms),
             (NOW, NOW + TTL, now + LEASE)
         );
-        // Lapsed lease, expired rows (done or not), no row.
-        assert_eq!(next_step(Some(&theirs), &mine, NOW + LEASE), Step::TakeOverLapsed);
-        assert_eq!(next_step(Some(&done), &mine, NOW + TTL), Step::TakeOverExpired);
-        assert_eq!(next_step(Some(&theirs), &mine, NOW + TTL), Step::TakeOverExpired);
-        assert_eq!(next_step(None, &mine, now), Step::Insert);
+        // A lease lapsed for less than the grace still waits; past it, a takeover.
+        assert!(matches!(next_step(Some(&theirs), &mine, NOW + LEASE, LEASE), Step::Answer(Claim::InFlight { .. })));
+        assert_eq!(next_step(Some(&theirs), &mine, NOW + 2 * LEASE, LEASE), Step::TakeOverLapsed);
+        // Expired rows (done or not), no row.
+        assert_eq!(next_step(Some(&done), &mine, NOW + TTL, LEASE), Step::TakeOverExpired);
+        assert_eq!(next_step(Some(&theirs), &mine, NOW + TTL, LEASE), Step::TakeOverExpired);
+        assert_eq!(next_step(None, &mine, now, LEASE), Step::Insert);
         // A fresh claim's row.
         let fresh = intended_row(&Step::TakeOverLapsed, &mine, now, LEASE, TTL).unwrap();
         assert_eq!(

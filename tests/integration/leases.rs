@@ -68,8 +68,8 @@ async fn a_crash_after_the_effect_then_a_duplicate_elsewhere_after_the_lease_is_
     let first = start(config(&kafka, &group, dir.path(), &env), faults.clone());
     tokio::time::timeout(Duration::from_secs(30), faults.fired.notified()).await.expect("the crash fired");
     first.stop(StopMode::Drain).await;
-    // The claim is in flight, its owner gone; its lease runs out.
-    let lapsed = kdedup::store::now_ms() + 1_100;
+    // The claim is in flight, its owner gone; its lease runs out, and the grace after it.
+    let lapsed = kdedup::store::now_ms() + 2_100;
     wait_for("the crashed claim's lease to lapse", Duration::from_secs(5), || async move {
         kdedup::store::now_ms() >= lapsed
     })
