@@ -698,7 +698,8 @@ impl PartitionTask {
             }
             to_claim = waiting;
             if !to_claim.is_empty() {
-                self.stalled();
+                // Waiting on another owner's live claim is not a stall: that owner
+                // progresses (or reports its own stall), and its lease bounds the wait.
                 self.pause(&mut backoff).await?;
             }
         }
