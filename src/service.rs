@@ -77,12 +77,13 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
             dead_letter: config.dead_letter_topic.clone(),
             dead_letter_partitions,
             duplicates: config.duplicates_topic.clone(),
+            scope: Arc::from(config.key.scope.as_str()),
         },
         metrics: metrics.clone(),
         book: book.clone(),
         config: config.pipeline.clone(),
         faults: options.faults,
-        reconciler: Reconciler { brokers: config.kafka.brokers.clone() },
+        reconciler: Reconciler::new(&config.kafka.brokers, &config.key.scope),
     });
     let workers = Arc::new(Workers::new(stages, tokio::runtime::Handle::current()));
     let source = Source::start(

@@ -6,6 +6,7 @@ mod dead_letter;
 mod group;
 mod outage;
 mod path;
+mod reconcile;
 mod restart;
 mod store_contract;
 mod store_crash;
