@@ -346,3 +346,97 @@ impl KafkaSink {
         self.writer.write_all(&self.topic, out).await.into_iter().map(|r| r.map(Some)).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::mock::MockKafka;
+
+    fn position(partition: i32, offset: i64) -> Position {
+        Position { topic: Arc::from("in"), partition, offset }
+    }
+
+    fn record(source: &Position) -> OutRecord<'_> {
+        OutRecord { partition: Some(0), source, key: None, payload: Some(b"x"), headers: OwnedHeaders::new() }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settling_one_origin_does_not_wait_for_other_origins_writing_the_same_partition() {
+        let kafka = MockKafka::start(1).unwrap();
+        kafka.create_topic("out", 1).unwrap();
+        let writer = KafkaWriter::new(kafka.bootstrap(), &BTreeMap::new()).unwrap();
+        let (mine, other) = ((Arc::from("in"), 0), (Arc::from("in"), 1));
+
+        // Input partition 1 keeps writing to out/0: one write of it is always
+        // outstanding (held here), and real ones go on in the background.
+        let held: Slots = [((0, other.clone()), 1)].into();
+        writer.outstanding.add("out", &held);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = tokio::spawn({
+            let (writer, stop) = (writer.clone(), stop.clone());
+            async move {
+                let mut offset = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let sources: Vec<Position> = (offset..offset + 20).map(|o| position(1, o)).collect();
+                    for r in writer.write_all("out", sources.iter().map(record).collect()).await {
+                        r.expect("load write lands");
+                    }
+                    offset += 20;
+                }
+                offset
+            }
+        });
+
+        // Input partition 0's own writes land; settling it returns while 1 still writes.
+        let sources = [position(0, 0), position(0, 1)];
+        for r in writer.write_all("out", sources.iter().map(record).collect()).await {
+            r.expect("write lands");
+        }
+        tokio::time::timeout(Duration::from_secs(10), writer.settled("out", 0, &mine))
+            .await
+            .expect("settling input partition 0 does not wait for input partition 1's writes");
+
+        // Input partition 1 itself is not settled while its write is outstanding...
+        assert!(writer.settled("out", 0, &other).now_or_never().is_none(), "an outstanding write is waited for");
+        // ...and is once it resolves.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(load.await.unwrap() > 0, "the other partition wrote meanwhile");
+        writer.outstanding.remove("out", &held);
+        tokio::time::timeout(Duration::from_secs(10), writer.settled("out", 0, &other))
+            .await
+            .expect("settled once its writes resolved");
+    }
+
+    #[test]
+    fn inbound_copies_of_kdedup_headers_are_dropped_and_others_kept() {
+        use rdkafka::message::Headers;
+        let record = Record {
+            position: position(3, 42),
+            key: None,
+            payload: None,
+            headers: vec![
+                (headers::SOURCE_TOPIC.into(), Some(b"upstream".to_vec())),
+                ("trace-id".into(), Some(b"t".to_vec())),
+                (headers::SCOPE.into(), Some(b"upstream-scope".to_vec())),
+                (headers::POSSIBLE_REPEAT.into(), Some(b"true".to_vec())),
+                ("kdedup-custom".into(), None),
+            ],
+            timestamp_ms: None,
+        };
+        let h = headers_with_source(&record, "mine");
+        let pairs: Vec<(&str, Option<&[u8]>)> = h.iter().map(|h| (h.key, h.value)).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("trace-id", Some(b"t".as_slice())),
+                ("kdedup-custom", None),
+                (headers::SOURCE_TOPIC, Some(b"in".as_slice())),
+                (headers::SOURCE_PARTITION, Some(b"3".as_slice())),
+                (headers::SOURCE_OFFSET, Some(b"42".as_slice())),
+                (headers::SCOPE, Some(b"mine".as_slice())),
+            ]
+        );
+    }
+}
