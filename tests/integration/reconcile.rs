@@ -236,3 +236,93 @@ async fn reconciliation_past_its_bounds_is_incomplete_and_keeps_only_real_writes
     assert!(!late.complete, "past the deadline: incomplete");
     assert!(late.emitted.is_subset(&ours));
 }
+
+/// Every record of `topic`/`partition` the log still holds (from its low watermark).
+fn read_partition(brokers: &str, topic: &str, partition: i32) -> (i64, Vec<Consumed>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (low, high) = c.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(low)).unwrap();
+    c.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut out, mut position) = (Vec::new(), low);
+    while position < high {
+        assert!(std::time::Instant::now() < deadline, "reading {topic}/{partition}: at {position} of {high}");
+        let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+        let m = m.unwrap();
+        position = m.offset() + 1;
+        let headers = m
+            .headers()
+            .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+            .unwrap_or_default();
+        out.push(Consumed {
+            partition,
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+    }
+    (low, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reconciliation_cannot_read_whole_lets_the_repeat_through_marked() {
+    let kafka = cluster(2);
+    let (records, _) = events(2_000, 0, 2, 13);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("retention");
+    let victim = Position { topic: Arc::from(INPUT), partition: 1, offset: 700 };
+    first_life_crashing_after_effect(&kafka, &group, dir.path(), victim).await;
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap()[&1];
+    // Written after the last commit: the crashed batch, which the next owner must not repeat unmarked.
+    let (_, before) = read_partition(kafka.bootstrap(), OUTPUT, 1);
+    let uncommitted: Vec<String> = before
+        .iter()
+        .filter(|r| only_value(r, headers::SOURCE_OFFSET).parse::<i64>().unwrap() >= committed)
+        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
+        .collect();
+    assert!(!uncommitted.is_empty() && committed <= 700, "the crashed batch was written after the last commit");
+    let last_written = before.last().unwrap().offset;
+
+    // Retention deletes them before the next owner reads: the mock keeps 5 MiB
+    // per partition, so 6 MiB of incompressible filler pushes them out.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let filler: Vec<Produce> = (0..6_000)
+        .map(|_| Produce {
+            partition: 1,
+            key: None,
+            payload: Some((0..1024).map(|_| rng.random::<u8>()).collect()),
+            headers: Vec::new(),
+        })
+        .collect();
+    mock::produce_all(kafka.bootstrap(), OUTPUT, &filler).await.unwrap();
+    let (low, _) = read_partition(kafka.bootstrap(), OUTPUT, 1);
+    assert!(low > last_written, "retention dropped the crashed batch's writes (low watermark {low})");
+
+    let metrics = second_life(&kafka, &group, dir.path()).await;
+    assert!(metrics.claims_resumed.get() >= uncommitted.len() as u64, "the crashed batch's claims resumed");
+    let (_, after) = read_partition(kafka.bootstrap(), OUTPUT, 1);
+    let again: HashMap<String, &Consumed> = after
+        .iter()
+        .filter(|r| r.key.is_some())
+        .map(|r| (String::from_utf8(r.key.clone().unwrap()).unwrap(), r))
+        .collect();
+    for id in &uncommitted {
+        let r = again.get(id).unwrap_or_else(|| panic!("{id} was emitted again (its claim never completed)"));
+        assert_eq!(
+            only_value(r, headers::POSSIBLE_REPEAT),
+            "true",
+            "{id}: a repeat reconciliation could not rule out is marked"
+        );
+    }
+}
