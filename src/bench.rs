@@ -403,10 +403,22 @@ async fn passthrough(
                 }
                 let (writer, topic) = (writer.clone(), output.to_string());
                 inflight.push_back(async move {
+                    // The writer counts writes per origin partition; one topic Arc per batch.
+                    let input: std::sync::Arc<str> = batch[0].topic().into();
+                    let sources: Vec<crate::event::Position> = batch
+                        .iter()
+                        .map(|m| crate::event::Position {
+                            topic: if m.topic() == &*input { input.clone() } else { m.topic().into() },
+                            partition: m.partition(),
+                            offset: m.offset(),
+                        })
+                        .collect();
                     let out = batch
                         .iter()
-                        .map(|m| OutRecord {
+                        .zip(&sources)
+                        .map(|(m, source)| OutRecord {
                             partition: Some(m.partition().rem_euclid(partitions)),
+                            source,
                             key: m.key(),
                             payload: m.payload(),
                             headers: m.headers().cloned().unwrap_or_default(),

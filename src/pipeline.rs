@@ -217,15 +217,16 @@ impl Stages {
         Log { topic: self.side.dead_letter.clone(), partition: self.side.dead_letter_partition(input_partition), mark }
     }
 
-    /// Waits until this process's own writes to the logs of `input_partition`
-    /// have resolved: an abandoned task's writes may still be queued, and must
-    /// land before anyone reads those logs back.
-    async fn settle_logs(&self, input_partition: i32) {
-        if let Some(out) = self.output_log(input_partition, None) {
-            self.side.writer.settled(&out.topic, out.partition).await;
+    /// Waits until this process's own writes for `input` to its logs have
+    /// resolved: an abandoned task's writes may still be queued, and must land
+    /// before anyone reads those logs back. Other input partitions' writes to
+    /// the same logs are not waited for (under load they never stop).
+    async fn settle_logs(&self, input: &TopicPartition) {
+        if let Some(out) = self.output_log(input.1, None) {
+            self.side.writer.settled(&out.topic, out.partition, input).await;
         }
-        let dead_letter = self.dead_letter_log(input_partition, None);
-        self.side.writer.settled(&dead_letter.topic, dead_letter.partition).await;
+        let dead_letter = self.dead_letter_log(input.1, None);
+        self.side.writer.settled(&dead_letter.topic, dead_letter.partition, input).await;
     }
 }
 
@@ -405,7 +406,7 @@ impl PartitionTask {
         let dead_letter = self.stages.dead_letter_log(self.tp.1, self.resume.logs.dead_letter);
         let stages = self.stages.clone();
         tokio::select! {
-            _ = stages.settle_logs(self.tp.1) => {}
+            _ = stages.settle_logs(&self.tp) => {}
             _ = self.stop.wait_for(|s| *s) => return Err(Stop::Draining),
         }
         let mut backoff = Backoff::new();
@@ -1180,10 +1181,10 @@ impl PartitionHandler for Workers {
         // them land first (within the same bound). Called on the consumer's
         // own runtime thread: wait on a channel, not by blocking on a runtime.
         let (settled_tx, settled_rx) = std::sync::mpsc::channel::<()>();
-        let (stages, inputs) = (self.stages.clone(), taken.iter().map(|(tp, _)| tp.1).collect::<Vec<_>>());
+        let (stages, inputs) = (self.stages.clone(), taken.iter().map(|(tp, _)| tp.clone()).collect::<Vec<_>>());
         self.runtime.spawn(async move {
-            for p in inputs {
-                stages.settle_logs(p).await;
+            for tp in inputs {
+                stages.settle_logs(&tp).await;
             }
             let _ = settled_tx.send(());
         });

@@ -24,14 +24,32 @@
 //! crashes the output is exactly once. Reconciliation needs a fixed output
 //! partition per input partition (`[sink] partitioning = "source"`); with
 //! `"key"` every resumed claim is only marked.
+//!
+//! A write counts as ours only if its *last* `kdedup-source-*` headers name
+//! the partition and its *last* `kdedup-scope` is our scope: kdedup drops
+//! inbound copies of its own header names, and another pipeline (another
+//! scope) may write the same output partition for the same source positions.
+//!
+//! Bounds ([`Limits`]): without commit metadata (offsets set by
+//! `kafka-consumer-groups`) a log is read from its start, and nothing in it
+//! proves an unread record irrelevant (sources interleave; watermarks are not
+//! trusted, see DESIGN.md on tansu). So the read stops at a deadline, checked
+//! on every record, and at a number of found offsets per log; a log whose
+//! marked start was already deleted by retention cannot be read whole either.
+//! Past any of these, [`Found::complete`] is `false`, logged as an error: what
+//! was found is still skipped, and a resumed claim whose effect was not found
+//! runs again marked `kdedup-possible-repeat: true` (every resumed claim is),
+//! so a repeat past the bound is marked, never unmarked.
 
 use std::collections::HashSet;
+use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tracing::error;
 
 use crate::offsets::{OutputMark, TopicPartition};
 use crate::sink::kafka::headers;
@@ -40,6 +58,25 @@ use crate::sink::kafka::headers;
 #[derive(Clone)]
 pub struct Reconciler {
     pub brokers: String,
+    /// The pipeline's dedup scope: only writes carrying it as `kdedup-scope` are ours.
+    pub scope: String,
+    pub limits: Limits,
+}
+
+/// How far one reconciliation reads before it gives up as incomplete.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// For the whole [`Reconciler::find`] (both logs), checked on every record read.
+    pub deadline: Duration,
+    /// Offsets found per log; a `HashSet<i64>` entry costs about 16 bytes, and
+    /// every newly assigned partition reconciles at once.
+    pub max_found: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { deadline: Duration::from_secs(120), max_found: 1 << 20 }
+    }
 }
 
 /// A topic partition that one input partition writes to, and where to start reading it.
@@ -51,13 +88,28 @@ pub struct Log {
 }
 
 /// What reconciliation found for one input partition.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Found {
     pub emitted: HashSet<i64>,
     pub dead_lettered: HashSet<i64>,
+    /// Every log was read to its end within [`Limits`]. When `false`, the sets
+    /// hold only part of what was written (all of it real writes); the rest is
+    /// unknown and resumed claims run again marked as possible repeats.
+    pub complete: bool,
+}
+
+/// Source offsets found in one log.
+struct Written {
+    offsets: HashSet<i64>,
+    complete: bool,
 }
 
 impl Reconciler {
+    /// A reconciler with the default [`Limits`].
+    pub fn new(brokers: &str, scope: &str) -> Reconciler {
+        Reconciler { brokers: brokers.to_string(), scope: scope.to_string(), limits: Limits::default() }
+    }
+
     /// Reads the output (if fixed) and dead-letter logs of `source` from its marks.
     /// Blocking: run it on the blocking pool.
     pub fn find(
@@ -67,18 +119,28 @@ impl Reconciler {
         output: Option<Log>,
         dead_letter: Log,
     ) -> anyhow::Result<Found> {
+        let deadline = Instant::now() + self.limits.deadline;
+        let emitted = match output {
+            Some(log) => self.written_since(source, from_offset, &log, deadline)?,
+            None => Written { offsets: HashSet::new(), complete: true },
+        };
+        let dead_lettered = self.written_since(source, from_offset, &dead_letter, deadline)?;
         Ok(Found {
-            emitted: match output {
-                Some(log) => self.written_since(source, from_offset, &log)?,
-                None => HashSet::new(),
-            },
-            dead_lettered: self.written_since(source, from_offset, &dead_letter)?,
+            complete: emitted.complete && dead_lettered.complete,
+            emitted: emitted.offsets,
+            dead_lettered: dead_lettered.offsets,
         })
     }
 
     /// Source offsets of `source` at or after `from_offset` found in `log`,
-    /// reading from its mark (or the log start) to the current end.
-    fn written_since(&self, source: &TopicPartition, from_offset: i64, log: &Log) -> anyhow::Result<HashSet<i64>> {
+    /// reading from its mark (or the log start) to the current end, within the limits.
+    fn written_since(
+        &self,
+        source: &TopicPartition,
+        from_offset: i64,
+        log: &Log,
+        deadline: Instant,
+    ) -> anyhow::Result<Written> {
         let (topic, output_partition, mark) = (&log.topic, log.partition, log.mark);
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
@@ -92,17 +154,34 @@ impl Reconciler {
         let (low, high) = consumer
             .fetch_watermarks(topic, output_partition, timeout)
             .with_context(|| format!("cannot read the offsets of {topic}"))?;
-        let start = mark.filter(|m| m.partition == output_partition).map_or(low, |m| m.offset.max(low));
-        let mut found = HashSet::new();
+        let mark = mark.filter(|m| m.partition == output_partition).map(|m| m.offset);
+        let start = mark.map_or(low, |m| m.max(low));
+        let mut found = Written { offsets: HashSet::new(), complete: true };
+        let incomplete = |found: &mut Written, why: &str, position: i64| {
+            found.complete = false;
+            error!(
+                topic = %source.0, partition = source.1, log = %topic, log_partition = output_partition,
+                start, position, end = high, found = found.offsets.len(), why,
+                "reconciliation incomplete; resumed claims not found run again marked kdedup-possible-repeat"
+            );
+        };
+        if mark.is_some_and(|m| m < low) {
+            // Writes after the last commit were deleted by retention before anyone read them.
+            incomplete(&mut found, "the log no longer holds its marked start (retention)", low);
+        }
         if start >= high {
             return Ok(found);
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, output_partition, Offset::Offset(start))?;
         consumer.assign(&tpl)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let (source_partition, scope) = (source.1.to_string(), self.scope.as_bytes());
         let mut position = start;
         loop {
+            if Instant::now() > deadline {
+                incomplete(&mut found, "deadline passed", position);
+                return Ok(found);
+            }
             // Past the high watermark, take only what has already arrived: a broker
             // that reports the watermark at the start of its last batch (tansu does)
             // still delivers that whole batch in the same fetch.
@@ -111,29 +190,60 @@ impl Reconciler {
                 if position >= high {
                     break;
                 }
-                if Instant::now() > deadline {
-                    return Err(anyhow!(
-                        "reading {topic}/{output_partition} from {start} to {high} timed out at {position}"
-                    ));
-                }
                 continue;
             };
             let message = message.with_context(|| format!("reading {topic}"))?;
             position = message.offset() + 1;
-            let Some(hs) = message.headers() else { continue };
-            let header = |name: &str| {
-                hs.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
-            };
-            let same_source = header(headers::SOURCE_TOPIC) == Some(&*source.0)
-                && header(headers::SOURCE_PARTITION).and_then(|p| p.parse::<i32>().ok()) == Some(source.1);
-            if let (true, Some(offset)) =
-                (same_source, header(headers::SOURCE_OFFSET).and_then(|o| o.parse::<i64>().ok()))
-            {
-                if offset >= from_offset {
-                    found.insert(offset);
+            let pairs = header_pairs(&message);
+            let last = |name: &str| pairs.iter().rev().find(|(k, _)| *k == name.as_bytes()).and_then(|(_, v)| *v);
+            let ours = last(headers::SCOPE) == Some(scope)
+                && last(headers::SOURCE_TOPIC) == Some(source.0.as_bytes())
+                && last(headers::SOURCE_PARTITION) == Some(source_partition.as_bytes());
+            let offset = last(headers::SOURCE_OFFSET)
+                .and_then(|o| std::str::from_utf8(o).ok())
+                .and_then(|o| o.parse::<i64>().ok());
+            match offset {
+                Some(offset) if ours && offset >= from_offset => {
+                    if found.offsets.len() >= self.limits.max_found && !found.offsets.contains(&offset) {
+                        incomplete(&mut found, "too many writes found to hold", message.offset());
+                        return Ok(found);
+                    }
+                    found.offsets.insert(offset);
                 }
+                _ => {}
             }
         }
         Ok(found)
     }
+}
+
+/// A message's headers as (name, value) bytes, in order. Names are read as
+/// bytes: rdkafka's `Headers::iter` panics on a name that is not UTF-8, and
+/// any producer may write one into a topic read here.
+fn header_pairs<'m>(message: &'m BorrowedMessage<'_>) -> Vec<(&'m [u8], Option<&'m [u8]>)> {
+    use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+    let mut hdrs = std::ptr::null_mut();
+    // SAFETY: the message pointer is valid while `message` lives; the headers
+    // it returns are owned by the message and only read here.
+    if unsafe { rdkafka_sys::rd_kafka_message_headers(message.ptr(), &mut hdrs) } != RD_KAFKA_RESP_ERR_NO_ERROR
+        || hdrs.is_null()
+    {
+        return Vec::new();
+    }
+    let mut pairs = Vec::new();
+    for idx in 0.. {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: `hdrs` is valid (above); an index past the end returns an error, not a read.
+        if unsafe { rdkafka_sys::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) }
+            != RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            break;
+        }
+        // SAFETY: librdkafka gives a NUL-terminated name and `size` bytes of value
+        // (or a null value), both living as long as the message.
+        let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+        let value = (!value.is_null()).then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
+        pairs.push((name, value));
+    }
+    pairs
 }

@@ -17,8 +17,8 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::Partitioning;
 use crate::error::SinkError;
-use crate::event::Record;
-use crate::offsets::OutputMark;
+use crate::event::{Position, Record};
+use crate::offsets::{OutputMark, TopicPartition};
 
 use super::Effect;
 
@@ -32,11 +32,25 @@ pub mod headers {
     pub const REASON: &str = "kdedup-reason";
     pub const ERROR: &str = "kdedup-error";
     pub const POSSIBLE_REPEAT: &str = "kdedup-possible-repeat";
+
+    /// Every name above. An inbound record's own copies of these (a chained
+    /// kdedup stage, a dead letter replayed into the input) are dropped from
+    /// what kdedup writes, so each name occurs once and means this kdedup's value.
+    pub const ALL: [&str; 8] =
+        [EVENT_ID, SCOPE, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET, REASON, ERROR, POSSIBLE_REPEAT];
+
+    /// Whether `name` is one of kdedup's own header names.
+    pub fn is_kdedup(name: &str) -> bool {
+        ALL.contains(&name)
+    }
 }
 
 /// One record to write.
 pub struct OutRecord<'a> {
     pub partition: Option<i32>,
+    /// The input record this write is for: writes are counted per origin
+    /// partition ([`KafkaWriter::settled`]).
+    pub source: &'a Position,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
     pub headers: OwnedHeaders,
@@ -49,30 +63,40 @@ pub struct KafkaWriter {
     outstanding: Arc<Outstanding>,
 }
 
-/// Writes handed to librdkafka whose delivery has not resolved yet, per topic
-/// partition. A partition task that is abandoned at the drain timeout leaves
-/// its writes queued in the producer; they still land, later. Whoever reads a
-/// partition back to learn what was written (reconciliation) waits for these
-/// first, or a write landing after the read would be made a second time.
+/// Writes handed to librdkafka whose delivery has not resolved yet, per
+/// (topic, partition) written and per origin input partition. A partition
+/// task that is abandoned at the drain timeout leaves its writes queued in the
+/// producer; they still land, later. Whoever reads a partition back to learn
+/// what was written (reconciliation) waits for these first, or a write landing
+/// after the read would be made a second time. Counting per origin lets the
+/// new owner of one input partition wait for that partition's writes only:
+/// other input partitions writing to the same output partition under
+/// continuous load never let a shared count reach zero.
 /// Only writes to an explicit partition are counted: those are the ones read back.
 #[derive(Default)]
 struct Outstanding {
-    counts: Mutex<HashMap<(String, i32), usize>>,
+    counts: Mutex<HashMap<Slot, usize>>,
     resolved: Notify,
 }
 
+/// (topic written, partition written, origin input partition).
+type Slot = (String, i32, TopicPartition);
+
+/// Within one `write_all` (one topic): (partition written, origin) -> writes.
+type Slots = HashMap<(i32, TopicPartition), usize>;
+
 impl Outstanding {
-    fn add(&self, topic: &str, partitions: &HashMap<i32, usize>) {
+    fn add(&self, topic: &str, slots: &Slots) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        for (&p, &n) in partitions {
-            *counts.entry((topic.to_string(), p)).or_default() += n;
+        for ((p, origin), &n) in slots {
+            *counts.entry((topic.to_string(), *p, origin.clone())).or_default() += n;
         }
     }
 
-    fn remove(&self, topic: &str, partitions: &HashMap<i32, usize>) {
+    fn remove(&self, topic: &str, slots: &Slots) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        for (&p, &n) in partitions {
-            let key = (topic.to_string(), p);
+        for ((p, origin), &n) in slots {
+            let key = (topic.to_string(), *p, origin.clone());
             if let Some(left) = counts.get_mut(&key) {
                 *left -= n.min(*left);
                 if *left == 0 {
@@ -84,8 +108,12 @@ impl Outstanding {
         self.resolved.notify_waiters();
     }
 
-    fn any(&self, topic: &str, partition: i32) -> bool {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(topic.to_string(), partition))
+    fn any(&self, topic: &str, partition: i32, origin: &TopicPartition) -> bool {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(
+            topic.to_string(),
+            partition,
+            origin.clone(),
+        ))
     }
 }
 
@@ -98,22 +126,24 @@ type Delivered = Result<OutputMark, KafkaError>;
 struct Deliveries {
     outstanding: Arc<Outstanding>,
     topic: String,
-    partitions: HashMap<i32, usize>,
+    slots: Slots,
     pending: Vec<Result<DeliveryFuture, KafkaError>>,
     started: bool,
 }
 
 impl Deliveries {
     fn new(outstanding: Arc<Outstanding>, topic: &str, records: &[OutRecord<'_>]) -> Deliveries {
-        let mut partitions: HashMap<i32, usize> = HashMap::new();
-        for p in records.iter().filter_map(|r| r.partition) {
-            *partitions.entry(p).or_default() += 1;
+        let mut slots = Slots::new();
+        for r in records {
+            if let Some(p) = r.partition {
+                *slots.entry((p, (r.source.topic.clone(), r.source.partition))).or_default() += 1;
+            }
         }
-        outstanding.add(topic, &partitions);
+        outstanding.add(topic, &slots);
         Deliveries {
             outstanding,
             topic: topic.to_string(),
-            partitions,
+            slots,
             pending: Vec::with_capacity(records.len()),
             started: false,
         }
@@ -128,13 +158,13 @@ impl Deliveries {
         let (tx, rx) = oneshot::channel();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime left (shutting down): nobody will read these logs back here.
-            self.outstanding.remove(&self.topic, &self.partitions);
+            self.outstanding.remove(&self.topic, &self.slots);
             return rx;
         };
-        let (outstanding, topic, partitions, pending) = (
+        let (outstanding, topic, slots, pending) = (
             self.outstanding.clone(),
             std::mem::take(&mut self.topic),
-            std::mem::take(&mut self.partitions),
+            std::mem::take(&mut self.slots),
             std::mem::take(&mut self.pending),
         );
         runtime.spawn(async move {
@@ -149,7 +179,7 @@ impl Deliveries {
                     Err(source) => Err(source),
                 });
             }
-            outstanding.remove(&topic, &partitions);
+            outstanding.remove(&topic, &slots);
             let _ = tx.send(results);
         });
         rx
@@ -230,14 +260,16 @@ impl KafkaWriter {
         results.into_iter().map(|r| r.map_err(|source| SinkError::Kafka { topic: topic.to_string(), source })).collect()
     }
 
-    /// Waits until every write this process made to `topic`/`partition` has
-    /// resolved (landed or failed for good), so reading it back sees them all.
-    pub async fn settled(&self, topic: &str, partition: i32) {
+    /// Waits until every write this process made to `topic`/`partition` for
+    /// records of input partition `origin` has resolved (landed or failed for
+    /// good), so reading it back sees them all. Writes for other input
+    /// partitions are not waited for: they may go on forever.
+    pub async fn settled(&self, topic: &str, partition: i32, origin: &TopicPartition) {
         loop {
             let resolved = self.outstanding.resolved.notified();
             tokio::pin!(resolved);
             resolved.as_mut().enable();
-            if !self.outstanding.any(topic, partition) {
+            if !self.outstanding.any(topic, partition, origin) {
                 return;
             }
             resolved.await;
@@ -250,16 +282,18 @@ impl KafkaWriter {
     }
 }
 
-/// Copies a record's own headers and adds kdedup's position headers.
-pub fn headers_with_source(record: &Record) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(record.headers.len() + 5);
-    for (k, v) in &record.headers {
+/// Copies a record's own headers, except inbound copies of kdedup's own names
+/// ([`headers::ALL`]), and adds kdedup's position and scope headers.
+pub fn headers_with_source(record: &Record, scope: &str) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(record.headers.len() + 6);
+    for (k, v) in record.headers.iter().filter(|(k, _)| !headers::is_kdedup(k)) {
         h = h.insert(Header { key: k, value: v.as_deref() });
     }
     let p = &record.position;
     h.insert(Header { key: headers::SOURCE_TOPIC, value: Some(p.topic.as_bytes()) })
         .insert(Header { key: headers::SOURCE_PARTITION, value: Some(p.partition.to_string().as_bytes()) })
         .insert(Header { key: headers::SOURCE_OFFSET, value: Some(p.offset.to_string().as_bytes()) })
+        .insert(Header { key: headers::SCOPE, value: Some(scope.as_bytes()) })
 }
 
 /// The output topic: the deduplicated stream.
@@ -295,14 +329,14 @@ impl KafkaSink {
         let out = batch
             .iter()
             .map(|Effect { envelope: e, possible_repeat }| {
-                let mut h = headers_with_source(&e.record)
-                    .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) })
-                    .insert(Header { key: headers::SCOPE, value: Some(e.key.scope.as_bytes()) });
+                let mut h = headers_with_source(&e.record, &e.key.scope)
+                    .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) });
                 if *possible_repeat {
                     h = h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) });
                 }
                 OutRecord {
                     partition: self.output_partition(e.record.position.partition),
+                    source: &e.record.position,
                     key: e.record.key.as_deref().or(Some(&e.key.id)),
                     payload: e.record.payload.as_deref(),
                     headers: h,
@@ -310,5 +344,99 @@ impl KafkaSink {
             })
             .collect();
         self.writer.write_all(&self.topic, out).await.into_iter().map(|r| r.map(Some)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::mock::MockKafka;
+
+    fn position(partition: i32, offset: i64) -> Position {
+        Position { topic: Arc::from("in"), partition, offset }
+    }
+
+    fn record(source: &Position) -> OutRecord<'_> {
+        OutRecord { partition: Some(0), source, key: None, payload: Some(b"x"), headers: OwnedHeaders::new() }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settling_one_origin_does_not_wait_for_other_origins_writing_the_same_partition() {
+        let kafka = MockKafka::start(1).unwrap();
+        kafka.create_topic("out", 1).unwrap();
+        let writer = KafkaWriter::new(kafka.bootstrap(), &BTreeMap::new()).unwrap();
+        let (mine, other) = ((Arc::from("in"), 0), (Arc::from("in"), 1));
+
+        // Input partition 1 keeps writing to out/0: one write of it is always
+        // outstanding (held here), and real ones go on in the background.
+        let held: Slots = [((0, other.clone()), 1)].into();
+        writer.outstanding.add("out", &held);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = tokio::spawn({
+            let (writer, stop) = (writer.clone(), stop.clone());
+            async move {
+                let mut offset = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let sources: Vec<Position> = (offset..offset + 20).map(|o| position(1, o)).collect();
+                    for r in writer.write_all("out", sources.iter().map(record).collect()).await {
+                        r.expect("load write lands");
+                    }
+                    offset += 20;
+                }
+                offset
+            }
+        });
+
+        // Input partition 0's own writes land; settling it returns while 1 still writes.
+        let sources = [position(0, 0), position(0, 1)];
+        for r in writer.write_all("out", sources.iter().map(record).collect()).await {
+            r.expect("write lands");
+        }
+        tokio::time::timeout(Duration::from_secs(10), writer.settled("out", 0, &mine))
+            .await
+            .expect("settling input partition 0 does not wait for input partition 1's writes");
+
+        // Input partition 1 itself is not settled while its write is outstanding...
+        assert!(writer.settled("out", 0, &other).now_or_never().is_none(), "an outstanding write is waited for");
+        // ...and is once it resolves.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(load.await.unwrap() > 0, "the other partition wrote meanwhile");
+        writer.outstanding.remove("out", &held);
+        tokio::time::timeout(Duration::from_secs(10), writer.settled("out", 0, &other))
+            .await
+            .expect("settled once its writes resolved");
+    }
+
+    #[test]
+    fn inbound_copies_of_kdedup_headers_are_dropped_and_others_kept() {
+        use rdkafka::message::Headers;
+        let record = Record {
+            position: position(3, 42),
+            key: None,
+            payload: None,
+            headers: vec![
+                (headers::SOURCE_TOPIC.into(), Some(b"upstream".to_vec())),
+                ("trace-id".into(), Some(b"t".to_vec())),
+                (headers::SCOPE.into(), Some(b"upstream-scope".to_vec())),
+                (headers::POSSIBLE_REPEAT.into(), Some(b"true".to_vec())),
+                ("kdedup-custom".into(), None),
+            ],
+            timestamp_ms: None,
+        };
+        let h = headers_with_source(&record, "mine");
+        let pairs: Vec<(&str, Option<&[u8]>)> = h.iter().map(|h| (h.key, h.value)).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("trace-id", Some(b"t".as_slice())),
+                ("kdedup-custom", None),
+                (headers::SOURCE_TOPIC, Some(b"in".as_slice())),
+                (headers::SOURCE_PARTITION, Some(b"3".as_slice())),
+                (headers::SOURCE_OFFSET, Some(b"42".as_slice())),
+                (headers::SCOPE, Some(b"mine".as_slice())),
+            ]
+        );
     }
 }

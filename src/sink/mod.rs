@@ -13,6 +13,8 @@
 pub mod kafka;
 pub mod stdout;
 
+use std::sync::Arc;
+
 use rdkafka::message::Header;
 
 pub use kafka::{KafkaSink, KafkaWriter};
@@ -67,6 +69,9 @@ pub struct SideTopics {
     /// all go to one of them, so the next owner can find them (reconciliation).
     pub dead_letter_partitions: i32,
     pub duplicates: Option<String>,
+    /// The pipeline's dedup scope, written as `kdedup-scope` on dead letters
+    /// and duplicates: reconciliation takes only its own scope's writes.
+    pub scope: Arc<str>,
 }
 
 impl SideTopics {
@@ -83,9 +88,10 @@ impl SideTopics {
                 let message = error.to_string();
                 OutRecord {
                     partition: Some(self.dead_letter_partition(record.position.partition)),
+                    source: &record.position,
                     key: record.key.as_deref(),
                     payload: record.payload.as_deref(),
-                    headers: headers_with_source(record)
+                    headers: headers_with_source(record, &self.scope)
                         .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
                         .insert(Header { key: headers::ERROR, value: Some(message.as_bytes()) }),
                 }
@@ -103,9 +109,10 @@ impl SideTopics {
             .iter()
             .map(|e| OutRecord {
                 partition: None,
+                source: &e.record.position,
                 key: e.record.key.as_deref().or(Some(&e.key.id)),
                 payload: e.record.payload.as_deref(),
-                headers: headers_with_source(&e.record)
+                headers: headers_with_source(&e.record, &e.key.scope)
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
             })
             .collect();

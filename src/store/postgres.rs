@@ -102,10 +102,14 @@ WHERE c.expires_at > $3
 
 const FORGET: &str = "DELETE FROM kdedup_claims WHERE scope = $1 AND event_id = $2";
 
+// The outer `expires_at <= $1` is not redundant: a sweep that waited on the row
+// lock of a claim taken over meanwhile (re-claimed with a new expires_at) goes on,
+// under READ COMMITTED, with the row's new version, and a TID scan does not recheck
+// its `ctid = ANY(…)`: only this condition keeps the fresh claim.
 const SWEEP: &str = r#"
 DELETE FROM kdedup_claims WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM kdedup_claims WHERE expires_at <= $1 LIMIT $2
-))
+)) AND expires_at <= $1
 "#;
 
 #[derive(Clone)]
@@ -217,12 +221,12 @@ impl PostgresStore {
 
 /// Reads a claim row from `row` starting at column `at` (state first); `None` if absent.
 fn row_at(row: &Row, at: usize) -> Result<Option<ClaimRow>, StoreError> {
-    let state: Option<i16> = row.get(at);
+    let state: Option<i16> = column(row, at)?;
     let Some(state) = state else { return Ok(None) };
-    let fingerprint: Vec<u8> = row.get(at + 1);
+    let fingerprint: Vec<u8> = column(row, at + 1)?;
     let fingerprint: [u8; 16] =
         fingerprint.try_into().map_err(|_| StoreError::Corrupt("fingerprint is not 16 bytes".into()))?;
-    let topic: String = row.get(at + 2);
+    let topic: String = column(row, at + 2)?;
     Ok(Some(ClaimRow {
         state: match state {
             1 => ClaimState::InFlight,
@@ -230,11 +234,23 @@ fn row_at(row: &Row, at: usize) -> Result<Option<ClaimRow>, StoreError> {
             other => return Err(StoreError::Corrupt(format!("unknown state {other}"))),
         },
         fingerprint: Fingerprint(u128::from_be_bytes(fingerprint)),
-        position: Position { topic: Arc::from(topic), partition: row.get(at + 3), offset: row.get(at + 4) },
-        claimed_at_ms: row.get::<_, i64>(at + 5) as u64,
-        lease_until_ms: row.get::<_, i64>(at + 6) as u64,
-        expires_at_ms: row.get::<_, i64>(at + 7) as u64,
+        position: Position { topic: Arc::from(topic), partition: column(row, at + 3)?, offset: column(row, at + 4)? },
+        claimed_at_ms: column::<i64>(row, at + 5)? as u64,
+        lease_until_ms: column::<i64>(row, at + 6)? as u64,
+        expires_at_ms: column::<i64>(row, at + 7)? as u64,
     }))
+}
+
+/// Column `i` of `row`: a type (or NULL) that schemas/postgres.sql does not
+/// allow is the table's fault, reported as such instead of a panic.
+fn column<'r, T: tokio_postgres::types::FromSql<'r>>(row: &'r Row, i: usize) -> Result<T, StoreError> {
+    row.try_get(i).map_err(|e| {
+        let name = row.columns().get(i).map_or("?", |c| c.name());
+        StoreError::Config(format!(
+            "column `{name}` of kdedup_claims cannot be read ({e}): the table does not match \
+             schemas/postgres.sql; check its schema (`kdedup schema print`) and run `kdedup schema apply --config FILE`"
+        ))
+    })
 }
 
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
@@ -380,5 +396,131 @@ impl DedupStore for PostgresStore {
 
     fn stats(&self) -> StoreStats {
         StoreStats { round_trips: self.stats.round_trips.load(Ordering::Relaxed), syncs: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// The shared test server, or `None` (and why) when there is none.
+    fn test_url(test: &str) -> Option<String> {
+        let url = std::env::var("KDEDUP_TEST_POSTGRES").ok();
+        if url.is_none() {
+            eprintln!("{test}: skipped: KDEDUP_TEST_POSTGRES is not set (scripts/test sets it)");
+        }
+        url
+    }
+
+    /// A connection whose unqualified `kdedup_claims` is the one in `schema`:
+    /// the sweep deletes every expired row, so tests keep to a schema of their own.
+    async fn connect(url: &str, schema: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("PostgreSQL answers");
+        tokio::spawn(connection);
+        client.batch_execute(&format!("SET search_path TO {schema}")).await.unwrap();
+        client
+    }
+
+    /// A fresh schema holding kdedup's table; dropped by the caller.
+    async fn private_schema(url: &str, name: &str) -> (tokio_postgres::Client, String) {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let schema = format!("kdedup_{name}_{}_{nanos}", std::process::id());
+        let admin = connect(url, "public").await;
+        admin.batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path TO {schema}; {SCHEMA}")).await.unwrap();
+        (admin, schema)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sweep_that_waited_on_a_takeover_keeps_the_fresh_claim() {
+        let Some(url) = test_url("sweep_that_waited_on_a_takeover_keeps_the_fresh_claim") else { return };
+        let (admin, schema) = private_schema(&url, "sweep").await;
+        let (a, b) = (connect(&url, &schema).await, connect(&url, &schema).await);
+        let fp = [7u8; 16].to_vec();
+        // A done row that expired at 1000.
+        admin
+            .execute("INSERT INTO kdedup_claims VALUES ('s', 'k', 2, $1, 'in', 0, 5, 0, 0, 1000)", &[&fp])
+            .await
+            .unwrap();
+
+        // A takes it over at 2000 with the claim statement and holds the row lock.
+        let (now, lease, ttl) = (2000i64, 60_000i64, 3_600_000i64);
+        a.batch_execute("BEGIN").await.unwrap();
+        let rows = a
+            .query(
+                CLAIM,
+                &[
+                    &vec!["s"],
+                    &vec![b"k".as_slice()],
+                    &vec![fp.as_slice()],
+                    &vec!["in"],
+                    &vec![1i32],
+                    &vec![9i64],
+                    &now,
+                    &lease,
+                    &ttl,
+                ],
+            )
+            .await
+            .unwrap();
+        assert!(rows[0].get::<_, bool>(1), "the expired row is taken over");
+
+        // B sweeps at the same time: its snapshot still sees the expired version.
+        let b_pid: i32 = b.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        let sweep = tokio::spawn(async move { b.execute(SWEEP, &[&now, &SWEEP_CHUNK]).await });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting: bool = admin
+                .query_one(
+                    "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+                    &[&b_pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting {
+                break;
+            }
+            assert!(!sweep.is_finished(), "the sweep did not wait for the takeover's row lock");
+            assert!(Instant::now() < deadline, "the sweep never waited on the row lock");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        a.batch_execute("COMMIT").await.unwrap();
+        let deleted = sweep.await.unwrap().unwrap();
+
+        let row = admin
+            .query_opt(
+                "SELECT state, partition, expires_at FROM kdedup_claims WHERE scope = 's' AND event_id = 'k'",
+                &[],
+            )
+            .await
+            .unwrap();
+        admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+        let row = row.expect("the fresh claim survived the sweep");
+        assert_eq!((row.get::<_, i16>(0), row.get::<_, i32>(1)), (1, 1), "the row is the new claimant's");
+        assert_eq!(row.get::<_, i64>(2), now + ttl);
+        assert_eq!(deleted, 0);
+    }
+
+    #[tokio::test]
+    async fn a_column_of_another_type_is_a_schema_error_naming_it_not_a_panic() {
+        let Some(url) = test_url("a_column_of_another_type_is_a_schema_error_naming_it_not_a_panic") else { return };
+        let client = connect(&url, "public").await;
+        // `partition` as bigint where the schema says integer.
+        let row = client
+            .query_one(
+                "SELECT 1::smallint AS state, '\\x00000000000000000000000000000000'::bytea AS fingerprint, \
+                 'in'::text AS topic, 3::bigint AS partition, 4::bigint AS \"offset\", \
+                 0::bigint AS claimed_at, 0::bigint AS lease_until, 0::bigint AS expires_at",
+                &[],
+            )
+            .await
+            .unwrap();
+        let error = row_at(&row, 0).expect_err("a bigint partition cannot be read as i32");
+        let message = error.to_string();
+        assert!(matches!(error, StoreError::Config(_)), "{message}");
+        assert!(!error.is_retriable());
+        assert!(message.contains("`partition`") && message.contains("kdedup schema apply"), "{message}");
     }
 }

@@ -7,6 +7,7 @@ mod group;
 mod leases;
 mod outage;
 mod path;
+mod reconcile;
 mod restart;
 mod store_contract;
 mod store_crash;
