@@ -108,6 +108,17 @@ impl SinkError {
         }
     }
 
+    /// The record is too large for the producer or the topic (it may fit truncated).
+    pub fn is_size_refusal(&self) -> bool {
+        match self {
+            SinkError::Kafka { source, .. } => matches!(
+                source.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+            ),
+            SinkError::Stdout(_) => false,
+        }
+    }
+
     /// The producer itself is broken (librdkafka's fatal errors: the idempotent
     /// producer's sequence cannot be recovered): no retry on this producer helps.
     pub fn is_fatal(&self) -> bool {

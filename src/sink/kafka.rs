@@ -32,12 +32,32 @@ pub mod headers {
     pub const REASON: &str = "kdedup-reason";
     pub const ERROR: &str = "kdedup-error";
     pub const POSSIBLE_REPEAT: &str = "kdedup-possible-repeat";
+    /// On a dead letter whose record was too large to copy whole: `true`.
+    pub const TRUNCATED: &str = "kdedup-truncated";
+    /// The whole original payload's SHA-256 (hex), on a truncated dead letter.
+    pub const PAYLOAD_SHA256: &str = "kdedup-payload-sha256";
+    /// The whole original payload's length in bytes, on a truncated dead letter.
+    pub const PAYLOAD_BYTES: &str = "kdedup-payload-bytes";
+    /// How many of the original record's headers a truncated dead letter left out.
+    pub const HEADERS_DROPPED: &str = "kdedup-headers-dropped";
 
     /// Every name above. An inbound record's own copies of these (a chained
     /// kdedup stage, a dead letter replayed into the input) are dropped from
     /// what kdedup writes, so each name occurs once and means this kdedup's value.
-    pub const ALL: [&str; 8] =
-        [EVENT_ID, SCOPE, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET, REASON, ERROR, POSSIBLE_REPEAT];
+    pub const ALL: [&str; 12] = [
+        EVENT_ID,
+        SCOPE,
+        SOURCE_TOPIC,
+        SOURCE_PARTITION,
+        SOURCE_OFFSET,
+        REASON,
+        ERROR,
+        POSSIBLE_REPEAT,
+        TRUNCATED,
+        PAYLOAD_SHA256,
+        PAYLOAD_BYTES,
+        HEADERS_DROPPED,
+    ];
 
     /// Whether `name` is one of kdedup's own header names.
     pub fn is_kdedup(name: &str) -> bool {
@@ -289,6 +309,15 @@ pub fn headers_with_source(record: &Record, scope: &str) -> OwnedHeaders {
     for (k, v) in record.headers.iter().filter(|(k, _)| !headers::is_kdedup(k)) {
         h = h.insert(Header { key: k, value: v.as_deref() });
     }
+    with_source(h, record, scope)
+}
+
+/// kdedup's position and scope headers alone, without the record's own.
+pub fn source_headers(record: &Record, scope: &str) -> OwnedHeaders {
+    with_source(OwnedHeaders::new_with_capacity(8), record, scope)
+}
+
+fn with_source(h: OwnedHeaders, record: &Record, scope: &str) -> OwnedHeaders {
     let p = &record.position;
     h.insert(Header { key: headers::SOURCE_TOPIC, value: Some(p.topic.as_bytes()) })
         .insert(Header { key: headers::SOURCE_PARTITION, value: Some(p.partition.to_string().as_bytes()) })

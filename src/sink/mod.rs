@@ -16,6 +16,7 @@ pub mod stdout;
 use std::sync::Arc;
 
 use rdkafka::message::Header;
+use sha2::Digest;
 
 pub use kafka::{KafkaSink, KafkaWriter};
 pub use stdout::StdoutSink;
@@ -23,7 +24,7 @@ pub use stdout::StdoutSink;
 use crate::error::{RecordError, SinkError};
 use crate::event::{Envelope, Record};
 use crate::offsets::OutputMark;
-use kafka::{headers, headers_with_source, OutRecord};
+use kafka::{headers, headers_with_source, source_headers, OutRecord};
 
 /// One effect to run.
 pub struct Effect<'a> {
@@ -60,6 +61,13 @@ impl Sink {
     }
 }
 
+/// How much of a payload (and of a key) a truncated dead letter keeps.
+pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+fn truncated(bytes: &[u8]) -> &[u8] {
+    &bytes[..bytes.len().min(TRUNCATED_PAYLOAD_BYTES)]
+}
+
 /// Where records go that are not effects.
 #[derive(Clone)]
 pub struct SideTopics {
@@ -81,6 +89,15 @@ impl SideTopics {
     }
 
     /// Dead-letters records with their reasons; one result per record, with where it landed.
+    ///
+    /// A record the dead-letter topic refuses for its size (larger than the
+    /// producer's `message.max.bytes` or the topic's limit, with kdedup's
+    /// headers added) is written again truncated, so it is never lost in
+    /// silence: kdedup's headers and the reason, the first
+    /// [`TRUNCATED_PAYLOAD_BYTES`] of the payload and of the key, the whole
+    /// payload's SHA-256 and length, and how many of its own headers were left
+    /// out (`kdedup-truncated: true`). The original stays in the input topic,
+    /// at the position the headers name, for as long as its retention keeps it.
     pub async fn dead_letter(&self, records: Vec<(&Record, &RecordError)>) -> Vec<Result<OutputMark, SinkError>> {
         let out = records
             .iter()
@@ -97,7 +114,46 @@ impl SideTopics {
                 }
             })
             .collect();
-        self.writer.write_all(&self.dead_letter, out).await
+        let mut results = self.writer.write_all(&self.dead_letter, out).await;
+        let too_large: Vec<usize> =
+            (0..results.len()).filter(|&i| matches!(&results[i], Err(e) if e.is_size_refusal())).collect();
+        if too_large.is_empty() {
+            return results;
+        }
+        let digests: Vec<(String, String)> = too_large
+            .iter()
+            .map(|&i| {
+                let payload = records[i].0.payload.as_deref().unwrap_or_default();
+                (crate::event::hex(&sha2::Sha256::digest(payload)), payload.len().to_string())
+            })
+            .collect();
+        let truncated: Vec<OutRecord<'_>> = too_large
+            .iter()
+            .zip(&digests)
+            .map(|(&i, (sha256, bytes))| {
+                let (record, error) = records[i];
+                OutRecord {
+                    partition: Some(self.dead_letter_partition(record.position.partition)),
+                    source: &record.position,
+                    key: record.key.as_deref().map(truncated),
+                    payload: record.payload.as_deref().map(truncated),
+                    headers: source_headers(record, &self.scope)
+                        .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
+                        .insert(Header { key: headers::ERROR, value: Some(error.to_string().as_bytes()) })
+                        .insert(Header { key: headers::TRUNCATED, value: Some(b"true".as_slice()) })
+                        .insert(Header { key: headers::PAYLOAD_SHA256, value: Some(sha256.as_bytes()) })
+                        .insert(Header { key: headers::PAYLOAD_BYTES, value: Some(bytes.as_bytes()) })
+                        .insert(Header {
+                            key: headers::HEADERS_DROPPED,
+                            value: Some(record.headers.len().to_string().as_bytes()),
+                        }),
+                }
+            })
+            .collect();
+        for (i, result) in too_large.into_iter().zip(self.writer.write_all(&self.dead_letter, truncated).await) {
+            results[i] = result;
+        }
+        results
     }
 
     /// Copies duplicates to the audit topic, when one is configured (else writes nothing).

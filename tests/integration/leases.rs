@@ -177,3 +177,38 @@ async fn a_panicking_partition_task_stops_the_run_with_an_error_and_commits_noth
     again.stop(StopMode::Drain).await;
     assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_both_topics_is_dead_lettered_truncated_and_its_key_is_not_burned() {
+    use sha2::Digest;
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KDEDUP_KAFKA__PRODUCER__MESSAGE_MAX_BYTES", "300000")];
+    let running = start(config(&kafka, &unique("large"), dir.path(), &env), Faults::default());
+    // Random bytes, so compression cannot bring it under the limit.
+    let big: Vec<u8> = (0..400_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut large = event("large-1", 0);
+    large.payload = Some(big.clone());
+    mock::produce_all(kafka.bootstrap(), INPUT, &[large, event("after", 0)]).await.unwrap();
+    wait_all_committed(&kafka, &running.metrics).await;
+
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    assert_eq!(dead.len(), 1, "one dead letter");
+    let d = &dead[0];
+    assert_eq!(d.header_str(headers::REASON), Some("sink_rejected"));
+    assert_eq!(d.header_str(headers::TRUNCATED), Some("true"));
+    assert_eq!(d.header_str(headers::PAYLOAD_BYTES), Some("400000"));
+    assert_eq!(d.header_str(headers::PAYLOAD_SHA256), Some(kdedup::event::hex(&sha2::Sha256::digest(&big)).as_str()));
+    assert_eq!(d.payload.as_deref(), Some(&big[..kdedup::sink::TRUNCATED_PAYLOAD_BYTES]), "the payload's start");
+    assert_eq!(d.header_str(headers::SOURCE_OFFSET), Some("0"));
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &["after".to_string()]);
+
+    // The refused effect released its claim: the event sent again, smaller, is emitted.
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("large-1", 0)]).await.unwrap();
+    wait_all_committed(&kafka, &running.metrics).await;
+    running.stop(StopMode::Drain).await;
+    assert_exactly_once(
+        &mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(),
+        &["after".to_string(), "large-1".to_string()],
+    );
+}
