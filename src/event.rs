@@ -48,7 +48,7 @@ pub struct Record {
     pub payload: Option<Vec<u8>>,
     /// Header names as kdedup carries them: UTF-8 names as they are, others as
     /// `hex:<hex of the name bytes>` (see [`decode_header_name`]).
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub headers: Vec<RecordHeader>,
     /// Producer or broker timestamp, milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
     /// Why the headers cannot be carried as they came (the first header name
@@ -81,6 +81,12 @@ impl Record {
     }
 }
 
+/// One header as librdkafka holds it: name bytes, value (`None` for a null value).
+pub type RawHeader<'a> = (&'a [u8], Option<&'a [u8]>);
+
+/// One header as a [`Record`] holds it (see [`decode_header_name`]).
+pub type RecordHeader = (String, Option<Vec<u8>>);
+
 /// A message's headers as raw `(name bytes, value)` pairs, in order, read
 /// through librdkafka's C API: unlike rdkafka's `Headers::iter`/`get`, this
 /// never panics on a name that is not UTF-8. Empty when the message has no
@@ -88,15 +94,13 @@ impl Record {
 ///
 /// A name holding a NUL byte ends at the NUL: librdkafka hands names out as
 /// C strings.
-pub fn header_pairs<'a>(message: &'a BorrowedMessage<'_>) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
+pub fn header_pairs<'a>(message: &'a BorrowedMessage<'_>) -> Vec<RawHeader<'a>> {
     try_header_pairs(message).unwrap_or_default()
 }
 
 /// As [`header_pairs`], but an error code when librdkafka cannot parse the
 /// message's headers (a message without headers gives `Ok` of nothing).
-pub fn try_header_pairs<'a>(
-    message: &'a BorrowedMessage<'_>,
-) -> Result<Vec<(&'a [u8], Option<&'a [u8]>)>, RDKafkaRespErr> {
+pub fn try_header_pairs<'a>(message: &'a BorrowedMessage<'_>) -> Result<Vec<RawHeader<'a>>, RDKafkaRespErr> {
     let mut hdrs: *mut rdkafka_sys::rd_kafka_headers_t = std::ptr::null_mut();
     // SAFETY: `message.ptr()` is the live rd_kafka_message_t this borrow keeps
     // alive; librdkafka parses the headers into storage owned by the message
@@ -162,9 +166,7 @@ pub fn decode_header_name(name: &[u8]) -> Result<String, BadHeaderName> {
 
 /// Raw header pairs (from [`header_pairs`]) as a [`Record`] holds them, and
 /// the description of the first bad name, if any. Pure: no librdkafka.
-pub fn decode_headers<'a>(
-    pairs: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-) -> (Vec<(String, Option<Vec<u8>>)>, Option<String>) {
+pub fn decode_headers<'a>(pairs: impl IntoIterator<Item = RawHeader<'a>>) -> (Vec<RecordHeader>, Option<String>) {
     let mut bad = None;
     let headers = pairs
         .into_iter()

@@ -4,6 +4,7 @@
 mod cli;
 mod dead_letter;
 mod group;
+mod hostile;
 mod outage;
 mod path;
 mod restart;
