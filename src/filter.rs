@@ -591,11 +591,18 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// # Panics
+    /// When the aging filter's table cannot be allocated ([`Filter::try_new`] says so instead).
     pub fn new(config: &FilterConfig, ttl: Duration, now_ms: u64) -> Filter {
-        Filter {
+        Filter::try_new(config, ttl, now_ms).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`Filter::new`], but an error when the aging filter's table cannot be allocated.
+    pub fn try_new(config: &FilterConfig, ttl: Duration, now_ms: u64) -> Result<Filter, FilterAllocError> {
+        Ok(Filter {
             recent: RecentCache::new(config.recent_keys, ttl, now_ms),
-            aging: AgingCuckoo::new(config.expected_keys.get(), config.false_positive_rate, ttl, now_ms),
-        }
+            aging: AgingCuckoo::try_new(config.expected_keys.get(), config.false_positive_rate, ttl, now_ms)?,
+        })
     }
 
     pub fn check(&mut self, envelope: &Envelope, now_ms: u64) -> Verdict {
