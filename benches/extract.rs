@@ -24,6 +24,7 @@ fn record() -> Record {
             ("event-id".into(), Some(b"evt_01JDQ3V6Z4K8M2N7P5R9T1W3Y5".to_vec())),
         ],
         timestamp_ms: Some(1_795_000_000_000),
+        bad_header: None,
     }
 }
 

@@ -15,6 +15,41 @@ use crate::error::ConfigError;
 /// Prefix of environment overrides: `KDEDUP_KAFKA__BROKERS=…` sets `[kafka] brokers`.
 pub const ENV_PREFIX: &str = "KDEDUP_";
 
+// Bounds of numeric keys. Each keeps a value that would fail only at run time
+// (a stalled partition, a panic, an abort on allocation) out of a valid config.
+
+/// `store.ttl_secs`: 20 years. ScyllaDB refuses larger TTLs on every write, which
+/// would pause partitions at run time rather than fail at load.
+pub const MAX_TTL_SECS: u64 = 630_720_000;
+/// `store.lease_secs`: an hour. A crashed owner's claims wait out the lease before
+/// a redelivery takes them over, and a live owner renews its lease while it works.
+pub const MAX_LEASE_SECS: u64 = 3_600;
+/// `store.sweep_interval_secs`: a day.
+pub const MAX_SWEEP_INTERVAL_SECS: u64 = 86_400;
+/// `[filter] expected_keys` and `false_positive_rate` together: the aging
+/// filter's planned table, allocated (and zeroed) whole at start.
+pub const MAX_FILTER_BYTES: u64 = 64 << 30;
+/// `filter.recent_keys`: about 50 bytes each once filled.
+pub const MAX_RECENT_KEYS: usize = 100_000_000;
+/// `key.max_bytes`: a stored key is `2 + scope + ID` bytes, and a PostgreSQL
+/// primary key holds about 2,700 (the embedded store 65,536). Longer IDs are
+/// hashed (`on_oversize = "hash"`) to 71 bytes.
+pub const MAX_ID_BYTES: usize = 2_048;
+/// `key.scope` (which defaults to `kafka.group_id`), in bytes; see [`MAX_ID_BYTES`].
+pub const MAX_SCOPE_BYTES: usize = 256;
+/// `pipeline.batch_max`: each partition holds up to this many records at once.
+pub const MAX_BATCH: usize = 100_000;
+/// `pipeline.commit_interval_ms`: a day.
+pub const MAX_COMMIT_INTERVAL_MS: u64 = 86_400_000;
+/// `pipeline.drain_timeout_ms`: an hour.
+pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
+/// `store.request_timeout_ms` and `store.connect_timeout_ms`: ten minutes.
+pub const MAX_STORE_TIMEOUT_MS: u64 = 600_000;
+/// `store.pool_size`: PostgreSQL connections.
+pub const MAX_POOL_SIZE: usize = 1_024;
+/// `store.max_in_flight`: CQL stream IDs per connection.
+pub const MAX_IN_FLIGHT: usize = 32_768;
+
 // ---------------------------------------------------------------------------
 // The file as written
 // ---------------------------------------------------------------------------
@@ -691,11 +726,27 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         "dead_letter" => OnOversize::DeadLetter,
         other => return Err(invalid("key.on_oversize", format!("is \"{other}\"; allowed: \"hash\", \"dead_letter\""))),
     };
-    let max_bytes =
-        NonZeroUsize::new(k.max_bytes).ok_or_else(|| invalid("key.max_bytes", "must be at least 1".into()))?;
+    let max_bytes = NonZeroUsize::new(k.max_bytes).filter(|m| m.get() <= MAX_ID_BYTES).ok_or_else(|| {
+        invalid(
+            "key.max_bytes",
+            format!(
+                "is {}; allowed: 1 to {MAX_ID_BYTES} (the stores' keys are bounded; longer IDs are hashed with \
+                     key.on_oversize = \"hash\")",
+                k.max_bytes
+            ),
+        )
+    })?;
     let scope = k.scope.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| kafka.group_id.clone());
-    if scope.len() > u16::MAX as usize {
-        return Err(invalid("key.scope", "must be shorter than 65535 bytes".into()));
+    if scope.len() > MAX_SCOPE_BYTES {
+        let key = if k.scope.as_deref().is_some_and(|s| !s.is_empty()) { "key.scope" } else { "kafka.group_id" };
+        return Err(invalid(
+            key,
+            format!(
+                "is {} bytes; the dedup scope (key.scope, by default kafka.group_id) may hold at most \
+                 {MAX_SCOPE_BYTES}: set a shorter key.scope",
+                scope.len()
+            ),
+        ));
     }
 
     let s = &file.store;
@@ -710,8 +761,8 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
                         .into(),
                 ));
             }
-            if s.pool_size == 0 {
-                return Err(invalid("store.pool_size", "must be at least 1".into()));
+            if !(1..=MAX_POOL_SIZE).contains(&s.pool_size) {
+                return Err(invalid("store.pool_size", format!("is {}; allowed: 1 to {MAX_POOL_SIZE}", s.pool_size)));
             }
             StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size }
         }
@@ -723,17 +774,30 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             ))
         }
     };
-    if s.ttl_secs == 0 {
-        return Err(invalid("store.ttl_secs", "must be at least 1".into()));
-    }
-    if s.lease_secs == 0 || s.lease_secs >= s.ttl_secs {
+    if !(1..=MAX_TTL_SECS).contains(&s.ttl_secs) {
         return Err(invalid(
-            "store.lease_secs",
-            format!("must be at least 1 and below store.ttl_secs ({})", s.ttl_secs),
+            "store.ttl_secs",
+            format!(
+                "is {}; allowed: 1 to {MAX_TTL_SECS} (20 years; ScyllaDB refuses longer TTLs on every write)",
+                s.ttl_secs
+            ),
         ));
     }
-    if s.sweep_interval_secs == 0 {
-        return Err(invalid("store.sweep_interval_secs", "must be at least 1".into()));
+    if s.lease_secs == 0 || s.lease_secs >= s.ttl_secs || s.lease_secs > MAX_LEASE_SECS {
+        return Err(invalid(
+            "store.lease_secs",
+            format!(
+                "is {}; allowed: 1 to {MAX_LEASE_SECS} (an hour) and below store.ttl_secs ({}); a crashed owner's \
+                 claims wait this long before they are taken over",
+                s.lease_secs, s.ttl_secs
+            ),
+        ));
+    }
+    if !(1..=MAX_SWEEP_INTERVAL_SECS).contains(&s.sweep_interval_secs) {
+        return Err(invalid(
+            "store.sweep_interval_secs",
+            format!("is {}; allowed: 1 to {MAX_SWEEP_INTERVAL_SECS} (a day)", s.sweep_interval_secs),
+        ));
     }
 
     let f = &file.filter;
@@ -741,6 +805,26 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         NonZeroU64::new(f.expected_keys).ok_or_else(|| invalid("filter.expected_keys", "must be at least 1".into()))?;
     if !(f.false_positive_rate > 0.0 && f.false_positive_rate < 0.5) {
         return Err(invalid("filter.false_positive_rate", "must be between 0 and 0.5 (e.g. 0.001)".into()));
+    }
+    match crate::filter::AgingCuckoo::planned_bytes(f.expected_keys, f.false_positive_rate) {
+        Some(bytes) if bytes as u64 <= MAX_FILTER_BYTES => {}
+        planned => {
+            let planned = planned.map_or("more than this machine can address".to_string(), |b| format!("{b} bytes"));
+            return Err(invalid(
+                "filter.expected_keys",
+                format!(
+                    "is {} at filter.false_positive_rate {}: the filter would take {planned}, over the \
+                     {MAX_FILTER_BYTES}-byte (64 GiB) limit; about 2.5 bytes per key at rates of 0.001 and above",
+                    f.expected_keys, f.false_positive_rate
+                ),
+            ));
+        }
+    }
+    if f.recent_keys > MAX_RECENT_KEYS {
+        return Err(invalid(
+            "filter.recent_keys",
+            format!("is {}; allowed: 0 (no cache) to {MAX_RECENT_KEYS} (about 50 bytes per key)", f.recent_keys),
+        ));
     }
 
     let sink = match file.sink.kind.as_str() {
@@ -789,10 +873,20 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     };
 
     let p = &file.pipeline;
-    let batch_max =
-        NonZeroUsize::new(p.batch_max).ok_or_else(|| invalid("pipeline.batch_max", "must be at least 1".into()))?;
-    if p.commit_interval_ms == 0 {
-        return Err(invalid("pipeline.commit_interval_ms", "must be at least 1".into()));
+    let batch_max = NonZeroUsize::new(p.batch_max)
+        .filter(|b| b.get() <= MAX_BATCH)
+        .ok_or_else(|| invalid("pipeline.batch_max", format!("is {}; allowed: 1 to {MAX_BATCH}", p.batch_max)))?;
+    if !(1..=MAX_COMMIT_INTERVAL_MS).contains(&p.commit_interval_ms) {
+        return Err(invalid(
+            "pipeline.commit_interval_ms",
+            format!("is {}; allowed: 1 to {MAX_COMMIT_INTERVAL_MS} (a day)", p.commit_interval_ms),
+        ));
+    }
+    if p.drain_timeout_ms > MAX_DRAIN_TIMEOUT_MS {
+        return Err(invalid(
+            "pipeline.drain_timeout_ms",
+            format!("is {}; allowed: 0 to {MAX_DRAIN_TIMEOUT_MS} (an hour)", p.drain_timeout_ms),
+        ));
     }
     let on_conflict = match p.on_conflict.as_str() {
         "dead_letter" => OnConflict::DeadLetter,
@@ -902,14 +996,16 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
             return Err(("store.serial_consistency", format!("is \"{other}\"; allowed: \"local_serial\", \"serial\"")))
         }
     };
-    if s.request_timeout_ms == 0 {
-        return Err(("store.request_timeout_ms", "must be at least 1".into()));
+    for (key, ms) in
+        [("store.request_timeout_ms", s.request_timeout_ms), ("store.connect_timeout_ms", s.connect_timeout_ms)]
+    {
+        if !(1..=MAX_STORE_TIMEOUT_MS).contains(&ms) {
+            return Err((key, format!("is {ms}; allowed: 1 to {MAX_STORE_TIMEOUT_MS} (ten minutes)")));
+        }
     }
-    if s.connect_timeout_ms == 0 {
-        return Err(("store.connect_timeout_ms", "must be at least 1".into()));
-    }
-    let max_in_flight =
-        NonZeroUsize::new(s.max_in_flight).ok_or(("store.max_in_flight", "must be at least 1".to_string()))?;
+    let max_in_flight = NonZeroUsize::new(s.max_in_flight)
+        .filter(|m| m.get() <= MAX_IN_FLIGHT)
+        .ok_or(("store.max_in_flight", format!("is {}; allowed: 1 to {MAX_IN_FLIGHT}", s.max_in_flight)))?;
     let tls = match (s.tls, &s.tls_ca_file) {
         (true, ca) => Some(ScyllaTls { ca_file: ca.clone() }),
         (false, None) => None,
@@ -958,6 +1054,68 @@ fn check_pointer(pointer: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("\"{pointer}\" is not a JSON pointer (RFC 6901): it must start with '/', e.g. \"/payment/id\""))
+    }
+}
+
+/// Body of the `config` fuzz target (`fuzz/`), here so the ordinary test
+/// suite runs it too. Panics only when an invariant breaks.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Fuzz input: TOML text, then after the first NUL byte, `KDEDUP_…=value`
+    /// environment lines. Any input gives a validated config within every
+    /// bound, or an error naming where it came from; never a panic.
+    pub fn config(data: &[u8]) {
+        let (text, env) = match data.iter().position(|b| *b == 0) {
+            Some(at) => (&data[..at], &data[at + 1..]),
+            None => (data, &[][..]),
+        };
+        let text = String::from_utf8_lossy(text);
+        let env: Vec<(String, String)> = String::from_utf8_lossy(env)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (format!("{ENV_PREFIX}{k}"), v.to_string()))
+            .collect();
+        match Config::from_toml_with_env(&text, "fuzz.toml", env) {
+            Ok(c) => check_bounds(&c),
+            Err(e) => {
+                let shown = e.to_string();
+                assert!(shown.contains("fuzz.toml") || shown.contains("environment variable"), "{shown}");
+            }
+        }
+    }
+
+    /// What a valid config promises the rest of kdedup.
+    pub fn check_bounds(c: &Config) {
+        let r = &c.retention;
+        assert!(r.ttl >= Duration::from_secs(1) && r.ttl <= Duration::from_secs(MAX_TTL_SECS), "{:?}", r.ttl);
+        assert!(r.lease >= Duration::from_secs(1) && r.lease < r.ttl, "{:?}", r.lease);
+        assert!(r.lease <= Duration::from_secs(MAX_LEASE_SECS));
+        assert!(r.sweep_interval >= Duration::from_secs(1));
+        assert!(r.sweep_interval <= Duration::from_secs(MAX_SWEEP_INTERVAL_SECS));
+        let planned =
+            crate::filter::AgingCuckoo::planned_bytes(c.filter.expected_keys.get(), c.filter.false_positive_rate)
+                .expect("a valid filter plan fits in memory addresses");
+        assert!(planned as u64 <= MAX_FILTER_BYTES);
+        assert!(c.filter.recent_keys <= MAX_RECENT_KEYS);
+        assert!(c.key.max_bytes.get() <= MAX_ID_BYTES);
+        assert!(!c.key.scope.is_empty() && c.key.scope.len() <= MAX_SCOPE_BYTES);
+        assert!(c.pipeline.batch_max.get() <= MAX_BATCH);
+        assert!(c.pipeline.commit_interval >= Duration::from_millis(1));
+        assert!(c.pipeline.commit_interval <= Duration::from_millis(MAX_COMMIT_INTERVAL_MS));
+        assert!(c.pipeline.drain_timeout <= Duration::from_millis(MAX_DRAIN_TIMEOUT_MS));
+        match &c.store {
+            StoreConfig::Postgres { pool_size, .. } => assert!((1..=MAX_POOL_SIZE).contains(pool_size)),
+            StoreConfig::Scylla(s) => {
+                assert!(s.max_in_flight.get() <= MAX_IN_FLIGHT);
+                for t in [s.request_timeout, s.connect_timeout] {
+                    assert!(t >= Duration::from_millis(1) && t <= Duration::from_millis(MAX_STORE_TIMEOUT_MS));
+                }
+            }
+            StoreConfig::Embedded { .. } => {}
+        }
+        assert!(!c.kafka.topics.is_empty() && !c.dead_letter_topic.is_empty());
     }
 }
 
@@ -1128,6 +1286,218 @@ mod tests {
         match load(&format!("{MINIMAL}\n[store]\n{store}"), &[]).unwrap().store {
             StoreConfig::Scylla(c) => assert_eq!(c.local_datacenter, "datacenter1"),
             other => panic!("not a scylla store: {other:?}"),
+        }
+    }
+
+    fn invalid_key(env: &[(&str, &str)]) -> String {
+        match load(MINIMAL, env) {
+            Err(ConfigError::Invalid { origin, key, message }) => {
+                assert_eq!(origin, "test.toml", "the error names the file");
+                format!("{key}: {message}")
+            }
+            other => panic!("{env:?} should be invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ttl_is_bounded_by_what_scylla_accepts() {
+        assert_eq!(
+            load(MINIMAL, &[("KDEDUP_STORE__TTL_SECS", "630720000")]).unwrap().retention.ttl.as_secs(),
+            MAX_TTL_SECS
+        );
+        for bad in ["630720001", "0", "9223372036854775807"] {
+            let e = invalid_key(&[("KDEDUP_STORE__TTL_SECS", bad)]);
+            assert!(e.starts_with("store.ttl_secs:") && e.contains("630720000") && e.contains("ScyllaDB"), "{e}");
+        }
+    }
+
+    #[test]
+    fn lease_is_at_least_a_second_at_most_an_hour_and_below_the_ttl() {
+        assert_eq!(load(MINIMAL, &[("KDEDUP_STORE__LEASE_SECS", "3600")]).unwrap().retention.lease.as_secs(), 3600);
+        for (lease, ttl) in [("0", "86400"), ("3601", "86400"), ("100", "100"), ("18446744073709551615", "86400")] {
+            let env = [("KDEDUP_STORE__LEASE_SECS", lease), ("KDEDUP_STORE__TTL_SECS", ttl)];
+            match load(MINIMAL, &env) {
+                // u64::MAX is not a TOML integer: it is read as a string and refused by type.
+                Err(ConfigError::Parse { message, .. }) => assert!(message.contains("lease_secs"), "{message}"),
+                Err(ConfigError::Invalid { key, message, .. }) => {
+                    assert_eq!(key, "store.lease_secs");
+                    assert!(message.contains("1 to 3600") && message.contains(&format!("({ttl})")), "{message}");
+                }
+                other => panic!("lease {lease} / ttl {ttl} should be refused: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sweep_interval_is_bounded() {
+        for bad in ["0", "86401"] {
+            let e = invalid_key(&[("KDEDUP_STORE__SWEEP_INTERVAL_SECS", bad)]);
+            assert!(e.starts_with("store.sweep_interval_secs:") && e.contains("1 to 86400"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_filter_too_large_to_allocate_is_refused_with_its_planned_size() {
+        // 10M keys: ~25 MB, well inside.
+        let planned = crate::filter::AgingCuckoo::planned_bytes(10_000_000, 0.001).unwrap();
+        assert!((20_000_000..30_000_000).contains(&planned), "{planned}");
+        // 64 GiB holds ~27 billion keys at 0.001; 30 billion is over.
+        let e = invalid_key(&[("KDEDUP_FILTER__EXPECTED_KEYS", "30000000000")]);
+        let bytes = crate::filter::AgingCuckoo::planned_bytes(30_000_000_000, 0.001).unwrap();
+        assert!(e.starts_with("filter.expected_keys:") && e.contains(&format!("{bytes} bytes")), "{e}");
+        assert!(e.contains("64 GiB"), "{e}");
+        // The largest TOML integer: planned, refused, no overflow.
+        let e = invalid_key(&[("KDEDUP_FILTER__EXPECTED_KEYS", "9223372036854775807")]);
+        assert!(e.starts_with("filter.expected_keys:") && e.contains("64 GiB"), "{e}");
+        // A low rate lowers the load: more memory for the same keys.
+        let e = invalid_key(&[
+            ("KDEDUP_FILTER__EXPECTED_KEYS", "10000000000"),
+            ("KDEDUP_FILTER__FALSE_POSITIVE_RATE", "1e-9"),
+        ]);
+        assert!(e.starts_with("filter.expected_keys:") && e.contains("false_positive_rate 0.000000001"), "{e}");
+        for bad in ["0.0", "0.5", "nan", "-1.0", "inf"] {
+            let e = invalid_key(&[("KDEDUP_FILTER__FALSE_POSITIVE_RATE", bad)]);
+            assert!(e.starts_with("filter.false_positive_rate:"), "{bad}: {e}");
+        }
+        let e = invalid_key(&[("KDEDUP_FILTER__RECENT_KEYS", "100000001")]);
+        assert!(e.starts_with("filter.recent_keys:") && e.contains("100000000"), "{e}");
+        assert_eq!(load(MINIMAL, &[("KDEDUP_FILTER__RECENT_KEYS", "0")]).unwrap().filter.recent_keys, 0);
+    }
+
+    #[test]
+    fn key_sizes_are_bounded_by_what_the_stores_can_key() {
+        assert_eq!(load(MINIMAL, &[("KDEDUP_KEY__MAX_BYTES", "2048")]).unwrap().key.max_bytes.get(), 2048);
+        for bad in ["0", "2049", "100000"] {
+            let e = invalid_key(&[("KDEDUP_KEY__MAX_BYTES", bad)]);
+            assert!(e.starts_with("key.max_bytes:") && e.contains("1 to 2048") && e.contains("hash"), "{e}");
+        }
+        let long = "s".repeat(257);
+        let e = invalid_key(&[("KDEDUP_KEY__SCOPE", &long)]);
+        assert!(e.starts_with("key.scope:") && e.contains("257 bytes") && e.contains("256"), "{e}");
+        let e = invalid_key(&[("KDEDUP_KAFKA__GROUP_ID", &long)]);
+        assert!(e.starts_with("kafka.group_id:") && e.contains("key.scope"), "the default scope names its source: {e}");
+        let c = load(MINIMAL, &[("KDEDUP_KAFKA__GROUP_ID", &long), ("KDEDUP_KEY__SCOPE", "short")]).unwrap();
+        assert_eq!(c.key.scope, "short", "a long group ID is fine with a short scope");
+    }
+
+    #[test]
+    fn pipeline_numbers_are_bounded() {
+        for (var, bad, key, allowed) in [
+            ("KDEDUP_PIPELINE__BATCH_MAX", "0", "pipeline.batch_max", "1 to 100000"),
+            ("KDEDUP_PIPELINE__BATCH_MAX", "100001", "pipeline.batch_max", "1 to 100000"),
+            ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "0", "pipeline.commit_interval_ms", "1 to 86400000"),
+            ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "86400001", "pipeline.commit_interval_ms", "1 to 86400000"),
+            ("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "3600001", "pipeline.drain_timeout_ms", "0 to 3600000"),
+        ] {
+            let e = invalid_key(&[(var, bad)]);
+            assert!(e.starts_with(&format!("{key}:")) && e.contains(allowed), "{var}={bad}: {e}");
+        }
+        let c = load(MINIMAL, &[("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "0"), ("KDEDUP_PIPELINE__BATCH_MAX", "100000")]);
+        assert_eq!(c.unwrap().pipeline.drain_timeout, Duration::ZERO, "a zero drain abandons at once, by choice");
+    }
+
+    #[test]
+    fn store_connection_numbers_are_bounded() {
+        let pg = [("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", "postgres://u@h/db")];
+        for bad in ["0", "1025"] {
+            let e = invalid_key(&[pg[0], pg[1], ("KDEDUP_STORE__POOL_SIZE", bad)]);
+            assert!(e.starts_with("store.pool_size:") && e.contains("1 to 1024"), "{e}");
+        }
+        let e = |env: &[(&str, &str)]| scylla("", env).unwrap_err().to_string();
+        for bad in ["0", "600001"] {
+            let m = e(&[("KDEDUP_STORE__REQUEST_TIMEOUT_MS", bad)]);
+            assert!(m.contains("store.request_timeout_ms") && m.contains("1 to 600000"), "{m}");
+            let m = e(&[("KDEDUP_STORE__CONNECT_TIMEOUT_MS", bad)]);
+            assert!(m.contains("store.connect_timeout_ms") && m.contains("1 to 600000"), "{m}");
+        }
+        let m = e(&[("KDEDUP_STORE__MAX_IN_FLIGHT", "32769")]);
+        assert!(m.contains("store.max_in_flight") && m.contains("1 to 32768"), "{m}");
+    }
+
+    #[test]
+    fn deeply_nested_toml_is_a_parse_error_not_a_stack_overflow() {
+        for text in [format!("a = {}", "[".repeat(100_000)), format!("a = {}", "{b=".repeat(50_000))] {
+            match load(&text, &[]) {
+                Err(ConfigError::Parse { path, .. }) => assert_eq!(path, PathBuf::from("test.toml")),
+                other => panic!("should be a parse error: {other:?}"),
+            }
+        }
+    }
+
+    mod fuzz_body {
+        use proptest::prelude::*;
+
+        use super::super::fuzzing;
+
+        const KEYS: &[&str] = &[
+            "STORE__TTL_SECS",
+            "STORE__LEASE_SECS",
+            "STORE__SWEEP_INTERVAL_SECS",
+            "STORE__POOL_SIZE",
+            "STORE__KIND",
+            "STORE__URL",
+            "STORE__CONTACT_POINTS",
+            "STORE__LOCAL_DATACENTER",
+            "STORE__MAX_IN_FLIGHT",
+            "STORE__REQUEST_TIMEOUT_MS",
+            "STORE__CONNECT_TIMEOUT_MS",
+            "FILTER__EXPECTED_KEYS",
+            "FILTER__FALSE_POSITIVE_RATE",
+            "FILTER__RECENT_KEYS",
+            "KEY__MAX_BYTES",
+            "KEY__SCOPE",
+            "KEY__SOURCE",
+            "KEY__JSON_POINTER",
+            "PIPELINE__BATCH_MAX",
+            "PIPELINE__COMMIT_INTERVAL_MS",
+            "PIPELINE__DRAIN_TIMEOUT_MS",
+            "METRICS__LISTEN",
+            "KAFKA__CONSUMER__FETCH_MIN_BYTES",
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                (0u64..100_000_000_000).prop_map(|n| n.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|f| f.to_string()),
+                "[a-z0-9:/.,\\[\\]\"=-]{0,20}",
+                Just("postgres://u@h/db".to_string()),
+                Just("scylla".to_string()),
+            ]
+        }
+
+        #[test]
+        fn seed_corpus_passes() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config");
+            let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("seed corpus {}: {e}", dir.display()));
+            let mut n = 0;
+            for entry in entries {
+                fuzzing::config(&std::fs::read(entry.unwrap().path()).unwrap());
+                n += 1;
+            }
+            assert!(n > 0, "no seeds in {}", dir.display());
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_overrides_of_a_valid_file_give_a_bounded_config_or_a_named_error(
+                overrides in proptest::collection::vec((proptest::sample::select(KEYS), value()), 0..6)
+            ) {
+                let mut data = include_bytes!("../config/kdedup.toml").to_vec();
+                data.push(0);
+                for (k, v) in overrides {
+                    data.extend_from_slice(format!("{k}={v}\n").as_bytes());
+                }
+                fuzzing::config(&data);
+            }
+
+            #[test]
+            fn any_bytes_are_a_config_or_an_error(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+                fuzzing::config(&data);
+            }
         }
     }
 

@@ -31,6 +31,8 @@ pub enum RecordError {
     Conflict { stored: String },
     #[error("sink rejected the record: {0}")]
     SinkRejected(String),
+    #[error("record headers cannot be passed on as they came: {0}")]
+    BadHeader(String),
 }
 
 impl RecordError {
@@ -42,6 +44,7 @@ impl RecordError {
             RecordError::OversizeId { .. } => "oversize_id",
             RecordError::Conflict { .. } => "conflict",
             RecordError::SinkRejected(_) => "sink_rejected",
+            RecordError::BadHeader(_) => "bad_header",
         }
     }
 }

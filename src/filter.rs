@@ -37,6 +37,7 @@
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::collections::HashMap;
+use std::fmt;
 use std::ptr::NonNull;
 use std::time::Duration;
 
@@ -224,15 +225,29 @@ unsafe impl Sync for Buckets {}
 const HUGE_PAGE: usize = 2 << 20;
 
 impl Buckets {
+    /// Overflow tables have the first table's size, which was allocated once.
     fn zeroed(len: usize) -> Buckets {
-        let bytes = len.max(1) * std::mem::size_of::<u64>();
+        match Buckets::layout_for(len) {
+            Some(layout) => Buckets::try_zeroed(len).unwrap_or_else(|| handle_alloc_error(layout)),
+            None => panic!("a bucket table of {len} u64s cannot be described; AgingCuckoo::try_new checks this first"),
+        }
+    }
+
+    fn layout_for(len: usize) -> Option<Layout> {
+        let bytes = len.max(1).checked_mul(std::mem::size_of::<u64>())?;
         let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { 64 };
-        let layout = Layout::from_size_align(bytes, align).expect("bucket counts come from a u64 key count");
+        Layout::from_size_align(bytes, align).ok()
+    }
+
+    /// `None` when the table cannot be described or the allocator refuses it.
+    fn try_zeroed(len: usize) -> Option<Buckets> {
+        let layout = Buckets::layout_for(len)?;
+        let (bytes, align) = (layout.size(), layout.align());
         // SAFETY: the layout is non-zero in size; the memory is zeroed before
         // any slice of it exists, and the advice only concerns pages in it.
         unsafe {
             let raw = alloc(layout);
-            let Some(ptr) = NonNull::new(raw as *mut u64) else { handle_alloc_error(layout) };
+            let ptr = NonNull::new(raw as *mut u64)?;
             #[cfg(target_os = "linux")]
             if align == HUGE_PAGE {
                 // Advice before the pages are first touched (by the zeroing), so they
@@ -240,13 +255,12 @@ impl Buckets {
                 libc::madvise(raw.cast(), bytes / HUGE_PAGE * HUGE_PAGE, libc::MADV_HUGEPAGE);
             }
             std::ptr::write_bytes(raw, 0, bytes);
-            Buckets { ptr, len }
+            Some(Buckets { ptr, len })
         }
     }
 
     fn layout(&self) -> Layout {
-        let bytes = self.len.max(1) * std::mem::size_of::<u64>();
-        Layout::from_size_align(bytes, if bytes >= HUGE_PAGE { HUGE_PAGE } else { 64 }).expect("valid when allocated")
+        Buckets::layout_for(self.len).expect("valid when allocated")
     }
 }
 
@@ -271,6 +285,33 @@ impl Drop for Buckets {
         unsafe { dealloc(self.ptr.as_ptr().cast(), self.layout()) }
     }
 }
+
+/// The aging filter's table cannot be had: too large to address, or the
+/// allocator refused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterAllocError {
+    pub expected_keys: u64,
+    pub false_positive_rate: f64,
+    /// The planned size, when it could be computed.
+    pub bytes: Option<usize>,
+}
+
+impl fmt::Display for FilterAllocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot allocate the filter for {} expected keys at false-positive rate {}: ",
+            self.expected_keys, self.false_positive_rate
+        )?;
+        match self.bytes {
+            Some(b) => write!(f, "the allocator refused its {b} bytes")?,
+            None => write!(f, "its size overflows memory addresses")?,
+        }
+        write!(f, "; lower [filter] expected_keys or raise false_positive_rate")
+    }
+}
+
+impl std::error::Error for FilterAllocError {}
 
 /// An approximate set of the keys inserted within the last ttl: a cuckoo
 /// filter whose 16-bit entries carry a 13-bit fingerprint and a 3-bit epoch
@@ -305,26 +346,67 @@ struct Spot {
 }
 
 impl AgingCuckoo {
+    /// Bytes of the table planned for `expected_keys` per ttl at
+    /// `false_positive_rate` (overflow tables come on top only when more keys
+    /// arrive than planned); `None` when that size does not fit in memory
+    /// addresses at all. Config validation bounds it with this same plan.
+    pub fn planned_bytes(expected_keys: u64, false_positive_rate: f64) -> Option<usize> {
+        let buckets = Self::planned_buckets(expected_keys, false_positive_rate)?;
+        let bytes = buckets.checked_mul(std::mem::size_of::<u64>())?;
+        // What a Layout can describe, rounded up to the 2 MiB alignment of large tables.
+        (bytes <= isize::MAX as usize - HUGE_PAGE).then_some(bytes)
+    }
+
+    fn planned_buckets(expected_keys: u64, false_positive_rate: f64) -> Option<usize> {
+        // A check compares 2 * SLOTS entries, each matching with 1 / (2^FP_BITS - 1).
+        let fp_values = ((1u64 << FP_BITS) - 1) as f64;
+        // NaN (never from a validated config) plans the densest table, not a panic.
+        let load = (false_positive_rate * fp_values / (2 * SLOTS) as f64).clamp(MIN_LOAD, MAX_LOAD);
+        let load = if load.is_nan() { MAX_LOAD } else { load };
+        let peak = expected_keys as f64 * (LIVE_EPOCHS + 1) as f64 / LIVE_EPOCHS as f64;
+        let buckets = (peak / (SLOTS as f64 * load)).ceil().max(1.0);
+        // f64 -> usize saturates; anything this large fails the byte check.
+        (buckets < usize::MAX as f64).then_some(buckets as usize)
+    }
+
     /// Sized for `expected_keys` per ttl at `false_positive_rate`. Rates of 0.1%
     /// and above cost 16 bits / 0.93 load * 8/7 (the extra epoch): ~2.5 bytes
     /// per key; lower rates lower the planned load, and memory grows as 1/rate.
+    ///
+    /// # Panics
+    /// When the table cannot be allocated (see [`AgingCuckoo::try_new`], which
+    /// says so instead).
     pub fn new(expected_keys: u64, false_positive_rate: f64, ttl: Duration, now_ms: u64) -> AgingCuckoo {
-        let epoch_span_ms = (ttl.as_millis() as u64).div_ceil(LIVE_EPOCHS).max(1);
-        // A check compares 2 * SLOTS entries, each matching with 1 / (2^FP_BITS - 1).
-        let fp_values = ((1u64 << FP_BITS) - 1) as f64;
-        let load = (false_positive_rate * fp_values / (2 * SLOTS) as f64).clamp(MIN_LOAD, MAX_LOAD);
-        let peak = expected_keys as f64 * (LIVE_EPOCHS + 1) as f64 / LIVE_EPOCHS as f64;
-        let buckets = ((peak / (SLOTS as f64 * load)).ceil() as usize).max(1);
+        AgingCuckoo::try_new(expected_keys, false_positive_rate, ttl, now_ms).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`AgingCuckoo::new`], but an error instead of a panic or an abort
+    /// when the planned table is too large to address or to allocate.
+    pub fn try_new(
+        expected_keys: u64,
+        false_positive_rate: f64,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> Result<AgingCuckoo, FilterAllocError> {
+        let too_large = FilterAllocError { expected_keys, false_positive_rate, bytes: None };
+        let bytes = Self::planned_bytes(expected_keys, false_positive_rate).ok_or(too_large)?;
+        let buckets = bytes / std::mem::size_of::<u64>();
+        let table = Buckets::try_zeroed(buckets).ok_or(FilterAllocError {
+            expected_keys,
+            false_positive_rate,
+            bytes: Some(bytes),
+        })?;
+        let epoch_span_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).div_ceil(LIVE_EPOCHS).max(1);
         let epoch = now_ms / epoch_span_ms;
-        AgingCuckoo {
-            tables: vec![Buckets::zeroed(buckets)],
+        Ok(AgingCuckoo {
+            tables: vec![table],
             buckets,
             entries: 0,
             epoch_span_ms,
             epoch,
-            next_epoch_ms: (epoch + 1) * epoch_span_ms,
+            next_epoch_ms: epoch.saturating_add(1).saturating_mul(epoch_span_ms),
             rng: 0x2545_f491_4f6c_dd1d,
-        }
+        })
     }
 
     #[inline]
@@ -519,12 +601,19 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// # Panics
+    /// When the aging filter's table cannot be allocated ([`Filter::try_new`] says so instead).
     pub fn new(config: &FilterConfig, ttl: Duration, now_ms: u64) -> Filter {
-        Filter {
+        Filter::try_new(config, ttl, now_ms).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`Filter::new`], but an error when the aging filter's table cannot be allocated.
+    pub fn try_new(config: &FilterConfig, ttl: Duration, now_ms: u64) -> Result<Filter, FilterAllocError> {
+        Ok(Filter {
             recent: RecentCache::new(config.recent_keys, ttl, now_ms),
-            aging: AgingCuckoo::new(config.expected_keys.get(), config.false_positive_rate, ttl, now_ms),
+            aging: AgingCuckoo::try_new(config.expected_keys.get(), config.false_positive_rate, ttl, now_ms)?,
             ttl_ms: ttl.as_millis() as u64,
-        }
+        })
     }
 
     pub fn check(&mut self, envelope: &Envelope, now_ms: u64) -> Verdict {
@@ -635,6 +724,7 @@ mod tests {
             let position = Position { topic: Arc::from("t"), partition: (offset % 3) as i32, offset };
             let record = Record {
                 position,
+                bad_header: None,
                 key: None,
                 payload: Some(b"same".to_vec()),
                 headers: Vec::new(),
@@ -827,5 +917,26 @@ mod tests {
         let (fpr, f) = measured_fpr(20_000, 0.0002);
         assert!(fpr <= 0.0002, "measured fpr {fpr}");
         assert!(f.memory_bytes() > 20_000 * 8);
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_panics_or_aborts() {
+        const TTL: Duration = Duration::from_secs(400);
+        // Overflows the address space: refused before any allocation.
+        assert_eq!(AgingCuckoo::planned_bytes(u64::MAX, 0.001), None);
+        let e = AgingCuckoo::try_new(u64::MAX, 0.001, TTL, 0).err().expect("u64::MAX keys cannot be planned");
+        assert_eq!(e.bytes, None);
+        assert!(e.to_string().contains("overflows") && e.to_string().contains("expected_keys"), "{e}");
+        // Addressable (a few PiB) but more than any machine holds: the allocator says no.
+        let bytes = AgingCuckoo::planned_bytes(1 << 50, 0.001).expect("2^50 keys fit in a Layout");
+        let e = AgingCuckoo::try_new(1 << 50, 0.001, TTL, 0).err().expect("petabytes are refused");
+        assert_eq!(e.bytes, Some(bytes));
+        assert!(e.to_string().contains(&format!("refused its {bytes} bytes")), "{e}");
+        // NaN or a huge ttl plan something sane (a validated config has neither).
+        assert!(AgingCuckoo::try_new(1000, f64::NAN, TTL, 0).is_ok());
+        assert!(AgingCuckoo::try_new(1000, 0.001, Duration::MAX, u64::MAX).is_ok());
+        // The plan is what gets allocated.
+        let f = AgingCuckoo::try_new(100_000, 0.001, TTL, 0).unwrap();
+        assert_eq!(Some(f.memory_bytes()), AgingCuckoo::planned_bytes(100_000, 0.001));
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -226,10 +226,11 @@ pub fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<Consumed>> {
         match c.poll(Duration::from_millis(if behind { 200 } else { 50 })) {
             Some(Ok(m)) => {
                 positions.insert(m.partition(), m.offset() + 1);
-                let headers = m
-                    .headers()
-                    .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-                    .unwrap_or_default();
+                // Names as bytes (rdkafka's iteration panics on a non-UTF-8 name), shown lossily.
+                let headers = crate::event::header_pairs(&m)
+                    .into_iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.unwrap_or_default().to_vec()))
+                    .collect();
                 out.push(Consumed {
                     partition: m.partition(),
                     offset: m.offset(),

@@ -1091,6 +1091,7 @@ fn placeholder() -> Item {
             payload: None,
             headers: Vec::new(),
             timestamp_ms: None,
+            bad_header: None,
         },
         error: RecordError::MissingId(String::new()),
     }

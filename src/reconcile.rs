@@ -42,12 +42,11 @@
 //! so a repeat past the bound is marked, never unmarked.
 
 use std::collections::HashSet;
-use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tracing::error;
 
@@ -194,7 +193,8 @@ impl Reconciler {
             };
             let message = message.with_context(|| format!("reading {topic}"))?;
             position = message.offset() + 1;
-            let pairs = header_pairs(&message);
+            // Names as bytes: any producer may write a non-UTF-8 name into these topics.
+            let pairs = crate::event::header_pairs(&message);
             let last = |name: &str| pairs.iter().rev().find(|(k, _)| *k == name.as_bytes()).and_then(|(_, v)| *v);
             let ours = last(headers::SCOPE) == Some(scope)
                 && last(headers::SOURCE_TOPIC) == Some(source.0.as_bytes())
@@ -215,35 +215,4 @@ impl Reconciler {
         }
         Ok(found)
     }
-}
-
-/// A message's headers as (name, value) bytes, in order. Names are read as
-/// bytes: rdkafka's `Headers::iter` panics on a name that is not UTF-8, and
-/// any producer may write one into a topic read here.
-fn header_pairs<'m>(message: &'m BorrowedMessage<'_>) -> Vec<(&'m [u8], Option<&'m [u8]>)> {
-    use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
-    let mut hdrs = std::ptr::null_mut();
-    // SAFETY: the message pointer is valid while `message` lives; the headers
-    // it returns are owned by the message and only read here.
-    if unsafe { rdkafka_sys::rd_kafka_message_headers(message.ptr(), &mut hdrs) } != RD_KAFKA_RESP_ERR_NO_ERROR
-        || hdrs.is_null()
-    {
-        return Vec::new();
-    }
-    let mut pairs = Vec::new();
-    for idx in 0.. {
-        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
-        // SAFETY: `hdrs` is valid (above); an index past the end returns an error, not a read.
-        if unsafe { rdkafka_sys::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) }
-            != RD_KAFKA_RESP_ERR_NO_ERROR
-        {
-            break;
-        }
-        // SAFETY: librdkafka gives a NUL-terminated name and `size` bytes of value
-        // (or a null value), both living as long as the message.
-        let name = unsafe { CStr::from_ptr(name) }.to_bytes();
-        let value = (!value.is_null()).then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
-        pairs.push((name, value));
-    }
-    pairs
 }

@@ -74,7 +74,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     let book = Arc::new(CommitBook::new(Box::new(move || barrier_store.sync())));
     let stages = Arc::new(Stages {
         extractor: KeyExtractor::new(config.key.clone()),
-        filter: Mutex::new(Filter::new(&config.filter, config.retention.ttl, now_ms())),
+        filter: Mutex::new(Filter::try_new(&config.filter, config.retention.ttl, now_ms())?),
         store: store.clone(),
         sink,
         side: SideTopics {

@@ -443,6 +443,7 @@ mod tests {
         use rdkafka::message::Headers;
         let record = Record {
             position: position(3, 42),
+            bad_header: None,
             key: None,
             payload: None,
             headers: vec![

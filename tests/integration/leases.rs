@@ -86,14 +86,19 @@ async fn a_crash_after_the_effect_then_a_duplicate_elsewhere_after_the_lease_is_
     // Either partition 0's next owner reconciled first (its effect found in the
     // output: the copy is a duplicate), or the copy took the lapsed claim over
     // and was emitted again, marked.
-    match copies.as_slice() {
-        [_] => assert_eq!(m.lease_takeovers.get(), 0),
-        [first, again] => {
-            assert!(first.header(headers::POSSIBLE_REPEAT).is_none(), "the original is not a repeat");
-            assert_eq!(again.header_str(headers::POSSIBLE_REPEAT), Some("true"), "a takeover's effect is marked");
+    let shown: Vec<_> = copies
+        .iter()
+        .map(|r| format!("out {}/{} marked={:?}", r.partition, r.offset, r.header_str(headers::POSSIBLE_REPEAT)))
+        .collect();
+    let marked = copies.iter().filter(|r| r.header_str(headers::POSSIBLE_REPEAT) == Some("true")).count();
+    match copies.len() {
+        1 => assert_eq!(m.lease_takeovers.get(), 0, "{shown:?}"),
+        // (The reader interleaves partitions: which copy comes first says nothing.)
+        2 => {
+            assert_eq!(marked, 1, "the original is unmarked, the takeover's effect marked: {shown:?}");
             assert_eq!(m.lease_takeovers.get(), 1);
         }
-        other => panic!("crash-1 emitted {} times", other.len()),
+        n => panic!("crash-1 emitted {n} times: {shown:?}"),
     }
     eprintln!("takeover after a crash: {} copies, {} takeovers", copies.len(), m.lease_takeovers.get());
 }
