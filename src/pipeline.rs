@@ -45,7 +45,7 @@ use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler};
-use crate::sink::{Effect, SideTopics, Sink};
+use crate::sink::{DeadLetter, Effect, SideTopics, Sink};
 use crate::source::{PartitionHandler, PartitionQueue, Resume};
 use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Store};
 
@@ -330,6 +330,11 @@ pub struct PartitionTask {
     emitted: HashSet<i64>,
     /// Offsets already in the dead-letter topic (found by reconciliation).
     dead_lettered: HashSet<i64>,
+    /// The highest offset of this partition an earlier owner is known to have
+    /// reached: its writes found by reconciliation, its claims resumed. That
+    /// owner may still be alive (a zombie) and write a dead letter for a record
+    /// up to here after we looked, so ours for those records are marked.
+    reached_before: Option<i64>,
     /// Where this partition's latest writes landed, plus one.
     logs: LogMarks,
 }
@@ -421,6 +426,7 @@ impl PartitionTask {
                     if !found.emitted.is_empty() || !found.dead_lettered.is_empty() {
                         info!(topic = %self.tp.0, partition = self.tp.1, emitted = found.emitted.len(), dead_lettered = found.dead_lettered.len(), secs, "writes after the last commit found; they will not be made again");
                     }
+                    self.reached_before = found.emitted.iter().chain(&found.dead_lettered).max().copied();
                     self.emitted = found.emitted;
                     self.dead_lettered = found.dead_lettered;
                     self.progressing();
@@ -726,6 +732,13 @@ impl PartitionTask {
     /// sink + side topics + complete/release.
     async fn apply_effects(&mut self, items: &mut [Item], held: &Held) -> Result<(), Stop> {
         let s = self.stages.clone();
+        let resumed = items.iter().filter_map(|item| match item {
+            Item::Keyed { envelope, decision: Some(Decision::New { acquired: Acquired::Resumed, .. }), .. } => {
+                Some(envelope.record.position.offset)
+            }
+            _ => None,
+        });
+        self.reached_before = self.reached_before.into_iter().chain(resumed).max();
 
         // The effect, for new events, in order; retriable failures are retried.
         // Effects reconciliation found in the output already ran: they are only completed.
@@ -881,8 +894,15 @@ impl PartitionTask {
                 dead.push((record, error));
             }
         }
-        let dead_refs: Vec<(&Record, &RecordError)> = dead.iter().map(|(r, e)| (*r, e)).collect();
-        for landed in self.write_side(Side::DeadLetter, &dead_refs, |batch| s.side.dead_letter(batch)).await? {
+        let dead_letters: Vec<DeadLetter<'_>> = dead
+            .iter()
+            .map(|(record, error)| DeadLetter {
+                record,
+                error,
+                possible_repeat: self.reached_before.is_some_and(|r| record.position.offset <= r),
+            })
+            .collect();
+        for landed in self.write_side(Side::DeadLetter, &dead_letters, |batch| s.side.dead_letter(batch)).await? {
             OutputMark::advance(&mut self.logs.dead_letter, landed);
         }
         if s.side.duplicates.is_some() {
@@ -1052,9 +1072,9 @@ fn take(
 trait HasPosition: Clone {
     fn position(&self) -> &Position;
 }
-impl HasPosition for (&Record, &RecordError) {
+impl HasPosition for DeadLetter<'_> {
     fn position(&self) -> &Position {
-        &self.0.position
+        &self.record.position
     }
 }
 impl HasPosition for &Envelope {
@@ -1133,6 +1153,7 @@ impl PartitionHandler for Workers {
             resume,
             emitted: HashSet::new(),
             dead_lettered: HashSet::new(),
+            reached_before: None,
             logs: resume.logs,
         };
         let stages = self.stages.clone();

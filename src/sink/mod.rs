@@ -15,7 +15,7 @@ pub mod stdout;
 
 use std::sync::Arc;
 
-use rdkafka::message::Header;
+use rdkafka::message::{Header, OwnedHeaders};
 use sha2::Digest;
 
 pub use kafka::{KafkaSink, KafkaWriter};
@@ -31,6 +31,16 @@ pub struct Effect<'a> {
     pub envelope: &'a Envelope,
     /// The effect may have run before (a resumed claim whose earlier attempt
     /// could not be ruled out): travels as the `kdedup-possible-repeat` header.
+    pub possible_repeat: bool,
+}
+
+/// One record to dead-letter.
+#[derive(Clone, Copy)]
+pub struct DeadLetter<'a> {
+    pub record: &'a Record,
+    pub error: &'a RecordError,
+    /// An earlier owner of the partition may have dead-lettered it too (it had
+    /// reached this record): travels as `kdedup-possible-repeat: true`.
     pub possible_repeat: bool,
 }
 
@@ -63,6 +73,14 @@ impl Sink {
 
 /// How much of a payload (and of a key) a truncated dead letter keeps.
 pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+fn mark(h: OwnedHeaders, possible_repeat: bool) -> OwnedHeaders {
+    if possible_repeat {
+        h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) })
+    } else {
+        h
+    }
+}
 
 fn truncated(bytes: &[u8]) -> &[u8] {
     &bytes[..bytes.len().min(TRUNCATED_PAYLOAD_BYTES)]
@@ -98,19 +116,22 @@ impl SideTopics {
     /// payload's SHA-256 and length, and how many of its own headers were left
     /// out (`kdedup-truncated: true`). The original stays in the input topic,
     /// at the position the headers name, for as long as its retention keeps it.
-    pub async fn dead_letter(&self, records: Vec<(&Record, &RecordError)>) -> Vec<Result<OutputMark, SinkError>> {
+    pub async fn dead_letter(&self, records: Vec<DeadLetter<'_>>) -> Vec<Result<OutputMark, SinkError>> {
         let out = records
             .iter()
-            .map(|(record, error)| {
+            .map(|&DeadLetter { record, error, possible_repeat }| {
                 let message = error.to_string();
                 OutRecord {
                     partition: Some(self.dead_letter_partition(record.position.partition)),
                     source: &record.position,
                     key: record.key.as_deref(),
                     payload: record.payload.as_deref(),
-                    headers: headers_with_source(record, &self.scope)
-                        .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
-                        .insert(Header { key: headers::ERROR, value: Some(message.as_bytes()) }),
+                    headers: mark(
+                        headers_with_source(record, &self.scope)
+                            .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
+                            .insert(Header { key: headers::ERROR, value: Some(message.as_bytes()) }),
+                        possible_repeat,
+                    ),
                 }
             })
             .collect();
@@ -123,7 +144,7 @@ impl SideTopics {
         let digests: Vec<(String, String)> = too_large
             .iter()
             .map(|&i| {
-                let payload = records[i].0.payload.as_deref().unwrap_or_default();
+                let payload = records[i].record.payload.as_deref().unwrap_or_default();
                 (crate::event::hex(&sha2::Sha256::digest(payload)), payload.len().to_string())
             })
             .collect();
@@ -131,13 +152,13 @@ impl SideTopics {
             .iter()
             .zip(&digests)
             .map(|(&i, (sha256, bytes))| {
-                let (record, error) = records[i];
+                let DeadLetter { record, error, possible_repeat } = records[i];
                 OutRecord {
                     partition: Some(self.dead_letter_partition(record.position.partition)),
                     source: &record.position,
                     key: record.key.as_deref().map(truncated),
                     payload: record.payload.as_deref().map(truncated),
-                    headers: source_headers(record, &self.scope)
+                    headers: mark(source_headers(record, &self.scope), possible_repeat)
                         .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
                         .insert(Header { key: headers::ERROR, value: Some(error.to_string().as_bytes()) })
                         .insert(Header { key: headers::TRUNCATED, value: Some(b"true".as_slice()) })
