@@ -3,8 +3,6 @@
 //! lost or duplicated. Uses a private PostgreSQL server, so stopping it does
 //! not disturb other tests.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use kdedup::mock;
@@ -13,71 +11,6 @@ use kdedup::source::StopMode;
 use kdedup::store::Store;
 
 use crate::utils::*;
-
-/// A throwaway PostgreSQL server on a free loopback port.
-struct PrivatePostgres {
-    bin: PathBuf,
-    data: tempfile::TempDir,
-    port: u16,
-}
-
-impl PrivatePostgres {
-    fn start() -> Option<PrivatePostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .max()?;
-        let data = tempfile::tempdir().ok()?;
-        let root = unsafe { libc::geteuid() } == 0;
-        if root {
-            // The server refuses to run as root: it runs as the `postgres` user.
-            Command::new("chown").args(["-R", "postgres"]).arg(data.path()).status().ok()?;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-        let pg = PrivatePostgres { bin, data, port };
-        assert!(pg.run("initdb", &["-D", &pg.dir(), "-U", "kdedup", "--auth=trust"]), "initdb failed");
-        pg.up();
-        Some(pg)
-    }
-
-    fn dir(&self) -> String {
-        self.data.path().join("pgdata").display().to_string()
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) -> bool {
-        let exe = self.bin.join(tool);
-        let mut cmd = if unsafe { libc::geteuid() } == 0 {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
-        };
-        cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        cmd.status().map(|s| s.success()).unwrap_or(false)
-    }
-
-    fn up(&self) {
-        let options =
-            format!("-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}", self.port, self.dir());
-        assert!(self.run("pg_ctl", &["-D", &self.dir(), "-w", "-o", &options, "start"]), "pg_ctl start failed");
-    }
-
-    fn down(&self) {
-        assert!(self.run("pg_ctl", &["-D", &self.dir(), "-m", "immediate", "-w", "stop"]), "pg_ctl stop failed");
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://kdedup@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        self.run("pg_ctl", &["-D", &self.dir(), "-m", "immediate", "stop"]);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_pauses_the_pipeline_which_resumes_by_itself_losing_nothing() {
@@ -97,11 +30,14 @@ async fn postgres_outage_pauses_the_pipeline_which_resumes_by_itself_losing_noth
     Store::open(&config.store, &config.retention).unwrap().apply_schema().await.unwrap();
     let running = start(config, Faults::default());
     let m = running.metrics.clone();
-    wait_for("the first half decided", Duration::from_secs(60), || {
-        let n = m.consumed.get();
-        async move { n >= first_half.len() as u64 }
-    })
-    .await;
+    // The first half finished and committed: the offsets the outage must hold.
+    wait_all_committed(&kafka, &m).await;
+    let committed_during = |m: &kdedup::metrics::Metrics| {
+        (0..4).map(|p| m.committed_offset.with_label_values(&[INPUT, &p.to_string()]).get()).collect::<Vec<_>>()
+    };
+    let at_outage = committed_during(&m);
+    let first_ends: Vec<i64> = mock::end_offsets(kafka.bootstrap(), INPUT).unwrap().into_values().collect();
+    assert_eq!(at_outage, first_ends, "the first half is committed before the store goes away");
 
     pg.down();
     mock::produce_all(kafka.bootstrap(), INPUT, second_half).await.unwrap();
@@ -110,12 +46,6 @@ async fn postgres_outage_pauses_the_pipeline_which_resumes_by_itself_losing_noth
         async move { !ready }
     })
     .await;
-    // Let commits of work finished before the outage land, then watch offsets stand still.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let committed_during = |m: &kdedup::metrics::Metrics| {
-        (0..4).map(|p| m.committed_offset.with_label_values(&[INPUT, &p.to_string()]).get()).collect::<Vec<_>>()
-    };
-    let at_outage = committed_during(&m);
     tokio::time::sleep(Duration::from_secs(3)).await; // the outage lasts a few seconds
     assert_eq!(committed_during(&m), at_outage, "no offset moves while the store is down");
     assert!(m.store_errors.get() > 0);
@@ -154,8 +84,13 @@ async fn broker_restart_mid_stream_recovers_without_loss_or_repeats() {
     .await;
 
     kafka.set_brokers_up(false).unwrap();
-    // Longer than the test session timeout (3 s): the member loses its assignment and rejoins.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Down until the member's session (3 s in the test config) times out and it gives up its
+    // partitions; it rejoins once the brokers are back.
+    wait_for("the member to lose its assignment", Duration::from_secs(30), || {
+        let owned = m.assigned_partitions.get();
+        async move { owned == 0 }
+    })
+    .await;
     kafka.set_brokers_up(true).unwrap();
 
     wait_all_committed(&kafka, &running.metrics).await;
