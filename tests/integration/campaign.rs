@@ -332,6 +332,39 @@ fn repeats<'a, K: std::hash::Hash + Eq>(items: impl Iterator<Item = (K, &'a Seen
     r
 }
 
+/// Up to five groups with unmarked repeats, each copy as
+/// `out P/O <- src P/O [marked]`: where to look in the member logs.
+fn unmarked_examples<'a, K: std::hash::Hash + Eq + std::fmt::Debug>(
+    items: impl Iterator<Item = (K, &'a Seen)>,
+) -> String {
+    let mut groups: HashMap<K, Vec<&Seen>> = HashMap::new();
+    for (k, s) in items {
+        groups.entry(k).or_default().push(s);
+    }
+    let mut text: Vec<String> = groups
+        .iter()
+        .filter(|(_, copies)| copies.iter().filter(|s| !s.marked()).count() > 1)
+        .map(|(k, copies)| {
+            let copies: Vec<String> = copies
+                .iter()
+                .map(|s| {
+                    let (p, o) = s.source().unwrap_or((-1, -1));
+                    format!(
+                        "out {}/{} <- src {p}/{o}{}",
+                        s.partition,
+                        s.offset,
+                        if s.marked() { " marked" } else { "" }
+                    )
+                })
+                .collect();
+            format!("{k:?}: [{}]", copies.join(", "))
+        })
+        .collect();
+    text.sort();
+    text.truncate(5);
+    text.join("; ")
+}
+
 /// What the outside reader found in the output.
 struct OutputCheck {
     emitted: usize,
@@ -525,19 +558,20 @@ async fn fault_campaign_loses_nothing_and_marks_every_repeat() {
     let topics = Topics::create(&brokers, &pg.url(), PARTITIONS).await;
     let logs = tempfile::tempdir().unwrap();
 
-    // The schedule: each fault at least twice, in random order, at random gaps.
-    let mut schedule = vec![Fault::Kill, Fault::Pause, Fault::StoreOutage];
-    schedule.extend(schedule.clone());
+    // The schedule: each fault twice and two more of any kind, in random order, at random gaps.
+    let kinds = [Fault::Kill, Fault::Pause, Fault::StoreOutage];
+    let mut schedule = [kinds, kinds].concat();
+    schedule.extend((0..2).map(|_| kinds[rng.random_range(0..kinds.len())]));
     schedule.shuffle(&mut rng);
 
     let mut group = Group::new(&brokers, pg.url(), &topics, logs.path());
     for _ in 0..3 {
         group.add(&[]);
     }
-    // The load: the input in 12 slices, one every 2 s, so faults meet work in flight.
+    // The load: the input in 15 slices, one every 2 s, so faults meet work in flight.
     let producer = {
         let (brokers, topic) = (brokers.clone(), topics.input.clone());
-        let slices: Vec<Vec<Produce>> = input.records.chunks(input.records.len() / 12 + 1).map(<[_]>::to_vec).collect();
+        let slices: Vec<Vec<Produce>> = input.records.chunks(input.records.len() / 15 + 1).map(<[_]>::to_vec).collect();
         tokio::spawn(async move {
             for slice in slices {
                 mock::produce_all(&brokers, &topic, &slice).await.unwrap();
@@ -615,6 +649,16 @@ async fn fault_campaign_loses_nothing_and_marks_every_repeat() {
         input_ok.is_ok(),
         started.elapsed().as_secs_f64(),
     );
+    if out.repeats.unmarked > 0 {
+        let by_id = output.iter().filter_map(|s| s.header(headers::EVENT_ID).map(|id| (id.to_string(), s)));
+        eprintln!("campaign unmarked repeats, e.g.: {}", unmarked_examples(by_id));
+    }
+    if dead.repeats.unmarked > 0 {
+        eprintln!(
+            "campaign unmarked dead-letter repeats, e.g.: {}",
+            unmarked_examples(dlq.iter().filter_map(|s| s.source().map(|pos| (pos, s))))
+        );
+    }
     let failed = out.lost > 0
         || out.repeats.unmarked > 0
         || out.strangers > 0
@@ -718,7 +762,11 @@ async fn zombie_repeats_at_most_its_in_flight_batches_per_pause_all_marked() {
         all_at_end &= at_end;
         // What the group emitted by now, checked against the events produced by now.
         let output = read(&brokers, &topics.output).await;
-        let now = repeats(output.iter().filter_map(|s| s.header(headers::EVENT_ID).map(|id| (id.to_string(), s))));
+        let by_id = || output.iter().filter_map(|s| s.header(headers::EVENT_ID).map(|id| (id.to_string(), s)));
+        let now = repeats(by_id());
+        if now.unmarked > before.unmarked {
+            eprintln!("zombie unmarked repeats by pause {}, e.g.: {}", pauses.len(), unmarked_examples(by_id()));
+        }
         let so_far: usize = produced.values().sum::<i64>() as usize;
         let ids: HashSet<&str> = input.kinds[..so_far]
             .iter()
