@@ -49,7 +49,7 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
     let Some(env) = group_env() else { return };
     let _turn = BROKER_TURN.lock().await;
     let topics = Topics::create(&env.brokers, &env.postgres, 6).await;
-    let logs = tempfile::tempdir().unwrap();
+    let logs = LogDir::new();
     // Half the duplicates on another partition than their original: another member's.
     let (mut records, ids) = events_crossing(50_000, 7_500, 6, 11, 0.5);
     assert!(cross_partition_copies(&records) > 3_000, "cross-partition duplicates are in the stream");
@@ -110,7 +110,7 @@ async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed(
     let Some(env) = group_env() else { return };
     let _turn = BROKER_TURN.lock().await;
     let topics = Topics::create(&env.brokers, &env.postgres, 3).await;
-    let logs = tempfile::tempdir().unwrap();
+    let logs = LogDir::new();
     let (records, ids) = events(30_000, 3_000, 3, 13);
     mock::produce_all(&env.brokers, &topics.input, &records).await.unwrap();
 

@@ -359,6 +359,28 @@ impl Drop for Member {
     }
 }
 
+/// A temporary directory for member logs that is kept (and its path printed)
+/// when the test panics, so a failure's logs can be read afterwards.
+pub struct LogDir(Option<tempfile::TempDir>);
+
+impl LogDir {
+    pub fn new() -> LogDir {
+        LogDir(Some(tempfile::tempdir().unwrap()))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        if let (true, Some(dir)) = (std::thread::panicking(), self.0.take()) {
+            eprintln!("member logs kept in {}", dir.keep().display());
+        }
+    }
+}
+
 /// Every member log of a test, for a failure message.
 pub fn member_logs(logs: &Path) -> String {
     let mut all = String::new();
