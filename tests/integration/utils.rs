@@ -204,7 +204,38 @@ pub fn assert_exactly_once(output: &[Consumed], ids: &[String]) {
     let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
     let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, c)| **c > 1).collect();
     assert!(missing.is_empty(), "{} events lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
-    assert!(twice.is_empty(), "{} events emitted more than once, e.g. {:?}", twice.len(), &twice[..twice.len().min(5)]);
+    if !twice.is_empty() {
+        // Each copy as `out P/O <- src P/O [marked]`: where to look in the member logs.
+        let mut examples: Vec<String> = twice.iter().map(|(id, _)| (*id).clone()).collect();
+        examples.sort();
+        examples.truncate(5);
+        let copies = |id: &String| {
+            output
+                .iter()
+                .filter(|r| r.header_str(headers::EVENT_ID) == Some(id))
+                .map(|r| {
+                    let src = |h| r.header_str(h).unwrap_or("?");
+                    let marked = r.header_str(headers::POSSIBLE_REPEAT) == Some("true");
+                    format!(
+                        "out {}/{} <- src {}/{}{}",
+                        r.partition,
+                        r.offset,
+                        src(headers::SOURCE_PARTITION),
+                        src(headers::SOURCE_OFFSET),
+                        if marked { " marked" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let marked = output.iter().filter(|r| r.header_str(headers::POSSIBLE_REPEAT) == Some("true")).count();
+        let examples: Vec<String> = examples.iter().map(|id| format!("{id}: [{}]", copies(id))).collect();
+        panic!(
+            "{} events emitted more than once ({marked} output records marked kdedup-possible-repeat), e.g. {}",
+            twice.len(),
+            examples.join("; ")
+        );
+    }
     assert_eq!(counts.len(), ids.len(), "unexpected events in the output");
 }
 
