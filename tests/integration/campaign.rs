@@ -8,8 +8,9 @@
 //!
 //! Needs KDEDUP_TEST_BROKER and KDEDUP_TEST_POSTGRES (the latter only as the
 //! sign that PostgreSQL is installed: the store here is a private server, so
-//! stopping it disturbs no other test). KDEDUP_CAMPAIGN_SEED replays a run;
-//! each test prints its seed and its figures on one line.
+//! stopping it disturbs no other test). KDEDUP_CAMPAIGN_SEED replays a run's
+//! input and fault schedule (not its interleaving: processes and the broker
+//! keep their own time); each test prints its seed and its figures on one line.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -605,8 +606,8 @@ async fn fault_campaign_loses_nothing_and_marks_every_repeat() {
                 applied.push(format!("pg_down({:.1}s)@{at:.0}s", outage.as_secs_f64()));
             }
         }
+        // Pacing the schedule: a random gap before the next fault.
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_000))).await;
-        // pacing the schedule
     }
     tokio::time::timeout(Duration::from_secs(60), producer).await.expect("the input is produced").unwrap();
 
