@@ -54,6 +54,8 @@ pub struct BenchOptions {
     pub brokers: Option<String>,
     pub events: u64,
     pub duplicate_rate: f64,
+    /// Share of duplicates placed on a random other partition than their original.
+    pub cross_partition_rate: f64,
     pub payload_bytes: usize,
     pub partitions: i32,
     pub store: BenchStore,
@@ -108,6 +110,9 @@ pub struct BenchReport {
     pub events: u64,
     pub unique_events: u64,
     pub duplicate_rate: f64,
+    pub cross_partition_rate: f64,
+    /// Duplicates the dataset holds on another partition than their original.
+    pub cross_partition_duplicates: u64,
     pub payload_bytes: usize,
     pub partitions: i32,
     pub passthrough: Phase,
@@ -158,13 +163,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     };
 
     say(&format!(
-        "kdedup bench: producing {} events ({:.0}% duplicates, {} B payloads) to {} partitions...",
+        "kdedup bench: producing {} events ({:.0}% duplicates, {:.0}% of those on another partition, {} B payloads) to {} partitions...",
         options.events,
         options.duplicate_rate * 100.0,
+        options.cross_partition_rate * 100.0,
         options.payload_bytes,
         options.partitions
     ));
-    let unique = produce_dataset(&brokers, &input, options).await?;
+    let Produced { unique, cross_partition } = produce_dataset(&brokers, &input, options).await?;
     let ends = mock::end_offsets(&brokers, &input)?;
     let produced: i64 = ends.values().sum();
     if produced < options.events as i64 {
@@ -238,6 +244,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         events: options.events,
         unique_events: unique,
         duplicate_rate: options.duplicate_rate,
+        cross_partition_rate: options.cross_partition_rate,
+        cross_partition_duplicates: cross_partition,
         payload_bytes: options.payload_bytes,
         partitions: options.partitions,
         ratio: kdedup.events_per_sec / passthrough.events_per_sec.max(f64::MIN_POSITIVE),
@@ -253,16 +261,26 @@ fn event_id(n: u64) -> String {
     format!("bench-{n:010}")
 }
 
+/// What [`produce_dataset`] wrote.
+struct Produced {
+    unique: u64,
+    cross_partition: u64,
+}
+
 /// Produces the dataset in chunks (never all in memory): events with
 /// `duplicate_rate` repeats, half right after their original (a producer
-/// retry), half anywhere earlier (a replay). Returns the unique count.
-async fn produce_dataset(brokers: &str, topic: &str, o: &BenchOptions) -> anyhow::Result<u64> {
+/// retry), half anywhere earlier (a replay). A share `cross_partition_rate` of
+/// the repeats goes to a random other partition under a random record key (a
+/// resend through another producer): the copy a group member cannot see in
+/// its own partitions, which only the shared store catches.
+async fn produce_dataset(brokers: &str, topic: &str, o: &BenchOptions) -> anyhow::Result<Produced> {
     let mut rng = StdRng::seed_from_u64(o.seed);
-    let mut unique = 0u64;
+    let (mut unique, mut cross_partition) = (0u64, 0u64);
     let mut chunk = Vec::with_capacity(100_000);
     let started = Instant::now();
     for i in 0..o.events {
-        let n = if unique > 0 && rng.random_bool(o.duplicate_rate) {
+        let repeat = unique > 0 && rng.random_bool(o.duplicate_rate);
+        let n = if repeat {
             if rng.random_bool(0.5) {
                 unique - 1 - rng.random_range(0..unique.min(8))
             } else {
@@ -272,7 +290,13 @@ async fn produce_dataset(brokers: &str, topic: &str, o: &BenchOptions) -> anyhow
             unique += 1;
             unique - 1
         };
-        chunk.push(event(n, o.payload_bytes, o.partitions));
+        let mut record = event(n, o.payload_bytes, o.partitions);
+        if repeat && o.partitions > 1 && o.cross_partition_rate > 0.0 && rng.random_bool(o.cross_partition_rate) {
+            record.partition = mock::other_partition(&mut rng, record.partition, o.partitions);
+            record.key = Some(format!("{:016x}", rng.random::<u64>()).into_bytes());
+            cross_partition += 1;
+        }
+        chunk.push(record);
         if chunk.len() == chunk.capacity() || i + 1 == o.events {
             mock::produce_all(brokers, topic, &chunk).await.context("producing the bench dataset")?;
             chunk.clear();
@@ -286,7 +310,7 @@ async fn produce_dataset(brokers: &str, topic: &str, o: &BenchOptions) -> anyhow
             }
         }
     }
-    Ok(unique)
+    Ok(Produced { unique, cross_partition })
 }
 
 /// Event `n`: same ID, same payload, whenever it repeats. The payload is JSON
@@ -640,10 +664,11 @@ pub fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
 pub fn print_table(r: &BenchReport) {
     println!("kdedup bench  ({}; {}; store {:?})", r.machine, r.brokers, r.store);
     println!(
-        "  {} events ({} unique, {:.0}% duplicates), {} B payloads, {} partitions",
+        "  {} events ({} unique, {:.0}% duplicates, {} of them on another partition), {} B payloads, {} partitions",
         r.events,
         r.unique_events,
         r.duplicate_rate * 100.0,
+        r.cross_partition_duplicates,
         r.payload_bytes,
         r.partitions
     );

@@ -69,6 +69,13 @@ pub enum Command {
         /// Share of records that repeat an earlier event (0 to 0.9).
         #[arg(long, default_value_t = 0.2)]
         duplicate_rate: f64,
+        /// Share of the duplicates put on a random other partition than their original, under a random
+        /// record key (0 to 1). Default 0.5: retries of one idempotent producer stay on their partition,
+        /// but resends through another producer, re-keyed copies and keyless (sticky-partitioned)
+        /// producers land anywhere; in a consumer group such a copy reaches another member, and only the
+        /// shared store stops it. Half of each keeps both cases well covered.
+        #[arg(long, default_value_t = 0.5)]
+        cross_partition_rate: f64,
         /// Partitions of the input and output topics.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
@@ -84,7 +91,7 @@ pub enum Command {
     /// their ratio, and checks both outputs.
     #[command(long_about = "Measure what deduplication costs next to the consumer you already run.\n\n\
         One seeded dataset (default 1,000,000 events of 100 bytes, 20% duplicates: half right after their \
-        original, half anywhere earlier) is produced once; then, one after the other on that input: (a) a \
+        original, half anywhere earlier; half of them on another partition than their original) is produced once; then, one after the other on that input: (a) a \
         passthrough that consumes, produces to an output topic and commits behind deliveries, with kdedup's own \
         client settings, batch size and commit interval; (b) kdedup's whole path. For each: events/s, CPU \
         seconds per event and peak RSS of this process, p50/p99 latency added per record (arrival in the batch \
@@ -103,6 +110,13 @@ pub enum Command {
         /// Share of events that repeat an earlier one (0 to 0.9).
         #[arg(long, default_value_t = 0.2)]
         duplicate_rate: f64,
+        /// Share of the duplicates put on a random other partition than their original, under a random
+        /// record key (0 to 1). Default 0.5: retries of one idempotent producer stay on their partition,
+        /// but resends through another producer, re-keyed copies and keyless (sticky-partitioned)
+        /// producers land anywhere; in a consumer group such a copy reaches another member, and only the
+        /// shared store stops it. Half of each keeps both cases well covered.
+        #[arg(long, default_value_t = 0.5)]
+        cross_partition_rate: f64,
         /// Payload size of each event, bytes.
         #[arg(long, default_value_t = 100)]
         payload_bytes: usize,
@@ -178,14 +192,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             service::run(&config, options, shutdown_signal()).await?;
             Ok(0)
         }
-        Command::Demo { events, duplicate_rate, partitions, seed, json } => {
+        Command::Demo { events, duplicate_rate, cross_partition_rate, partitions, seed, json } => {
             if !(0.0..=0.9).contains(&duplicate_rate) {
                 anyhow::bail!("--duplicate-rate must be between 0 and 0.9, got {duplicate_rate}");
+            }
+            if !(0.0..=1.0).contains(&cross_partition_rate) {
+                anyhow::bail!("--cross-partition-rate must be between 0 and 1, got {cross_partition_rate}");
             }
             if partitions < 1 {
                 anyhow::bail!("--partitions must be at least 1");
             }
-            let report = demo::run(&DemoOptions { events, duplicate_rate, partitions, seed, progress: !json }).await?;
+            let report = demo::run(&DemoOptions {
+                events,
+                duplicate_rate,
+                cross_partition_rate,
+                partitions,
+                seed,
+                progress: !json,
+            })
+            .await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -193,9 +218,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if report.ok() { 0 } else { 1 })
         }
-        Command::Bench { brokers, events, duplicate_rate, payload_bytes, partitions, store, seed, json } => {
+        Command::Bench {
+            brokers,
+            events,
+            duplicate_rate,
+            cross_partition_rate,
+            payload_bytes,
+            partitions,
+            store,
+            seed,
+            json,
+        } => {
             if !(0.0..=0.9).contains(&duplicate_rate) {
                 anyhow::bail!("--duplicate-rate must be between 0 and 0.9, got {duplicate_rate}");
+            }
+            if !(0.0..=1.0).contains(&cross_partition_rate) {
+                anyhow::bail!("--cross-partition-rate must be between 0 and 1, got {cross_partition_rate}");
             }
             if partitions < 1 || events < 1 {
                 anyhow::bail!("--partitions and --events must be at least 1");
@@ -204,6 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 brokers,
                 events,
                 duplicate_rate,
+                cross_partition_rate,
                 payload_bytes,
                 partitions,
                 store,

@@ -27,6 +27,8 @@ pub const DEAD_LETTER: &str = "orders.dlq";
 pub struct DemoOptions {
     pub events: u64,
     pub duplicate_rate: f64,
+    /// Share of duplicates placed on a random other partition than their original.
+    pub cross_partition_rate: f64,
     pub partitions: i32,
     pub seed: u64,
     /// Print progress lines to stderr.
@@ -39,6 +41,8 @@ pub struct DemoReport {
     pub records_in: u64,
     pub unique_events: u64,
     pub duplicates_in: u64,
+    /// Duplicates on another partition than their original (a shared store's case).
+    pub cross_partition_duplicates_in: u64,
     pub duplicates_dropped: u64,
     pub malformed_in: u64,
     pub dead_lettered: u64,
@@ -65,14 +69,20 @@ pub struct Dataset {
     pub records: Vec<Produce>,
     pub unique_ids: Vec<String>,
     pub duplicates: u64,
+    /// Duplicates placed on another partition than their original.
+    pub cross_partition: u64,
     pub malformed: u64,
 }
 
-/// Events with `duplicate_rate` duplicates: half of them right after their
+/// Events with `duplicate_rate` duplicates: half right after their
 /// original (a producer retry), half anywhere earlier in the stream (a replay
-/// minutes later). Same ID means same payload. A few malformed records too:
-/// no ID header, an empty one, an ID over the size limit.
-pub fn generate(events: u64, duplicate_rate: f64, partitions: i32, seed: u64) -> Dataset {
+/// minutes later). A share `cross_partition_rate` of the duplicates goes to a
+/// random other partition than the original, under a random record key (a
+/// resend through another producer, a re-keyed copy): in a consumer group that
+/// copy reaches another member, and only a shared store can tell. Same ID means
+/// same payload. A few malformed records too: no ID header, an empty one, an ID
+/// over the size limit.
+pub fn generate(events: u64, duplicate_rate: f64, cross_partition_rate: f64, partitions: i32, seed: u64) -> Dataset {
     let mut rng = StdRng::seed_from_u64(seed);
     let malformed = if events >= 100 { (events / 2000).max(3) } else { 0 };
     let duplicates = ((events - malformed) as f64 * duplicate_rate).round() as u64;
@@ -80,6 +90,7 @@ pub fn generate(events: u64, duplicate_rate: f64, partitions: i32, seed: u64) ->
     let (mut left_unique, mut left_dup, mut left_bad) = (unique, duplicates, malformed);
     let mut ids: Vec<String> = Vec::with_capacity(unique as usize);
     let mut records = Vec::with_capacity(events as usize);
+    let mut cross_partition = 0;
     let event = |id: &str, n: usize| {
         let payload = format!(r#"{{"id":"{id}","amount":{},"currency":"EUR","seq":{n}}}"#, n % 997);
         Produce {
@@ -102,7 +113,13 @@ pub fn generate(events: u64, duplicate_rate: f64, partitions: i32, seed: u64) ->
             } else {
                 rng.random_range(0..ids.len())
             };
-            records.push(event(&ids[n], n));
+            let mut copy = event(&ids[n], n);
+            if partitions > 1 && cross_partition_rate > 0.0 && rng.random_bool(cross_partition_rate) {
+                copy.partition = mock::other_partition(&mut rng, copy.partition, partitions);
+                copy.key = Some(format!("{:016x}", rng.random::<u64>()).into_bytes());
+                cross_partition += 1;
+            }
+            records.push(copy);
             left_dup -= 1;
         } else if left_bad > 0 {
             let k = malformed - left_bad;
@@ -119,7 +136,7 @@ pub fn generate(events: u64, duplicate_rate: f64, partitions: i32, seed: u64) ->
             left_dup = 0;
         }
     }
-    Dataset { records, unique_ids: ids, duplicates, malformed }
+    Dataset { records, unique_ids: ids, duplicates, cross_partition, malformed }
 }
 
 /// The demo's pipeline configuration, written as a user would write it.
@@ -198,12 +215,19 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     for (topic, partitions) in [(INPUT, options.partitions), (OUTPUT, options.partitions), (DEAD_LETTER, 1)] {
         kafka.create_topic(topic, partitions)?;
     }
-    let data = generate(options.events, options.duplicate_rate, options.partitions, options.seed);
+    let data = generate(
+        options.events,
+        options.duplicate_rate,
+        options.cross_partition_rate,
+        options.partitions,
+        options.seed,
+    );
     say(&format!(
-        "kdedup demo: {} records ({} unique, {} duplicates, {} malformed) on {} partitions",
+        "kdedup demo: {} records ({} unique, {} duplicates of which {} on another partition, {} malformed) on {} partitions",
         data.records.len(),
         data.unique_ids.len(),
         data.duplicates,
+        data.cross_partition,
         data.malformed,
         options.partitions
     ));
@@ -256,6 +280,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         records_in: total,
         unique_events: data.unique_ids.len() as u64,
         duplicates_in: data.duplicates,
+        cross_partition_duplicates_in: data.cross_partition,
         duplicates_dropped: metrics.outcome("duplicate"),
         malformed_in: data.malformed,
         dead_lettered: dead.len() as u64,
@@ -277,12 +302,25 @@ mod tests {
 
     #[test]
     fn generated_stream_has_the_asked_mix() {
-        let d = generate(10_000, 0.2, 4, 7);
+        let d = generate(10_000, 0.2, 0.5, 4, 7);
         assert_eq!(d.records.len(), 10_000);
         assert_eq!(d.malformed, 5);
         assert_eq!(d.duplicates, ((10_000 - 5) as f64 * 0.2).round() as u64);
         assert_eq!(d.unique_ids.len() as u64, 10_000 - 5 - d.duplicates);
         let with_id = d.records.iter().filter(|r| r.headers.iter().any(|(_, v)| v.starts_with(b"evt-"))).count();
         assert_eq!(with_id as u64, 10_000 - 5);
+        // Copies away from their ID's home partition are exactly the cross-partition ones, about half.
+        assert_eq!(moved(&d, 4), d.cross_partition);
+        let share = d.cross_partition as f64 / d.duplicates as f64;
+        assert!((0.45..0.55).contains(&share), "{share} of duplicates on another partition");
+        assert_eq!(moved(&generate(10_000, 0.2, 0.0, 4, 7), 4), 0);
+    }
+
+    fn moved(d: &Dataset, partitions: u64) -> u64 {
+        let home = |id: &[u8]| (xxh3_64(id) % partitions) as i32;
+        d.records
+            .iter()
+            .filter(|r| r.headers.first().is_some_and(|(_, id)| id.starts_with(b"evt-") && r.partition != home(id)))
+            .count() as u64
     }
 }

@@ -27,6 +27,12 @@ pub struct Produce {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// A partition other than `original`, uniformly among the other `partitions - 1`
+/// (needs `partitions > 1`): where the generators put a cross-partition duplicate.
+pub fn other_partition(rng: &mut impl rand::Rng, original: i32, partitions: i32) -> i32 {
+    (original + rng.random_range(1..partitions)) % partitions
+}
+
 /// A record read back.
 #[derive(Debug, Clone)]
 pub struct Consumed {

@@ -3,7 +3,6 @@
 //! and KDEDUP_TEST_POSTGRES (scripts/test starts both and sets them).
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kdedup::mock::{self, Produce};
@@ -12,101 +11,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::utils::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kdedup");
-
-/// The group tests share one broker and each runs several processes: one at a time.
-static BROKER_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct Env {
-    brokers: String,
-    postgres: String,
-}
-
-fn env() -> Option<Env> {
-    match (std::env::var("KDEDUP_TEST_BROKER"), std::env::var("KDEDUP_TEST_POSTGRES")) {
-        (Ok(brokers), Ok(postgres)) => Some(Env { brokers, postgres }),
-        _ => {
-            eprintln!("skipped: KDEDUP_TEST_BROKER and KDEDUP_TEST_POSTGRES are not both set (scripts/test sets them)");
-            None
-        }
-    }
-}
-
-/// Topic names of one test, unique on the shared broker.
-struct Topics {
-    input: String,
-    output: String,
-    dlq: String,
-    group: String,
-}
-
-impl Topics {
-    /// Creates the topics, and the store's table the way an operator would.
-    async fn create(env: &Env, partitions: i32) -> Topics {
-        let t = Topics { input: unique("in"), output: unique("out"), dlq: unique("dlq"), group: unique("group") };
-        mock::create_topics(&env.brokers, &[(&t.input, partitions), (&t.output, partitions), (&t.dlq, 1)])
-            .await
-            .unwrap();
-        let applied = Command::new(BIN)
-            .args(["schema", "apply", "--config", "config/kdedup.toml"])
-            .env("KDEDUP_STORE__KIND", "postgres")
-            .env("KDEDUP_STORE__URL", &env.postgres)
-            .output()
-            .unwrap();
-        assert!(applied.status.success(), "schema apply: {}", String::from_utf8_lossy(&applied.stderr));
-        t
-    }
-}
-
-/// One `kdedup run` process; its logs go to a file kept with the test's temp dir.
-struct Member {
-    child: Child,
-}
-
-impl Member {
-    fn spawn(env: &Env, topics: &Topics, logs: &std::path::Path, n: usize) -> Member {
-        let log = std::fs::File::create(logs.join(format!("member-{n}.log"))).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config", "config/kdedup.toml"])
-            .env("KDEDUP_LOG", "kdedup=info")
-            .env("KDEDUP_KAFKA__BROKERS", &env.brokers)
-            .env("KDEDUP_KAFKA__GROUP_ID", &topics.group)
-            // The shared store outlives tests: a scope per test keeps their keys apart.
-            .env("KDEDUP_KEY__SCOPE", &topics.group)
-            .env("KDEDUP_KAFKA__TOPICS", &topics.input)
-            .env("KDEDUP_SINK__TOPIC", &topics.output)
-            .env("KDEDUP_DEAD_LETTER__TOPIC", &topics.dlq)
-            .env("KDEDUP_STORE__KIND", "postgres")
-            .env("KDEDUP_STORE__URL", &env.postgres)
-            .env("KDEDUP_STORE__LEASE_SECS", "5")
-            .env("KDEDUP_METRICS__LISTEN", "")
-            .env("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "200")
-            // tansu joins a group in about max(1 s, session.timeout.ms / 2): test settings only.
-            .env("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "2000")
-            .env("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Member { child }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn spawn(env: &GroupEnv, topics: &Topics, logs: &std::path::Path, n: usize) -> Member {
+    Member::spawn(&env.brokers, &env.postgres, topics, logs, n, &[])
 }
 
 /// Bad records: no ID header, an empty one.
@@ -119,16 +25,7 @@ fn bad(partition: i32, k: usize) -> Produce {
     }
 }
 
-fn member_logs(logs: &std::path::Path) -> String {
-    let mut all = String::new();
-    for entry in std::fs::read_dir(logs).unwrap() {
-        let path = entry.unwrap().path();
-        all += &format!("--- {}\n{}", path.display(), std::fs::read_to_string(&path).unwrap_or_default());
-    }
-    all
-}
-
-async fn wait_committed_to_end(env: &Env, topics: &Topics, limit: Duration, logs: &std::path::Path) {
+async fn wait_committed_to_end(env: &GroupEnv, topics: &Topics, limit: Duration, logs: &std::path::Path) {
     let deadline = Instant::now() + limit;
     loop {
         let ends = mock::end_offsets(&env.brokers, &topics.input).unwrap();
@@ -149,11 +46,13 @@ async fn wait_committed_to_end(env: &Env, topics: &Topics, limit: Duration, logs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
-    let Some(env) = env() else { return };
+    let Some(env) = group_env() else { return };
     let _turn = BROKER_TURN.lock().await;
-    let topics = Topics::create(&env, 6).await;
-    let logs = tempfile::tempdir().unwrap();
-    let (mut records, ids) = events(50_000, 7_500, 6, 11);
+    let topics = Topics::create(&env.brokers, &env.postgres, 6).await;
+    let logs = LogDir::new();
+    // Half the duplicates on another partition than their original: another member's.
+    let (mut records, ids) = events_crossing(50_000, 7_500, 6, 11, 0.5);
+    assert!(cross_partition_copies(&records) > 3_000, "cross-partition duplicates are in the stream");
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let bad_count = 30;
     for k in 0..bad_count {
@@ -161,7 +60,7 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
         records.insert(at, bad((k % 6) as i32, k));
     }
 
-    let mut members: Vec<Option<Member>> = (0..3).map(|n| Some(Member::spawn(&env, &topics, logs.path(), n))).collect();
+    let mut members: Vec<Option<Member>> = (0..3).map(|n| Some(spawn(&env, &topics, logs.path(), n))).collect();
     let mut spawned = 3;
     // Produce in slices while a random member is killed and restarted every few seconds.
     let slices: Vec<&[Produce]> = records.chunks(records.len() / 10 + 1).collect();
@@ -173,7 +72,7 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
         if Instant::now() >= next_kill {
             let victim = rng.random_range(0..members.len());
             members[victim].take().unwrap().kill();
-            members[victim] = Some(Member::spawn(&env, &topics, logs.path(), spawned));
+            members[victim] = Some(spawn(&env, &topics, logs.path(), spawned));
             spawned += 1;
             kills += 1;
             next_kill = Instant::now() + Duration::from_millis(rng.random_range(1500..3500));
@@ -184,7 +83,7 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let victim = rng.random_range(0..members.len());
         members[victim].take().unwrap().kill();
-        members[victim] = Some(Member::spawn(&env, &topics, logs.path(), spawned));
+        members[victim] = Some(spawn(&env, &topics, logs.path(), spawned));
         spawned += 1;
         kills += 1;
     }
@@ -208,14 +107,14 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed() {
-    let Some(env) = env() else { return };
+    let Some(env) = group_env() else { return };
     let _turn = BROKER_TURN.lock().await;
-    let topics = Topics::create(&env, 3).await;
-    let logs = tempfile::tempdir().unwrap();
+    let topics = Topics::create(&env.brokers, &env.postgres, 3).await;
+    let logs = LogDir::new();
     let (records, ids) = events(30_000, 3_000, 3, 13);
     mock::produce_all(&env.brokers, &topics.input, &records).await.unwrap();
 
-    let member = Member::spawn(&env, &topics, logs.path(), 0);
+    let member = spawn(&env, &topics, logs.path(), 0);
     // Mid-stream: something committed, not everything.
     let total: i64 = records.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -259,7 +158,7 @@ async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed(
     }
 
     // A new member finishes the stream: still exactly once.
-    let member = Member::spawn(&env, &topics, logs.path(), 1);
+    let member = spawn(&env, &topics, logs.path(), 1);
     wait_committed_to_end(&env, &topics, Duration::from_secs(120), logs.path()).await;
     assert!(member.terminate().success());
     assert_exactly_once(&mock::read_all(&env.brokers, &topics.output).unwrap(), &ids);

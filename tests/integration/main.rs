@@ -1,6 +1,7 @@
 //! Integration tests over the real Kafka protocol (librdkafka's mock cluster,
 //! in-process) and the real embedded store. One binary, one module per topic.
 
+mod campaign;
 mod cli;
 mod dead_letter;
 mod group;

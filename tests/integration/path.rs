@@ -9,7 +9,9 @@ use crate::utils::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_unique_event_exactly_once_in_input_order_and_offsets_committed_to_the_end() {
     let kafka = cluster(4);
-    let (records, ids) = events(20_000, 5_000, 4, 1); // 20% of 25k records are duplicates
+    // 20% of 25k records are duplicates, half of those on another partition than their original.
+    let (records, ids) = events_crossing(20_000, 5_000, 4, 1, 0.5);
+    assert!(cross_partition_copies(&records) > 2_000, "cross-partition duplicates are in the stream");
     mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let group = unique("path");

@@ -129,7 +129,22 @@ pub async fn wait_all_committed(kafka: &MockKafka, metrics: &Metrics) {
 
 /// Events `evt-0..n` spread over partitions by ID, with `dups` duplicates:
 /// half right after their original, half far back. Same ID, same payload.
+/// Every copy on its original's partition; [`events_crossing`] moves some.
 pub fn events(n: usize, dups: usize, partitions: i32, seed: u64) -> (Vec<Produce>, Vec<String>) {
+    events_crossing(n, dups, partitions, seed, 0.0)
+}
+
+/// [`events`], with a share `cross_partition_rate` of the duplicates on a
+/// random other partition than their original, under a random record key (a
+/// resend through another producer): in a group, that copy reaches another
+/// member, the case the shared store exists for.
+pub fn events_crossing(
+    n: usize,
+    dups: usize,
+    partitions: i32,
+    seed: u64,
+    cross_partition_rate: f64,
+) -> (Vec<Produce>, Vec<String>) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ids: Vec<String> = (0..n).map(|i| format!("evt-{i:06}")).collect();
@@ -142,20 +157,35 @@ pub fn events(n: usize, dups: usize, partitions: i32, seed: u64) -> (Vec<Produce
     let mut out: Vec<Produce> = (0..n).map(record).collect();
     for d in 0..dups {
         let len = out.len();
-        if d % 2 == 0 {
+        let (at, i) = if d % 2 == 0 {
             // adjacent: right after a random record
             let at = rng.random_range(1..len);
             let id = &out[at - 1].headers[0].1;
-            let i: usize = std::str::from_utf8(&id[4..]).unwrap().parse().unwrap_or(0);
-            out.insert(at, record(i));
+            (at, std::str::from_utf8(&id[4..]).unwrap().parse().unwrap_or(0))
         } else {
             // far: a copy of an early event near the end
-            let i = rng.random_range(0..n / 4);
-            let at = rng.random_range(len * 3 / 4..len);
-            out.insert(at, record(i));
+            (rng.random_range(len * 3 / 4..len), rng.random_range(0..n / 4))
+        };
+        let mut copy = record(i);
+        if partitions > 1 && cross_partition_rate > 0.0 && rng.random_bool(cross_partition_rate) {
+            copy.partition = mock::other_partition(&mut rng, copy.partition, partitions);
+            copy.key = Some(format!("{:016x}", rng.random::<u64>()).into_bytes());
         }
+        out.insert(at, copy);
     }
     (out, ids)
+}
+
+/// How many records of `records` sit on another partition than their ID's
+/// first record: the cross-partition duplicates.
+pub fn cross_partition_copies(records: &[Produce]) -> usize {
+    let mut home: HashMap<&[u8], i32> = HashMap::new();
+    records
+        .iter()
+        .filter(|r| {
+            r.headers.first().is_some_and(|(_, id)| *home.entry(id.as_slice()).or_insert(r.partition) != r.partition)
+        })
+        .count()
 }
 
 /// Per event ID, how often it appears in the output.
@@ -174,7 +204,38 @@ pub fn assert_exactly_once(output: &[Consumed], ids: &[String]) {
     let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
     let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, c)| **c > 1).collect();
     assert!(missing.is_empty(), "{} events lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
-    assert!(twice.is_empty(), "{} events emitted more than once, e.g. {:?}", twice.len(), &twice[..twice.len().min(5)]);
+    if !twice.is_empty() {
+        // Each copy as `out P/O <- src P/O [marked]`: where to look in the member logs.
+        let mut examples: Vec<String> = twice.iter().map(|(id, _)| (*id).clone()).collect();
+        examples.sort();
+        examples.truncate(5);
+        let copies = |id: &String| {
+            output
+                .iter()
+                .filter(|r| r.header_str(headers::EVENT_ID) == Some(id))
+                .map(|r| {
+                    let src = |h| r.header_str(h).unwrap_or("?");
+                    let marked = r.header_str(headers::POSSIBLE_REPEAT) == Some("true");
+                    format!(
+                        "out {}/{} <- src {}/{}{}",
+                        r.partition,
+                        r.offset,
+                        src(headers::SOURCE_PARTITION),
+                        src(headers::SOURCE_OFFSET),
+                        if marked { " marked" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let marked = output.iter().filter(|r| r.header_str(headers::POSSIBLE_REPEAT) == Some("true")).count();
+        let examples: Vec<String> = examples.iter().map(|id| format!("{id}: [{}]", copies(id))).collect();
+        panic!(
+            "{} events emitted more than once ({marked} output records marked kdedup-possible-repeat), e.g. {}",
+            twice.len(),
+            examples.join("; ")
+        );
+    }
     assert_eq!(counts.len(), ids.len(), "unexpected events in the output");
 }
 
@@ -194,4 +255,237 @@ pub fn assert_input_order(output: &[Consumed]) {
 pub fn assert_outcomes_sum(metrics: &Metrics) {
     let sum: u64 = kdedup::metrics::OUTCOMES.iter().map(|o| metrics.outcome(o)).sum();
     assert_eq!(sum, metrics.consumed.get(), "outcomes must account for every consumed record");
+}
+
+// ---------------------------------------------------------------------------
+// Real `kdedup run` processes on a real broker (tansu), and a private
+// PostgreSQL server for tests that stop it.
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kdedup");
+
+/// The tests on the shared broker each run several processes: one at a time.
+pub static BROKER_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The shared services, from the environment (`scripts/services env` prints them).
+pub struct GroupEnv {
+    pub brokers: String,
+    pub postgres: String,
+}
+
+pub fn group_env() -> Option<GroupEnv> {
+    match (std::env::var("KDEDUP_TEST_BROKER"), std::env::var("KDEDUP_TEST_POSTGRES")) {
+        (Ok(brokers), Ok(postgres)) => Some(GroupEnv { brokers, postgres }),
+        _ => {
+            eprintln!("skipped: KDEDUP_TEST_BROKER and KDEDUP_TEST_POSTGRES are not both set (scripts/test sets them)");
+            None
+        }
+    }
+}
+
+/// Topic names of one test, unique on the shared broker.
+pub struct Topics {
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    pub group: String,
+}
+
+impl Topics {
+    /// Creates the topics, and the store's table at `store_url` the way an operator would.
+    pub async fn create(brokers: &str, store_url: &str, partitions: i32) -> Topics {
+        let t = Topics { input: unique("in"), output: unique("out"), dlq: unique("dlq"), group: unique("group") };
+        mock::create_topics(brokers, &[(&t.input, partitions), (&t.output, partitions), (&t.dlq, 1)]).await.unwrap();
+        let applied = std::process::Command::new(BIN)
+            .args(["schema", "apply", "--config", "config/kdedup.toml"])
+            .env("KDEDUP_STORE__KIND", "postgres")
+            .env("KDEDUP_STORE__URL", store_url)
+            .output()
+            .unwrap();
+        assert!(applied.status.success(), "schema apply: {}", String::from_utf8_lossy(&applied.stderr));
+        t
+    }
+}
+
+/// One `kdedup run` process; its logs go to `member-N.log` in `logs`.
+pub struct Member {
+    child: std::process::Child,
+    pub n: usize,
+}
+
+impl Member {
+    /// A member with the group tests' settings; `extra` overrides or adds `KDEDUP_…` variables.
+    pub fn spawn(
+        brokers: &str,
+        store_url: &str,
+        topics: &Topics,
+        logs: &Path,
+        n: usize,
+        extra: &[(&str, &str)],
+    ) -> Member {
+        let log = std::fs::File::create(logs.join(format!("member-{n}.log"))).unwrap();
+        let level = std::env::var("KDEDUP_TEST_LOG").unwrap_or_else(|_| "kdedup=info".into());
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["run", "--config", "config/kdedup.toml"])
+            .env("KDEDUP_LOG", level)
+            .env("KDEDUP_KAFKA__BROKERS", brokers)
+            .env("KDEDUP_KAFKA__GROUP_ID", &topics.group)
+            // The shared store outlives tests: a scope per test keeps their keys apart.
+            .env("KDEDUP_KEY__SCOPE", &topics.group)
+            .env("KDEDUP_KAFKA__TOPICS", &topics.input)
+            .env("KDEDUP_SINK__TOPIC", &topics.output)
+            .env("KDEDUP_DEAD_LETTER__TOPIC", &topics.dlq)
+            .env("KDEDUP_STORE__KIND", "postgres")
+            .env("KDEDUP_STORE__URL", store_url)
+            .env("KDEDUP_STORE__LEASE_SECS", "5")
+            .env("KDEDUP_METRICS__LISTEN", "")
+            .env("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "200")
+            // tansu joins a group in about max(1 s, session.timeout.ms / 2): test settings only.
+            .env("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "2000")
+            .env("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
+        Member { child, n }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid; the child is not reaped before `self` is dropped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0, "signal {signal} to member {}", self.n);
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits for the exit until `deadline`: the exit code, or `None` if a signal
+    /// ended it or it was still running (then it is SIGKILLed).
+    pub fn wait_until(mut self, deadline: Instant) -> Option<i32> {
+        loop {
+            match self.child.try_wait().unwrap() {
+                Some(status) => return status.code(),
+                None if Instant::now() >= deadline => {
+                    eprintln!("member {} did not exit in time; SIGKILL", self.n);
+                    return None;
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// SIGTERM (a graceful stop), and its exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGCONT); // a stopped process does not act on SIGTERM
+        self.signal(libc::SIGTERM);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory for member logs that is kept (and its path printed)
+/// when the test panics, so a failure's logs can be read afterwards.
+pub struct LogDir(Option<tempfile::TempDir>);
+
+impl LogDir {
+    pub fn new() -> LogDir {
+        LogDir(Some(tempfile::tempdir().unwrap()))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        if let (true, Some(dir)) = (std::thread::panicking(), self.0.take()) {
+            eprintln!("member logs kept in {}", dir.keep().display());
+        }
+    }
+}
+
+/// Every member log of a test, for a failure message.
+pub fn member_logs(logs: &Path) -> String {
+    let mut all = String::new();
+    for entry in std::fs::read_dir(logs).unwrap() {
+        let path = entry.unwrap().path();
+        all += &format!("--- {}\n{}", path.display(), std::fs::read_to_string(&path).unwrap_or_default());
+    }
+    all
+}
+
+/// A throwaway PostgreSQL server on a free loopback port, for tests that stop it
+/// (never the shared one). `initdb` + `pg_ctl` take about a second.
+pub struct PrivatePostgres {
+    bin: std::path::PathBuf,
+    data: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .max()?;
+        let data = tempfile::tempdir().ok()?;
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            // The server refuses to run as root: it runs as the `postgres` user.
+            std::process::Command::new("chown").args(["-R", "postgres"]).arg(data.path()).status().ok()?;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let pg = PrivatePostgres { bin, data, port };
+        assert!(pg.run("initdb", &["-D", &pg.dir(), "-U", "kdedup", "--auth=trust"]), "initdb failed");
+        pg.up();
+        Some(pg)
+    }
+
+    fn dir(&self) -> String {
+        self.data.path().join("pgdata").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> bool {
+        let exe = self.bin.join(tool);
+        let mut cmd = if unsafe { libc::geteuid() } == 0 {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.status().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Starts the server and waits until it accepts connections (`pg_ctl -w`).
+    pub fn up(&self) {
+        let options =
+            format!("-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}", self.port, self.dir());
+        assert!(self.run("pg_ctl", &["-D", &self.dir(), "-w", "-o", &options, "start"]), "pg_ctl start failed");
+    }
+
+    /// Stops the server at once (`-m immediate`: a crash as clients see it).
+    pub fn down(&self) {
+        assert!(self.run("pg_ctl", &["-D", &self.dir(), "-m", "immediate", "-w", "stop"]), "pg_ctl stop failed");
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://kdedup@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.run("pg_ctl", &["-D", &self.dir(), "-m", "immediate", "stop"]);
+    }
 }
