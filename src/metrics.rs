@@ -50,6 +50,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub lease_takeovers: IntCounter,
     pub leases_lost: IntCounter,
+    pub claims_given_back: IntCounter,
     pub possible_repeats: IntCounter,
     pub partition_panics: IntCounter,
     pub side_refusals: IntCounterVec,
@@ -168,6 +169,10 @@ impl Metrics {
             leases_lost: counter(
                 "kdedup_leases_lost_total",
                 "Lease renewals refused: another owner took the claim over while this one held it.",
+            ),
+            claims_given_back: counter(
+                "kdedup_claims_given_back_total",
+                "Claims a waiting batch released so that batches sharing keys cannot wait on each other for ever.",
             ),
             possible_repeats: counter(
                 "kdedup_possible_repeats_total",

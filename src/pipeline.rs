@@ -639,7 +639,17 @@ impl PartitionTask {
         }
 
         // Claims; in-flight answers (another owner's live lease) wait and ask again.
+        //
+        // A batch that keeps waiting gives back what it won: two batches that each
+        // hold keys the other wants (cross-partition duplicates claimed in
+        // different rounds, or key by key on ScyllaDB) would otherwise wait on
+        // each other for ever, both kept alive by their heartbeats. A claim that
+        // was resumed or taken over keeps that (and its possible-repeat mark) when
+        // it is claimed again after being given back.
         let mut backoff = Backoff::new();
+        let mut won: Vec<usize> = Vec::new();
+        let mut first_won_as: HashMap<usize, Acquired> = HashMap::new();
+        let mut rounds_waited = 0;
         while !to_claim.is_empty() {
             let requests: Vec<ClaimRequest> = to_claim
                 .iter()
@@ -651,24 +661,32 @@ impl PartitionTask {
             let claimed_at_ms = now_ms();
             let answers = self.store_call("claim", || s.store.claim(requests.clone(), claimed_at_ms)).await?;
             let mut waiting = Vec::new();
-            let mut fresh = Vec::new();
             let mut resumed_from: Option<(i64, u64)> = None;
             for (&i, answer) in to_claim.iter().zip(answers) {
                 match answer {
                     Claim::New(acquired) => {
-                        match acquired {
-                            Acquired::Fresh => fresh.push(i),
-                            Acquired::Resumed => {
-                                s.metrics.claims_resumed.inc();
-                                let offset = envelope(&items[i]).record.position.offset;
-                                let (first, n) = resumed_from.unwrap_or((offset, 0));
-                                resumed_from = Some((first, n + 1));
+                        let acquired = match first_won_as.get(&i) {
+                            Some(&first) if first.may_repeat() => first,
+                            Some(_) => acquired,
+                            None => {
+                                first_won_as.insert(i, acquired);
+                                match acquired {
+                                    Acquired::Fresh => {}
+                                    Acquired::Resumed => {
+                                        s.metrics.claims_resumed.inc();
+                                        let offset = envelope(&items[i]).record.position.offset;
+                                        let (first, n) = resumed_from.unwrap_or((offset, 0));
+                                        resumed_from = Some((first, n + 1));
+                                    }
+                                    Acquired::TakenOver => {
+                                        s.metrics.lease_takeovers.inc();
+                                        warn!(position = %envelope(&items[i]).record.position, "took over a claim whose lease lapsed; its owner's effect may have run, so this one is marked as a possible repeat");
+                                    }
+                                }
+                                acquired
                             }
-                            Acquired::TakenOver => {
-                                s.metrics.lease_takeovers.inc();
-                                warn!(position = %envelope(&items[i]).record.position, "took over a claim whose lease lapsed; its owner's effect may have run, so this one is marked as a possible repeat");
-                            }
-                        }
+                        };
+                        won.push(i);
                         let e = envelope(&items[i]);
                         held.add([(e.key.clone(), e.record.position.clone())]);
                         set_decision(&mut items[i], Decision::New { acquired, claimed_at_ms });
@@ -685,23 +703,30 @@ impl PartitionTask {
             if let Some((first_offset, count)) = resumed_from {
                 info!(topic = %self.tp.0, partition = self.tp.1, first_offset, count, "resuming our own unfinished claims after a crash");
             }
-            if !waiting.is_empty() && !fresh.is_empty() && !s.store.claims_batch_atomically() {
-                // A store that claims key by key (ScyllaDB) lets two batches sharing
-                // keys each win some and wait on the other's, held alive by both
-                // heartbeats: give back what this round won fresh and ask again
-                // after a jittered pause, so one of them gets all.
-                let keys: Vec<_> = fresh
-                    .iter()
-                    .map(|&i| {
-                        let e = envelope(&items[i]);
-                        (e.key.clone(), e.record.position.clone())
-                    })
-                    .collect();
-                held.remove(&keys);
-                self.store_call("release", || s.store.release(keys.clone())).await?;
-                waiting.extend(fresh);
-                waiting.sort_unstable();
-                tokio::time::sleep(Duration::from_millis(rand::random_range(0..50))).await;
+            if !waiting.is_empty() {
+                rounds_waited += 1;
+                // An atomic store decides a round's shared keys together, so a first
+                // short wait is harmless; a second one, or any on ScyllaDB, gives back.
+                if !won.is_empty() && (rounds_waited > 1 || !s.store.claims_batch_atomically()) {
+                    let keys: Vec<_> = won
+                        .iter()
+                        .map(|&i| {
+                            let e = envelope(&items[i]);
+                            (e.key.clone(), e.record.position.clone())
+                        })
+                        .collect();
+                    debug!(topic = %self.tp.0, partition = self.tp.1, claims = keys.len(), "waiting on claims held elsewhere; giving ours back meanwhile");
+                    held.remove(&keys);
+                    self.store_call("release", || s.store.release(keys.clone())).await?;
+                    s.metrics.claims_given_back.inc_by(keys.len() as u64);
+                    for &i in &won {
+                        clear_decision(&mut items[i]);
+                    }
+                    waiting.append(&mut won);
+                    waiting.sort_unstable();
+                    // Jitter, so two batches that gave back do not meet again in step.
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..50))).await;
+                }
             }
             to_claim = waiting;
             if !to_claim.is_empty() {
@@ -1094,6 +1119,12 @@ fn decision_of(item: &Item) -> Decision {
     match item {
         Item::Keyed { decision: Some(d), .. } => *d,
         _ => unreachable!("leaders are decided before their followers"),
+    }
+}
+
+fn clear_decision(item: &mut Item) {
+    if let Item::Keyed { decision, .. } = item {
+        *decision = None;
     }
 }
 
