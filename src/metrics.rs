@@ -2,22 +2,31 @@
 //! `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
 //! can run several pipelines in one process and read exact counts.
 //!
-//! Labels are bounded: outcome, op, result, store, topic, partition. Never an event ID.
+//! Labels are bounded: outcome, reason, kind, op, result, store, topic, partition. Never an event ID.
+//!
+//! Lag is sampled by the source thread every commit interval ([`Metrics::sample_lag`]):
+//! in records from librdkafka's cached high watermark (no broker request), and
+//! in seconds from the timestamps of the records taken but not yet committed.
 //!
 //! A store that talks to its server statement by statement (ScyllaDB) keeps
 //! [`StoreOpMetrics`] of its own, since one store serves every pipeline of a
 //! process; the service registers them into the pipeline's registry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+use rdkafka::consumer::{Consumer, ConsumerContext};
+
+use crate::event::Record;
 
 /// Fine buckets for per-record latency, 0.5 ms to about 35 s in steps of 25%
 /// (so quantiles read from them are within a few percent).
@@ -25,14 +34,61 @@ pub fn record_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.0005, 1.25, 51).expect("static bucket layout")
 }
 
-/// Outcomes of a record; they sum to the records consumed.
+/// Outcomes of a record; per topic, they sum to the records consumed.
 pub const OUTCOMES: [&str; 4] = ["new", "duplicate", "conflict", "dead_letter"];
+
+/// The `reason` label of `kdedup_dead_letters_total`: every [`crate::error::RecordError::reason`].
+pub const DEAD_LETTER_REASONS: [&str; 5] = ["missing_id", "invalid_json", "oversize_id", "conflict", "sink_rejected"];
+
+/// The `kind` label of `kdedup_rebalances_total`.
+pub const REBALANCE_KINDS: [&str; 3] = ["assign", "revoke", "lost"];
+
+/// A counter vector whose `get()` is the sum over all its series, so callers
+/// that count totals (tests, the demo) need not know the labels.
+#[derive(Clone)]
+pub struct Summed(IntCounterVec);
+
+impl Deref for Summed {
+    type Target = IntCounterVec;
+    fn deref(&self) -> &IntCounterVec {
+        &self.0
+    }
+}
+
+impl Summed {
+    /// The sum over every label value seen.
+    pub fn get(&self) -> u64 {
+        self.sum_where(|_| true)
+    }
+
+    /// The sum over the series whose labels pass `keep` (name, value pairs).
+    fn sum_where(&self, keep: impl Fn(&[(&str, &str)]) -> bool) -> u64 {
+        let mut sum = 0.0;
+        for family in self.0.collect() {
+            for m in family.get_metric() {
+                let labels: Vec<(&str, &str)> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+                if keep(&labels) {
+                    sum += m.get_counter().get_value();
+                }
+            }
+        }
+        sum as u64
+    }
+}
 
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    pub consumed: IntCounter,
-    pub records: IntCounterVec,
+    /// `kdedup_records_consumed_total{topic}`; `consumed.get()` sums over topics.
+    pub consumed: Summed,
+    /// `kdedup_records_total{topic,outcome}`; see [`Metrics::outcome`].
+    pub records: Summed,
+    /// `kdedup_dead_letters_total{topic,reason}`.
+    pub dead_letters: Summed,
+    pub rebalances: IntCounterVec,
+    pub lag_records: IntGaugeVec,
+    pub lag_seconds: GaugeVec,
+    pub filter_bytes: IntGauge,
     pub filter: IntCounterVec,
     pub bloom_false_positives: IntCounter,
     pub store_seconds: HistogramVec,
@@ -66,6 +122,17 @@ struct Health {
     source_ready: AtomicBool,
     /// Stalled partitions and since when (seconds since the epoch).
     stalled: Mutex<HashMap<(String, i32), i64>>,
+    /// Per partition, batches taken but not yet committed: (last offset, oldest
+    /// record timestamp in ms), in offset order; for `kdedup_consumer_lag_seconds`.
+    taken: Mutex<HashMap<(String, i32), VecDeque<(i64, i64)>>>,
+}
+
+/// Batches remembered per partition for the lag in seconds; past this, later
+/// batches widen the last entry (the oldest one, which the gauge reads, stays exact).
+const TAKEN_BATCHES_MAX: usize = 1024;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Default for Metrics {
@@ -121,13 +188,58 @@ impl Metrics {
             IntGauge::new("kdedup_assigned_partitions", "Partitions this process owns.").expect("static metric");
         registry.register(Box::new(assigned_partitions.clone())).expect("registered once");
 
-        let records = counter_vec(
+        let records = Summed(counter_vec(
             "kdedup_records_total",
-            "Records finished, by outcome: new (effect ran), duplicate, conflict, dead_letter.",
-            &["outcome"],
+            "Records finished, by topic and outcome: new (effect ran), duplicate, conflict, dead_letter; per topic they \
+             sum to kdedup_records_consumed_total.",
+            &["topic", "outcome"],
+        ));
+        let gauge_vec = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["topic", "partition"]).expect("static metric");
+            registry.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let lag_records = gauge_vec(
+            "kdedup_consumer_lag_records",
+            "Records behind, per partition: the high watermark last seen by the consumer minus the committed offset \
+             (minus the low watermark, or 0, before the first commit). Sampled every commit interval.",
         );
-        for outcome in OUTCOMES {
-            records.with_label_values(&[outcome]);
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "kdedup_consumer_lag_seconds",
+                "Age of the oldest record taken from this partition but not yet committed (now minus its Kafka \
+                 timestamp), 0 when every record taken is committed; records not yet fetched do not count (see \
+                 kdedup_consumer_lag_records). Sampled every commit interval.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("static metric");
+        registry.register(Box::new(lag_seconds.clone())).expect("registered once");
+        let filter_bytes = IntGauge::new(
+            "kdedup_filter_bytes",
+            "Memory held by the filter (aging table plus the recent-key cache, estimated from its capacity).",
+        )
+        .expect("static metric");
+        registry.register(Box::new(filter_bytes.clone())).expect("registered once");
+        let build_info = IntGaugeVec::new(
+            Opts::new("kdedup_build_info", "Always 1; the version label names the running build."),
+            &["version"],
+        )
+        .expect("static metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build_info)).expect("registered once");
+        // CPU seconds, resident memory, open and maximum fds, threads, start time (from /proc).
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("registered once");
+        let rebalances = counter_vec(
+            "kdedup_rebalances_total",
+            "Group rebalances seen by this process, by kind: assign, revoke (partitions handed back), lost \
+             (revoked without a hand-back: the group expelled this member).",
+            &["kind"],
+        );
+        for kind in REBALANCE_KINDS {
+            rebalances.with_label_values(&[kind]);
         }
         let filter = counter_vec(
             "kdedup_filter_total",
@@ -135,8 +247,21 @@ impl Metrics {
             &["result"],
         );
         Metrics {
-            consumed: counter("kdedup_records_consumed_total", "Records taken from Kafka."),
+            consumed: Summed(counter_vec(
+                "kdedup_records_consumed_total",
+                "Records taken from Kafka, by topic.",
+                &["topic"],
+            )),
             records,
+            dead_letters: Summed(counter_vec(
+                "kdedup_dead_letters_total",
+                "Records written to the dead-letter topic, by input topic and reason (the kdedup-reason header).",
+                &["topic", "reason"],
+            )),
+            rebalances,
+            lag_records,
+            lag_seconds,
+            filter_bytes,
             filter,
             bloom_false_positives: counter(
                 "kdedup_bloom_false_positives_total",
@@ -204,8 +329,97 @@ impl Metrics {
         }
     }
 
+    /// Records finished with this outcome, over every topic.
     pub fn outcome(&self, outcome: &str) -> u64 {
-        self.records.with_label_values(&[outcome]).get()
+        self.records.sum_where(|labels| labels.contains(&("outcome", outcome)))
+    }
+
+    /// Records consumed, over every topic.
+    pub fn consumed_total(&self) -> u64 {
+        self.consumed.get()
+    }
+
+    /// Dead letters written for this reason, over every topic.
+    pub fn dead_letters_for(&self, reason: &str) -> u64 {
+        self.dead_letters.sum_where(|labels| labels.contains(&("reason", reason)))
+    }
+
+    /// Creates every topic's series at zero, so that rates and sums over them
+    /// exist from the first scrape (not only after the first record).
+    pub fn topics(&self, topics: &[String]) {
+        for topic in topics {
+            self.consumed.with_label_values(&[topic]);
+            for outcome in OUTCOMES {
+                self.records.with_label_values(&[topic, outcome]);
+            }
+            for reason in DEAD_LETTER_REASONS {
+                self.dead_letters.with_label_values(&[topic, reason]);
+            }
+        }
+    }
+
+    /// A batch was taken from a partition queue: counts it, and remembers its
+    /// oldest timestamp until its offsets are committed (the lag in seconds).
+    pub fn taken(&self, tp: &(Arc<str>, i32), records: &[Record]) {
+        self.consumed.with_label_values(&[&*tp.0]).inc_by(records.len() as u64);
+        let Some(last) = records.last().map(|r| r.position.offset) else { return };
+        let oldest = records.iter().filter_map(|r| r.timestamp_ms).filter(|&t| t > 0).min().unwrap_or_else(now_ms);
+        let mut taken = self.health.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let batches = taken.entry((tp.0.to_string(), tp.1)).or_default();
+        let full = batches.len() >= TAKEN_BATCHES_MAX;
+        match batches.back_mut() {
+            Some(back) if full => back.0 = back.0.max(last),
+            _ => batches.push_back((last, oldest)),
+        }
+    }
+
+    /// Dead letters written for these reasons.
+    pub fn dead_lettered<'a>(&self, topic: &str, reasons: impl IntoIterator<Item = &'a str>) {
+        for reason in reasons {
+            self.dead_letters.with_label_values(&[topic, reason]).inc();
+        }
+    }
+
+    /// A rebalance callback ran: `assign`, `revoke` or `lost`.
+    pub fn rebalance(&self, kind: &str) {
+        self.rebalances.with_label_values(&[kind]).inc();
+    }
+
+    /// Committed offsets as last set on `kdedup_committed_offset`.
+    fn committed_offsets(&self) -> HashMap<(String, i32), i64> {
+        let mut out = HashMap::new();
+        for family in self.committed_offset.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string());
+                if let (Some(topic), Some(partition)) = (label("topic"), label("partition")) {
+                    if let Ok(partition) = partition.parse() {
+                        out.insert((topic, partition), m.get_gauge().get_value() as i64);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Updates both lag gauges for the consumer's current assignment; the
+    /// source thread calls it after each periodic commit. Reads librdkafka's
+    /// cached watermarks (updated by every fetch response), so it sends nothing.
+    pub fn sample_lag<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C) {
+        let Ok(assignment) = consumer.assignment() else { return };
+        let committed = self.committed_offsets();
+        let now = now_ms();
+        let mut taken = self.health.taken.lock().unwrap_or_else(|p| p.into_inner());
+        for e in assignment.elements() {
+            let key = (e.topic().to_string(), e.partition());
+            let labels = [key.0.clone(), key.1.to_string()];
+            let done = committed.get(&key).copied();
+            if let Some((low, high)) = cached_watermarks(consumer, e.topic(), e.partition()) {
+                let behind = high - done.unwrap_or(low.max(0));
+                self.lag_records.with_label_values(&labels).set(behind.max(0));
+            }
+            let age = taken.get_mut(&key).map_or(0.0, |batches| uncommitted_age(batches, done, now));
+            self.lag_seconds.with_label_values(&labels).set(age);
+        }
     }
 
     /// The source joined its group (true) or is leaving it (false).
@@ -246,7 +460,11 @@ impl Metrics {
     /// The partition left this process: it no longer counts for readiness.
     pub fn partition_gone(&self, tp: &(Arc<str>, i32)) {
         self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tp.0.to_string(), tp.1));
-        let _ = self.partition_stalled_since.remove_label_values(&[tp.0.to_string(), tp.1.to_string()]);
+        self.health.taken.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tp.0.to_string(), tp.1));
+        let labels = [tp.0.to_string(), tp.1.to_string()];
+        let _ = self.partition_stalled_since.remove_label_values(&labels);
+        let _ = self.lag_records.remove_label_values(&labels);
+        let _ = self.lag_seconds.remove_label_values(&labels);
     }
 
     pub fn render(&self) -> String {
@@ -254,6 +472,41 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
+}
+
+/// Forgets the batches below the committed offset `done` (next to read) and
+/// returns the age in seconds of the oldest record left, 0 when none is left.
+fn uncommitted_age(batches: &mut VecDeque<(i64, i64)>, done: Option<i64>, now_ms: i64) -> f64 {
+    if let Some(done) = done {
+        while batches.front().is_some_and(|&(last, _)| last < done) {
+            batches.pop_front();
+        }
+    }
+    batches.front().map_or(0.0, |&(_, oldest)| (now_ms - oldest).max(0) as f64 / 1000.0)
+}
+
+/// librdkafka's last known (low, high) watermarks of a partition, without a
+/// broker request; None while it has none (no fetch response yet). The high
+/// one moves with every fetch response; the low one only with statistics on.
+fn cached_watermarks<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`; the topic is a valid
+    // C string for the call; librdkafka only writes the two out-parameters.
+    let err = unsafe {
+        rdkafka_sys::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
 }
 
 /// Results of one store statement, the `result` label of `kdedup_store_ops_total`.
@@ -363,5 +616,100 @@ impl Drop for MetricsServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::RecordError;
+    use crate::event::Position;
+
+    fn record(topic: &Arc<str>, offset: i64, timestamp_ms: i64) -> Record {
+        Record {
+            position: Position { topic: topic.clone(), partition: 0, offset },
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            timestamp_ms: Some(timestamp_ms),
+        }
+    }
+
+    #[test]
+    fn outcomes_by_topic_sum_to_consumed() {
+        let m = Metrics::new();
+        m.topics(&["a".to_string(), "b".to_string()]);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        m.taken(&(a.clone(), 0), &[record(&a, 0, 1), record(&a, 1, 1), record(&a, 2, 1)]);
+        m.taken(&(b.clone(), 0), &[record(&b, 0, 1), record(&b, 1, 1)]);
+        m.records.with_label_values(&["a", "new"]).inc_by(2);
+        m.records.with_label_values(&["a", "duplicate"]).inc();
+        m.records.with_label_values(&["b", "new"]).inc();
+        m.records.with_label_values(&["b", "dead_letter"]).inc();
+        assert_eq!(m.outcome("new"), 3, "new summed over both topics");
+        assert_eq!(m.outcome("duplicate"), 1);
+        assert_eq!(m.consumed.get(), 5);
+        assert_eq!(m.consumed_total(), 5);
+        let sum: u64 = OUTCOMES.iter().map(|o| m.outcome(o)).sum();
+        assert_eq!(sum, m.consumed_total());
+        let text = m.render();
+        assert!(text.contains(r#"kdedup_records_total{outcome="new",topic="a"} 2"#), "{text}");
+        assert!(text.contains(r#"kdedup_records_consumed_total{topic="b"} 2"#), "{text}");
+        assert!(text.contains(r#"kdedup_records_total{outcome="conflict",topic="b"} 0"#), "pre-created: {text}");
+    }
+
+    #[test]
+    fn dead_letter_reasons_are_every_record_error_reason() {
+        let errors = [
+            RecordError::MissingId(String::new()),
+            RecordError::InvalidJson(String::new()),
+            RecordError::OversizeId { len: 1, max: 0 },
+            RecordError::Conflict { stored: String::new() },
+            RecordError::SinkRejected(String::new()),
+        ];
+        let reasons: Vec<&str> = errors.iter().map(RecordError::reason).collect();
+        assert_eq!(reasons, DEAD_LETTER_REASONS);
+        let m = Metrics::new();
+        m.dead_lettered("t", ["invalid_json", "invalid_json", "missing_id"]);
+        assert_eq!(m.dead_letters_for("invalid_json"), 2);
+        assert_eq!(m.dead_letters_for("missing_id"), 1);
+        assert_eq!(m.dead_letters.get(), 3);
+    }
+
+    #[test]
+    fn lag_seconds_is_the_age_of_the_oldest_uncommitted_batch() {
+        let mut batches: VecDeque<(i64, i64)> = [(9, 1_000), (19, 5_000), (29, 7_000)].into();
+        assert_eq!(uncommitted_age(&mut batches, None, 11_000), 10.0, "nothing committed yet");
+        assert_eq!(uncommitted_age(&mut batches, Some(10), 11_000), 6.0, "offsets 0..=9 committed");
+        assert_eq!(uncommitted_age(&mut batches, Some(15), 11_000), 6.0, "a batch half committed still counts");
+        assert_eq!(uncommitted_age(&mut batches, Some(30), 11_000), 0.0, "everything taken is committed");
+        assert!(batches.is_empty());
+    }
+
+    #[test]
+    fn taken_batches_stay_bounded_and_keep_the_oldest() {
+        let m = Metrics::new();
+        let t: Arc<str> = Arc::from("t");
+        for i in 0..(TAKEN_BATCHES_MAX as i64 + 10) {
+            m.taken(&(t.clone(), 0), &[record(&t, i, 1_000 + i)]);
+        }
+        let mut taken = m.health.taken.lock().unwrap();
+        let batches = taken.get_mut(&("t".to_string(), 0)).unwrap();
+        assert_eq!(batches.len(), TAKEN_BATCHES_MAX);
+        assert_eq!(batches.front(), Some(&(0, 1_000)));
+        assert_eq!(batches.back().map(|b| b.0), Some(TAKEN_BATCHES_MAX as i64 + 9), "the last entry widened");
+    }
+
+    #[test]
+    fn build_info_rebalances_and_process_metrics_are_exported() {
+        let m = Metrics::new();
+        m.rebalance("assign");
+        let text = m.render();
+        assert!(text.contains(&format!("kdedup_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+        assert!(text.contains(r#"kdedup_rebalances_total{kind="assign"} 1"#), "{text}");
+        assert!(text.contains(r#"kdedup_rebalances_total{kind="lost"} 0"#), "{text}");
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+        assert!(text.contains("process_open_fds"), "{text}");
+        assert!(text.contains("process_cpu_seconds_total"), "{text}");
     }
 }
