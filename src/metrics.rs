@@ -124,8 +124,11 @@ struct Health {
     stalled: Mutex<HashMap<(String, i32), i64>>,
     /// Per partition, batches taken but not yet committed: (last offset, oldest
     /// record timestamp in ms), in offset order; for `kdedup_consumer_lag_seconds`.
-    taken: Mutex<HashMap<(String, i32), VecDeque<(i64, i64)>>>,
+    taken: Mutex<HashMap<(String, i32), Taken>>,
 }
+
+/// A partition's batches taken and not yet committed: (last offset, oldest timestamp in ms).
+type Taken = VecDeque<(i64, i64)>;
 
 /// Batches remembered per partition for the lag in seconds; past this, later
 /// batches widen the last entry (the oldest one, which the gauge reads, stays exact).
@@ -246,6 +249,9 @@ impl Metrics {
             "Filter answers: recent_hit (no store call), bloom_hit (store read first), bloom_miss (claim directly).",
             &["result"],
         );
+        for result in ["recent_hit", "bloom_hit", "bloom_miss"] {
+            filter.with_label_values(&[result]);
+        }
         Metrics {
             consumed: Summed(counter_vec(
                 "kdedup_records_consumed_total",
@@ -419,6 +425,9 @@ impl Metrics {
             }
             let age = taken.get_mut(&key).map_or(0.0, |batches| uncommitted_age(batches, done, now));
             self.lag_seconds.with_label_values(&labels).set(age);
+            // Every owned partition has a stalled gauge (0 while it progresses), so that
+            // "how many are stalled" is a number, not an absent series.
+            self.partition_stalled_since.with_label_values(&labels);
         }
     }
 
@@ -476,7 +485,7 @@ impl Metrics {
 
 /// Forgets the batches below the committed offset `done` (next to read) and
 /// returns the age in seconds of the oldest record left, 0 when none is left.
-fn uncommitted_age(batches: &mut VecDeque<(i64, i64)>, done: Option<i64>, now_ms: i64) -> f64 {
+fn uncommitted_age(batches: &mut Taken, done: Option<i64>, now_ms: i64) -> f64 {
     if let Some(done) = done {
         while batches.front().is_some_and(|&(last, _)| last < done) {
             batches.pop_front();
@@ -678,7 +687,7 @@ mod tests {
 
     #[test]
     fn lag_seconds_is_the_age_of_the_oldest_uncommitted_batch() {
-        let mut batches: VecDeque<(i64, i64)> = [(9, 1_000), (19, 5_000), (29, 7_000)].into();
+        let mut batches: Taken = [(9, 1_000), (19, 5_000), (29, 7_000)].into();
         assert_eq!(uncommitted_age(&mut batches, None, 11_000), 10.0, "nothing committed yet");
         assert_eq!(uncommitted_age(&mut batches, Some(10), 11_000), 6.0, "offsets 0..=9 committed");
         assert_eq!(uncommitted_age(&mut batches, Some(15), 11_000), 6.0, "a batch half committed still counts");
