@@ -5,6 +5,7 @@ mod cli;
 mod dead_letter;
 mod group;
 mod leases;
+mod observe;
 mod outage;
 mod path;
 mod restart;
