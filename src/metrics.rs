@@ -1,5 +1,5 @@
-//! Every metric in one place, plus the HTTP endpoint (`/metrics`, `/healthz`,
-//! `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
+//! Every metric in one place, plus the HTTP endpoint (`/` a status page,
+//! `/metrics`, `/healthz`, `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
 //! can run several pipelines in one process and read exact counts.
 //!
 //! Labels are bounded: outcome, reason, kind, op, result, store, topic, partition. Never an event ID.
@@ -125,7 +125,14 @@ struct Health {
     /// Per partition, batches taken but not yet committed: (last offset, oldest
     /// record timestamp in ms), in offset order; for `kdedup_consumer_lag_seconds`.
     taken: Mutex<HashMap<(String, i32), Taken>>,
+    /// (when, duplicates, records finished), sampled with the lag, for the status
+    /// page's recent duplicate rate; [`HISTORY`] long.
+    history: Mutex<VecDeque<(std::time::Instant, u64, u64)>>,
 }
+
+/// How far back the status page's samples reach; its recent rate spans one minute.
+const HISTORY: std::time::Duration = std::time::Duration::from_secs(300);
+const RECENT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A partition's batches taken and not yet committed: (last offset, oldest timestamp in ms).
 type Taken = VecDeque<(i64, i64)>;
@@ -391,6 +398,116 @@ impl Metrics {
         self.rebalances.with_label_values(&[kind]).inc();
     }
 
+    fn sample_history(&self) {
+        let now = std::time::Instant::now();
+        let mut history = self.health.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.push_back((now, self.outcome("duplicate"), self.records.get()));
+        while history.front().is_some_and(|&(at, _, _)| now.duration_since(at) > HISTORY) {
+            history.pop_front();
+        }
+    }
+
+    /// Duplicates among the records finished over about the last minute, if any finished.
+    fn recent_duplicate_rate(&self) -> Option<f64> {
+        let history = self.health.history.lock().unwrap_or_else(|p| p.into_inner());
+        let &(now, dup, done) = history.back()?;
+        let &(_, dup0, done0) = history.iter().find(|&&(at, _, _)| now.duration_since(at) <= RECENT)?;
+        (done > done0).then(|| (dup - dup0) as f64 / (done - done0) as f64)
+    }
+
+    /// The status page: a small HTML page, no external assets, rendered from the
+    /// same registry as `/metrics` and refreshed by the browser every 5 s.
+    pub fn status_page(&self) -> String {
+        use std::fmt::Write;
+        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+        let pct = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0));
+        let mut topics: std::collections::BTreeMap<String, [u64; OUTCOMES.len() + 1]> = Default::default();
+        for (labels, v) in series(&*self.consumed) {
+            topics.entry(labels.get("topic").cloned().unwrap_or_default()).or_default()[0] = v as u64;
+        }
+        for (labels, v) in series(&*self.records) {
+            let (Some(topic), Some(outcome)) = (labels.get("topic"), labels.get("outcome")) else { continue };
+            if let Some(i) = OUTCOMES.iter().position(|o| o == outcome) {
+                topics.entry(topic.clone()).or_default()[i + 1] = v as u64;
+            }
+        }
+        let ready = self.is_ready();
+        let mut html = String::new();
+        let _ = write!(
+            html,
+            r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>kdedup status</title><style>
+body{{font:14px system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}}
+h1{{font-size:20px}} h2{{font-size:16px;margin-top:1.5em}}
+table{{border-collapse:collapse;background:#fff}} th,td{{border:1px solid #ddd;padding:4px 10px;text-align:right}}
+th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
+.ok{{color:#fff;background:#2a7;padding:2px 8px;border-radius:4px}} .bad{{color:#fff;background:#c33;padding:2px 8px;border-radius:4px}}
+.muted{{color:#777}}
+</style></head><body>
+<h1>kdedup <span class="muted" id="version">{version}</span> <span id="ready" class="{class}">{state}</span></h1>
+<p>Duplicate rate over the last minute: <b id="recent-duplicate-rate">{recent}</b>
+<span class="muted">(all figures since this process started unless said; the page reloads every 5 s; raw numbers on <a href="/metrics">/metrics</a>)</span></p>
+<h2>Records by topic</h2><table id="records"><tr><th>topic</th><th>consumed</th>"#,
+            version = env!("CARGO_PKG_VERSION"),
+            class = if ready { "ok" } else { "bad" },
+            state = if ready { "ready" } else { "not ready" },
+            recent = pct(self.recent_duplicate_rate()),
+        );
+        for o in OUTCOMES {
+            let _ = write!(html, "<th>{o}</th>");
+        }
+        html.push_str("<th>duplicate rate</th></tr>\n");
+        for (topic, counts) in &topics {
+            let finished: u64 = counts[1..].iter().sum();
+            let _ = write!(
+                html,
+                r#"<tr data-topic="{t}"><td>{t}</td><td data-k="consumed">{}</td>"#,
+                counts[0],
+                t = esc(topic)
+            );
+            for (o, n) in OUTCOMES.iter().zip(&counts[1..]) {
+                let _ = write!(html, r#"<td data-k="{o}">{n}</td>"#);
+            }
+            let rate = (finished > 0).then(|| counts[2] as f64 / finished as f64);
+            let _ = writeln!(html, r#"<td data-k="duplicate_rate">{}</td></tr>"#, pct(rate));
+        }
+        html.push_str(
+            "</table>\n<h2>Partitions</h2><table id=\"partitions\"><tr><th>topic</th><th>partition</th>\
+             <th>committed offset</th><th>lag (records)</th><th>lag (seconds)</th><th>state</th></tr>\n",
+        );
+        let mut partitions: std::collections::BTreeMap<(String, i32), [Option<f64>; 3]> = Default::default();
+        for (i, family) in [series(&self.committed_offset), series(&self.lag_records), series(&self.lag_seconds)]
+            .into_iter()
+            .enumerate()
+        {
+            for (labels, v) in family {
+                let (Some(t), Some(p)) = (labels.get("topic"), labels.get("partition").and_then(|p| p.parse().ok()))
+                else {
+                    continue;
+                };
+                partitions.entry((t.clone(), p)).or_default()[i] = Some(v);
+            }
+        }
+        let stalled = self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for ((topic, partition), [committed, lag, lag_secs]) in &partitions {
+            let show = |v: &Option<f64>| v.map_or("–".to_string(), |v| format!("{v}"));
+            let state = match stalled.get(&(topic.clone(), *partition)) {
+                Some(since) => format!(r#"<span class="bad">stalled since {since}</span>"#),
+                None => "progressing".to_string(),
+            };
+            let _ = writeln!(
+                html,
+                r#"<tr data-partition="{t}/{partition}"><td>{t}</td><td>{partition}</td><td data-k="committed">{}</td><td data-k="lag_records">{}</td><td data-k="lag_seconds">{}</td><td>{state}</td></tr>"#,
+                show(committed),
+                show(lag),
+                lag_secs.map_or("–".to_string(), |v| format!("{v:.1}")),
+                t = esc(topic),
+            );
+        }
+        html.push_str("</table>\n</body></html>\n");
+        html
+    }
+
     /// Committed offsets as last set on `kdedup_committed_offset`.
     fn committed_offsets(&self) -> HashMap<(String, i32), i64> {
         let mut out = HashMap::new();
@@ -411,6 +528,7 @@ impl Metrics {
     /// source thread calls it after each periodic commit. Reads librdkafka's
     /// cached watermarks (updated by every fetch response), so it sends nothing.
     pub fn sample_lag<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C) {
+        self.sample_history();
         let Ok(assignment) = consumer.assignment() else { return };
         let committed = self.committed_offsets();
         let now = now_ms();
@@ -481,6 +599,20 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
+}
+
+/// Every series of a collector: its labels and value (counter or gauge).
+fn series(collector: &dyn Collector) -> Vec<(HashMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for family in collector.collect() {
+        let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+        for m in family.get_metric() {
+            let labels = m.get_label().iter().map(|l| (l.name().to_string(), l.value().to_string())).collect();
+            let value = if counter { m.get_counter().get_value() } else { m.get_gauge().get_value() };
+            out.push((labels, value));
+        }
+    }
+    out
 }
 
 /// Forgets the batches below the committed offset `done` (next to read) and
@@ -603,11 +735,12 @@ impl MetricsServer {
         let thread = std::thread::Builder::new().name("kdedup-metrics".into()).spawn(move || {
             for request in serving.incoming_requests() {
                 let (status, body, content_type) = match request.url() {
+                    "/" => (200, metrics.status_page(), "text/html; charset=utf-8"),
                     "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
                     "/healthz" => (200, "ok\n".to_string(), "text/plain"),
                     "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
                     "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
-                    _ => (404, "try /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
+                    _ => (404, "try /, /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
                 };
                 let header =
                     tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
@@ -707,6 +840,27 @@ mod tests {
         assert_eq!(batches.len(), TAKEN_BATCHES_MAX);
         assert_eq!(batches.front(), Some(&(0, 1_000)));
         assert_eq!(batches.back().map(|b| b.0), Some(TAKEN_BATCHES_MAX as i64 + 9), "the last entry widened");
+    }
+
+    #[test]
+    fn the_status_page_shows_counts_partitions_and_readiness_escaped() {
+        let m = Metrics::new();
+        let t: Arc<str> = Arc::from("a<b");
+        m.topics(&["a<b".to_string()]);
+        m.taken(&(t.clone(), 3), &[record(&t, 0, 1), record(&t, 1, 1), record(&t, 2, 1), record(&t, 3, 1)]);
+        m.records.with_label_values(&["a<b", "new"]).inc_by(3);
+        m.records.with_label_values(&["a<b", "duplicate"]).inc();
+        m.committed_offset.with_label_values(&["a<b", "3"]).set(4);
+        m.partition_stalled(&(t.clone(), 3));
+        let page = m.status_page();
+        assert!(page.contains(r#"<tr data-topic="a&lt;b"><td>a&lt;b</td><td data-k="consumed">4</td>"#), "{page}");
+        assert!(page.contains(r#"<td data-k="new">3</td><td data-k="duplicate">1</td>"#), "{page}");
+        assert!(page.contains(r#"<td data-k="duplicate_rate">25.0%</td>"#), "{page}");
+        assert!(page.contains(r#"<td data-k="committed">4</td>"#), "{page}");
+        assert!(page.contains("stalled since"), "{page}");
+        assert!(page.contains(r#"id="ready" class="bad">not ready<"#), "not in a group yet: {page}");
+        assert!(!page.contains("a<b"), "topic names are escaped");
+        assert!(!page.contains("http://") && !page.contains("https://"), "no external assets");
     }
 
     #[test]

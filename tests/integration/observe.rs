@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -180,6 +181,29 @@ fn load_event(i: usize) -> Produce {
     }
 }
 
+/// Headless Chromium on a page of this test's kdedup: its stdout.
+fn chromium(program: &str, profile: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec![
+        "--headless".to_string(),
+        "--no-sandbox".to_string(), // tests may run as root
+        "--disable-gpu".to_string(),
+        "--hide-scrollbars".to_string(),
+        "--no-first-run".to_string(),
+        format!("--user-data-dir={}", profile.display()),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    run_ok(program, &all)
+}
+
+/// The text of the cell `data-k="key"` in the row whose attribute is `row` (e.g. `data-topic="in"`).
+fn cell(dom: &str, row: &str, key: &str) -> Option<String> {
+    let row = &dom[dom.find(&format!("<tr {row}>"))?..];
+    let row = &row[..row.find("</tr>")?];
+    let at = row.find(&format!(r#"data-k="{key}">"#))? + key.len() + 10;
+    Some(row[at..at + row[at..].find('<')?].to_string())
+}
+
 /// The value of one sample line in Prometheus text.
 fn sample(body: &str, series: &str) -> Option<f64> {
     body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
@@ -218,6 +242,7 @@ async fn a_real_prometheus_scraping_kdedup_under_load_answers_every_dashboard_qu
         ("KDEDUP_METRICS__LISTEN", format!("127.0.0.1:{port}")),
         ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "200".to_string()),
         ("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "3000".to_string()),
+        ("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500".to_string()),
     ];
     let kdedup = Command::new(BIN)
         .args(["run", "--config", "config/kdedup.toml"])
@@ -326,6 +351,19 @@ async fn a_real_prometheus_scraping_kdedup_under_load_answers_every_dashboard_qu
     }
     assert!(pending.is_empty(), "panels without data: {pending:#?}\nlast answer: {last}\n{}", logs());
 
+    // The status page, under load, in a real browser: a screenshot for the README.
+    let browser = program("KDEDUP_TEST_CHROMIUM");
+    let page = format!("http://127.0.0.1:{port}/");
+    if let Some(browser) = &browser {
+        let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+        let _ = std::fs::remove_file(&shot);
+        let arg = format!("--screenshot={}", shot.display());
+        chromium(browser, &dir.path().join("chromium"), &[&arg, "--window-size=1100,560", &page]);
+        let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real PNG: {} bytes", png.len());
+        eprintln!("status page screenshot: {}", shot.display());
+    }
+
     // Every alert rule is loaded, evaluates without error, and its expression parses.
     let deadline = Instant::now() + Duration::from_secs(30);
     let rules = loop {
@@ -372,6 +410,45 @@ async fn a_real_prometheus_scraping_kdedup_under_load_answers_every_dashboard_qu
     assert_eq!(series(r#"kdedup_records_total{outcome="duplicate",topic="in"}"#), (2_000 + loaded_events / 4) as f64);
     assert!(series(r#"kdedup_rebalances_total{kind="assign"}"#) >= 1.0);
     assert_eq!(series(&format!("kdedup_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+
+    // Once every offset is committed, the status page shows what /metrics says.
+    let ends = mock::end_offsets(kafka.bootstrap(), INPUT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (_, body) = get(port, "/metrics".into()).await.expect("kdedup serves /metrics");
+        let committed = |p: &i32| sample(&body, &format!(r#"kdedup_committed_offset{{partition="{p}",topic="in"}}"#));
+        if ends.iter().all(|(p, end)| committed(p) == Some(*end as f64)) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "offsets {ends:?} not all committed:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (status, html) = get(port, "/".into()).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<script src"), "self-contained");
+    match &browser {
+        Some(browser) => {
+            let dom = chromium(browser, &dir.path().join("chromium"), &["--dump-dom", &page]);
+            let topic = r#"data-topic="in""#;
+            let shown = |key: &str| cell(&dom, topic, key).unwrap_or_else(|| panic!("no {key} cell:\n{dom}"));
+            assert_eq!(shown("consumed"), format!("{}", series(r#"kdedup_records_consumed_total{topic="in"}"#)));
+            for outcome in kdedup::metrics::OUTCOMES {
+                let expected = series(&format!(r#"kdedup_records_total{{outcome="{outcome}",topic="in"}}"#));
+                assert_eq!(shown(outcome), format!("{expected}"), "{outcome} on the page");
+            }
+            let dup = series(r#"kdedup_records_total{outcome="duplicate",topic="in"}"#) / total as f64;
+            assert_eq!(shown("duplicate_rate"), format!("{:.1}%", dup * 100.0));
+            for (p, end) in &ends {
+                let row = format!(r#"data-partition="in/{p}""#);
+                assert_eq!(cell(&dom, &row, "committed"), Some(end.to_string()), "partition {p}:\n{dom}");
+                let lag = sample(&body, &format!(r#"kdedup_consumer_lag_records{{partition="{p}",topic="in"}}"#));
+                let lag = lag.unwrap_or_else(|| panic!("an owned partition has a lag gauge:\n{body}"));
+                assert_eq!(cell(&dom, &row, "lag_records"), Some(lag.to_string()), "partition {p}:\n{dom}");
+            }
+            assert!(dom.contains(r#"id="ready" class="ok">ready<"#), "ready on the page:\n{dom}");
+        }
+        None => assert!(html.contains(r#"<tr data-topic="in">"#), "{html}"),
+    }
 
     // SIGTERM: kdedup drains and exits 0.
     assert_eq!(unsafe { libc::kill(kdedup_pid as i32, libc::SIGTERM) }, 0);
