@@ -360,7 +360,8 @@ impl Metrics {
     /// Creates every topic's series at zero, so that rates and sums over them
     /// exist from the first scrape (not only after the first record).
     pub fn topics(&self, topics: &[String]) {
-        for topic in topics {
+        // A `^regex` subscription names no topic: its series appear with their first records.
+        for topic in topics.iter().filter(|t| !t.starts_with('^')) {
             self.consumed.with_label_values(&[topic]);
             for outcome in OUTCOMES {
                 self.records.with_label_values(&[topic, outcome]);
