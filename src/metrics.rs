@@ -134,8 +134,44 @@ struct Health {
 const HISTORY: std::time::Duration = std::time::Duration::from_secs(300);
 const RECENT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A partition's batches taken and not yet committed: (last offset, oldest timestamp in ms).
-type Taken = VecDeque<(i64, i64)>;
+/// A partition's records taken and not yet committed, for the lag in seconds.
+#[derive(Default)]
+struct Taken {
+    /// Batches in offset order: (last offset, oldest and newest record timestamp in ms).
+    batches: VecDeque<(i64, i64, i64)>,
+    /// The newest timestamp among the records committed so far.
+    committed_ms: Option<i64>,
+}
+
+impl Taken {
+    fn push(&mut self, last: i64, oldest_ms: i64, newest_ms: i64) {
+        let full = self.batches.len() >= TAKEN_BATCHES_MAX;
+        match self.batches.back_mut() {
+            Some(back) if full => *back = (back.0.max(last), back.1, back.2.max(newest_ms)),
+            _ => self.batches.push_back((last, oldest_ms, newest_ms)),
+        }
+    }
+
+    /// Forgets the batches below the committed offset `done` (next to read) and
+    /// returns the lag in seconds: the age of the oldest record taken and not
+    /// committed; with none taken but the partition `behind` (records fetched
+    /// and queued, or not fetched yet), the age of the newest committed record,
+    /// which the next one is no older than; else 0.
+    fn age(&mut self, done: Option<i64>, behind: bool, now_ms: i64) -> f64 {
+        if let Some(done) = done {
+            while let Some(&(_, _, newest)) = self.batches.front().filter(|b| b.0 < done) {
+                self.committed_ms = Some(self.committed_ms.map_or(newest, |c| c.max(newest)));
+                self.batches.pop_front();
+            }
+        }
+        let oldest = match self.batches.front() {
+            Some(&(_, oldest, _)) => Some(oldest),
+            None if behind => self.committed_ms,
+            None => None,
+        };
+        oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0)
+    }
+}
 
 /// Batches remembered per partition for the lag in seconds; past this, later
 /// batches widen the last entry (the oldest one, which the gauge reads, stays exact).
@@ -217,9 +253,9 @@ impl Metrics {
         let lag_seconds = GaugeVec::new(
             Opts::new(
                 "kdedup_consumer_lag_seconds",
-                "Age of the oldest record taken from this partition but not yet committed (now minus its Kafka \
-                 timestamp), 0 when every record taken is committed; records not yet fetched do not count (see \
-                 kdedup_consumer_lag_records). Sampled every commit interval.",
+                "Age of the oldest record of this partition not yet committed, from Kafka record timestamps: of \
+                 the records taken, the oldest; with none taken but records behind, the newest committed record's \
+                 age (an upper bound); 0 when nothing is behind. Sampled every commit interval.",
             ),
             &["topic", "partition"],
         )
@@ -377,14 +413,13 @@ impl Metrics {
     pub fn taken(&self, tp: &(Arc<str>, i32), records: &[Record]) {
         self.consumed.with_label_values(&[&*tp.0]).inc_by(records.len() as u64);
         let Some(last) = records.last().map(|r| r.position.offset) else { return };
-        let oldest = records.iter().filter_map(|r| r.timestamp_ms).filter(|&t| t > 0).min().unwrap_or_else(now_ms);
+        let stamps = || records.iter().filter_map(|r| r.timestamp_ms).filter(|&t| t > 0);
+        let (oldest, newest) = match (stamps().min(), stamps().max()) {
+            (Some(oldest), Some(newest)) => (oldest, newest),
+            _ => (now_ms(), now_ms()),
+        };
         let mut taken = self.health.taken.lock().unwrap_or_else(|p| p.into_inner());
-        let batches = taken.entry((tp.0.to_string(), tp.1)).or_default();
-        let full = batches.len() >= TAKEN_BATCHES_MAX;
-        match batches.back_mut() {
-            Some(back) if full => back.0 = back.0.max(last),
-            _ => batches.push_back((last, oldest)),
-        }
+        taken.entry((tp.0.to_string(), tp.1)).or_default().push(last, oldest, newest);
     }
 
     /// Dead letters written for these reasons.
@@ -538,11 +573,13 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
             let key = (e.topic().to_string(), e.partition());
             let labels = [key.0.clone(), key.1.to_string()];
             let done = committed.get(&key).copied();
+            let mut behind = false;
             if let Some((low, high)) = cached_watermarks(consumer, e.topic(), e.partition()) {
-                let behind = high - done.unwrap_or(low.max(0));
-                self.lag_records.with_label_values(&labels).set(behind.max(0));
+                let records = (high - done.unwrap_or(low.max(0))).max(0);
+                self.lag_records.with_label_values(&labels).set(records);
+                behind = records > 0;
             }
-            let age = taken.get_mut(&key).map_or(0.0, |batches| uncommitted_age(batches, done, now));
+            let age = taken.get_mut(&key).map_or(0.0, |t| t.age(done, behind, now));
             self.lag_seconds.with_label_values(&labels).set(age);
             // Every owned partition has a stalled gauge (0 while it progresses), so that
             // "how many are stalled" is a number, not an absent series.
@@ -614,17 +651,6 @@ fn series(collector: &dyn Collector) -> Vec<(HashMap<String, String>, f64)> {
         }
     }
     out
-}
-
-/// Forgets the batches below the committed offset `done` (next to read) and
-/// returns the age in seconds of the oldest record left, 0 when none is left.
-fn uncommitted_age(batches: &mut Taken, done: Option<i64>, now_ms: i64) -> f64 {
-    if let Some(done) = done {
-        while batches.front().is_some_and(|&(last, _)| last < done) {
-            batches.pop_front();
-        }
-    }
-    batches.front().map_or(0.0, |&(_, oldest)| (now_ms - oldest).max(0) as f64 / 1000.0)
 }
 
 /// librdkafka's last known (low, high) watermarks of a partition, without a
@@ -821,12 +847,18 @@ mod tests {
 
     #[test]
     fn lag_seconds_is_the_age_of_the_oldest_uncommitted_batch() {
-        let mut batches: Taken = [(9, 1_000), (19, 5_000), (29, 7_000)].into();
-        assert_eq!(uncommitted_age(&mut batches, None, 11_000), 10.0, "nothing committed yet");
-        assert_eq!(uncommitted_age(&mut batches, Some(10), 11_000), 6.0, "offsets 0..=9 committed");
-        assert_eq!(uncommitted_age(&mut batches, Some(15), 11_000), 6.0, "a batch half committed still counts");
-        assert_eq!(uncommitted_age(&mut batches, Some(30), 11_000), 0.0, "everything taken is committed");
-        assert!(batches.is_empty());
+        let mut t = Taken::default();
+        t.push(9, 1_000, 2_000);
+        t.push(19, 5_000, 6_000);
+        t.push(29, 7_000, 8_000);
+        assert_eq!(t.age(None, true, 11_000), 10.0, "nothing committed yet");
+        assert_eq!(t.age(Some(10), true, 11_000), 6.0, "offsets 0..=9 committed");
+        assert_eq!(t.age(Some(15), true, 11_000), 6.0, "a batch half committed still counts");
+        assert_eq!(t.age(Some(30), false, 11_000), 0.0, "everything taken is committed, nothing behind");
+        assert!(t.batches.is_empty());
+        assert_eq!(t.age(Some(30), true, 11_000), 3.0, "behind with nothing taken: the newest committed record's age");
+        t.push(39, 10_000, 10_500);
+        assert_eq!(t.age(Some(30), true, 11_000), 1.0, "taken again: the oldest uncommitted record");
     }
 
     #[test]
@@ -837,9 +869,9 @@ mod tests {
             m.taken(&(t.clone(), 0), &[record(&t, i, 1_000 + i)]);
         }
         let mut taken = m.health.taken.lock().unwrap();
-        let batches = taken.get_mut(&("t".to_string(), 0)).unwrap();
+        let batches = &taken.get_mut(&("t".to_string(), 0)).unwrap().batches;
         assert_eq!(batches.len(), TAKEN_BATCHES_MAX);
-        assert_eq!(batches.front(), Some(&(0, 1_000)));
+        assert_eq!(batches.front(), Some(&(0, 1_000, 1_000)));
         assert_eq!(batches.back().map(|b| b.0), Some(TAKEN_BATCHES_MAX as i64 + 9), "the last entry widened");
     }
 
