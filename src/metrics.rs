@@ -14,7 +14,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -43,19 +42,18 @@ pub const DEAD_LETTER_REASONS: [&str; 5] = ["missing_id", "invalid_json", "overs
 /// The `kind` label of `kdedup_rebalances_total`.
 pub const REBALANCE_KINDS: [&str; 3] = ["assign", "revoke", "lost"];
 
-/// A counter vector whose `get()` is the sum over all its series, so callers
-/// that count totals (tests, the demo) need not know the labels.
+/// A counter vector with `N` labels whose `get()` is the sum over all its
+/// series, so callers that count totals (tests, the demo) need not know the
+/// labels; [`Summed::at`] checks the number of label values when it compiles.
 #[derive(Clone)]
-pub struct Summed(IntCounterVec);
+pub struct Summed<const N: usize>(IntCounterVec);
 
-impl Deref for Summed {
-    type Target = IntCounterVec;
-    fn deref(&self) -> &IntCounterVec {
-        &self.0
+impl<const N: usize> Summed<N> {
+    /// The counter of these label values, in the order the metric declares them.
+    pub fn at(&self, labels: [&str; N]) -> IntCounter {
+        self.0.with_label_values(&labels)
     }
-}
 
-impl Summed {
     /// The sum over every label value seen.
     pub fn get(&self) -> u64 {
         self.sum_where(|_| true)
@@ -80,11 +78,11 @@ impl Summed {
 pub struct Metrics {
     pub registry: Registry,
     /// `kdedup_records_consumed_total{topic}`; `consumed.get()` sums over topics.
-    pub consumed: Summed,
+    pub consumed: Summed<1>,
     /// `kdedup_records_total{topic,outcome}`; see [`Metrics::outcome`].
-    pub records: Summed,
+    pub records: Summed<2>,
     /// `kdedup_dead_letters_total{topic,reason}`.
-    pub dead_letters: Summed,
+    pub dead_letters: Summed<2>,
     pub rebalances: IntCounterVec,
     pub lag_records: IntGaugeVec,
     pub lag_seconds: GaugeVec,
@@ -398,12 +396,12 @@ impl Metrics {
     pub fn topics(&self, topics: &[String]) {
         // A `^regex` subscription names no topic: its series appear with their first records.
         for topic in topics.iter().filter(|t| !t.starts_with('^')) {
-            self.consumed.with_label_values(&[topic]);
+            self.consumed.at([topic]);
             for outcome in OUTCOMES {
-                self.records.with_label_values(&[topic, outcome]);
+                self.records.at([topic, outcome]);
             }
             for reason in DEAD_LETTER_REASONS {
-                self.dead_letters.with_label_values(&[topic, reason]);
+                self.dead_letters.at([topic, reason]);
             }
         }
     }
@@ -411,7 +409,7 @@ impl Metrics {
     /// A batch was taken from a partition queue: counts it, and remembers its
     /// oldest timestamp until its offsets are committed (the lag in seconds).
     pub fn taken(&self, tp: &(Arc<str>, i32), records: &[Record]) {
-        self.consumed.with_label_values(&[&*tp.0]).inc_by(records.len() as u64);
+        self.consumed.at([&*tp.0]).inc_by(records.len() as u64);
         let Some(last) = records.last().map(|r| r.position.offset) else { return };
         let stamps = || records.iter().filter_map(|r| r.timestamp_ms).filter(|&t| t > 0);
         let (oldest, newest) = match (stamps().min(), stamps().max()) {
@@ -425,7 +423,7 @@ impl Metrics {
     /// Dead letters written for these reasons.
     pub fn dead_lettered<'a>(&self, topic: &str, reasons: impl IntoIterator<Item = &'a str>) {
         for reason in reasons {
-            self.dead_letters.with_label_values(&[topic, reason]).inc();
+            self.dead_letters.at([topic, reason]).inc();
         }
     }
 
@@ -458,10 +456,10 @@ impl Metrics {
         let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
         let pct = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0));
         let mut topics: std::collections::BTreeMap<String, [u64; OUTCOMES.len() + 1]> = Default::default();
-        for (labels, v) in series(&*self.consumed) {
+        for (labels, v) in series(&self.consumed.0) {
             topics.entry(labels.get("topic").cloned().unwrap_or_default()).or_default()[0] = v as u64;
         }
-        for (labels, v) in series(&*self.records) {
+        for (labels, v) in series(&self.records.0) {
             let (Some(topic), Some(outcome)) = (labels.get("topic"), labels.get("outcome")) else { continue };
             if let Some(i) = OUTCOMES.iter().position(|o| o == outcome) {
                 topics.entry(topic.clone()).or_default()[i + 1] = v as u64;
@@ -811,10 +809,10 @@ mod tests {
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         m.taken(&(a.clone(), 0), &[record(&a, 0, 1), record(&a, 1, 1), record(&a, 2, 1)]);
         m.taken(&(b.clone(), 0), &[record(&b, 0, 1), record(&b, 1, 1)]);
-        m.records.with_label_values(&["a", "new"]).inc_by(2);
-        m.records.with_label_values(&["a", "duplicate"]).inc();
-        m.records.with_label_values(&["b", "new"]).inc();
-        m.records.with_label_values(&["b", "dead_letter"]).inc();
+        m.records.at(["a", "new"]).inc_by(2);
+        m.records.at(["a", "duplicate"]).inc();
+        m.records.at(["b", "new"]).inc();
+        m.records.at(["b", "dead_letter"]).inc();
         assert_eq!(m.outcome("new"), 3, "new summed over both topics");
         assert_eq!(m.outcome("duplicate"), 1);
         assert_eq!(m.consumed.get(), 5);
@@ -881,8 +879,8 @@ mod tests {
         let t: Arc<str> = Arc::from("a<b");
         m.topics(&["a<b".to_string()]);
         m.taken(&(t.clone(), 3), &[record(&t, 0, 1), record(&t, 1, 1), record(&t, 2, 1), record(&t, 3, 1)]);
-        m.records.with_label_values(&["a<b", "new"]).inc_by(3);
-        m.records.with_label_values(&["a<b", "duplicate"]).inc();
+        m.records.at(["a<b", "new"]).inc_by(3);
+        m.records.at(["a<b", "duplicate"]).inc();
         m.committed_offset.with_label_values(&["a<b", "3"]).set(4);
         m.partition_stalled(&(t.clone(), 3));
         let page = m.status_page();

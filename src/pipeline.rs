@@ -932,7 +932,7 @@ impl PartitionTask {
         // Indexes follow OUTCOMES: new, duplicate, conflict, dead_letter.
         for (outcome, n) in OUTCOMES.iter().zip(counts) {
             if n > 0 {
-                s.metrics.records.with_label_values(&[&*self.tp.0, outcome]).inc_by(n);
+                s.metrics.records.at([&self.tp.0, outcome]).inc_by(n);
             }
         }
         Ok(())
