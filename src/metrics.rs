@@ -1,23 +1,31 @@
-//! Every metric in one place, plus the HTTP endpoint (`/metrics`, `/healthz`,
-//! `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
+//! Every metric in one place, plus the HTTP endpoint (`/` a status page,
+//! `/metrics`, `/healthz`, `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
 //! can run several pipelines in one process and read exact counts.
 //!
-//! Labels are bounded: outcome, op, result, store, topic, partition. Never an event ID.
+//! Labels are bounded: outcome, reason, kind, op, result, store, topic, partition. Never an event ID.
+//!
+//! Lag is sampled by the source thread every commit interval ([`Metrics::sample_lag`]):
+//! in records from librdkafka's cached high watermark (no broker request), and
+//! in seconds from the timestamps of the records taken but not yet committed.
 //!
 //! A store that talks to its server statement by statement (ScyllaDB) keeps
 //! [`StoreOpMetrics`] of its own, since one store serves every pipeline of a
 //! process; the service registers them into the pipeline's registry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+use rdkafka::consumer::{Consumer, ConsumerContext};
+
+use crate::event::Record;
 
 /// Fine buckets for per-record latency, 0.5 ms to about 35 s in steps of 25%
 /// (so quantiles read from them are within a few percent).
@@ -25,14 +33,60 @@ pub fn record_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.0005, 1.25, 51).expect("static bucket layout")
 }
 
-/// Outcomes of a record; they sum to the records consumed.
+/// Outcomes of a record; per topic, they sum to the records consumed.
 pub const OUTCOMES: [&str; 4] = ["new", "duplicate", "conflict", "dead_letter"];
+
+/// The `reason` label of `kdedup_dead_letters_total`: every [`crate::error::RecordError::reason`].
+pub const DEAD_LETTER_REASONS: [&str; 5] = ["missing_id", "invalid_json", "oversize_id", "conflict", "sink_rejected"];
+
+/// The `kind` label of `kdedup_rebalances_total`.
+pub const REBALANCE_KINDS: [&str; 3] = ["assign", "revoke", "lost"];
+
+/// A counter vector with `N` labels whose `get()` is the sum over all its
+/// series, so callers that count totals (tests, the demo) need not know the
+/// labels; [`Summed::at`] checks the number of label values when it compiles.
+#[derive(Clone)]
+pub struct Summed<const N: usize>(IntCounterVec);
+
+impl<const N: usize> Summed<N> {
+    /// The counter of these label values, in the order the metric declares them.
+    pub fn at(&self, labels: [&str; N]) -> IntCounter {
+        self.0.with_label_values(&labels)
+    }
+
+    /// The sum over every label value seen.
+    pub fn get(&self) -> u64 {
+        self.sum_where(|_| true)
+    }
+
+    /// The sum over the series whose labels pass `keep` (name, value pairs).
+    fn sum_where(&self, keep: impl Fn(&[(&str, &str)]) -> bool) -> u64 {
+        let mut sum = 0.0;
+        for family in self.0.collect() {
+            for m in family.get_metric() {
+                let labels: Vec<(&str, &str)> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+                if keep(&labels) {
+                    sum += m.get_counter().get_value();
+                }
+            }
+        }
+        sum as u64
+    }
+}
 
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    pub consumed: IntCounter,
-    pub records: IntCounterVec,
+    /// `kdedup_records_consumed_total{topic}`; `consumed.get()` sums over topics.
+    pub consumed: Summed<1>,
+    /// `kdedup_records_total{topic,outcome}`; see [`Metrics::outcome`].
+    pub records: Summed<2>,
+    /// `kdedup_dead_letters_total{topic,reason}`.
+    pub dead_letters: Summed<2>,
+    pub rebalances: IntCounterVec,
+    pub lag_records: IntGaugeVec,
+    pub lag_seconds: GaugeVec,
+    pub filter_bytes: IntGauge,
     pub filter: IntCounterVec,
     pub bloom_false_positives: IntCounter,
     pub store_seconds: HistogramVec,
@@ -67,6 +121,63 @@ struct Health {
     source_ready: AtomicBool,
     /// Stalled partitions and since when (seconds since the epoch).
     stalled: Mutex<HashMap<(String, i32), i64>>,
+    /// Per partition, batches taken but not yet committed: (last offset, oldest
+    /// record timestamp in ms), in offset order; for `kdedup_consumer_lag_seconds`.
+    taken: Mutex<HashMap<(String, i32), Taken>>,
+    /// (when, duplicates, records finished), sampled with the lag, for the status
+    /// page's recent duplicate rate; [`HISTORY`] long.
+    history: Mutex<VecDeque<(std::time::Instant, u64, u64)>>,
+}
+
+/// How far back the status page's samples reach; its recent rate spans one minute.
+const HISTORY: std::time::Duration = std::time::Duration::from_secs(300);
+const RECENT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A partition's records taken and not yet committed, for the lag in seconds.
+#[derive(Default)]
+struct Taken {
+    /// Batches in offset order: (last offset, oldest and newest record timestamp in ms).
+    batches: VecDeque<(i64, i64, i64)>,
+    /// The newest timestamp among the records committed so far.
+    committed_ms: Option<i64>,
+}
+
+impl Taken {
+    fn push(&mut self, last: i64, oldest_ms: i64, newest_ms: i64) {
+        let full = self.batches.len() >= TAKEN_BATCHES_MAX;
+        match self.batches.back_mut() {
+            Some(back) if full => *back = (back.0.max(last), back.1, back.2.max(newest_ms)),
+            _ => self.batches.push_back((last, oldest_ms, newest_ms)),
+        }
+    }
+
+    /// Forgets the batches below the committed offset `done` (next to read) and
+    /// returns the lag in seconds: the age of the oldest record taken and not
+    /// committed; with none taken but the partition `behind` (records fetched
+    /// and queued, or not fetched yet), the age of the newest committed record,
+    /// which the next one is no older than; else 0.
+    fn age(&mut self, done: Option<i64>, behind: bool, now_ms: i64) -> f64 {
+        if let Some(done) = done {
+            while let Some(&(_, _, newest)) = self.batches.front().filter(|b| b.0 < done) {
+                self.committed_ms = Some(self.committed_ms.map_or(newest, |c| c.max(newest)));
+                self.batches.pop_front();
+            }
+        }
+        let oldest = match self.batches.front() {
+            Some(&(_, oldest, _)) => Some(oldest),
+            None if behind => self.committed_ms,
+            None => None,
+        };
+        oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0)
+    }
+}
+
+/// Batches remembered per partition for the lag in seconds; past this, later
+/// batches widen the last entry (the oldest one, which the gauge reads, stays exact).
+const TAKEN_BATCHES_MAX: usize = 1024;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Default for Metrics {
@@ -122,22 +233,83 @@ impl Metrics {
             IntGauge::new("kdedup_assigned_partitions", "Partitions this process owns.").expect("static metric");
         registry.register(Box::new(assigned_partitions.clone())).expect("registered once");
 
-        let records = counter_vec(
+        let records = Summed(counter_vec(
             "kdedup_records_total",
-            "Records finished, by outcome: new (effect ran), duplicate, conflict, dead_letter.",
-            &["outcome"],
+            "Records finished, by topic and outcome: new (effect ran), duplicate, conflict, dead_letter; per topic they \
+             sum to kdedup_records_consumed_total.",
+            &["topic", "outcome"],
+        ));
+        let gauge_vec = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["topic", "partition"]).expect("static metric");
+            registry.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let lag_records = gauge_vec(
+            "kdedup_consumer_lag_records",
+            "Records behind, per partition: the high watermark last seen by the consumer minus the committed offset \
+             (minus the low watermark, or 0, before the first commit). Sampled every commit interval.",
         );
-        for outcome in OUTCOMES {
-            records.with_label_values(&[outcome]);
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "kdedup_consumer_lag_seconds",
+                "Age of the oldest record of this partition not yet committed, from Kafka record timestamps: of \
+                 the records taken, the oldest; with none taken but records behind, the newest committed record's \
+                 age (an upper bound); 0 when nothing is behind. Sampled every commit interval.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("static metric");
+        registry.register(Box::new(lag_seconds.clone())).expect("registered once");
+        let filter_bytes = IntGauge::new(
+            "kdedup_filter_bytes",
+            "Memory held by the filter (aging table plus the recent-key cache, estimated from its capacity).",
+        )
+        .expect("static metric");
+        registry.register(Box::new(filter_bytes.clone())).expect("registered once");
+        let build_info = IntGaugeVec::new(
+            Opts::new("kdedup_build_info", "Always 1; the version label names the running build."),
+            &["version"],
+        )
+        .expect("static metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build_info)).expect("registered once");
+        // CPU seconds, resident memory, open and maximum fds, threads, start time (from /proc).
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("registered once");
+        let rebalances = counter_vec(
+            "kdedup_rebalances_total",
+            "Group rebalances seen by this process, by kind: assign, revoke (partitions handed back), lost \
+             (revoked without a hand-back: the group expelled this member).",
+            &["kind"],
+        );
+        for kind in REBALANCE_KINDS {
+            rebalances.with_label_values(&[kind]);
         }
         let filter = counter_vec(
             "kdedup_filter_total",
             "Filter answers: recent_hit (no store call), bloom_hit (store read first), bloom_miss (claim directly).",
             &["result"],
         );
+        for result in ["recent_hit", "bloom_hit", "bloom_miss"] {
+            filter.with_label_values(&[result]);
+        }
         Metrics {
-            consumed: counter("kdedup_records_consumed_total", "Records taken from Kafka."),
+            consumed: Summed(counter_vec(
+                "kdedup_records_consumed_total",
+                "Records taken from Kafka, by topic.",
+                &["topic"],
+            )),
             records,
+            dead_letters: Summed(counter_vec(
+                "kdedup_dead_letters_total",
+                "Records written to the dead-letter topic, by input topic and reason (the kdedup-reason header).",
+                &["topic", "reason"],
+            )),
+            rebalances,
+            lag_records,
+            lag_seconds,
+            filter_bytes,
             filter,
             bloom_false_positives: counter(
                 "kdedup_bloom_false_positives_total",
@@ -209,8 +381,213 @@ impl Metrics {
         }
     }
 
+    /// Records finished with this outcome, over every topic.
     pub fn outcome(&self, outcome: &str) -> u64 {
-        self.records.with_label_values(&[outcome]).get()
+        self.records.sum_where(|labels| labels.contains(&("outcome", outcome)))
+    }
+
+    /// Records consumed, over every topic.
+    pub fn consumed_total(&self) -> u64 {
+        self.consumed.get()
+    }
+
+    /// Dead letters written for this reason, over every topic.
+    pub fn dead_letters_for(&self, reason: &str) -> u64 {
+        self.dead_letters.sum_where(|labels| labels.contains(&("reason", reason)))
+    }
+
+    /// Creates every topic's series at zero, so that rates and sums over them
+    /// exist from the first scrape (not only after the first record).
+    pub fn topics(&self, topics: &[String]) {
+        // A `^regex` subscription names no topic: its series appear with their first records.
+        for topic in topics.iter().filter(|t| !t.starts_with('^')) {
+            self.consumed.at([topic]);
+            for outcome in OUTCOMES {
+                self.records.at([topic, outcome]);
+            }
+            for reason in DEAD_LETTER_REASONS {
+                self.dead_letters.at([topic, reason]);
+            }
+        }
+    }
+
+    /// A batch was taken from a partition queue: counts it, and remembers its
+    /// oldest timestamp until its offsets are committed (the lag in seconds).
+    pub fn taken(&self, tp: &(Arc<str>, i32), records: &[Record]) {
+        self.consumed.at([&*tp.0]).inc_by(records.len() as u64);
+        let Some(last) = records.last().map(|r| r.position.offset) else { return };
+        let stamps = || records.iter().filter_map(|r| r.timestamp_ms).filter(|&t| t > 0);
+        let (oldest, newest) = match (stamps().min(), stamps().max()) {
+            (Some(oldest), Some(newest)) => (oldest, newest),
+            _ => (now_ms(), now_ms()),
+        };
+        let mut taken = self.health.taken.lock().unwrap_or_else(|p| p.into_inner());
+        taken.entry((tp.0.to_string(), tp.1)).or_default().push(last, oldest, newest);
+    }
+
+    /// Dead letters written for these reasons.
+    pub fn dead_lettered<'a>(&self, topic: &str, reasons: impl IntoIterator<Item = &'a str>) {
+        for reason in reasons {
+            self.dead_letters.at([topic, reason]).inc();
+        }
+    }
+
+    /// A rebalance callback ran: `assign`, `revoke` or `lost`.
+    pub fn rebalance(&self, kind: &str) {
+        self.rebalances.with_label_values(&[kind]).inc();
+    }
+
+    fn sample_history(&self) {
+        let now = std::time::Instant::now();
+        let mut history = self.health.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.push_back((now, self.outcome("duplicate"), self.records.get()));
+        while history.front().is_some_and(|&(at, _, _)| now.duration_since(at) > HISTORY) {
+            history.pop_front();
+        }
+    }
+
+    /// Duplicates among the records finished over about the last minute, if any finished.
+    fn recent_duplicate_rate(&self) -> Option<f64> {
+        let history = self.health.history.lock().unwrap_or_else(|p| p.into_inner());
+        let &(now, dup, done) = history.back()?;
+        let &(_, dup0, done0) = history.iter().find(|&&(at, _, _)| now.duration_since(at) <= RECENT)?;
+        (done > done0).then(|| (dup - dup0) as f64 / (done - done0) as f64)
+    }
+
+    /// The status page: a small HTML page, no external assets, rendered from the
+    /// same registry as `/metrics` and refreshed by the browser every 5 s.
+    pub fn status_page(&self) -> String {
+        use std::fmt::Write;
+        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+        let pct = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0));
+        let mut topics: std::collections::BTreeMap<String, [u64; OUTCOMES.len() + 1]> = Default::default();
+        for (labels, v) in series(&self.consumed.0) {
+            topics.entry(labels.get("topic").cloned().unwrap_or_default()).or_default()[0] = v as u64;
+        }
+        for (labels, v) in series(&self.records.0) {
+            let (Some(topic), Some(outcome)) = (labels.get("topic"), labels.get("outcome")) else { continue };
+            if let Some(i) = OUTCOMES.iter().position(|o| o == outcome) {
+                topics.entry(topic.clone()).or_default()[i + 1] = v as u64;
+            }
+        }
+        let ready = self.is_ready();
+        let mut html = String::new();
+        let _ = write!(
+            html,
+            r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>kdedup status</title><style>
+body{{font:14px system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}}
+h1{{font-size:20px}} h2{{font-size:16px;margin-top:1.5em}}
+table{{border-collapse:collapse;background:#fff}} th,td{{border:1px solid #ddd;padding:4px 10px;text-align:right}}
+th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
+.ok{{color:#fff;background:#2a7;padding:2px 8px;border-radius:4px}} .bad{{color:#fff;background:#c33;padding:2px 8px;border-radius:4px}}
+.muted{{color:#777}}
+</style></head><body>
+<h1>kdedup <span class="muted" id="version">{version}</span> <span id="ready" class="{class}">{state}</span></h1>
+<p>Duplicate rate over the last minute: <b id="recent-duplicate-rate">{recent}</b>
+<span class="muted">(all figures since this process started unless said; the page reloads every 5 s; raw numbers on <a href="/metrics">/metrics</a>)</span></p>
+<h2>Records by topic</h2><table id="records"><tr><th>topic</th><th>consumed</th>"#,
+            version = env!("CARGO_PKG_VERSION"),
+            class = if ready { "ok" } else { "bad" },
+            state = if ready { "ready" } else { "not ready" },
+            recent = pct(self.recent_duplicate_rate()),
+        );
+        for o in OUTCOMES {
+            let _ = write!(html, "<th>{o}</th>");
+        }
+        html.push_str("<th>duplicate rate</th></tr>\n");
+        for (topic, counts) in &topics {
+            let finished: u64 = counts[1..].iter().sum();
+            let _ = write!(
+                html,
+                r#"<tr data-topic="{t}"><td>{t}</td><td data-k="consumed">{}</td>"#,
+                counts[0],
+                t = esc(topic)
+            );
+            for (o, n) in OUTCOMES.iter().zip(&counts[1..]) {
+                let _ = write!(html, r#"<td data-k="{o}">{n}</td>"#);
+            }
+            let rate = (finished > 0).then(|| counts[2] as f64 / finished as f64);
+            let _ = writeln!(html, r#"<td data-k="duplicate_rate">{}</td></tr>"#, pct(rate));
+        }
+        html.push_str(
+            "</table>\n<h2>Partitions</h2><table id=\"partitions\"><tr><th>topic</th><th>partition</th>\
+             <th>committed offset</th><th>lag (records)</th><th>lag (seconds)</th><th>state</th></tr>\n",
+        );
+        let mut partitions: std::collections::BTreeMap<(String, i32), [Option<f64>; 3]> = Default::default();
+        for (i, family) in [series(&self.committed_offset), series(&self.lag_records), series(&self.lag_seconds)]
+            .into_iter()
+            .enumerate()
+        {
+            for (labels, v) in family {
+                let (Some(t), Some(p)) = (labels.get("topic"), labels.get("partition").and_then(|p| p.parse().ok()))
+                else {
+                    continue;
+                };
+                partitions.entry((t.clone(), p)).or_default()[i] = Some(v);
+            }
+        }
+        let stalled = self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for ((topic, partition), [committed, lag, lag_secs]) in &partitions {
+            let show = |v: &Option<f64>| v.map_or("–".to_string(), |v| format!("{v}"));
+            let state = match stalled.get(&(topic.clone(), *partition)) {
+                Some(since) => format!(r#"<span class="bad">stalled since {since}</span>"#),
+                None => "progressing".to_string(),
+            };
+            let _ = writeln!(
+                html,
+                r#"<tr data-partition="{t}/{partition}"><td>{t}</td><td>{partition}</td><td data-k="committed">{}</td><td data-k="lag_records">{}</td><td data-k="lag_seconds">{}</td><td>{state}</td></tr>"#,
+                show(committed),
+                show(lag),
+                lag_secs.map_or("–".to_string(), |v| format!("{v:.1}")),
+                t = esc(topic),
+            );
+        }
+        html.push_str("</table>\n</body></html>\n");
+        html
+    }
+
+    /// Committed offsets as last set on `kdedup_committed_offset`.
+    fn committed_offsets(&self) -> HashMap<(String, i32), i64> {
+        let mut out = HashMap::new();
+        for family in self.committed_offset.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string());
+                if let (Some(topic), Some(partition)) = (label("topic"), label("partition")) {
+                    if let Ok(partition) = partition.parse() {
+                        out.insert((topic, partition), m.get_gauge().get_value() as i64);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Updates both lag gauges for the consumer's current assignment; the
+    /// source thread calls it after each periodic commit. Reads librdkafka's
+    /// cached watermarks (updated by every fetch response), so it sends nothing.
+    pub fn sample_lag<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C) {
+        self.sample_history();
+        let Ok(assignment) = consumer.assignment() else { return };
+        let committed = self.committed_offsets();
+        let now = now_ms();
+        let mut taken = self.health.taken.lock().unwrap_or_else(|p| p.into_inner());
+        for e in assignment.elements() {
+            let key = (e.topic().to_string(), e.partition());
+            let labels = [key.0.clone(), key.1.to_string()];
+            let done = committed.get(&key).copied();
+            let mut behind = false;
+            if let Some((low, high)) = cached_watermarks(consumer, e.topic(), e.partition()) {
+                let records = (high - done.unwrap_or(low.max(0))).max(0);
+                self.lag_records.with_label_values(&labels).set(records);
+                behind = records > 0;
+            }
+            let age = taken.get_mut(&key).map_or(0.0, |t| t.age(done, behind, now));
+            self.lag_seconds.with_label_values(&labels).set(age);
+            // Every owned partition has a stalled gauge (0 while it progresses), so that
+            // "how many are stalled" is a number, not an absent series.
+            self.partition_stalled_since.with_label_values(&labels);
+        }
     }
 
     /// The source joined its group (true) or is leaving it (false).
@@ -251,7 +628,11 @@ impl Metrics {
     /// The partition left this process: it no longer counts for readiness.
     pub fn partition_gone(&self, tp: &(Arc<str>, i32)) {
         self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tp.0.to_string(), tp.1));
-        let _ = self.partition_stalled_since.remove_label_values(&[tp.0.to_string(), tp.1.to_string()]);
+        self.health.taken.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tp.0.to_string(), tp.1));
+        let labels = [tp.0.to_string(), tp.1.to_string()];
+        let _ = self.partition_stalled_since.remove_label_values(&labels);
+        let _ = self.lag_records.remove_label_values(&labels);
+        let _ = self.lag_seconds.remove_label_values(&labels);
     }
 
     pub fn render(&self) -> String {
@@ -259,6 +640,44 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
+}
+
+/// Every series of a collector: its labels and value (counter or gauge).
+fn series(collector: &dyn Collector) -> Vec<(HashMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for family in collector.collect() {
+        let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+        for m in family.get_metric() {
+            let labels = m.get_label().iter().map(|l| (l.name().to_string(), l.value().to_string())).collect();
+            let value = if counter { m.get_counter().get_value() } else { m.get_gauge().get_value() };
+            out.push((labels, value));
+        }
+    }
+    out
+}
+
+/// librdkafka's last known (low, high) watermarks of a partition, without a
+/// broker request; None while it has none (no fetch response yet). The high
+/// one moves with every fetch response; the low one only with statistics on.
+fn cached_watermarks<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`; the topic is a valid
+    // C string for the call; librdkafka only writes the two out-parameters.
+    let err = unsafe {
+        rdkafka_sys::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
 }
 
 /// Results of one store statement, the `result` label of `kdedup_store_ops_total`.
@@ -346,11 +765,12 @@ impl MetricsServer {
         let thread = std::thread::Builder::new().name("kdedup-metrics".into()).spawn(move || {
             for request in serving.incoming_requests() {
                 let (status, body, content_type) = match request.url() {
+                    "/" => (200, metrics.status_page(), "text/html; charset=utf-8"),
                     "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
                     "/healthz" => (200, "ok\n".to_string(), "text/plain"),
                     "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
                     "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
-                    _ => (404, "try /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
+                    _ => (404, "try /, /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
                 };
                 let header =
                     tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
@@ -368,5 +788,127 @@ impl Drop for MetricsServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::RecordError;
+    use crate::event::Position;
+
+    fn record(topic: &Arc<str>, offset: i64, timestamp_ms: i64) -> Record {
+        Record {
+            position: Position { topic: topic.clone(), partition: 0, offset },
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            timestamp_ms: Some(timestamp_ms),
+        }
+    }
+
+    #[test]
+    fn outcomes_by_topic_sum_to_consumed() {
+        let m = Metrics::new();
+        m.topics(&["a".to_string(), "b".to_string()]);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        m.taken(&(a.clone(), 0), &[record(&a, 0, 1), record(&a, 1, 1), record(&a, 2, 1)]);
+        m.taken(&(b.clone(), 0), &[record(&b, 0, 1), record(&b, 1, 1)]);
+        m.records.at(["a", "new"]).inc_by(2);
+        m.records.at(["a", "duplicate"]).inc();
+        m.records.at(["b", "new"]).inc();
+        m.records.at(["b", "dead_letter"]).inc();
+        assert_eq!(m.outcome("new"), 3, "new summed over both topics");
+        assert_eq!(m.outcome("duplicate"), 1);
+        assert_eq!(m.consumed.get(), 5);
+        assert_eq!(m.consumed_total(), 5);
+        let sum: u64 = OUTCOMES.iter().map(|o| m.outcome(o)).sum();
+        assert_eq!(sum, m.consumed_total());
+        let text = m.render();
+        assert!(text.contains(r#"kdedup_records_total{outcome="new",topic="a"} 2"#), "{text}");
+        assert!(text.contains(r#"kdedup_records_consumed_total{topic="b"} 2"#), "{text}");
+        assert!(text.contains(r#"kdedup_records_total{outcome="conflict",topic="b"} 0"#), "pre-created: {text}");
+    }
+
+    #[test]
+    fn dead_letter_reasons_are_every_record_error_reason() {
+        let errors = [
+            RecordError::MissingId(String::new()),
+            RecordError::InvalidJson(String::new()),
+            RecordError::OversizeId { len: 1, max: 0 },
+            RecordError::Conflict { stored: String::new() },
+            RecordError::SinkRejected(String::new()),
+        ];
+        let reasons: Vec<&str> = errors.iter().map(RecordError::reason).collect();
+        assert_eq!(reasons, DEAD_LETTER_REASONS);
+        let m = Metrics::new();
+        m.dead_lettered("t", ["invalid_json", "invalid_json", "missing_id"]);
+        assert_eq!(m.dead_letters_for("invalid_json"), 2);
+        assert_eq!(m.dead_letters_for("missing_id"), 1);
+        assert_eq!(m.dead_letters.get(), 3);
+    }
+
+    #[test]
+    fn lag_seconds_is_the_age_of_the_oldest_uncommitted_batch() {
+        let mut t = Taken::default();
+        t.push(9, 1_000, 2_000);
+        t.push(19, 5_000, 6_000);
+        t.push(29, 7_000, 8_000);
+        assert_eq!(t.age(None, true, 11_000), 10.0, "nothing committed yet");
+        assert_eq!(t.age(Some(10), true, 11_000), 6.0, "offsets 0..=9 committed");
+        assert_eq!(t.age(Some(15), true, 11_000), 6.0, "a batch half committed still counts");
+        assert_eq!(t.age(Some(30), false, 11_000), 0.0, "everything taken is committed, nothing behind");
+        assert!(t.batches.is_empty());
+        assert_eq!(t.age(Some(30), true, 11_000), 3.0, "behind with nothing taken: the newest committed record's age");
+        t.push(39, 10_000, 10_500);
+        assert_eq!(t.age(Some(30), true, 11_000), 1.0, "taken again: the oldest uncommitted record");
+    }
+
+    #[test]
+    fn taken_batches_stay_bounded_and_keep_the_oldest() {
+        let m = Metrics::new();
+        let t: Arc<str> = Arc::from("t");
+        for i in 0..(TAKEN_BATCHES_MAX as i64 + 10) {
+            m.taken(&(t.clone(), 0), &[record(&t, i, 1_000 + i)]);
+        }
+        let mut taken = m.health.taken.lock().unwrap();
+        let batches = &taken.get_mut(&("t".to_string(), 0)).unwrap().batches;
+        assert_eq!(batches.len(), TAKEN_BATCHES_MAX);
+        assert_eq!(batches.front(), Some(&(0, 1_000, 1_000)));
+        assert_eq!(batches.back().map(|b| b.0), Some(TAKEN_BATCHES_MAX as i64 + 9), "the last entry widened");
+    }
+
+    #[test]
+    fn the_status_page_shows_counts_partitions_and_readiness_escaped() {
+        let m = Metrics::new();
+        let t: Arc<str> = Arc::from("a<b");
+        m.topics(&["a<b".to_string()]);
+        m.taken(&(t.clone(), 3), &[record(&t, 0, 1), record(&t, 1, 1), record(&t, 2, 1), record(&t, 3, 1)]);
+        m.records.at(["a<b", "new"]).inc_by(3);
+        m.records.at(["a<b", "duplicate"]).inc();
+        m.committed_offset.with_label_values(&["a<b", "3"]).set(4);
+        m.partition_stalled(&(t.clone(), 3));
+        let page = m.status_page();
+        assert!(page.contains(r#"<tr data-topic="a&lt;b"><td>a&lt;b</td><td data-k="consumed">4</td>"#), "{page}");
+        assert!(page.contains(r#"<td data-k="new">3</td><td data-k="duplicate">1</td>"#), "{page}");
+        assert!(page.contains(r#"<td data-k="duplicate_rate">25.0%</td>"#), "{page}");
+        assert!(page.contains(r#"<td data-k="committed">4</td>"#), "{page}");
+        assert!(page.contains("stalled since"), "{page}");
+        assert!(page.contains(r#"id="ready" class="bad">not ready<"#), "not in a group yet: {page}");
+        assert!(!page.contains("a<b"), "topic names are escaped");
+        assert!(!page.contains("http://") && !page.contains("https://"), "no external assets");
+    }
+
+    #[test]
+    fn build_info_rebalances_and_process_metrics_are_exported() {
+        let m = Metrics::new();
+        m.rebalance("assign");
+        let text = m.render();
+        assert!(text.contains(&format!("kdedup_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+        assert!(text.contains(r#"kdedup_rebalances_total{kind="assign"} 1"#), "{text}");
+        assert!(text.contains(r#"kdedup_rebalances_total{kind="lost"} 0"#), "{text}");
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+        assert!(text.contains("process_open_fds"), "{text}");
+        assert!(text.contains("process_cpu_seconds_total"), "{text}");
     }
 }

@@ -497,7 +497,7 @@ impl PartitionTask {
     async fn process_batch(&mut self, records: Vec<Record>, arrived: Instant, held: &Held) -> Result<(), Stop> {
         let s = self.stages.clone();
         let started_ms = now_ms();
-        s.metrics.consumed.inc_by(records.len() as u64);
+        s.metrics.taken(&self.tp, &records);
         let offsets: Vec<i64> = records.iter().map(|r| r.position.offset).collect();
         for &o in &offsets {
             if let Err(e) = self.tracker.begin(o) {
@@ -930,6 +930,7 @@ impl PartitionTask {
         for landed in self.write_side(Side::DeadLetter, &dead_letters, |batch| s.side.dead_letter(batch)).await? {
             OutputMark::advance(&mut self.logs.dead_letter, landed);
         }
+        s.metrics.dead_lettered(&self.tp.0, dead.iter().map(|(_, e)| e.reason()));
         if s.side.duplicates.is_some() {
             self.write_side(Side::Duplicates, &dups, |batch| s.side.duplicates(batch)).await?;
         }
@@ -972,11 +973,12 @@ impl PartitionTask {
             };
             counts[outcome] += 1;
         }
+        s.metrics.filter_bytes.set(filter.memory_bytes() as i64);
         drop(filter);
         // Indexes follow OUTCOMES: new, duplicate, conflict, dead_letter.
         for (outcome, n) in OUTCOMES.iter().zip(counts) {
             if n > 0 {
-                s.metrics.records.with_label_values(&[outcome]).inc_by(n);
+                s.metrics.records.at([&self.tp.0, outcome]).inc_by(n);
             }
         }
         Ok(())

@@ -46,6 +46,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     if let Some(ops) = store.op_metrics() {
         metrics.register_store_ops(ops);
     }
+    metrics.topics(&config.kafka.topics);
     let writer =
         KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
     let sink = match &config.sink {

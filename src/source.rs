@@ -107,6 +107,7 @@ impl SourceContext {
         };
         let partitions = self.tp_list(tpl);
         info!(partitions = ?partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>(), "partitions assigned");
+        self.metrics.rebalance("assign");
         let resumes = self.resumes(base, tpl);
         for tp in partitions {
             match consumer.split_partition_queue(&tp.0, tp.1) {
@@ -170,6 +171,7 @@ impl SourceContext {
         let partitions = self.tp_list(tpl);
         let abandon = self.abandon.load(Ordering::SeqCst);
         info!(partitions = partitions.len(), abandon, lost = base.assignment_lost(), "partitions revoked; draining");
+        self.metrics.rebalance(if base.assignment_lost() { "lost" } else { "revoke" });
         self.handler.revoked(&partitions);
         if !abandon {
             commit(base, &self.book, &self.metrics, Some(&partitions));
@@ -345,7 +347,10 @@ fn poll_loop(
         loop {
             tokio::select! {
                 mode = &mut stop => break mode.unwrap_or(StopMode::Abandon),
-                _ = tick.tick() => commit(&*consumer, &book, &metrics, None),
+                _ = tick.tick() => {
+                    commit(&*consumer, &book, &metrics, None);
+                    metrics.sample_lag(&*consumer);
+                }
                 message = consumer.recv() => match message {
                     // Partition queues are split before assignment, so this is not expected.
                     // Hold that partition's commits below this record: it is redelivered

@@ -144,7 +144,9 @@ async fn run_serves_metrics_and_drains_commits_and_exits_zero_on_sigterm() {
     // Outcomes are counted when a record is finished (consumed is counted on arrival).
     wait_for("every record finished, per /metrics", Duration::from_secs(60), || async {
         scrape("/metrics").await.is_some_and(|(_, body)| {
-            let outcome = |o: &str| metric(&body, &format!("kdedup_records_total{{outcome=\"{o}\"}}")).unwrap_or(0.0);
+            let outcome = |o: &str| {
+                metric(&body, &format!("kdedup_records_total{{outcome=\"{o}\",topic=\"{INPUT}\"}}")).unwrap_or(0.0)
+            };
             outcome("new") + outcome("duplicate") == 3_500.0
         })
     })
@@ -154,8 +156,8 @@ async fn run_serves_metrics_and_drains_commits_and_exits_zero_on_sigterm() {
     let (status, _) = scrape("/readyz").await.unwrap();
     assert_eq!(status, 200, "ready while it owns partitions and the store answers");
     let (_, body) = scrape("/metrics").await.unwrap();
-    assert_eq!(metric(&body, r#"kdedup_records_total{outcome="new"}"#), Some(3_000.0));
-    assert_eq!(metric(&body, r#"kdedup_records_total{outcome="duplicate"}"#), Some(500.0));
+    assert_eq!(metric(&body, r#"kdedup_records_total{outcome="new",topic="in"}"#), Some(3_000.0));
+    assert_eq!(metric(&body, r#"kdedup_records_total{outcome="duplicate",topic="in"}"#), Some(500.0));
 
     // SIGTERM: drain, commit, exit 0.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

@@ -7,6 +7,7 @@ mod dead_letter;
 mod group;
 mod hostile;
 mod leases;
+mod observe;
 mod outage;
 mod path;
 mod reconcile;
