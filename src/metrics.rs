@@ -105,6 +105,7 @@ pub struct Metrics {
     pub lease_takeovers: IntCounter,
     pub leases_lost: IntCounter,
     pub claims_given_back: IntCounter,
+    pub reconciliations_incomplete: IntCounter,
     pub possible_repeats: IntCounter,
     pub partition_panics: IntCounter,
     pub side_refusals: IntCounterVec,
@@ -341,6 +342,10 @@ impl Metrics {
             leases_lost: counter(
                 "kdedup_leases_lost_total",
                 "Lease renewals refused: another owner took the claim over while this one held it.",
+            ),
+            reconciliations_incomplete: counter(
+                "kdedup_reconciliations_incomplete_total",
+                "Reconciliations that could not read the whole log back (a bound, or retention): resumed claims there run again, marked.",
             ),
             claims_given_back: counter(
                 "kdedup_claims_given_back_total",
@@ -800,6 +805,7 @@ mod tests {
     fn record(topic: &Arc<str>, offset: i64, timestamp_ms: i64) -> Record {
         Record {
             position: Position { topic: topic.clone(), partition: 0, offset },
+            bad_header: None,
             key: None,
             payload: None,
             headers: Vec::new(),

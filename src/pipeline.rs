@@ -426,6 +426,9 @@ impl PartitionTask {
                     if !found.emitted.is_empty() || !found.dead_lettered.is_empty() {
                         info!(topic = %self.tp.0, partition = self.tp.1, emitted = found.emitted.len(), dead_lettered = found.dead_lettered.len(), secs, "writes after the last commit found; they will not be made again");
                     }
+                    if !found.complete {
+                        self.stages.metrics.reconciliations_incomplete.inc();
+                    }
                     self.reached_before = found.emitted.iter().chain(&found.dead_lettered).max().copied();
                     self.emitted = found.emitted;
                     self.dead_lettered = found.dead_lettered;
