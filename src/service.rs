@@ -46,8 +46,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     if let Some(ops) = store.op_metrics() {
         metrics.register_store_ops(ops);
     }
-    let writer =
-        KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
+    let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
     let sink = match &config.sink {
         SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
             KafkaSink::new(writer.clone(), topic, *partitioning)
@@ -88,7 +87,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         book: book.clone(),
         config: config.pipeline.clone(),
         faults: options.faults,
-        reconciler: Reconciler::new(&config.kafka.brokers, &config.key.scope),
+        reconciler: Reconciler::new(&config.kafka, &config.key.scope),
         lease: config.retention.lease,
         liveness: liveness.clone(),
         fatal: fatal.clone(),
