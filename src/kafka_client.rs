@@ -13,9 +13,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
@@ -177,32 +178,76 @@ pub struct ProbeError {
     pub security: bool,
 }
 
-/// Keeps the errors librdkafka reports while probing (they say *why* metadata timed out).
+/// Keeps what librdkafka reports while probing (it says *why* metadata timed out): its
+/// error events and its warning-or-worse log lines (a consumer's error events lose their
+/// reason text, its log lines keep it: "ssl://host:port/bootstrap: SSL handshake failed: …").
 #[derive(Default)]
 pub struct ProbeContext {
-    errors: Mutex<Vec<(KafkaError, String)>>,
+    reports: Mutex<Vec<Report>>,
+}
+
+struct Report {
+    code: Option<rdkafka::types::RDKafkaErrorCode>,
+    text: String,
+}
+
+impl ProbeContext {
+    fn keep(&self, code: Option<rdkafka::types::RDKafkaErrorCode>, text: String) {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        if reports.len() < 32 && !reports.iter().any(|r| r.text == text) {
+            reports.push(Report { code, text });
+        }
+    }
 }
 
 impl ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", fac, "{message}");
+        use RDKafkaLogLevel as L;
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error | L::Warning) {
+            self.keep(None, message.to_string());
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::debug!(%error, reason, "librdkafka reported an error while probing");
-        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
-        if errors.len() < 16 {
-            errors.push((error, reason.to_string()));
-        }
+        let text = if reason.is_empty() { error.to_string() } else { reason.to_string() };
+        self.keep(error.rdkafka_error_code(), text);
     }
 }
 
 impl ConsumerContext for ProbeContext {}
 
-fn is_security_failure(error: &KafkaError, reason: &str) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(C::SSL | C::Authentication | C::SaslAuthenticationFailed | C::UnsupportedSASLMechanism)
-    ) || reason.contains("SSL handshake failed")
-        || reason.contains("SASL authentication")
+impl Report {
+    fn is_security_failure(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        matches!(
+            self.code,
+            Some(C::SSL | C::Authentication | C::SaslAuthenticationFailed | C::UnsupportedSASLMechanism)
+        ) || self.text.contains("SSL handshake failed")
+            || self.text.contains("SASL authentication")
+            || self.text.contains("SASL handshake")
+            || self.text.contains("Authentication failed")
+    }
 }
+
+/// Before `kdedup run` builds its clients: fails, with librdkafka's reason, when TLS or SASL
+/// fails (those settings will not start working by waiting). Brokers that are merely
+/// unreachable are left to the clients' own retries and errors.
+pub fn preflight(kafka: &KafkaConfig) -> Result<(), ProbeError> {
+    match probe(&KafkaClients::from(kafka), &kafka.topics, Duration::from_secs(10)) {
+        Err(e) if e.security => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "Kafka does not answer yet");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
+/// One metadata request of a probe waits at most this long before the probe looks at what
+/// librdkafka reported.
+const ROUND: Duration = Duration::from_millis(1000);
 
 /// Fetches metadata for `topics` (all topics when empty) within `timeout`, with the
 /// reader's settings. Errors carry librdkafka's own reason, e.g. "ssl://127.0.0.1:9093/bootstrap:
@@ -214,29 +259,41 @@ pub fn probe(clients: &KafkaClients, topics: &[String], timeout: Duration) -> Re
         .create_with_context(ProbeContext::default())
         .map_err(|e| fail(format!("invalid client settings: {e}"), false))?;
     let reported = |consumer: &BaseConsumer<ProbeContext>| {
-        let errors = consumer.context().errors.lock().unwrap_or_else(|p| p.into_inner());
-        let security = errors.iter().any(|(e, r)| is_security_failure(e, r));
-        // The most telling report first: a security failure over a plain disconnect.
-        let mut reasons: Vec<String> = Vec::new();
-        for (e, r) in errors.iter().filter(|(e, r)| !security || is_security_failure(e, r)) {
-            let text = if r.is_empty() { e.to_string() } else { r.clone() };
-            if !reasons.contains(&text) {
-                reasons.push(text);
+        let reports = consumer.context().reports.lock().unwrap_or_else(|p| p.into_inner());
+        let security = reports.iter().any(Report::is_security_failure);
+        // The telling reports only: a failed handshake, not the disconnects that follow it.
+        let texts: Vec<&str> =
+            reports.iter().filter(|r| !security || r.is_security_failure()).map(|r| r.text.as_str()).collect();
+        (texts.join("; "), security)
+    };
+    // librdkafka queues its logs and errors until the client is polled, and a failed TLS
+    // handshake only shows as a metadata timeout: ask in short rounds, serve the queue between
+    // them, and stop as soon as a security failure was reported (waiting will not fix it).
+    let deadline = Instant::now() + timeout;
+    let serve = |consumer: &BaseConsumer<ProbeContext>| {
+        for _ in 0..1000 {
+            if consumer.poll(Duration::ZERO).is_none() {
+                break;
             }
         }
-        (reasons.join("; "), security)
     };
-    let metadata = if topics.len() == 1 {
-        consumer.fetch_metadata(Some(&topics[0]), timeout)
-    } else {
-        consumer.fetch_metadata(None, timeout)
-    };
-    let metadata = match metadata {
-        Ok(m) => m,
-        Err(e) => {
-            let (reasons, security) = reported(&consumer);
-            let cause = if reasons.is_empty() { format!("{e} after {timeout:?}") } else { reasons };
-            return Err(fail(cause, security));
+    let metadata = loop {
+        let round = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), ROUND);
+        let answer = if topics.len() == 1 {
+            consumer.fetch_metadata(Some(&topics[0]), round)
+        } else {
+            consumer.fetch_metadata(None, round)
+        };
+        serve(&consumer);
+        match answer {
+            Ok(m) => break m,
+            Err(e) => {
+                let (reasons, security) = reported(&consumer);
+                if security || Instant::now() >= deadline {
+                    let cause = if reasons.is_empty() { format!("{e} after {timeout:?}") } else { reasons };
+                    return Err(fail(cause, security));
+                }
+            }
         }
     };
     // A failed TLS handshake on one bootstrap address may still leave another working:

@@ -15,9 +15,11 @@
 //! [`reconcile`] finds effects that ran after the last commit when a partition
 //! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
 //! [`config::Config`]; [`cli`] is the command line; [`demo`] and [`mock`] run the
-//! whole path in-process; [`bench`] measures it against a plain passthrough.
+//! whole path in-process; [`bench`] measures it against a plain passthrough; [`check`] asks every
+//! dependency of a config whether `run` would work.
 
 pub mod bench;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod demo;

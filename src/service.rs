@@ -46,6 +46,11 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     if let Some(ops) = store.op_metrics() {
         metrics.register_store_ops(ops);
     }
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || crate::kafka_client::preflight(&kafka)).await?.context(
+        "cannot connect to Kafka securely (check security.protocol, ssl.* and sasl.* in [kafka.client] / \
+         [kafka.consumer] / [kafka.producer])",
+    )?;
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
     let sink = match &config.sink {
         SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
