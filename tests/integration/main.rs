@@ -11,4 +11,5 @@ mod reconcile;
 mod restart;
 mod store_contract;
 mod store_crash;
+mod tls;
 mod utils;
