@@ -4,6 +4,7 @@
 mod cli;
 mod dead_letter;
 mod group;
+mod kubernetes;
 mod leases;
 mod outage;
 mod path;
