@@ -1281,6 +1281,24 @@ mod secret_tests {
     }
 
     #[test]
+    fn the_scylla_password_comes_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = secret_file(&dir, "scylla", "s3cr3t-scylla\n");
+        let text = format!(
+            "{BASE}\n[store]\nkind = \"scylla\"\ncontact_points = [\"10.0.0.5:9042\"]\n\
+             local_datacenter = \"dc1\"\nusername = \"kdedup\"\npassword_file = \"{password}\"\n"
+        );
+        let c = load(&text, &[]).unwrap();
+        match &c.store {
+            StoreConfig::Scylla(s) => {
+                assert_eq!(s.credentials, Some(("kdedup".to_string(), "s3cr3t-scylla".to_string())))
+            }
+            other => panic!("not scylla: {other:?}"),
+        }
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
     fn a_secret_file_can_be_named_from_the_environment() {
         let dir = tempfile::tempdir().unwrap();
         let sasl = secret_file(&dir, "sasl", "from-env-file");
