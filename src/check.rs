@@ -90,6 +90,9 @@ pub async fn run(path: &Path) -> Report {
                 Status::Ok,
                 format!("{} answered over {protocol}: {} broker(s) in the cluster", clients.brokers(), probe.brokers),
             ));
+            if clients.producer_connects_differently() {
+                checks.push(producer_check(&clients).await);
+            }
             checks.extend(topic_checks(&config, &probe.topics));
         }
         Ok(Err(e)) => {
@@ -108,6 +111,20 @@ pub async fn run(path: &Path) -> Report {
     checks.push(store_check(&config).await);
     checks.push(metrics_check(&config));
     finish(path, settings, checks)
+}
+
+/// `[kafka.producer]` connects with other settings (its own TLS or SASL): ask with those too.
+async fn producer_check(clients: &KafkaClients) -> Check {
+    let clients = clients.clone();
+    let probe = tokio::task::spawn_blocking(move || {
+        kafka_client::probe_as(&clients, kafka_client::ProbeAs::Producer, &[], BROKER_TIMEOUT)
+    })
+    .await;
+    match probe {
+        Ok(Ok(_)) => check("producer", Status::Ok, "answered with [kafka.producer]'s own connection settings"),
+        Ok(Err(e)) => check("producer", Status::Fail, format!("with [kafka.producer]'s settings: {e}")),
+        Err(e) => check("producer", Status::Fail, format!("the probe did not finish: {e}")),
+    }
 }
 
 fn finish(path: &Path, settings: serde_json::Value, checks: Vec<Check>) -> Report {

@@ -19,6 +19,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::error::KafkaResult;
+use rdkafka::metadata::Metadata;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
@@ -234,60 +237,140 @@ impl Report {
 /// fails (those settings will not start working by waiting). Brokers that are merely
 /// unreachable are left to the clients' own retries and errors.
 pub fn preflight(kafka: &KafkaConfig) -> Result<(), ProbeError> {
-    match probe(&KafkaClients::from(kafka), &kafka.topics, Duration::from_secs(10)) {
-        Err(e) if e.security => Err(e),
-        Err(e) => {
-            tracing::warn!(error = %e, "Kafka does not answer yet");
-            Ok(())
-        }
-        Ok(_) => Ok(()),
+    let clients = KafkaClients::from(kafka);
+    let mut roles = vec![ProbeAs::Consumer];
+    if clients.producer_connects_differently() {
+        roles.push(ProbeAs::Producer);
     }
+    for role in roles {
+        match probe_as(&clients, role, &kafka.topics, Duration::from_secs(10)) {
+            Err(e) if e.security => return Err(e),
+            Err(e) => tracing::warn!(error = %e, ?role, "Kafka does not answer yet"),
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// One metadata request of a probe waits at most this long before the probe looks at what
 /// librdkafka reported.
 const ROUND: Duration = Duration::from_millis(1000);
 
-/// Fetches metadata for `topics` (all topics when empty) within `timeout`, with the
-/// reader's settings. Errors carry librdkafka's own reason, e.g. "ssl://127.0.0.1:9093/bootstrap:
-/// SSL handshake failed: … certificate verify failed".
-pub fn probe(clients: &KafkaClients, topics: &[String], timeout: Duration) -> Result<Probe, ProbeError> {
-    let fail = |cause: String, security: bool| ProbeError { brokers: clients.brokers.clone(), cause, security };
-    let consumer: BaseConsumer<ProbeContext> = clients
-        .reader("kdedup-probe")
-        .create_with_context(ProbeContext::default())
-        .map_err(|e| fail(format!("invalid client settings: {e}"), false))?;
-    let reported = |consumer: &BaseConsumer<ProbeContext>| {
-        let reports = consumer.context().reports.lock().unwrap_or_else(|p| p.into_inner());
+/// Which client's settings a probe connects with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeAs {
+    /// The readers' settings: `[kafka.client]` and `[kafka.consumer]`'s connection properties.
+    Consumer,
+    /// The producer's: `[kafka.client]` and `[kafka.producer]`.
+    Producer,
+}
+
+enum ProbeClient {
+    Consumer(BaseConsumer<ProbeContext>),
+    Producer(BaseProducer<ProbeContext>),
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+impl ProbeClient {
+    fn context(&self) -> &ProbeContext {
+        match self {
+            ProbeClient::Consumer(c) => c.context(),
+            ProbeClient::Producer(p) => p.context(),
+        }
+    }
+
+    fn fetch_metadata(&self, topic: Option<&str>, timeout: Duration) -> KafkaResult<Metadata> {
+        match self {
+            ProbeClient::Consumer(c) => c.fetch_metadata(topic, timeout),
+            ProbeClient::Producer(p) => p.client().fetch_metadata(topic, timeout),
+        }
+    }
+
+    /// Serves librdkafka's queued events, so its logs and errors reach the context.
+    fn serve(&self) {
+        // A consumer's `poll` answers `None` both for an empty queue and for an event it
+        // handled itself (a log line, an error): no way to tell them apart, so drain a bounded number.
+        for _ in 0..2000 {
+            match self {
+                ProbeClient::Consumer(c) => drop(c.poll(Duration::ZERO)),
+                ProbeClient::Producer(p) => p.poll(Duration::ZERO),
+            }
+        }
+    }
+
+    /// The telling reports and whether one was a TLS/SASL failure (then only those: a failed
+    /// handshake, not the disconnects that follow it).
+    fn reported(&self) -> (String, bool) {
+        let reports = self.context().reports.lock().unwrap_or_else(|p| p.into_inner());
         let security = reports.iter().any(Report::is_security_failure);
-        // The telling reports only: a failed handshake, not the disconnects that follow it.
         let texts: Vec<&str> =
             reports.iter().filter(|r| !security || r.is_security_failure()).map(|r| r.text.as_str()).collect();
         (texts.join("; "), security)
+    }
+}
+
+impl KafkaClients {
+    /// Connection properties a client with this role ends up with.
+    fn connection(&self, role: ProbeAs) -> BTreeMap<&str, &str> {
+        let own = match role {
+            ProbeAs::Consumer => &self.consumer,
+            ProbeAs::Producer => &self.producer,
+        };
+        self.client
+            .iter()
+            .chain(own)
+            .filter(|(k, _)| is_connection_property(k))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    /// Whether the producer connects with other settings than the readers (then both need probing).
+    pub fn producer_connects_differently(&self) -> bool {
+        self.connection(ProbeAs::Consumer) != self.connection(ProbeAs::Producer)
+    }
+}
+
+/// Fetches metadata for `topics` (all topics when empty) within `timeout`, with the
+/// readers' settings. Errors carry librdkafka's own reason, e.g. "ssl://127.0.0.1:9093/bootstrap:
+/// SSL handshake failed: … certificate verify failed".
+pub fn probe(clients: &KafkaClients, topics: &[String], timeout: Duration) -> Result<Probe, ProbeError> {
+    probe_as(clients, ProbeAs::Consumer, topics, timeout)
+}
+
+/// [`probe`] with the settings of `role`.
+pub fn probe_as(
+    clients: &KafkaClients,
+    role: ProbeAs,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Probe, ProbeError> {
+    let fail = |cause: String, security: bool| ProbeError { brokers: clients.brokers.clone(), cause, security };
+    let invalid = |e: KafkaError| fail(format!("invalid client settings: {e}"), false);
+    let client = match role {
+        ProbeAs::Consumer => ProbeClient::Consumer(
+            clients.reader("kdedup-probe").create_with_context(ProbeContext::default()).map_err(invalid)?,
+        ),
+        ProbeAs::Producer => {
+            ProbeClient::Producer(clients.producer().create_with_context(ProbeContext::default()).map_err(invalid)?)
+        }
     };
     // librdkafka queues its logs and errors until the client is polled, and a failed TLS
     // handshake only shows as a metadata timeout: ask in short rounds, serve the queue between
     // them, and stop as soon as a security failure was reported (waiting will not fix it).
     let deadline = Instant::now() + timeout;
-    let serve = |consumer: &BaseConsumer<ProbeContext>| {
-        // `poll` answers `None` both for an empty queue and for an event it handled itself
-        // (a log line, an error): no way to tell them apart, so drain a bounded number.
-        for _ in 0..2000 {
-            let _ = consumer.poll(Duration::ZERO);
-        }
-    };
+    let one = (topics.len() == 1).then(|| topics[0].as_str());
     let metadata = loop {
         let round = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), ROUND);
-        let answer = if topics.len() == 1 {
-            consumer.fetch_metadata(Some(&topics[0]), round)
-        } else {
-            consumer.fetch_metadata(None, round)
-        };
-        serve(&consumer);
+        let answer = client.fetch_metadata(one, round);
+        client.serve();
         match answer {
             Ok(m) => break m,
             Err(e) => {
-                let (reasons, security) = reported(&consumer);
+                let (reasons, security) = client.reported();
                 if security || Instant::now() >= deadline {
                     let cause = if reasons.is_empty() { format!("{e} after {timeout:?}") } else { reasons };
                     return Err(fail(cause, security));
@@ -297,7 +380,7 @@ pub fn probe(clients: &KafkaClients, topics: &[String], timeout: Duration) -> Re
     };
     // A failed TLS handshake on one bootstrap address may still leave another working:
     // metadata answered, so it is only worth a warning.
-    let (reasons, _) = reported(&consumer);
+    let (reasons, _) = client.reported();
     if !reasons.is_empty() {
         tracing::warn!(brokers = %clients.brokers, reasons, "Kafka answered, but some connections failed");
     }

@@ -243,6 +243,25 @@ async fn a_wrong_ca_is_refused_with_an_error_naming_the_broker_and_the_tls_failu
     assert_eq!(broker["status"], "fail", "{report}");
     let detail = broker["detail"].as_str().unwrap();
     assert!(detail.contains(&tls.broker) && detail.contains("certificate verify failed"), "{detail}");
+
+    // Only the producer's CA is wrong: the readers connect, the producer is still probed.
+    let mut c = kdedup(&tls, &topics, &dir.path().join("store"), &["check", "--json"]);
+    tls_per_section(&mut c, &tls.ca);
+    c.env("KDEDUP_KAFKA__PRODUCER__SSL_CA_LOCATION", &wrong);
+    let out = exit_within(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = |name: &str| report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned();
+    assert_eq!(status("broker").unwrap()["status"], "ok", "{report}");
+    let producer = status("producer").unwrap_or_else(|| panic!("no producer check: {report}"));
+    assert_eq!(producer["status"], "fail", "{report}");
+    assert!(producer["detail"].as_str().unwrap().contains("certificate verify failed"), "{producer}");
+    let mut c = kdedup(&tls, &topics, &dir.path().join("store"), &["run"]);
+    tls_per_section(&mut c, &tls.ca);
+    c.env("KDEDUP_KAFKA__PRODUCER__SSL_CA_LOCATION", &wrong);
+    let out = exit_within(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("certificate verify failed"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
