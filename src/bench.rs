@@ -403,7 +403,7 @@ async fn passthrough(
     let consumer: StreamConsumer =
         source::consumer_config(&kafka).create().context("creating the passthrough consumer")?;
     consumer.subscribe(&[input])?;
-    let writer = KafkaWriter::new(&kafka.brokers, &kafka.producer)?;
+    let writer = KafkaWriter::new(&(&kafka).into())?;
     let partitions = ends.len() as i32;
     let batch_max = config.pipeline.batch_max.get();
     let mut inflight = FuturesOrdered::new();

@@ -1,4 +1,4 @@
-//! The command line: `run`, `demo`, `bench`, `inspect`, `forget`, `schema`.
+//! The command line: `run`, `check`, `demo`, `bench`, `inspect`, `forget`, `schema`.
 
 use std::path::PathBuf;
 
@@ -139,6 +139,25 @@ pub enum Command {
         /// Topics to create, as NAME:PARTITIONS.
         topics: Vec<String>,
     },
+    /// Check a config before deploying it: validate it, print the effective settings (secrets
+    /// redacted), then ask each dependency. Exit 0 when every check passes, 1 otherwise.
+    #[command(long_about = "Check a config before deploying it, or when `kdedup run` will not start.\n\n\
+        Validates the config (with its KDEDUP_… environment overrides and *.file secrets), prints the settings \
+        `kdedup run` would use with every password and key redacted, then checks, in order: the brokers answer \
+        (including the TLS handshake and SASL authentication; the error names the broker and what librdkafka \
+        reported), the input, output, dead-letter and duplicates topics exist and their partition counts, the \
+        output and dead-letter partitioning lets a partition's next owner reconcile its writes, the store is \
+        reachable and its schema applied, and the metrics address is free.\n\n\
+        Each line says ok, warn (works, but read it), FAIL (run would not start or not work) or skip (needs a \
+        check that failed). Exit 0 when nothing failed, 1 otherwise; --json prints one object for scripts.")]
+    Check {
+        /// The TOML config file to check.
+        #[arg(long, short, env = "KDEDUP_CONFIG")]
+        config: PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the store holds for an event ID.
     Inspect(KeyArgs),
     /// Delete an event ID from the store so its next delivery runs the effect again.
@@ -191,6 +210,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let options = RunOptions { metrics: Metrics::new(), serve_metrics: true, ..RunOptions::default() };
             service::run(&config, options, shutdown_signal()).await?;
             Ok(0)
+        }
+        Command::Check { config, json } => {
+            let report = crate::check::run(&config).await;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                crate::check::print(&report);
+            }
+            Ok(if report.ok { 0 } else { 1 })
         }
         Command::Demo { events, duplicate_rate, cross_partition_rate, partitions, seed, json } => {
             if !(0.0..=0.9).contains(&duplicate_rate) {

@@ -83,6 +83,9 @@ struct KafkaSection {
     group_id: String,
     #[serde(deserialize_with = "string_list")]
     topics: Vec<String>,
+    /// librdkafka properties for every client kdedup makes (TLS, SASL).
+    #[serde(default)]
+    client: BTreeMap<String, toml::Value>,
     #[serde(default)]
     consumer: BTreeMap<String, toml::Value>,
     #[serde(default)]
@@ -560,14 +563,30 @@ pub struct PipelineConfig {
     pub on_conflict: OnConflict,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
     pub group_id: String,
     pub topics: Vec<String>,
-    /// Raw librdkafka properties, passed through as given.
+    /// Raw librdkafka properties, passed through as given: `client` to every client
+    /// (see `kafka_client`), then `consumer` or `producer` by role.
+    pub client: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
     pub producer: BTreeMap<String, String>,
+}
+
+/// Never prints a secret property's value (see [`is_secret_property`]).
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("client", &redacted(&self.client))
+            .field("consumer", &redacted(&self.consumer))
+            .field("producer", &redacted(&self.producer))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -602,6 +621,7 @@ impl Config {
         let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         let applied = apply_env_overrides(&mut table, env)?;
+        resolve_secret_files(&mut table, origin)?;
         let file: FileConfig = FileConfig::deserialize(table).map_err(|e| {
             let mut message = e.to_string().trim().to_string();
             if !applied.is_empty() {
@@ -631,7 +651,9 @@ fn apply_env_overrides(
         };
         let (section, path) = match parts.as_slice() {
             [section, key] => (section.clone(), vec![key.clone()]),
-            [section, sub, prop] if section == "kafka" && (sub == "consumer" || sub == "producer") => {
+            [section, sub, prop]
+                if section == "kafka" && matches!(sub.as_str(), "client" | "consumer" | "producer") =>
+            {
                 (section.clone(), vec![sub.clone(), prop.replace('_', ".")])
             }
             // KDEDUP_LOG and friends are run-time flags, not config keys.
@@ -686,14 +708,17 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             })
             .collect::<Result<BTreeMap<_, _>, _>>()
     };
+    let client = props("client", &kafka.client)?;
     let consumer = props("consumer", &kafka.consumer)?;
     let producer = props("producer", &kafka.producer)?;
     for (key, forbidden) in [("enable.auto.commit", "true"), ("enable.auto.offset.store", "true")] {
-        if consumer.get(key).map(String::as_str) == Some(forbidden) {
-            return Err(invalid(
-                &format!("kafka.consumer.{key}"),
-                "cannot be true: kdedup commits offsets itself, only behind finished work".into(),
-            ));
+        for (section, map) in [("client", &client), ("consumer", &consumer)] {
+            if map.get(key).map(String::as_str) == Some(forbidden) {
+                return Err(invalid(
+                    &format!("kafka.{section}.{key}"),
+                    "cannot be true: kdedup commits offsets itself, only behind finished work".into(),
+                ));
+            }
         }
     }
 
@@ -901,6 +926,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             brokers: kafka.brokers.clone(),
             group_id: kafka.group_id.clone(),
             topics: kafka.topics.clone(),
+            client,
             consumer,
             producer,
         },
@@ -923,6 +949,74 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             on_conflict,
         },
     })
+}
+
+// ---------------------------------------------------------------------------
+// Secrets: files instead of values, and redaction
+// ---------------------------------------------------------------------------
+
+/// librdkafka properties whose values are secrets: never printed, logged or put in errors.
+pub fn is_secret_property(name: &str) -> bool {
+    name.contains("password")
+        || name.contains("secret")
+        || matches!(name, "ssl.key.pem" | "ssl_key" | "sasl.oauthbearer.config" | "ssl.keystore.location.pem")
+}
+
+/// `props` with every secret value replaced by `<redacted>`, for display.
+pub fn redacted(props: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    props
+        .iter()
+        .map(|(k, v)| (k.clone(), if is_secret_property(k) { "<redacted>".to_string() } else { v.clone() }))
+        .collect()
+}
+
+/// Replaces secrets given as files by their contents (trailing newline trimmed), after the
+/// environment overrides so a file can be named from there too:
+/// `[kafka.client|consumer|producer] PROP.file = "/run/secrets/…"` sets PROP (e.g.
+/// `sasl.password.file`, `ssl.key.password.file`), `[store] url_file` sets `url`,
+/// `[store] password_file` sets `password`. Errors name the key and the file, never the content.
+fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), ConfigError> {
+    let invalid =
+        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
+    let read = |key: &str, path: &toml::Value| -> Result<toml::Value, ConfigError> {
+        let path = path.as_str().ok_or_else(|| invalid(key, "must be the path of a file holding the secret".into()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
+        let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+        Ok(toml::Value::String(text.to_string()))
+    };
+    let mut moves: Vec<(Vec<&str>, String, String)> = Vec::new();
+    if let Some(toml::Value::Table(kafka)) = table.get("kafka") {
+        for section in ["client", "consumer", "producer"] {
+            if let Some(toml::Value::Table(props)) = kafka.get(section) {
+                for k in props.keys() {
+                    if let Some(prop) = k.strip_suffix(".file") {
+                        moves.push((vec!["kafka", section], k.clone(), prop.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(toml::Value::Table(store)) = table.get("store") {
+        for (file_key, key) in [("url_file", "url"), ("password_file", "password")] {
+            if store.contains_key(file_key) {
+                moves.push((vec!["store"], file_key.to_string(), key.to_string()));
+            }
+        }
+    }
+    for (path, file_key, key) in moves {
+        let mut node = &mut *table;
+        for segment in &path {
+            let Some(toml::Value::Table(t)) = node.get_mut(*segment) else { unreachable!("found above") };
+            node = t;
+        }
+        let dotted = format!("{}.{file_key}", path.join("."));
+        if node.contains_key(&key) {
+            return Err(invalid(&dotted, format!("and `{key}` are both set; give the secret one way only")));
+        }
+        let file = node.remove(&file_key).expect("found above");
+        node.insert(key, read(&dotted, &file)?);
+    }
+    Ok(())
 }
 
 /// The `[store]` keys of kind = "scylla"; errors name the key.
@@ -1505,5 +1599,116 @@ mod tests {
     fn the_shipped_example_config_is_valid() {
         let text = include_str!("../config/kdedup.toml");
         load(text, &[]).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:9093"
+        group_id = "g"
+        topics = ["orders"]
+        [sink]
+        kind = "kafka"
+        topic = "orders.deduped"
+        [dead_letter]
+        topic = "orders.dlq"
+    "#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, "test.toml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    fn secret_file(dir: &tempfile::TempDir, name: &str, content: &str) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn secrets_come_from_files_with_the_trailing_newline_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sasl = secret_file(&dir, "sasl", "s3cr3t-sasl\n");
+        let key = secret_file(&dir, "key", "s3cr3t-key\r\n");
+        let url = secret_file(&dir, "url", "postgres://u:s3cr3t-pg@db:5432/k\n");
+        let text = format!(
+            "{BASE}\n[kafka.client]\n\"sasl.password.file\" = \"{sasl}\"\n[kafka.producer]\n\
+             \"ssl.key.password.file\" = \"{key}\"\n[store]\nkind = \"postgres\"\nurl_file = \"{url}\"\n"
+        );
+        let c = load(&text, &[]).unwrap();
+        assert_eq!(c.kafka.client.get("sasl.password").map(String::as_str), Some("s3cr3t-sasl"));
+        assert!(!c.kafka.client.contains_key("sasl.password.file"), "the indirection itself never reaches librdkafka");
+        assert_eq!(c.kafka.producer.get("ssl.key.password").map(String::as_str), Some("s3cr3t-key"));
+        match &c.store {
+            StoreConfig::Postgres { url, .. } => assert_eq!(url, "postgres://u:s3cr3t-pg@db:5432/k"),
+            other => panic!("not postgres: {other:?}"),
+        }
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t"), "Debug shows a secret: {shown}");
+    }
+
+    #[test]
+    fn the_scylla_password_comes_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = secret_file(&dir, "scylla", "s3cr3t-scylla\n");
+        let text = format!(
+            "{BASE}\n[store]\nkind = \"scylla\"\ncontact_points = [\"10.0.0.5:9042\"]\n\
+             local_datacenter = \"dc1\"\nusername = \"kdedup\"\npassword_file = \"{password}\"\n"
+        );
+        let c = load(&text, &[]).unwrap();
+        match &c.store {
+            StoreConfig::Scylla(s) => {
+                assert_eq!(s.credentials, Some(("kdedup".to_string(), "s3cr3t-scylla".to_string())))
+            }
+            other => panic!("not scylla: {other:?}"),
+        }
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_secret_file_can_be_named_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let sasl = secret_file(&dir, "sasl", "from-env-file");
+        let c = load(BASE, &[("KDEDUP_KAFKA__CLIENT__SASL_PASSWORD_FILE", &sasl)]).unwrap();
+        assert_eq!(c.kafka.client.get("sasl.password").map(String::as_str), Some("from-env-file"));
+        let c = load(BASE, &[("KDEDUP_KAFKA__CLIENT__SASL_PASSWORD", "plain-env")]).unwrap();
+        assert_eq!(c.kafka.client.get("sasl.password").map(String::as_str), Some("plain-env"));
+    }
+
+    #[test]
+    fn a_missing_secret_file_or_a_double_secret_is_an_error_naming_the_key_not_the_value() {
+        let text = format!("{BASE}\n[kafka.consumer]\n\"sasl.password.file\" = \"/nonexistent/kdedup-secret\"\n");
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("kafka.consumer.sasl.password.file") && e.contains("/nonexistent/kdedup-secret"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let sasl = secret_file(&dir, "sasl", "hidden-value");
+        let text = format!(
+            "{BASE}\n[kafka.consumer]\n\"sasl.password.file\" = \"{sasl}\"\n\"sasl.password\" = \"inline-value\"\n"
+        );
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("both set"), "{e}");
+        assert!(!e.contains("hidden-value") && !e.contains("inline-value"), "{e}");
+    }
+
+    #[test]
+    fn the_shared_client_section_is_checked_like_the_consumers() {
+        let text = format!("{BASE}\n[kafka.client]\n\"enable.auto.commit\" = true\n");
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("kafka.client.enable.auto.commit"), "{e}");
+        let c = load(BASE, &[("KDEDUP_KAFKA__CLIENT__SECURITY_PROTOCOL", "SSL")]).unwrap();
+        assert_eq!(c.kafka.client.get("security.protocol").map(String::as_str), Some("SSL"));
+    }
+
+    #[test]
+    fn redaction_covers_librdkafkas_secret_properties() {
+        for k in ["sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret"] {
+            assert!(is_secret_property(k), "{k}");
+        }
+        for k in ["sasl.username", "ssl.ca.location", "security.protocol"] {
+            assert!(!is_secret_property(k), "{k}");
+        }
     }
 }

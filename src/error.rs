@@ -137,6 +137,9 @@ impl SinkError {
 pub enum SourceError {
     #[error("cannot create the Kafka consumer (check [kafka] brokers and [kafka.consumer]): {0}")]
     Create(KafkaError),
+    /// TLS or SASL failed: the settings are wrong, waiting will not help.
+    #[error("{0} (check security.protocol, ssl.* and sasl.* in [kafka.client] / [kafka.consumer])")]
+    Connect(crate::kafka_client::ProbeError),
     #[error("cannot subscribe to {topics:?}: {source}")]
     Subscribe { topics: Vec<String>, source: KafkaError },
     #[error("cannot start the consumer thread: {0}")]

@@ -11,18 +11,22 @@
 //! 6. complete: the claim turns `Done` and lives for the retention TTL.
 //! 7. [`offsets`]: the contiguous watermark, committed only behind finished, durable work.
 //!
+//! [`kafka_client`] builds every librdkafka client's settings (TLS, SASL) in one place.
 //! [`reconcile`] finds effects that ran after the last commit when a partition
 //! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
 //! [`config::Config`]; [`cli`] is the command line; [`demo`] and [`mock`] run the
-//! whole path in-process; [`bench`] measures it against a plain passthrough.
+//! whole path in-process; [`bench`] measures it against a plain passthrough; [`check`] asks every
+//! dependency of a config whether `run` would work.
 
 pub mod bench;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod kafka_client;
 pub mod metrics;
 pub mod mock;
 pub mod offsets;

@@ -18,6 +18,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::kafka_client::KafkaClients;
+
 /// A record to produce.
 #[derive(Debug, Clone)]
 pub struct Produce {
@@ -115,10 +117,9 @@ impl MockKafka {
 }
 
 /// Creates topics on any broker through the Kafka admin API (waits for each).
-pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+pub async fn create_topics(kafka: impl Into<KafkaClients>, topics: &[(&str, i32)]) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka.into().producer().create()?;
     let new: Vec<NewTopic<'_>> =
         topics.iter().map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1))).collect();
     for result in
@@ -130,10 +131,11 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> anyhow::Res
 }
 
 /// Produces records in order and waits for every delivery.
-pub async fn produce_all(brokers: &str, topic: &str, records: &[Produce]) -> anyhow::Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
+pub async fn produce_all(kafka: impl Into<KafkaClients>, topic: &str, records: &[Produce]) -> anyhow::Result<()> {
+    let producer: FutureProducer = kafka
+        .into()
+        .producer()
+        .set("message.timeout.ms", "300000")
         .set("linger.ms", "20")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "1000000")
@@ -163,17 +165,13 @@ pub async fn produce_all(brokers: &str, topic: &str, records: &[Produce]) -> any
     Ok(())
 }
 
-fn reader(brokers: &str) -> anyhow::Result<BaseConsumer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "kdedup-reader")
-        .set("enable.auto.commit", "false")
-        .create()?)
+fn reader(kafka: &KafkaClients) -> anyhow::Result<BaseConsumer> {
+    Ok(kafka.reader("kdedup-reader").set("enable.partition.eof", "false").create()?)
 }
 
 /// End offsets (high watermarks) of every partition of `topic`.
-pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let c = reader(brokers)?;
+pub fn end_offsets(kafka: impl Into<KafkaClients>, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let c = reader(&kafka.into())?;
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for {topic}"))?;
     let mut out = BTreeMap::new();
@@ -185,9 +183,14 @@ pub fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i
 }
 
 /// Offsets `group` has committed on `topic` (partitions without a commit are absent).
-pub fn committed_offsets(brokers: &str, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let ends = end_offsets(brokers, topic)?;
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create()?;
+pub fn committed_offsets(
+    kafka: impl Into<KafkaClients>,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let kafka = kafka.into();
+    let ends = end_offsets(&kafka, topic)?;
+    let c: BaseConsumer = kafka.reader(group).create()?;
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
         tpl.add_partition(topic, *p);
@@ -204,9 +207,10 @@ pub fn committed_offsets(brokers: &str, group: &str, topic: &str) -> anyhow::Res
 }
 
 /// Reads every record of `topic` up to its current end offsets, each partition in order.
-pub fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<Consumed>> {
-    let ends = end_offsets(brokers, topic)?;
-    let c = reader(brokers)?;
+pub fn read_all(kafka: impl Into<KafkaClients>, topic: &str) -> anyhow::Result<Vec<Consumed>> {
+    let kafka = kafka.into();
+    let ends = end_offsets(&kafka, topic)?;
+    let c = reader(&kafka)?;
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
         let (low, _) = c.fetch_watermarks(topic, *p, Duration::from_secs(10))?;

@@ -47,16 +47,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::error;
 
+use crate::kafka_client::KafkaClients;
 use crate::offsets::{OutputMark, TopicPartition};
 use crate::sink::kafka::headers;
 
 /// Reads the topics kdedup writes back.
 #[derive(Clone)]
 pub struct Reconciler {
-    pub brokers: String,
+    /// Every client setting (TLS, SASL) the readers need.
+    pub kafka: KafkaClients,
     /// The pipeline's dedup scope: only writes carrying it as `kdedup-scope` are ours.
     pub scope: String,
     pub limits: Limits,
@@ -105,8 +107,9 @@ struct Written {
 
 impl Reconciler {
     /// A reconciler with the default [`Limits`].
-    pub fn new(brokers: &str, scope: &str) -> Reconciler {
-        Reconciler { brokers: brokers.to_string(), scope: scope.to_string(), limits: Limits::default() }
+    /// `kafka`: the config's `&KafkaConfig` (its TLS and SASL settings), or plaintext brokers as `&str`.
+    pub fn new(kafka: impl Into<KafkaClients>, scope: &str) -> Reconciler {
+        Reconciler { kafka: kafka.into(), scope: scope.to_string(), limits: Limits::default() }
     }
 
     /// Reads the output (if fixed) and dead-letter logs of `source` from its marks.
@@ -141,14 +144,9 @@ impl Reconciler {
         deadline: Instant,
     ) -> anyhow::Result<Written> {
         let (topic, output_partition, mark) = (&log.topic, log.partition, log.mark);
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            // librdkafka wants a group for assign(); this reader never joins or commits.
-            .set("group.id", "kdedup-reconcile")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()
-            .context("cannot create the reconciliation reader")?;
+        // librdkafka wants a group for assign(); this reader never joins or commits.
+        let consumer: BaseConsumer =
+            self.kafka.reader("kdedup-reconcile").create().context("cannot create the reconciliation reader")?;
         let timeout = Duration::from_secs(10);
         let (low, high) = consumer
             .fetch_watermarks(topic, output_partition, timeout)

@@ -47,8 +47,12 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         metrics.register_store_ops(ops);
     }
     metrics.topics(&config.kafka.topics);
-    let writer =
-        KafkaWriter::new(&config.kafka.brokers, &config.kafka.producer).context("cannot create the Kafka producer")?;
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || crate::kafka_client::preflight(&kafka)).await?.context(
+        "cannot connect to Kafka securely (check security.protocol, ssl.* and sasl.* in [kafka.client] / \
+         [kafka.consumer] / [kafka.producer])",
+    )?;
+    let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
     let sink = match &config.sink {
         SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
             KafkaSink::new(writer.clone(), topic, *partitioning)
@@ -89,7 +93,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         book: book.clone(),
         config: config.pipeline.clone(),
         faults: options.faults,
-        reconciler: Reconciler::new(&config.kafka.brokers, &config.key.scope),
+        reconciler: Reconciler::new(&config.kafka, &config.key.scope),
         lease: config.retention.lease,
         liveness: liveness.clone(),
         fatal: fatal.clone(),

@@ -26,11 +26,15 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::KafkaConfig;
 use crate::error::SourceError;
+use crate::kafka_client::{self, KafkaClients};
 use crate::metrics::Metrics;
 use crate::offsets::{CommitBook, LogMarks, Ready, TopicPartition};
 
 pub type PartitionQueue = StreamPartitionQueue<SourceContext>;
 type Kafka = StreamConsumer<SourceContext>;
+
+/// How long `start` waits for the brokers' first answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the group remembers of a partition when it is assigned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -232,28 +236,10 @@ pub struct Source {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Consumer properties kdedup sets; `[kafka.consumer]` may add to them but the
-/// commit-related ones are checked at config validation.
+/// The group consumer's properties (built in [`crate::kafka_client`], with
+/// `[kafka.client]` and `[kafka.consumer]`; the commit-related ones are checked at config validation).
 pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", &kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        // librdkafka prefetches up to 100,000 records / 64 MiB per partition by
-        // default: with many partitions and a pipeline slower than the fetch,
-        // that is the whole backlog in memory (6 GiB peak RSS at 10M events on
-        // 160 partitions, `kdedup bench`). A few batches ahead is enough.
-        .set("queued.min.messages", "10000")
-        .set("queued.max.messages.kbytes", "16384")
-        // ...and once a queue is full, look again soon (default: 1 s idle).
-        .set("fetch.queue.backoff.ms", "10");
-    for (k, v) in &kafka.consumer {
-        c.set(k, v);
-    }
-    c
+    KafkaClients::from(kafka).group_consumer(&kafka.group_id)
 }
 
 impl Source {
@@ -267,15 +253,16 @@ impl Source {
     ) -> Result<Source, SourceError> {
         let topics: HashMap<String, Arc<str>> =
             kafka.topics.iter().map(|t| (t.clone(), Arc::from(t.as_str()))).collect();
-        // Learn the topics' sizes first (for the single-instance check); not fatal if it fails.
-        let total_partitions = {
-            let probe: Result<BaseConsumer, _> = consumer_config(kafka).create();
-            probe.ok().and_then(|c| {
-                kafka.topics.iter().try_fold(0usize, |sum, t| {
-                    let md = c.fetch_metadata(Some(t), Duration::from_secs(5)).ok()?;
-                    Some(sum + md.topics().first()?.partitions().len())
-                })
-            })
+        // Learn the topics' sizes first (for the single-instance check); not fatal if the
+        // brokers are merely unreachable (they may come up), fatal when TLS or SASL fails:
+        // those settings will not start working by waiting.
+        let total_partitions = match kafka_client::probe(&KafkaClients::from(kafka), &kafka.topics, PROBE_TIMEOUT) {
+            Ok(probe) => probe.topics.values().try_fold(0usize, |sum, n| Some(sum + (*n)?)),
+            Err(e) if e.security => return Err(SourceError::Connect(e)),
+            Err(e) => {
+                warn!(error = %e, "cannot learn the input topics' partitions yet; consuming anyway");
+                None
+            }
         };
         let context = SourceContext {
             consumer: OnceLock::new(),

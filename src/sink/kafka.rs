@@ -5,19 +5,19 @@
 //! waited out, never skipped), then all deliveries are awaited together: one
 //! hand-off to librdkafka per batch, ordering kept by the idempotent producer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
 use tokio::sync::{oneshot, Notify};
 
 use crate::config::Partitioning;
 use crate::error::SinkError;
 use crate::event::{Position, Record};
+use crate::kafka_client::KafkaClients;
 use crate::offsets::{OutputMark, TopicPartition};
 
 use super::Effect;
@@ -216,17 +216,9 @@ impl Drop for Deliveries {
 }
 
 impl KafkaWriter {
-    pub fn new(brokers: &str, overrides: &BTreeMap<String, String>) -> Result<KafkaWriter, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000");
-        for (k, v) in overrides {
-            config.set(k, v);
-        }
-        Ok(KafkaWriter { producer: config.create()?, outstanding: Arc::default() })
+    /// The output producer, built in [`crate::kafka_client`] (`[kafka.client]`, then `[kafka.producer]`).
+    pub fn new(clients: &KafkaClients) -> Result<KafkaWriter, KafkaError> {
+        Ok(KafkaWriter { producer: clients.producer().create()?, outstanding: Arc::default() })
     }
 
     /// Partition count of `topic`, from broker metadata.
@@ -395,7 +387,7 @@ mod tests {
     async fn settling_one_origin_does_not_wait_for_other_origins_writing_the_same_partition() {
         let kafka = MockKafka::start(1).unwrap();
         kafka.create_topic("out", 1).unwrap();
-        let writer = KafkaWriter::new(kafka.bootstrap(), &BTreeMap::new()).unwrap();
+        let writer = KafkaWriter::new(&KafkaClients::from(kafka.bootstrap())).unwrap();
         let (mine, other) = ((Arc::from("in"), 0), (Arc::from("in"), 1));
 
         // Input partition 1 keeps writing to out/0: one write of it is always

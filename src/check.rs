@@ -1,0 +1,383 @@
+//! `kdedup check`: is this config deployable here? Validates the config, shows the effective
+//! settings with secrets redacted, then asks each dependency, in the order `kdedup run` needs
+//! them, and says what is wrong in words an operator can act on. A check that depends on a
+//! failed one is skipped, not guessed.
+//!
+//! Statuses: `ok`, `warn` (works, but something an operator should know, e.g. reconciliation
+//! limited by the partitioning), `fail` (`kdedup run` would not start or not work), `skip`.
+//! The exit code is non-zero when any check fails.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::{redacted, Config, Partitioning, SinkConfig, StoreConfig};
+use crate::kafka_client::{self, KafkaClients};
+use crate::store::Store;
+
+/// How long the broker probe waits for metadata.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub config: String,
+    pub ok: bool,
+    /// The effective settings, secrets redacted; `null` when the config is invalid.
+    pub settings: serde_json::Value,
+    pub checks: Vec<Check>,
+}
+
+fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
+    Check { name, status, detail: detail.into() }
+}
+
+/// Runs every check against the config at `path`.
+pub async fn run(path: &Path) -> Report {
+    let mut checks = Vec::new();
+    let config = match Config::load(path) {
+        Ok(c) => {
+            checks.push(check("config", Status::Ok, "valid"));
+            c
+        }
+        Err(e) => {
+            checks.push(check("config", Status::Fail, e.to_string()));
+            return finish(path, serde_json::Value::Null, checks);
+        }
+    };
+    let settings = settings(&config);
+
+    let clients = KafkaClients::from(&config.kafka);
+    let mut topics: Vec<String> = config.kafka.topics.clone();
+    if let SinkConfig::Kafka { topic, .. } = &config.sink {
+        topics.push(topic.clone());
+    }
+    topics.push(config.dead_letter_topic.clone());
+    topics.extend(config.duplicates_topic.clone());
+    let probe = {
+        let (clients, topics) = (clients.clone(), topics.clone());
+        tokio::task::spawn_blocking(move || kafka_client::probe(&clients, &topics, BROKER_TIMEOUT)).await
+    };
+    let protocol = config
+        .kafka
+        .consumer
+        .get("security.protocol")
+        .or_else(|| config.kafka.client.get("security.protocol"))
+        .map_or("PLAINTEXT", String::as_str)
+        .to_string();
+    match probe {
+        Ok(Ok(probe)) => {
+            checks.push(check(
+                "broker",
+                Status::Ok,
+                format!("{} answered over {protocol}: {} broker(s) in the cluster", clients.brokers(), probe.brokers),
+            ));
+            if clients.producer_connects_differently() {
+                checks.push(producer_check(&clients).await);
+            }
+            checks.extend(topic_checks(&config, &probe.topics));
+        }
+        Ok(Err(e)) => {
+            let hint = if e.security {
+                " (check security.protocol, ssl.* and sasl.* in [kafka.client], [kafka.consumer], [kafka.producer])"
+            } else {
+                " (check [kafka] brokers, and that this host may reach them)"
+            };
+            checks.push(check("broker", Status::Fail, format!("{e}{hint}")));
+            checks.push(check("topics", Status::Skip, "needs the broker"));
+            checks.push(check("partitioning", Status::Skip, "needs the broker"));
+        }
+        Err(e) => checks.push(check("broker", Status::Fail, format!("the probe did not finish: {e}"))),
+    }
+
+    checks.push(store_check(&config).await);
+    checks.push(metrics_check(&config));
+    finish(path, settings, checks)
+}
+
+/// `[kafka.producer]` connects with other settings (its own TLS or SASL): ask with those too.
+async fn producer_check(clients: &KafkaClients) -> Check {
+    let clients = clients.clone();
+    let probe = tokio::task::spawn_blocking(move || {
+        kafka_client::probe_as(&clients, kafka_client::ProbeAs::Producer, &[], BROKER_TIMEOUT)
+    })
+    .await;
+    match probe {
+        Ok(Ok(_)) => check("producer", Status::Ok, "answered with [kafka.producer]'s own connection settings"),
+        Ok(Err(e)) => check("producer", Status::Fail, format!("with [kafka.producer]'s settings: {e}")),
+        Err(e) => check("producer", Status::Fail, format!("the probe did not finish: {e}")),
+    }
+}
+
+fn finish(path: &Path, settings: serde_json::Value, checks: Vec<Check>) -> Report {
+    let ok = checks.iter().all(|c| c.status != Status::Fail);
+    Report { config: path.display().to_string(), ok, settings, checks }
+}
+
+/// Topics exist, with their partition counts; then whether reconciliation can find a
+/// partition's writes (DESIGN.md §1, src/reconcile.rs).
+fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec<Check> {
+    let mut missing = Vec::new();
+    let mut seen = Vec::new();
+    for (topic, partitions) in found {
+        match partitions {
+            Some(n) => seen.push(format!("{topic} ({n} partition{})", if *n == 1 { "" } else { "s" })),
+            None => missing.push(topic.clone()),
+        }
+    }
+    let mut out = Vec::new();
+    if missing.is_empty() {
+        out.push(check("topics", Status::Ok, seen.join(", ")));
+    } else {
+        out.push(check(
+            "topics",
+            Status::Fail,
+            format!(
+                "missing: {} (kdedup creates no topics: create them, e.g. `kafka-topics.sh --create --topic NAME \
+                 --partitions N`); found: {}",
+                missing.join(", "),
+                if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
+            ),
+        ));
+        out.push(check("partitioning", Status::Skip, "needs every topic"));
+        return out;
+    }
+    let input_max = config.kafka.topics.iter().filter_map(|t| found[t]).max().unwrap_or(0);
+    let dlq = found[&config.dead_letter_topic].unwrap_or(0);
+    let mut notes = Vec::new();
+    let mut status = Status::Ok;
+    match &config.sink {
+        SinkConfig::Kafka { topic, partitioning: Partitioning::Source } => {
+            let out_n = found[topic].unwrap_or(0);
+            if out_n < input_max {
+                status = Status::Warn;
+                notes.push(format!(
+                    "output {topic} has {out_n} partitions for up to {input_max} input partitions: inputs share \
+                     output partitions, so reconciliation reads other partitions' writes too (correct, slower)"
+                ));
+            } else {
+                notes.push(format!(
+                    "output {topic}: input partition p writes output partition p ({out_n} >= {input_max})"
+                ));
+            }
+        }
+        SinkConfig::Kafka { topic, partitioning: Partitioning::Key } => {
+            status = Status::Warn;
+            notes.push(format!(
+                "output {topic} is partitioned by key: a new owner cannot find a partition's writes, so every \
+                 resumed claim is emitted again marked kdedup-possible-repeat; set [sink] partitioning = \"source\""
+            ));
+        }
+        SinkConfig::Stdout => notes.push("stdout sink: nothing to reconcile in Kafka".into()),
+    }
+    // A shared dead-letter partition is the usual layout (dead letters are rare): a note only.
+    notes.push(format!("dead-letter {}: input partition p writes partition p mod {dlq}", config.dead_letter_topic));
+    out.push(check("partitioning", status, notes.join("; ")));
+    out
+}
+
+async fn store_check(config: &Config) -> Check {
+    if let StoreConfig::Embedded { path } = &config.store {
+        // Opening would create it: say what `run` will do instead of doing it.
+        if !path.exists() {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            return match std::fs::metadata(parent) {
+                Ok(m) if m.is_dir() && !m.permissions().readonly() => check(
+                    "store",
+                    Status::Ok,
+                    format!("embedded store {} does not exist yet: `kdedup run` creates it", path.display()),
+                ),
+                _ => check(
+                    "store",
+                    Status::Fail,
+                    format!(
+                        "embedded store {}: its directory {} is missing or not writable ([store] path)",
+                        path.display(),
+                        parent.display()
+                    ),
+                ),
+            };
+        }
+    }
+    let store = match Store::open(&config.store, &config.retention) {
+        Ok(s) => s,
+        Err(e) => {
+            let hint = match &config.store {
+                StoreConfig::Embedded { path } => {
+                    format!(" (is `kdedup run` already using {}? it holds the store's lock)", path.display())
+                }
+                _ => String::new(),
+            };
+            return check("store", Status::Fail, format!("cannot open the {} store: {e}{hint}", kind(config)));
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(15), store.check_schema()).await {
+        Ok(Ok(())) => check("store", Status::Ok, format!("{} store reachable, schema applied", store.kind())),
+        Ok(Err(e)) => check(
+            "store",
+            Status::Fail,
+            format!("{} store: {e} (apply the schema with `kdedup schema apply --config FILE`)", store.kind()),
+        ),
+        Err(_) => check("store", Status::Fail, format!("{} store did not answer within 15 s", store.kind())),
+    }
+}
+
+fn kind(config: &Config) -> &'static str {
+    match config.store {
+        StoreConfig::Embedded { .. } => "embedded",
+        StoreConfig::Postgres { .. } => "postgres",
+        StoreConfig::Scylla(_) => "scylla",
+    }
+}
+
+fn metrics_check(config: &Config) -> Check {
+    let Some(addr) = config.metrics_listen else {
+        return check("metrics", Status::Ok, "disabled ([metrics] listen = \"\")");
+    };
+    match std::net::TcpListener::bind(addr) {
+        Ok(listener) => {
+            drop(listener);
+            check("metrics", Status::Ok, format!("{addr} is free"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => check(
+            "metrics",
+            Status::Fail,
+            format!("{addr} is in use (another kdedup, or another process, listens there): choose [metrics] listen"),
+        ),
+        Err(e) => check("metrics", Status::Fail, format!("cannot listen on {addr}: {e}")),
+    }
+}
+
+/// The settings `kdedup run` would use, secrets redacted.
+fn settings(c: &Config) -> serde_json::Value {
+    let store = match &c.store {
+        StoreConfig::Embedded { path } => json!({ "kind": "embedded", "path": path.display().to_string() }),
+        StoreConfig::Postgres { url, pool_size } => {
+            json!({ "kind": "postgres", "url": redact_url(url), "pool_size": pool_size })
+        }
+        StoreConfig::Scylla(s) => json!({
+            "kind": "scylla",
+            "contact_points": s.contact_points,
+            "local_datacenter": s.local_datacenter,
+            "keyspace": s.keyspace,
+            "tls": s.tls.is_some(),
+            "username": s.credentials.as_ref().map(|(u, _)| u.clone()),
+            "password": s.credentials.as_ref().map(|_| "<redacted>"),
+        }),
+    };
+    let sink = match &c.sink {
+        SinkConfig::Kafka { topic, partitioning } => json!({
+            "kind": "kafka",
+            "topic": topic,
+            "partitioning": match partitioning { Partitioning::Source => "source", Partitioning::Key => "key" },
+        }),
+        SinkConfig::Stdout => json!({ "kind": "stdout" }),
+    };
+    json!({
+        "kafka": {
+            "brokers": c.kafka.brokers,
+            "group_id": c.kafka.group_id,
+            "topics": c.kafka.topics,
+            "client": redacted(&c.kafka.client),
+            "consumer": redacted(&c.kafka.consumer),
+            "producer": redacted(&c.kafka.producer),
+        },
+        "key": { "scope": c.key.scope },
+        "store": store,
+        "ttl_secs": c.retention.ttl.as_secs(),
+        "lease_secs": c.retention.lease.as_secs(),
+        "sink": sink,
+        "dead_letter_topic": c.dead_letter_topic,
+        "duplicates_topic": c.duplicates_topic,
+        "metrics_listen": c.metrics_listen.map(|a| a.to_string()),
+        "drain_timeout_ms": c.pipeline.drain_timeout.as_millis() as u64,
+    })
+}
+
+/// `postgres://user:secret@host/db?password=x` -> `postgres://user:<redacted>@host/db?<redacted>`.
+fn redact_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, _)) => (h, "?<redacted>"),
+        None => (url, ""),
+    };
+    let Some((scheme, rest)) = head.split_once("://") else { return "<redacted>".into() };
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:<redacted>@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => rest.to_string(),
+    };
+    format!("{scheme}://{rest}{query}")
+}
+
+/// Prints the report for a person.
+pub fn print(report: &Report) {
+    println!("kdedup check: {}", report.config);
+    if !report.settings.is_null() {
+        println!("\neffective settings (secrets redacted):");
+        print_value(&report.settings, 1);
+    }
+    println!("\nchecks:");
+    for c in &report.checks {
+        let tag = match c.status {
+            Status::Ok => " ok ",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+            Status::Skip => "skip",
+        };
+        println!("  [{tag}] {:<13} {}", c.name, c.detail);
+    }
+    println!(
+        "\n{}",
+        if report.ok { "OK: every check passed" } else { "FAILED: fix the checks marked FAIL, then run again" }
+    );
+}
+
+fn print_value(v: &serde_json::Value, depth: usize) {
+    let pad = "  ".repeat(depth);
+    if let serde_json::Value::Object(map) = v {
+        for (k, v) in map {
+            match v {
+                serde_json::Value::Object(inner) if inner.is_empty() => println!("{pad}{k}: {{}}"),
+                serde_json::Value::Object(_) => {
+                    println!("{pad}{k}:");
+                    print_value(v, depth + 1);
+                }
+                serde_json::Value::String(s) => println!("{pad}{k}: {s}"),
+                other => println!("{pad}{k}: {other}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords_and_queries() {
+        assert_eq!(redact_url("postgres://u:pw@db:5432/k"), "postgres://u:<redacted>@db:5432/k");
+        assert_eq!(redact_url("postgres://u@db/k?password=pw"), "postgres://u@db/k?<redacted>");
+        assert_eq!(redact_url("postgres://db/k"), "postgres://db/k");
+        assert_eq!(redact_url("host=db password=pw"), "<redacted>");
+    }
+}
