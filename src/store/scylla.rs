@@ -472,6 +472,35 @@ fn row_values<'a>(row: &'a ClaimRow, fingerprint: &'a [u8; 16]) -> Values<'a> {
     )
 }
 
+/// Values of `rewrite_own`: the new row, conditional on the row we hold.
+fn rewrite_own_values<'a>(
+    key: &'a EventKey,
+    held: &'a ClaimRow,
+    new: &'a ClaimRow,
+    fingerprint: &'a [u8; 16],
+    now_ms: u64,
+) -> impl SerializeRow + Copy + 'a {
+    let (st, sc, to, pa, of, ca, lu, ea) = row_values(new, fingerprint);
+    let ttl = ttl_secs(new.expires_at_ms, now_ms);
+    (
+        ttl,
+        st,
+        sc,
+        to,
+        pa,
+        of,
+        ca,
+        lu,
+        ea,
+        &*key.scope,
+        key.id.as_slice(),
+        &*held.position.topic,
+        held.position.partition,
+        held.position.offset,
+        held.expires_at_ms as i64,
+    )
+}
+
 impl ScyllaStore {
     /// Checks the configuration; connects on first use.
     pub fn open(config: &ScyllaConfig, retention: &Retention) -> Result<ScyllaStore, StoreError> {
@@ -683,39 +712,11 @@ impl ScyllaStore {
     /// Completes one claim; `false` when this position no longer holds it.
     async fn complete_one(&self, key: &EventKey, position: &Position, now_ms: u64) -> Result<bool, StoreError> {
         let c = self.connected().await?;
-        let remembered = self.forget_granted(key, position);
-        let held = match remembered {
-            Some(row) => row,
-            // Not granted by this store (a restart in between): the row as it is now.
-            None => match self.read_row(key, true).await? {
-                Some(row) if row.state == ClaimState::InFlight && &row.position == position => row,
-                _ => return Ok(false),
-            },
-        };
-        if held.expires_at_ms <= now_ms {
-            return Ok(false);
-        }
+        let granted = self.forget_granted(key, position);
+        let Some(held) = self.held_row(key, position, granted, now_ms).await? else { return Ok(false) };
         let done = ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..held.clone() };
         let fp = done.fingerprint.0.to_be_bytes();
-        let (st, sc, to, pa, of, ca, lu, ea) = row_values(&done, &fp);
-        let ttl = ttl_secs(done.expires_at_ms, now_ms);
-        let values = (
-            ttl,
-            st,
-            sc,
-            to,
-            pa,
-            of,
-            ca,
-            lu,
-            ea,
-            &*key.scope,
-            key.id.as_slice(),
-            &*held.position.topic,
-            held.position.partition,
-            held.position.offset,
-            held.expires_at_ms as i64,
-        );
+        let values = rewrite_own_values(key, &held, &done, &fp, now_ms);
         // At most two attempts: the second only after an unknown outcome that the
         // SERIAL read shows still pending (our row, still in flight).
         for _ in 0..2 {
@@ -748,38 +749,11 @@ impl ScyllaStore {
         let c = self.connected().await?;
         let granted =
             self.inner.granted.lock().unwrap_or_else(|p| p.into_inner()).get(&(key.clone(), position.clone())).cloned();
-        let held = match granted {
-            Some(row) => row,
-            None => match self.read_row(key, true).await? {
-                Some(row) if row.state == ClaimState::InFlight && &row.position == position => row,
-                _ => return Ok(false),
-            },
-        };
-        if held.expires_at_ms <= now_ms {
-            return Ok(false);
-        }
+        let Some(held) = self.held_row(key, position, granted, now_ms).await? else { return Ok(false) };
         let renewed =
             ClaimRow { lease_until_ms: (now_ms + self.inner.lease_ms).max(held.lease_until_ms), ..held.clone() };
         let fp = renewed.fingerprint.0.to_be_bytes();
-        let (st, sc, to, pa, of, ca, lu, ea) = row_values(&renewed, &fp);
-        let ttl = ttl_secs(renewed.expires_at_ms, now_ms);
-        let values = (
-            ttl,
-            st,
-            sc,
-            to,
-            pa,
-            of,
-            ca,
-            lu,
-            ea,
-            &*key.scope,
-            key.id.as_slice(),
-            &*held.position.topic,
-            held.position.partition,
-            held.position.offset,
-            held.expires_at_ms as i64,
-        );
+        let values = rewrite_own_values(key, &held, &renewed, &fp, now_ms);
         let applied = match self.lwt("renew", &c.rewrite_own, values).await? {
             Lwt::Answer(answer) => answer.applied,
             Lwt::Unknown => self.read_row(key, true).await?.is_some_and(|row| row == renewed),
@@ -788,6 +762,24 @@ impl ScyllaStore {
             self.remember(key, &renewed, now_ms);
         }
         Ok(applied)
+    }
+
+    /// The live in-flight row this position holds: as this store granted it, or
+    /// (not granted here: a restart in between) the row as it is now.
+    async fn held_row(
+        &self,
+        key: &EventKey,
+        position: &Position,
+        granted: Option<ClaimRow>,
+        now_ms: u64,
+    ) -> Result<Option<ClaimRow>, StoreError> {
+        let held = match granted {
+            Some(row) => Some(row),
+            None => {
+                self.read_row(key, true).await?.filter(|r| r.state == ClaimState::InFlight && &r.position == position)
+            }
+        };
+        Ok(held.filter(|row| row.expires_at_ms > now_ms))
     }
 
     async fn release_one(&self, key: &EventKey, position: &Position) -> Result<(), StoreError> {
