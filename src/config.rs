@@ -1217,7 +1217,7 @@ pub mod fuzzing {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    pub(super) const MINIMAL: &str = r#"
         [kafka]
         brokers = "127.0.0.1:9092"
         group_id = "g"
@@ -1229,7 +1229,7 @@ mod tests {
         topic = "orders.dlq"
     "#;
 
-    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    pub(super) fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_toml_with_env(text, "test.toml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
@@ -1604,23 +1604,8 @@ mod tests {
 
 #[cfg(test)]
 mod secret_tests {
+    use super::tests::{load, MINIMAL as BASE};
     use super::*;
-
-    const BASE: &str = r#"
-        [kafka]
-        brokers = "127.0.0.1:9093"
-        group_id = "g"
-        topics = ["orders"]
-        [sink]
-        kind = "kafka"
-        topic = "orders.deduped"
-        [dead_letter]
-        topic = "orders.dlq"
-    "#;
-
-    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_toml_with_env(text, "test.toml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-    }
 
     fn secret_file(dir: &tempfile::TempDir, name: &str, content: &str) -> String {
         let path = dir.path().join(name);
