@@ -294,13 +294,19 @@ struct PositionArrays<'a> {
     offsets: Vec<i64>,
 }
 
+/// In key order, as `claim` inserts: `complete`, `renew` and `release` then
+/// usually lock their rows in that order too (unnest feeds the join in array
+/// order), so two calls over overlapping keys rarely deadlock; when they do,
+/// PostgreSQL aborts one with a retriable error and it is asked again.
 fn position_arrays(items: &[(EventKey, Position)]) -> PositionArrays<'_> {
+    let mut sorted: Vec<&(EventKey, Position)> = items.iter().collect();
+    sorted.sort_unstable_by(|(a, _), (b, _)| (&*a.scope, &a.id).cmp(&(&*b.scope, &b.id)));
     PositionArrays {
-        scopes: items.iter().map(|(k, _)| &*k.scope).collect(),
-        ids: items.iter().map(|(k, _)| k.id.as_slice()).collect(),
-        topics: items.iter().map(|(_, p)| &*p.topic).collect(),
-        partitions: items.iter().map(|(_, p)| p.partition).collect(),
-        offsets: items.iter().map(|(_, p)| p.offset).collect(),
+        scopes: sorted.iter().map(|(k, _)| &*k.scope).collect(),
+        ids: sorted.iter().map(|(k, _)| k.id.as_slice()).collect(),
+        topics: sorted.iter().map(|(_, p)| &*p.topic).collect(),
+        partitions: sorted.iter().map(|(_, p)| p.partition).collect(),
+        offsets: sorted.iter().map(|(_, p)| p.offset).collect(),
     }
 }
 
