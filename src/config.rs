@@ -1625,6 +1625,55 @@ mod tests {
     }
 
     #[test]
+    fn postgres_tls_comes_from_the_tls_key_or_the_urls_sslmode_never_both() {
+        fn pg(url: &str, extra: &[(&str, &str)]) -> Result<PostgresTls, ConfigError> {
+            let mut env = vec![("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", url)];
+            env.extend_from_slice(extra);
+            load(MINIMAL, &env).map(|c| match c.store {
+                StoreConfig::Postgres { tls, .. } => tls,
+                other => panic!("not postgres: {other:?}"),
+            })
+        }
+        let ok = |url: &str, extra: &[(&str, &str)]| pg(url, extra).unwrap();
+        let err = |url: &str, extra: &[(&str, &str)]| pg(url, extra).unwrap_err().to_string();
+        assert_eq!(ok("postgres://u@h/db", &[]), PostgresTls::Prefer, "today's default: tokio-postgres' prefer");
+        assert_eq!(ok("postgres://u@h/db?sslmode=require", &[]), PostgresTls::Require);
+        assert_eq!(ok("postgres://u@h/db?sslmode=disable", &[]), PostgresTls::Disable);
+        assert_eq!(ok("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "require")]), PostgresTls::Require);
+        assert_eq!(ok("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "false")]), PostgresTls::Disable);
+        assert_eq!(
+            ok("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "true")]),
+            PostgresTls::VerifyFull { ca_file: None },
+            "true is verify-full against the system's roots"
+        );
+        assert_eq!(ok("postgres://u@h/db?sslmode=require", &[("KDEDUP_STORE__TLS", "require")]), PostgresTls::Require);
+
+        let e = err("postgres://u@h/db?sslmode=require", &[("KDEDUP_STORE__TLS", "verify-full")]);
+        assert!(e.contains("store.tls") && e.contains("sslmode=require") && e.contains("say it once"), "{e}");
+        let e = err("postgres://u:pw-secret@h/db?sslmode=verify-full", &[]);
+        assert!(e.contains("store.url") && e.contains("tls = \"verify-full\""), "{e}");
+        assert!(!e.contains("pw-secret"), "{e}");
+        let e = err("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "verify-ca")]);
+        assert!(e.contains("\"disable\", \"require\", \"verify-full\""), "{e}");
+        let e = err("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "require"), ("KDEDUP_STORE__TLS_CA_FILE", "/x.pem")]);
+        assert!(e.contains("store.tls_ca_file") && e.contains("verify-full"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let not_pem = not_pem.display().to_string();
+        for (file, says) in [("/nonexistent/ca.pem", "cannot read"), (not_pem.as_str(), "PEM")] {
+            let e =
+                err("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "verify-full"), ("KDEDUP_STORE__TLS_CA_FILE", file)]);
+            assert!(e.contains("store.tls_ca_file") && e.contains(file) && e.contains(says), "{e}");
+        }
+        // ScyllaDB's TLS always verifies: "require" would promise less than it does.
+        let e = scylla("tls = \"require\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("store.tls") && e.contains("tls = true"), "{e}");
+        assert!(scylla("tls = \"verify-full\"\n", &[]).unwrap().tls.is_some());
+    }
+
+    #[test]
     fn store_connection_numbers_are_bounded() {
         let pg = [("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", "postgres://u@h/db")];
         for bad in ["0", "1025"] {
