@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::config::{redacted, Config, Partitioning, SinkConfig, StoreConfig};
+use crate::config::{redacted, Config, Partitioning, PostgresTls, SinkConfig, StoreConfig};
 use crate::kafka_client::{self, KafkaClients};
 use crate::store::Store;
 
@@ -229,6 +229,14 @@ async fn store_check(config: &Config) -> Check {
             return check("store", Status::Fail, format!("cannot open the {} store: {e}{hint}", kind(config)));
         }
     };
+    // `check_schema` lets a server that does not answer pass (`run` waits for it): ask first.
+    if let Store::Postgres(pg) = &store {
+        match tokio::time::timeout(Duration::from_secs(15), pg.probe()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return check("store", Status::Fail, e.to_string()),
+            Err(_) => return check("store", Status::Fail, "postgres store did not answer within 15 s"),
+        }
+    }
     match tokio::time::timeout(Duration::from_secs(15), store.check_schema()).await {
         Ok(Ok(())) => check("store", Status::Ok, format!("{} store reachable, schema applied", store.kind())),
         Ok(Err(e)) => check(
@@ -270,8 +278,16 @@ fn metrics_check(config: &Config) -> Check {
 fn settings(c: &Config) -> serde_json::Value {
     let store = match &c.store {
         StoreConfig::Embedded { path } => json!({ "kind": "embedded", "path": path.display().to_string() }),
-        StoreConfig::Postgres { url, pool_size } => {
-            json!({ "kind": "postgres", "url": redact_url(url), "pool_size": pool_size })
+        StoreConfig::Postgres { url, pool_size, tls } => {
+            let (mode, ca_file) = match tls {
+                PostgresTls::Prefer => ("prefer (TLS if offered, not verified)", None),
+                PostgresTls::Disable => ("disable", None),
+                PostgresTls::Require => ("require (encrypted, not verified)", None),
+                PostgresTls::VerifyFull { ca_file } => {
+                    ("verify-full", ca_file.as_ref().map(|p| p.display().to_string()))
+                }
+            };
+            json!({ "kind": "postgres", "url": redact_url(url), "pool_size": pool_size, "tls": mode, "tls_ca_file": ca_file })
         }
         StoreConfig::Scylla(s) => json!({
             "kind": "scylla",

@@ -179,8 +179,9 @@ struct StoreSection {
     connect_timeout_ms: u64,
     #[serde(default = "default_max_in_flight")]
     max_in_flight: usize,
+    /// ScyllaDB: `true`/`false`; PostgreSQL: also "disable", "require", "verify-full".
     #[serde(default)]
-    tls: bool,
+    tls: Option<TlsMode>,
     #[serde(default)]
     tls_ca_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "lenient_string")]
@@ -209,7 +210,7 @@ impl Default for StoreSection {
             request_timeout_ms: default_request_timeout_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             max_in_flight: default_max_in_flight(),
-            tls: false,
+            tls: None,
             tls_ca_file: None,
             username: String::new(),
             password: String::new(),
@@ -252,6 +253,46 @@ fn default_connect_timeout_ms() -> u64 {
 }
 fn default_max_in_flight() -> usize {
     256
+}
+
+/// `[store] tls`: how the store connection is encrypted. `true` means
+/// `verify-full`, `false` means `disable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain TCP.
+    Disable,
+    /// Encrypted, but the server's certificate is not checked: protects against
+    /// eavesdropping, not against a server impersonated on the path.
+    Require,
+    /// Encrypted; the certificate chain is checked against `tls_ca_file` (or the
+    /// system's roots) and must name the host or IP address the URL connects to.
+    VerifyFull,
+}
+
+impl<'de> Deserialize<'de> for TlsMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TlsMode, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = TlsMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"disable\", \"require\", \"verify-full\", true or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<TlsMode, E> {
+                Ok(if v { TlsMode::VerifyFull } else { TlsMode::Disable })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TlsMode, E> {
+                match v {
+                    "disable" | "false" => Ok(TlsMode::Disable),
+                    "require" => Ok(TlsMode::Require),
+                    "verify-full" | "true" => Ok(TlsMode::VerifyFull),
+                    other => Err(E::custom(format!(
+                        "tls is \"{other}\"; allowed: \"disable\", \"require\", \"verify-full\" (or true / false)"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -435,8 +476,25 @@ pub struct KeyConfig {
 #[derive(Clone)]
 pub enum StoreConfig {
     Embedded { path: PathBuf },
-    Postgres { url: String, pool_size: usize },
+    Postgres { url: String, pool_size: usize, tls: PostgresTls },
     Scylla(Box<ScyllaConfig>),
+}
+
+/// TLS to PostgreSQL, from `[store] tls` and `tls_ca_file` (or the URL's `sslmode`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PostgresTls {
+    /// Neither `tls` nor `sslmode` given, or `sslmode=prefer`: TLS without
+    /// verification when the server offers it, else plain (tokio-postgres' and libpq's default).
+    #[default]
+    Prefer,
+    Disable,
+    /// Encrypted, certificate not verified.
+    Require,
+    /// Chain checked against `ca_file` (the system's roots when `None`), and the
+    /// certificate must name the URL's host or IP address.
+    VerifyFull {
+        ca_file: Option<PathBuf>,
+    },
 }
 
 /// Never prints the PostgreSQL URL or the ScyllaDB password: they are secrets.
@@ -444,8 +502,8 @@ impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreConfig::Embedded { path } => f.debug_struct("Embedded").field("path", path).finish(),
-            StoreConfig::Postgres { pool_size, .. } => {
-                f.debug_struct("Postgres").field("pool_size", pool_size).finish_non_exhaustive()
+            StoreConfig::Postgres { pool_size, tls, .. } => {
+                f.debug_struct("Postgres").field("pool_size", pool_size).field("tls", tls).finish_non_exhaustive()
             }
             StoreConfig::Scylla(c) => f.debug_tuple("Scylla").field(c).finish(),
         }
@@ -789,7 +847,8 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             if !(1..=MAX_POOL_SIZE).contains(&s.pool_size) {
                 return Err(invalid("store.pool_size", format!("is {}; allowed: 1 to {MAX_POOL_SIZE}", s.pool_size)));
             }
-            StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size }
+            let tls = validate_postgres_tls(s).map_err(|(key, message)| invalid(key, message))?;
+            StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size, tls }
         }
         "scylla" => StoreConfig::Scylla(Box::new(validate_scylla(s).map_err(|(key, message)| invalid(key, message))?)),
         other => {
@@ -1101,9 +1160,15 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
         .filter(|m| m.get() <= MAX_IN_FLIGHT)
         .ok_or(("store.max_in_flight", format!("is {}; allowed: 1 to {MAX_IN_FLIGHT}", s.max_in_flight)))?;
     let tls = match (s.tls, &s.tls_ca_file) {
-        (true, ca) => Some(ScyllaTls { ca_file: ca.clone() }),
-        (false, None) => None,
-        (false, Some(_)) => {
+        (Some(TlsMode::VerifyFull), ca) => Some(ScyllaTls { ca_file: ca.clone() }),
+        (Some(TlsMode::Require), _) => {
+            return Err((
+                "store.tls",
+                "is \"require\"; ScyllaDB's TLS always verifies the certificate: set tls = true".into(),
+            ))
+        }
+        (None | Some(TlsMode::Disable), None) => None,
+        (None | Some(TlsMode::Disable), Some(_)) => {
             return Err(("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it".into()))
         }
     };
@@ -1133,6 +1198,75 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
         tls,
         credentials,
     })
+}
+
+/// The `[store]` TLS keys of kind = "postgres", against the URL's own `sslmode`
+/// (tokio-postgres knows disable, prefer and require; it cannot verify, so
+/// `verify-full` lives in `[store] tls`). The CA file is read and parsed here,
+/// so a bad one fails at load, not at the first connection.
+fn validate_postgres_tls(s: &StoreSection) -> Result<PostgresTls, (&'static str, String)> {
+    use tokio_postgres::config::SslMode;
+    let parsed = s.url.parse::<tokio_postgres::Config>().map_err(|e| {
+        let hint = if s.url.contains("sslmode=verify") {
+            "; tokio-postgres' sslmode allows only disable, prefer, require: for certificate verification remove \
+             sslmode from the URL and set [store] tls = \"verify-full\" (and tls_ca_file)"
+        } else {
+            ""
+        };
+        // The error names the option, never its value: the URL may hold a password.
+        ("store.url", format!("is not a URL tokio-postgres accepts: {e}{hint}"))
+    })?;
+    let url_mode = s.url.contains("sslmode=").then(|| match parsed.get_ssl_mode() {
+        SslMode::Disable => "disable",
+        SslMode::Require => "require",
+        _ => "prefer",
+    });
+    let tls = match (s.tls, url_mode) {
+        (None, Some("disable")) => PostgresTls::Disable,
+        (None, Some("require")) => PostgresTls::Require,
+        (None, _) => PostgresTls::Prefer,
+        (Some(TlsMode::Disable), None | Some("disable")) => PostgresTls::Disable,
+        (Some(TlsMode::Require), None | Some("require")) => PostgresTls::Require,
+        (Some(TlsMode::VerifyFull), None) => PostgresTls::VerifyFull { ca_file: s.tls_ca_file.clone() },
+        (Some(mode), Some(url)) => {
+            let mode = match mode {
+                TlsMode::Disable => "disable",
+                TlsMode::Require => "require",
+                TlsMode::VerifyFull => "verify-full",
+            };
+            return Err((
+                "store.tls",
+                format!(
+                    "is \"{mode}\" but store.url says sslmode={url}; say it once: remove sslmode from the URL \
+                     (or the tls key)"
+                ),
+            ));
+        }
+    };
+    match (&tls, &s.tls_ca_file) {
+        (PostgresTls::VerifyFull { .. }, Some(path)) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| ("store.tls_ca_file", format!("cannot read {}: {e}", path.display())))?;
+            match openssl::x509::X509::stack_from_pem(&pem) {
+                Ok(certs) if !certs.is_empty() => {}
+                Ok(_) => return Err(("store.tls_ca_file", format!("{} holds no PEM certificate", path.display()))),
+                Err(e) => {
+                    return Err(("store.tls_ca_file", format!("{} is not a PEM certificate: {e}", path.display())))
+                }
+            }
+        }
+        (PostgresTls::VerifyFull { .. }, None) => {}
+        (_, Some(_)) => {
+            return Err((
+                "store.tls_ca_file",
+                "is set but store.tls is not \"verify-full\": only verify-full checks the certificate; set \
+                 tls = \"verify-full\""
+                    .into(),
+            ))
+        }
+        (_, None) => {}
+    }
+    Ok(tls)
 }
 
 /// An unquoted CQL name that means itself (CQL folds unquoted names to lowercase).
@@ -1488,6 +1622,55 @@ mod tests {
         }
         let c = load(MINIMAL, &[("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "0"), ("KDEDUP_PIPELINE__BATCH_MAX", "100000")]);
         assert_eq!(c.unwrap().pipeline.drain_timeout, Duration::ZERO, "a zero drain abandons at once, by choice");
+    }
+
+    #[test]
+    fn postgres_tls_comes_from_the_tls_key_or_the_urls_sslmode_never_both() {
+        fn pg(url: &str, extra: &[(&str, &str)]) -> Result<PostgresTls, ConfigError> {
+            let mut env = vec![("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", url)];
+            env.extend_from_slice(extra);
+            load(MINIMAL, &env).map(|c| match c.store {
+                StoreConfig::Postgres { tls, .. } => tls,
+                other => panic!("not postgres: {other:?}"),
+            })
+        }
+        let ok = |url: &str, extra: &[(&str, &str)]| pg(url, extra).unwrap();
+        let err = |url: &str, extra: &[(&str, &str)]| pg(url, extra).unwrap_err().to_string();
+        assert_eq!(ok("postgres://u@h/db", &[]), PostgresTls::Prefer, "today's default: tokio-postgres' prefer");
+        assert_eq!(ok("postgres://u@h/db?sslmode=require", &[]), PostgresTls::Require);
+        assert_eq!(ok("postgres://u@h/db?sslmode=disable", &[]), PostgresTls::Disable);
+        assert_eq!(ok("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "require")]), PostgresTls::Require);
+        assert_eq!(ok("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "false")]), PostgresTls::Disable);
+        assert_eq!(
+            ok("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "true")]),
+            PostgresTls::VerifyFull { ca_file: None },
+            "true is verify-full against the system's roots"
+        );
+        assert_eq!(ok("postgres://u@h/db?sslmode=require", &[("KDEDUP_STORE__TLS", "require")]), PostgresTls::Require);
+
+        let e = err("postgres://u@h/db?sslmode=require", &[("KDEDUP_STORE__TLS", "verify-full")]);
+        assert!(e.contains("store.tls") && e.contains("sslmode=require") && e.contains("say it once"), "{e}");
+        let e = err("postgres://u:pw-secret@h/db?sslmode=verify-full", &[]);
+        assert!(e.contains("store.url") && e.contains("tls = \"verify-full\""), "{e}");
+        assert!(!e.contains("pw-secret"), "{e}");
+        let e = err("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "verify-ca")]);
+        assert!(e.contains("\"disable\", \"require\", \"verify-full\""), "{e}");
+        let e = err("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "require"), ("KDEDUP_STORE__TLS_CA_FILE", "/x.pem")]);
+        assert!(e.contains("store.tls_ca_file") && e.contains("verify-full"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let not_pem = not_pem.display().to_string();
+        for (file, says) in [("/nonexistent/ca.pem", "cannot read"), (not_pem.as_str(), "PEM")] {
+            let e =
+                err("postgres://u@h/db", &[("KDEDUP_STORE__TLS", "verify-full"), ("KDEDUP_STORE__TLS_CA_FILE", file)]);
+            assert!(e.contains("store.tls_ca_file") && e.contains(file) && e.contains(says), "{e}");
+        }
+        // ScyllaDB's TLS always verifies: "require" would promise less than it does.
+        let e = scylla("tls = \"require\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("store.tls") && e.contains("tls = true"), "{e}");
+        assert!(scylla("tls = \"verify-full\"\n", &[]).unwrap().tls.is_some());
     }
 
     #[test]

@@ -193,8 +193,8 @@ impl Store {
     pub fn open(config: &StoreConfig, retention: &Retention) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
-            StoreConfig::Postgres { url, pool_size } => {
-                Ok(Store::Postgres(PostgresStore::open(url, *pool_size, retention)?))
+            StoreConfig::Postgres { url, pool_size, tls } => {
+                Ok(Store::Postgres(PostgresStore::open(url, *pool_size, tls, retention)?))
             }
             StoreConfig::Scylla(scylla) => Ok(Store::Scylla(ScyllaStore::open(scylla, retention)?)),
         }

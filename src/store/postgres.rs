@@ -13,6 +13,12 @@
 //! - Rows are inserted in key order, so concurrent batches lock rows in the
 //!   same order and cannot deadlock each other.
 //!
+//! - TLS goes through OpenSSL (`postgres-openssl`; the binary links Debian's
+//!   libssl for rdkafka already). `verify-full` trusts only `[store]
+//!   tls_ca_file` when given (the system's roots otherwise) and checks that
+//!   the certificate names the URL's host or IP address; `require` and
+//!   `prefer` encrypt without checking anything.
+//!
 //! Schema: `schemas/postgres.sql`.
 
 use std::collections::HashMap;
@@ -21,10 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{NoTls, Row};
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::Row;
 
 use super::{decide, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
-use crate::config::Retention;
+use crate::config::{PostgresTls, Retention};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
 
@@ -115,6 +124,8 @@ DELETE FROM kdedup_claims WHERE ctid = ANY(ARRAY(
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// How connections are encrypted, to say what to check when one fails.
+    tls: Arc<PostgresTls>,
     ttl_ms: i64,
     lease_ms: i64,
     stats: Arc<Counters>,
@@ -128,16 +139,31 @@ struct Counters {
 impl PostgresStore {
     /// Connects lazily: the pool opens connections on first use, so a store
     /// that is down at start makes the pipeline wait, not exit.
-    pub fn open(url: &str, pool_size: usize, retention: &Retention) -> Result<PostgresStore, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
+    pub fn open(
+        url: &str,
+        pool_size: usize,
+        tls: &PostgresTls,
+        retention: &Retention,
+    ) -> Result<PostgresStore, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Config(format!("[store] url is not a PostgreSQL URL: {e}")))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        config.ssl_mode(match tls {
+            PostgresTls::Disable => SslMode::Disable,
+            PostgresTls::Prefer => SslMode::Prefer,
+            PostgresTls::Require | PostgresTls::VerifyFull { .. } => SslMode::Require,
+        });
+        let manager = Manager::from_config(
+            config,
+            tls_connector(tls)?,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(pool_size)
             .build()
             .map_err(|e| StoreError::Config(format!("cannot build the connection pool: {e}")))?;
         Ok(PostgresStore {
             pool,
+            tls: Arc::new(tls.clone()),
             ttl_ms: retention.ttl.as_millis() as i64,
             lease_ms: retention.lease.as_millis() as i64,
             stats: Arc::new(Counters::default()),
@@ -168,12 +194,15 @@ impl PostgresStore {
         }
     }
 
+    /// Opens (or reuses) a connection and runs one statement: the TLS handshake and
+    /// authentication included, so `kdedup check` can tell an operator what failed.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.client().await?.simple_query("SELECT 1").await.map(drop).map_err(pg_error)
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Postgres { message: format!("no connection: {e}"), retriable: true })
+        self.pool.get().await.map_err(|e| connect_error(e, &self.tls))
     }
 
     async fn query(
@@ -217,6 +246,85 @@ impl PostgresStore {
         }
         Ok(answers)
     }
+}
+
+/// The connector for `tls`. With `Disable` it is never asked to handshake.
+fn tls_connector(tls: &PostgresTls) -> Result<MakeTlsConnector, StoreError> {
+    let bad = |e: openssl::error::ErrorStack| StoreError::Config(format!("cannot set up TLS for PostgreSQL: {e}"));
+    let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(bad)?;
+    let verify = match tls {
+        PostgresTls::VerifyFull { ca_file: Some(path) } => {
+            // Only this CA: a store that replaces the system's default paths.
+            let pem = std::fs::read(path)
+                .map_err(|e| StoreError::Config(format!("[store] tls_ca_file: cannot read {}: {e}", path.display())))?;
+            let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| {
+                StoreError::Config(format!("[store] tls_ca_file {} is not a PEM certificate: {e}", path.display()))
+            })?;
+            let mut store = openssl::x509::store::X509StoreBuilder::new().map_err(bad)?;
+            for cert in certs {
+                store.add_cert(cert).map_err(bad)?;
+            }
+            builder.set_cert_store(store.build());
+            true
+        }
+        // SslConnector::builder already trusts the system's default paths.
+        PostgresTls::VerifyFull { ca_file: None } => true,
+        PostgresTls::Prefer | PostgresTls::Disable | PostgresTls::Require => {
+            builder.set_verify(SslVerifyMode::NONE);
+            false
+        }
+    };
+    let mut connector = MakeTlsConnector::new(builder.build());
+    // verify-full: openssl checks the host name, or the IP address when the URL's host is one.
+    connector.set_callback(move |config, _host| {
+        config.set_verify_hostname(verify);
+        Ok(())
+    });
+    Ok(connector)
+}
+
+/// A connection that could not be made, in words that say what to fix: the TLS
+/// handshake (certificate not verified, server without TLS) and the server's
+/// refusal (pg_hba.conf) get their own hints. Never the URL: it may hold a password.
+fn connect_error(e: deadpool_postgres::PoolError, tls: &PostgresTls) -> StoreError {
+    let mut chain = Vec::new();
+    let mut source: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(err) = source {
+        chain.push(err.to_string());
+        source = err.source();
+    }
+    let all = chain.join(": ");
+    // The innermost message, or for a failed verification the one that carries OpenSSL's
+    // verify result too (postgres-openssl appends it: "…: unable to get local issuer certificate").
+    let detail =
+        chain.iter().find(|m| m.contains("certificate verify failed")).or(chain.last()).cloned().unwrap_or_default();
+    let message = if all.contains("certificate verify failed") {
+        let against = match tls {
+            PostgresTls::VerifyFull { ca_file: Some(path) } => format!("[store] tls_ca_file {}", path.display()),
+            _ => "the system's CA certificates ([store] tls_ca_file not set)".to_string(),
+        };
+        format!(
+            "TLS handshake failed: the server's certificate could not be verified against {against} ({detail}); \
+             check that this CA signed the server's certificate and that the certificate names the host or IP \
+             address in [store] url"
+        )
+    } else if all.contains("server does not support TLS") {
+        "the server does not offer TLS but [store] tls asks for it: enable ssl on the server, or set [store] \
+         tls = \"disable\""
+            .to_string()
+    } else if all.contains("pg_hba.conf") && all.contains("no encryption") {
+        format!(
+            "the server refuses connections without TLS ({detail}); set [store] tls = \"verify-full\" and \
+             tls_ca_file"
+        )
+    } else if all.contains("pg_hba.conf") {
+        format!("the server refused the connection ({detail}); check pg_hba.conf and the user in [store] url")
+    } else if all.contains("TLS") || all.contains("SSL") {
+        format!("TLS handshake failed: {detail}; check [store] tls and tls_ca_file")
+    } else {
+        format!("no connection: {all}")
+    };
+    StoreError::Postgres { message, retriable: true }
 }
 
 /// Reads a claim row from `row` starting at column `at` (state first); `None` if absent.
@@ -423,7 +531,8 @@ mod tests {
     /// A connection whose unqualified `kdedup_claims` is the one in `schema`:
     /// the sweep deletes every expired row, so tests keep to a schema of their own.
     async fn connect(url: &str, schema: &str) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("PostgreSQL answers");
+        let (client, connection) =
+            tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("PostgreSQL answers");
         tokio::spawn(connection);
         client.batch_execute(&format!("SET search_path TO {schema}")).await.unwrap();
         client

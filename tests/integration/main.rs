@@ -11,6 +11,7 @@ mod leases;
 mod observe;
 mod outage;
 mod path;
+mod pg_tls;
 mod reconcile;
 mod restart;
 mod store_contract;

@@ -430,8 +430,27 @@ pub struct PrivatePostgres {
     port: u16,
 }
 
+/// The certificates of a TLS-only [`PrivatePostgres`] (see `start_tls`).
+pub struct PgTlsFiles {
+    /// The CA that signed the server's certificate (for 127.0.0.1).
+    pub ca: std::path::PathBuf,
+    /// Another CA, which signed nothing the server holds.
+    pub wrong_ca: std::path::PathBuf,
+}
+
 impl PrivatePostgres {
     pub fn start() -> Option<PrivatePostgres> {
+        PrivatePostgres::start_with(false).map(|(pg, _)| pg)
+    }
+
+    /// A server that speaks only TLS on 127.0.0.1 (`hostnossl … reject`), with a
+    /// throwaway CA and server certificate made by Debian's `openssl`; `None`
+    /// when the PostgreSQL binaries are absent.
+    pub fn start_tls() -> Option<(PrivatePostgres, PgTlsFiles)> {
+        PrivatePostgres::start_with(true).map(|(pg, files)| (pg, files.expect("made when TLS is asked for")))
+    }
+
+    fn start_with(tls: bool) -> Option<(PrivatePostgres, Option<PgTlsFiles>)> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok())
@@ -446,8 +465,75 @@ impl PrivatePostgres {
         let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
         let pg = PrivatePostgres { bin, data, port };
         assert!(pg.run("initdb", &["-D", &pg.dir(), "-U", "kdedup", "--auth=trust"]), "initdb failed");
+        let files = tls.then(|| pg.make_tls_only(root));
         pg.up();
-        Some(pg)
+        Some((pg, files))
+    }
+
+    /// Certificates in `<tmp>/tls` (the key 0600 and the server's own), `ssl = on`, and a
+    /// pg_hba.conf that takes TLS from 127.0.0.1 and refuses plain TCP.
+    fn make_tls_only(&self, root: bool) -> PgTlsFiles {
+        let dir = self.data.path().join("tls");
+        std::fs::create_dir(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl").args(args).current_dir(&dir).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        for (name, cn) in [("ca", "kdedup test CA"), ("wrong-ca", "kdedup wrong CA")] {
+            let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={cn}"));
+            openssl(&[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject, "-keyout", &key,
+                "-out", &pem,
+            ]);
+        }
+        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        // The server refuses a key others may read; as root, the server runs as `postgres`.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        if root {
+            let chown = std::process::Command::new("chown").args(["-R", "postgres"]).arg(&dir).status().unwrap();
+            assert!(chown.success(), "chown of the TLS files");
+        }
+        let conf = std::path::Path::new(&self.dir()).join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        ));
+        std::fs::write(&conf, text).unwrap();
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+        std::fs::write(std::path::Path::new(&self.dir()).join("pg_hba.conf"), hba).unwrap();
+        PgTlsFiles { ca: dir.join("ca.pem"), wrong_ca: dir.join("wrong-ca.pem") }
     }
 
     fn dir(&self) -> String {
