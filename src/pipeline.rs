@@ -198,6 +198,9 @@ pub struct Stages {
     pub lease: Duration,
     pub liveness: Arc<Liveness>,
     pub fatal: Fatal,
+    /// Counts claim completions and releases in this process, so a batch that
+    /// waits on a claim held by another partition here wakes when it is done.
+    pub settled_claims: watch::Sender<u64>,
 }
 
 impl Stages {
@@ -279,19 +282,31 @@ enum Stop {
     Fatal,
 }
 
-/// Exponential backoff from 50 ms to 5 s.
-struct Backoff(Duration);
+/// Exponential backoff: from 50 ms to 5 s for failures; from 20 ms to 1 s for
+/// a claim waiting on another process's batch (one in this process wakes the
+/// waiter when it settles).
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
 
 impl Backoff {
     fn new() -> Backoff {
-        Backoff(Duration::from_millis(50))
+        Backoff { next: Duration::from_millis(50), max: Duration::from_secs(5) }
+    }
+    fn for_claim_waits() -> Backoff {
+        Backoff { next: Duration::from_millis(20), max: Duration::from_secs(1) }
     }
     fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
         d
     }
 }
+
+/// How long a batch waits on claims held elsewhere while holding its own
+/// before it gives them back (see `PartitionTask::decide`).
+const GIVE_BACK_AFTER: Duration = Duration::from_secs(1);
 
 /// Claims a batch holds between its claim and its completion, for the heartbeat.
 #[derive(Default)]
@@ -646,13 +661,15 @@ impl PartitionTask {
         // A batch that keeps waiting gives back what it won: two batches that each
         // hold keys the other wants (cross-partition duplicates claimed in
         // different rounds, or key by key on ScyllaDB) would otherwise wait on
-        // each other for ever, both kept alive by their heartbeats. A claim that
-        // was resumed or taken over keeps that (and its possible-repeat mark) when
-        // it is claimed again after being given back.
-        let mut backoff = Backoff::new();
+        // each other for ever, both kept alive by their heartbeats. Most waits
+        // end within milliseconds (the other batch completes), so only a wait
+        // past GIVE_BACK_AFTER gives back. A claim that was resumed or taken
+        // over keeps that (and its possible-repeat mark) when it is claimed
+        // again after being given back.
+        let mut backoff = Backoff::for_claim_waits();
         let mut won: Vec<usize> = Vec::new();
         let mut first_won_as: HashMap<usize, Acquired> = HashMap::new();
-        let mut rounds_waited = 0;
+        let mut waiting_since: Option<Instant> = None;
         while !to_claim.is_empty() {
             let requests: Vec<ClaimRequest> = to_claim
                 .iter()
@@ -661,6 +678,8 @@ impl PartitionTask {
                     ClaimRequest { key: e.key.clone(), fingerprint: e.fingerprint, position: e.record.position.clone() }
                 })
                 .collect();
+            let mut settled = s.settled_claims.subscribe();
+            settled.mark_unchanged();
             let claimed_at_ms = now_ms();
             let answers = self.store_call("claim", || s.store.claim(requests.clone(), claimed_at_ms)).await?;
             let mut waiting = Vec::new();
@@ -707,10 +726,9 @@ impl PartitionTask {
                 info!(topic = %self.tp.0, partition = self.tp.1, first_offset, count, "resuming our own unfinished claims after a crash");
             }
             if !waiting.is_empty() {
-                rounds_waited += 1;
-                // An atomic store decides a round's shared keys together, so a first
-                // short wait is harmless; a second one, or any on ScyllaDB, gives back.
-                if !won.is_empty() && (rounds_waited > 1 || !s.store.claims_batch_atomically()) {
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if !won.is_empty() && since.elapsed() >= GIVE_BACK_AFTER {
+                    waiting_since = None;
                     let keys: Vec<_> = won
                         .iter()
                         .map(|&i| {
@@ -721,6 +739,7 @@ impl PartitionTask {
                     debug!(topic = %self.tp.0, partition = self.tp.1, claims = keys.len(), "waiting on claims held elsewhere; giving ours back meanwhile");
                     held.remove(&keys);
                     self.store_call("release", || s.store.release(keys.clone())).await?;
+                    s.settled_claims.send_modify(|n| *n += 1);
                     s.metrics.claims_given_back.inc_by(keys.len() as u64);
                     for &i in &won {
                         clear_decision(&mut items[i]);
@@ -735,7 +754,12 @@ impl PartitionTask {
             if !to_claim.is_empty() {
                 // Waiting on another owner's live claim is not a stall: that owner
                 // progresses (or reports its own stall), and its lease bounds the wait.
-                self.pause(&mut backoff).await?;
+                // A claim settled in this process (most holders are our own other
+                // partitions) ends the wait at once; the backoff covers other processes.
+                tokio::select! {
+                    _ = settled.changed() => {}
+                    paused = self.pause(&mut backoff) => paused?,
+                }
             }
         }
 
@@ -891,6 +915,7 @@ impl PartitionTask {
         held.clear();
         if !done.is_empty() {
             let held = self.store_call("complete", || s.store.complete(done.clone(), now_ms())).await?;
+            s.settled_claims.send_modify(|n| *n += 1);
             for ((_, position), held) in done.iter().zip(held) {
                 if !held {
                     s.metrics.claims_lost.inc();

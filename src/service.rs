@@ -97,6 +97,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         lease: config.retention.lease,
         liveness: liveness.clone(),
         fatal: fatal.clone(),
+        settled_claims: tokio::sync::watch::channel(0).0,
     });
     let watcher = tokio::spawn(liveness.watch());
     let workers = Arc::new(Workers::new(stages, tokio::runtime::Handle::current()));

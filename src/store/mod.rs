@@ -249,15 +249,6 @@ impl Store {
         }
     }
 
-    /// Whether one `claim` call decides all its keys as one step, so that two
-    /// batches sharing keys cannot each win some and wait on the other's (the
-    /// embedded store holds one lock; PostgreSQL inserts a batch's keys in key
-    /// order in one statement, so the first shared key decides them all).
-    /// ScyllaDB claims key by key, concurrently.
-    pub fn claims_batch_atomically(&self) -> bool {
-        !matches!(self, Store::Scylla(_))
-    }
-
     /// Whether this backend is only correct when one process owns every partition.
     pub fn is_single_instance(&self) -> bool {
         matches!(self, Store::Embedded(_))
