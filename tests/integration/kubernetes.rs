@@ -132,3 +132,16 @@ fn the_deployment_drains_within_its_grace_and_runs_locked_down_on_a_config_kdedu
     assert_eq!(service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
     assert!(Path::new(&format!("{DIR}/secret.yaml")).exists());
 }
+
+#[test]
+fn the_service_monitor_scrapes_the_services_metrics_port() {
+    let Some(tools) = tools() else { return };
+    let monitor = load(&tools, &format!("{DIR}/prometheus-operator/servicemonitor.yaml"));
+    let service = load(&tools, &format!("{DIR}/service.yaml"));
+    assert_eq!(monitor["kind"], "ServiceMonitor");
+    assert_eq!(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"], "it selects the Service");
+    let port = &monitor["spec"]["endpoints"][0]["port"];
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    assert!(ports.iter().any(|p| &p["name"] == port), "the Service has a port named {port}");
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+}
