@@ -670,6 +670,7 @@ impl PartitionTask {
         let mut won: Vec<usize> = Vec::new();
         let mut first_won_as: HashMap<usize, Acquired> = HashMap::new();
         let mut waiting_since: Option<Instant> = None;
+        let mut parked: Vec<usize> = Vec::new();
         while !to_claim.is_empty() {
             let requests: Vec<ClaimRequest> = to_claim
                 .iter()
@@ -729,26 +730,43 @@ impl PartitionTask {
                 let since = *waiting_since.get_or_insert_with(Instant::now);
                 if !won.is_empty() && since.elapsed() >= GIVE_BACK_AFTER {
                     waiting_since = None;
-                    let keys: Vec<_> = won
-                        .iter()
-                        .map(|&i| {
-                            let e = envelope(&items[i]);
-                            (e.key.clone(), e.record.position.clone())
-                        })
-                        .collect();
-                    debug!(topic = %self.tp.0, partition = self.tp.1, claims = keys.len(), "waiting on claims held elsewhere; giving ours back meanwhile");
-                    held.remove(&keys);
-                    self.store_call("release", || s.store.release(keys.clone())).await?;
-                    s.settled_claims.send_modify(|n| *n += 1);
-                    s.metrics.claims_given_back.inc_by(keys.len() as u64);
-                    for &i in &won {
+                    // Fresh claims are released: no effect of them can exist. A resumed
+                    // or taken-over claim's earlier effect may be in the output, so its
+                    // row must stay (a fresh claim elsewhere would repeat it unmarked):
+                    // it is parked instead, no longer renewed, so its lease lapses and
+                    // whoever waits on it takes it over, marked. Parked keys are asked
+                    // again only once nothing else waits.
+                    let (fresh, marked): (Vec<usize>, Vec<usize>) =
+                        won.drain(..).partition(|&i| !first_won_as.get(&i).is_some_and(|a| a.may_repeat()));
+                    let keys_of = |idx: &[usize]| -> Vec<(EventKey, Position)> {
+                        idx.iter()
+                            .map(|&i| {
+                                let e = envelope(&items[i]);
+                                (e.key.clone(), e.record.position.clone())
+                            })
+                            .collect()
+                    };
+                    let (released, kept) = (keys_of(&fresh), keys_of(&marked));
+                    debug!(topic = %self.tp.0, partition = self.tp.1, released = released.len(), parked = kept.len(), "waiting on claims held elsewhere; giving ours back meanwhile");
+                    held.remove(&released);
+                    held.remove(&kept);
+                    if !released.is_empty() {
+                        self.store_call("release", || s.store.release(released.clone())).await?;
+                        s.settled_claims.send_modify(|n| *n += 1);
+                    }
+                    s.metrics.claims_given_back.inc_by((released.len() + kept.len()) as u64);
+                    for &i in fresh.iter().chain(&marked) {
                         clear_decision(&mut items[i]);
                     }
-                    waiting.append(&mut won);
+                    waiting.extend(fresh);
                     waiting.sort_unstable();
+                    parked.extend(marked);
                     // Jitter, so two batches that gave back do not meet again in step.
                     tokio::time::sleep(Duration::from_millis(rand::random_range(0..50))).await;
                 }
+            } else if !parked.is_empty() {
+                waiting.append(&mut parked);
+                waiting.sort_unstable();
             }
             to_claim = waiting;
             if !to_claim.is_empty() {
