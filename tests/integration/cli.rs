@@ -1,6 +1,6 @@
 //! The real binary: help, config errors, the demo, and `run` under SIGTERM.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -168,22 +168,6 @@ async fn run_serves_metrics_and_drains_commits_and_exits_zero_on_sigterm() {
     let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
     assert_eq!(committed, mock::end_offsets(kafka.bootstrap(), INPUT).unwrap());
     assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
-}
-
-/// A minimal HTTP/1.0 GET on loopback: (status, body), or None if nothing listens yet.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).ok()?;
-    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
-    let mut rest = String::new();
-    reader.read_to_string(&mut rest).ok()?;
-    let body = rest.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
 }
 
 /// The value of one sample line in Prometheus text.

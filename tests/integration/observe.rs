@@ -8,7 +8,6 @@
 //! and KDEDUP_TEST_DOCKER_COMPOSE; a test without its program says "skipped".
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,21 +98,6 @@ impl Drop for Children {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A minimal HTTP/1.0 GET on loopback: (status, body), or None if nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).ok()?;
-    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
-    let mut rest = String::new();
-    reader.read_to_string(&mut rest).ok()?;
-    let body = rest.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
 }
 
 async fn get(port: u16, path: String) -> Option<(u16, String)> {

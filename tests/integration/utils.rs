@@ -575,3 +575,19 @@ impl Drop for PrivatePostgres {
         self.run("pg_ctl", &["-D", &self.dir(), "-m", "immediate", "stop"]);
     }
 }
+
+/// A minimal HTTP/1.0 GET on loopback: (status, body), or None if nothing answers yet.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).ok()?;
+    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).ok()?;
+    let body = rest.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
