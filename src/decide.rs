@@ -42,10 +42,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{OnConflict, PipelineConfig};
+use crate::config::{Config, OnConflict, PipelineConfig};
 use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
-use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
+use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{OutputMark, TopicPartition};
 use crate::sink::{DeadLetter, Effect, SideTopics, Sink};
@@ -311,6 +311,31 @@ pub struct Core {
 }
 
 impl Core {
+    /// The core of `config`'s pipeline; no faults, its own [`Fatal`] (callers may replace both).
+    pub fn new(
+        config: &Config,
+        store: Store,
+        sink: Sink,
+        side: SideTopics,
+        metrics: Metrics,
+        claimant: Claimant,
+    ) -> Result<Core, FilterAllocError> {
+        Ok(Core {
+            extractor: KeyExtractor::new(config.key.clone()),
+            filter: Mutex::new(Filter::try_new(&config.filter, config.retention.ttl, now_ms())?),
+            store,
+            sink,
+            side,
+            metrics,
+            config: config.pipeline.clone(),
+            faults: Faults::default(),
+            lease: config.retention.lease,
+            fatal: Fatal::default(),
+            settled_claims: watch::channel(0).0,
+            claimant,
+        })
+    }
+
     /// The position a claim for this record is made under.
     fn claimant(&self, position: &Position) -> Position {
         match &self.claimant {

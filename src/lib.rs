@@ -33,6 +33,7 @@ pub mod mock;
 pub mod offsets;
 pub mod pipeline;
 pub mod reconcile;
+pub mod replay;
 pub mod service;
 pub mod sink;
 pub mod source;

@@ -13,6 +13,7 @@ mod outage;
 mod path;
 mod pg_tls;
 mod reconcile;
+mod replay;
 mod restart;
 mod store_contract;
 mod store_crash;
