@@ -219,8 +219,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     );
 
     let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
-    let filter = |r: &str| metrics.filter.with_label_values(&[r]).get() as f64;
-    let (recent, bloom_hit, bloom_miss) = (filter("recent_hit"), filter("bloom_hit"), filter("bloom_miss"));
+    let filter = |tier: &str, result: &str| metrics.filter_checks(tier, result) as f64;
+    let (recent, bloom_hit, bloom_miss) = (filter("recent", "hit"), filter("aging", "hit"), filter("aging", "miss"));
     let checked = (recent + bloom_hit + bloom_miss).max(1.0);
     let false_positives = metrics.bloom_false_positives.get() as f64;
     let store_calls: u64 = ["lookup", "claim", "complete", "release"]
