@@ -699,7 +699,11 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
                 t = esc(topic),
             );
         }
-        html.push_str("</table>\n</body></html>\n");
+        html.push_str("</table>\n");
+        // Window adequacy: the same line `kdedup stats` prints, from these same counters.
+        let window = crate::window::Window::from_metrics(&self.render());
+        let _ =
+            write!(html, "<h2>Window adequacy</h2><p id=\"window\">{}</p>\n</body></html>\n", esc(&window.advice()));
         html
     }
 

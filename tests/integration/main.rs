@@ -18,3 +18,4 @@ mod store_contract;
 mod store_crash;
 mod tls;
 mod utils;
+mod window;
