@@ -153,6 +153,15 @@ async fn duplicates_near_and_after_the_ttl_are_measured_and_stats_advises() {
     running.stop(StopMode::Drain).await;
 }
 
+/// What observe mode should stamp on a record: new, a duplicate of the
+/// record at (partition, offset), or a conflict.
+#[derive(Clone, Copy)]
+enum Stamp {
+    New,
+    Duplicate(i32, i64),
+    Conflict,
+}
+
 /// Observe mode on a stream with duplicates, conflicts and bad records: an
 /// independent consumer finds every keyed input record in the output once,
 /// stamped kdedup-duplicate true|false with the first occurrence's position;
@@ -197,7 +206,7 @@ async fn observe_mode_forwards_every_record_stamped_and_its_claims_hold_for_enfo
     // later ones with the same payload are duplicates of it, others conflicts.
     let input = mock::read_all(kafka.bootstrap(), INPUT).unwrap();
     let mut first: HashMap<String, (i32, i64, Vec<u8>)> = HashMap::new();
-    let mut expected: HashMap<(i32, i64), (&str, Option<(i32, i64)>)> = HashMap::new();
+    let mut expected: HashMap<(i32, i64), Stamp> = HashMap::new();
     let mut sorted: Vec<_> = input.iter().collect();
     sorted.sort_by_key(|r| (r.partition, r.offset));
     for r in sorted {
@@ -206,10 +215,10 @@ async fn observe_mode_forwards_every_record_stamped_and_its_claims_hold_for_enfo
         let stamp = match first.get(id) {
             None => {
                 first.insert(id.to_string(), (r.partition, r.offset, payload));
-                ("new", None)
+                Stamp::New
             }
-            Some((p, o, original)) if *original == payload => ("duplicate", Some((*p, *o))),
-            Some(_) => ("conflict", None),
+            Some((p, o, original)) if *original == payload => Stamp::Duplicate(*p, *o),
+            Some(_) => Stamp::Conflict,
         };
         expected.insert((r.partition, r.offset), stamp);
     }
@@ -225,19 +234,19 @@ async fn observe_mode_forwards_every_record_stamped_and_its_claims_hold_for_enfo
             h(headers::SOURCE_OFFSET).unwrap().parse().unwrap(),
         );
         assert!(seen.insert(source), "{source:?} forwarded twice");
-        let (stamp, first_at) = expected[&source];
+        let stamp = expected[&source];
         let duplicate = h(headers::DUPLICATE);
         let conflict = h(headers::CONFLICT);
         let at = h(headers::FIRST_PARTITION)
             .map(|p| (p.parse::<i32>().unwrap(), h(headers::FIRST_OFFSET).unwrap().parse::<i64>().unwrap()));
         match stamp {
-            "new" => assert_eq!((duplicate, conflict, at), (Some("false"), None, None), "{source:?}"),
-            "duplicate" => {
+            Stamp::New => assert_eq!((duplicate, conflict, at), (Some("false"), None, None), "{source:?}"),
+            Stamp::Duplicate(p, o) => {
                 assert_eq!((duplicate, conflict), (Some("true"), None), "{source:?}");
-                assert_eq!(at, first_at, "{source:?}: the first occurrence's position");
+                assert_eq!(at, Some((p, o)), "{source:?}: the first occurrence's position");
                 assert_eq!(h(headers::FIRST_TOPIC), Some(INPUT));
             }
-            _ => assert_eq!((duplicate, conflict), (Some("false"), Some("true")), "{source:?}"),
+            Stamp::Conflict => assert_eq!((duplicate, conflict), (Some("false"), Some("true")), "{source:?}"),
         }
         assert_eq!(h(headers::POSSIBLE_REPEAT), None, "a clean run repeats nothing");
     }
