@@ -1667,12 +1667,23 @@ mod tests {
             ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "0", "pipeline.commit_interval_ms", "1 to 86400000"),
             ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "86400001", "pipeline.commit_interval_ms", "1 to 86400000"),
             ("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "3600001", "pipeline.drain_timeout_ms", "0 to 3600000"),
+            ("KDEDUP_PIPELINE__MODE", "dry-run", "pipeline.mode", "\"enforce\", \"observe\""),
+            (
+                "KDEDUP_FILTER__EXPIRED_KEYS",
+                "100000001",
+                "filter.expired_keys",
+                "0 (no expired-key estimate) to 100000000",
+            ),
         ] {
             let e = invalid_key(&[(var, bad)]);
             assert!(e.starts_with(&format!("{key}:")) && e.contains(allowed), "{var}={bad}: {e}");
         }
         let c = load(MINIMAL, &[("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "0"), ("KDEDUP_PIPELINE__BATCH_MAX", "100000")]);
         assert_eq!(c.unwrap().pipeline.drain_timeout, Duration::ZERO, "a zero drain abandons at once, by choice");
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!((c.pipeline.mode, c.filter.expired_keys), (Mode::Enforce, 1_000_000), "the defaults");
+        let c = load(MINIMAL, &[("KDEDUP_PIPELINE__MODE", "observe"), ("KDEDUP_FILTER__EXPIRED_KEYS", "0")]).unwrap();
+        assert_eq!((c.pipeline.mode, c.filter.expired_keys), (Mode::Observe, 0));
     }
 
     #[test]
