@@ -2,7 +2,7 @@
 //! `/metrics`, `/healthz`, `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
 //! can run several pipelines in one process and read exact counts.
 //!
-//! Labels are bounded: outcome, reason, kind, op, result, store, topic, partition. Never an event ID.
+//! Labels are bounded: outcome, reason, kind, op, result, store, tier, topic, partition. Never an event ID.
 //!
 //! Lag is sampled by the source thread every commit interval ([`Metrics::sample_lag`]):
 //! in records from librdkafka's cached high watermark (no broker request), and
