@@ -10,6 +10,15 @@
 //! conflict). Batches of one partition run one after another, so a key seen
 //! again in the next batch finds the first one completed.
 //!
+//! A batch never waits while it holds claims. Records whose key another owner
+//! holds (the same event in flight on another partition) are set aside; the
+//! rest of the batch runs its effects and completes, and only then do the
+//! set-aside records ask again (most then find the key done: duplicates). So
+//! batches that share keys never wait on each other, and an event in flight
+//! elsewhere never holds back its batch's other effects. Should it turn out
+//! new after all (the other claim was released, or lapsed and is taken over),
+//! its effect runs after those of the records that followed it.
+//!
 //! While a batch holds claims, a heartbeat renews their leases every third of
 //! `lease_secs`, so a slow effect never lets another partition take a live
 //! claim over. A claim that is taken over after all (its owner died or froze
@@ -307,10 +316,6 @@ impl Backoff {
     }
 }
 
-/// How long a batch waits on claims held elsewhere while holding its own
-/// before it gives them back (see `PartitionTask::decide`).
-const GIVE_BACK_AFTER: Duration = Duration::from_secs(1);
-
 /// Claims a batch holds between its claim and its completion, for the heartbeat.
 #[derive(Default)]
 struct Held {
@@ -520,9 +525,8 @@ impl PartitionTask {
         let s = self.stages.clone();
         let started_ms = now_ms();
         s.metrics.taken(&self.tp, &records);
-        let offsets: Vec<i64> = records.iter().map(|r| r.position.offset).collect();
-        for &o in &offsets {
-            if let Err(e) = self.tracker.begin(o) {
+        for r in &records {
+            if let Err(e) = self.tracker.begin(r.position.offset) {
                 // librdkafka delivers a partition in order; this would be a bug upstream.
                 error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset order broken");
             }
@@ -540,26 +544,52 @@ impl PartitionTask {
             panic!("injected panic in partition {}/{}", self.tp.0, self.tp.1);
         }
 
-        self.decide(&mut items, held).await?;
-        if Faults::take(&s.faults.crash_after_claim, &items) {
-            return Err(Stop::Crashed);
+        // filter, then rounds of store → sink → complete. A round's records whose
+        // key is in flight elsewhere are set aside and claimed again in the next
+        // round, once the rest of the batch has completed: a batch never waits
+        // while it holds claims, so batches that share keys cannot wait on each other.
+        let mut to_claim = self.screen(&mut items).await?;
+        let mut backoff = Backoff::for_claim_waits();
+        loop {
+            let mut settled = s.settled_claims.subscribe();
+            settled.mark_unchanged();
+            let waiting = self.claim(&mut items, &to_claim, held).await?;
+            if Faults::take(&s.faults.crash_after_claim, &items) {
+                return Err(Stop::Crashed);
+            }
+            let (mut ready, later) = set_aside(items, &waiting);
+            follow_leaders(&mut ready);
+            self.confirm_ownership(started_ms).await?;
+            self.apply_effects(&mut ready, held).await?;
+            self.finish(&ready, arrived);
+            if later.is_empty() {
+                return Ok(());
+            }
+            items = later;
+            to_claim = (0..items.len()).filter(|&i| matches!(items[i], Item::Keyed { leader: None, .. })).collect();
+            // Waiting on another owner's live claim is not a stall: that owner
+            // progresses (or reports its own stall), and its lease bounds the wait.
+            // A claim settled in this process (most holders are our own other
+            // partitions) ends the wait at once; the backoff covers other processes.
+            tokio::select! {
+                _ = settled.changed() => {}
+                paused = self.pause(&mut backoff) => paused?,
+            }
         }
-        self.confirm_ownership(started_ms).await?;
-        self.apply_effects(&mut items, held).await?;
+    }
 
+    /// Marks a round's records finished and publishes the new watermark.
+    fn finish(&mut self, items: &[Item], arrived: Instant) {
         let secs = arrived.elapsed().as_secs_f64();
-        for _ in &offsets {
-            s.metrics.record_seconds.observe(secs);
-        }
-        for o in offsets {
-            if let Err(e) = self.tracker.finish(o) {
+        for item in items {
+            self.stages.metrics.record_seconds.observe(secs);
+            if let Err(e) = self.tracker.finish(item.record().position.offset) {
                 error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset tracking broken");
             }
         }
         if let Some(w) = self.tracker.watermark() {
-            s.book.publish(&self.tp, w, self.logs);
+            self.stages.book.publish(&self.tp, w, self.logs);
         }
-        Ok(())
     }
 
     /// A zombie's guard: after a freeze that may have cost this process its
@@ -583,14 +613,14 @@ impl PartitionTask {
         Ok(())
     }
 
-    /// filter + store: gives every keyed item its decision; the claims won are
-    /// added to `held` as they are won, for the heartbeat.
-    async fn decide(&self, items: &mut [Item], held: &Held) -> Result<(), Stop> {
+    /// filter (+ store reads for suspects): decides what the caches and reads
+    /// can, points later records of a key at the batch's first one, and returns
+    /// the items that go on to the claim.
+    async fn screen(&self, items: &mut [Item]) -> Result<Vec<usize>, Stop> {
         let s = &self.stages;
         let now = now_ms();
         // Leaders are the first record of each key in the batch; followers copy their answer.
         let mut leader_of: HashMap<u128, usize> = HashMap::new();
-        let mut followers: Vec<(usize, usize)> = Vec::new();
         let mut suspects = Vec::new();
         let mut to_claim = Vec::new();
         let mut recent_hits = 0;
@@ -614,7 +644,6 @@ impl PartitionTask {
                 let digest = envelope.digest;
                 if let Some(&first) = leader_of.get(&digest) {
                     *leader = Some(first);
-                    followers.push((i, first));
                     continue;
                 }
                 leader_of.insert(digest, i);
@@ -636,7 +665,14 @@ impl PartitionTask {
         // Suspected duplicates: a read first; only keys not found done go on to the claim.
         if !suspects.is_empty() {
             let keys: Vec<_> = suspects.iter().map(|&i| envelope(&items[i]).key.clone()).collect();
-            let rows = self.store_call("lookup", || s.store.lookup(keys.clone(), now)).await?;
+            // Each attempt reads with the time it is made at: a retry after an outage
+            // must not count rows alive that expired meanwhile.
+            let rows = self
+                .store_call("lookup", || {
+                    let now = now_ms();
+                    s.store.lookup(keys.clone(), now)
+                })
+                .await?;
             for (&i, row) in suspects.iter().zip(rows) {
                 match row {
                     Some(row) if row.state == ClaimState::Done => {
@@ -662,158 +698,83 @@ impl PartitionTask {
             }
             to_claim.sort_unstable();
         }
+        Ok(to_claim)
+    }
 
-        // Claims; in-flight answers (another owner's live lease) wait and ask again.
-        //
-        // A batch that keeps waiting gives back what it won: two batches that each
-        // hold keys the other wants (cross-partition duplicates claimed in
-        // different rounds, or key by key on ScyllaDB) would otherwise wait on
-        // each other for ever, both kept alive by their heartbeats. Most waits
-        // end within milliseconds (the other batch completes), so only a wait
-        // past GIVE_BACK_AFTER gives back. A claim that was resumed or taken
-        // over keeps that (and its possible-repeat mark) when it is claimed
-        // again after being given back.
-        let mut backoff = Backoff::for_claim_waits();
-        let mut won: Vec<usize> = Vec::new();
-        let mut first_won_as: HashMap<usize, Acquired> = HashMap::new();
-        let mut waiting_since: Option<Instant> = None;
-        let mut parked: Vec<usize> = Vec::new();
-        while !to_claim.is_empty() {
-            let requests: Vec<ClaimRequest> = to_claim
-                .iter()
-                .map(|&i| {
+    /// One claim round for `to_claim`: decides every item the store answers,
+    /// adds the claims won to `held` (for the heartbeat) and returns the items
+    /// whose key another owner holds under a live lease.
+    async fn claim(&self, items: &mut [Item], to_claim: &[usize], held: &Held) -> Result<Vec<usize>, Stop> {
+        let s = &self.stages;
+        if to_claim.is_empty() {
+            return Ok(Vec::new());
+        }
+        let requests: Vec<ClaimRequest> = to_claim
+            .iter()
+            .map(|&i| {
+                let e = envelope(&items[i]);
+                ClaimRequest { key: e.key.clone(), fingerprint: e.fingerprint, position: e.record.position.clone() }
+            })
+            .collect();
+        // Each attempt is stamped with the time it is made at: the lease counts from
+        // it, and a retry after an outage must not write a lease that already lapsed.
+        let attempted_at = AtomicU64::new(0);
+        let answers = self
+            .store_call("claim", || {
+                let at = now_ms();
+                attempted_at.store(at, Ordering::Relaxed);
+                s.store.claim(requests.clone(), at)
+            })
+            .await?;
+        let claimed_at_ms = attempted_at.load(Ordering::Relaxed);
+        // An answer that took a lease or more to come back (a freeze, a stalled
+        // store) may hold claims whose leases lapsed before we heard of them: another
+        // partition may have taken them over already, so their effects are marked.
+        let late = now_ms().saturating_sub(claimed_at_ms) >= s.lease.as_millis() as u64;
+        let mut waiting = Vec::new();
+        let mut resumed_from: Option<(i64, u64)> = None;
+        for (&i, answer) in to_claim.iter().zip(answers) {
+            match answer {
+                Claim::New(acquired) => {
+                    match acquired {
+                        Acquired::Fresh => {}
+                        Acquired::Resumed => {
+                            s.metrics.claims_resumed.inc();
+                            let offset = envelope(&items[i]).record.position.offset;
+                            let (first, n) = resumed_from.unwrap_or((offset, 0));
+                            resumed_from = Some((first, n + 1));
+                        }
+                        Acquired::TakenOver => {
+                            s.metrics.lease_takeovers.inc();
+                            warn!(position = %envelope(&items[i]).record.position, "took over a claim whose lease lapsed; its owner's effect may have run, so this one is marked as a possible repeat");
+                        }
+                    }
                     let e = envelope(&items[i]);
-                    ClaimRequest { key: e.key.clone(), fingerprint: e.fingerprint, position: e.record.position.clone() }
-                })
-                .collect();
-            let mut settled = s.settled_claims.subscribe();
-            settled.mark_unchanged();
-            let claimed_at_ms = now_ms();
-            let answers = self.store_call("claim", || s.store.claim(requests.clone(), claimed_at_ms)).await?;
-            let mut waiting = Vec::new();
-            let mut resumed_from: Option<(i64, u64)> = None;
-            for (&i, answer) in to_claim.iter().zip(answers) {
-                match answer {
-                    Claim::New(acquired) => {
-                        let acquired = match first_won_as.get(&i) {
-                            Some(&first) if first.may_repeat() => first,
-                            Some(_) => acquired,
-                            None => {
-                                first_won_as.insert(i, acquired);
-                                match acquired {
-                                    Acquired::Fresh => {}
-                                    Acquired::Resumed => {
-                                        s.metrics.claims_resumed.inc();
-                                        let offset = envelope(&items[i]).record.position.offset;
-                                        let (first, n) = resumed_from.unwrap_or((offset, 0));
-                                        resumed_from = Some((first, n + 1));
-                                    }
-                                    Acquired::TakenOver => {
-                                        s.metrics.lease_takeovers.inc();
-                                        warn!(position = %envelope(&items[i]).record.position, "took over a claim whose lease lapsed; its owner's effect may have run, so this one is marked as a possible repeat");
-                                    }
-                                }
-                                acquired
-                            }
-                        };
-                        won.push(i);
-                        let e = envelope(&items[i]);
-                        held.add([(e.key.clone(), e.record.position.clone())]);
-                        set_decision(&mut items[i], Decision::New { acquired, claimed_at_ms });
+                    held.add([(e.key.clone(), e.record.position.clone())]);
+                    if late {
+                        held.lost.lock().unwrap_or_else(|p| p.into_inner()).insert(e.record.position.offset);
                     }
-                    Claim::Duplicate { first, claimed_at_ms } => set_decision(
-                        &mut items[i],
-                        Decision::Duplicate { expires_at_ms: None, first: Some(First::new(claimed_at_ms, &first)) },
-                    ),
-                    Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
-                    Claim::InFlight { holder, .. } => {
-                        s.metrics.claim_waits.inc();
-                        debug!(position = %envelope(&items[i]).record.position, %holder, "key in flight elsewhere; waiting");
-                        waiting.push(i);
-                    }
+                    set_decision(&mut items[i], Decision::New { acquired, claimed_at_ms });
                 }
-            }
-            if let Some((first_offset, count)) = resumed_from {
-                info!(topic = %self.tp.0, partition = self.tp.1, first_offset, count, "resuming our own unfinished claims after a crash");
-            }
-            if !waiting.is_empty() {
-                let since = *waiting_since.get_or_insert_with(Instant::now);
-                if !won.is_empty() && since.elapsed() >= GIVE_BACK_AFTER {
-                    waiting_since = None;
-                    // Fresh claims are released: no effect of them can exist. A resumed
-                    // or taken-over claim's earlier effect may be in the output, so its
-                    // row must stay (a fresh claim elsewhere would repeat it unmarked):
-                    // it is parked instead, no longer renewed, so its lease lapses and
-                    // whoever waits on it takes it over, marked. Parked keys are asked
-                    // again only once nothing else waits.
-                    let (fresh, marked): (Vec<usize>, Vec<usize>) =
-                        won.drain(..).partition(|&i| !first_won_as.get(&i).is_some_and(|a| a.may_repeat()));
-                    let keys_of = |idx: &[usize]| -> Vec<(EventKey, Position)> {
-                        idx.iter()
-                            .map(|&i| {
-                                let e = envelope(&items[i]);
-                                (e.key.clone(), e.record.position.clone())
-                            })
-                            .collect()
-                    };
-                    let (released, kept) = (keys_of(&fresh), keys_of(&marked));
-                    debug!(topic = %self.tp.0, partition = self.tp.1, released = released.len(), parked = kept.len(), "waiting on claims held elsewhere; giving ours back meanwhile");
-                    held.remove(&released);
-                    held.remove(&kept);
-                    if !released.is_empty() {
-                        self.store_call("release", || s.store.release(released.clone())).await?;
-                        s.settled_claims.send_modify(|n| *n += 1);
-                    }
-                    s.metrics.claims_given_back.inc_by((released.len() + kept.len()) as u64);
-                    for &i in fresh.iter().chain(&marked) {
-                        clear_decision(&mut items[i]);
-                    }
-                    waiting.extend(fresh);
-                    waiting.sort_unstable();
-                    parked.extend(marked);
-                    // Jitter, so two batches that gave back do not meet again in step.
-                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..50))).await;
-                }
-            } else if !parked.is_empty() {
-                waiting.append(&mut parked);
-                waiting.sort_unstable();
-            }
-            to_claim = waiting;
-            if !to_claim.is_empty() {
-                // Waiting on another owner's live claim is not a stall: that owner
-                // progresses (or reports its own stall), and its lease bounds the wait.
-                // A claim settled in this process (most holders are our own other
-                // partitions) ends the wait at once; the backoff covers other processes.
-                tokio::select! {
-                    _ = settled.changed() => {}
-                    paused = self.pause(&mut backoff) => paused?,
+                Claim::Duplicate { first, claimed_at_ms } => set_decision(
+                    &mut items[i],
+                    Decision::Duplicate { expires_at_ms: None, first: Some(First::new(claimed_at_ms, &first)) },
+                ),
+                Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
+                Claim::InFlight { holder, .. } => {
+                    s.metrics.claim_waits.inc();
+                    debug!(position = %envelope(&items[i]).record.position, %holder, "key in flight elsewhere; set aside until the rest of the batch is done");
+                    waiting.push(i);
                 }
             }
         }
-
-        for (i, leader) in followers {
-            let authority = match (decision_of(&items[leader]), envelope(&items[leader]).fingerprint) {
-                (Decision::Conflict(stored), _) => stored,
-                (_, fp) => fp,
-            };
-            let first = match decision_of(&items[leader]) {
-                Decision::New { claimed_at_ms, .. } => {
-                    Some(First::new(claimed_at_ms, &envelope(&items[leader]).record.position))
-                }
-                Decision::Duplicate { first, .. } => first,
-                Decision::Conflict(_) => None,
-            };
-            let fp = envelope(&items[i]).fingerprint;
-            set_decision(
-                &mut items[i],
-                if fp == authority {
-                    Decision::Duplicate { expires_at_ms: None, first }
-                } else {
-                    Decision::Conflict(authority)
-                },
-            );
+        if late {
+            warn!(topic = %self.tp.0, partition = self.tp.1, waited_ms = now_ms().saturating_sub(claimed_at_ms), "a claim answer came back after its lease ran out (a freeze or a stalled store); the effects of the claims it won are marked as possible repeats");
         }
-        Ok(())
+        if let Some((first_offset, count)) = resumed_from {
+            info!(topic = %self.tp.0, partition = self.tp.1, first_offset, count, "resuming our own unfinished claims after a crash");
+        }
+        Ok(waiting)
     }
 
     /// sink + side topics + complete/release.
@@ -1189,6 +1150,60 @@ impl HasPosition for &Envelope {
     }
 }
 
+/// Splits a round's items into those ready for their effects and those set
+/// aside for the next round: the leaders in `waiting` and every later record
+/// of their keys. Leader indices are remapped into each half.
+fn set_aside(items: Vec<Item>, waiting: &[usize]) -> (Vec<Item>, Vec<Item>) {
+    if waiting.is_empty() {
+        return (items, Vec::new());
+    }
+    let waits: HashSet<usize> = waiting.iter().copied().collect();
+    let (mut ready, mut later) = (Vec::new(), Vec::new());
+    // Where each item went, within its half; a leader always precedes its followers.
+    let mut moved_to: Vec<usize> = Vec::with_capacity(items.len());
+    for (i, mut item) in items.into_iter().enumerate() {
+        let defer = match &mut item {
+            Item::Keyed { leader: Some(first), .. } => {
+                let deferred = waits.contains(first);
+                *first = moved_to[*first];
+                deferred
+            }
+            Item::Keyed { leader: None, .. } => waits.contains(&i),
+            Item::Bad { .. } => false,
+        };
+        let half = if defer { &mut later } else { &mut ready };
+        moved_to.push(half.len());
+        half.push(item);
+    }
+    (ready, later)
+}
+
+/// Later records of a key follow the batch's first one: a duplicate of it, or
+/// a conflict with the fingerprint that decided it.
+fn follow_leaders(items: &mut [Item]) {
+    for i in 0..items.len() {
+        let Item::Keyed { leader: Some(leader), .. } = items[i] else { continue };
+        let authority = match (decision_of(&items[leader]), envelope(&items[leader]).fingerprint) {
+            (Decision::Conflict(stored), _) => stored,
+            (_, fp) => fp,
+        };
+        // The duplicate's first occurrence: the leader, or the leader's own first.
+        let first = match decision_of(&items[leader]) {
+            Decision::New { claimed_at_ms, .. } => {
+                Some(First::new(claimed_at_ms, &envelope(&items[leader]).record.position))
+            }
+            Decision::Duplicate { first, .. } => first,
+            Decision::Conflict(_) => None,
+        };
+        let decision = if envelope(&items[i]).fingerprint == authority {
+            Decision::Duplicate { expires_at_ms: None, first }
+        } else {
+            Decision::Conflict(authority)
+        };
+        set_decision(&mut items[i], decision);
+    }
+}
+
 fn envelope(item: &Item) -> &Envelope {
     match item {
         Item::Keyed { envelope, .. } => envelope,
@@ -1211,12 +1226,6 @@ fn decision_of(item: &Item) -> Decision {
     match item {
         Item::Keyed { decision: Some(d), .. } => *d,
         _ => unreachable!("leaders are decided before their followers"),
-    }
-}
-
-fn clear_decision(item: &mut Item) {
-    if let Item::Keyed { decision, .. } = item {
-        *decision = None;
     }
 }
 

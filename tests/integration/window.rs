@@ -86,6 +86,13 @@ async fn duplicates_near_and_after_the_ttl_are_measured_and_stats_advises() {
         }
     };
 
+    // In the group first, so that the originals' claims are made close together.
+    let m = metrics.clone();
+    wait_for("both partitions assigned", Duration::from_secs(30), move || {
+        let assigned = m.assigned_partitions.get() == 2;
+        async move { assigned }
+    })
+    .await;
     // 150 originals; every claim is made between t0 and t1.
     let t0 = Instant::now();
     mock::produce_all(kafka.bootstrap(), INPUT, &ids(0..150)).await.unwrap();
