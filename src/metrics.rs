@@ -236,9 +236,13 @@ impl Metrics {
         // 100 µs .. ~6.5 s
         let buckets = prometheus::exponential_buckets(0.0001, 2.0, 17).expect("static bucket layout");
         let store_seconds = HistogramVec::new(
-            HistogramOpts::new("kdedup_store_seconds", "Store call latency by operation (one call carries a batch).")
-                .buckets(buckets.clone()),
-            &["op"],
+            HistogramOpts::new(
+                "kdedup_store_seconds",
+                "Store call latency by operation and result (ok, error; one call carries a batch); its _count is \
+                 the calls.",
+            )
+            .buckets(buckets.clone()),
+            &["op", "result"],
         )
         .expect("static metric");
         registry.register(Box::new(store_seconds.clone())).expect("registered once");
@@ -515,6 +519,16 @@ impl Metrics {
         if n > 0 {
             self.expired_key_hits.at([topic]).inc_by(n);
         }
+    }
+
+    /// A store call of this kind ended (`ok` or not) after `seconds`.
+    pub fn store_call(&self, op: &str, ok: bool, seconds: f64) {
+        self.store_seconds.with_label_values(&[op, if ok { "ok" } else { "error" }]).observe(seconds);
+    }
+
+    /// Store calls of this kind that answered.
+    pub fn store_calls_ok(&self, op: &str) -> u64 {
+        self.store_seconds.with_label_values(&[op, "ok"]).get_sample_count()
     }
 
     /// The filter checked `n` keys in `tier` with `result` (see [`FILTER_CHECKS`]).
@@ -1099,7 +1113,7 @@ mod tests {
     }
 
     #[test]
-    fn sink_errors_by_kind_and_filter_checks_by_tier_start_at_zero() {
+    fn sink_errors_by_kind_store_calls_by_result_and_filter_checks_by_tier() {
         let m = Metrics::new();
         let text = m.render();
         for kind in SINK_ERROR_KINDS {
@@ -1111,6 +1125,11 @@ mod tests {
         }
         m.sink_error(&crate::error::SinkError::Stdout(std::io::Error::other("x")));
         assert_eq!(m.sink_errors.at(["retriable"]).get(), 1);
+        m.store_call("claim", false, 0.1);
+        m.store_call("claim", true, 0.1);
+        let text = m.render();
+        assert!(text.contains(r#"kdedup_store_seconds_count{op="claim",result="error"} 1"#), "{text}");
+        assert_eq!(m.store_calls_ok("claim"), 1);
     }
 
     #[test]

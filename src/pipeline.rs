@@ -478,7 +478,7 @@ impl PartitionTask {
         loop {
             let started = Instant::now();
             let result = call().await;
-            self.stages.metrics.store_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+            self.stages.metrics.store_call(op, result.is_ok(), started.elapsed().as_secs_f64());
             self.stages.metrics.store_answered(&self.tp, result.is_ok());
             match result {
                 Ok(v) => {
