@@ -23,6 +23,7 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod decide;
 pub mod demo;
 pub mod error;
 pub mod event;

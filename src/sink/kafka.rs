@@ -48,11 +48,13 @@ pub mod headers {
     pub const FIRST_TOPIC: &str = "kdedup-first-topic";
     pub const FIRST_PARTITION: &str = "kdedup-first-partition";
     pub const FIRST_OFFSET: &str = "kdedup-first-offset";
+    /// The `kdedup replay` job that wrote the record.
+    pub const REPLAY: &str = "kdedup-replay";
 
     /// Every name above. An inbound record's own copies of these (a chained
     /// kdedup stage, a dead letter replayed into the input) are dropped from
     /// what kdedup writes, so each name occurs once and means this kdedup's value.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         EVENT_ID,
         SCOPE,
         SOURCE_TOPIC,
@@ -70,6 +72,7 @@ pub mod headers {
         FIRST_TOPIC,
         FIRST_PARTITION,
         FIRST_OFFSET,
+        REPLAY,
     ];
 
     /// Whether `name` is one of kdedup's own header names.
@@ -362,7 +365,7 @@ impl KafkaSink {
     pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
         let out = batch
             .iter()
-            .map(|Effect { envelope: e, possible_repeat, observed }| {
+            .map(|Effect { envelope: e, possible_repeat, observed, replay }| {
                 let mut h = headers_with_source(&e.record, &e.key.scope)
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) });
                 if *possible_repeat {
@@ -370,6 +373,9 @@ impl KafkaSink {
                 }
                 if let Some(o) = observed {
                     h = o.stamp(h);
+                }
+                if let Some(job) = replay {
+                    h = h.insert(Header { key: headers::REPLAY, value: Some(job.as_bytes()) });
                 }
                 OutRecord {
                     partition: self.output_partition(e.record.position.partition),

@@ -34,6 +34,8 @@ pub struct Effect<'a> {
     pub possible_repeat: bool,
     /// Observe mode's verdict, stamped on the output; `None` in enforce mode.
     pub observed: Option<Observed>,
+    /// The replay job that runs it, if any: travels as the `kdedup-replay` header.
+    pub replay: Option<&'a str>,
 }
 
 /// What observe mode (`[pipeline] mode = "observe"`) stamps on a forwarded

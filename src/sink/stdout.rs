@@ -14,7 +14,7 @@ pub struct StdoutSink;
 impl StdoutSink {
     pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
         let mut buf = Vec::with_capacity(batch.len() * 128);
-        for Effect { envelope: e, possible_repeat, observed } in batch {
+        for Effect { envelope: e, possible_repeat, observed, replay } in batch {
             let payload = e.record.payload.as_deref().unwrap_or_default();
             let mut line = serde_json::json!({
                 "event_id": e.key.display_id(),
@@ -24,6 +24,7 @@ impl StdoutSink {
                 "offset": e.record.position.offset,
                 "payload": std::str::from_utf8(payload).map(str::to_string).unwrap_or_else(|_| format!("hex:{}", hex(payload))),
                 "possible_repeat": possible_repeat,
+                "replay": replay,
             });
             if let Some(o) = observed {
                 line["duplicate"] = o.duplicate.into();
