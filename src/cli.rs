@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `demo`, `bench`, `replay`, `inspect`, `forget`, `schema`.
+//! The command line: `run`, `check`, `demo`, `bench`, `replay`, `stats`, `inspect`, `forget`, `schema`.
 
 use std::path::PathBuf;
 
@@ -178,6 +178,25 @@ pub enum Command {
         Exit codes: 0 done (also for an empty range), 2 bad arguments or config, 3 broker or store unreachable, \
         4 interrupted (Ctrl-C; a partial report is printed).")]
     Replay(ReplayArgs),
+    /// Is the dedup window (store.ttl_secs) long enough? Reads a running instance's /metrics and
+    /// prints one line of advice.
+    #[command(long_about = "Is the dedup window long enough for the duplicates this stream carries?\n\n\
+        Reads a running `kdedup run`'s /metrics (--url, or [metrics] listen of --config, else \
+        127.0.0.1:9464) and prints one line: the share of duplicates the TTL caught (duplicates / \
+        (duplicates + new events whose key had expired within one more TTL: kdedup_expired_key_hits_total)), \
+        and the share that arrived within the last 10% of the TTL (kdedup_duplicates_near_expiry_total). \
+        Counts are this instance's since it started; ask each instance of a group. --json prints the numbers.")]
+    Stats {
+        /// The instance's metrics address, http://HOST:PORT (a path other than /metrics may follow).
+        #[arg(long)]
+        url: Option<String>,
+        /// A config whose [metrics] listen names the instance (instead of --url).
+        #[arg(long, short, conflicts_with = "url")]
+        config: Option<PathBuf>,
+        /// Print one JSON object instead of the line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the store holds for an event ID.
     Inspect(KeyArgs),
     /// Delete an event ID from the store so its next delivery runs the effect again.
@@ -394,6 +413,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Replay(args) => replay_command(args).await,
+        Command::Stats { url, config, json } => {
+            let url = match (url, config) {
+                (Some(url), _) => url,
+                (None, Some(path)) => match Config::load(&path)?.metrics_listen {
+                    Some(addr) => format!("http://{addr}/metrics"),
+                    None => {
+                        anyhow::bail!("{}: [metrics] listen is \"\": no metrics to read; pass --url", path.display())
+                    }
+                },
+                (None, None) => "http://127.0.0.1:9464/metrics".to_string(),
+            };
+            let text = tokio::task::spawn_blocking({
+                let url = url.clone();
+                move || crate::window::fetch_metrics(&url)
+            })
+            .await??;
+            let window = crate::window::Window::from_metrics(&text);
+            if json {
+                let mut v = serde_json::to_value(&window)?;
+                v["coverage"] = window.coverage().into();
+                v["near_expiry_share"] = window.near_expiry_share().into();
+                v["advice"] = window.advice().into();
+                println!("{v}");
+            } else {
+                println!("{}", window.advice());
+            }
+            Ok(0)
+        }
         Command::Inspect(args) => {
             let (store, key) = open_for_key(args)?;
             match store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() {

@@ -42,14 +42,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, OnConflict, PipelineConfig};
+use crate::config::{Config, Mode, OnConflict, PipelineConfig};
 use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{OutputMark, TopicPartition};
-use crate::sink::{DeadLetter, Effect, SideTopics, Sink};
+use crate::sink::{DeadLetter, Effect, Observed, SideTopics, Sink};
 use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Store};
+use crate::window::First;
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
 #[derive(Default, Clone)]
@@ -165,9 +166,11 @@ pub enum Decision {
         acquired: Acquired,
         claimed_at_ms: u64,
     },
-    /// `expires_at_ms`: when the row that says so stops counting, when known.
+    /// `expires_at_ms`: when the row that says so stops counting, when known;
+    /// `first`: the key's first claim (its age) and position, when known.
     Duplicate {
         expires_at_ms: Option<u64>,
+        first: Option<First>,
     },
     Conflict(Fingerprint),
 }
@@ -447,7 +450,8 @@ impl Core {
         loop {
             let started = Instant::now();
             let result = call().await;
-            self.metrics.store_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+            self.metrics.store_call(op, result.is_ok(), started.elapsed().as_secs_f64());
+            self.metrics.store_answered(d.partition(), result.is_ok());
             match result {
                 Ok(v) => {
                     self.progressing(d);
@@ -504,19 +508,19 @@ impl Core {
                 }
                 leader_of.insert(digest, i);
                 match filter.check(envelope, now) {
-                    Verdict::RecentDuplicate => {
+                    Verdict::RecentDuplicate(first) => {
                         recent_hits += 1;
-                        *decision = Some(Decision::Duplicate { expires_at_ms: None });
+                        *decision = Some(Decision::Duplicate { expires_at_ms: None, first: Some(first) });
                     }
                     Verdict::Suspect => suspects.push(i),
                     Verdict::LikelyNew => to_claim.push(i),
                 }
             }
         }
-        for (result, n) in [("recent_hit", recent_hits), ("bloom_hit", suspects.len()), ("bloom_miss", to_claim.len())]
-        {
-            s.metrics.filter.with_label_values(&[result]).inc_by(n as u64);
-        }
+        s.metrics.filter_checked("recent", "hit", recent_hits);
+        s.metrics.filter_checked("recent", "miss", suspects.len() + to_claim.len());
+        s.metrics.filter_checked("aging", "hit", suspects.len());
+        s.metrics.filter_checked("aging", "miss", to_claim.len());
 
         // Suspected duplicates: a read first; only keys not found done go on to the claim.
         if !suspects.is_empty() {
@@ -536,7 +540,10 @@ impl Core {
                         set_decision(
                             &mut items[i],
                             if row.fingerprint == fp {
-                                Decision::Duplicate { expires_at_ms: Some(row.expires_at_ms) }
+                                Decision::Duplicate {
+                                    expires_at_ms: Some(row.expires_at_ms),
+                                    first: Some(First::new(row.claimed_at_ms, &row.position)),
+                                }
                             } else {
                                 Decision::Conflict(row.fingerprint)
                             },
@@ -619,7 +626,10 @@ impl Core {
                     }
                     set_decision(&mut items[i], Decision::New { acquired, claimed_at_ms });
                 }
-                Claim::Duplicate => set_decision(&mut items[i], Decision::Duplicate { expires_at_ms: None }),
+                Claim::Duplicate { first, claimed_at_ms } => set_decision(
+                    &mut items[i],
+                    Decision::Duplicate { expires_at_ms: None, first: Some(First::new(claimed_at_ms, &first)) },
+                ),
                 Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
                 Claim::InFlight { holder, .. } => {
                     s.metrics.claim_waits.inc();
@@ -652,11 +662,17 @@ impl Core {
 
         // The effect, for new events, in order; retriable failures are retried.
         // Effects reconciliation found in the output already ran: they are only completed.
+        // Observe mode forwards every keyed record, stamped with its decision.
+        let observe = s.config.mode == Mode::Observe;
         let mut pending: Vec<usize> = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            if let Item::Keyed { envelope, decision: Some(Decision::New { .. }), .. } = item {
+            let Item::Keyed { envelope, decision: Some(decision), .. } = item else { continue };
+            let new = matches!(decision, Decision::New { .. });
+            if new || observe {
                 if d.already_emitted(envelope.record.position.offset) {
-                    s.metrics.reconciled.inc();
+                    if new {
+                        s.metrics.reconciled.inc();
+                    }
                 } else {
                     pending.push(i);
                 }
@@ -681,6 +697,7 @@ impl Core {
                     Effect {
                         envelope,
                         possible_repeat: retrying || taken || held.was_lost(envelope.record.position.offset),
+                        observed: observe.then(|| observed(decision_of(&items[i]))),
                         replay: self.claimant.job(),
                     }
                 })
@@ -694,18 +711,18 @@ impl Core {
                     Ok(None) => {}
                     Ok(Some(landed)) => d.landed(Landed::Output, landed),
                     Err(e) if e.is_fatal() => {
-                        s.metrics.sink_errors.inc();
+                        s.metrics.sink_error(&e);
                         error!(topic = %d.partition().0, partition = d.partition().1, position = %envelope(&items[i]).record.position, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
                         s.fatal.raise(format!("fatal producer error: {e}"));
                         return Err(Stop::Fatal);
                     }
                     Err(e) if e.is_retriable() => {
-                        s.metrics.sink_errors.inc();
+                        s.metrics.sink_error(&e);
                         warn!(position = %envelope(&items[i]).record.position, error = %e, sink = s.sink.kind(), "effect failed; retrying");
                         retry.push(i);
                     }
                     Err(e) => {
-                        s.metrics.sink_errors.inc();
+                        s.metrics.sink_error(&e);
                         rejected.push((i, e));
                     }
                 }
@@ -726,9 +743,12 @@ impl Core {
         // A rejected effect releases its claim (the key is not burned) and is
         // dead-lettered; so are later records of the same event in this batch,
         // which followed the rejected one as its duplicates.
+        // (In observe mode only a new event's record holds a claim to release,
+        // and the duplicates that followed it were forwarded themselves.)
         if !rejected.is_empty() {
             let keys: Vec<_> = rejected
                 .iter()
+                .filter(|(i, _)| matches!(decision_of(&items[*i]), Decision::New { .. }))
                 .map(|(i, _)| {
                     let e = envelope(&items[*i]);
                     (e.key.clone(), self.claimant(&e.record.position))
@@ -748,7 +768,7 @@ impl Core {
                 items[i] = Item::Bad { record: envelope.record, error: RecordError::SinkRejected(reason) };
             }
             drop(filter);
-            for item in items.iter_mut() {
+            for item in items.iter_mut().filter(|_| !observe) {
                 let Item::Keyed { leader: Some(leader), .. } = item else { continue };
                 let Some(reason) = reasons.get(leader) else { continue };
                 let error = RecordError::SinkRejected(format!(
@@ -784,7 +804,8 @@ impl Core {
         }
 
         // Side topics: dead letters and (optionally) duplicates.
-        let conflicts_dead_letter = s.config.on_conflict == OnConflict::DeadLetter;
+        // Observe mode forwarded its conflicts, stamped.
+        let conflicts_dead_letter = s.config.on_conflict == OnConflict::DeadLetter && !observe;
         let mut dead: Vec<(&Record, RecordError)> = Vec::new();
         let mut dups: Vec<&Envelope> = Vec::new();
         for item in items.iter() {
@@ -834,6 +855,11 @@ impl Core {
                         // The row lives a TTL from its claim; a resumed claim kept an
                         // older claim time we do not know here, so it is not cached.
                         Decision::New { acquired, claimed_at_ms } => {
+                            if acquired == Acquired::Fresh {
+                                // Window adequacy: new only because its key just expired?
+                                let hits = filter.expired_hit(envelope.digest, now);
+                                s.metrics.expired_key_hits(&d.partition().0, hits);
+                            }
                             if acquired == Acquired::Resumed {
                                 filter.remember_seen(envelope, now);
                             } else {
@@ -843,12 +869,11 @@ impl Core {
                         }
                         // Only a row read back says how long it lives: a duplicate never
                         // extends what the cache vouches for.
-                        Decision::Duplicate { expires_at_ms: Some(expires_at_ms) } => {
-                            filter.remember_done(envelope, expires_at_ms, now);
-                            1
-                        }
-                        Decision::Duplicate { expires_at_ms: None } => {
-                            filter.remember_seen(envelope, now);
+                        Decision::Duplicate { expires_at_ms, first } => {
+                            filter.remember_duplicate(envelope, expires_at_ms, first, now);
+                            if let Some(first) = first {
+                                s.metrics.duplicate_seen(&d.partition().0, first.claimed_at_ms, now);
+                            }
                             1
                         }
                         Decision::Conflict(_) => {
@@ -903,13 +928,14 @@ impl Core {
                 match result {
                     Ok(mark) => landed.push(mark),
                     Err(e) if e.is_fatal() => {
+                        self.metrics.sink_error(&e);
                         error!(position = %records[i].position(), topic = what, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
                         self.fatal.raise(format!("fatal producer error: {e}"));
                         return Err(Stop::Fatal);
                     }
                     Err(e) if e.is_retriable() => retry.push(i),
                     Err(e) => {
-                        self.metrics.sink_errors.inc();
+                        self.metrics.sink_error(&e);
                         self.metrics.side_refusals.with_label_values(&[what]).inc();
                         match side {
                             Side::DeadLetter => {
@@ -925,7 +951,8 @@ impl Core {
             }
             pending = retry;
             if !pending.is_empty() {
-                self.metrics.sink_errors.inc();
+                // One retry round, counted once as before (or as the refusals above).
+                self.metrics.sink_errors.at(["retriable"]).inc();
                 self.stalled(d);
                 warn!(topic = what, records = pending.len(), "side topic write failed; retrying");
                 d.pause(backoff.next()).await?;
@@ -1027,8 +1054,16 @@ fn follow_leaders(items: &mut [Item]) {
             (Decision::Conflict(stored), _) => stored,
             (_, fp) => fp,
         };
+        // The duplicate's first occurrence: the leader, or the leader's own first.
+        let first = match decision_of(&items[leader]) {
+            Decision::New { claimed_at_ms, .. } => {
+                Some(First::new(claimed_at_ms, &envelope(&items[leader]).record.position))
+            }
+            Decision::Duplicate { first, .. } => first,
+            Decision::Conflict(_) => None,
+        };
         let decision = if envelope(&items[i]).fingerprint == authority {
-            Decision::Duplicate { expires_at_ms: None }
+            Decision::Duplicate { expires_at_ms: None, first }
         } else {
             Decision::Conflict(authority)
         };
@@ -1040,6 +1075,17 @@ fn envelope(item: &Item) -> &Envelope {
     match item {
         Item::Keyed { envelope, .. } => envelope,
         Item::Bad { .. } => unreachable!("only keyed items are indexed for the store"),
+    }
+}
+
+/// What observe mode stamps on a forwarded record.
+fn observed(decision: Decision) -> Observed {
+    match decision {
+        Decision::New { .. } => Observed { duplicate: false, conflict: false, first: None },
+        Decision::Duplicate { first, .. } => {
+            Observed { duplicate: true, conflict: false, first: first.and_then(|f| f.origin) }
+        }
+        Decision::Conflict(_) => Observed { duplicate: false, conflict: true, first: None },
     }
 }
 

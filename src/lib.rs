@@ -16,7 +16,8 @@
 //! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
 //! [`config::Config`]; [`cli`] is the command line; [`demo`] and [`mock`] run the
 //! whole path in-process; [`bench`] measures it against a plain passthrough; [`check`] asks every
-//! dependency of a config whether `run` would work.
+//! dependency of a config whether `run` would work. [`window`] says whether the TTL is long
+//! enough for the duplicates seen (`kdedup stats`).
 
 pub mod bench;
 pub mod check;
@@ -38,3 +39,4 @@ pub mod service;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod window;

@@ -46,6 +46,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         metrics.register_store_ops(ops);
     }
     metrics.topics(&config.kafka.topics);
+    metrics.set_ttl(config.retention.ttl);
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || crate::kafka_client::preflight(&kafka)).await?.context(
         "cannot connect to Kafka securely (check security.protocol, ssl.* and sasl.* in [kafka.client] / \

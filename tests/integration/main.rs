@@ -19,3 +19,4 @@ mod store_contract;
 mod store_crash;
 mod tls;
 mod utils;
+mod window;

@@ -84,9 +84,18 @@ fn init_logs() {
 }
 
 pub fn start(config: Config, faults: Faults) -> Running {
+    start_with(config, faults, false)
+}
+
+/// [`start`], serving `[metrics] listen` too, for tests that read `/metrics` as Prometheus would.
+pub fn start_serving(config: Config) -> Running {
+    start_with(config, Faults::default(), true)
+}
+
+fn start_with(config: Config, faults: Faults, serve_metrics: bool) -> Running {
     init_logs();
     let metrics = Metrics::new();
-    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics: false };
+    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics };
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
         service::run(&config, options, async move { rx.await.unwrap_or(StopMode::Abandon) }).await
