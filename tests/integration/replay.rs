@@ -328,3 +328,36 @@ async fn the_incident_walkthrough_through_the_cli() {
         .collect();
     assert_eq!(replayed, ["ord-4", "ord-5"], "apply emitted exactly the two new orders");
 }
+
+/// A replay beside the live group on a shared store: whoever claims an event
+/// first emits it; the other finds it done (or waits on the live claim). The
+/// replay's claims are its job's, so neither resumes the other's by position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_while_the_live_group_runs_on_the_same_store_emits_every_event_once() {
+    let Ok(url) = std::env::var("KDEDUP_TEST_POSTGRES") else {
+        eprintln!("skipped: KDEDUP_TEST_POSTGRES is not set (scripts/test sets it)");
+        return;
+    };
+    let kafka = cluster(2);
+    let (records, ids) = events(20_000, 4_000, 2, 11);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("replay-live");
+    let config = config(&kafka, &group, dir.path(), &[("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", &url)]);
+    Store::open(&config.store, &config.retention).unwrap().apply_schema().await.unwrap();
+
+    // Both at once: the replay starts reading while the live member joins its group.
+    let running = start(config.clone(), Faults::default());
+    let mut both = options(Mode::Apply, From::Offset(0), To::End, "beside-live");
+    both.partitions = Vec::new();
+    let report = replay(&config, both).await.unwrap();
+    wait_all_committed(&kafka, &running.metrics).await;
+    let live = running.metrics.clone();
+    running.stop(StopMode::Drain).await;
+
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    assert_exactly_once(&output, &ids);
+    assert_eq!(report.counts.records, 24_000, "{report:?}");
+    assert_eq!(report.counts.emitted + live.outcome("new"), 20_000, "each event emitted by one of them: {report:?}");
+    eprintln!("beside the live group: replay emitted {}, live {}", report.counts.emitted, live.outcome("new"));
+}
