@@ -137,7 +137,7 @@ impl RecentCache {
         match elapsed {
             0 => {}
             1 => {
-                self.previous = std::mem::take(&mut self.current);
+                self.shift_generation();
                 self.rotated_at_ms += self.max_age_ms;
             }
             n => {
@@ -150,7 +150,17 @@ impl RecentCache {
 
     /// Early rotation when the current generation is full (keeps memory bounded).
     fn rotate_full(&mut self) {
-        self.previous = std::mem::take(&mut self.current);
+        self.shift_generation();
+    }
+
+    /// The current generation becomes the previous one; the older one's table,
+    /// cleared, becomes the current one. Its allocation is kept: a fresh table
+    /// grown by doubling to a generation's size would touch new pages, which the
+    /// kernel zeroes (perf, `kdedup bench`: half the pipeline threads' samples
+    /// were in clear_page under rotations that dropped and regrew the table).
+    fn shift_generation(&mut self) {
+        std::mem::swap(&mut self.current, &mut self.previous);
+        self.current.clear();
     }
 
     pub fn len(&self) -> usize {
