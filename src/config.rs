@@ -334,6 +334,68 @@ struct SinkSection {
     topic: String,
     #[serde(default = "default_partitioning")]
     partitioning: String,
+    /// `kind = "http"`: the endpoint and how its answers are read.
+    #[serde(default)]
+    http: Option<HttpSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    #[serde(default, deserialize_with = "lenient_string")]
+    url: String,
+    #[serde(default = "default_http_method")]
+    method: String,
+    #[serde(default = "default_idempotency_header")]
+    idempotency_header: String,
+    #[serde(default)]
+    content_type: Option<String>,
+    /// Static headers; `NAME.file = PATH` reads the value from a file and
+    /// `NAME.env = VAR` from the environment (resolved before parsing).
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default = "default_http_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_http_max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_http_retry_budget_ms")]
+    retry_budget_ms: u64,
+    #[serde(default = "default_http_backoff_initial_ms")]
+    backoff_initial_ms: u64,
+    #[serde(default = "default_http_backoff_max_ms")]
+    backoff_max_ms: u64,
+    #[serde(default = "default_http_max_request_bytes")]
+    max_request_bytes: usize,
+    /// Status code (`"409"`) or class (`"4xx"`) → `done | retry | conflict | dead_letter`.
+    #[serde(default)]
+    outcomes: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    results_topic: String,
+}
+
+fn default_http_method() -> String {
+    "POST".into()
+}
+fn default_idempotency_header() -> String {
+    "Idempotency-Key".into()
+}
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+fn default_http_max_in_flight() -> usize {
+    8
+}
+fn default_http_retry_budget_ms() -> u64 {
+    300_000
+}
+fn default_http_backoff_initial_ms() -> u64 {
+    200
+}
+fn default_http_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_http_max_request_bytes() -> usize {
+    10 << 20
 }
 
 fn default_partitioning() -> String {
@@ -604,6 +666,94 @@ pub enum Partitioning {
 pub enum SinkConfig {
     Kafka { topic: String, partitioning: Partitioning },
     Stdout,
+    Http(Box<HttpSinkConfig>),
+}
+
+/// What an HTTP answer means for the record (`[sink.http.outcomes]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpOutcome {
+    /// The effect happened: complete the claim, record the response.
+    Done,
+    /// Try again with the same `Idempotency-Key`, within the retry budget.
+    Retry,
+    /// The endpoint says the key was used with other parameters: dead-lettered as a conflict.
+    Conflict,
+    /// The endpoint refuses the request for good: dead-lettered with the status and an excerpt.
+    DeadLetter,
+}
+
+impl HttpOutcome {
+    fn parse(s: &str) -> Option<HttpOutcome> {
+        match s {
+            "done" => Some(HttpOutcome::Done),
+            "retry" => Some(HttpOutcome::Retry),
+            "conflict" => Some(HttpOutcome::Conflict),
+            "dead_letter" => Some(HttpOutcome::DeadLetter),
+            _ => None,
+        }
+    }
+}
+
+/// `[sink] kind = "http"` with `[sink.http]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpSinkConfig {
+    /// May hold `{topic}`, `{partition}` and `{header.NAME}` (percent-encoded when filled in).
+    pub url: String,
+    pub method: String,
+    pub idempotency_header: String,
+    /// Used when the record has no `content-type` header of its own.
+    pub content_type: String,
+    /// Static headers, in order; values may be secrets (never printed).
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub max_in_flight: NonZeroUsize,
+    pub retry_budget: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub max_request_bytes: usize,
+    /// Exact status codes first, then classes (`4` for 4xx); see [`HttpSinkConfig::outcome`].
+    pub outcomes_by_code: BTreeMap<u16, HttpOutcome>,
+    pub outcomes_by_class: BTreeMap<u16, HttpOutcome>,
+    pub results_topic: Option<String>,
+}
+
+impl HttpSinkConfig {
+    /// What a status means: the configured code, then the configured class, then
+    /// the defaults (2xx done; 409 retry; 422 conflict; 429 and 5xx retry; the rest dead-lettered).
+    pub fn outcome(&self, status: u16) -> HttpOutcome {
+        if let Some(o) = self.outcomes_by_code.get(&status).or_else(|| self.outcomes_by_class.get(&(status / 100))) {
+            return *o;
+        }
+        match status {
+            200..=299 => HttpOutcome::Done,
+            409 | 429 | 500..=599 => HttpOutcome::Retry,
+            422 => HttpOutcome::Conflict,
+            _ => HttpOutcome::DeadLetter,
+        }
+    }
+}
+
+/// Never prints header values: they carry credentials.
+impl std::fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, _)| (k.as_str(), "<redacted>")).collect();
+        f.debug_struct("HttpSinkConfig")
+            .field("url", &self.url)
+            .field("method", &self.method)
+            .field("idempotency_header", &self.idempotency_header)
+            .field("content_type", &self.content_type)
+            .field("headers", &headers)
+            .field("timeout", &self.timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("retry_budget", &self.retry_budget)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("outcomes_by_code", &self.outcomes_by_code)
+            .field("outcomes_by_class", &self.outcomes_by_class)
+            .field("results_topic", &self.results_topic)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -678,8 +828,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
-        let applied = apply_env_overrides(&mut table, env)?;
-        resolve_secret_files(&mut table, origin)?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let applied = apply_env_overrides(&mut table, env.iter().cloned())?;
+        resolve_secret_files(&mut table, origin, &env)?;
         let file: FileConfig = FileConfig::deserialize(table).map_err(|e| {
             let mut message = e.to_string().trim().to_string();
             if !applied.is_empty() {
@@ -713,6 +864,10 @@ fn apply_env_overrides(
                 if section == "kafka" && matches!(sub.as_str(), "client" | "consumer" | "producer") =>
             {
                 (section.clone(), vec![sub.clone(), prop.replace('_', ".")])
+            }
+            // KDEDUP_SINK__HTTP__URL sets [sink.http] url.
+            [section, sub, key] if section == "sink" && sub == "http" => {
+                (section.clone(), vec![sub.clone(), key.clone()])
             }
             // KDEDUP_LOG and friends are run-time flags, not config keys.
             [_] => continue,
@@ -929,8 +1084,21 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             SinkConfig::Kafka { topic: file.sink.topic.clone(), partitioning }
         }
         "stdout" => SinkConfig::Stdout,
-        other => return Err(invalid("sink.kind", format!("is \"{other}\"; allowed: \"kafka\", \"stdout\""))),
+        "http" => {
+            let Some(h) = &file.sink.http else {
+                return Err(invalid(
+                    "sink.http",
+                    "must be given ([sink.http] url = …) when sink.kind = \"http\"".into(),
+                ));
+            };
+            let h = validate_http(h, &kafka.topics).map_err(|(key, message)| invalid(&key, message))?;
+            SinkConfig::Http(Box::new(h))
+        }
+        other => return Err(invalid("sink.kind", format!("is \"{other}\"; allowed: \"kafka\", \"stdout\", \"http\""))),
     };
+    if file.sink.http.is_some() && !matches!(sink, SinkConfig::Http(_)) {
+        return Err(invalid("sink.http", "is set but sink.kind is not \"http\"".into()));
+    }
     if file.dead_letter.topic.is_empty() {
         return Err(invalid(
             "dead_letter.topic",
@@ -1033,8 +1201,10 @@ pub fn redacted(props: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 /// environment overrides so a file can be named from there too:
 /// `[kafka.client|consumer|producer] PROP.file = "/run/secrets/…"` sets PROP (e.g.
 /// `sasl.password.file`, `ssl.key.password.file`), `[store] url_file` sets `url`,
-/// `[store] password_file` sets `password`. Errors name the key and the file, never the content.
-fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), ConfigError> {
+/// `[store] password_file` sets `password`, `[sink.http.headers] NAME.file` sets the
+/// header NAME, and `NAME.env = "VAR"` sets it from the environment variable VAR.
+/// Errors name the key and the file or variable, never the content.
+fn resolve_secret_files(table: &mut toml::Table, origin: &str, env: &[(String, String)]) -> Result<(), ConfigError> {
     let invalid =
         |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
     let read = |key: &str, path: &toml::Value| -> Result<toml::Value, ConfigError> {
@@ -1042,6 +1212,13 @@ fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), Con
         let text = std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
         let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
         Ok(toml::Value::String(text.to_string()))
+    };
+    let from_env = |key: &str, var: &toml::Value| -> Result<toml::Value, ConfigError> {
+        let var = var.as_str().ok_or_else(|| invalid(key, "must name an environment variable".into()))?;
+        let value = env.iter().rev().find(|(k, _)| k == var).map(|(_, v)| v.clone());
+        value
+            .map(toml::Value::String)
+            .ok_or_else(|| invalid(key, format!("names the environment variable {var}, which is not set")))
     };
     let mut moves: Vec<(Vec<&str>, String, String)> = Vec::new();
     if let Some(toml::Value::Table(kafka)) = table.get("kafka") {
@@ -1052,6 +1229,15 @@ fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), Con
                         moves.push((vec!["kafka", section], k.clone(), prop.to_string()));
                     }
                 }
+            }
+        }
+    }
+    if let Some(toml::Value::Table(headers)) =
+        table.get("sink").and_then(|s| s.get("http")).and_then(|h| h.get("headers"))
+    {
+        for k in headers.keys() {
+            if let Some(name) = k.strip_suffix(".file").or_else(|| k.strip_suffix(".env")) {
+                moves.push((vec!["sink", "http", "headers"], k.clone(), name.to_string()));
             }
         }
     }
@@ -1073,9 +1259,110 @@ fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), Con
             return Err(invalid(&dotted, format!("and `{key}` are both set; give the secret one way only")));
         }
         let file = node.remove(&file_key).expect("found above");
-        node.insert(key, read(&dotted, &file)?);
+        let value = if file_key.ends_with(".env") { from_env(&dotted, &file)? } else { read(&dotted, &file)? };
+        node.insert(key, value);
     }
     Ok(())
+}
+
+/// `[sink.http] timeout_ms`, `backoff_*_ms` and `retry_budget_ms`: a day.
+pub const MAX_HTTP_MS: u64 = 86_400_000;
+/// `[sink.http] max_in_flight`: requests per partition at once.
+pub const MAX_HTTP_IN_FLIGHT: usize = 1_024;
+
+/// The `[sink.http]` keys; errors name the key.
+fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (String, String)> {
+    let err = |key: &str, message: String| (format!("sink.http.{key}"), message);
+    if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+        return Err(err("url", format!("is \"{}\"; must start with http:// or https://", h.url)));
+    }
+    crate::sink::http::UrlTemplate::parse(&h.url).map_err(|m| err("url", m))?;
+    let method = h.method.to_ascii_uppercase();
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(err("method", format!("is \"{}\"; write an HTTP method such as POST or PUT", h.method)));
+    }
+    let is_token =
+        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !is_token(&h.idempotency_header) {
+        return Err(err("idempotency_header", format!("\"{}\" is not a header name", h.idempotency_header)));
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &h.headers {
+        if !is_token(name) {
+            return Err(err("headers", format!("\"{name}\" is not a header name")));
+        }
+        if name.eq_ignore_ascii_case(&h.idempotency_header) {
+            return Err(err("headers", format!("\"{name}\" is the idempotency header kdedup sets itself")));
+        }
+        // The value is never repeated in the message: it may be a credential.
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(err("headers", format!("the value of \"{name}\" holds control characters (a stray newline?)")));
+        }
+        headers.push((name.clone(), value.clone()));
+    }
+    let content_type = h.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+    if content_type.is_empty() || content_type.bytes().any(|b| b.is_ascii_control()) {
+        return Err(err("content_type", format!("\"{content_type}\" is not a media type")));
+    }
+    let ms = |key: &str, v: u64, min: u64| -> Result<Duration, (String, String)> {
+        if !(min..=MAX_HTTP_MS).contains(&v) {
+            return Err(err(key, format!("is {v}; allowed: {min} to {MAX_HTTP_MS} (a day)")));
+        }
+        Ok(Duration::from_millis(v))
+    };
+    let timeout = ms("timeout_ms", h.timeout_ms, 1)?;
+    let retry_budget = ms("retry_budget_ms", h.retry_budget_ms, 0)?;
+    let backoff_initial = ms("backoff_initial_ms", h.backoff_initial_ms, 1)?;
+    let backoff_max = ms("backoff_max_ms", h.backoff_max_ms, h.backoff_initial_ms)?;
+    let max_in_flight = NonZeroUsize::new(h.max_in_flight)
+        .filter(|n| n.get() <= MAX_HTTP_IN_FLIGHT)
+        .ok_or_else(|| err("max_in_flight", format!("is {}; allowed: 1 to {MAX_HTTP_IN_FLIGHT}", h.max_in_flight)))?;
+    if h.max_request_bytes == 0 {
+        return Err(err("max_request_bytes", "must be at least 1".into()));
+    }
+    let (mut outcomes_by_code, mut outcomes_by_class) = (BTreeMap::new(), BTreeMap::new());
+    for (status, outcome) in &h.outcomes {
+        let o = HttpOutcome::parse(outcome).ok_or_else(|| {
+            err(
+                "outcomes",
+                format!("\"{status}\" = \"{outcome}\"; allowed: \"done\", \"retry\", \"conflict\", \"dead_letter\""),
+            )
+        })?;
+        let bad =
+            || err("outcomes", format!("\"{status}\" is not a status (\"409\") or a class (\"4xx\") from 100 to 599"));
+        match status.as_bytes() {
+            [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                outcomes_by_class.insert(u16::from(c - b'0'), o);
+            }
+            _ => {
+                let code: u16 = status.parse().map_err(|_| bad())?;
+                if !(100..=599).contains(&code) {
+                    return Err(bad());
+                }
+                outcomes_by_code.insert(code, o);
+            }
+        }
+    }
+    let results_topic = Some(h.results_topic.clone()).filter(|t| !t.is_empty());
+    if results_topic.as_ref().is_some_and(|t| inputs.contains(t)) {
+        return Err(err("results_topic", "must differ from the input topics (it would loop)".into()));
+    }
+    Ok(HttpSinkConfig {
+        url: h.url.clone(),
+        method,
+        idempotency_header: h.idempotency_header.clone(),
+        content_type,
+        headers,
+        timeout,
+        max_in_flight,
+        retry_budget,
+        backoff_initial,
+        backoff_max,
+        max_request_bytes: h.max_request_bytes,
+        outcomes_by_code,
+        outcomes_by_class,
+        results_topic,
+    })
 }
 
 /// The `[store]` keys of kind = "scylla"; errors name the key.

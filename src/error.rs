@@ -87,6 +87,9 @@ pub enum SinkError {
     Kafka { topic: String, source: KafkaError },
     #[error("writing to stdout failed: {0}")]
     Stdout(#[from] std::io::Error),
+    /// The HTTP sink retried what it could already (its retry budget): never retriable here.
+    #[error("HTTP sink: {0}")]
+    Http(#[from] crate::sink::http::HttpError),
 }
 
 impl SinkError {
@@ -108,6 +111,7 @@ impl SinkError {
                 )
             ),
             SinkError::Stdout(_) => true,
+            SinkError::Http(_) => false,
         }
     }
 
@@ -118,7 +122,7 @@ impl SinkError {
                 source.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
             ),
-            SinkError::Stdout(_) => false,
+            SinkError::Stdout(_) | SinkError::Http(_) => false,
         }
     }
 
@@ -127,7 +131,7 @@ impl SinkError {
     pub fn is_fatal(&self) -> bool {
         match self {
             SinkError::Kafka { source, .. } => source.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
-            SinkError::Stdout(_) => false,
+            SinkError::Stdout(_) | SinkError::Http(_) => false,
         }
     }
 }

@@ -47,7 +47,7 @@ use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicParti
 use crate::reconcile::{Log, Reconciler};
 use crate::sink::{DeadLetter, Effect, SideTopics, Sink};
 use crate::source::{PartitionHandler, PartitionQueue, Resume};
-use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Store};
+use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store};
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
 #[derive(Default, Clone)]
@@ -212,7 +212,7 @@ impl Stages {
                 partition,
                 mark,
             }),
-            Sink::Stdout(_) => None,
+            Sink::Stdout(_) | Sink::Http(_) => None,
         }
     }
 
@@ -827,6 +827,7 @@ impl PartitionTask {
             tokio::time::sleep(delay).await;
         }
         let mut rejected: Vec<(usize, SinkError)> = Vec::new();
+        let mut responses: Vec<(usize, EffectResponse)> = Vec::new();
         let mut backoff = Backoff::new();
         let started = Instant::now();
         // A failed write may still have landed (a delivery timeout says "possibly
@@ -850,8 +851,12 @@ impl PartitionTask {
             let mut retry = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 match result {
-                    Ok(None) => {}
-                    Ok(Some(landed)) => OutputMark::advance(&mut self.logs.output, landed),
+                    Ok(delivered) => {
+                        if let Some(landed) = delivered.mark {
+                            OutputMark::advance(&mut self.logs.output, landed);
+                        }
+                        responses.extend(delivered.response.map(|r| (i, r)));
+                    }
                     Err(e) if e.is_fatal() => {
                         s.metrics.sink_errors.inc();
                         error!(topic = %self.tp.0, partition = self.tp.1, position = %envelope(&items[i]).record.position, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
@@ -918,6 +923,18 @@ impl PartitionTask {
                 };
                 *item = Item::Bad { record: envelope.record, error };
             }
+        }
+
+        // The endpoints' answers go on the claim rows before they turn done.
+        if !responses.is_empty() {
+            let recorded: Vec<(EventKey, Position, EffectResponse)> = responses
+                .into_iter()
+                .map(|(i, r)| {
+                    let e = envelope(&items[i]);
+                    (e.key.clone(), e.record.position.clone(), r)
+                })
+                .collect();
+            self.store_call("record", || s.store.record(recorded.clone())).await?;
         }
 
         // complete

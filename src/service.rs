@@ -16,7 +16,7 @@ use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
 use crate::pipeline::{Fatal, Faults, Liveness, Stages, Workers};
 use crate::reconcile::Reconciler;
-use crate::sink::{KafkaSink, KafkaWriter, SideTopics, Sink, StdoutSink};
+use crate::sink::{HttpSink, KafkaSink, KafkaWriter, SideTopics, Sink, StdoutSink};
 use crate::source::{Source, StopMode};
 use crate::store::{now_ms, DedupStore, Store};
 
@@ -59,6 +59,9 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
                 .with_context(|| format!("output topic `{topic}` ([sink] topic) must exist"))?,
         ),
         SinkConfig::Stdout => Sink::Stdout(StdoutSink),
+        SinkConfig::Http(http) => {
+            Sink::Http(Box::new(HttpSink::new(http).context("cannot set up the HTTP sink ([sink.http])")?))
+        }
     };
     let partitions_of = |topic: &str| {
         writer

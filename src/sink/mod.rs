@@ -2,14 +2,16 @@
 //! topics for records that are not effects.
 //!
 //! - [`Sink`]: the configured effect, one of [`KafkaSink`] (output topic,
-//!   idempotent producer, event ID and source position as headers) or
-//!   [`StdoutSink`] (JSON lines).
+//!   idempotent producer, event ID and source position as headers),
+//!   [`HttpSink`] (a request per event with an `Idempotency-Key`, its answer
+//!   recorded on the claim row) or [`StdoutSink`] (JSON lines).
 //! - [`SideTopics`]: the dead-letter topic (reason in headers) and the
 //!   optional duplicates topic.
 //!
 //! Sinks must be idempotent for the event ID: a crash between the effect and
 //! its completion runs the effect again on redelivery.
 
+pub mod http;
 pub mod kafka;
 pub mod stdout;
 
@@ -18,12 +20,14 @@ use std::sync::Arc;
 use rdkafka::message::{Header, OwnedHeaders};
 use sha2::Digest;
 
+pub use http::HttpSink;
 pub use kafka::{KafkaSink, KafkaWriter};
 pub use stdout::StdoutSink;
 
 use crate::error::{RecordError, SinkError};
 use crate::event::{Envelope, Record};
 use crate::offsets::OutputMark;
+use crate::store::EffectResponse;
 use kafka::{headers, headers_with_source, source_headers, OutRecord};
 
 /// One effect to run.
@@ -44,10 +48,26 @@ pub struct DeadLetter<'a> {
     pub possible_repeat: bool,
 }
 
+/// What a delivered effect left behind.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// Where it landed in the output topic (the Kafka sink).
+    pub mark: Option<OutputMark>,
+    /// What the endpoint answered (the HTTP sink): kept on the claim row.
+    pub response: Option<EffectResponse>,
+}
+
+impl Delivered {
+    pub fn landed(mark: Option<OutputMark>) -> Delivered {
+        Delivered { mark, response: None }
+    }
+}
+
 /// The configured effect.
 pub enum Sink {
     Kafka(KafkaSink),
     Stdout(StdoutSink),
+    Http(Box<HttpSink>),
 }
 
 impl Sink {
@@ -55,18 +75,21 @@ impl Sink {
         match self {
             Sink::Kafka(_) => "kafka",
             Sink::Stdout(_) => "stdout",
+            Sink::Http(_) => "http",
         }
     }
 
     /// Runs the effect for each event, in order; one result per event, with
-    /// where it landed in the output topic when the sink is Kafka.
-    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
+    /// where it landed in the output topic when the sink is Kafka, and the
+    /// endpoint's answer when it is HTTP.
+    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         if batch.is_empty() {
             return Vec::new();
         }
         match self {
-            Sink::Kafka(s) => s.deliver(batch).await,
-            Sink::Stdout(s) => s.deliver(batch).await,
+            Sink::Kafka(s) => s.deliver(batch).await.into_iter().map(|r| r.map(Delivered::landed)).collect(),
+            Sink::Stdout(s) => s.deliver(batch).await.into_iter().map(|r| r.map(Delivered::landed)).collect(),
+            Sink::Http(s) => s.deliver(batch).await,
         }
     }
 }

@@ -4,8 +4,10 @@
 mod campaign;
 mod cli;
 mod dead_letter;
+mod endpoint;
 mod group;
 mod hostile;
+mod http;
 mod kubernetes;
 mod leases;
 mod observe;
