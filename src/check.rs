@@ -187,6 +187,7 @@ fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec
             ));
         }
         SinkConfig::Stdout => notes.push("stdout sink: nothing to reconcile in Kafka".into()),
+        SinkConfig::Custom => notes.push("custom sink (library use): nothing to reconcile in Kafka".into()),
         SinkConfig::Http(h) => notes.push(format!(
             "http sink to {}: nothing to reconcile in Kafka; a resumed claim repeats its request with the same \
              {} (the endpoint dedups it)",
@@ -311,6 +312,7 @@ fn settings(c: &Config) -> serde_json::Value {
             "partitioning": match partitioning { Partitioning::Source => "source", Partitioning::Key => "key" },
         }),
         SinkConfig::Stdout => json!({ "kind": "stdout" }),
+        SinkConfig::Custom => json!({ "kind": "custom" }),
         SinkConfig::Http(h) => json!({
             "kind": "http",
             "url": h.url,

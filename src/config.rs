@@ -664,9 +664,14 @@ pub enum Partitioning {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkConfig {
-    Kafka { topic: String, partitioning: Partitioning },
+    Kafka {
+        topic: String,
+        partitioning: Partitioning,
+    },
     Stdout,
     Http(Box<HttpSinkConfig>),
+    /// The effect is given in code ([`crate::service::RunOptions::sink`]): library use.
+    Custom,
 }
 
 /// What an HTTP answer means for the record (`[sink.http.outcomes]`).
@@ -1094,7 +1099,13 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             let h = validate_http(h, &kafka.topics).map_err(|(key, message)| invalid(&key, message))?;
             SinkConfig::Http(Box::new(h))
         }
-        other => return Err(invalid("sink.kind", format!("is \"{other}\"; allowed: \"kafka\", \"stdout\", \"http\""))),
+        "custom" => SinkConfig::Custom,
+        other => {
+            return Err(invalid(
+                "sink.kind",
+                format!("is \"{other}\"; allowed: \"kafka\", \"stdout\", \"http\", \"custom\" (library use)"),
+            ))
+        }
     };
     if file.sink.http.is_some() && !matches!(sink, SinkConfig::Http(_)) {
         return Err(invalid("sink.http", "is set but sink.kind is not \"http\"".into()));

@@ -90,6 +90,23 @@ pub enum SinkError {
     /// The HTTP sink retried what it could already (its retry budget): never retriable here.
     #[error("HTTP sink: {0}")]
     Http(#[from] crate::sink::http::HttpError),
+    /// A library user's own effect failed; see [`SinkError::retriable`] and [`SinkError::permanent`].
+    #[error("{message}")]
+    Custom { message: String, retriable: bool },
+}
+
+impl SinkError {
+    /// A failure worth waiting out (the service is down, a lock timed out):
+    /// kdedup calls again for the record after a backoff, its partition waiting.
+    pub fn retriable(message: impl Into<String>) -> SinkError {
+        SinkError::Custom { message: message.into(), retriable: true }
+    }
+
+    /// A failure no retry fixes (the record is invalid for this effect): the
+    /// claim is released and the record dead-lettered with `message` as its reason.
+    pub fn permanent(message: impl Into<String>) -> SinkError {
+        SinkError::Custom { message: message.into(), retriable: false }
+    }
 }
 
 impl SinkError {
@@ -112,6 +129,7 @@ impl SinkError {
             ),
             SinkError::Stdout(_) => true,
             SinkError::Http(_) => false,
+            SinkError::Custom { retriable, .. } => *retriable,
         }
     }
 
@@ -122,7 +140,7 @@ impl SinkError {
                 source.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
             ),
-            SinkError::Stdout(_) | SinkError::Http(_) => false,
+            SinkError::Stdout(_) | SinkError::Http(_) | SinkError::Custom { .. } => false,
         }
     }
 
@@ -131,7 +149,7 @@ impl SinkError {
     pub fn is_fatal(&self) -> bool {
         match self {
             SinkError::Kafka { source, .. } => source.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
-            SinkError::Stdout(_) | SinkError::Http(_) => false,
+            SinkError::Stdout(_) | SinkError::Http(_) | SinkError::Custom { .. } => false,
         }
     }
 }

@@ -45,11 +45,13 @@ use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler};
-use crate::sink::{DeadLetter, Effect, SideTopics, Sink};
+use crate::sink::{AnySink, DeadLetter, Effect, SideTopics};
 use crate::source::{PartitionHandler, PartitionQueue, Resume};
 use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store};
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
+/// Hidden from the docs: kdedup's own tests use it; no part of the library API.
+#[doc(hidden)]
 #[derive(Default, Clone)]
 pub struct Faults {
     /// Claim the batch holding this position, then stop the partition task
@@ -186,7 +188,7 @@ pub struct Stages {
     pub extractor: KeyExtractor,
     pub filter: Mutex<Filter>,
     pub store: Store,
-    pub sink: Sink,
+    pub sink: AnySink,
     pub side: SideTopics,
     pub metrics: Metrics,
     pub book: Arc<CommitBook>,
@@ -207,12 +209,12 @@ impl Stages {
     /// The output log an input partition writes to, when it is fixed.
     fn output_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Option<Log> {
         match &self.sink {
-            Sink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log {
+            AnySink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log {
                 topic: k.topic().to_string(),
                 partition,
                 mark,
             }),
-            Sink::Stdout(_) | Sink::Http(_) => None,
+            AnySink::Stdout(_) | AnySink::Http(_) | AnySink::Custom(_) => None,
         }
     }
 

@@ -16,7 +16,7 @@ use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
 use crate::pipeline::{Fatal, Faults, Liveness, Stages, Workers};
 use crate::reconcile::Reconciler;
-use crate::sink::{HttpSink, KafkaSink, KafkaWriter, SideTopics, Sink, StdoutSink};
+use crate::sink::{AnySink, CustomSink, HttpSink, KafkaSink, KafkaWriter, SideTopics, StdoutSink};
 use crate::source::{Source, StopMode};
 use crate::store::{now_ms, DedupStore, Store};
 
@@ -25,9 +25,14 @@ use crate::store::{now_ms, DedupStore, Store};
 pub struct RunOptions {
     /// Shared with the caller, who may read counts while the run goes on.
     pub metrics: Metrics,
+    /// Crash injection for kdedup's own tests; hidden: not part of the API
+    /// (a library user's run never needs it, and it may change with the tests).
+    #[doc(hidden)]
     pub faults: Faults,
     /// Serve `[metrics] listen`; off for in-process runs (demo, tests).
     pub serve_metrics: bool,
+    /// The effect, when it is the caller's own: needs `[sink] kind = "custom"`.
+    pub sink: Option<CustomSink>,
 }
 
 pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Output = StopMode>) -> anyhow::Result<()> {
@@ -53,14 +58,24 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
          [kafka.consumer] / [kafka.producer])",
     )?;
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
-    let sink = match &config.sink {
-        SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
+    let sink = match (&config.sink, options.sink) {
+        (SinkConfig::Custom, Some(custom)) => AnySink::Custom(custom),
+        (SinkConfig::Custom, None) => {
+            anyhow::bail!(
+                "[sink] kind = \"custom\" needs the effect from code (RunOptions::sink); `kdedup run` has none"
+            )
+        }
+        (_, Some(custom)) => anyhow::bail!(
+            "a {} sink was given in code (RunOptions::sink) but [sink] kind is not \"custom\"",
+            custom.kind()
+        ),
+        (SinkConfig::Kafka { topic, partitioning }, None) => AnySink::Kafka(
             KafkaSink::new(writer.clone(), topic, *partitioning)
                 .with_context(|| format!("output topic `{topic}` ([sink] topic) must exist"))?,
         ),
-        SinkConfig::Stdout => Sink::Stdout(StdoutSink),
-        SinkConfig::Http(http) => {
-            Sink::Http(Box::new(HttpSink::new(http).context("cannot set up the HTTP sink ([sink.http])")?))
+        (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
+        (SinkConfig::Http(http), None) => {
+            AnySink::Http(Box::new(HttpSink::new(http).context("cannot set up the HTTP sink ([sink.http])")?))
         }
     };
     let partitions_of = |topic: &str| {

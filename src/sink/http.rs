@@ -219,9 +219,15 @@ impl HttpSink {
             .map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
         Ok(HttpSink { client, config: config.clone(), url, method, static_headers, idempotency_header })
     }
+}
+
+impl super::Sink for HttpSink {
+    fn kind(&self) -> &'static str {
+        "http"
+    }
 
     /// Runs each effect through its request and retries; one result per effect, in order.
-    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         // Effects of one key run in order, in one chain; chains run up to max_in_flight at once.
         let mut chains: Vec<Vec<usize>> = Vec::new();
         let mut chain_of: HashMap<u128, usize> = HashMap::new();
@@ -248,7 +254,9 @@ impl HttpSink {
         }
         results.into_iter().map(|r| r.expect("every effect is in exactly one chain")).collect()
     }
+}
 
+impl HttpSink {
     async fn deliver_one(&self, effect: &Effect<'_>) -> Result<Delivered, SinkError> {
         let prepared = self.prepare(effect).map_err(|m| SinkError::Http(HttpError::Request(m)))?;
         let started = Instant::now();

@@ -10,6 +10,7 @@ mod hostile;
 mod http;
 mod kubernetes;
 mod leases;
+mod library;
 mod observe;
 mod outage;
 mod path;

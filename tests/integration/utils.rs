@@ -84,9 +84,14 @@ fn init_logs() {
 }
 
 pub fn start(config: Config, faults: Faults) -> Running {
+    start_with(config, RunOptions { faults, ..RunOptions::default() })
+}
+
+/// [`start`] with options of the caller's (a custom sink); metrics are always the run's own.
+pub fn start_with(config: Config, options: RunOptions) -> Running {
     init_logs();
     let metrics = Metrics::new();
-    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics: false };
+    let options = RunOptions { metrics: metrics.clone(), serve_metrics: false, ..options };
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
         service::run(&config, options, async move { rx.await.unwrap_or(StopMode::Abandon) }).await
