@@ -87,7 +87,8 @@ pub enum SinkError {
     Kafka { topic: String, source: KafkaError },
     #[error("writing to stdout failed: {0}")]
     Stdout(#[from] std::io::Error),
-    /// The HTTP sink retried what it could already (its retry budget): never retriable here.
+    /// The HTTP sink retried the endpoint already (its retry budget): retriable
+    /// here only when the answer could not be written to its results topic.
     #[error("HTTP sink: {0}")]
     Http(#[from] crate::sink::http::HttpError),
     /// A library user's own effect failed; see [`SinkError::retriable`] and [`SinkError::permanent`].
@@ -128,7 +129,7 @@ impl SinkError {
                 )
             ),
             SinkError::Stdout(_) => true,
-            SinkError::Http(_) => false,
+            SinkError::Http(e) => e.is_retriable(),
             SinkError::Custom { retriable, .. } => *retriable,
         }
     }

@@ -75,7 +75,13 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         ),
         (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
         (SinkConfig::Http(http), None) => {
-            AnySink::Http(Box::new(HttpSink::new(http).context("cannot set up the HTTP sink ([sink.http])")?))
+            let sink = HttpSink::new(http).context("cannot set up the HTTP sink ([sink.http])")?;
+            if let Some(topic) = &http.results_topic {
+                writer
+                    .partition_count(topic, Duration::from_secs(10))
+                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?;
+            }
+            AnySink::Http(Box::new(sink.with_results(writer.clone())))
         }
     };
     let partitions_of = |topic: &str| {

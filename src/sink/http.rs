@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use rdkafka::message::Header;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use sha2::{Digest, Sha256};
 use tracing::warn;
@@ -32,8 +33,8 @@ use crate::error::SinkError;
 use crate::event::{hex, EventKey, Record};
 use crate::store::{now_ms, EffectResponse};
 
-use super::kafka::headers;
-use super::{Delivered, Effect};
+use super::kafka::{headers, source_headers, OutRecord};
+use super::{Delivered, Effect, KafkaWriter};
 
 /// Bytes of a response body kept as its excerpt (on the claim row, in dead letters).
 pub const EXCERPT_BYTES: usize = 512;
@@ -159,12 +160,29 @@ pub enum HttpError {
     Refused { status: u16, excerpt: String },
     #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}")]
     GaveUp { attempts: u32, elapsed_ms: u64, last: String },
+    /// The effect is done, but its answer did not reach `[sink.http] results_topic`:
+    /// retried (the same key again; the endpoint answers from its store).
+    #[error("the answer could not be written to results topic {topic}: {message}")]
+    Results { topic: String, message: String },
+}
+
+impl HttpError {
+    pub(crate) fn is_retriable(&self) -> bool {
+        matches!(self, HttpError::Results { .. })
+    }
 }
 
 /// One attempt's result, as the retry loop sees it.
 enum Attempt {
     Answered { status: u16, retry_after: Option<Duration>, body: Body },
     Failed(String),
+}
+
+/// The answer that settled an effect, for `results_topic`: `done`,
+/// `conflict`, `dead_letter`, or `gave_up` (the last answer before the budget ran out).
+struct Answer {
+    outcome: &'static str,
+    response: EffectResponse,
 }
 
 /// A response body as read: bounded.
@@ -183,6 +201,8 @@ struct Prepared {
 
 /// The endpoint, with the request shape and the outcome classes.
 pub struct HttpSink {
+    /// `[sink.http] results_topic`, and the producer that writes it.
+    results: Option<(KafkaWriter, String)>,
     client: reqwest::Client,
     config: HttpSinkConfig,
     url: UrlTemplate,
@@ -217,7 +237,65 @@ impl HttpSink {
             .connect_timeout(config.timeout)
             .build()
             .map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
-        Ok(HttpSink { client, config: config.clone(), url, method, static_headers, idempotency_header })
+        Ok(HttpSink { results: None, client, config: config.clone(), url, method, static_headers, idempotency_header })
+    }
+
+    /// Writes every answer to `[sink.http] results_topic`, when one is configured.
+    pub fn with_results(mut self, writer: KafkaWriter) -> HttpSink {
+        self.results = self.config.results_topic.clone().map(|topic| (writer, topic));
+        self
+    }
+
+    /// One record per answer, keyed by event ID, the source position in
+    /// headers, the answer as JSON. A write that fails turns its effect's
+    /// result into a retriable error: the effect is asked again (the same key;
+    /// the endpoint answers from its store), so every done effect's answer is
+    /// in the topic before its offset is committed.
+    async fn write_results(
+        &self,
+        batch: &[Effect<'_>],
+        results: &mut [Result<Delivered, SinkError>],
+        answers: &[Option<Answer>],
+    ) {
+        let Some((writer, topic)) = &self.results else { return };
+        let (index, payloads): (Vec<usize>, Vec<Vec<u8>>) = answers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                a.as_ref().map(|a| {
+                    let json = serde_json::json!({
+                        "outcome": a.outcome,
+                        "event_id": batch[i].envelope.key.display_id(),
+                        "idempotency_key": idempotency_key(&batch[i].envelope.key),
+                        "response": &a.response,
+                    });
+                    (i, serde_json::to_vec(&json).expect("JSON of strings and numbers"))
+                })
+            })
+            .unzip();
+        if index.is_empty() {
+            return;
+        }
+        let out = index
+            .iter()
+            .zip(&payloads)
+            .map(|(&i, payload)| {
+                let e = batch[i].envelope;
+                OutRecord {
+                    partition: None,
+                    source: &e.record.position,
+                    key: Some(&e.key.id),
+                    payload: Some(payload),
+                    headers: source_headers(&e.record, &e.key.scope)
+                        .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
+                }
+            })
+            .collect();
+        for (&i, written) in index.iter().zip(writer.write_all(topic, out).await) {
+            if let Err(e) = written {
+                results[i] = Err(SinkError::Http(HttpError::Results { topic: topic.clone(), message: e.to_string() }));
+            }
+        }
     }
 }
 
@@ -239,6 +317,7 @@ impl super::Sink for HttpSink {
             chains[c].push(i);
         }
         let mut results: Vec<Option<Result<Delivered, SinkError>>> = (0..batch.len()).map(|_| None).collect();
+        let mut answers: Vec<Option<Answer>> = (0..batch.len()).map(|_| None).collect();
         let mut runs = futures::stream::iter(chains.into_iter().map(|chain| async move {
             let mut out = Vec::with_capacity(chain.len());
             for i in chain {
@@ -248,43 +327,62 @@ impl super::Sink for HttpSink {
         }))
         .buffer_unordered(self.config.max_in_flight.get());
         while let Some(done) = runs.next().await {
-            for (i, result) in done {
+            for (i, (result, answer)) in done {
                 results[i] = Some(result);
+                answers[i] = answer;
             }
         }
-        results.into_iter().map(|r| r.expect("every effect is in exactly one chain")).collect()
+        drop(runs);
+        let mut results: Vec<Result<Delivered, SinkError>> =
+            results.into_iter().map(|r| r.expect("every effect is in exactly one chain")).collect();
+        self.write_results(batch, &mut results, &answers).await;
+        results
     }
 }
 
 impl HttpSink {
-    async fn deliver_one(&self, effect: &Effect<'_>) -> Result<Delivered, SinkError> {
-        let prepared = self.prepare(effect).map_err(|m| SinkError::Http(HttpError::Request(m)))?;
+    /// One effect through its attempts: the result, and the answer that settled
+    /// it (for `results_topic`), with its outcome's name.
+    async fn deliver_one(&self, effect: &Effect<'_>) -> (Result<Delivered, SinkError>, Option<Answer>) {
+        let prepared = match self.prepare(effect) {
+            Ok(p) => p,
+            Err(m) => return (Err(SinkError::Http(HttpError::Request(m))), None),
+        };
         let started = Instant::now();
         let mut backoff = self.config.backoff_initial;
         let mut attempts = 0u32;
+        let mut last_answer = None;
         loop {
             attempts += 1;
             let (last, retry_after) = match self.attempt(&prepared).await {
-                Attempt::Answered { status, retry_after, body } => match self.config.outcome(status) {
-                    HttpOutcome::Done => {
-                        let response = EffectResponse {
-                            status,
-                            body_sha256: body.sha256,
-                            body_bytes: body.bytes,
-                            excerpt: body.excerpt,
-                            at_ms: now_ms(),
-                            attempts,
+                Attempt::Answered { status, retry_after, body } => {
+                    let response = EffectResponse {
+                        status,
+                        body_sha256: body.sha256,
+                        body_bytes: body.bytes,
+                        excerpt: body.excerpt,
+                        at_ms: now_ms(),
+                        attempts,
+                    };
+                    let outcome = self.config.outcome(status);
+                    if outcome == HttpOutcome::Retry {
+                        let last = format!("HTTP {status}, body: {:?}", response.excerpt);
+                        last_answer = Some(Answer { outcome: "gave_up", response });
+                        (last, retry_after)
+                    } else {
+                        let excerpt = response.excerpt.clone();
+                        let (name, result) = match outcome {
+                            HttpOutcome::Done => {
+                                ("done", Ok(Delivered { mark: None, response: Some(response.clone()) }))
+                            }
+                            HttpOutcome::Conflict => {
+                                ("conflict", Err(SinkError::Http(HttpError::Conflict { status, excerpt })))
+                            }
+                            _ => ("dead_letter", Err(SinkError::Http(HttpError::Refused { status, excerpt }))),
                         };
-                        return Ok(Delivered { mark: None, response: Some(response) });
+                        return (result, Some(Answer { outcome: name, response }));
                     }
-                    HttpOutcome::Conflict => {
-                        return Err(SinkError::Http(HttpError::Conflict { status, excerpt: body.excerpt }))
-                    }
-                    HttpOutcome::DeadLetter => {
-                        return Err(SinkError::Http(HttpError::Refused { status, excerpt: body.excerpt }))
-                    }
-                    HttpOutcome::Retry => (format!("HTTP {status}, body: {:?}", body.excerpt), retry_after),
-                },
+                }
                 Attempt::Failed(why) => (why, None),
             };
             // Equal jitter: half the step fixed, half random, so retries of many
@@ -294,11 +392,8 @@ impl HttpSink {
             let wait = retry_after.map_or(jittered, |r| r.min(MAX_RETRY_AFTER).max(jittered));
             let elapsed = started.elapsed();
             if elapsed + wait > self.config.retry_budget {
-                return Err(SinkError::Http(HttpError::GaveUp {
-                    attempts,
-                    elapsed_ms: elapsed.as_millis() as u64,
-                    last,
-                }));
+                let gave_up = HttpError::GaveUp { attempts, elapsed_ms: elapsed.as_millis() as u64, last };
+                return (Err(SinkError::Http(gave_up)), last_answer);
             }
             warn!(position = %effect.envelope.record.position, attempts, wait_ms = wait.as_millis() as u64, last = %last, "HTTP effect not done; retrying with the same idempotency key");
             tokio::time::sleep(wait).await;

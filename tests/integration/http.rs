@@ -134,6 +134,7 @@ async fn http_effects_are_applied_once_per_key_through_500s_429s_resets_and_time
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_with_reasons() {
     let kafka = cluster(1);
+    kafka.create_topic("results", 1).unwrap();
     let customer = |id: &str, cus: &[u8], payload: String| Produce {
         partition: 0,
         key: None,
@@ -172,6 +173,7 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
             ("KDEDUP_SINK__HTTP__BACKOFF_INITIAL_MS", "50".into()),
             ("KDEDUP_SINK__HTTP__RETRY_BUDGET_MS", "800".into()),
             ("KDEDUP_SINK__HTTP__MAX_REQUEST_BYTES", "4096".into()),
+            ("KDEDUP_SINK__HTTP__RESULTS_TOPIC", "results".into()),
             (
                 "KDEDUP_SINK__HTTP__HEADERS",
                 format!(r#"{{ "Authorization.file" = "{}", "Stripe-Version" = "2024-06-20" }}"#, secret.display()),
@@ -227,6 +229,39 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
     assert_eq!(ok.header("authorization"), Some("Bearer sk_test_not_a_real_key"), "the secret from its file");
     assert_eq!(ok.header("stripe-version"), Some("2024-06-20"));
     assert_eq!(ok.header(headers::SOURCE_PARTITION), Some("0"));
+
+    // Every answer is in the results topic, keyed by event ID, with its outcome.
+    let results = mock::read_all(kafka.bootstrap(), "results").unwrap();
+    let mut outcomes: Vec<(String, String, u64)> = results
+        .iter()
+        .map(|r| {
+            let json: serde_json::Value = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+            assert_eq!(r.key.as_deref(), json["event_id"].as_str().map(str::as_bytes), "keyed by event ID");
+            assert!(r.header_str(headers::SOURCE_OFFSET).is_some(), "the source position travels");
+            assert_eq!(
+                json["idempotency_key"].as_str(),
+                Some(requests_of(&seen, json["event_id"].as_str().unwrap())[0].key())
+            );
+            (
+                json["event_id"].as_str().unwrap().to_string(),
+                json["outcome"].as_str().unwrap().to_string(),
+                json["response"]["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    outcomes.sort();
+    let expected: Vec<(String, String, u64)> = [
+        ("bad-1", "dead_letter", 400),
+        ("busy-1", "done", 200),
+        ("conflict-1", "conflict", 422),
+        ("down-1", "gave_up", 503),
+        ("ok-1", "done", 200),
+        ("ok-2", "done", 200),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), *c))
+    .collect();
+    assert_eq!(outcomes, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
