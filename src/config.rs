@@ -2177,4 +2177,101 @@ mod secret_tests {
             assert!(!is_secret_property(k), "{k}");
         }
     }
+
+    const HTTP: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        group_id = "g"
+        topics = ["orders"]
+        [sink]
+        kind = "http"
+        [sink.http]
+        url = "https://api.example.com/v1/customers/{header.customer}/charges"
+        [dead_letter]
+        topic = "orders.dlq"
+    "#;
+
+    fn http(c: &Config) -> &HttpSinkConfig {
+        match &c.sink {
+            SinkConfig::Http(h) => h,
+            other => panic!("not an HTTP sink: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_http_sink_gets_the_issues_outcome_defaults() {
+        let c = load(HTTP, &[]).unwrap();
+        let h = http(&c);
+        assert_eq!((h.method.as_str(), h.idempotency_header.as_str()), ("POST", "Idempotency-Key"));
+        assert_eq!(h.timeout, Duration::from_secs(10));
+        assert_eq!(h.max_in_flight.get(), 8);
+        for (status, outcome) in [
+            (200, HttpOutcome::Done),
+            (201, HttpOutcome::Done),
+            (409, HttpOutcome::Retry),
+            (422, HttpOutcome::Conflict),
+            (429, HttpOutcome::Retry),
+            (500, HttpOutcome::Retry),
+            (503, HttpOutcome::Retry),
+            (400, HttpOutcome::DeadLetter),
+            (404, HttpOutcome::DeadLetter),
+            (301, HttpOutcome::DeadLetter),
+        ] {
+            assert_eq!(h.outcome(status), outcome, "{status}");
+        }
+    }
+
+    #[test]
+    fn http_outcomes_are_configured_by_code_then_class() {
+        let text =
+            format!("{HTTP}\n[sink.http.outcomes]\n\"409\" = \"conflict\"\n\"4xx\" = \"retry\"\n\"404\" = \"done\"\n");
+        let c = load(&text, &[]).unwrap();
+        let h = http(&c);
+        assert_eq!(h.outcome(409), HttpOutcome::Conflict);
+        assert_eq!(h.outcome(404), HttpOutcome::Done);
+        assert_eq!(h.outcome(400), HttpOutcome::Retry, "the class");
+        assert_eq!(h.outcome(422), HttpOutcome::Retry, "the class wins over a default");
+        assert_eq!(h.outcome(500), HttpOutcome::Retry);
+        let bad = load(&format!("{HTTP}\n[sink.http.outcomes]\n\"4xx\" = \"ignore\"\n"), &[]).unwrap_err().to_string();
+        assert!(bad.contains("sink.http.outcomes") && bad.contains("dead_letter"), "{bad}");
+        let bad = load(&format!("{HTTP}\n[sink.http.outcomes]\n\"700\" = \"done\"\n"), &[]).unwrap_err().to_string();
+        assert!(bad.contains("\"700\""), "{bad}");
+    }
+
+    #[test]
+    fn http_header_secrets_come_from_files_or_the_environment_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = secret_file(&dir, "stripe", "Bearer sk_live_from_file\n");
+        let text = format!(
+            "{HTTP}\n[sink.http.headers]\n\"Authorization.file\" = \"{key}\"\n\"X-Api-Key.env\" = \"API_KEY\"\n\"Stripe-Version\" = \"2024-06-20\"\n"
+        );
+        let c = load(&text, &[("API_KEY", "from-env-secret")]).unwrap();
+        let h = http(&c);
+        let get = |name: &str| h.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(get("Authorization"), Some("Bearer sk_live_from_file"));
+        assert_eq!(get("X-Api-Key"), Some("from-env-secret"));
+        assert_eq!(get("Stripe-Version"), Some("2024-06-20"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sk_live") && !shown.contains("from-env-secret"), "{shown}");
+        let missing = load(&text, &[]).unwrap_err().to_string();
+        assert!(missing.contains("API_KEY") && !missing.contains("sk_live"), "{missing}");
+    }
+
+    #[test]
+    fn http_settings_are_checked_with_the_key_named() {
+        for (env, key) in [
+            (("KDEDUP_SINK__HTTP__URL", "ftp://x"), "sink.http.url"),
+            (("KDEDUP_SINK__HTTP__URL", "https://x/{event}"), "sink.http.url"),
+            (("KDEDUP_SINK__HTTP__METHOD", "PO ST"), "sink.http.method"),
+            (("KDEDUP_SINK__HTTP__MAX_IN_FLIGHT", "0"), "sink.http.max_in_flight"),
+            (("KDEDUP_SINK__HTTP__TIMEOUT_MS", "0"), "sink.http.timeout_ms"),
+            (("KDEDUP_SINK__HTTP__RESULTS_TOPIC", "orders"), "sink.http.results_topic"),
+        ] {
+            let e = load(HTTP, &[env]).unwrap_err().to_string();
+            assert!(e.contains(key), "{env:?}: {e}");
+        }
+        let no_section = HTTP.replace("[sink.http]", "").replace("url = ", "# url = ");
+        let e = load(&no_section, &[]).unwrap_err().to_string();
+        assert!(e.contains("sink.http") && e.contains("url"), "{e}");
+    }
 }

@@ -142,10 +142,11 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
         headers: vec![("event-id".into(), id.as_bytes().to_vec()), ("customer".into(), cus.to_vec())],
     };
     let body = |id: &str| format!(r#"{{"id":"{id}","amount":100}}"#);
-    let mut records: Vec<Produce> = ["ok-1", "conflict-1", "bad-1", "down-1", "busy-1", "ok-2"]
-        .iter()
-        .map(|id| customer(id, b"cus_1", body(id)))
-        .collect();
+    let mut records: Vec<Produce> =
+        ["ok-1", "conflict-1", "bad-1", "down-1", "busy-1", "ok-2", "bigok-1", "bigerror-1"]
+            .iter()
+            .map(|id| customer(id, b"cus_1", body(id)))
+            .collect();
     records.push(customer("huge-1", b"cus_1", format!(r#"{{"id":"huge-1","pad":"{}"}}"#, "x".repeat(5_000))));
     records.push(customer("binary-1", &[0xff, 0xfe], body("binary-1")));
     records.push(Produce {
@@ -161,6 +162,9 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
         }
         ("down-1", _) => Fault::Status { status: 503, retry_after: None, body: "maintenance".into() },
         ("busy-1", 1) => Fault::Status { status: 409, retry_after: None, body: "in progress".into() },
+        // Bodies far over what is read (1 MiB): hashed and excerpted bounded.
+        ("bigok-1", _) => Fault::Status { status: 200, retry_after: None, body: "y".repeat(3 << 20) },
+        ("bigerror-1", _) => Fault::Status { status: 400, retry_after: None, body: "z".repeat(3 << 20) },
         _ => Fault::None,
     });
     let dir = tempfile::tempdir().unwrap();
@@ -182,7 +186,7 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
     );
     let config = config(&kafka, &unique("http-dlq"), dir.path(), &with_env(&env));
     assert!(!format!("{config:?}").contains("sk_test"), "the secret never shows in Debug");
-    let running = start(config, Faults::default());
+    let running = start(config.clone(), Faults::default());
     wait_all_committed(&kafka, &running.metrics).await;
     let metrics = running.metrics.clone();
     running.stop(StopMode::Drain).await;
@@ -202,16 +206,24 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
         ("huge-1", &["max_request_bytes"]),
         ("binary-1", &["customer", "not UTF-8"]),
         ("nocustomer-1", &["customer", "does not carry"]),
+        ("bigerror-1", &["HTTP 400", "zzzz"]),
     ] {
         let e = error_of(id);
         for p in parts {
             assert!(e.contains(p), "{id}: `{p}` in the dead letter's error: {e}");
         }
     }
-    assert_eq!(dead.len(), 6, "only those");
+    assert_eq!(dead.len(), 7, "only those");
+    let big = error_of("bigerror-1");
+    assert!(big.len() < 1_000, "a huge body's excerpt is bounded: {} bytes", big.len());
     assert!(dead.iter().all(|r| r.header_str(headers::REASON) == Some("sink_rejected")));
-    assert_eq!(metrics.outcome("dead_letter"), 6);
-    assert_eq!(metrics.outcome("new"), 3, "ok-1, ok-2 and busy-1 (409, then done)");
+    assert_eq!(metrics.outcome("dead_letter"), 7);
+    assert_eq!(metrics.outcome("new"), 4, "ok-1, ok-2, bigok-1 and busy-1 (409, then done)");
+    let store = Store::open(&config.store, &config.retention).unwrap();
+    let key = EventKey { scope: Arc::from(config.key.scope.as_str()), id: b"bigok-1".to_vec() };
+    let big = store.response(key, kdedup::store::now_ms()).await.unwrap().expect("recorded");
+    assert_eq!(big.body_bytes, kdedup::sink::http::MAX_RESPONSE_BYTES as u64, "read up to the limit only");
+    assert_eq!(big.excerpt, "y".repeat(kdedup::sink::http::EXCERPT_BYTES));
     assert_outcomes_sum(&metrics);
 
     let seen = endpoint.seen();
@@ -252,6 +264,8 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
     outcomes.sort();
     let expected: Vec<(String, String, u64)> = [
         ("bad-1", "dead_letter", 400),
+        ("bigerror-1", "dead_letter", 400),
+        ("bigok-1", "done", 200),
         ("busy-1", "done", 200),
         ("conflict-1", "conflict", 422),
         ("down-1", "gave_up", 503),
