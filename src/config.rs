@@ -2199,6 +2199,39 @@ mod secret_tests {
     }
 
     #[test]
+    fn the_shipped_http_example_is_valid_once_uncommented() {
+        let text = include_str!("../config/kdedup.toml");
+        let start = text.find("# [sink.http]").expect("the example file carries a commented HTTP sink");
+        let sink: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let base = HTTP.split("[sink]").next().unwrap();
+        let c = load(
+            &format!("{base}\n[sink]\nkind = \"http\"\n{sink}\n[dead_letter]\ntopic = \"dlq\"\n"),
+            &[("API_KEY", "k")],
+        );
+        let e = c.unwrap_err().to_string();
+        // The example names a secret file that does not exist here: everything before it parsed.
+        assert!(
+            e.contains("sink.http.headers.Authorization.file") && e.contains("/run/secrets/api-authorization"),
+            "{e}"
+        );
+        let without_file: String = sink.lines().filter(|l| !l.contains(".file")).map(|l| format!("{l}\n")).collect();
+        let c = load(
+            &format!("{base}\n[sink]\nkind = \"http\"\n{without_file}\n[dead_letter]\ntopic = \"dlq\"\n"),
+            &[("API_KEY", "k")],
+        )
+        .unwrap();
+        let h = http(&c);
+        assert_eq!(h.outcome(409), HttpOutcome::Retry);
+        assert_eq!(h.outcome(422), HttpOutcome::Conflict);
+        assert_eq!(h.headers.iter().find(|(k, _)| k == "X-Api-Key").map(|(_, v)| v.as_str()), Some("k"));
+    }
+
+    #[test]
     fn the_http_sink_gets_the_issues_outcome_defaults() {
         let c = load(HTTP, &[]).unwrap();
         let h = http(&c);
