@@ -180,7 +180,10 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
             ("KDEDUP_SINK__HTTP__RESULTS_TOPIC", "results".into()),
             (
                 "KDEDUP_SINK__HTTP__HEADERS",
-                format!(r#"{{ "Authorization.file" = "{}", "Stripe-Version" = "2024-06-20" }}"#, secret.display()),
+                format!(
+                    r#"{{ "Authorization.file" = "{}", "Stripe-Version" = "2024-06-20" }}"#,
+                    secret.display()
+                ),
             ),
         ],
     );
@@ -323,9 +326,15 @@ async fn an_endpoint_slower_than_the_lease_keeps_its_claims_and_is_called_once()
     assert_outcomes_sum(&metrics);
 }
 
+/// A credential the HTTP sink sends; it must never be logged.
+const SECRET: &str = "sk_live_never_in_logs_51";
+
 /// The config file of a `kdedup run` process against the mock cluster.
 fn config_file(kafka: &mock::MockKafka, group: &str, dir: &std::path::Path, url: &str) -> std::path::PathBuf {
     let path = dir.join("kdedup.toml");
+    let secret = dir.join("api-authorization");
+    std::fs::write(&secret, format!("Bearer {SECRET}\n")).unwrap();
+    let secret = secret.display();
     let text = format!(
         r#"
 [kafka]
@@ -341,6 +350,8 @@ kind = "http"
 [sink.http]
 url = "{url}"
 content_type = "application/json"
+[sink.http.headers]
+"Authorization.file" = "{secret}"
 [dead_letter]
 topic = "{DLQ}"
 [metrics]
@@ -372,11 +383,14 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
     let dir = tempfile::tempdir().unwrap();
     let group = unique("http-kill");
     let file = config_file(&kafka, &group, dir.path(), &endpoint.url("/v1/charges"));
+    // Every target at debug (reqwest's and hyper's too): the credential must show in none of it.
+    let log = dir.path().join("member.log");
     let mut child = std::process::Command::new(BIN)
         .args(["run", "--config"])
         .arg(&file)
-        .env("KDEDUP_LOG", "kdedup=warn")
+        .env("KDEDUP_LOG", "debug")
         .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     wait_for("the victim's request to reach the endpoint", Duration::from_secs(60), || {
@@ -416,4 +430,9 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
     assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("state: Done") && text.contains("response: HTTP 200"), "{text}");
     assert!(text.contains(VICTIM) && text.contains("sha256"), "the excerpt and hash: {text}");
+
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("kdedup running"), "the member logged at debug: {} bytes", logs.len());
+    assert!(victim[0].header("authorization") == Some(&format!("Bearer {SECRET}")), "the header was sent");
+    assert!(!logs.contains(SECRET), "the credential never reaches the logs");
 }
