@@ -70,6 +70,9 @@ struct State {
     /// key → times its effect was applied.
     applied: HashMap<String, usize>,
     released: bool,
+    /// Requests being handled now, and the most at once.
+    in_flight: usize,
+    most_in_flight: usize,
 }
 
 pub struct Endpoint {
@@ -89,7 +92,10 @@ impl Endpoint {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let (state, script) = (shared.clone(), script.clone());
-                std::thread::spawn(move || serve(stream, &state, &*script));
+                std::thread::spawn(move || {
+                    serve(stream, &state, &*script);
+                    state.0.lock().unwrap().in_flight -= 1;
+                });
             }
         });
         Endpoint { port, state }
@@ -108,6 +114,11 @@ impl Endpoint {
         self.state.0.lock().unwrap().applied.clone()
     }
 
+    /// The most requests that were being handled at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.state.0.lock().unwrap().most_in_flight
+    }
+
     /// Lets held answers go.
     pub fn release(&self) {
         self.state.0.lock().unwrap().released = true;
@@ -115,7 +126,13 @@ impl Endpoint {
     }
 }
 
+/// Handles one connection; counted in flight from its accept to its end.
 fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), script: &Script) {
+    {
+        let mut s = state.0.lock().unwrap();
+        s.in_flight += 1;
+        s.most_in_flight = s.most_in_flight.max(s.in_flight);
+    }
     let Some(mut seen) = read_request(&stream) else { return };
     let (lock, released) = state;
     let nth = {

@@ -180,10 +180,7 @@ async fn refusals_conflicts_spent_budgets_and_hostile_records_are_dead_lettered_
             ("KDEDUP_SINK__HTTP__RESULTS_TOPIC", "results".into()),
             (
                 "KDEDUP_SINK__HTTP__HEADERS",
-                format!(
-                    r#"{{ "Authorization.file" = "{}", "Stripe-Version" = "2024-06-20" }}"#,
-                    secret.display()
-                ),
+                format!(r#"{{ "Authorization.file" = "{}", "Stripe-Version" = "2024-06-20" }}"#, secret.display()),
             ),
         ],
     );
@@ -324,6 +321,26 @@ async fn an_endpoint_slower_than_the_lease_keeps_its_claims_and_is_called_once()
     assert_eq!(metrics.leases_lost.get(), 0);
     assert_eq!(metrics.outcome("duplicate"), 1, "the copy waited, then found the event done");
     assert_outcomes_sum(&metrics);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_a_partition_run_up_to_max_in_flight_at_once() {
+    let kafka = cluster(1);
+    let (records, ids) = events(40, 0, 1, 3);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let endpoint = Endpoint::start(|_, _| Fault::SlowAnswer(Duration::from_millis(200)));
+    let dir = tempfile::tempdir().unwrap();
+    let env = http_env(&endpoint, &[("KDEDUP_SINK__HTTP__MAX_IN_FLIGHT", "4".into())]);
+    let started = std::time::Instant::now();
+    let running = start(config(&kafka, &unique("http-conc"), dir.path(), &with_env(&env)), Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    let elapsed = started.elapsed();
+    running.stop(StopMode::Drain).await;
+
+    assert_applied_once(&endpoint, &ids);
+    assert_eq!(endpoint.most_in_flight(), 4, "at most max_in_flight at once, and that many used");
+    // 40 answers of 200 ms, 4 at a time: at least 2 s however the batches fell.
+    assert!(elapsed >= Duration::from_millis(1_900), "{elapsed:?}");
 }
 
 /// A credential the HTTP sink sends; it must never be logged.
