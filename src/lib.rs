@@ -52,6 +52,7 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod decide;
 #[doc(hidden)]
 pub mod demo;
 pub mod error;

@@ -104,7 +104,6 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub lease_takeovers: IntCounter,
     pub leases_lost: IntCounter,
-    pub claims_given_back: IntCounter,
     pub reconciliations_incomplete: IntCounter,
     pub possible_repeats: IntCounter,
     pub partition_panics: IntCounter,
@@ -346,10 +345,6 @@ impl Metrics {
             reconciliations_incomplete: counter(
                 "kdedup_reconciliations_incomplete_total",
                 "Reconciliations that could not read the whole log back (a bound, or retention): resumed claims there run again, marked.",
-            ),
-            claims_given_back: counter(
-                "kdedup_claims_given_back_total",
-                "Claims a waiting batch released so that batches sharing keys cannot wait on each other for ever.",
             ),
             possible_repeats: counter(
                 "kdedup_possible_repeats_total",

@@ -10,11 +10,12 @@ use anyhow::Context;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, SinkConfig};
+use crate::decide::{Claimant, Core, Fatal, Faults};
 use crate::event::KeyExtractor;
 use crate::filter::Filter;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
-use crate::pipeline::{Fatal, Faults, Liveness, Stages, Workers};
+use crate::pipeline::{Liveness, Stages, Workers};
 use crate::reconcile::Reconciler;
 use crate::sink::{AnySink, CustomSink, HttpSink, KafkaSink, KafkaWriter, SideTopics, StdoutSink};
 use crate::source::{Source, StopMode};
@@ -102,26 +103,29 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     let barrier_store = store.clone();
     let book = Arc::new(CommitBook::new(Box::new(move || barrier_store.sync())));
     let stages = Arc::new(Stages {
-        extractor: KeyExtractor::new(config.key.clone()),
-        filter: Mutex::new(Filter::try_new(&config.filter, config.retention.ttl, now_ms())?),
-        store: store.clone(),
-        sink,
-        side: SideTopics {
-            writer: writer.clone(),
-            dead_letter: config.dead_letter_topic.clone(),
-            dead_letter_partitions,
-            duplicates: config.duplicates_topic.clone(),
-            scope: Arc::from(config.key.scope.as_str()),
+        core: Core {
+            extractor: KeyExtractor::new(config.key.clone()),
+            filter: Mutex::new(Filter::try_new(&config.filter, config.retention.ttl, now_ms())?),
+            store: store.clone(),
+            sink,
+            side: SideTopics {
+                writer: writer.clone(),
+                dead_letter: config.dead_letter_topic.clone(),
+                dead_letter_partitions,
+                duplicates: config.duplicates_topic.clone(),
+                scope: Arc::from(config.key.scope.as_str()),
+            },
+            metrics: metrics.clone(),
+            config: config.pipeline.clone(),
+            faults: options.faults,
+            lease: config.retention.lease,
+            fatal: fatal.clone(),
+            settled_claims: tokio::sync::watch::channel(0).0,
+            claimant: Claimant::Position,
         },
-        metrics: metrics.clone(),
         book: book.clone(),
-        config: config.pipeline.clone(),
-        faults: options.faults,
         reconciler: Reconciler::new(&config.kafka, &config.key.scope),
-        lease: config.retention.lease,
         liveness: liveness.clone(),
-        fatal: fatal.clone(),
-        settled_claims: tokio::sync::watch::channel(0).0,
     });
     let watcher = tokio::spawn(liveness.watch());
     let workers = Arc::new(Workers::new(stages, tokio::runtime::Handle::current()));

@@ -438,6 +438,9 @@ impl HttpSink {
         if effect.possible_repeat {
             h.insert(HeaderName::from_static(headers::POSSIBLE_REPEAT), HeaderValue::from_static("true"));
         }
+        if let Some(job) = effect.replay.and_then(|j| HeaderValue::from_str(j).ok()) {
+            h.insert(HeaderName::from_static(headers::REPLAY), job);
+        }
         Ok(Prepared { url, headers: h, body: body.to_vec() })
     }
 

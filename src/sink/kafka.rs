@@ -40,11 +40,13 @@ pub mod headers {
     pub const PAYLOAD_BYTES: &str = "kdedup-payload-bytes";
     /// How many of the original record's headers a truncated dead letter left out.
     pub const HEADERS_DROPPED: &str = "kdedup-headers-dropped";
+    /// The `kdedup replay` job that wrote the record.
+    pub const REPLAY: &str = "kdedup-replay";
 
     /// Every name above. An inbound record's own copies of these (a chained
     /// kdedup stage, a dead letter replayed into the input) are dropped from
     /// what kdedup writes, so each name occurs once and means this kdedup's value.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         EVENT_ID,
         SCOPE,
         SOURCE_TOPIC,
@@ -57,6 +59,7 @@ pub mod headers {
         PAYLOAD_SHA256,
         PAYLOAD_BYTES,
         HEADERS_DROPPED,
+        REPLAY,
     ];
 
     /// Whether `name` is one of kdedup's own header names.
@@ -355,11 +358,14 @@ impl super::Sink for KafkaSink {
     async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         let out = batch
             .iter()
-            .map(|Effect { envelope: e, possible_repeat }| {
+            .map(|Effect { envelope: e, possible_repeat, replay }| {
                 let mut h = headers_with_source(&e.record, &e.key.scope)
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) });
                 if *possible_repeat {
                     h = h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) });
+                }
+                if let Some(job) = replay {
+                    h = h.insert(Header { key: headers::REPLAY, value: Some(job.as_bytes()) });
                 }
                 OutRecord {
                     partition: self.output_partition(e.record.position.partition),

@@ -40,6 +40,8 @@ pub struct Effect<'a> {
     /// The effect may have run before (a resumed claim whose earlier attempt
     /// could not be ruled out): travels as the `kdedup-possible-repeat` header.
     pub possible_repeat: bool,
+    /// The replay job that runs it, if any: travels as the `kdedup-replay` header.
+    pub replay: Option<&'a str>,
 }
 
 /// One record to dead-letter.

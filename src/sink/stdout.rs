@@ -17,7 +17,7 @@ impl super::Sink for StdoutSink {
 
     async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         let mut buf = Vec::with_capacity(batch.len() * 128);
-        for Effect { envelope: e, possible_repeat } in batch {
+        for Effect { envelope: e, possible_repeat, replay } in batch {
             let payload = e.record.payload.as_deref().unwrap_or_default();
             let line = serde_json::json!({
                 "event_id": e.key.display_id(),
@@ -27,6 +27,7 @@ impl super::Sink for StdoutSink {
                 "offset": e.record.position.offset,
                 "payload": std::str::from_utf8(payload).map(str::to_string).unwrap_or_else(|_| format!("hex:{}", hex(payload))),
                 "possible_repeat": possible_repeat,
+                "replay": replay,
             });
             serde_json::to_writer(&mut buf, &line).expect("writing JSON to a Vec cannot fail");
             buf.push(b'\n');

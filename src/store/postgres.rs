@@ -6,7 +6,10 @@
 //!   were before it (all parts of a statement share one snapshot), so the
 //!   answer for a key it did not win (`Duplicate | InFlight | Conflict`)
 //!   needs no second round trip. A key that another transaction inserted
-//!   concurrently is neither won nor visible: it is asked again.
+//!   concurrently is neither won nor visible: it is asked again; one whose
+//!   concurrent insert we won anyway (its lease had lapsed by our clock) is
+//!   answered as taken over (`xmax = 0` on the returned row tells an insert
+//!   from an update).
 //! - `complete`, `release`, `lookup`, `forget` are one statement each, all
 //!   conditional on the claimant's position where ownership matters.
 //! - Every statement commits on its own, durably: `sync` has nothing to do.
@@ -32,7 +35,7 @@ use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Row;
 
-use super::{decide, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
+use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
 use crate::config::{PostgresTls, Retention};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -70,10 +73,11 @@ won AS (
     WHERE c.expires_at <= $7
        OR (c.state = 1 AND (c.lease_until + $8 <= $7
            OR (c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition AND c."offset" = EXCLUDED."offset")))
-    RETURNING c.scope, c.event_id
+    RETURNING c.scope, c.event_id, (c.xmax = 0) AS inserted
 )
 SELECT r.ord, w.event_id IS NOT NULL AS won,
-       o.state, o.fingerprint, o.topic, o.partition, o."offset", o.claimed_at, o.lease_until, o.expires_at
+       o.state, o.fingerprint, o.topic, o.partition, o."offset", o.claimed_at, o.lease_until, o.expires_at,
+       w.inserted
 FROM req r
 LEFT JOIN won w ON w.scope = r.scope AND w.event_id = r.event_id
 LEFT JOIN kdedup_claims o ON o.scope = r.scope AND o.event_id = r.event_id
@@ -253,8 +257,16 @@ impl PostgresStore {
             let won: bool = row.get(1);
             let old = row_at(&row, 2)?;
             let request = &requests[i];
+            // `xmax = 0` on the row returned: the statement inserted it, not updated it.
+            let inserted: Option<bool> = row.get(10);
             let claim = decide(old.as_ref(), request, now_ms, self.lease_ms as u64);
             answers[i] = match (won, claim) {
+                // Won by updating a row our snapshot did not show: a concurrent
+                // writer's claim whose lease had lapsed by our clock (its writer
+                // froze between stamping and sending). Its effect may have run.
+                (true, Claim::New(Acquired::Fresh)) if old.is_none() && inserted == Some(false) => {
+                    Some(Claim::New(Acquired::TakenOver))
+                }
                 (true, claim @ Claim::New { .. }) => Some(claim),
                 // Not won, yet the old row says we could have: another writer changed
                 // it under us. Not won and no old row: another writer inserted it
@@ -658,6 +670,79 @@ mod tests {
         assert_eq!((row.get::<_, i16>(0), row.get::<_, i32>(1)), (1, 1), "the row is the new claimant's");
         assert_eq!(row.get::<_, i64>(2), now + ttl);
         assert_eq!(deleted, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_concurrent_claim_that_lapsed_before_ours_is_answered_as_taken_over_not_fresh() {
+        let test = "a_concurrent_claim_that_lapsed_before_ours_is_answered_as_taken_over_not_fresh";
+        let Some(url) = test_url(test) else { return };
+        let (admin, schema) = private_schema(&url, "race").await;
+        let a = connect(&url, &schema).await;
+        let fp = [7u8; 16].to_vec();
+        // A claims at 1000 with a 1 s lease (a writer that stamped its claim and
+        // then froze) and holds its insert uncommitted.
+        let (then, lease, ttl) = (1000i64, 1000i64, 3_600_000i64);
+        a.batch_execute("BEGIN").await.unwrap();
+        let rows = a
+            .query(
+                CLAIM,
+                &[
+                    &vec!["s"],
+                    &vec![b"k".as_slice()],
+                    &vec![fp.as_slice()],
+                    &vec!["in"],
+                    &vec![0i32],
+                    &vec![5i64],
+                    &then,
+                    &lease,
+                    &ttl,
+                ],
+            )
+            .await
+            .unwrap();
+        assert!(rows[0].get::<_, bool>(1), "A inserts the claim");
+
+        // The store claims the key for another position at 5000: its snapshot has
+        // no row, its insert waits on A's, and A's lease has lapsed (and its grace) by then.
+        let store_url = format!("{url}?options=-c%20search_path%3D{schema}");
+        let retention = Retention {
+            ttl: Duration::from_millis(ttl as u64),
+            lease: Duration::from_millis(lease as u64),
+            sweep_interval: Duration::from_secs(3600),
+        };
+        let store = PostgresStore::open(&store_url, 1, &PostgresTls::Disable, &retention).unwrap();
+        let request = ClaimRequest {
+            key: EventKey { scope: Arc::from("s"), id: b"k".to_vec() },
+            fingerprint: Fingerprint(u128::from_be_bytes([7u8; 16])),
+            position: Position { topic: Arc::from("in"), partition: 1, offset: 9 },
+        };
+        let claim = tokio::spawn(async move { store.claim_round(&[request], 5000).await });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting: bool = admin
+                .query_one(
+                    "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity \
+                     WHERE query LIKE '%INSERT INTO kdedup_claims%' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting {
+                break;
+            }
+            assert!(!claim.is_finished(), "the claim did not wait for A's insert");
+            assert!(Instant::now() < deadline, "the claim never waited on A's insert");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        a.batch_execute("COMMIT").await.unwrap();
+        let answers = claim.await.unwrap().unwrap();
+        admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+        assert_eq!(
+            answers,
+            vec![Some(Claim::New(Acquired::TakenOver))],
+            "A's effect may have run: the claim over its row is a takeover, never fresh"
+        );
     }
 
     #[tokio::test]

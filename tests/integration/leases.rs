@@ -1,5 +1,6 @@
 //! Claims held across time and refusals: a slow effect keeps its claim alive
-//! while a duplicate waits on another partition; a crashed owner's claim is
+//! while a duplicate waits on another partition, and the records behind that
+//! duplicate do not wait with it; a crashed owner's claim is
 //! taken over only as a marked repeat; a record that both the output and the
 //! dead-letter topic refuse stalls its partition instead of being committed;
 //! a partition task that panics stops the process with an error.
@@ -54,6 +55,43 @@ async fn a_slow_effect_keeps_its_claim_while_a_duplicate_waits_on_another_partit
     assert!(m.claim_waits.get() >= 1, "the copy waited for the live claim");
     assert_eq!(m.lease_takeovers.get(), 0, "the renewed lease was never taken over");
     assert_eq!(m.outcome("duplicate"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_behind_an_event_in_flight_elsewhere_are_not_held_back_by_it() {
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    // Partition 0 holds "held-1" in a slow effect for 12 s. Its copy on partition
+    // 1 is followed by two other events: they must not wait for it.
+    let faults = Faults::default();
+    *faults.slow_effect.lock().unwrap() = Some((position(0, 0), Duration::from_secs(12)));
+    let running =
+        start(config(&kafka, &unique("aside"), dir.path(), &[("KDEDUP_STORE__LEASE_SECS", "1")]), faults.clone());
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("held-1", 0)]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), faults.fired.notified()).await.expect("the slow effect started");
+    let behind = [event("held-1", 1), event("behind-1", 1), event("behind-2", 1)];
+    mock::produce_all(kafka.bootstrap(), INPUT, &behind).await.unwrap();
+    let ids = |output: &[mock::Consumed]| -> Vec<String> {
+        output.iter().filter_map(|r| r.header_str(headers::EVENT_ID).map(str::to_string)).collect()
+    };
+    let read = || tokio::task::block_in_place(|| mock::read_all(kafka.bootstrap(), OUTPUT).unwrap());
+    wait_for("the records behind the held event to be emitted", Duration::from_secs(10), || {
+        let emitted = ids(&read());
+        async move { emitted.iter().any(|id| id == "behind-1") && emitted.iter().any(|id| id == "behind-2") }
+    })
+    .await;
+    assert!(!ids(&read()).iter().any(|id| id == "held-1"), "the held event's slow effect had not landed yet");
+    let committed = running.metrics.committed_offset.with_label_values(&[INPUT, "1"]).get();
+    assert_eq!(committed, 0, "the set-aside copy keeps partition 1's commit at it");
+
+    wait_all_committed(&kafka, &running.metrics).await;
+    let m = running.metrics.clone();
+    running.stop(StopMode::Drain).await;
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    assert_exactly_once(&output, &["held-1".to_string(), "behind-1".to_string(), "behind-2".to_string()]);
+    assert!(m.claim_waits.get() >= 1, "the copy found the key in flight");
+    assert_eq!(m.outcome("duplicate"), 1, "the copy was a duplicate once the slow effect completed");
+    assert_eq!(m.lease_takeovers.get(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,1065 @@
+//! The decision core: one batch of records through key → filter → store →
+//! sink → complete, knowing nothing of consumer groups. `kdedup run`'s
+//! partition tasks (`pipeline`) and `kdedup replay` (`replay`) are its two
+//! drivers: each brings its records, its way of pausing and stopping, and what
+//! it knows of writes already made ([`Driver`]); the core brings the decision.
+//!
+//! Batches, not records, cross every hand-off: the filter is locked once, the
+//! store gets one call per step, the producer gets the whole batch before any
+//! delivery is awaited.
+//!
+//! Within a batch, records that share a key are resolved in order: the first
+//! goes to the store, later ones follow its answer (a duplicate of it, or a
+//! conflict).
+//!
+//! A batch never waits while it holds claims. Records whose key another owner
+//! holds (the same event in flight on another partition) are set aside; the
+//! rest of the batch runs its effects and completes, and only then do the
+//! set-aside records ask again (most then find the key done: duplicates). So
+//! batches that share keys never wait on each other, and an event in flight
+//! elsewhere never holds back its batch's other effects. Should it turn out
+//! new after all (the other claim was released, or lapsed and is taken over),
+//! its effect runs after those of the records that followed it.
+//!
+//! While a batch holds claims, a heartbeat renews their leases every third of
+//! `lease_secs`, so a slow effect never lets another owner take a live claim
+//! over. A claim that is taken over after all (its owner died or froze past
+//! its lease) is emitted with `kdedup-possible-repeat: true`.
+//!
+//! Failure handling: store errors and retriable sink errors are retried with
+//! backoff while the driver waits (a partition reports itself stalled:
+//! `/readyz` answers 503, no offset moves); records that cannot be handled are
+//! dead-lettered with their reason; a dead letter that cannot be written
+//! stalls the batch, loudly, rather than finish the record unwritten. A fatal
+//! producer error raises [`Fatal`].
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{OnConflict, PipelineConfig};
+use crate::error::{RecordError, SinkError, StoreError};
+use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
+use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
+use crate::metrics::{Metrics, OUTCOMES};
+use crate::offsets::{OutputMark, TopicPartition};
+use crate::sink::{AnySink, DeadLetter, Effect, SideTopics};
+use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store};
+
+/// Test hooks that stand in for crashes at chosen points. Empty in production.
+/// Hidden from the docs: kdedup's own tests use it; no part of the library API.
+#[doc(hidden)]
+#[derive(Default, Clone)]
+pub struct Faults {
+    /// Claim the batch holding this position, then stop the partition task
+    /// before any effect runs, as a crash would. Fires once.
+    pub crash_after_claim: Arc<Mutex<Option<Position>>>,
+    /// Run the effects of the batch holding this position, then stop before
+    /// completing the claims (the window reconciliation closes). Fires once.
+    pub crash_after_effect: Arc<Mutex<Option<Position>>>,
+    /// Panic in the partition task that takes the batch holding this position. Fires once.
+    pub panic_at: Arc<Mutex<Option<Position>>>,
+    /// Hold the effects of the batch holding this position this long before
+    /// delivering them (a slow endpoint, an output leader that is down). Fires once.
+    pub slow_effect: Arc<Mutex<Option<(Position, Duration)>>>,
+    /// Notified when a fault fired.
+    pub fired: Arc<tokio::sync::Notify>,
+}
+
+impl Faults {
+    pub(crate) fn take(slot: &Mutex<Option<Position>>, batch: &[Item]) -> bool {
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = slot.as_ref().is_some_and(|p| batch.iter().any(|i| i.record().position == *p));
+        if hit {
+            *slot = None;
+        }
+        hit
+    }
+
+    fn take_delay(&self, batch: &[Item]) -> Option<Duration> {
+        let mut slot = self.slow_effect.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = slot.as_ref().is_some_and(|(p, _)| batch.iter().any(|i| i.record().position == *p));
+        if hit {
+            slot.take().map(|(_, d)| d)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why the process must stop: raised by a partition task that cannot go on
+/// (a panic, a fatal producer error); `kdedup run` then drains what it can,
+/// commits, and exits non-zero, so the orchestrator restarts it.
+///
+/// Why exit rather than restart the partition in-process: a panic is a bug
+/// whose state cannot be trusted, and a fatal producer error (the idempotent
+/// producer's sequence is broken) cannot be cleared without a new producer,
+/// which every partition shares. A restarted process starts from the last
+/// commit and reconciles, so nothing finished is lost and nothing unfinished
+/// is committed; a record that panics every owner makes a crash loop, which
+/// is loud, instead of a silent stall.
+#[derive(Clone)]
+pub struct Fatal(watch::Sender<Option<String>>);
+
+impl Default for Fatal {
+    fn default() -> Self {
+        Fatal(watch::channel(None).0)
+    }
+}
+
+impl Fatal {
+    /// The first reason raised wins.
+    pub fn raise(&self, why: String) {
+        self.0.send_if_modified(|slot| {
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some(why);
+            true
+        });
+    }
+
+    /// Resolves with the reason once one is raised.
+    pub async fn raised(&self) -> String {
+        let mut rx = self.0.subscribe();
+        let raised = rx.wait_for(Option::is_some).await.map(|why| why.clone().unwrap_or_default());
+        match raised {
+            Ok(why) => why,
+            // The sender lives in `self`: this cannot close while we wait.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// A record on its way through one batch.
+pub enum Item {
+    /// `leader`: the batch's first record of the same key, when this is a later one.
+    Keyed {
+        envelope: Envelope,
+        decision: Option<Decision>,
+        leader: Option<usize>,
+    },
+    Bad {
+        record: Record,
+        error: RecordError,
+    },
+}
+
+impl Item {
+    pub fn record(&self) -> &Record {
+        match self {
+            Item::Keyed { envelope, .. } => &envelope.record,
+            Item::Bad { record, .. } => record,
+        }
+    }
+}
+
+/// The dedup decision for a keyed record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// `claimed_at_ms`: the clock the claim was made with (its row expires a TTL later).
+    New {
+        acquired: Acquired,
+        claimed_at_ms: u64,
+    },
+    /// `expires_at_ms`: when the row that says so stops counting, when known.
+    Duplicate {
+        expires_at_ms: Option<u64>,
+    },
+    Conflict(Fingerprint),
+}
+
+/// Why a batch stopped short; its driver ends without publishing it.
+#[derive(Debug)]
+pub enum Stop {
+    /// Draining was requested (revoke, shutdown), or the partition may be lost.
+    Draining,
+    /// A test fault fired.
+    Crashed,
+    /// The process must stop (already raised on [`Fatal`]).
+    Fatal,
+}
+
+/// Exponential backoff: from 50 ms to 5 s for failures; from 20 ms to 1 s for
+/// a claim waiting on another process's batch (one in this process wakes the
+/// waiter when it settles).
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff { next: Duration::from_millis(50), max: Duration::from_secs(5) }
+    }
+    fn for_claim_waits() -> Backoff {
+        Backoff { next: Duration::from_millis(20), max: Duration::from_secs(1) }
+    }
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
+
+/// Claims a batch holds between its claim and its completion, for the heartbeat.
+#[derive(Default)]
+struct Held {
+    keys: Mutex<Vec<(EventKey, Position)>>,
+    /// Offsets whose lease renewal was refused: taken over while we held them.
+    lost: Mutex<HashSet<i64>>,
+}
+
+impl Held {
+    fn add(&self, keys: impl IntoIterator<Item = (EventKey, Position)>) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).extend(keys);
+    }
+    fn clear(&self) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+    fn snapshot(&self) -> Vec<(EventKey, Position)> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn remove(&self, gone: &[(EventKey, Position)]) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).retain(|k| !gone.contains(k));
+    }
+    fn was_lost(&self, offset: i64) -> bool {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).contains(&offset)
+    }
+}
+
+/// Who holds the claims the core makes.
+#[derive(Debug, Clone)]
+pub enum Claimant {
+    /// The record's own position: a consumer group's member. A redelivery of
+    /// that position (the same member after a crash, or the partition's next
+    /// owner) resumes the claim.
+    Position,
+    /// A replay job: its claims name the job, so they never resume or take
+    /// over a live owner's claim by position equality; a rerun of the same job
+    /// resumes its own. Its writes carry `kdedup-replay: <job>`.
+    Replay(Arc<str>),
+}
+
+impl Claimant {
+    /// The replay job, when this is one.
+    pub fn job(&self) -> Option<&str> {
+        match self {
+            Claimant::Position => None,
+            Claimant::Replay(job) => Some(job),
+        }
+    }
+}
+
+/// Where a write landed: the output topic or the dead-letter topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landed {
+    Output,
+    DeadLetter,
+}
+
+/// What a driver brings to a batch: its partition (for logs and metrics), its
+/// way of pausing (which ends when it stops), and what it knows of writes
+/// already made before it started.
+pub trait Driver: Send + Sync {
+    /// The partition the batch came from.
+    fn partition(&self) -> &TopicPartition;
+    /// Sleeps `wait`, or ends at once with [`Stop::Draining`] when the driver stops.
+    fn pause(&self, wait: Duration) -> impl Future<Output = Result<(), Stop>> + Send;
+    /// Called before a round writes anything; an error drops the round unwritten.
+    fn before_writes(&self, batch_started_ms: u64) -> impl Future<Output = Result<(), Stop>> + Send;
+    /// Whether this offset's effect is known to be in the output already: it is then only completed.
+    fn already_emitted(&mut self, _offset: i64) -> bool {
+        false
+    }
+    /// Whether this offset is known to be dead-lettered already: not again.
+    fn already_dead_lettered(&mut self, _offset: i64) -> bool {
+        false
+    }
+    /// Whether an earlier owner reached this offset, so a dead letter for it may repeat one.
+    fn reached_before(&self, _offset: i64) -> bool {
+        false
+    }
+    /// Claims of our own earlier attempt were resumed, up to this offset.
+    fn resumed_up_to(&mut self, _offset: i64) {}
+    /// A write landed here.
+    fn landed(&mut self, _log: Landed, _mark: OutputMark) {}
+    /// A round's records are done: decided, their effects and dead letters durable.
+    fn finished(&mut self, items: &[Item]);
+}
+
+/// The decision and everything it uses; shared by all of a process's batches.
+pub struct Core {
+    pub extractor: KeyExtractor,
+    pub filter: Mutex<Filter>,
+    pub store: Store,
+    pub sink: AnySink,
+    pub side: SideTopics,
+    pub metrics: Metrics,
+    pub config: PipelineConfig,
+    pub faults: Faults,
+    /// The store's lease: claims are renewed every third of it.
+    pub lease: Duration,
+    pub fatal: Fatal,
+    /// Counts claim completions and releases in this process, so a batch that
+    /// waits on a claim held by another partition here wakes when it is done.
+    pub settled_claims: watch::Sender<u64>,
+    pub claimant: Claimant,
+}
+
+impl Core {
+    /// The position a claim for this record is made under.
+    fn claimant(&self, position: &Position) -> Position {
+        match &self.claimant {
+            Claimant::Position => position.clone(),
+            Claimant::Replay(job) => Position {
+                topic: Arc::from(format!("replay:{job}:{}", position.topic)),
+                partition: position.partition,
+                offset: position.offset,
+            },
+        }
+    }
+
+    fn stalled<D: Driver>(&self, d: &D) {
+        self.metrics.partition_stalled(d.partition());
+    }
+
+    fn progressing<D: Driver>(&self, d: &D) {
+        self.metrics.partition_progressing(d.partition());
+    }
+
+    /// One batch through key, filter, store, sink and complete, while a
+    /// heartbeat renews the leases of the claims it holds; `arrived` is when
+    /// its first record was taken, `started_ms` when the batch began.
+    pub async fn run_batch<D: Driver>(&self, d: &mut D, records: Vec<Record>, arrived: Instant) -> Result<(), Stop> {
+        let held = Held::default();
+        let tp = d.partition().clone();
+        let work = self.rounds(d, records, arrived, &held);
+        tokio::pin!(work);
+        let period = (self.lease / 3).max(Duration::from_millis(100));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = heartbeat.tick() => renew(self, &tp, &held).await,
+            }
+        }
+    }
+
+    async fn rounds<D: Driver>(
+        &self,
+        d: &mut D,
+        records: Vec<Record>,
+        arrived: Instant,
+        held: &Held,
+    ) -> Result<(), Stop> {
+        let s = self;
+        let started_ms = now_ms();
+        s.metrics.taken(d.partition(), &records);
+
+        // key
+        let mut items: Vec<Item> = records
+            .into_iter()
+            .map(|r| match s.extractor.extract(r) {
+                Ok(envelope) => Item::Keyed { envelope, decision: None, leader: None },
+                Err((record, error)) => Item::Bad { record, error },
+            })
+            .collect();
+        if Faults::take(&s.faults.panic_at, &items) {
+            panic!("injected panic in partition {}/{}", d.partition().0, d.partition().1);
+        }
+
+        // filter, then rounds of store → sink → complete. A round's records whose
+        // key is in flight elsewhere are set aside and claimed again in the next
+        // round, once the rest of the batch has completed: a batch never waits
+        // while it holds claims, so batches that share keys cannot wait on each other.
+        let mut to_claim = self.screen(d, &mut items).await?;
+        let mut backoff = Backoff::for_claim_waits();
+        loop {
+            let mut settled = s.settled_claims.subscribe();
+            settled.mark_unchanged();
+            let waiting = self.claim(d, &mut items, &to_claim, held).await?;
+            if Faults::take(&s.faults.crash_after_claim, &items) {
+                return Err(Stop::Crashed);
+            }
+            let (mut ready, later) = set_aside(items, &waiting);
+            follow_leaders(&mut ready);
+            d.before_writes(started_ms).await?;
+            self.apply_effects(d, &mut ready, held).await?;
+            let secs = arrived.elapsed().as_secs_f64();
+            for _ in &ready {
+                s.metrics.record_seconds.observe(secs);
+            }
+            d.finished(&ready);
+            if later.is_empty() {
+                return Ok(());
+            }
+            items = later;
+            to_claim = (0..items.len()).filter(|&i| matches!(items[i], Item::Keyed { leader: None, .. })).collect();
+            // Waiting on another owner's live claim is not a stall: that owner
+            // progresses (or reports its own stall), and its lease bounds the wait.
+            // A claim settled in this process (most holders are our own other
+            // partitions) ends the wait at once; the backoff covers other processes.
+            tokio::select! {
+                _ = settled.changed() => {}
+                paused = d.pause(backoff.next()) => paused?,
+            }
+        }
+    }
+
+    /// Retries a store call with backoff until it answers; the partition reports
+    /// itself stalled meanwhile.
+    async fn store_call<D: Driver, T, F, Fut>(&self, d: &D, op: &'static str, mut call: F) -> Result<T, Stop>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Backoff::new();
+        loop {
+            let started = Instant::now();
+            let result = call().await;
+            self.metrics.store_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(v) => {
+                    self.progressing(d);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.metrics.store_errors.inc();
+                    self.stalled(d);
+                    if !e.is_retriable() {
+                        // A corrupt row cannot be fixed by waiting; keep the partition
+                        // paused and loud rather than guess.
+                        error!(topic = %d.partition().0, partition = d.partition().1, op, error = %e, "store call failed; not retriable, operator action needed");
+                    } else {
+                        warn!(topic = %d.partition().0, partition = d.partition().1, op, error = %e, "store call failed; retrying");
+                    }
+                    d.pause(backoff.next()).await?;
+                }
+            }
+        }
+    }
+
+    /// filter (+ store reads for suspects): decides what the caches and reads
+    /// can, points later records of a key at the batch's first one, and returns
+    /// the items that go on to the claim.
+    async fn screen<D: Driver>(&self, d: &D, items: &mut [Item]) -> Result<Vec<usize>, Stop> {
+        let s = self;
+        let now = now_ms();
+        // Leaders are the first record of each key in the batch; followers copy their answer.
+        let mut leader_of: HashMap<u128, usize> = HashMap::new();
+        let mut suspects = Vec::new();
+        let mut to_claim = Vec::new();
+        let mut recent_hits = 0;
+        {
+            let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+            // The aging filter outgrows the caches: read its buckets a few keys ahead.
+            let digests: Vec<u128> = items
+                .iter()
+                .filter_map(|item| match item {
+                    Item::Keyed { envelope, .. } => Some(envelope.digest),
+                    Item::Bad { .. } => None,
+                })
+                .collect();
+            digests.iter().take(PREFETCH_AHEAD).for_each(|digest| filter.prefetch(*digest));
+            let mut ahead = digests.iter().skip(PREFETCH_AHEAD);
+            for (i, item) in items.iter_mut().enumerate() {
+                let Item::Keyed { envelope, decision, leader } = item else { continue };
+                if let Some(next) = ahead.next() {
+                    filter.prefetch(*next);
+                }
+                let digest = envelope.digest;
+                if let Some(&first) = leader_of.get(&digest) {
+                    *leader = Some(first);
+                    continue;
+                }
+                leader_of.insert(digest, i);
+                match filter.check(envelope, now) {
+                    Verdict::RecentDuplicate => {
+                        recent_hits += 1;
+                        *decision = Some(Decision::Duplicate { expires_at_ms: None });
+                    }
+                    Verdict::Suspect => suspects.push(i),
+                    Verdict::LikelyNew => to_claim.push(i),
+                }
+            }
+        }
+        for (result, n) in [("recent_hit", recent_hits), ("bloom_hit", suspects.len()), ("bloom_miss", to_claim.len())]
+        {
+            s.metrics.filter.with_label_values(&[result]).inc_by(n as u64);
+        }
+
+        // Suspected duplicates: a read first; only keys not found done go on to the claim.
+        if !suspects.is_empty() {
+            let keys: Vec<_> = suspects.iter().map(|&i| envelope(&items[i]).key.clone()).collect();
+            // Each attempt reads with the time it is made at: a retry after an outage
+            // must not count rows alive that expired meanwhile.
+            let rows = self
+                .store_call(d, "lookup", || {
+                    let now = now_ms();
+                    s.store.lookup(keys.clone(), now)
+                })
+                .await?;
+            for (&i, row) in suspects.iter().zip(rows) {
+                match row {
+                    Some(row) if row.state == ClaimState::Done => {
+                        let fp = envelope(&items[i]).fingerprint;
+                        set_decision(
+                            &mut items[i],
+                            if row.fingerprint == fp {
+                                Decision::Duplicate { expires_at_ms: Some(row.expires_at_ms) }
+                            } else {
+                                Decision::Conflict(row.fingerprint)
+                            },
+                        );
+                    }
+                    Some(_) => to_claim.push(i),
+                    None => {
+                        s.metrics.bloom_false_positives.inc();
+                        to_claim.push(i);
+                    }
+                }
+            }
+            to_claim.sort_unstable();
+        }
+        Ok(to_claim)
+    }
+
+    /// One claim round for `to_claim`: decides every item the store answers,
+    /// adds the claims won to `held` (for the heartbeat) and returns the items
+    /// whose key another owner holds under a live lease.
+    async fn claim<D: Driver>(
+        &self,
+        d: &D,
+        items: &mut [Item],
+        to_claim: &[usize],
+        held: &Held,
+    ) -> Result<Vec<usize>, Stop> {
+        let s = self;
+        if to_claim.is_empty() {
+            return Ok(Vec::new());
+        }
+        let requests: Vec<ClaimRequest> = to_claim
+            .iter()
+            .map(|&i| {
+                let e = envelope(&items[i]);
+                ClaimRequest {
+                    key: e.key.clone(),
+                    fingerprint: e.fingerprint,
+                    position: self.claimant(&e.record.position),
+                }
+            })
+            .collect();
+        // Each attempt is stamped with the time it is made at: the lease counts from
+        // it, and a retry after an outage must not write a lease that already lapsed.
+        let attempted_at = AtomicU64::new(0);
+        let answers = self
+            .store_call(d, "claim", || {
+                let at = now_ms();
+                attempted_at.store(at, Ordering::Relaxed);
+                s.store.claim(requests.clone(), at)
+            })
+            .await?;
+        let claimed_at_ms = attempted_at.load(Ordering::Relaxed);
+        // An answer that took a lease or more to come back (a freeze, a stalled
+        // store) may hold claims whose leases lapsed before we heard of them: another
+        // partition may have taken them over already, so their effects are marked.
+        let late = now_ms().saturating_sub(claimed_at_ms) >= s.lease.as_millis() as u64;
+        let mut waiting = Vec::new();
+        let mut resumed_from: Option<(i64, u64)> = None;
+        for (&i, answer) in to_claim.iter().zip(answers) {
+            match answer {
+                Claim::New(acquired) => {
+                    match acquired {
+                        Acquired::Fresh => {}
+                        Acquired::Resumed => {
+                            s.metrics.claims_resumed.inc();
+                            let offset = envelope(&items[i]).record.position.offset;
+                            let (first, n) = resumed_from.unwrap_or((offset, 0));
+                            resumed_from = Some((first, n + 1));
+                        }
+                        Acquired::TakenOver => {
+                            s.metrics.lease_takeovers.inc();
+                            warn!(position = %envelope(&items[i]).record.position, "took over a claim whose lease lapsed; its owner's effect may have run, so this one is marked as a possible repeat");
+                        }
+                    }
+                    let e = envelope(&items[i]);
+                    held.add([(e.key.clone(), self.claimant(&e.record.position))]);
+                    if late {
+                        held.lost.lock().unwrap_or_else(|p| p.into_inner()).insert(e.record.position.offset);
+                    }
+                    set_decision(&mut items[i], Decision::New { acquired, claimed_at_ms });
+                }
+                Claim::Duplicate => set_decision(&mut items[i], Decision::Duplicate { expires_at_ms: None }),
+                Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
+                Claim::InFlight { holder, .. } => {
+                    s.metrics.claim_waits.inc();
+                    debug!(position = %envelope(&items[i]).record.position, %holder, "key in flight elsewhere; set aside until the rest of the batch is done");
+                    waiting.push(i);
+                }
+            }
+        }
+        if late {
+            warn!(topic = %d.partition().0, partition = d.partition().1, waited_ms = now_ms().saturating_sub(claimed_at_ms), "a claim answer came back after its lease ran out (a freeze or a stalled store); the effects of the claims it won are marked as possible repeats");
+        }
+        if let Some((first_offset, count)) = resumed_from {
+            info!(topic = %d.partition().0, partition = d.partition().1, first_offset, count, "resuming our own unfinished claims after a crash");
+        }
+        Ok(waiting)
+    }
+
+    /// sink + side topics + complete/release.
+    async fn apply_effects<D: Driver>(&self, d: &mut D, items: &mut [Item], held: &Held) -> Result<(), Stop> {
+        let s = self;
+        let resumed = items.iter().filter_map(|item| match item {
+            Item::Keyed { envelope, decision: Some(Decision::New { acquired: Acquired::Resumed, .. }), .. } => {
+                Some(envelope.record.position.offset)
+            }
+            _ => None,
+        });
+        if let Some(last) = resumed.max() {
+            d.resumed_up_to(last);
+        }
+
+        // The effect, for new events, in order; retriable failures are retried.
+        // Effects reconciliation found in the output already ran: they are only completed.
+        let mut pending: Vec<usize> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Item::Keyed { envelope, decision: Some(Decision::New { .. }), .. } = item {
+                if d.already_emitted(envelope.record.position.offset) {
+                    s.metrics.reconciled.inc();
+                } else {
+                    pending.push(i);
+                }
+            }
+        }
+        if let Some(delay) = s.faults.take_delay(items) {
+            s.faults.fired.notify_one();
+            tokio::time::sleep(delay).await;
+        }
+        let mut rejected: Vec<(usize, SinkError)> = Vec::new();
+        let mut responses: Vec<(usize, EffectResponse)> = Vec::new();
+        let mut backoff = Backoff::new();
+        let started = Instant::now();
+        // A failed write may still have landed (a delivery timeout says "possibly
+        // persisted"), so retries are marked as possible repeats.
+        let mut retrying = false;
+        while !pending.is_empty() {
+            let batch: Vec<Effect<'_>> = pending
+                .iter()
+                .map(|&i| {
+                    let envelope = envelope(&items[i]);
+                    let taken = matches!(items[i], Item::Keyed { decision: Some(Decision::New { acquired, .. }), .. } if acquired.may_repeat());
+                    Effect {
+                        envelope,
+                        possible_repeat: retrying || taken || held.was_lost(envelope.record.position.offset),
+                        replay: self.claimant.job(),
+                    }
+                })
+                .collect();
+            let repeats = batch.iter().filter(|e| e.possible_repeat).count();
+            s.metrics.possible_repeats.inc_by(repeats as u64);
+            let results = s.sink.deliver(&batch).await;
+            let mut retry = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(delivered) => {
+                        if let Some(landed) = delivered.mark {
+                            d.landed(Landed::Output, landed);
+                        }
+                        responses.extend(delivered.response.map(|r| (i, r)));
+                    }
+                    Err(e) if e.is_fatal() => {
+                        s.metrics.sink_errors.inc();
+                        error!(topic = %d.partition().0, partition = d.partition().1, position = %envelope(&items[i]).record.position, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
+                        s.fatal.raise(format!("fatal producer error: {e}"));
+                        return Err(Stop::Fatal);
+                    }
+                    Err(e) if e.is_retriable() => {
+                        s.metrics.sink_errors.inc();
+                        warn!(position = %envelope(&items[i]).record.position, error = %e, sink = s.sink.kind(), "effect failed; retrying");
+                        retry.push(i);
+                    }
+                    Err(e) => {
+                        s.metrics.sink_errors.inc();
+                        rejected.push((i, e));
+                    }
+                }
+            }
+            pending = retry;
+            retrying = true;
+            if !pending.is_empty() {
+                self.stalled(d);
+                d.pause(backoff.next()).await?;
+            }
+        }
+        self.progressing(d);
+        s.metrics.sink_seconds.observe(started.elapsed().as_secs_f64());
+        if Faults::take(&s.faults.crash_after_effect, items) {
+            return Err(Stop::Crashed);
+        }
+
+        // A rejected effect releases its claim (the key is not burned) and is
+        // dead-lettered; so are later records of the same event in this batch,
+        // which followed the rejected one as its duplicates.
+        if !rejected.is_empty() {
+            let keys: Vec<_> = rejected
+                .iter()
+                .map(|(i, _)| {
+                    let e = envelope(&items[*i]);
+                    (e.key.clone(), self.claimant(&e.record.position))
+                })
+                .collect();
+            held.remove(&keys);
+            self.store_call(d, "release", || s.store.release(keys.clone())).await?;
+            let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+            let mut reasons: HashMap<usize, String> = HashMap::new();
+            for (i, e) in rejected {
+                filter.forget(envelope(&items[i]).digest);
+                let reason = e.to_string();
+                reasons.insert(i, reason.clone());
+                let Item::Keyed { envelope, .. } = std::mem::replace(&mut items[i], placeholder()) else {
+                    unreachable!("only keyed items have effects")
+                };
+                items[i] = Item::Bad { record: envelope.record, error: RecordError::SinkRejected(reason) };
+            }
+            drop(filter);
+            for item in items.iter_mut() {
+                let Item::Keyed { leader: Some(leader), .. } = item else { continue };
+                let Some(reason) = reasons.get(leader) else { continue };
+                let error = RecordError::SinkRejected(format!(
+                    "the first record of this event in its batch was rejected: {reason}"
+                ));
+                let Item::Keyed { envelope, .. } = std::mem::replace(item, placeholder()) else {
+                    unreachable!("matched as keyed above")
+                };
+                *item = Item::Bad { record: envelope.record, error };
+            }
+        }
+
+        // The endpoints' answers go on the claim rows before they turn done.
+        if !responses.is_empty() {
+            let recorded: Vec<(EventKey, Position, EffectResponse)> = responses
+                .into_iter()
+                .map(|(i, r)| {
+                    let e = envelope(&items[i]);
+                    (e.key.clone(), self.claimant(&e.record.position), r)
+                })
+                .collect();
+            self.store_call(d, "record", || s.store.record(recorded.clone())).await?;
+        }
+
+        // complete
+        let done: Vec<(EventKey, Position)> = items
+            .iter()
+            .filter_map(|item| match item {
+                Item::Keyed { envelope, decision: Some(Decision::New { .. }), .. } => {
+                    Some((envelope.key.clone(), self.claimant(&envelope.record.position)))
+                }
+                _ => None,
+            })
+            .collect();
+        held.clear();
+        if !done.is_empty() {
+            let held = self.store_call(d, "complete", || s.store.complete(done.clone(), now_ms())).await?;
+            s.settled_claims.send_modify(|n| *n += 1);
+            for ((_, position), held) in done.iter().zip(held) {
+                if !held {
+                    s.metrics.claims_lost.inc();
+                    warn!(%position, "claim was taken over before completion; the effect may run twice");
+                }
+            }
+        }
+
+        // Side topics: dead letters and (optionally) duplicates.
+        let conflicts_dead_letter = s.config.on_conflict == OnConflict::DeadLetter;
+        let mut dead: Vec<(&Record, RecordError)> = Vec::new();
+        let mut dups: Vec<&Envelope> = Vec::new();
+        for item in items.iter() {
+            let (record, error) = match item {
+                Item::Bad { record, error } => (record, error.clone()),
+                Item::Keyed { envelope, decision: Some(Decision::Conflict(stored)), .. } if conflicts_dead_letter => {
+                    (&envelope.record, RecordError::Conflict { stored: stored.to_string() })
+                }
+                Item::Keyed { envelope, decision: Some(Decision::Duplicate { .. }), .. } => {
+                    dups.push(envelope);
+                    continue;
+                }
+                _ => continue,
+            };
+            // Dead-lettered by an owner that died before committing: not again.
+            if d.already_dead_lettered(record.position.offset) {
+                s.metrics.reconciled.inc();
+            } else {
+                dead.push((record, error));
+            }
+        }
+        let dead_letters: Vec<DeadLetter<'_>> = dead
+            .iter()
+            .map(|(record, error)| DeadLetter {
+                record,
+                error,
+                possible_repeat: d.reached_before(record.position.offset),
+            })
+            .collect();
+        for landed in self.write_side(d, Side::DeadLetter, &dead_letters, |batch| s.side.dead_letter(batch)).await? {
+            d.landed(Landed::DeadLetter, landed);
+        }
+        s.metrics.dead_lettered(&d.partition().0, dead.iter().map(|(_, e)| e.reason()));
+        if s.side.duplicates.is_some() {
+            self.write_side(d, Side::Duplicates, &dups, |batch| s.side.duplicates(batch)).await?;
+        }
+
+        // filter memory + outcome counts
+        let now = now_ms();
+        let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = [0u64; OUTCOMES.len()];
+        for item in items.iter() {
+            let outcome = match item {
+                Item::Bad { .. } => 3,
+                Item::Keyed { envelope, decision, .. } => {
+                    match decision.expect("every keyed item is decided before effects") {
+                        // The row lives a TTL from its claim; a resumed claim kept an
+                        // older claim time we do not know here, so it is not cached.
+                        Decision::New { acquired, claimed_at_ms } => {
+                            if acquired == Acquired::Resumed {
+                                filter.remember_seen(envelope, now);
+                            } else {
+                                filter.remember_claimed(envelope, claimed_at_ms, now);
+                            }
+                            0
+                        }
+                        // Only a row read back says how long it lives: a duplicate never
+                        // extends what the cache vouches for.
+                        Decision::Duplicate { expires_at_ms: Some(expires_at_ms) } => {
+                            filter.remember_done(envelope, expires_at_ms, now);
+                            1
+                        }
+                        Decision::Duplicate { expires_at_ms: None } => {
+                            filter.remember_seen(envelope, now);
+                            1
+                        }
+                        Decision::Conflict(_) => {
+                            filter.remember_seen(envelope, now);
+                            2
+                        }
+                    }
+                }
+            };
+            counts[outcome] += 1;
+        }
+        s.metrics.filter_bytes.set(filter.memory_bytes() as i64);
+        drop(filter);
+        // Indexes follow OUTCOMES: new, duplicate, conflict, dead_letter.
+        for (outcome, n) in OUTCOMES.iter().zip(counts) {
+            if n > 0 {
+                s.metrics.records.at([&d.partition().0, outcome]).inc_by(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes to a side topic, retrying retriable failures. A dead letter the
+    /// topic refuses for good has nowhere else to go: the partition stalls on
+    /// it, loudly (error log naming the record, the stalled gauge, `/readyz`
+    /// 503), and keeps trying, so the record is never committed unwritten.
+    /// (Records refused for their size were already written truncated by
+    /// [`SideTopics::dead_letter`].) A duplicates-topic copy refused for good
+    /// is only an audit copy: logged, counted, and skipped.
+    /// Returns where the written records landed.
+    async fn write_side<D: Driver, T, F, Fut>(
+        &self,
+        d: &D,
+        side: Side,
+        records: &[T],
+        write: F,
+    ) -> Result<Vec<OutputMark>, Stop>
+    where
+        T: HasPosition,
+        F: Fn(Vec<T>) -> Fut,
+        Fut: std::future::Future<Output = Vec<Result<OutputMark, SinkError>>>,
+    {
+        let what = side.name();
+        let mut landed = Vec::with_capacity(records.len());
+        let mut pending: Vec<usize> = (0..records.len()).collect();
+        let mut backoff = Backoff::new();
+        while !pending.is_empty() {
+            let batch: Vec<T> = pending.iter().map(|&i| records[i].clone()).collect();
+            let results = write(batch).await;
+            let mut retry = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(mark) => landed.push(mark),
+                    Err(e) if e.is_fatal() => {
+                        error!(position = %records[i].position(), topic = what, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
+                        self.fatal.raise(format!("fatal producer error: {e}"));
+                        return Err(Stop::Fatal);
+                    }
+                    Err(e) if e.is_retriable() => retry.push(i),
+                    Err(e) => {
+                        self.metrics.sink_errors.inc();
+                        self.metrics.side_refusals.with_label_values(&[what]).inc();
+                        match side {
+                            Side::DeadLetter => {
+                                error!(position = %records[i].position(), topic = what, error = %e, "the dead-letter topic refuses this record: the partition stalls on it until the topic accepts it (check its ACLs, size limits and existence)");
+                                retry.push(i);
+                            }
+                            Side::Duplicates => {
+                                error!(position = %records[i].position(), topic = what, error = %e, "the duplicates topic refused an audit copy; skipped")
+                            }
+                        }
+                    }
+                }
+            }
+            pending = retry;
+            if !pending.is_empty() {
+                self.metrics.sink_errors.inc();
+                self.stalled(d);
+                warn!(topic = what, records = pending.len(), "side topic write failed; retrying");
+                d.pause(backoff.next()).await?;
+            }
+        }
+        self.progressing(d);
+        Ok(landed)
+    }
+}
+
+/// The side topics, for logs and the refusal counter.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    DeadLetter,
+    Duplicates,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::DeadLetter => "dead_letter",
+            Side::Duplicates => "duplicates",
+        }
+    }
+}
+
+/// One heartbeat: extends the leases of the claims a batch holds. A refusal
+/// means another owner took the claim over while we held it (our lease had
+/// lapsed: a freeze, a store outage longer than the lease): the effect is then
+/// marked as a possible repeat.
+async fn renew(core: &Core, tp: &TopicPartition, held: &Held) {
+    let keys = held.snapshot();
+    if keys.is_empty() {
+        return;
+    }
+    match core.store.renew(keys.clone(), now_ms()).await {
+        Ok(answers) => {
+            let lost: Vec<i64> = keys.iter().zip(answers).filter(|(_, ok)| !ok).map(|((_, p), _)| p.offset).collect();
+            if !lost.is_empty() {
+                core.metrics.leases_lost.inc_by(lost.len() as u64);
+                warn!(topic = %tp.0, partition = tp.1, claims = lost.len(), first_offset = lost[0], "claims taken over while this partition held them; their effects will be marked as possible repeats");
+                held.lost.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
+            }
+        }
+        Err(e) => {
+            warn!(topic = %tp.0, partition = tp.1, error = %e, "lease renewal failed; trying again at the next heartbeat")
+        }
+    }
+}
+
+trait HasPosition: Clone {
+    fn position(&self) -> &Position;
+}
+impl HasPosition for DeadLetter<'_> {
+    fn position(&self) -> &Position {
+        &self.record.position
+    }
+}
+impl HasPosition for &Envelope {
+    fn position(&self) -> &Position {
+        &self.record.position
+    }
+}
+
+/// Splits a round's items into those ready for their effects and those set
+/// aside for the next round: the leaders in `waiting` and every later record
+/// of their keys. Leader indices are remapped into each half.
+fn set_aside(items: Vec<Item>, waiting: &[usize]) -> (Vec<Item>, Vec<Item>) {
+    if waiting.is_empty() {
+        return (items, Vec::new());
+    }
+    let waits: HashSet<usize> = waiting.iter().copied().collect();
+    let (mut ready, mut later) = (Vec::new(), Vec::new());
+    // Where each item went, within its half; a leader always precedes its followers.
+    let mut moved_to: Vec<usize> = Vec::with_capacity(items.len());
+    for (i, mut item) in items.into_iter().enumerate() {
+        let defer = match &mut item {
+            Item::Keyed { leader: Some(first), .. } => {
+                let deferred = waits.contains(first);
+                *first = moved_to[*first];
+                deferred
+            }
+            Item::Keyed { leader: None, .. } => waits.contains(&i),
+            Item::Bad { .. } => false,
+        };
+        let half = if defer { &mut later } else { &mut ready };
+        moved_to.push(half.len());
+        half.push(item);
+    }
+    (ready, later)
+}
+
+/// Later records of a key follow the batch's first one: a duplicate of it, or
+/// a conflict with the fingerprint that decided it.
+fn follow_leaders(items: &mut [Item]) {
+    for i in 0..items.len() {
+        let Item::Keyed { leader: Some(leader), .. } = items[i] else { continue };
+        let authority = match (decision_of(&items[leader]), envelope(&items[leader]).fingerprint) {
+            (Decision::Conflict(stored), _) => stored,
+            (_, fp) => fp,
+        };
+        let decision = if envelope(&items[i]).fingerprint == authority {
+            Decision::Duplicate { expires_at_ms: None }
+        } else {
+            Decision::Conflict(authority)
+        };
+        set_decision(&mut items[i], decision);
+    }
+}
+
+fn envelope(item: &Item) -> &Envelope {
+    match item {
+        Item::Keyed { envelope, .. } => envelope,
+        Item::Bad { .. } => unreachable!("only keyed items are indexed for the store"),
+    }
+}
+
+fn decision_of(item: &Item) -> Decision {
+    match item {
+        Item::Keyed { decision: Some(d), .. } => *d,
+        _ => unreachable!("leaders are decided before their followers"),
+    }
+}
+
+fn set_decision(item: &mut Item, d: Decision) {
+    if let Item::Keyed { decision, .. } = item {
+        *decision = Some(d);
+    }
+}
+
+fn placeholder() -> Item {
+    Item::Bad {
+        record: Record {
+            position: Position { topic: Arc::from(""), partition: -1, offset: -1 },
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            timestamp_ms: None,
+            bad_header: None,
+        },
+        error: RecordError::MissingId(String::new()),
+    }
+}
