@@ -76,7 +76,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         ),
         (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
         (SinkConfig::Http(http), None) => {
-            let sink = HttpSink::new(http).context("cannot set up the HTTP sink ([sink.http])")?;
+            let sink = HttpSink::new(http, &metrics).context("cannot set up the HTTP sink ([sink.http])")?;
             if let Some(topic) = &http.results_topic {
                 writer
                     .partition_count(topic, Duration::from_secs(10))

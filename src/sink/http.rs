@@ -31,6 +31,7 @@ use tracing::warn;
 use crate::config::{HttpOutcome, HttpSinkConfig};
 use crate::error::SinkError;
 use crate::event::{hex, EventKey, Record};
+use crate::metrics::Metrics;
 use crate::store::{now_ms, EffectResponse};
 
 use super::kafka::{headers, source_headers, OutRecord};
@@ -201,6 +202,8 @@ struct Prepared {
 
 /// The endpoint, with the request shape and the outcome classes.
 pub struct HttpSink {
+    /// `kdedup_http_requests_total`, by answer.
+    requests: prometheus::IntCounterVec,
     /// `[sink.http] results_topic`, and the producer that writes it.
     results: Option<(KafkaWriter, String)>,
     client: reqwest::Client,
@@ -214,7 +217,7 @@ pub struct HttpSink {
 impl HttpSink {
     /// Builds the client (rustls with the system's roots; no redirects followed:
     /// a redirected POST would lose its body or repeat it elsewhere).
-    pub fn new(config: &HttpSinkConfig) -> Result<HttpSink, SinkError> {
+    pub fn new(config: &HttpSinkConfig, metrics: &Metrics) -> Result<HttpSink, SinkError> {
         let bad = |m: String| SinkError::Http(HttpError::Request(m));
         let url = UrlTemplate::parse(&config.url).map_err(|m| bad(format!("[sink.http] url {m}")))?;
         let method = reqwest::Method::from_bytes(config.method.as_bytes())
@@ -237,7 +240,16 @@ impl HttpSink {
             .connect_timeout(config.timeout)
             .build()
             .map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
-        Ok(HttpSink { results: None, client, config: config.clone(), url, method, static_headers, idempotency_header })
+        Ok(HttpSink {
+            requests: metrics.http_requests.clone(),
+            results: None,
+            client,
+            config: config.clone(),
+            url,
+            method,
+            static_headers,
+            idempotency_header,
+        })
     }
 
     /// Writes every answer to `[sink.http] results_topic`, when one is configured.
@@ -455,9 +467,21 @@ impl HttpSink {
             .await;
         let mut response = match sent {
             Ok(r) => r,
-            Err(e) => return Attempt::Failed(describe(&e, self.config.timeout)),
+            Err(e) => {
+                let answer = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect"
+                } else {
+                    "error"
+                };
+                self.requests.with_label_values(&[answer]).inc();
+                return Attempt::Failed(describe(&e, self.config.timeout));
+            }
         };
         let status = response.status().as_u16();
+        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"].get(usize::from(status / 100).saturating_sub(1));
+        self.requests.with_label_values(&[class.copied().unwrap_or("error")]).inc();
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)

@@ -117,6 +117,13 @@ async fn http_effects_are_applied_once_per_key_through_500s_429s_resets_and_time
         assert!(reqs.iter().all(|r| r.method == "POST" && r.path == "/v1/charges"));
         assert!(reqs.iter().all(|r| r.header("content-type") == Some("application/json")));
     }
+    // One answer counted per request the endpoint answered; the resets answered nothing.
+    let counted = |answer: &str| metrics.http_requests.with_label_values(&[answer]).get() as usize;
+    let answered = |handled: &str| seen.iter().filter(|s| s.handled.starts_with(handled)).count();
+    assert_eq!(counted("5xx"), answered("fault 500"));
+    assert_eq!(counted("4xx"), answered("fault 429"));
+    assert!(counted("error") + counted("connect") >= answered("reset"), "resets count as failed requests");
+    assert!(counted("timeout") >= 1, "the slow answers timed out");
     assert!(mock::read_all(kafka.bootstrap(), DLQ).unwrap().is_empty(), "nothing dead-lettered");
     assert_eq!(metrics.outcome("new"), ids.len() as u64);
     assert_outcomes_sum(&metrics);
