@@ -486,8 +486,7 @@ impl HttpSink {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| retry_after(v, now_ms()));
         let mut hasher = Sha256::new();
         let (mut read, mut excerpt) = (0usize, Vec::new());
         loop {
@@ -522,6 +521,40 @@ impl HttpSink {
         };
         Attempt::Answered { status, retry_after, body }
     }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (IMF-fixdate, RFC 9110
+/// 5.6.7: `Sun, 06 Nov 1994 08:49:37 GMT`), as a wait from `now_ms`; a date
+/// in the past is no wait; anything else is ignored (the backoff applies).
+fn retry_after(value: &str, now_ms: u64) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // "Sun, 06 Nov 1994 08:49:37 GMT"
+    let (_, rest) = value.split_once(", ")?;
+    let mut parts = rest.split(' ');
+    let (day, month, year, time, zone) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if zone != "GMT" || parts.next().is_some() {
+        return None;
+    }
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let month = MONTHS.iter().position(|m| *m == month)? as i64 + 1;
+    let (day, year): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
+    let mut hms = time.split(':').map(|t| t.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(1..=31).contains(&day) || !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..61).contains(&sec) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let (y, mo) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let at_ms = (days * 86_400 + h * 3_600 + m * 60 + sec) * 1_000;
+    Some(Duration::from_millis(u64::try_from(at_ms).ok()?.saturating_sub(now_ms)))
 }
 
 /// A transport failure in words: what happened and, for a timeout, after how long.
@@ -577,6 +610,19 @@ mod tests {
         assert!(null.contains("does not carry"), "{null}");
         let binary = t.fill(&record(vec![("customer", Some(&[0xff, 0xfe]))])).unwrap_err();
         assert!(binary.contains("not UTF-8"), "{binary}");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        assert_eq!(retry_after(" 7 ", 0), Some(Duration::from_secs(7)));
+        // 1994-11-06T08:49:37Z is 784111777 s after the epoch.
+        let at = 784_111_777_000;
+        assert_eq!(retry_after("Sun, 06 Nov 1994 08:49:37 GMT", at - 5_000), Some(Duration::from_secs(5)));
+        assert_eq!(retry_after("Sun, 06 Nov 1994 08:49:37 GMT", at + 5_000), Some(Duration::ZERO), "past: no wait");
+        assert_eq!(retry_after("Thu, 29 Feb 2024 00:00:00 GMT", 1_709_164_800_000), Some(Duration::ZERO));
+        for bad in ["soon", "-1", "Sun, 06 Nov 1994 08:49:37 PST", "Sun, 06 Foo 1994 08:49:37 GMT", ""] {
+            assert_eq!(retry_after(bad, 0), None, "{bad}");
+        }
     }
 
     #[test]
