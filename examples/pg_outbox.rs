@@ -52,19 +52,9 @@ impl Sink for PaymentsLedger {
 
     async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         // Refusals first: a record without an amount never joins the transaction.
-        let parsed: Vec<Result<(String, i64), SinkError>> = batch
-            .iter()
-            .map(|e| {
-                let payload = e.envelope.record.payload.as_deref().unwrap_or_default();
-                let json: serde_json::Value =
-                    serde_json::from_slice(payload).map_err(|e| SinkError::permanent(format!("not JSON: {e}")))?;
-                let amount = json["n"].as_i64().ok_or_else(|| SinkError::permanent("no amount (`n`)"))?;
-                Ok((String::from_utf8_lossy(&e.envelope.key.id).into_owned(), amount))
-            })
-            .collect();
-        let valid: Vec<(usize, &(String, i64))> =
-            parsed.iter().enumerate().filter_map(|(i, p)| p.as_ref().ok().map(|p| (i, p))).collect();
-        let written = self.write(&valid.iter().map(|(_, p)| *p).collect::<Vec<_>>(), batch).await;
+        let parsed: Vec<Result<Payment<'_>, SinkError>> = batch.iter().map(Payment::parse).collect();
+        let valid: Vec<&Payment<'_>> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+        let written = self.write(&valid).await;
         parsed
             .into_iter()
             .map(|p| match (p, &written) {
@@ -76,34 +66,39 @@ impl Sink for PaymentsLedger {
     }
 }
 
+/// One new event as a payment.
+struct Payment<'a> {
+    event_id: String,
+    amount: i64,
+    payload: &'a [u8],
+}
+
+impl<'a> Payment<'a> {
+    fn parse(e: &Effect<'a>) -> Result<Payment<'a>, SinkError> {
+        let payload = e.envelope.record.payload.as_deref().unwrap_or_default();
+        let json: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|e| SinkError::permanent(format!("not JSON: {e}")))?;
+        let amount = json["n"].as_i64().ok_or_else(|| SinkError::permanent("no amount (`n`)"))?;
+        Ok(Payment { event_id: String::from_utf8_lossy(&e.envelope.key.id).into_owned(), amount, payload })
+    }
+}
+
 impl PaymentsLedger {
     /// One transaction for the whole batch: the business rows and their outbox rows.
-    async fn write(&self, rows: &[&(String, i64)], batch: &[Effect<'_>]) -> Result<(), tokio_postgres::Error> {
-        if rows.is_empty() {
+    async fn write(&self, payments: &[&Payment<'_>]) -> Result<(), tokio_postgres::Error> {
+        if payments.is_empty() {
             return Ok(());
         }
         let mut client = self.client.lock().await;
         let tx = client.transaction().await?;
-        let pay = tx
-            .prepare(&format!(
-                "INSERT INTO {} (event_id, amount) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING",
-                self.payments
-            ))
-            .await?;
-        let out = tx
-            .prepare(&format!(
-                "INSERT INTO {} (event_id, payload) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING",
-                self.outbox
-            ))
-            .await?;
-        for (id, amount) in rows {
-            tx.execute(&pay, &[id, amount]).await?;
-            let payload = batch
-                .iter()
-                .find(|e| e.envelope.key.id == id.as_bytes())
-                .and_then(|e| e.envelope.record.payload.clone())
-                .unwrap_or_default();
-            tx.execute(&out, &[id, &payload]).await?;
+        let insert = |table: &str, column: &str| {
+            format!("INSERT INTO {table} (event_id, {column}) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING")
+        };
+        let pay = tx.prepare(&insert(&self.payments, "amount")).await?;
+        let out = tx.prepare(&insert(&self.outbox, "payload")).await?;
+        for p in payments {
+            tx.execute(&pay, &[&p.event_id, &p.amount]).await?;
+            tx.execute(&out, &[&p.event_id, &p.payload]).await?;
         }
         tx.commit().await
     }

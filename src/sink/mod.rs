@@ -84,7 +84,9 @@ impl Delivered {
 ///   releases the claim and dead-letters the record with the error as reason.
 /// - Be idempotent for the event ID ([`Effect::envelope`]`.key`): a crash
 ///   between the effect and its completion runs it again, with
-///   [`Effect::possible_repeat`] set.
+///   [`Effect::possible_repeat`] set. So does a revoke or shutdown that
+///   outlasts `[pipeline] drain_timeout_ms`: the `deliver` future is then
+///   dropped where it stands, and the partition's next owner repeats it.
 ///
 /// ```
 /// use std::sync::Mutex;
