@@ -74,4 +74,9 @@ async fn a_custom_effect_writes_each_event_once_in_postgres_through_a_crash_afte
     assert_eq!(dead.len(), 1, "the record without an amount, refused for good");
     assert!(dead[0].header_str(headers::ERROR).is_some_and(|e| e.contains("no amount")));
     assert_outcomes_sum(&metrics);
+
+    // The shared server outlives the test: its tables go.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(&format!("DROP TABLE {prefix}_payments, {prefix}_outbox")).await.unwrap();
 }
