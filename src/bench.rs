@@ -219,17 +219,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     );
 
     let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
-    let filter = |r: &str| metrics.filter.with_label_values(&[r]).get() as f64;
-    let (recent, bloom_hit, bloom_miss) = (filter("recent_hit"), filter("bloom_hit"), filter("bloom_miss"));
+    let filter = |tier: &str, result: &str| metrics.filter_checks(tier, result) as f64;
+    let (recent, bloom_hit, bloom_miss) = (filter("recent", "hit"), filter("aging", "hit"), filter("aging", "miss"));
     let checked = (recent + bloom_hit + bloom_miss).max(1.0);
     let false_positives = metrics.bloom_false_positives.get() as f64;
-    let store_calls: u64 = ["lookup", "claim", "complete", "release"]
-        .iter()
-        .map(|op| metrics.store_seconds.with_label_values(&[op]).get_sample_count())
-        .sum();
+    let store_calls: u64 = ["lookup", "claim", "complete", "release"].iter().map(|op| metrics.store_calls_ok(op)).sum();
     let dedup = DedupFigures {
         store_round_trips_per_1000: per_1000(store_calls as f64),
-        store_reads_per_1000: per_1000(metrics.store_seconds.with_label_values(&["lookup"]).get_sample_count() as f64),
+        store_reads_per_1000: per_1000(metrics.store_calls_ok("lookup") as f64),
         store_key_reads_per_event: bloom_hit / options.events as f64,
         fsyncs_per_1000: per_1000(metrics.fsyncs.get() as f64),
         recent_cache_hit_rate: recent / checked,

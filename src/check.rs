@@ -343,6 +343,11 @@ fn settings(c: &Config) -> serde_json::Value {
         "duplicates_topic": c.duplicates_topic,
         "metrics_listen": c.metrics_listen.map(|a| a.to_string()),
         "drain_timeout_ms": c.pipeline.drain_timeout.as_millis() as u64,
+        // Observe mode forwards duplicates: say so where the settings are checked.
+        "mode": match c.pipeline.mode {
+            crate::config::Mode::Enforce => "enforce",
+            crate::config::Mode::Observe => "observe (every record forwarded, stamped kdedup-duplicate)",
+        },
     })
 }
 

@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `demo`, `bench`, `inspect`, `forget`, `schema`.
+//! The command line: `run`, `check`, `demo`, `bench`, `replay`, `stats`, `inspect`, `forget`, `schema`.
 
 use std::path::PathBuf;
 
@@ -10,6 +10,7 @@ use crate::config::{Config, StoreConfig};
 use crate::demo::{self, DemoOptions};
 use crate::event::EventKey;
 use crate::metrics::Metrics;
+use crate::replay;
 use crate::service::{self, RunOptions};
 use crate::source::StopMode;
 use crate::store::{now_ms, DedupStore, Store};
@@ -158,6 +159,44 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read a partition range through the dedup decision (dry-run, apply, redrive, release),
+    /// without joining the live group or moving its offsets.
+    #[command(long_about = "Re-read a range of a topic's partitions through the dedup decision, without joining \
+        the live consumer group or moving its offsets (the range is read by assign).\n\n\
+        Modes:\n  \
+        dry-run  (default) changes nothing: counts each record as new (no live row), duplicate (done with the \
+        same fingerprint, or an earlier record of the range), conflict (other fingerprint), in_flight (another \
+        owner's live claim) or bad (cannot be keyed); --show N lists the first N duplicates and conflicts with \
+        where the event was first seen.\n  \
+        apply    runs the range through the whole path: effects only for events not already done.\n  \
+        redrive  runs the effect again for every event of the range and marks it done (needs --yes).\n  \
+        release  forgets the keys of the range's events in the store (needs --yes).\n\n\
+        Ranges: from is inclusive, to is exclusive. TIME is RFC 3339 (2026-12-01T10:00:00Z) or relative to now \
+        (-30m, -2h, -1d), mapped with the broker's offsets for times. --from-committed starts at the live group's \
+        committed offset. Claims of a replay are the job's (--job-id, generated when not given): they never \
+        resume or take over the live group's claims, and every write carries kdedup-replay: <job-id>.\n\n\
+        Exit codes: 0 done (also for an empty range), 2 bad arguments or config, 3 broker or store unreachable, \
+        4 interrupted (Ctrl-C; a partial report is printed).")]
+    Replay(ReplayArgs),
+    /// Is the dedup window (store.ttl_secs) long enough? Reads a running instance's /metrics and
+    /// prints one line of advice.
+    #[command(long_about = "Is the dedup window long enough for the duplicates this stream carries?\n\n\
+        Reads a running `kdedup run`'s /metrics (--url, or [metrics] listen of --config, else \
+        127.0.0.1:9464) and prints one line: the share of duplicates the TTL caught (duplicates / \
+        (duplicates + new events whose key had expired within one more TTL: kdedup_expired_key_hits_total)), \
+        and the share that arrived within the last 10% of the TTL (kdedup_duplicates_near_expiry_total). \
+        Counts are this instance's since it started; ask each instance of a group. --json prints the numbers.")]
+    Stats {
+        /// The instance's metrics address, http://HOST:PORT (a path other than /metrics may follow).
+        #[arg(long)]
+        url: Option<String>,
+        /// A config whose [metrics] listen names the instance (instead of --url).
+        #[arg(long, short, conflicts_with = "url")]
+        config: Option<PathBuf>,
+        /// Print one JSON object instead of the line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the store holds for an event ID.
     Inspect(KeyArgs),
     /// Delete an event ID from the store so its next delivery runs the effect again.
@@ -187,6 +226,60 @@ pub enum SchemaAction {
         #[arg(long, short, env = "KDEDUP_CONFIG")]
         config: PathBuf,
     },
+}
+
+/// What `kdedup replay` reads and does.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("from").required(true).args(["from_offset", "from_time", "from_committed"])))]
+#[command(group(clap::ArgGroup::new("to").args(["to_offset", "to_time", "to_end"])))]
+pub struct ReplayArgs {
+    /// The TOML config file of the pipeline whose range is replayed.
+    #[arg(long, short, env = "KDEDUP_CONFIG")]
+    config: PathBuf,
+    /// The topic (default: the config's only topic).
+    #[arg(long)]
+    topic: Option<String>,
+    /// A partition to replay (repeatable; default: all).
+    #[arg(long = "partition")]
+    partitions: Vec<i32>,
+    /// First offset of the range (inclusive).
+    #[arg(long)]
+    from_offset: Option<i64>,
+    /// First record at or after TIME (RFC 3339 or relative, e.g. -2h).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    from_time: Option<String>,
+    /// Start at the live group's committed offset.
+    #[arg(long)]
+    from_committed: bool,
+    /// End of the range (exclusive).
+    #[arg(long)]
+    to_offset: Option<i64>,
+    /// End at the first record at or after TIME (exclusive).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    to_time: Option<String>,
+    /// End at the partition's end when the replay starts (the default).
+    #[arg(long)]
+    to_end: bool,
+    #[arg(long, value_enum, default_value = "dry-run")]
+    mode: replay::Mode,
+    /// Send effects to this topic instead of the configured sink (staging).
+    #[arg(long)]
+    to_topic: Option<String>,
+    /// At most this many records per second.
+    #[arg(long)]
+    max_rate: Option<u32>,
+    /// The job's ID, stamped on every write as kdedup-replay (default: generated and printed).
+    #[arg(long)]
+    job_id: Option<String>,
+    /// List the first N duplicates and conflicts (dry-run).
+    #[arg(long, default_value_t = 10)]
+    show: usize,
+    /// Confirm a redrive or release.
+    #[arg(long)]
+    yes: bool,
+    /// Print one JSON object at the end instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Names one key in the configured store.
@@ -319,16 +412,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("schema applied ({} store)", store.kind());
             Ok(0)
         }
+        Command::Replay(args) => replay_command(args).await,
+        Command::Stats { url, config, json } => {
+            let url = match (url, config) {
+                (Some(url), _) => url,
+                (None, Some(path)) => match Config::load(&path)?.metrics_listen {
+                    Some(addr) => format!("http://{addr}/metrics"),
+                    None => {
+                        anyhow::bail!("{}: [metrics] listen is \"\": no metrics to read; pass --url", path.display())
+                    }
+                },
+                (None, None) => "http://127.0.0.1:9464/metrics".to_string(),
+            };
+            let text = tokio::task::spawn_blocking({
+                let url = url.clone();
+                move || crate::window::fetch_metrics(&url)
+            })
+            .await??;
+            let window = crate::window::Window::from_metrics(&text);
+            if json {
+                let mut v = serde_json::to_value(&window)?;
+                v["coverage"] = window.coverage().into();
+                v["near_expiry_share"] = window.near_expiry_share().into();
+                v["advice"] = window.advice().into();
+                println!("{v}");
+            } else {
+                println!("{}", window.advice());
+            }
+            Ok(0)
+        }
         Command::Inspect(args) => {
             let (store, key) = open_for_key(args)?;
             match store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() {
                 Some(row) => println!(
-                    "{}\nstate: {:?}\nfingerprint: {}\nclaimed by: {}\nclaimed at (ms): {}\nexpires at (ms): {}",
+                    "{}\nstate: {:?}\nfingerprint: {}\nclaimed by: {}\nclaimed at (ms): {}\nlease until (ms): {}\nexpires at (ms): {}",
                     key.display_id(),
                     row.state,
                     row.fingerprint,
                     row.position,
                     row.claimed_at_ms,
+                    row.lease_until_ms,
                     row.expires_at_ms
                 ),
                 None => println!("{}: not in the store (never seen, expired, or forgotten)", key.display_id()),
@@ -351,6 +474,110 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+async fn replay_command(args: ReplayArgs) -> anyhow::Result<i32> {
+    let usage = |message: String| {
+        eprintln!("error: {message}");
+        Ok(2)
+    };
+    if matches!(args.mode, replay::Mode::Redrive | replay::Mode::Release) && !args.yes {
+        return usage(format!(
+            "--mode {} changes the store{}: add --yes to confirm (try --mode dry-run first)",
+            if args.mode == replay::Mode::Redrive { "redrive" } else { "release" },
+            if args.mode == replay::Mode::Redrive { " and runs every effect again" } else { "" }
+        ));
+    }
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return usage(e.to_string()),
+    };
+    let now = now_ms() as i64;
+    let from = match (args.from_offset, &args.from_time) {
+        (Some(n), _) => replay::From::Offset(n),
+        (None, Some(t)) => match replay::parse_time(t, now) {
+            Ok(ms) => replay::From::Time(ms),
+            Err(e) => return usage(format!("--from-time {e}")),
+        },
+        (None, None) => replay::From::Committed,
+    };
+    let to = match (args.to_offset, &args.to_time) {
+        (Some(n), _) => replay::To::Offset(n),
+        (None, Some(t)) => match replay::parse_time(t, now) {
+            Ok(ms) => replay::To::Time(ms),
+            Err(e) => return usage(format!("--to-time {e}")),
+        },
+        (None, None) => replay::To::End,
+    };
+    let job_id = args.job_id.unwrap_or_else(|| format!("replay-{now}"));
+    if !args.json {
+        eprintln!("replay job {job_id}, mode {:?}", args.mode);
+    }
+    let options = replay::ReplayOptions {
+        topic: args.topic,
+        partitions: args.partitions,
+        from,
+        to,
+        mode: args.mode,
+        to_topic: args.to_topic,
+        max_rate: args.max_rate,
+        job_id,
+        show: args.show,
+        progress: !args.json,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ctrl_c = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop_tx.send(true);
+        }
+    });
+    let result = replay::run(&config, &options, stop_rx).await;
+    ctrl_c.abort();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(e.exit_code());
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_replay(&report);
+    }
+    Ok(if report.interrupted { 4 } else { 0 })
+}
+
+fn print_replay(r: &replay::Report) {
+    if r.counts.records == 0 {
+        println!(
+            "nothing to replay: the range holds no records (topic {}, {} partitions)",
+            r.topic,
+            r.partitions.len()
+        );
+    }
+    println!("{:?} of {} (job {}){}", r.mode, r.topic, r.job_id, if r.interrupted { ", interrupted" } else { "" });
+    let row = |name: String, from: String, to: String, c: &replay::Counts| {
+        println!(
+            "  {name:>9} {from:>12} {to:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            c.records, c.new, c.duplicate, c.conflict, c.in_flight, c.bad, c.emitted
+        )
+    };
+    println!(
+        "  {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "partition", "from", "to", "records", "new", "duplicate", "conflict", "in_flight", "bad", "emitted"
+    );
+    for p in &r.partitions {
+        row(p.partition.to_string(), p.from.to_string(), p.to.to_string(), &p.counts);
+    }
+    row("all".into(), String::new(), String::new(), &r.counts);
+    if r.mode == replay::Mode::Release {
+        println!("  released {} keys", r.counts.released);
+    }
+    for s in &r.shown {
+        println!("  {} {} at {} (first seen at {})", s.outcome, s.event_id, s.position, s.first);
+    }
+    println!("  {:.2}s", r.elapsed_secs);
 }
 
 fn open_for_key(KeyArgs { config, id, scope }: KeyArgs) -> anyhow::Result<(Store, EventKey)> {

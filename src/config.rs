@@ -29,8 +29,10 @@ pub const MAX_SWEEP_INTERVAL_SECS: u64 = 86_400;
 /// `[filter] expected_keys` and `false_positive_rate` together: the aging
 /// filter's planned table, allocated (and zeroed) whole at start.
 pub const MAX_FILTER_BYTES: u64 = 64 << 30;
-/// `filter.recent_keys`: about 50 bytes each once filled.
+/// `filter.recent_keys`: about 80 bytes each once filled.
 pub const MAX_RECENT_KEYS: usize = 100_000_000;
+/// `filter.expired_keys`: about 34 bytes each once filled.
+pub const MAX_EXPIRED_KEYS: usize = 100_000_000;
 /// `key.max_bytes`: a stored key is `2 + scope + ID` bytes, and a PostgreSQL
 /// primary key holds about 2,700 (the embedded store 65,536). Longer IDs are
 /// hashed (`on_oversize = "hash"`) to 71 bytes.
@@ -304,6 +306,8 @@ struct FilterSection {
     false_positive_rate: f64,
     #[serde(default = "default_recent_keys")]
     recent_keys: usize,
+    #[serde(default = "default_expired_keys")]
+    expired_keys: usize,
 }
 
 impl Default for FilterSection {
@@ -312,6 +316,7 @@ impl Default for FilterSection {
             expected_keys: default_expected_keys(),
             false_positive_rate: default_fpr(),
             recent_keys: default_recent_keys(),
+            expired_keys: default_expired_keys(),
         }
     }
 }
@@ -324,6 +329,9 @@ fn default_fpr() -> f64 {
 }
 fn default_recent_keys() -> usize {
     100_000
+}
+fn default_expired_keys() -> usize {
+    1_000_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -444,6 +452,8 @@ struct PipelineSection {
     drain_timeout_ms: u64,
     #[serde(default = "default_on_conflict")]
     on_conflict: String,
+    #[serde(default = "default_mode")]
+    mode: String,
 }
 
 impl Default for PipelineSection {
@@ -453,6 +463,7 @@ impl Default for PipelineSection {
             commit_interval_ms: default_commit_interval_ms(),
             drain_timeout_ms: default_drain_timeout_ms(),
             on_conflict: default_on_conflict(),
+            mode: default_mode(),
         }
     }
 }
@@ -468,6 +479,9 @@ fn default_drain_timeout_ms() -> u64 {
 }
 fn default_on_conflict() -> String {
     "dead_letter".into()
+}
+fn default_mode() -> String {
+    "enforce".into()
 }
 
 /// Accepts a string, or a number/bool written where a string was meant (an
@@ -651,6 +665,9 @@ pub struct FilterConfig {
     pub expected_keys: NonZeroU64,
     pub false_positive_rate: f64,
     pub recent_keys: usize,
+    /// Most keys kept past their expiry to count `kdedup_expired_key_hits_total`
+    /// (a sample beyond); 0 disables the estimate.
+    pub expired_keys: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -761,6 +778,18 @@ impl std::fmt::Debug for HttpSinkConfig {
     }
 }
 
+/// `[pipeline] mode`: what the decision is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Effects run for new events only (the default).
+    #[default]
+    Enforce,
+    /// Every keyed record is forwarded to the sink, duplicates and conflicts
+    /// included, stamped `kdedup-duplicate: true|false`; claims, completions,
+    /// commits and metrics as in `Enforce`. For measuring before enforcing.
+    Observe,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnConflict {
     DeadLetter,
@@ -774,6 +803,7 @@ pub struct PipelineConfig {
     pub commit_interval: Duration,
     pub drain_timeout: Duration,
     pub on_conflict: OnConflict,
+    pub mode: Mode,
 }
 
 #[derive(Clone)]
@@ -1067,7 +1097,16 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     if f.recent_keys > MAX_RECENT_KEYS {
         return Err(invalid(
             "filter.recent_keys",
-            format!("is {}; allowed: 0 (no cache) to {MAX_RECENT_KEYS} (about 50 bytes per key)", f.recent_keys),
+            format!("is {}; allowed: 0 (no cache) to {MAX_RECENT_KEYS} (about 80 bytes per key)", f.recent_keys),
+        ));
+    }
+    if f.expired_keys > MAX_EXPIRED_KEYS {
+        return Err(invalid(
+            "filter.expired_keys",
+            format!(
+                "is {}; allowed: 0 (no expired-key estimate) to {MAX_EXPIRED_KEYS} (about 34 bytes per key)",
+                f.expired_keys
+            ),
         ));
     }
 
@@ -1159,6 +1198,21 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         }
     };
 
+    let mode = match p.mode.as_str() {
+        "enforce" => Mode::Enforce,
+        "observe" => Mode::Observe,
+        other => return Err(invalid("pipeline.mode", format!("is \"{other}\"; allowed: \"enforce\", \"observe\""))),
+    };
+    if mode == Mode::Observe && matches!(sink, SinkConfig::Http(_)) {
+        // Observe mode forwards duplicates too: with an HTTP sink that is a request per duplicate.
+        return Err(invalid(
+            "pipeline.mode",
+            "is \"observe\", which forwards every record, duplicates included: with sink.kind = \"http\" each \
+             would become a request; observe with a Kafka or stdout sink"
+                .into(),
+        ));
+    }
+
     Ok(Config {
         kafka: KafkaConfig {
             brokers: kafka.brokers.clone(),
@@ -1175,7 +1229,12 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             lease: Duration::from_secs(s.lease_secs),
             sweep_interval: Duration::from_secs(s.sweep_interval_secs),
         },
-        filter: FilterConfig { expected_keys, false_positive_rate: f.false_positive_rate, recent_keys: f.recent_keys },
+        filter: FilterConfig {
+            expected_keys,
+            false_positive_rate: f.false_positive_rate,
+            recent_keys: f.recent_keys,
+            expired_keys: f.expired_keys,
+        },
         sink,
         dead_letter_topic: file.dead_letter.topic.clone(),
         duplicates_topic,
@@ -1185,6 +1244,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             commit_interval: Duration::from_millis(p.commit_interval_ms),
             drain_timeout: Duration::from_millis(p.drain_timeout_ms),
             on_conflict,
+            mode,
         },
     })
 }
@@ -1914,12 +1974,23 @@ mod tests {
             ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "0", "pipeline.commit_interval_ms", "1 to 86400000"),
             ("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "86400001", "pipeline.commit_interval_ms", "1 to 86400000"),
             ("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "3600001", "pipeline.drain_timeout_ms", "0 to 3600000"),
+            ("KDEDUP_PIPELINE__MODE", "dry-run", "pipeline.mode", "\"enforce\", \"observe\""),
+            (
+                "KDEDUP_FILTER__EXPIRED_KEYS",
+                "100000001",
+                "filter.expired_keys",
+                "0 (no expired-key estimate) to 100000000",
+            ),
         ] {
             let e = invalid_key(&[(var, bad)]);
             assert!(e.starts_with(&format!("{key}:")) && e.contains(allowed), "{var}={bad}: {e}");
         }
         let c = load(MINIMAL, &[("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "0"), ("KDEDUP_PIPELINE__BATCH_MAX", "100000")]);
         assert_eq!(c.unwrap().pipeline.drain_timeout, Duration::ZERO, "a zero drain abandons at once, by choice");
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!((c.pipeline.mode, c.filter.expired_keys), (Mode::Enforce, 1_000_000), "the defaults");
+        let c = load(MINIMAL, &[("KDEDUP_PIPELINE__MODE", "observe"), ("KDEDUP_FILTER__EXPIRED_KEYS", "0")]).unwrap();
+        assert_eq!((c.pipeline.mode, c.filter.expired_keys), (Mode::Observe, 0));
     }
 
     #[test]
@@ -2229,6 +2300,12 @@ mod secret_tests {
         assert_eq!(h.outcome(409), HttpOutcome::Retry);
         assert_eq!(h.outcome(422), HttpOutcome::Conflict);
         assert_eq!(h.headers.iter().find(|(k, _)| k == "X-Api-Key").map(|(_, v)| v.as_str()), Some("k"));
+    }
+
+    #[test]
+    fn observe_mode_refuses_the_http_sink() {
+        let e = load(HTTP, &[("KDEDUP_PIPELINE__MODE", "observe")]).unwrap_err().to_string();
+        assert!(e.contains("pipeline.mode") && e.contains("http"), "{e}");
     }
 
     #[test]

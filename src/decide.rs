@@ -42,14 +42,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{OnConflict, PipelineConfig};
+use crate::config::{Config, Mode, OnConflict, PipelineConfig};
 use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
-use crate::filter::{Filter, Verdict, PREFETCH_AHEAD};
+use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{OutputMark, TopicPartition};
-use crate::sink::{AnySink, DeadLetter, Effect, SideTopics};
+use crate::sink::{AnySink, DeadLetter, Effect, Observed, SideTopics};
 use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store};
+use crate::window::First;
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
 /// Hidden from the docs: kdedup's own tests use it; no part of the library API.
@@ -167,9 +168,11 @@ pub enum Decision {
         acquired: Acquired,
         claimed_at_ms: u64,
     },
-    /// `expires_at_ms`: when the row that says so stops counting, when known.
+    /// `expires_at_ms`: when the row that says so stops counting, when known;
+    /// `first`: the key's first claim (its age) and position, when known.
     Duplicate {
         expires_at_ms: Option<u64>,
+        first: Option<First>,
     },
     Conflict(Fingerprint),
 }
@@ -313,6 +316,31 @@ pub struct Core {
 }
 
 impl Core {
+    /// The core of `config`'s pipeline; no faults, its own [`Fatal`] (callers may replace both).
+    pub fn new(
+        config: &Config,
+        store: Store,
+        sink: AnySink,
+        side: SideTopics,
+        metrics: Metrics,
+        claimant: Claimant,
+    ) -> Result<Core, FilterAllocError> {
+        Ok(Core {
+            extractor: KeyExtractor::new(config.key.clone()),
+            filter: Mutex::new(Filter::try_new(&config.filter, config.retention.ttl, now_ms())?),
+            store,
+            sink,
+            side,
+            metrics,
+            config: config.pipeline.clone(),
+            faults: Faults::default(),
+            lease: config.retention.lease,
+            fatal: Fatal::default(),
+            settled_claims: watch::channel(0).0,
+            claimant,
+        })
+    }
+
     /// The position a claim for this record is made under.
     fn claimant(&self, position: &Position) -> Position {
         match &self.claimant {
@@ -424,7 +452,8 @@ impl Core {
         loop {
             let started = Instant::now();
             let result = call().await;
-            self.metrics.store_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+            self.metrics.store_call(op, result.is_ok(), started.elapsed().as_secs_f64());
+            self.metrics.store_answered(d.partition(), result.is_ok());
             match result {
                 Ok(v) => {
                     self.progressing(d);
@@ -481,19 +510,19 @@ impl Core {
                 }
                 leader_of.insert(digest, i);
                 match filter.check(envelope, now) {
-                    Verdict::RecentDuplicate => {
+                    Verdict::RecentDuplicate(first) => {
                         recent_hits += 1;
-                        *decision = Some(Decision::Duplicate { expires_at_ms: None });
+                        *decision = Some(Decision::Duplicate { expires_at_ms: None, first: Some(first) });
                     }
                     Verdict::Suspect => suspects.push(i),
                     Verdict::LikelyNew => to_claim.push(i),
                 }
             }
         }
-        for (result, n) in [("recent_hit", recent_hits), ("bloom_hit", suspects.len()), ("bloom_miss", to_claim.len())]
-        {
-            s.metrics.filter.with_label_values(&[result]).inc_by(n as u64);
-        }
+        s.metrics.filter_checked("recent", "hit", recent_hits);
+        s.metrics.filter_checked("recent", "miss", suspects.len() + to_claim.len());
+        s.metrics.filter_checked("aging", "hit", suspects.len());
+        s.metrics.filter_checked("aging", "miss", to_claim.len());
 
         // Suspected duplicates: a read first; only keys not found done go on to the claim.
         if !suspects.is_empty() {
@@ -513,7 +542,10 @@ impl Core {
                         set_decision(
                             &mut items[i],
                             if row.fingerprint == fp {
-                                Decision::Duplicate { expires_at_ms: Some(row.expires_at_ms) }
+                                Decision::Duplicate {
+                                    expires_at_ms: Some(row.expires_at_ms),
+                                    first: Some(First::new(row.claimed_at_ms, &row.position)),
+                                }
                             } else {
                                 Decision::Conflict(row.fingerprint)
                             },
@@ -596,7 +628,10 @@ impl Core {
                     }
                     set_decision(&mut items[i], Decision::New { acquired, claimed_at_ms });
                 }
-                Claim::Duplicate => set_decision(&mut items[i], Decision::Duplicate { expires_at_ms: None }),
+                Claim::Duplicate { first, claimed_at_ms } => set_decision(
+                    &mut items[i],
+                    Decision::Duplicate { expires_at_ms: None, first: Some(First::new(claimed_at_ms, &first)) },
+                ),
                 Claim::Conflict { stored } => set_decision(&mut items[i], Decision::Conflict(stored)),
                 Claim::InFlight { holder, .. } => {
                     s.metrics.claim_waits.inc();
@@ -629,11 +664,17 @@ impl Core {
 
         // The effect, for new events, in order; retriable failures are retried.
         // Effects reconciliation found in the output already ran: they are only completed.
+        // Observe mode forwards every keyed record, stamped with its decision.
+        let observe = s.config.mode == Mode::Observe;
         let mut pending: Vec<usize> = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            if let Item::Keyed { envelope, decision: Some(Decision::New { .. }), .. } = item {
+            let Item::Keyed { envelope, decision: Some(decision), .. } = item else { continue };
+            let new = matches!(decision, Decision::New { .. });
+            if new || observe {
                 if d.already_emitted(envelope.record.position.offset) {
-                    s.metrics.reconciled.inc();
+                    if new {
+                        s.metrics.reconciled.inc();
+                    }
                 } else {
                     pending.push(i);
                 }
@@ -659,6 +700,7 @@ impl Core {
                     Effect {
                         envelope,
                         possible_repeat: retrying || taken || held.was_lost(envelope.record.position.offset),
+                        observed: observe.then(|| observed(decision_of(&items[i]))),
                         replay: self.claimant.job(),
                     }
                 })
@@ -676,18 +718,18 @@ impl Core {
                         responses.extend(delivered.response.map(|r| (i, r)));
                     }
                     Err(e) if e.is_fatal() => {
-                        s.metrics.sink_errors.inc();
+                        s.metrics.sink_error(&e);
                         error!(topic = %d.partition().0, partition = d.partition().1, position = %envelope(&items[i]).record.position, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
                         s.fatal.raise(format!("fatal producer error: {e}"));
                         return Err(Stop::Fatal);
                     }
                     Err(e) if e.is_retriable() => {
-                        s.metrics.sink_errors.inc();
+                        s.metrics.sink_error(&e);
                         warn!(position = %envelope(&items[i]).record.position, error = %e, sink = s.sink.kind(), "effect failed; retrying");
                         retry.push(i);
                     }
                     Err(e) => {
-                        s.metrics.sink_errors.inc();
+                        s.metrics.sink_error(&e);
                         rejected.push((i, e));
                     }
                 }
@@ -708,9 +750,12 @@ impl Core {
         // A rejected effect releases its claim (the key is not burned) and is
         // dead-lettered; so are later records of the same event in this batch,
         // which followed the rejected one as its duplicates.
+        // (In observe mode only a new event's record holds a claim to release,
+        // and the duplicates that followed it were forwarded themselves.)
         if !rejected.is_empty() {
             let keys: Vec<_> = rejected
                 .iter()
+                .filter(|(i, _)| matches!(decision_of(&items[*i]), Decision::New { .. }))
                 .map(|(i, _)| {
                     let e = envelope(&items[*i]);
                     (e.key.clone(), self.claimant(&e.record.position))
@@ -730,7 +775,7 @@ impl Core {
                 items[i] = Item::Bad { record: envelope.record, error: RecordError::SinkRejected(reason) };
             }
             drop(filter);
-            for item in items.iter_mut() {
+            for item in items.iter_mut().filter(|_| !observe) {
                 let Item::Keyed { leader: Some(leader), .. } = item else { continue };
                 let Some(reason) = reasons.get(leader) else { continue };
                 let error = RecordError::SinkRejected(format!(
@@ -778,7 +823,8 @@ impl Core {
         }
 
         // Side topics: dead letters and (optionally) duplicates.
-        let conflicts_dead_letter = s.config.on_conflict == OnConflict::DeadLetter;
+        // Observe mode forwarded its conflicts, stamped.
+        let conflicts_dead_letter = s.config.on_conflict == OnConflict::DeadLetter && !observe;
         let mut dead: Vec<(&Record, RecordError)> = Vec::new();
         let mut dups: Vec<&Envelope> = Vec::new();
         for item in items.iter() {
@@ -828,6 +874,11 @@ impl Core {
                         // The row lives a TTL from its claim; a resumed claim kept an
                         // older claim time we do not know here, so it is not cached.
                         Decision::New { acquired, claimed_at_ms } => {
+                            if acquired == Acquired::Fresh {
+                                // Window adequacy: new only because its key just expired?
+                                let hits = filter.expired_hit(envelope.digest, now);
+                                s.metrics.expired_key_hits(&d.partition().0, hits);
+                            }
                             if acquired == Acquired::Resumed {
                                 filter.remember_seen(envelope, now);
                             } else {
@@ -837,12 +888,11 @@ impl Core {
                         }
                         // Only a row read back says how long it lives: a duplicate never
                         // extends what the cache vouches for.
-                        Decision::Duplicate { expires_at_ms: Some(expires_at_ms) } => {
-                            filter.remember_done(envelope, expires_at_ms, now);
-                            1
-                        }
-                        Decision::Duplicate { expires_at_ms: None } => {
-                            filter.remember_seen(envelope, now);
+                        Decision::Duplicate { expires_at_ms, first } => {
+                            filter.remember_duplicate(envelope, expires_at_ms, first, now);
+                            if let Some(first) = first {
+                                s.metrics.duplicate_seen(&d.partition().0, first.claimed_at_ms, now);
+                            }
                             1
                         }
                         Decision::Conflict(_) => {
@@ -897,13 +947,14 @@ impl Core {
                 match result {
                     Ok(mark) => landed.push(mark),
                     Err(e) if e.is_fatal() => {
+                        self.metrics.sink_error(&e);
                         error!(position = %records[i].position(), topic = what, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
                         self.fatal.raise(format!("fatal producer error: {e}"));
                         return Err(Stop::Fatal);
                     }
                     Err(e) if e.is_retriable() => retry.push(i),
                     Err(e) => {
-                        self.metrics.sink_errors.inc();
+                        self.metrics.sink_error(&e);
                         self.metrics.side_refusals.with_label_values(&[what]).inc();
                         match side {
                             Side::DeadLetter => {
@@ -919,7 +970,8 @@ impl Core {
             }
             pending = retry;
             if !pending.is_empty() {
-                self.metrics.sink_errors.inc();
+                // One retry round, counted once as before (or as the refusals above).
+                self.metrics.sink_errors.at(["retriable"]).inc();
                 self.stalled(d);
                 warn!(topic = what, records = pending.len(), "side topic write failed; retrying");
                 d.pause(backoff.next()).await?;
@@ -1021,8 +1073,16 @@ fn follow_leaders(items: &mut [Item]) {
             (Decision::Conflict(stored), _) => stored,
             (_, fp) => fp,
         };
+        // The duplicate's first occurrence: the leader, or the leader's own first.
+        let first = match decision_of(&items[leader]) {
+            Decision::New { claimed_at_ms, .. } => {
+                Some(First::new(claimed_at_ms, &envelope(&items[leader]).record.position))
+            }
+            Decision::Duplicate { first, .. } => first,
+            Decision::Conflict(_) => None,
+        };
         let decision = if envelope(&items[i]).fingerprint == authority {
-            Decision::Duplicate { expires_at_ms: None }
+            Decision::Duplicate { expires_at_ms: None, first }
         } else {
             Decision::Conflict(authority)
         };
@@ -1034,6 +1094,17 @@ fn envelope(item: &Item) -> &Envelope {
     match item {
         Item::Keyed { envelope, .. } => envelope,
         Item::Bad { .. } => unreachable!("only keyed items are indexed for the store"),
+    }
+}
+
+/// What observe mode stamps on a forwarded record.
+fn observed(decision: Decision) -> Observed {
+    match decision {
+        Decision::New { .. } => Observed { duplicate: false, conflict: false, first: None },
+        Decision::Duplicate { first, .. } => {
+            Observed { duplicate: true, conflict: false, first: first.and_then(|f| f.origin) }
+        }
+        Decision::Conflict(_) => Observed { duplicate: false, conflict: true, first: None },
     }
 }
 

@@ -134,6 +134,18 @@ impl SinkError {
         }
     }
 
+    /// The `kind` label of `kdedup_sink_errors_total`: `fatal` (kdedup stops),
+    /// `retriable` (retried with backoff) or `rejected` (not retriable).
+    pub fn kind(&self) -> &'static str {
+        if self.is_fatal() {
+            "fatal"
+        } else if self.is_retriable() {
+            "retriable"
+        } else {
+            "rejected"
+        }
+    }
+
     /// The record is too large for the producer or the topic (it may fit truncated).
     pub fn is_size_refusal(&self) -> bool {
         match self {

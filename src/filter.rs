@@ -43,12 +43,14 @@ use std::time::Duration;
 
 use crate::config::FilterConfig;
 use crate::event::{Envelope, Fingerprint};
+use crate::window::{First, Origin};
 
 /// What the filter thinks of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Completed by this process recently with the same fingerprint: a duplicate.
-    RecentDuplicate,
+    /// Completed by this process recently with the same fingerprint: a
+    /// duplicate, of the first occurrence the cache remembers.
+    RecentDuplicate(First),
     /// The aging filter has seen the key: read the store before claiming.
     Suspect,
     /// Never seen: claim directly.
@@ -62,11 +64,20 @@ pub enum Verdict {
 /// vouches for, and a duplicate never extends it.
 #[derive(Debug)]
 pub struct RecentCache {
-    current: HashMap<u128, (Fingerprint, u64)>,
-    previous: HashMap<u128, (Fingerprint, u64)>,
+    current: HashMap<u128, Cached>,
+    previous: HashMap<u128, Cached>,
     per_generation: usize,
     max_age_ms: u64,
     rotated_at_ms: u64,
+}
+
+/// A cached key: its fingerprint, when its row stops counting, and where it
+/// was first claimed (when known), for a duplicate's age and stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cached {
+    pub fingerprint: Fingerprint,
+    pub valid_until_ms: u64,
+    pub origin: Option<Origin>,
 }
 
 impl RecentCache {
@@ -83,16 +94,25 @@ impl RecentCache {
 
     /// The fingerprint of a key whose row still counts at `now_ms`.
     pub fn get(&mut self, digest: u128, now_ms: u64) -> Option<Fingerprint> {
+        self.entry(digest, now_ms).map(|c| c.fingerprint)
+    }
+
+    /// The whole entry of a key whose row still counts at `now_ms`.
+    pub fn entry(&mut self, digest: u128, now_ms: u64) -> Option<Cached> {
         self.maybe_rotate(now_ms);
-        let (fingerprint, valid_until_ms) =
-            self.current.get(&digest).or_else(|| self.previous.get(&digest)).copied()?;
-        (now_ms < valid_until_ms).then_some(fingerprint)
+        let cached = self.current.get(&digest).or_else(|| self.previous.get(&digest)).copied()?;
+        (now_ms < cached.valid_until_ms).then_some(cached)
     }
 
     /// Caches a key done in the store with `fingerprint`, whose row stops
     /// counting at `valid_until_ms`.
     pub fn insert(&mut self, digest: u128, fingerprint: Fingerprint, valid_until_ms: u64, now_ms: u64) {
-        if self.per_generation == 0 || valid_until_ms <= now_ms {
+        self.insert_from(digest, Cached { fingerprint, valid_until_ms, origin: None }, now_ms);
+    }
+
+    /// As [`RecentCache::insert`], with where the key was first claimed.
+    pub fn insert_from(&mut self, digest: u128, cached: Cached, now_ms: u64) {
+        if self.per_generation == 0 || cached.valid_until_ms <= now_ms {
             return;
         }
         self.maybe_rotate(now_ms);
@@ -100,7 +120,7 @@ impl RecentCache {
             self.rotate_full();
         }
         self.previous.remove(&digest);
-        self.current.insert(digest, (fingerprint, valid_until_ms));
+        self.current.insert(digest, cached);
     }
 
     /// Drops a key, e.g. after `forget` or a released claim.
@@ -143,7 +163,7 @@ impl RecentCache {
 
     /// Estimated from capacity: key, value and a control byte per slot.
     pub fn memory_bytes(&self) -> usize {
-        let slot = std::mem::size_of::<(u128, Fingerprint)>() + 1;
+        let slot = std::mem::size_of::<(u128, Cached)>() + 1;
         (self.current.capacity() + self.previous.capacity()) * slot
     }
 }
@@ -593,10 +613,122 @@ impl AgingCuckoo {
     }
 }
 
-/// Both tiers together; the pipeline locks it once per batch.
+/// Keys whose rows expired within the last TTL, to estimate the duplicates a
+/// too-short window lets through (`kdedup_expired_key_hits_total`): a `new`
+/// event whose key is here arrived after its key's row expired, so it was
+/// most likely a duplicate the store could no longer see.
+///
+/// Exact, so that a genuinely new event is never counted (a 16-bit aging
+/// filter's 0.09% false positives would swamp a low duplicate rate): a map of
+/// 64-bit digests to when their row stops counting, each kept until one TTL
+/// after that. Memory: about 17 bytes a slot, so `max` keys cost at most ~34
+/// bytes each (the map's load); past `max`, the set keeps a sample (1 key in
+/// 2, then 4, ...), chosen by digest, and each hit counts for the keys it
+/// stands for, so the counter stays an unbiased estimate. Per process: a key
+/// first claimed by another instance is not known here.
+#[derive(Debug)]
+pub struct ExpiredKeys {
+    keys: HashMap<u64, u64>,
+    max: usize,
+    /// Only digests whose low `shift` bits are zero are kept: 1 in 2^shift.
+    shift: u32,
+    ttl_ms: u64,
+    purged_at_ms: u64,
+}
+
+impl ExpiredKeys {
+    /// At most `max` keys (0 disables the estimate).
+    pub fn new(max: usize, ttl: Duration, now_ms: u64) -> ExpiredKeys {
+        ExpiredKeys {
+            keys: HashMap::new(),
+            max,
+            shift: 0,
+            ttl_ms: (ttl.as_millis() as u64).max(1),
+            purged_at_ms: now_ms,
+        }
+    }
+
+    fn fold(digest: u128) -> u64 {
+        (digest >> 64) as u64 ^ digest as u64
+    }
+
+    fn sampled(&self, d: u64) -> bool {
+        self.shift < 64 && d & ((1u64 << self.shift) - 1) == 0
+    }
+
+    /// A key whose row stops counting at `expires_at_ms`.
+    pub fn remember(&mut self, digest: u128, expires_at_ms: u64, now_ms: u64) {
+        if self.max == 0 {
+            return;
+        }
+        if now_ms.saturating_sub(self.purged_at_ms) >= self.ttl_ms / 4 {
+            self.purge(now_ms);
+        }
+        let d = Self::fold(digest);
+        if !self.sampled(d) {
+            return;
+        }
+        if let Some(e) = self.keys.get_mut(&d) {
+            *e = (*e).max(expires_at_ms);
+            return;
+        }
+        if self.keys.len() >= self.max {
+            self.purge(now_ms);
+            while self.keys.len() >= self.max && self.shift < 63 {
+                self.shift += 1;
+                let mask = (1u64 << self.shift) - 1;
+                self.keys.retain(|d, _| d & mask == 0);
+            }
+            if !self.sampled(d) || self.keys.len() >= self.max {
+                return;
+            }
+        }
+        self.keys.insert(d, expires_at_ms);
+    }
+
+    /// How many `new` events this one stands for whose key expired within the
+    /// last TTL: 0 when its key is not known to have expired, else 2^shift.
+    pub fn hit(&self, digest: u128, now_ms: u64) -> u64 {
+        let d = Self::fold(digest);
+        if !self.sampled(d) {
+            return 0;
+        }
+        match self.keys.get(&d) {
+            Some(&e) if e <= now_ms && now_ms < e.saturating_add(self.ttl_ms) => 1 << self.shift,
+            _ => 0,
+        }
+    }
+
+    fn purge(&mut self, now_ms: u64) {
+        let ttl = self.ttl_ms;
+        self.keys.retain(|_, e| e.saturating_add(ttl) > now_ms);
+        self.purged_at_ms = now_ms;
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// 1 in this many keys is kept (1 while under `max`).
+    pub fn sample_every(&self) -> u64 {
+        1 << self.shift
+    }
+
+    /// Estimated from capacity: key, value and a control byte per slot.
+    pub fn memory_bytes(&self) -> usize {
+        self.keys.capacity() * (2 * std::mem::size_of::<u64>() + 1)
+    }
+}
+
+/// The tiers together, and the expired keys; the pipeline locks it once per batch.
 pub struct Filter {
     recent: RecentCache,
     aging: AgingCuckoo,
+    expired: ExpiredKeys,
     ttl_ms: u64,
 }
 
@@ -612,14 +744,17 @@ impl Filter {
         Ok(Filter {
             recent: RecentCache::new(config.recent_keys, ttl, now_ms),
             aging: AgingCuckoo::try_new(config.expected_keys.get(), config.false_positive_rate, ttl, now_ms)?,
+            expired: ExpiredKeys::new(config.expired_keys, ttl, now_ms),
             ttl_ms: ttl.as_millis() as u64,
         })
     }
 
     pub fn check(&mut self, envelope: &Envelope, now_ms: u64) -> Verdict {
         let digest = envelope.digest;
-        if self.recent.get(digest, now_ms) == Some(envelope.fingerprint) {
-            return Verdict::RecentDuplicate;
+        if let Some(c) = self.recent.entry(digest, now_ms).filter(|c| c.fingerprint == envelope.fingerprint) {
+            // Every cached row lives one TTL from its first claim.
+            let claimed_at_ms = c.valid_until_ms.saturating_sub(self.ttl_ms);
+            return Verdict::RecentDuplicate(First { claimed_at_ms, origin: c.origin });
         }
         self.aging.advance(now_ms);
         if self.aging.check(digest) {
@@ -632,7 +767,42 @@ impl Filter {
     /// Records a key this process claimed at `claimed_at_ms` and completed:
     /// its row lives one TTL from the claim.
     pub fn remember_claimed(&mut self, envelope: &Envelope, claimed_at_ms: u64, now_ms: u64) {
-        self.remember_done(envelope, claimed_at_ms.saturating_add(self.ttl_ms), now_ms);
+        let digest = envelope.digest;
+        let valid_until_ms = claimed_at_ms.saturating_add(self.ttl_ms);
+        let origin = Origin::of(&envelope.record.position);
+        self.recent.insert_from(digest, Cached { fingerprint: envelope.fingerprint, valid_until_ms, origin }, now_ms);
+        self.aging.insert(digest, now_ms);
+        self.expired.remember(digest, valid_until_ms, now_ms);
+    }
+
+    /// Records a duplicate: with the time its row stops counting when a row
+    /// was read (`expires_at_ms`; a duplicate never extends what the cache
+    /// vouches for), and its first occurrence when known (whose TTL ends the
+    /// row, for the expired keys).
+    pub fn remember_duplicate(
+        &mut self,
+        envelope: &Envelope,
+        expires_at_ms: Option<u64>,
+        first: Option<First>,
+        now_ms: u64,
+    ) {
+        let digest = envelope.digest;
+        if let Some(valid_until_ms) = expires_at_ms {
+            let cached =
+                Cached { fingerprint: envelope.fingerprint, valid_until_ms, origin: first.and_then(|f| f.origin) };
+            self.recent.insert_from(digest, cached, now_ms);
+        }
+        self.aging.insert(digest, now_ms);
+        let ends = expires_at_ms.or(first.map(|f| f.claimed_at_ms.saturating_add(self.ttl_ms)));
+        if let Some(ends) = ends {
+            self.expired.remember(digest, ends, now_ms);
+        }
+    }
+
+    /// For a key the store answered fresh (`new`): how many `new` events
+    /// whose key expired within the last TTL it stands for (see [`ExpiredKeys`]).
+    pub fn expired_hit(&self, digest: u128, now_ms: u64) -> u64 {
+        self.expired.hit(digest, now_ms)
     }
 
     /// Records a key the store holds as done with the envelope's fingerprint,
@@ -660,9 +830,10 @@ impl Filter {
         self.aging.prefetch(digest);
     }
 
-    /// Bytes held by both tiers (the cache estimated from its capacity), for a gauge.
+    /// Bytes held by both tiers and the expired keys (the maps estimated from
+    /// their capacity), for a gauge.
     pub fn memory_bytes(&self) -> usize {
-        self.aging.memory_bytes() + self.recent.memory_bytes()
+        self.aging.memory_bytes() + self.recent.memory_bytes() + self.expired.memory_bytes()
     }
 }
 
@@ -717,6 +888,7 @@ mod tests {
             expected_keys: std::num::NonZeroU64::new(1000).unwrap(),
             false_positive_rate: 0.001,
             recent_keys: 1000,
+            expired_keys: 1000,
         };
         let mut filter = Filter::new(&config, TTL, t0);
         let key = EventKey { scope: Arc::from("s"), id: b"periodic".to_vec() };
@@ -750,23 +922,24 @@ mod tests {
             let e = at(step as i64);
             let verdict = filter.check(&e, now);
             let answer = store.claim(vec![request(&e)], now).await.unwrap().remove(0);
-            if verdict == Verdict::RecentDuplicate {
+            if let Verdict::RecentDuplicate(cached) = verdict {
                 cache_hits += 1;
-                assert_eq!(
-                    answer,
-                    Claim::Duplicate,
-                    "at {step}/10 of the ttl the cache vouched for a row the store lacks"
-                );
+                let Claim::Duplicate { first, claimed_at_ms } = &answer else {
+                    panic!("at {step}/10 of the ttl the cache vouched for a row the store lacks: {answer:?}")
+                };
+                // The cache's first claim (a duplicate's age) is the store's.
+                assert_eq!((cached.claimed_at_ms, cached.origin), (*claimed_at_ms, Origin::of(first)), "at {step}/10");
             }
             match answer {
                 // Past the TTL the key is new again: claimed, completed, remembered anew.
                 Claim::New(_) => {
                     assert!(now >= t0 + ttl_ms, "new before the ttl ran out, at {step}/10");
+                    assert_eq!(filter.expired_hit(e.digest, now), 1, "new because its key expired, at {step}/10");
                     store.complete(vec![(e.key.clone(), e.record.position.clone())], now).await.unwrap();
                     filter.remember_claimed(&e, now, now);
                 }
                 // A duplicate from a claim says nothing of the row's age: aging tier only.
-                Claim::Duplicate => filter.remember_seen(&e, now),
+                Claim::Duplicate { .. } => filter.remember_seen(&e, now),
                 other => panic!("unexpected {other:?} at {step}/10"),
             }
         }
@@ -780,8 +953,71 @@ mod tests {
         store.release(vec![(e.key.clone(), e.record.position.clone())]).await.unwrap();
         filter.forget(e.digest);
         let resend = at(101);
-        assert_ne!(filter.check(&resend, now + 1), Verdict::RecentDuplicate);
+        assert!(!matches!(filter.check(&resend, now + 1), Verdict::RecentDuplicate(_)));
         assert_eq!(store.claim(vec![request(&resend)], now + 1).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
+    }
+
+    #[test]
+    fn a_recent_duplicate_knows_its_first_claim_and_position() {
+        let config = FilterConfig {
+            expected_keys: std::num::NonZeroU64::new(1000).unwrap(),
+            false_positive_rate: 0.001,
+            recent_keys: 1000,
+            expired_keys: 1000,
+        };
+        let mut filter = Filter::new(&config, TTL, 0);
+        let e = envelope(b"a", 7);
+        filter.remember_claimed(&e, 1_000, 2_000);
+        let Verdict::RecentDuplicate(first) = filter.check(&e, 3_000) else { panic!("cached") };
+        assert_eq!(first.claimed_at_ms, 1_000);
+        assert_eq!(first.origin.map(|o| o.to_string()), Some("t/0/7".to_string()));
+    }
+
+    fn envelope(id: &[u8], offset: i64) -> Envelope {
+        use crate::event::{EventKey, Position, Record};
+        let key = EventKey { scope: std::sync::Arc::from("s"), id: id.to_vec() };
+        let record = Record {
+            position: Position { topic: std::sync::Arc::from("t"), partition: 0, offset },
+            bad_header: None,
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            timestamp_ms: None,
+        };
+        Envelope { digest: key.digest(), key, fingerprint: Fingerprint(1), record }
+    }
+
+    #[test]
+    fn expired_keys_hit_only_within_a_ttl_after_expiry() {
+        const TTL_MS: u64 = 400_000;
+        let mut x = ExpiredKeys::new(100, TTL, 0);
+        x.remember(1, TTL_MS, 0);
+        assert_eq!(x.hit(1, TTL_MS - 1), 0, "the row still counts: a new answer means a release, not an expiry");
+        assert_eq!(x.hit(1, TTL_MS), 1, "expired at the TTL");
+        assert_eq!(x.hit(1, 2 * TTL_MS - 1), 1);
+        assert_eq!(x.hit(1, 2 * TTL_MS), 0, "kept one TTL after expiry only");
+        assert_eq!(x.hit(2, TTL_MS), 0, "never seen");
+        // Purged as time goes by.
+        x.remember(3, 3 * TTL_MS, 3 * TTL_MS);
+        assert_eq!(x.len(), 1, "the first key went once a TTL past its expiry");
+        assert_eq!(ExpiredKeys::new(0, TTL, 0).hit(1, 0), 0);
+    }
+
+    #[test]
+    fn expired_keys_past_their_bound_keep_a_weighted_sample() {
+        const TTL_MS: u64 = 400_000;
+        let max = 1000;
+        let mut x = ExpiredKeys::new(max, TTL, 0);
+        let keys: Vec<u128> = digests(9).take(8 * max).collect();
+        for &d in &keys {
+            x.remember(d, TTL_MS, 0);
+        }
+        assert!(x.len() < max, "bounded: {}", x.len());
+        assert!(x.sample_every() >= 8, "sampling 1 in {}", x.sample_every());
+        let estimate: u64 = keys.iter().map(|&d| x.hit(d, TTL_MS)).sum();
+        let n = keys.len() as f64;
+        assert!((estimate as f64 - n).abs() < n * 0.2, "estimate {estimate} of {n} expired keys");
+        assert!(x.memory_bytes() < max * 40, "{} bytes", x.memory_bytes());
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! [`reconcile`] finds effects that ran after the last commit when a partition
 //! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
 //! [`config::Config`]; [`cli`] is the command line; [`check`] asks every
-//! dependency of a config whether `run` would work.
+//! dependency of a config whether `run` would work. [`window`] says whether the TTL is long
+//! enough for the duplicates seen (`kdedup stats`).
 //!
 //! # Your own effect
 //!
@@ -67,7 +68,9 @@ pub mod mock;
 pub mod offsets;
 pub mod pipeline;
 pub mod reconcile;
+pub mod replay;
 pub mod service;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod window;

@@ -11,7 +11,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        cli::Command::Demo { .. } | cli::Command::Bench { .. } | cli::Command::Check { .. } => "warn",
+        cli::Command::Demo { .. }
+        | cli::Command::Bench { .. }
+        | cli::Command::Check { .. }
+        | cli::Command::Replay(_) => "warn",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))

@@ -2,7 +2,7 @@
 //! `/metrics`, `/healthz`, `/readyz`). Each pipeline owns its own registry, so tests (and the demo)
 //! can run several pipelines in one process and read exact counts.
 //!
-//! Labels are bounded: outcome, reason, kind, op, result, store, topic, partition. Never an event ID.
+//! Labels are bounded: outcome, reason, kind, op, result, store, tier, topic, partition. Never an event ID.
 //!
 //! Lag is sampled by the source thread every commit interval ([`Metrics::sample_lag`]):
 //! in records from librdkafka's cached high watermark (no broker request), and
@@ -14,14 +14,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use rdkafka::consumer::{Consumer, ConsumerContext};
 
@@ -41,6 +41,21 @@ pub const DEAD_LETTER_REASONS: [&str; 5] = ["missing_id", "invalid_json", "overs
 
 /// The `kind` label of `kdedup_rebalances_total`.
 pub const REBALANCE_KINDS: [&str; 3] = ["assign", "revoke", "lost"];
+
+/// The `kind` label of `kdedup_sink_errors_total`: [`crate::error::SinkError::kind`].
+pub const SINK_ERROR_KINDS: [&str; 3] = ["retriable", "rejected", "fatal"];
+
+/// The (`tier`, `result`) labels of `kdedup_filter_checks_total`: the recent
+/// cache is checked first; its misses go on to the aging filter.
+pub const FILTER_CHECKS: [(&str, &str); 4] =
+    [("recent", "hit"), ("recent", "miss"), ("aging", "hit"), ("aging", "miss")];
+
+/// Buckets of `kdedup_duplicate_age_seconds`: 1 ms to about 17 years, doubling
+/// (TTLs run from seconds to years); how close to the TTL is the separate
+/// counter's job (`kdedup_duplicates_near_expiry_total`).
+pub fn duplicate_age_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.001, 2.0, 40).expect("static bucket layout")
+}
 
 /// A counter vector with `N` labels whose `get()` is the sum over all its
 /// series, so callers that count totals (tests, the demo) need not know the
@@ -87,13 +102,26 @@ pub struct Metrics {
     pub lag_records: IntGaugeVec,
     pub lag_seconds: GaugeVec,
     pub filter_bytes: IntGauge,
+    /// `kdedup_filter_checks_total{tier,result}`; see [`FILTER_CHECKS`].
     pub filter: IntCounterVec,
     pub bloom_false_positives: IntCounter,
     pub store_seconds: HistogramVec,
     pub store_errors: IntCounter,
     pub sink_seconds: Histogram,
     pub record_seconds: Histogram,
-    pub sink_errors: IntCounter,
+    /// `kdedup_sink_errors_total{kind}`; see [`SINK_ERROR_KINDS`].
+    pub sink_errors: Summed<1>,
+    /// `kdedup_duplicate_age_seconds{topic}`: now − the first claim, per duplicate.
+    pub duplicate_age: HistogramVec,
+    /// `kdedup_duplicates_near_expiry_total{topic}`: duplicates older than 90% of the TTL.
+    pub near_expiry: Summed<1>,
+    /// `kdedup_expired_key_hits_total{topic}`: `new` events whose key expired within a TTL.
+    pub expired_key_hits: Summed<1>,
+    /// `kdedup_ttl_seconds`: the configured `ttl_secs`.
+    pub ttl_seconds: Gauge,
+    /// `kdedup_store_unavailable_seconds_total`: time some partition was
+    /// stalled on a failing store call (readiness false because of the store).
+    pub store_unavailable: Counter,
     pub claim_waits: IntCounter,
     pub claims_resumed: IntCounter,
     pub claims_lost: IntCounter,
@@ -129,7 +157,13 @@ struct Health {
     /// (when, duplicates, records finished), sampled with the lag, for the status
     /// page's recent duplicate rate; [`HISTORY`] long.
     history: Mutex<VecDeque<(std::time::Instant, u64, u64)>>,
+    store_down: Mutex<StoreDown>,
+    /// The TTL in ms, for the near-expiry threshold (0 until [`Metrics::set_ttl`]).
+    ttl_ms: AtomicU64,
 }
+
+/// Partitions whose last store call failed, and since when at least one has.
+type StoreDown = (std::collections::HashSet<(String, i32)>, Option<std::time::Instant>);
 
 /// How far back the status page's samples reach; its recent rate spans one minute.
 const HISTORY: std::time::Duration = std::time::Duration::from_secs(300);
@@ -204,9 +238,13 @@ impl Metrics {
         // 100 µs .. ~6.5 s
         let buckets = prometheus::exponential_buckets(0.0001, 2.0, 17).expect("static bucket layout");
         let store_seconds = HistogramVec::new(
-            HistogramOpts::new("kdedup_store_seconds", "Store call latency by operation (one call carries a batch).")
-                .buckets(buckets.clone()),
-            &["op"],
+            HistogramOpts::new(
+                "kdedup_store_seconds",
+                "Store call latency by operation and result (ok, error; one call carries a batch); its _count is \
+                 the calls.",
+            )
+            .buckets(buckets.clone()),
+            &["op", "result"],
         )
         .expect("static metric");
         registry.register(Box::new(store_seconds.clone())).expect("registered once");
@@ -289,13 +327,46 @@ impl Metrics {
             rebalances.with_label_values(&[kind]);
         }
         let filter = counter_vec(
-            "kdedup_filter_total",
-            "Filter answers: recent_hit (no store call), bloom_hit (store read first), bloom_miss (claim directly).",
-            &["result"],
+            "kdedup_filter_checks_total",
+            "Filter checks by tier and result: recent hit (a duplicate, no store call) or miss (on to the aging \
+             filter); aging hit (suspected duplicate: store read first) or miss (claimed directly).",
+            &["tier", "result"],
         );
-        for result in ["recent_hit", "bloom_hit", "bloom_miss"] {
-            filter.with_label_values(&[result]);
+        for (tier, result) in FILTER_CHECKS {
+            filter.with_label_values(&[tier, result]);
         }
+        let sink_errors = Summed(counter_vec(
+            "kdedup_sink_errors_total",
+            "Failed effects and side-topic writes, by kind: retriable (retried), rejected (dead-lettered, or a \
+             side-topic refusal), fatal (kdedup stops).",
+            &["kind"],
+        ));
+        for kind in SINK_ERROR_KINDS {
+            sink_errors.at([kind]);
+        }
+        let duplicate_age = HistogramVec::new(
+            HistogramOpts::new(
+                "kdedup_duplicate_age_seconds",
+                "Age of each duplicate: now minus its key's first claim (from the store row or the recent cache).",
+            )
+            .buckets(duplicate_age_buckets()),
+            &["topic"],
+        )
+        .expect("static metric");
+        registry.register(Box::new(duplicate_age.clone())).expect("registered once");
+        let ttl_seconds = Gauge::new(
+            "kdedup_ttl_seconds",
+            "The configured store.ttl_secs: how long a key suppresses its duplicates.",
+        )
+        .expect("static metric");
+        registry.register(Box::new(ttl_seconds.clone())).expect("registered once");
+        let store_unavailable = Counter::new(
+            "kdedup_store_unavailable_seconds_total",
+            "Seconds during which at least one partition was stalled on a failing store call (readiness false \
+             because of the store).",
+        )
+        .expect("static metric");
+        registry.register(Box::new(store_unavailable.clone())).expect("registered once");
         Metrics {
             consumed: Summed(counter_vec(
                 "kdedup_records_consumed_total",
@@ -321,7 +392,21 @@ impl Metrics {
             store_errors: counter("kdedup_store_errors_total", "Failed store calls (retried with backoff)."),
             sink_seconds,
             record_seconds,
-            sink_errors: counter("kdedup_sink_errors_total", "Failed effects (retried, or dead-lettered when not retriable)."),
+            sink_errors,
+            duplicate_age,
+            near_expiry: Summed(counter_vec(
+                "kdedup_duplicates_near_expiry_total",
+                "Duplicates older than 90% of ttl_secs: the window barely caught them.",
+                &["topic"],
+            )),
+            expired_key_hits: Summed(counter_vec(
+                "kdedup_expired_key_hits_total",
+                "New events whose key expired within the last TTL: most likely duplicates the window was too short \
+                 to catch (an estimate, per process; see [filter] expired_keys).",
+                &["topic"],
+            )),
+            ttl_seconds,
+            store_unavailable,
             claim_waits: counter("kdedup_claim_waits_total", "Claims answered in-flight (another owner's live lease)."),
             claims_resumed: counter("kdedup_claims_resumed_total", "Claims resumed at their own position after a crash."),
             claims_lost: counter(
@@ -416,6 +501,86 @@ impl Metrics {
             for reason in DEAD_LETTER_REASONS {
                 self.dead_letters.at([topic, reason]);
             }
+            self.near_expiry.at([topic]);
+            self.expired_key_hits.at([topic]);
+        }
+    }
+
+    /// The configured TTL: exported, and the near-expiry threshold.
+    pub fn set_ttl(&self, ttl: std::time::Duration) {
+        self.ttl_seconds.set(ttl.as_secs_f64());
+        self.health.ttl_ms.store(ttl.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A duplicate of a key first claimed at `claimed_at_ms`, decided at `now_ms`.
+    pub fn duplicate_seen(&self, topic: &str, claimed_at_ms: u64, now_ms: u64) {
+        let age_ms = now_ms.saturating_sub(claimed_at_ms);
+        self.duplicate_age.with_label_values(&[topic]).observe(age_ms as f64 / 1000.0);
+        let ttl_ms = self.health.ttl_ms.load(Ordering::Relaxed);
+        if ttl_ms > 0 && age_ms.saturating_mul(10) > ttl_ms.saturating_mul(9) {
+            self.near_expiry.at([topic]).inc();
+        }
+    }
+
+    /// `new` events standing for `n` whose key had expired within the last TTL.
+    pub fn expired_key_hits(&self, topic: &str, n: u64) {
+        if n > 0 {
+            self.expired_key_hits.at([topic]).inc_by(n);
+        }
+    }
+
+    /// A store call of this kind ended (`ok` or not) after `seconds`.
+    pub fn store_call(&self, op: &str, ok: bool, seconds: f64) {
+        self.store_seconds.with_label_values(&[op, if ok { "ok" } else { "error" }]).observe(seconds);
+    }
+
+    /// Store calls of this kind that answered.
+    pub fn store_calls_ok(&self, op: &str) -> u64 {
+        self.store_seconds.with_label_values(&[op, "ok"]).get_sample_count()
+    }
+
+    /// The filter checked `n` keys in `tier` with `result` (see [`FILTER_CHECKS`]).
+    pub fn filter_checked(&self, tier: &str, result: &str, n: usize) {
+        self.filter.with_label_values(&[tier, result]).inc_by(n as u64);
+    }
+
+    /// Filter checks with this tier and result, over every partition.
+    pub fn filter_checks(&self, tier: &str, result: &str) -> u64 {
+        self.filter.with_label_values(&[tier, result]).get()
+    }
+
+    /// A sink or side-topic write failed with this error.
+    pub fn sink_error(&self, error: &crate::error::SinkError) {
+        self.sink_errors.at([error.kind()]).inc();
+    }
+
+    /// A store call of this partition failed (`false`) or answered (`true`):
+    /// `kdedup_store_unavailable_seconds_total` runs while any partition's last call failed.
+    pub fn store_answered(&self, tp: &(Arc<str>, i32), answered: bool) {
+        let mut down = self.health.store_down.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tp.0.to_string(), tp.1);
+        let changed = if answered { down.0.remove(&key) } else { down.0.insert(key) };
+        if !changed {
+            return;
+        }
+        let now = std::time::Instant::now();
+        match (down.0.is_empty(), down.1) {
+            (false, None) => down.1 = Some(now),
+            (true, Some(since)) => {
+                self.store_unavailable.inc_by(now.duration_since(since).as_secs_f64());
+                down.1 = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Adds an ongoing store outage's time so far to the counter (before a scrape).
+    fn flush_store_unavailable(&self) {
+        let mut down = self.health.store_down.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = down.1 {
+            let now = std::time::Instant::now();
+            self.store_unavailable.inc_by(now.duration_since(since).as_secs_f64());
+            down.1 = Some(now);
         }
     }
 
@@ -551,7 +716,11 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
                 t = esc(topic),
             );
         }
-        html.push_str("</table>\n</body></html>\n");
+        html.push_str("</table>\n");
+        // Window adequacy: the same line `kdedup stats` prints, from these same counters.
+        let window = crate::window::Window::from_metrics(&self.render());
+        let _ =
+            write!(html, "<h2>Window adequacy</h2><p id=\"window\">{}</p>\n</body></html>\n", esc(&window.advice()));
         html
     }
 
@@ -637,6 +806,7 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
     pub fn partition_gone(&self, tp: &(Arc<str>, i32)) {
         self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tp.0.to_string(), tp.1));
         self.health.taken.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tp.0.to_string(), tp.1));
+        self.store_answered(tp, true);
         let labels = [tp.0.to_string(), tp.1.to_string()];
         let _ = self.partition_stalled_since.remove_label_values(&labels);
         let _ = self.lag_records.remove_label_values(&labels);
@@ -644,6 +814,7 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
     }
 
     pub fn render(&self) -> String {
+        self.flush_store_unavailable();
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
@@ -906,6 +1077,67 @@ mod tests {
         assert!(page.contains(r#"id="ready" class="bad">not ready<"#), "not in a group yet: {page}");
         assert!(!page.contains("a<b"), "topic names are escaped");
         assert!(!page.contains("http://") && !page.contains("https://"), "no external assets");
+    }
+
+    #[test]
+    fn duplicate_ages_and_the_near_expiry_count_follow_the_ttl() {
+        let m = Metrics::new();
+        m.topics(&["t".to_string()]);
+        m.set_ttl(std::time::Duration::from_secs(100));
+        m.duplicate_seen("t", 1_000, 2_000); // 1 s
+        m.duplicate_seen("t", 1_000, 91_000); // 90 s: not over 90%
+        m.duplicate_seen("t", 1_000, 92_000); // 91 s: over
+        m.expired_key_hits("t", 3);
+        m.expired_key_hits("t", 0);
+        assert_eq!(m.near_expiry.get(), 1);
+        assert_eq!(m.expired_key_hits.get(), 3);
+        let h = m.duplicate_age.with_label_values(&["t"]);
+        assert_eq!(h.get_sample_count(), 3);
+        assert!((h.get_sample_sum() - 182.0).abs() < 1e-9);
+        let text = m.render();
+        assert!(text.contains("kdedup_ttl_seconds 100"), "{text}");
+        assert!(text.contains(r#"kdedup_duplicates_near_expiry_total{topic="t"} 1"#), "{text}");
+        assert!(text.contains(r#"kdedup_expired_key_hits_total{topic="t"} 3"#), "{text}");
+    }
+
+    #[test]
+    fn store_unavailable_seconds_run_while_any_partition_fails_on_the_store() {
+        let m = Metrics::new();
+        let (a, b) = ((Arc::from("t"), 0), (Arc::from("t"), 1));
+        m.store_answered(&a, true);
+        assert_eq!(m.store_unavailable.get(), 0.0, "answers alone cost nothing");
+        m.store_answered(&a, false);
+        m.store_answered(&b, false);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        m.store_answered(&a, true);
+        let _ = m.render(); // a scrape adds the ongoing outage so far
+        let during = m.store_unavailable.get();
+        assert!(during >= 0.03, "{during}");
+        m.store_answered(&b, true);
+        let after = m.store_unavailable.get();
+        assert!(after >= during && after < 1.0, "counted once, not per partition: {after}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(m.store_unavailable.get(), after, "stopped with the outage");
+    }
+
+    #[test]
+    fn sink_errors_by_kind_store_calls_by_result_and_filter_checks_by_tier() {
+        let m = Metrics::new();
+        let text = m.render();
+        for kind in SINK_ERROR_KINDS {
+            assert!(text.contains(&format!("kdedup_sink_errors_total{{kind=\"{kind}\"}} 0")), "{text}");
+        }
+        for (tier, result) in FILTER_CHECKS {
+            let line = format!("kdedup_filter_checks_total{{result=\"{result}\",tier=\"{tier}\"}} 0");
+            assert!(text.contains(&line), "{line}: {text}");
+        }
+        m.sink_error(&crate::error::SinkError::Stdout(std::io::Error::other("x")));
+        assert_eq!(m.sink_errors.at(["retriable"]).get(), 1);
+        m.store_call("claim", false, 0.1);
+        m.store_call("claim", true, 0.1);
+        let text = m.render();
+        assert!(text.contains(r#"kdedup_store_seconds_count{op="claim",result="error"} 1"#), "{text}");
+        assert_eq!(m.store_calls_ok("claim"), 1);
     }
 
     #[test]

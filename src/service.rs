@@ -3,7 +3,7 @@
 //! directly with their own shutdown future, so nothing needs a signal.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,8 +11,6 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, SinkConfig};
 use crate::decide::{Claimant, Core, Fatal, Faults};
-use crate::event::KeyExtractor;
-use crate::filter::Filter;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
 use crate::pipeline::{Liveness, Stages, Workers};
@@ -53,47 +51,15 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         metrics.register_store_ops(ops);
     }
     metrics.topics(&config.kafka.topics);
+    metrics.set_ttl(config.retention.ttl);
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || crate::kafka_client::preflight(&kafka)).await?.context(
         "cannot connect to Kafka securely (check security.protocol, ssl.* and sasl.* in [kafka.client] / \
          [kafka.consumer] / [kafka.producer])",
     )?;
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
-    let sink = match (&config.sink, options.sink) {
-        (SinkConfig::Custom, Some(custom)) => AnySink::Custom(custom),
-        (SinkConfig::Custom, None) => {
-            anyhow::bail!(
-                "[sink] kind = \"custom\" needs the effect from code (RunOptions::sink); `kdedup run` has none"
-            )
-        }
-        (_, Some(custom)) => anyhow::bail!(
-            "a {} sink was given in code (RunOptions::sink) but [sink] kind is not \"custom\"",
-            custom.kind()
-        ),
-        (SinkConfig::Kafka { topic, partitioning }, None) => AnySink::Kafka(
-            KafkaSink::new(writer.clone(), topic, *partitioning)
-                .with_context(|| format!("output topic `{topic}` ([sink] topic) must exist"))?,
-        ),
-        (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
-        (SinkConfig::Http(http), None) => {
-            let sink = HttpSink::new(http, &metrics).context("cannot set up the HTTP sink ([sink.http])")?;
-            if let Some(topic) = &http.results_topic {
-                writer
-                    .partition_count(topic, Duration::from_secs(10))
-                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?;
-            }
-            AnySink::Http(Box::new(sink.with_results(writer.clone())))
-        }
-    };
-    let partitions_of = |topic: &str| {
-        writer
-            .partition_count(topic, Duration::from_secs(10))
-            .with_context(|| format!("topic `{topic}` ([dead_letter] / [duplicates]) must exist"))
-    };
-    let dead_letter_partitions = partitions_of(&config.dead_letter_topic)?;
-    if let Some(topic) = &config.duplicates_topic {
-        partitions_of(topic)?;
-    }
+    let sink = configured_sink(config, &writer, options.sink, &metrics)?;
+    let side = side_topics(config, &writer)?;
 
     let liveness = Arc::new(Liveness::new(
         consumer_ms(config, "session.timeout.ms", 45_000),
@@ -102,27 +68,11 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     let fatal = Fatal::default();
     let barrier_store = store.clone();
     let book = Arc::new(CommitBook::new(Box::new(move || barrier_store.sync())));
+    let mut core = Core::new(config, store.clone(), sink, side, metrics.clone(), Claimant::Position)?;
+    core.faults = options.faults;
+    core.fatal = fatal.clone();
     let stages = Arc::new(Stages {
-        core: Core {
-            extractor: KeyExtractor::new(config.key.clone()),
-            filter: Mutex::new(Filter::try_new(&config.filter, config.retention.ttl, now_ms())?),
-            store: store.clone(),
-            sink,
-            side: SideTopics {
-                writer: writer.clone(),
-                dead_letter: config.dead_letter_topic.clone(),
-                dead_letter_partitions,
-                duplicates: config.duplicates_topic.clone(),
-                scope: Arc::from(config.key.scope.as_str()),
-            },
-            metrics: metrics.clone(),
-            config: config.pipeline.clone(),
-            faults: options.faults,
-            lease: config.retention.lease,
-            fatal: fatal.clone(),
-            settled_claims: tokio::sync::watch::channel(0).0,
-            claimant: Claimant::Position,
-        },
+        core,
         book: book.clone(),
         reconciler: Reconciler::new(&config.kafka, &config.key.scope),
         liveness: liveness.clone(),
@@ -177,6 +127,61 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     }
     info!("stopped");
     Ok(())
+}
+
+/// The `[sink]` effect, on `writer` when it is Kafka.
+pub(crate) fn configured_sink(
+    config: &Config,
+    writer: &KafkaWriter,
+    custom: Option<CustomSink>,
+    metrics: &Metrics,
+) -> anyhow::Result<AnySink> {
+    Ok(match (&config.sink, custom) {
+        (SinkConfig::Custom, Some(custom)) => AnySink::Custom(custom),
+        (SinkConfig::Custom, None) => {
+            anyhow::bail!(
+                "[sink] kind = \"custom\" needs the effect from code (RunOptions::sink); `kdedup run` has none"
+            )
+        }
+        (_, Some(custom)) => anyhow::bail!(
+            "a {} sink was given in code (RunOptions::sink) but [sink] kind is not \"custom\"",
+            custom.kind()
+        ),
+        (SinkConfig::Kafka { topic, partitioning }, None) => AnySink::Kafka(
+            KafkaSink::new(writer.clone(), topic, *partitioning)
+                .with_context(|| format!("output topic `{topic}` ([sink] topic) must exist"))?,
+        ),
+        (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
+        (SinkConfig::Http(http), None) => {
+            let sink = HttpSink::new(http, metrics).context("cannot set up the HTTP sink ([sink.http])")?;
+            if let Some(topic) = &http.results_topic {
+                writer
+                    .partition_count(topic, Duration::from_secs(10))
+                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?;
+            }
+            AnySink::Http(Box::new(sink.with_results(writer.clone())))
+        }
+    })
+}
+
+/// The dead-letter and duplicates topics, which must exist.
+pub(crate) fn side_topics(config: &Config, writer: &KafkaWriter) -> anyhow::Result<SideTopics> {
+    let partitions_of = |topic: &str| {
+        writer
+            .partition_count(topic, Duration::from_secs(10))
+            .with_context(|| format!("topic `{topic}` ([dead_letter] / [duplicates]) must exist"))
+    };
+    let dead_letter_partitions = partitions_of(&config.dead_letter_topic)?;
+    if let Some(topic) = &config.duplicates_topic {
+        partitions_of(topic)?;
+    }
+    Ok(SideTopics {
+        writer: writer.clone(),
+        dead_letter: config.dead_letter_topic.clone(),
+        dead_letter_partitions,
+        duplicates: config.duplicates_topic.clone(),
+        scope: Arc::from(config.key.scope.as_str()),
+    })
 }
 
 /// A duration property of the consumer, as librdkafka would read it (its default otherwise).

@@ -40,13 +40,21 @@ pub mod headers {
     pub const PAYLOAD_BYTES: &str = "kdedup-payload-bytes";
     /// How many of the original record's headers a truncated dead letter left out.
     pub const HEADERS_DROPPED: &str = "kdedup-headers-dropped";
+    /// Observe mode, on every forwarded record: `true` for a duplicate, else `false`.
+    pub const DUPLICATE: &str = "kdedup-duplicate";
+    /// Observe mode, on a forwarded conflict (same ID, other content): `true`.
+    pub const CONFLICT: &str = "kdedup-conflict";
+    /// Observe mode, on a duplicate: where its event first occurred, when known.
+    pub const FIRST_TOPIC: &str = "kdedup-first-topic";
+    pub const FIRST_PARTITION: &str = "kdedup-first-partition";
+    pub const FIRST_OFFSET: &str = "kdedup-first-offset";
     /// The `kdedup replay` job that wrote the record.
     pub const REPLAY: &str = "kdedup-replay";
 
     /// Every name above. An inbound record's own copies of these (a chained
     /// kdedup stage, a dead letter replayed into the input) are dropped from
     /// what kdedup writes, so each name occurs once and means this kdedup's value.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 18] = [
         EVENT_ID,
         SCOPE,
         SOURCE_TOPIC,
@@ -59,6 +67,11 @@ pub mod headers {
         PAYLOAD_SHA256,
         PAYLOAD_BYTES,
         HEADERS_DROPPED,
+        DUPLICATE,
+        CONFLICT,
+        FIRST_TOPIC,
+        FIRST_PARTITION,
+        FIRST_OFFSET,
         REPLAY,
     ];
 
@@ -358,11 +371,14 @@ impl super::Sink for KafkaSink {
     async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         let out = batch
             .iter()
-            .map(|Effect { envelope: e, possible_repeat, replay }| {
+            .map(|Effect { envelope: e, possible_repeat, observed, replay }| {
                 let mut h = headers_with_source(&e.record, &e.key.scope)
                     .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) });
                 if *possible_repeat {
                     h = h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) });
+                }
+                if let Some(o) = observed {
+                    h = o.stamp(h);
                 }
                 if let Some(job) = replay {
                     h = h.insert(Header { key: headers::REPLAY, value: Some(job.as_bytes()) });

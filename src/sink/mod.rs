@@ -40,8 +40,39 @@ pub struct Effect<'a> {
     /// The effect may have run before (a resumed claim whose earlier attempt
     /// could not be ruled out): travels as the `kdedup-possible-repeat` header.
     pub possible_repeat: bool,
+    /// Observe mode's verdict, stamped on the output; `None` in enforce mode.
+    pub observed: Option<Observed>,
     /// The replay job that runs it, if any: travels as the `kdedup-replay` header.
     pub replay: Option<&'a str>,
+}
+
+/// What observe mode (`[pipeline] mode = "observe"`) stamps on a forwarded
+/// record: `kdedup-duplicate: true|false`, `kdedup-conflict: true` for a
+/// conflict, and a duplicate's first occurrence when known
+/// (`kdedup-first-topic`, `-partition`, `-offset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    pub duplicate: bool,
+    pub conflict: bool,
+    pub first: Option<crate::window::Origin>,
+}
+
+impl Observed {
+    fn stamp(&self, h: OwnedHeaders) -> OwnedHeaders {
+        let flag = |b: bool| if b { b"true".as_slice() } else { b"false".as_slice() };
+        let mut h = h.insert(Header { key: headers::DUPLICATE, value: Some(flag(self.duplicate)) });
+        if self.conflict {
+            h = h.insert(Header { key: headers::CONFLICT, value: Some(flag(true)) });
+        }
+        if let Some(first) = self.first {
+            let (partition, offset) = (first.partition.to_string(), first.offset.to_string());
+            h = h
+                .insert(Header { key: headers::FIRST_TOPIC, value: Some(first.topic.as_bytes()) })
+                .insert(Header { key: headers::FIRST_PARTITION, value: Some(partition.as_bytes()) })
+                .insert(Header { key: headers::FIRST_OFFSET, value: Some(offset.as_bytes()) });
+        }
+        h
+    }
 }
 
 /// One record to dead-letter.

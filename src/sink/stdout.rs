@@ -17,9 +17,9 @@ impl super::Sink for StdoutSink {
 
     async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         let mut buf = Vec::with_capacity(batch.len() * 128);
-        for Effect { envelope: e, possible_repeat, replay } in batch {
+        for Effect { envelope: e, possible_repeat, observed, replay } in batch {
             let payload = e.record.payload.as_deref().unwrap_or_default();
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "event_id": e.key.display_id(),
                 "scope": &*e.key.scope,
                 "topic": &*e.record.position.topic,
@@ -29,6 +29,15 @@ impl super::Sink for StdoutSink {
                 "possible_repeat": possible_repeat,
                 "replay": replay,
             });
+            if let Some(o) = observed {
+                line["duplicate"] = o.duplicate.into();
+                if o.conflict {
+                    line["conflict"] = true.into();
+                }
+                if let Some(f) = o.first {
+                    line["first"] = serde_json::json!({"topic": f.topic, "partition": f.partition, "offset": f.offset});
+                }
+            }
             serde_json::to_writer(&mut buf, &line).expect("writing JSON to a Vec cannot fail");
             buf.push(b'\n');
         }

@@ -459,7 +459,10 @@ mod tests {
         assert_eq!(store.claim(vec![r.clone()], t0).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
         assert_eq!(store.complete(vec![(r.key.clone(), r.position.clone())], t0).await.unwrap(), vec![true]);
         let later = request("a", 1, 9);
-        assert_eq!(store.claim(vec![later.clone()], t0 + 99_999).await.unwrap(), vec![Claim::Duplicate]);
+        assert_eq!(
+            store.claim(vec![later.clone()], t0 + 99_999).await.unwrap(),
+            vec![Claim::Duplicate { first: r.position.clone(), claimed_at_ms: t0 }]
+        );
         // At the TTL the row stops counting at once, before any sweep.
         assert_eq!(store.lookup(vec![r.key.clone()], t0 + 100_000).await.unwrap(), vec![None]);
         assert_eq!(store.sweep(t0 + 50_000).await.unwrap(), 0, "nothing expired yet");

@@ -69,8 +69,10 @@ impl Acquired {
 pub enum Claim {
     /// The caller owns the key now and must run the effect, then `complete` or `release`.
     New(Acquired),
-    /// Completed earlier with the same fingerprint.
-    Duplicate,
+    /// Completed earlier with the same fingerprint: by `first`, whose claim
+    /// was made at `claimed_at_ms` (the row's clock: its TTL counts from there),
+    /// for the duplicate's age and observe mode's stamp.
+    Duplicate { first: Position, claimed_at_ms: u64 },
     /// Another position holds a live lease; ask again later.
     InFlight { holder: Position, lease_until_ms: u64 },
     /// The key exists with another fingerprint.
@@ -143,7 +145,7 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, 
         Some(row) if row.expires_at_ms <= now_ms => Claim::New(Acquired::Fresh),
         Some(row) if row.state == ClaimState::Done => {
             if row.fingerprint == request.fingerprint {
-                Claim::Duplicate
+                Claim::Duplicate { first: row.position.clone(), claimed_at_ms: row.claimed_at_ms }
             } else {
                 Claim::Conflict { stored: row.fingerprint }
             }

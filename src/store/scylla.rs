@@ -1350,7 +1350,10 @@ mod tests {
         let now = NOW + 1;
         // Completed earlier: duplicate, or conflict with another fingerprint.
         let done = row(ClaimState::Done, 1, at(3, 3), NOW);
-        assert_eq!(next_step(Some(&done), &mine, now, LEASE), Step::Answer(Claim::Duplicate));
+        assert_eq!(
+            next_step(Some(&done), &mine, now, LEASE),
+            Step::Answer(Claim::Duplicate { first: at(3, 3), claimed_at_ms: NOW })
+        );
         assert_eq!(
             next_step(Some(&done), &request(2, at(0, 5)), now, LEASE),
             Step::Answer(Claim::Conflict { stored: Fingerprint(1) })
@@ -1389,7 +1392,16 @@ mod tests {
                 expires_at_ms: now + TTL
             }
         );
-        assert_eq!(intended_row(&Step::Answer(Claim::Duplicate), &mine, now, LEASE, TTL), None);
+        assert_eq!(
+            intended_row(
+                &Step::Answer(Claim::Duplicate { first: at(3, 3), claimed_at_ms: NOW }),
+                &mine,
+                now,
+                LEASE,
+                TTL
+            ),
+            None
+        );
     }
 
     #[test]

@@ -306,6 +306,20 @@ async fn a_real_prometheus_scraping_kdedup_under_load_answers_every_dashboard_qu
     // set) fails at the deadline.
     let queries = dashboard_queries();
     assert!(queries.len() >= 20, "the dashboard has its panels: {queries:?}");
+    // Window adequacy, store availability, sink errors by kind and filter checks
+    // by tier have their panels (each must return data below, like every other).
+    for metric in [
+        "kdedup_duplicate_age_seconds_bucket",
+        "kdedup_ttl_seconds",
+        "kdedup_duplicates_near_expiry_total",
+        "kdedup_expired_key_hits_total",
+        "kdedup_store_unavailable_seconds_total",
+        "sum by (kind) (rate(kdedup_sink_errors_total",
+        "kdedup_filter_checks_total",
+    ] {
+        assert!(queries.iter().any(|(_, e)| e.contains(metric)), "no dashboard panel queries {metric}");
+    }
+    assert!(alert_names().contains("KdedupWindowTooShort"), "an alert for a too-short window");
     for (title, expr) in &queries {
         assert!(
             !expr.contains("vector(") && !expr.contains("absent("),
@@ -430,6 +444,9 @@ async fn a_real_prometheus_scraping_kdedup_under_load_answers_every_dashboard_qu
                 assert_eq!(cell(&dom, &row, "lag_records"), Some(lag.to_string()), "partition {p}:\n{dom}");
             }
             assert!(dom.contains(r#"id="ready" class="ok">ready<"#), "ready on the page:\n{dom}");
+            // Window adequacy: the line `kdedup stats` would print from this same scrape.
+            let advice = kdedup::window::Window::from_metrics(&body).advice();
+            assert!(dom.contains(&format!(r#"<p id="window">{advice}</p>"#)), "{advice} on the page:\n{dom}");
         }
         None => assert!(html.contains(r#"<tr data-topic="in">"#), "{html}"),
     }

@@ -39,6 +39,7 @@ async fn postgres_outage_pauses_the_pipeline_which_resumes_by_itself_losing_noth
     let first_ends: Vec<i64> = mock::end_offsets(kafka.bootstrap(), INPUT).unwrap().into_values().collect();
     assert_eq!(at_outage, first_ends, "the first half is committed before the store goes away");
 
+    let down_at = std::time::Instant::now();
     pg.down();
     mock::produce_all(kafka.bootstrap(), INPUT, second_half).await.unwrap();
     wait_for("readiness to go false", Duration::from_secs(30), || {
@@ -54,6 +55,17 @@ async fn postgres_outage_pauses_the_pipeline_which_resumes_by_itself_losing_noth
     pg.up();
     wait_all_committed(&kafka, &running.metrics).await;
     assert!(m.is_ready(), "ready again once the store answers");
+    // The outage is counted once (four partitions waited on it), from the first
+    // failed call to the first answer: at least the 3 s slept above, at most
+    // the time since the store went down.
+    let unavailable = m.store_unavailable.get();
+    assert!(
+        unavailable >= 3.0 && unavailable <= down_at.elapsed().as_secs_f64(),
+        "store unavailable {unavailable} s; down {:?} ago",
+        down_at.elapsed()
+    );
+    let _ = m.render();
+    assert_eq!(m.store_unavailable.get(), unavailable, "not counting once the store answers");
     running.stop(StopMode::Drain).await;
     assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
     assert_eq!(m.outcome("new"), 10_000);

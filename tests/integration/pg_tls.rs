@@ -77,7 +77,7 @@ async fn verify_full_with_the_right_ca_claims_completes_and_applies_the_schema()
     assert_eq!(claimed, vec![Claim::New(Acquired::Fresh)]);
     assert_eq!(store.complete(vec![(request("a", 1).key, at(1))], T0).await.unwrap(), vec![true]);
     let again = store.claim(vec![request("a", 2)], T0 + 1).await.unwrap();
-    assert_eq!(again, vec![Claim::Duplicate]);
+    assert_eq!(again, vec![Claim::Duplicate { first: at(1), claimed_at_ms: T0 }]);
 
     // The server refuses plain TCP (`hostnossl … reject`): every answer above came over TLS.
     let out = std::process::Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();

@@ -145,7 +145,12 @@ async fn new_then_duplicate_then_conflict() {
         let (name, store) = (b.name, &b.store);
         assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0).await, Claim::New(Acquired::Fresh), "{name}");
         assert!(store.complete(vec![(b.key("k"), at(0, 1))], T0).await.unwrap()[0], "{name}");
-        assert_eq!(claim1(store, b.req("k", 1, at(1, 9)), T0 + 1).await, Claim::Duplicate, "{name}");
+        // A duplicate names its first occurrence and when it was claimed (its age, observe mode's stamp).
+        assert_eq!(
+            claim1(store, b.req("k", 1, at(1, 9)), T0 + 1).await,
+            Claim::Duplicate { first: at(0, 1), claimed_at_ms: T0 },
+            "{name}"
+        );
         assert_eq!(
             claim1(store, b.req("k", 2, at(1, 10)), T0 + 2).await,
             Claim::Conflict { stored: Fingerprint(1) },
@@ -236,7 +241,11 @@ async fn redelivery_of_the_same_position_resumes_its_own_claim() {
         claim1(store, b.req("k", 1, at(3, 42)), T0).await;
         assert_eq!(claim1(store, b.req("k", 1, at(3, 42)), T0 + 1).await, Claim::New(Acquired::Resumed), "{name}");
         store.complete(vec![(b.key("k"), at(3, 42))], T0 + 2).await.unwrap();
-        assert_eq!(claim1(store, b.req("k", 1, at(3, 42)), T0 + 3).await, Claim::Duplicate, "{name}: done is done");
+        assert_eq!(
+            claim1(store, b.req("k", 1, at(3, 42)), T0 + 3).await,
+            Claim::Duplicate { first: at(3, 42), claimed_at_ms: T0 },
+            "{name}: done is done, and resuming kept the first claim's clock"
+        );
     }
 }
 
@@ -265,7 +274,11 @@ async fn ttl_expiry_counts_at_once_and_sweep_removes() {
         let (name, store) = (b.name, &b.store);
         claim1(store, b.req("k", 1, at(0, 1)), T0).await;
         store.complete(vec![(b.key("k"), at(0, 1))], T0).await.unwrap();
-        assert_eq!(claim1(store, b.req("k", 1, at(0, 2)), T0 + TTL_MS - 1).await, Claim::Duplicate, "{name}");
+        assert_eq!(
+            claim1(store, b.req("k", 1, at(0, 2)), T0 + TTL_MS - 1).await,
+            Claim::Duplicate { first: at(0, 1), claimed_at_ms: T0 },
+            "{name}"
+        );
         assert_eq!(store.lookup(vec![b.key("k")], T0 + TTL_MS).await.unwrap(), vec![None], "{name}");
         // Other tests' rows may share a server and expire too: at least ours went.
         assert!(store.sweep(T0 + TTL_MS).await.unwrap() >= 1, "{name}");

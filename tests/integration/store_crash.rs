@@ -89,7 +89,8 @@ async fn store_survives_sigkill() {
         )
         .await
         .unwrap();
-    let not_done: Vec<u64> = (0..written).filter(|i| answers[*i as usize] != Claim::Duplicate).collect();
+    let not_done: Vec<u64> =
+        (0..written).filter(|i| !matches!(answers[*i as usize], Claim::Duplicate { .. })).collect();
     assert!(
         not_done.is_empty(),
         "{} of {written} completed keys lost, first {:?}",

@@ -87,11 +87,16 @@ pub fn start(config: Config, faults: Faults) -> Running {
     start_with(config, RunOptions { faults, ..RunOptions::default() })
 }
 
-/// [`start`] with options of the caller's (a custom sink); metrics are always the run's own.
+/// [`start`], serving `[metrics] listen` too, for tests that read `/metrics` as Prometheus would.
+pub fn start_serving(config: Config) -> Running {
+    start_with(config, RunOptions { serve_metrics: true, ..RunOptions::default() })
+}
+
+/// [`start`] with options of the caller's (a custom sink, serving metrics); metrics are always the run's own.
 pub fn start_with(config: Config, options: RunOptions) -> Running {
     init_logs();
     let metrics = Metrics::new();
-    let options = RunOptions { metrics: metrics.clone(), serve_metrics: false, ..options };
+    let options = RunOptions { metrics: metrics.clone(), ..options };
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
         service::run(&config, options, async move { rx.await.unwrap_or(StopMode::Abandon) }).await

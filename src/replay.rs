@@ -1,0 +1,695 @@
+//! `kdedup replay`: re-reads a partition range through the dedup decision,
+//! without joining the live consumer group or moving its offsets.
+//!
+//! A second driver of the decision core ([`crate::decide`]): it reads by
+//! `assign`, one partition after another, in batches of `batch_max`, and
+//! - `dry-run` asks the store about every record and changes nothing;
+//! - `apply` runs the range through the whole path (claim, effect, complete,
+//!   dead-letter), so only events not already done get their effect;
+//! - `redrive` forgets each event's key and then applies it: every event in
+//!   the range gets its effect once more;
+//! - `release` forgets the keys of the range's events.
+//!
+//! Its claims are the job's ([`Claimant::Replay`]): a replay never resumes or
+//! takes over a live owner's claim by position equality, and its writes carry
+//! `kdedup-replay: <job>`.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::decide::{Claimant, Core, Decision, Driver, Item, Stop};
+use crate::event::{Envelope, EventKey, Fingerprint, Position, Record};
+use crate::kafka_client::KafkaClients;
+use crate::metrics::Metrics;
+use crate::offsets::{OutputMark, TopicPartition};
+use crate::service::{configured_sink, side_topics};
+use crate::sink::{KafkaSink, KafkaWriter};
+use crate::store::{now_ms, ClaimState, DedupStore, Store};
+
+/// What a replay does with its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    DryRun,
+    Apply,
+    Redrive,
+    Release,
+}
+
+/// Where a range starts (inclusive).
+#[derive(Debug, Clone, Copy)]
+pub enum From {
+    Offset(i64),
+    /// Milliseconds since the epoch: the first record at or after it.
+    Time(i64),
+    /// The live group's committed offset (what it has not committed yet).
+    Committed,
+}
+
+/// Where a range ends (exclusive).
+#[derive(Debug, Clone, Copy)]
+pub enum To {
+    Offset(i64),
+    Time(i64),
+    /// The end of the partition when the replay starts.
+    End,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub topic: Option<String>,
+    pub partitions: Vec<i32>,
+    pub from: From,
+    pub to: To,
+    pub mode: Mode,
+    pub to_topic: Option<String>,
+    pub max_rate: Option<u32>,
+    pub job_id: String,
+    pub show: usize,
+    pub progress: bool,
+}
+
+/// Counts of one partition's range, or of all.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Counts {
+    pub records: u64,
+    pub new: u64,
+    pub duplicate: u64,
+    pub conflict: u64,
+    pub in_flight: u64,
+    pub bad: u64,
+    pub emitted: u64,
+    pub released: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.records += o.records;
+        self.new += o.new;
+        self.duplicate += o.duplicate;
+        self.conflict += o.conflict;
+        self.in_flight += o.in_flight;
+        self.bad += o.bad;
+        self.emitted += o.emitted;
+        self.released += o.released;
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionReport {
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+/// A duplicate or conflict the dry-run found, with where the event was first seen.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shown {
+    pub outcome: &'static str,
+    pub position: String,
+    pub event_id: String,
+    pub first: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub mode: Mode,
+    pub job_id: String,
+    pub topic: String,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub elapsed_secs: f64,
+    pub interrupted: bool,
+    pub partitions: Vec<PartitionReport>,
+    pub shown: Vec<Shown>,
+}
+
+/// Why a replay could not run, with the exit code `kdedup replay` documents.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Exit 3.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl ReplayError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ReplayError::Usage(_) => 2,
+            ReplayError::Unreachable(_) => 3,
+        }
+    }
+}
+
+fn unreachable(what: &str, e: impl std::fmt::Display) -> ReplayError {
+    ReplayError::Unreachable(format!("{what}: {e}"))
+}
+
+/// Parses `--from-time` / `--to-time`: RFC 3339, or relative to now (`-2h`, `-30m`, `-45s`, `-1d`).
+pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
+    if let Some(rel) = text.strip_prefix('-') {
+        let (number, unit) = rel.split_at(rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len()));
+        let n: i64 = number.parse().map_err(|_| format!("`{text}`: expected e.g. -30m, -2h, -1d"))?;
+        let unit_ms = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+        };
+        return Ok(now_ms - n * unit_ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("`{text}` is neither RFC 3339 (2026-12-01T10:00:00Z) nor relative (-2h): {e}"))
+}
+
+/// Runs a replay; `stop` turning true interrupts it (a partial report).
+pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver<bool>) -> Result<Report, ReplayError> {
+    let started = Instant::now();
+    let topic = match (&options.topic, config.kafka.topics.as_slice()) {
+        (Some(t), _) => t.clone(),
+        (None, [only]) => only.clone(),
+        (None, many) => {
+            return Err(ReplayError::Usage(format!(
+                "the config reads {} topics ({}): say which with --topic",
+                many.len(),
+                many.join(", ")
+            )))
+        }
+    };
+    let clients: KafkaClients = (&config.kafka).into();
+    let consumer: StreamConsumer = clients
+        .reader(&config.kafka.group_id)
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(|e| unreachable("cannot create the Kafka reader", e))?;
+    // The reader carries the live group's ID, so that --from-committed reads its offsets; it never joins or commits.
+    let ranges = tokio::task::block_in_place(|| ranges(&consumer, &topic, options))?;
+
+    let store =
+        Store::open(&config.store, &config.retention).map_err(|e| unreachable("cannot open the store ([store])", e))?;
+    store.check_schema().await.map_err(|e| unreachable("the store is not ready", e))?;
+    let (core, writer) = match options.mode {
+        Mode::Apply | Mode::Redrive => {
+            let (core, writer) = writing_core(config, options, store.clone())?;
+            (Some(core), Some(writer))
+        }
+        Mode::DryRun | Mode::Release => (None, None),
+    };
+    let extractor = crate::event::KeyExtractor::new(config.key.clone());
+    let batch_max = config.pipeline.batch_max.get();
+    let total: i64 = ranges.iter().map(|(_, from, to)| (to - from).max(0)).sum();
+    let mut progress = Progress::new(options.progress, total as u64);
+
+    let mut report = Report {
+        mode: options.mode,
+        job_id: options.job_id.clone(),
+        topic: topic.clone(),
+        counts: Counts::default(),
+        elapsed_secs: 0.0,
+        interrupted: false,
+        partitions: Vec::new(),
+        shown: Vec::new(),
+    };
+    // Events seen earlier in the range, for the dry-run and release: key digest → (first position, fingerprint).
+    let mut seen: HashMap<u128, (Position, Fingerprint)> = HashMap::new();
+    let mut limiter = RateLimiter::new(options.max_rate);
+    for &(partition, from, to) in &ranges {
+        let mut counts = Counts::default();
+        if from < to && !*stop.borrow() {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(from))
+                .map_err(|e| unreachable("cannot assign the partition", e))?;
+            consumer.assign(&tpl).map_err(|e| unreachable("cannot assign the partition", e))?;
+            let mut driver = ReplayDriver {
+                tp: (Arc::from(topic.as_str()), partition),
+                stop: stop.clone(),
+                counts: Counts::default(),
+            };
+            let mut next = from;
+            while next < to {
+                let to_end = matches!(options.to, To::End);
+                let batch = read_batch(&consumer, (&topic, partition), &mut next, to, batch_max, to_end, &stop).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                let n = batch.len() as u64;
+                limiter.wait(n, &stop).await;
+                let result = match (options.mode, &core) {
+                    (Mode::DryRun, _) => {
+                        dry_run(
+                            &extractor,
+                            &store,
+                            batch,
+                            &mut seen,
+                            &mut driver.counts,
+                            options.show,
+                            &mut report.shown,
+                        )
+                        .await
+                    }
+                    (Mode::Release, _) => release(&extractor, &store, batch, &mut seen, &mut driver.counts).await,
+                    (Mode::Apply, Some(core)) => {
+                        core.run_batch(&mut driver, batch, Instant::now()).await.map_err(stopped)
+                    }
+                    (Mode::Redrive, Some(core)) => redrive(core, &mut driver, batch).await,
+                    (_, None) => unreachable!("apply and redrive have a core"),
+                };
+                match result {
+                    Ok(()) => {}
+                    Err(Interrupted::Stopped) => break,
+                    Err(Interrupted::Store(e)) => return Err(unreachable("the store failed", e)),
+                }
+                progress.advance(n);
+            }
+            counts = driver.counts;
+            consumer.unassign().map_err(|e| unreachable("cannot unassign the partition", e))?;
+        }
+        report.counts.add(&counts);
+        report.partitions.push(PartitionReport { partition, from, to: to.max(from), counts });
+    }
+    if let Some(writer) = writer {
+        tokio::task::block_in_place(|| writer.flush(Duration::from_secs(30)))
+            .map_err(|e| unreachable("flushing the producer", e))?;
+    }
+    progress.finish();
+    report.interrupted = *stop.borrow();
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The core that writes: the configured sink, or `--to-topic`; the configured dead-letter topic.
+fn writing_core(config: &Config, options: &ReplayOptions, store: Store) -> Result<(Core, KafkaWriter), ReplayError> {
+    let writer =
+        KafkaWriter::new(&(&config.kafka).into()).map_err(|e| unreachable("cannot create the Kafka producer", e))?;
+    let metrics = Metrics::new();
+    let sink = match &options.to_topic {
+        Some(topic) => crate::sink::AnySink::Kafka(
+            KafkaSink::new(writer.clone(), topic, crate::config::Partitioning::Source)
+                .map_err(|e| ReplayError::Usage(format!("--to-topic `{topic}` must exist: {e}")))?,
+        ),
+        None => {
+            configured_sink(config, &writer, None, &metrics).map_err(|e| unreachable("the output", format!("{e:#}")))?
+        }
+    };
+    let mut side = side_topics(config, &writer).map_err(|e| unreachable("the side topics", format!("{e:#}")))?;
+    side.duplicates = None;
+    let claimant = Claimant::Replay(Arc::from(options.job_id.as_str()));
+    let core = Core::new(config, store, sink, side, metrics, claimant)
+        .map_err(|e| ReplayError::Usage(format!("[filter]: {e}")))?;
+    Ok((core, writer))
+}
+
+/// Each partition's `(partition, from, to)`, from the broker's offsets.
+fn ranges(
+    consumer: &StreamConsumer,
+    topic: &str,
+    options: &ReplayOptions,
+) -> Result<Vec<(i32, i64, i64)>, ReplayError> {
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| unreachable("cannot read the topic's metadata from the brokers", e))?;
+    let known: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if known.is_empty() {
+        return Err(ReplayError::Usage(format!("topic `{topic}` does not exist (or has no partitions)")));
+    }
+    let wanted = if options.partitions.is_empty() { known.clone() } else { options.partitions.clone() };
+    if let Some(p) = wanted.iter().find(|p| !known.contains(p)) {
+        return Err(ReplayError::Usage(format!(
+            "topic `{topic}` has no partition {p} (it has {} partitions: 0 to {})",
+            known.len(),
+            known.len() - 1
+        )));
+    }
+    let committed = match options.from {
+        From::Committed => {
+            let mut tpl = TopicPartitionList::new();
+            for &p in &wanted {
+                tpl.add_partition(topic, p);
+            }
+            let c = consumer
+                .committed_offsets(tpl, timeout)
+                .map_err(|e| unreachable("cannot read the group's committed offsets", e))?;
+            wanted.iter().map(|&p| (p, c.find_partition(topic, p).map(|e| e.offset()))).collect()
+        }
+        _ => HashMap::new(),
+    };
+    let at_time = |t: i64| -> Result<HashMap<i32, i64>, ReplayError> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in &wanted {
+            tpl.add_partition_offset(topic, p, Offset::Offset(t)).map_err(|e| unreachable("offsets for times", e))?;
+        }
+        let found =
+            consumer.offsets_for_times(tpl, timeout).map_err(|e| unreachable("cannot map times to offsets", e))?;
+        Ok(found
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect())
+    };
+    let from_times = match options.from {
+        From::Time(t) => Some(at_time(t)?),
+        _ => None,
+    };
+    let to_times = match options.to {
+        To::Time(t) => Some(at_time(t)?),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for p in wanted {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| unreachable("cannot read the partition's offsets", e))?;
+        // A time past the last record maps to the end.
+        let from = match options.from {
+            From::Offset(n) => n.max(low),
+            From::Time(_) => from_times.as_ref().and_then(|m| m.get(&p)).copied().unwrap_or(high).max(low),
+            From::Committed => match committed.get(&p).copied().flatten() {
+                Some(Offset::Offset(o)) => o.max(low),
+                _ => low,
+            },
+        };
+        // An explicit end is read up to, whatever the high watermark says (some
+        // brokers report it wrong: tansu); a start at or past the end is empty.
+        let to = match options.to {
+            To::Offset(n) => n,
+            To::Time(_) => to_times.as_ref().and_then(|m| m.get(&p)).copied().unwrap_or(high),
+            To::End => high,
+        };
+        out.push((p, from, if from >= high { from } else { to }));
+    }
+    Ok(out)
+}
+
+/// Reads up to `max` records below `to` from the assigned partition, starting at `*next`.
+async fn read_batch(
+    consumer: &StreamConsumer,
+    (topic, partition): (&str, i32),
+    next: &mut i64,
+    to: i64,
+    max: usize,
+    to_end: bool,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<Record>, ReplayError> {
+    let topic: Arc<str> = Arc::from(topic);
+    let mut batch = Vec::new();
+    let mut stop = stop.clone();
+    while batch.len() < max && *next < to {
+        let received = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            // Nothing for this long below the range's end: the rest was compacted or aborted.
+            m = tokio::time::timeout(Duration::from_secs(10), consumer.recv()) => m,
+        };
+        match received {
+            Err(_) => {
+                tracing::warn!(%topic, next = *next, to, "no record for 10 s before the range's end; ending this partition there");
+                *next = to;
+            }
+            // The end as the broker sees it: the range ends there only when it is
+            // "to the end" (an explicit end is read up to; see `ranges`).
+            Ok(Err(KafkaError::PartitionEOF(_))) if to_end => {
+                if batch.is_empty() {
+                    *next = to;
+                }
+                break;
+            }
+            Ok(Err(KafkaError::PartitionEOF(_))) => {}
+            Ok(Err(e)) => return Err(unreachable("reading the topic failed", e)),
+            Ok(Ok(m)) if m.partition() != partition => {}
+            Ok(Ok(m)) => {
+                *next = m.offset() + 1;
+                if m.offset() < to {
+                    batch.push(Record::from_message(&m, &topic));
+                }
+            }
+        }
+    }
+    Ok(batch)
+}
+
+enum Interrupted {
+    Stopped,
+    Store(crate::error::StoreError),
+}
+
+fn stopped(_: Stop) -> Interrupted {
+    Interrupted::Stopped
+}
+
+/// Classifies each record against the range so far and the store, changing nothing.
+async fn dry_run(
+    extractor: &crate::event::KeyExtractor,
+    store: &Store,
+    batch: Vec<Record>,
+    seen: &mut HashMap<u128, (Position, Fingerprint)>,
+    counts: &mut Counts,
+    show: usize,
+    shown: &mut Vec<Shown>,
+) -> Result<(), Interrupted> {
+    let mut keyed: Vec<Envelope> = Vec::new();
+    for record in batch {
+        counts.records += 1;
+        match extractor.extract(record) {
+            Ok(e) => keyed.push(e),
+            Err(_) => counts.bad += 1,
+        }
+    }
+    let rows =
+        store.lookup(keyed.iter().map(|e| e.key.clone()).collect(), now_ms()).await.map_err(Interrupted::Store)?;
+    for (e, row) in keyed.iter().zip(rows) {
+        let outcome = match seen.get(&e.digest) {
+            Some((first, fp)) => Some((if *fp == e.fingerprint { "duplicate" } else { "conflict" }, first.to_string())),
+            None => {
+                seen.insert(e.digest, (e.record.position.clone(), e.fingerprint));
+                match row {
+                    None => None,
+                    Some(row) if row.state == ClaimState::InFlight => Some(("in_flight", row.position.to_string())),
+                    Some(row) if row.fingerprint == e.fingerprint => Some(("duplicate", row.position.to_string())),
+                    Some(row) => Some(("conflict", row.position.to_string())),
+                }
+            }
+        };
+        match outcome {
+            None => counts.new += 1,
+            Some((outcome, first)) => {
+                match outcome {
+                    "duplicate" => counts.duplicate += 1,
+                    "conflict" => counts.conflict += 1,
+                    _ => counts.in_flight += 1,
+                }
+                if outcome != "in_flight" && shown.len() < show {
+                    shown.push(Shown {
+                        outcome,
+                        position: e.record.position.to_string(),
+                        event_id: e.key.display_id(),
+                        first,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Forgets the keys of the batch's events (each once).
+async fn release(
+    extractor: &crate::event::KeyExtractor,
+    store: &Store,
+    batch: Vec<Record>,
+    seen: &mut HashMap<u128, (Position, Fingerprint)>,
+    counts: &mut Counts,
+) -> Result<(), Interrupted> {
+    for record in batch {
+        counts.records += 1;
+        let e = match extractor.extract(record) {
+            Ok(e) => e,
+            Err(_) => {
+                counts.bad += 1;
+                continue;
+            }
+        };
+        if seen.insert(e.digest, (e.record.position.clone(), e.fingerprint)).is_some() {
+            counts.duplicate += 1;
+            continue;
+        }
+        if store.forget(e.key.clone()).await.map_err(Interrupted::Store)? {
+            counts.released += 1;
+        }
+    }
+    store.sync().map_err(Interrupted::Store)?;
+    Ok(())
+}
+
+/// Forgets the batch's keys, then applies it: every event's effect runs once more.
+async fn redrive(core: &Core, driver: &mut ReplayDriver, batch: Vec<Record>) -> Result<(), Interrupted> {
+    let mut forgotten: std::collections::HashSet<EventKey> = std::collections::HashSet::new();
+    for record in &batch {
+        if let Ok(e) = core.extractor.extract(record.clone()) {
+            if forgotten.insert(e.key.clone()) {
+                core.store.forget(e.key).await.map_err(Interrupted::Store)?;
+                core.filter.lock().unwrap_or_else(|p| p.into_inner()).forget(e.digest);
+            }
+        }
+    }
+    core.run_batch(driver, batch, Instant::now()).await.map_err(stopped)
+}
+
+/// The replay's driver of the core: counts what each round decided.
+struct ReplayDriver {
+    tp: TopicPartition,
+    stop: watch::Receiver<bool>,
+    counts: Counts,
+}
+
+impl Driver for ReplayDriver {
+    fn partition(&self) -> &TopicPartition {
+        &self.tp
+    }
+
+    fn pause(&self, wait: Duration) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
+        let mut stop = self.stop.clone();
+        async move {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => Err(Stop::Draining),
+                _ = tokio::time::sleep(wait) => Ok(()),
+            }
+        }
+    }
+
+    fn before_writes(&self, _batch_started_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
+        let stopping = *self.stop.borrow();
+        async move {
+            if stopping {
+                Err(Stop::Draining)
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn landed(&mut self, _log: crate::decide::Landed, _mark: OutputMark) {}
+
+    fn finished(&mut self, items: &[Item]) {
+        for item in items {
+            self.counts.records += 1;
+            match item {
+                Item::Bad { .. } => self.counts.bad += 1,
+                Item::Keyed { decision: Some(Decision::New { .. }), .. } => {
+                    self.counts.new += 1;
+                    self.counts.emitted += 1;
+                }
+                Item::Keyed { decision: Some(Decision::Duplicate { .. }), .. } => self.counts.duplicate += 1,
+                Item::Keyed { decision: Some(Decision::Conflict(_)), .. } => self.counts.conflict += 1,
+                Item::Keyed { decision: None, .. } => {}
+            }
+        }
+    }
+}
+
+/// `--max-rate`: records per second, on average since the start.
+struct RateLimiter {
+    per_sec: Option<u32>,
+    started: Instant,
+    done: u64,
+}
+
+impl RateLimiter {
+    fn new(per_sec: Option<u32>) -> RateLimiter {
+        RateLimiter { per_sec, started: Instant::now(), done: 0 }
+    }
+
+    async fn wait(&mut self, n: u64, stop: &watch::Receiver<bool>) {
+        let Some(rate) = self.per_sec.filter(|r| *r > 0) else { return };
+        let due = Duration::from_secs_f64(self.done as f64 / rate as f64);
+        self.done += n;
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            let mut stop = stop.clone();
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// Progress on stderr: one updating line on a terminal, a plain line every few seconds otherwise.
+struct Progress {
+    on: bool,
+    terminal: bool,
+    total: u64,
+    done: u64,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(on: bool, total: u64) -> Progress {
+        let now = Instant::now();
+        Progress { on, terminal: std::io::stderr().is_terminal(), total, done: 0, started: now, last: now }
+    }
+
+    fn advance(&mut self, n: u64) {
+        self.done += n;
+        let every = if self.terminal { Duration::from_millis(200) } else { Duration::from_secs(5) };
+        if !self.on || self.last.elapsed() < every {
+            return;
+        }
+        self.last = Instant::now();
+        let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let eta = self.total.saturating_sub(self.done) as f64 / rate.max(1.0);
+        let line = format!("{} of {} records, {:.0}/s, ETA {:.0}s", self.done, self.total, rate, eta);
+        if self.terminal {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.on && self.terminal && self.done > 0 {
+            eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_or_relative() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z", 0), Ok(1000));
+        assert_eq!(parse_time("2026-12-01T10:00:00+01:00", 0), Ok(1_796_115_600_000));
+        assert_eq!(parse_time("-2h", 10_000_000), Ok(10_000_000 - 7_200_000));
+        assert_eq!(parse_time("-30m", 2_000_000), Ok(200_000));
+        assert!(parse_time("-2w", 0).unwrap_err().contains("unit"));
+        assert!(parse_time("yesterday", 0).unwrap_err().contains("RFC 3339"));
+    }
+}
