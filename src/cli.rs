@@ -190,7 +190,7 @@ pub enum Command {
         /// The instance's metrics address, http://HOST:PORT (a path other than /metrics may follow).
         #[arg(long)]
         url: Option<String>,
-        /// A config whose [metrics] listen names the instance (instead of --url).
+        /// A config whose `[metrics] listen` names the instance (instead of --url).
         #[arg(long, short, conflicts_with = "url")]
         config: Option<PathBuf>,
         /// Print one JSON object instead of the line.
