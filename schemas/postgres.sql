@@ -25,3 +25,7 @@ CREATE TABLE IF NOT EXISTS kdedup_claims (
 );
 
 CREATE INDEX IF NOT EXISTS kdedup_claims_expires_at ON kdedup_claims (expires_at);
+
+-- The effect's recorded response (JSON: status, body hash, excerpt, time),
+-- set once the effect answered; cleared by a new claim of the key.
+ALTER TABLE kdedup_claims ADD COLUMN IF NOT EXISTS response text;

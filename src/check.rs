@@ -187,6 +187,12 @@ fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec
             ));
         }
         SinkConfig::Stdout => notes.push("stdout sink: nothing to reconcile in Kafka".into()),
+        SinkConfig::Custom => notes.push("custom sink (library use): nothing to reconcile in Kafka".into()),
+        SinkConfig::Http(h) => notes.push(format!(
+            "http sink to {}: nothing to reconcile in Kafka; a resumed claim repeats its request with the same \
+             {} (the endpoint dedups it)",
+            h.url, h.idempotency_header
+        )),
     }
     // A shared dead-letter partition is the usual layout (dead letters are rare): a note only.
     notes.push(format!("dead-letter {}: input partition p writes partition p mod {dlq}", config.dead_letter_topic));
@@ -306,6 +312,18 @@ fn settings(c: &Config) -> serde_json::Value {
             "partitioning": match partitioning { Partitioning::Source => "source", Partitioning::Key => "key" },
         }),
         SinkConfig::Stdout => json!({ "kind": "stdout" }),
+        SinkConfig::Custom => json!({ "kind": "custom" }),
+        SinkConfig::Http(h) => json!({
+            "kind": "http",
+            "url": h.url,
+            "method": h.method,
+            "idempotency_header": h.idempotency_header,
+            "headers": h.headers.iter().map(|(k, _)| (k.clone(), "<redacted>")).collect::<std::collections::BTreeMap<_, _>>(),
+            "timeout_ms": h.timeout.as_millis() as u64,
+            "max_in_flight": h.max_in_flight.get(),
+            "retry_budget_ms": h.retry_budget.as_millis() as u64,
+            "results_topic": h.results_topic,
+        }),
     };
     json!({
         "kafka": {

@@ -190,7 +190,7 @@ pub enum Command {
         /// The instance's metrics address, http://HOST:PORT (a path other than /metrics may follow).
         #[arg(long)]
         url: Option<String>,
-        /// A config whose [metrics] listen names the instance (instead of --url).
+        /// A config whose `[metrics] listen` names the instance (instead of --url).
         #[arg(long, short, conflicts_with = "url")]
         config: Option<PathBuf>,
         /// Print one JSON object instead of the line.
@@ -455,6 +455,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     row.expires_at_ms
                 ),
                 None => println!("{}: not in the store (never seen, expired, or forgotten)", key.display_id()),
+            }
+            match store.response(key, now_ms()).await? {
+                Some(r) => println!(
+                    "response: HTTP {} after {} attempt(s), at (ms) {}\nresponse body: {} bytes, sha256 {}\nresponse excerpt: {:?}",
+                    r.status, r.attempts, r.at_ms, r.body_bytes, r.body_sha256, r.excerpt
+                ),
+                None if store.kind() == "scylla" => println!("response: not recorded (ScyllaDB keeps no responses yet)"),
+                None => {}
             }
             Ok(0)
         }

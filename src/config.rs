@@ -342,6 +342,68 @@ struct SinkSection {
     topic: String,
     #[serde(default = "default_partitioning")]
     partitioning: String,
+    /// `kind = "http"`: the endpoint and how its answers are read.
+    #[serde(default)]
+    http: Option<HttpSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    #[serde(default, deserialize_with = "lenient_string")]
+    url: String,
+    #[serde(default = "default_http_method")]
+    method: String,
+    #[serde(default = "default_idempotency_header")]
+    idempotency_header: String,
+    #[serde(default)]
+    content_type: Option<String>,
+    /// Static headers; `NAME.file = PATH` reads the value from a file and
+    /// `NAME.env = VAR` from the environment (resolved before parsing).
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default = "default_http_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_http_max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_http_retry_budget_ms")]
+    retry_budget_ms: u64,
+    #[serde(default = "default_http_backoff_initial_ms")]
+    backoff_initial_ms: u64,
+    #[serde(default = "default_http_backoff_max_ms")]
+    backoff_max_ms: u64,
+    #[serde(default = "default_http_max_request_bytes")]
+    max_request_bytes: usize,
+    /// Status code (`"409"`) or class (`"4xx"`) → `done | retry | conflict | dead_letter`.
+    #[serde(default)]
+    outcomes: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    results_topic: String,
+}
+
+fn default_http_method() -> String {
+    "POST".into()
+}
+fn default_idempotency_header() -> String {
+    "Idempotency-Key".into()
+}
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+fn default_http_max_in_flight() -> usize {
+    8
+}
+fn default_http_retry_budget_ms() -> u64 {
+    300_000
+}
+fn default_http_backoff_initial_ms() -> u64 {
+    200
+}
+fn default_http_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_http_max_request_bytes() -> usize {
+    10 << 20
 }
 
 fn default_partitioning() -> String {
@@ -619,8 +681,101 @@ pub enum Partitioning {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkConfig {
-    Kafka { topic: String, partitioning: Partitioning },
+    Kafka {
+        topic: String,
+        partitioning: Partitioning,
+    },
     Stdout,
+    Http(Box<HttpSinkConfig>),
+    /// The effect is given in code ([`crate::service::RunOptions::sink`]): library use.
+    Custom,
+}
+
+/// What an HTTP answer means for the record (`[sink.http.outcomes]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpOutcome {
+    /// The effect happened: complete the claim, record the response.
+    Done,
+    /// Try again with the same `Idempotency-Key`, within the retry budget.
+    Retry,
+    /// The endpoint says the key was used with other parameters: dead-lettered as a conflict.
+    Conflict,
+    /// The endpoint refuses the request for good: dead-lettered with the status and an excerpt.
+    DeadLetter,
+}
+
+impl HttpOutcome {
+    fn parse(s: &str) -> Option<HttpOutcome> {
+        match s {
+            "done" => Some(HttpOutcome::Done),
+            "retry" => Some(HttpOutcome::Retry),
+            "conflict" => Some(HttpOutcome::Conflict),
+            "dead_letter" => Some(HttpOutcome::DeadLetter),
+            _ => None,
+        }
+    }
+}
+
+/// `[sink] kind = "http"` with `[sink.http]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpSinkConfig {
+    /// May hold `{topic}`, `{partition}` and `{header.NAME}` (percent-encoded when filled in).
+    pub url: String,
+    pub method: String,
+    pub idempotency_header: String,
+    /// Used when the record has no `content-type` header of its own.
+    pub content_type: String,
+    /// Static headers, in order; values may be secrets (never printed).
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub max_in_flight: NonZeroUsize,
+    pub retry_budget: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub max_request_bytes: usize,
+    /// Exact status codes first, then classes (`4` for 4xx); see [`HttpSinkConfig::outcome`].
+    pub outcomes_by_code: BTreeMap<u16, HttpOutcome>,
+    pub outcomes_by_class: BTreeMap<u16, HttpOutcome>,
+    pub results_topic: Option<String>,
+}
+
+impl HttpSinkConfig {
+    /// What a status means: the configured code, then the configured class, then
+    /// the defaults (2xx done; 409 retry; 422 conflict; 429 and 5xx retry; the rest dead-lettered).
+    pub fn outcome(&self, status: u16) -> HttpOutcome {
+        if let Some(o) = self.outcomes_by_code.get(&status).or_else(|| self.outcomes_by_class.get(&(status / 100))) {
+            return *o;
+        }
+        match status {
+            200..=299 => HttpOutcome::Done,
+            409 | 429 | 500..=599 => HttpOutcome::Retry,
+            422 => HttpOutcome::Conflict,
+            _ => HttpOutcome::DeadLetter,
+        }
+    }
+}
+
+/// Never prints header values: they carry credentials.
+impl std::fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, _)| (k.as_str(), "<redacted>")).collect();
+        f.debug_struct("HttpSinkConfig")
+            .field("url", &self.url)
+            .field("method", &self.method)
+            .field("idempotency_header", &self.idempotency_header)
+            .field("content_type", &self.content_type)
+            .field("headers", &headers)
+            .field("timeout", &self.timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("retry_budget", &self.retry_budget)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("outcomes_by_code", &self.outcomes_by_code)
+            .field("outcomes_by_class", &self.outcomes_by_class)
+            .field("results_topic", &self.results_topic)
+            .finish()
+    }
 }
 
 /// `[pipeline] mode`: what the decision is used for.
@@ -708,8 +863,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
-        let applied = apply_env_overrides(&mut table, env)?;
-        resolve_secret_files(&mut table, origin)?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let applied = apply_env_overrides(&mut table, env.iter().cloned())?;
+        resolve_secret_files(&mut table, origin, &env)?;
         let file: FileConfig = FileConfig::deserialize(table).map_err(|e| {
             let mut message = e.to_string().trim().to_string();
             if !applied.is_empty() {
@@ -743,6 +899,10 @@ fn apply_env_overrides(
                 if section == "kafka" && matches!(sub.as_str(), "client" | "consumer" | "producer") =>
             {
                 (section.clone(), vec![sub.clone(), prop.replace('_', ".")])
+            }
+            // KDEDUP_SINK__HTTP__URL sets [sink.http] url.
+            [section, sub, key] if section == "sink" && sub == "http" => {
+                (section.clone(), vec![sub.clone(), key.clone()])
             }
             // KDEDUP_LOG and friends are run-time flags, not config keys.
             [_] => continue,
@@ -968,8 +1128,27 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             SinkConfig::Kafka { topic: file.sink.topic.clone(), partitioning }
         }
         "stdout" => SinkConfig::Stdout,
-        other => return Err(invalid("sink.kind", format!("is \"{other}\"; allowed: \"kafka\", \"stdout\""))),
+        "http" => {
+            let Some(h) = &file.sink.http else {
+                return Err(invalid(
+                    "sink.http",
+                    "must be given ([sink.http] url = …) when sink.kind = \"http\"".into(),
+                ));
+            };
+            let h = validate_http(h, &kafka.topics).map_err(|(key, message)| invalid(&key, message))?;
+            SinkConfig::Http(Box::new(h))
+        }
+        "custom" => SinkConfig::Custom,
+        other => {
+            return Err(invalid(
+                "sink.kind",
+                format!("is \"{other}\"; allowed: \"kafka\", \"stdout\", \"http\", \"custom\" (library use)"),
+            ))
+        }
     };
+    if file.sink.http.is_some() && !matches!(sink, SinkConfig::Http(_)) {
+        return Err(invalid("sink.http", "is set but sink.kind is not \"http\"".into()));
+    }
     if file.dead_letter.topic.is_empty() {
         return Err(invalid(
             "dead_letter.topic",
@@ -1024,6 +1203,15 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         "observe" => Mode::Observe,
         other => return Err(invalid("pipeline.mode", format!("is \"{other}\"; allowed: \"enforce\", \"observe\""))),
     };
+    if mode == Mode::Observe && matches!(sink, SinkConfig::Http(_)) {
+        // Observe mode forwards duplicates too: with an HTTP sink that is a request per duplicate.
+        return Err(invalid(
+            "pipeline.mode",
+            "is \"observe\", which forwards every record, duplicates included: with sink.kind = \"http\" each \
+             would become a request; observe with a Kafka or stdout sink"
+                .into(),
+        ));
+    }
 
     Ok(Config {
         kafka: KafkaConfig {
@@ -1084,8 +1272,10 @@ pub fn redacted(props: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 /// environment overrides so a file can be named from there too:
 /// `[kafka.client|consumer|producer] PROP.file = "/run/secrets/…"` sets PROP (e.g.
 /// `sasl.password.file`, `ssl.key.password.file`), `[store] url_file` sets `url`,
-/// `[store] password_file` sets `password`. Errors name the key and the file, never the content.
-fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), ConfigError> {
+/// `[store] password_file` sets `password`, `[sink.http.headers] NAME.file` sets the
+/// header NAME, and `NAME.env = "VAR"` sets it from the environment variable VAR.
+/// Errors name the key and the file or variable, never the content.
+fn resolve_secret_files(table: &mut toml::Table, origin: &str, env: &[(String, String)]) -> Result<(), ConfigError> {
     let invalid =
         |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
     let read = |key: &str, path: &toml::Value| -> Result<toml::Value, ConfigError> {
@@ -1093,6 +1283,13 @@ fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), Con
         let text = std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
         let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
         Ok(toml::Value::String(text.to_string()))
+    };
+    let from_env = |key: &str, var: &toml::Value| -> Result<toml::Value, ConfigError> {
+        let var = var.as_str().ok_or_else(|| invalid(key, "must name an environment variable".into()))?;
+        let value = env.iter().rev().find(|(k, _)| k == var).map(|(_, v)| v.clone());
+        value
+            .map(toml::Value::String)
+            .ok_or_else(|| invalid(key, format!("names the environment variable {var}, which is not set")))
     };
     let mut moves: Vec<(Vec<&str>, String, String)> = Vec::new();
     if let Some(toml::Value::Table(kafka)) = table.get("kafka") {
@@ -1103,6 +1300,15 @@ fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), Con
                         moves.push((vec!["kafka", section], k.clone(), prop.to_string()));
                     }
                 }
+            }
+        }
+    }
+    if let Some(toml::Value::Table(headers)) =
+        table.get("sink").and_then(|s| s.get("http")).and_then(|h| h.get("headers"))
+    {
+        for k in headers.keys() {
+            if let Some(name) = k.strip_suffix(".file").or_else(|| k.strip_suffix(".env")) {
+                moves.push((vec!["sink", "http", "headers"], k.clone(), name.to_string()));
             }
         }
     }
@@ -1124,9 +1330,110 @@ fn resolve_secret_files(table: &mut toml::Table, origin: &str) -> Result<(), Con
             return Err(invalid(&dotted, format!("and `{key}` are both set; give the secret one way only")));
         }
         let file = node.remove(&file_key).expect("found above");
-        node.insert(key, read(&dotted, &file)?);
+        let value = if file_key.ends_with(".env") { from_env(&dotted, &file)? } else { read(&dotted, &file)? };
+        node.insert(key, value);
     }
     Ok(())
+}
+
+/// `[sink.http] timeout_ms`, `backoff_*_ms` and `retry_budget_ms`: a day.
+pub const MAX_HTTP_MS: u64 = 86_400_000;
+/// `[sink.http] max_in_flight`: requests per partition at once.
+pub const MAX_HTTP_IN_FLIGHT: usize = 1_024;
+
+/// The `[sink.http]` keys; errors name the key.
+fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (String, String)> {
+    let err = |key: &str, message: String| (format!("sink.http.{key}"), message);
+    if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+        return Err(err("url", format!("is \"{}\"; must start with http:// or https://", h.url)));
+    }
+    crate::sink::http::UrlTemplate::parse(&h.url).map_err(|m| err("url", m))?;
+    let method = h.method.to_ascii_uppercase();
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(err("method", format!("is \"{}\"; write an HTTP method such as POST or PUT", h.method)));
+    }
+    let is_token =
+        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !is_token(&h.idempotency_header) {
+        return Err(err("idempotency_header", format!("\"{}\" is not a header name", h.idempotency_header)));
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &h.headers {
+        if !is_token(name) {
+            return Err(err("headers", format!("\"{name}\" is not a header name")));
+        }
+        if name.eq_ignore_ascii_case(&h.idempotency_header) {
+            return Err(err("headers", format!("\"{name}\" is the idempotency header kdedup sets itself")));
+        }
+        // The value is never repeated in the message: it may be a credential.
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(err("headers", format!("the value of \"{name}\" holds control characters (a stray newline?)")));
+        }
+        headers.push((name.clone(), value.clone()));
+    }
+    let content_type = h.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+    if content_type.is_empty() || content_type.bytes().any(|b| b.is_ascii_control()) {
+        return Err(err("content_type", format!("\"{content_type}\" is not a media type")));
+    }
+    let ms = |key: &str, v: u64, min: u64| -> Result<Duration, (String, String)> {
+        if !(min..=MAX_HTTP_MS).contains(&v) {
+            return Err(err(key, format!("is {v}; allowed: {min} to {MAX_HTTP_MS} (a day)")));
+        }
+        Ok(Duration::from_millis(v))
+    };
+    let timeout = ms("timeout_ms", h.timeout_ms, 1)?;
+    let retry_budget = ms("retry_budget_ms", h.retry_budget_ms, 0)?;
+    let backoff_initial = ms("backoff_initial_ms", h.backoff_initial_ms, 1)?;
+    let backoff_max = ms("backoff_max_ms", h.backoff_max_ms, h.backoff_initial_ms)?;
+    let max_in_flight = NonZeroUsize::new(h.max_in_flight)
+        .filter(|n| n.get() <= MAX_HTTP_IN_FLIGHT)
+        .ok_or_else(|| err("max_in_flight", format!("is {}; allowed: 1 to {MAX_HTTP_IN_FLIGHT}", h.max_in_flight)))?;
+    if h.max_request_bytes == 0 {
+        return Err(err("max_request_bytes", "must be at least 1".into()));
+    }
+    let (mut outcomes_by_code, mut outcomes_by_class) = (BTreeMap::new(), BTreeMap::new());
+    for (status, outcome) in &h.outcomes {
+        let o = HttpOutcome::parse(outcome).ok_or_else(|| {
+            err(
+                "outcomes",
+                format!("\"{status}\" = \"{outcome}\"; allowed: \"done\", \"retry\", \"conflict\", \"dead_letter\""),
+            )
+        })?;
+        let bad =
+            || err("outcomes", format!("\"{status}\" is not a status (\"409\") or a class (\"4xx\") from 100 to 599"));
+        match status.as_bytes() {
+            [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                outcomes_by_class.insert(u16::from(c - b'0'), o);
+            }
+            _ => {
+                let code: u16 = status.parse().map_err(|_| bad())?;
+                if !(100..=599).contains(&code) {
+                    return Err(bad());
+                }
+                outcomes_by_code.insert(code, o);
+            }
+        }
+    }
+    let results_topic = Some(h.results_topic.clone()).filter(|t| !t.is_empty());
+    if results_topic.as_ref().is_some_and(|t| inputs.contains(t)) {
+        return Err(err("results_topic", "must differ from the input topics (it would loop)".into()));
+    }
+    Ok(HttpSinkConfig {
+        url: h.url.clone(),
+        method,
+        idempotency_header: h.idempotency_header.clone(),
+        content_type,
+        headers,
+        timeout,
+        max_in_flight,
+        retry_budget,
+        backoff_initial,
+        backoff_max,
+        max_request_bytes: h.max_request_bytes,
+        outcomes_by_code,
+        outcomes_by_class,
+        results_topic,
+    })
 }
 
 /// The `[store]` keys of kind = "scylla"; errors name the key.
@@ -1940,5 +2247,141 @@ mod secret_tests {
         for k in ["sasl.username", "ssl.ca.location", "security.protocol"] {
             assert!(!is_secret_property(k), "{k}");
         }
+    }
+
+    const HTTP: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        group_id = "g"
+        topics = ["orders"]
+        [sink]
+        kind = "http"
+        [sink.http]
+        url = "https://api.example.com/v1/customers/{header.customer}/charges"
+        [dead_letter]
+        topic = "orders.dlq"
+    "#;
+
+    fn http(c: &Config) -> &HttpSinkConfig {
+        match &c.sink {
+            SinkConfig::Http(h) => h,
+            other => panic!("not an HTTP sink: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_shipped_http_example_is_valid_once_uncommented() {
+        let text = include_str!("../config/kdedup.toml");
+        let start = text.find("# [sink.http]").expect("the example file carries a commented HTTP sink");
+        let sink: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let base = HTTP.split("[sink]").next().unwrap();
+        let c = load(
+            &format!("{base}\n[sink]\nkind = \"http\"\n{sink}\n[dead_letter]\ntopic = \"dlq\"\n"),
+            &[("API_KEY", "k")],
+        );
+        let e = c.unwrap_err().to_string();
+        // The example names a secret file that does not exist here: everything before it parsed.
+        assert!(
+            e.contains("sink.http.headers.Authorization.file") && e.contains("/run/secrets/api-authorization"),
+            "{e}"
+        );
+        let without_file: String = sink.lines().filter(|l| !l.contains(".file")).map(|l| format!("{l}\n")).collect();
+        let c = load(
+            &format!("{base}\n[sink]\nkind = \"http\"\n{without_file}\n[dead_letter]\ntopic = \"dlq\"\n"),
+            &[("API_KEY", "k")],
+        )
+        .unwrap();
+        let h = http(&c);
+        assert_eq!(h.outcome(409), HttpOutcome::Retry);
+        assert_eq!(h.outcome(422), HttpOutcome::Conflict);
+        assert_eq!(h.headers.iter().find(|(k, _)| k == "X-Api-Key").map(|(_, v)| v.as_str()), Some("k"));
+    }
+
+    #[test]
+    fn observe_mode_refuses_the_http_sink() {
+        let e = load(HTTP, &[("KDEDUP_PIPELINE__MODE", "observe")]).unwrap_err().to_string();
+        assert!(e.contains("pipeline.mode") && e.contains("http"), "{e}");
+    }
+
+    #[test]
+    fn the_http_sink_gets_the_issues_outcome_defaults() {
+        let c = load(HTTP, &[]).unwrap();
+        let h = http(&c);
+        assert_eq!((h.method.as_str(), h.idempotency_header.as_str()), ("POST", "Idempotency-Key"));
+        assert_eq!(h.timeout, Duration::from_secs(10));
+        assert_eq!(h.max_in_flight.get(), 8);
+        for (status, outcome) in [
+            (200, HttpOutcome::Done),
+            (201, HttpOutcome::Done),
+            (409, HttpOutcome::Retry),
+            (422, HttpOutcome::Conflict),
+            (429, HttpOutcome::Retry),
+            (500, HttpOutcome::Retry),
+            (503, HttpOutcome::Retry),
+            (400, HttpOutcome::DeadLetter),
+            (404, HttpOutcome::DeadLetter),
+            (301, HttpOutcome::DeadLetter),
+        ] {
+            assert_eq!(h.outcome(status), outcome, "{status}");
+        }
+    }
+
+    #[test]
+    fn http_outcomes_are_configured_by_code_then_class() {
+        let text =
+            format!("{HTTP}\n[sink.http.outcomes]\n\"409\" = \"conflict\"\n\"4xx\" = \"retry\"\n\"404\" = \"done\"\n");
+        let c = load(&text, &[]).unwrap();
+        let h = http(&c);
+        assert_eq!(h.outcome(409), HttpOutcome::Conflict);
+        assert_eq!(h.outcome(404), HttpOutcome::Done);
+        assert_eq!(h.outcome(400), HttpOutcome::Retry, "the class");
+        assert_eq!(h.outcome(422), HttpOutcome::Retry, "the class wins over a default");
+        assert_eq!(h.outcome(500), HttpOutcome::Retry);
+        let bad = load(&format!("{HTTP}\n[sink.http.outcomes]\n\"4xx\" = \"ignore\"\n"), &[]).unwrap_err().to_string();
+        assert!(bad.contains("sink.http.outcomes") && bad.contains("dead_letter"), "{bad}");
+        let bad = load(&format!("{HTTP}\n[sink.http.outcomes]\n\"700\" = \"done\"\n"), &[]).unwrap_err().to_string();
+        assert!(bad.contains("\"700\""), "{bad}");
+    }
+
+    #[test]
+    fn http_header_secrets_come_from_files_or_the_environment_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = secret_file(&dir, "stripe", "Bearer sk_live_from_file\n");
+        let text = format!(
+            "{HTTP}\n[sink.http.headers]\n\"Authorization.file\" = \"{key}\"\n\"X-Api-Key.env\" = \"API_KEY\"\n\"Stripe-Version\" = \"2024-06-20\"\n"
+        );
+        let c = load(&text, &[("API_KEY", "from-env-secret")]).unwrap();
+        let h = http(&c);
+        let get = |name: &str| h.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(get("Authorization"), Some("Bearer sk_live_from_file"));
+        assert_eq!(get("X-Api-Key"), Some("from-env-secret"));
+        assert_eq!(get("Stripe-Version"), Some("2024-06-20"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sk_live") && !shown.contains("from-env-secret"), "{shown}");
+        let missing = load(&text, &[]).unwrap_err().to_string();
+        assert!(missing.contains("API_KEY") && !missing.contains("sk_live"), "{missing}");
+    }
+
+    #[test]
+    fn http_settings_are_checked_with_the_key_named() {
+        for (env, key) in [
+            (("KDEDUP_SINK__HTTP__URL", "ftp://x"), "sink.http.url"),
+            (("KDEDUP_SINK__HTTP__URL", "https://x/{event}"), "sink.http.url"),
+            (("KDEDUP_SINK__HTTP__METHOD", "PO ST"), "sink.http.method"),
+            (("KDEDUP_SINK__HTTP__MAX_IN_FLIGHT", "0"), "sink.http.max_in_flight"),
+            (("KDEDUP_SINK__HTTP__TIMEOUT_MS", "0"), "sink.http.timeout_ms"),
+            (("KDEDUP_SINK__HTTP__RESULTS_TOPIC", "orders"), "sink.http.results_topic"),
+        ] {
+            let e = load(HTTP, &[env]).unwrap_err().to_string();
+            assert!(e.contains(key), "{env:?}: {e}");
+        }
+        let no_section = HTTP.replace("[sink.http]", "").replace("url = ", "# url = ");
+        let e = load(&no_section, &[]).unwrap_err().to_string();
+        assert!(e.contains("sink.http") && e.contains("url"), "{e}");
     }
 }

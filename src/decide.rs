@@ -48,11 +48,13 @@ use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Reco
 use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{OutputMark, TopicPartition};
-use crate::sink::{DeadLetter, Effect, Observed, SideTopics, Sink};
-use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Store};
+use crate::sink::{AnySink, DeadLetter, Effect, Observed, SideTopics};
+use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store};
 use crate::window::First;
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
+/// Hidden from the docs: kdedup's own tests use it; no part of the library API.
+#[doc(hidden)]
 #[derive(Default, Clone)]
 pub struct Faults {
     /// Claim the batch holding this position, then stop the partition task
@@ -299,7 +301,7 @@ pub struct Core {
     pub extractor: KeyExtractor,
     pub filter: Mutex<Filter>,
     pub store: Store,
-    pub sink: Sink,
+    pub sink: AnySink,
     pub side: SideTopics,
     pub metrics: Metrics,
     pub config: PipelineConfig,
@@ -318,7 +320,7 @@ impl Core {
     pub fn new(
         config: &Config,
         store: Store,
-        sink: Sink,
+        sink: AnySink,
         side: SideTopics,
         metrics: Metrics,
         claimant: Claimant,
@@ -683,6 +685,7 @@ impl Core {
             tokio::time::sleep(delay).await;
         }
         let mut rejected: Vec<(usize, SinkError)> = Vec::new();
+        let mut responses: Vec<(usize, EffectResponse)> = Vec::new();
         let mut backoff = Backoff::new();
         let started = Instant::now();
         // A failed write may still have landed (a delivery timeout says "possibly
@@ -708,8 +711,12 @@ impl Core {
             let mut retry = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 match result {
-                    Ok(None) => {}
-                    Ok(Some(landed)) => d.landed(Landed::Output, landed),
+                    Ok(delivered) => {
+                        if let Some(landed) = delivered.mark {
+                            d.landed(Landed::Output, landed);
+                        }
+                        responses.extend(delivered.response.map(|r| (i, r)));
+                    }
                     Err(e) if e.is_fatal() => {
                         s.metrics.sink_error(&e);
                         error!(topic = %d.partition().0, partition = d.partition().1, position = %envelope(&items[i]).record.position, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
@@ -779,6 +786,18 @@ impl Core {
                 };
                 *item = Item::Bad { record: envelope.record, error };
             }
+        }
+
+        // The endpoints' answers go on the claim rows before they turn done.
+        if !responses.is_empty() {
+            let recorded: Vec<(EventKey, Position, EffectResponse)> = responses
+                .into_iter()
+                .map(|(i, r)| {
+                    let e = envelope(&items[i]);
+                    (e.key.clone(), self.claimant(&e.record.position), r)
+                })
+                .collect();
+            self.store_call(d, "record", || s.store.record(recorded.clone())).await?;
         }
 
         // complete

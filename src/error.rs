@@ -87,6 +87,27 @@ pub enum SinkError {
     Kafka { topic: String, source: KafkaError },
     #[error("writing to stdout failed: {0}")]
     Stdout(#[from] std::io::Error),
+    /// The HTTP sink retried the endpoint already (its retry budget): retriable
+    /// here only when the answer could not be written to its results topic.
+    #[error("HTTP sink: {0}")]
+    Http(#[from] crate::sink::http::HttpError),
+    /// A library user's own effect failed; see [`SinkError::retriable`] and [`SinkError::permanent`].
+    #[error("{message}")]
+    Custom { message: String, retriable: bool },
+}
+
+impl SinkError {
+    /// A failure worth waiting out (the service is down, a lock timed out):
+    /// kdedup calls again for the record after a backoff, its partition waiting.
+    pub fn retriable(message: impl Into<String>) -> SinkError {
+        SinkError::Custom { message: message.into(), retriable: true }
+    }
+
+    /// A failure no retry fixes (the record is invalid for this effect): the
+    /// claim is released and the record dead-lettered with `message` as its reason.
+    pub fn permanent(message: impl Into<String>) -> SinkError {
+        SinkError::Custom { message: message.into(), retriable: false }
+    }
 }
 
 impl SinkError {
@@ -108,6 +129,8 @@ impl SinkError {
                 )
             ),
             SinkError::Stdout(_) => true,
+            SinkError::Http(e) => e.is_retriable(),
+            SinkError::Custom { retriable, .. } => *retriable,
         }
     }
 
@@ -130,7 +153,7 @@ impl SinkError {
                 source.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
             ),
-            SinkError::Stdout(_) => false,
+            SinkError::Stdout(_) | SinkError::Http(_) | SinkError::Custom { .. } => false,
         }
     }
 
@@ -139,7 +162,7 @@ impl SinkError {
     pub fn is_fatal(&self) -> bool {
         match self {
             SinkError::Kafka { source, .. } => source.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
-            SinkError::Stdout(_) => false,
+            SinkError::Stdout(_) | SinkError::Http(_) | SinkError::Custom { .. } => false,
         }
     }
 }

@@ -14,22 +14,56 @@
 //! [`kafka_client`] builds every librdkafka client's settings (TLS, SASL) in one place.
 //! [`reconcile`] finds effects that ran after the last commit when a partition
 //! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
-//! [`config::Config`]; [`cli`] is the command line; [`demo`] and [`mock`] run the
-//! whole path in-process; [`bench`] measures it against a plain passthrough; [`check`] asks every
+//! [`config::Config`]; [`cli`] is the command line; [`check`] asks every
 //! dependency of a config whether `run` would work. [`window`] says whether the TTL is long
 //! enough for the duplicates seen (`kdedup stats`).
+//!
+//! # Your own effect
+//!
+//! Implement [`sink::Sink`] (an `async fn` over a batch of new events, one
+//! result per event: done, [`error::SinkError::retriable`] or
+//! [`error::SinkError::permanent`]), set `[sink] kind = "custom"`, and run:
+//!
+//! ```no_run
+//! # struct Ledger;
+//! # impl kdedup::sink::Sink for Ledger {
+//! #     fn kind(&self) -> &'static str { "ledger" }
+//! #     async fn deliver(&self, b: &[kdedup::sink::Effect<'_>]) -> Vec<Result<kdedup::sink::Delivered, kdedup::error::SinkError>> {
+//! #         b.iter().map(|_| Ok(kdedup::sink::Delivered::done())).collect()
+//! #     }
+//! # }
+//! use kdedup::{config::Config, service::{self, RunOptions}, sink::CustomSink, source::StopMode};
+//!
+//! #[tokio::main]
+//! async fn main() -> anyhow::Result<()> {
+//!     let config = Config::load("kdedup.toml".as_ref())?; // [sink] kind = "custom"
+//!     let options = RunOptions { sink: Some(CustomSink::new(Ledger)), ..RunOptions::default() };
+//!     let shutdown = async { tokio::signal::ctrl_c().await.ok(); StopMode::Drain };
+//!     service::run(&config, options, shutdown).await
+//! }
+//! ```
+//!
+//! `examples/pg_outbox.rs` is a whole one: a PostgreSQL ledger written in the
+//! same transaction as its outbox row, idempotent for the event ID.
 
+// Hidden from the public docs: the command line's own work, not a library
+// surface (their shapes change with the CLI; `bench` and `demo` need a mock cluster).
+#[doc(hidden)]
 pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod decide;
+#[doc(hidden)]
 pub mod demo;
 pub mod error;
 pub mod event;
 pub mod filter;
 pub mod kafka_client;
 pub mod metrics;
+// Test kit (librdkafka's in-process mock cluster): kdedup's own tests, the demo
+// and the bench use it; hidden, as it is no part of running kdedup.
+#[doc(hidden)]
 pub mod mock;
 pub mod offsets;
 pub mod pipeline;

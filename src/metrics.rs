@@ -136,6 +136,8 @@ pub struct Metrics {
     pub possible_repeats: IntCounter,
     pub partition_panics: IntCounter,
     pub side_refusals: IntCounterVec,
+    /// HTTP sink attempts by answer: `2xx`…`5xx`, `timeout`, `connect`, `error`.
+    pub http_requests: IntCounterVec,
     pub ownership_checks: IntCounter,
     pub zombie_batches_dropped: IntCounter,
     pub partition_stalled_since: IntGaugeVec,
@@ -440,6 +442,12 @@ impl Metrics {
                 "kdedup_side_refusals_total",
                 "Side-topic writes refused for good, by side (a refused dead letter stalls its partition).",
                 &["side"],
+            ),
+            http_requests: counter_vec(
+                "kdedup_http_requests_total",
+                "HTTP sink requests, retries included, by answer: 2xx, 3xx, 4xx, 5xx, or timeout, connect, error \
+                 when none came.",
+                &["answer"],
             ),
             ownership_checks: counter(
                 "kdedup_ownership_checks_total",

@@ -29,7 +29,7 @@ pub use crate::decide::{Fatal, Faults};
 use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler};
-use crate::sink::Sink;
+use crate::sink::AnySink;
 use crate::source::{PartitionHandler, PartitionQueue, Resume};
 use crate::store::now_ms;
 
@@ -95,12 +95,12 @@ impl Stages {
     /// The output log an input partition writes to, when it is fixed.
     fn output_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Option<Log> {
         match &self.core.sink {
-            Sink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log {
+            AnySink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log {
                 topic: k.topic().to_string(),
                 partition,
                 mark,
             }),
-            Sink::Stdout(_) => None,
+            AnySink::Stdout(_) | AnySink::Http(_) | AnySink::Custom(_) => None,
         }
     }
 

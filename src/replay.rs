@@ -298,17 +298,20 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
 fn writing_core(config: &Config, options: &ReplayOptions, store: Store) -> Result<(Core, KafkaWriter), ReplayError> {
     let writer =
         KafkaWriter::new(&(&config.kafka).into()).map_err(|e| unreachable("cannot create the Kafka producer", e))?;
+    let metrics = Metrics::new();
     let sink = match &options.to_topic {
-        Some(topic) => crate::sink::Sink::Kafka(
+        Some(topic) => crate::sink::AnySink::Kafka(
             KafkaSink::new(writer.clone(), topic, crate::config::Partitioning::Source)
                 .map_err(|e| ReplayError::Usage(format!("--to-topic `{topic}` must exist: {e}")))?,
         ),
-        None => configured_sink(config, &writer).map_err(|e| unreachable("the output", format!("{e:#}")))?,
+        None => {
+            configured_sink(config, &writer, None, &metrics).map_err(|e| unreachable("the output", format!("{e:#}")))?
+        }
     };
     let mut side = side_topics(config, &writer).map_err(|e| unreachable("the side topics", format!("{e:#}")))?;
     side.duplicates = None;
     let claimant = Claimant::Replay(Arc::from(options.job_id.as_str()));
-    let core = Core::new(config, store, sink, side, Metrics::new(), claimant)
+    let core = Core::new(config, store, sink, side, metrics, claimant)
         .map_err(|e| ReplayError::Usage(format!("[filter]: {e}")))?;
     Ok((core, writer))
 }

@@ -15,7 +15,7 @@ use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
 use crate::pipeline::{Liveness, Stages, Workers};
 use crate::reconcile::Reconciler;
-use crate::sink::{KafkaSink, KafkaWriter, SideTopics, Sink, StdoutSink};
+use crate::sink::{AnySink, CustomSink, HttpSink, KafkaSink, KafkaWriter, SideTopics, StdoutSink};
 use crate::source::{Source, StopMode};
 use crate::store::{now_ms, DedupStore, Store};
 
@@ -24,9 +24,14 @@ use crate::store::{now_ms, DedupStore, Store};
 pub struct RunOptions {
     /// Shared with the caller, who may read counts while the run goes on.
     pub metrics: Metrics,
+    /// Crash injection for kdedup's own tests; hidden: not part of the API
+    /// (a library user's run never needs it, and it may change with the tests).
+    #[doc(hidden)]
     pub faults: Faults,
     /// Serve `[metrics] listen`; off for in-process runs (demo, tests).
     pub serve_metrics: bool,
+    /// The effect, when it is the caller's own: needs `[sink] kind = "custom"`.
+    pub sink: Option<CustomSink>,
 }
 
 pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Output = StopMode>) -> anyhow::Result<()> {
@@ -53,7 +58,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
          [kafka.consumer] / [kafka.producer])",
     )?;
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
-    let sink = configured_sink(config, &writer)?;
+    let sink = configured_sink(config, &writer, options.sink, &metrics)?;
     let side = side_topics(config, &writer)?;
 
     let liveness = Arc::new(Liveness::new(
@@ -125,13 +130,37 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
 }
 
 /// The `[sink]` effect, on `writer` when it is Kafka.
-pub(crate) fn configured_sink(config: &Config, writer: &KafkaWriter) -> anyhow::Result<Sink> {
-    Ok(match &config.sink {
-        SinkConfig::Kafka { topic, partitioning } => Sink::Kafka(
+pub(crate) fn configured_sink(
+    config: &Config,
+    writer: &KafkaWriter,
+    custom: Option<CustomSink>,
+    metrics: &Metrics,
+) -> anyhow::Result<AnySink> {
+    Ok(match (&config.sink, custom) {
+        (SinkConfig::Custom, Some(custom)) => AnySink::Custom(custom),
+        (SinkConfig::Custom, None) => {
+            anyhow::bail!(
+                "[sink] kind = \"custom\" needs the effect from code (RunOptions::sink); `kdedup run` has none"
+            )
+        }
+        (_, Some(custom)) => anyhow::bail!(
+            "a {} sink was given in code (RunOptions::sink) but [sink] kind is not \"custom\"",
+            custom.kind()
+        ),
+        (SinkConfig::Kafka { topic, partitioning }, None) => AnySink::Kafka(
             KafkaSink::new(writer.clone(), topic, *partitioning)
                 .with_context(|| format!("output topic `{topic}` ([sink] topic) must exist"))?,
         ),
-        SinkConfig::Stdout => Sink::Stdout(StdoutSink),
+        (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
+        (SinkConfig::Http(http), None) => {
+            let sink = HttpSink::new(http, metrics).context("cannot set up the HTTP sink ([sink.http])")?;
+            if let Some(topic) = &http.results_topic {
+                writer
+                    .partition_count(topic, Duration::from_secs(10))
+                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?;
+            }
+            AnySink::Http(Box::new(sink.with_results(writer.clone())))
+        }
     })
 }
 

@@ -55,7 +55,7 @@ const TOPICS_MAX: usize = 4096;
 
 /// A `'static` copy of a topic name, so that decisions stay `Copy`. Each
 /// distinct name is kept once for the life of the process; topic names are
-/// bounded (those of the cluster), and past [`TOPICS_MAX`] of them this
+/// bounded (those of the cluster), and past `TOPICS_MAX` (4,096) of them this
 /// answers `None` rather than grow.
 pub fn intern(topic: &str) -> Option<&'static str> {
     static TOPICS: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);

@@ -20,7 +20,7 @@ use crate::event::{Position, Record};
 use crate::kafka_client::KafkaClients;
 use crate::offsets::{OutputMark, TopicPartition};
 
-use super::Effect;
+use super::{Delivered, Effect};
 
 /// Header names kdedup adds to what it writes (the contract in `schemas/headers.md`).
 pub mod headers {
@@ -153,7 +153,7 @@ impl Outstanding {
     }
 }
 
-type Delivered = Result<OutputMark, KafkaError>;
+type Landed = Result<OutputMark, KafkaError>;
 
 /// One `write_all` call's enqueued writes, counted as outstanding from
 /// before the first is handed over until all have resolved. Resolving runs
@@ -185,11 +185,11 @@ impl Deliveries {
         }
     }
 
-    fn resolve(mut self) -> oneshot::Receiver<Vec<Delivered>> {
+    fn resolve(mut self) -> oneshot::Receiver<Vec<Landed>> {
         self.start()
     }
 
-    fn start(&mut self) -> oneshot::Receiver<Vec<Delivered>> {
+    fn start(&mut self) -> oneshot::Receiver<Vec<Landed>> {
         self.started = true;
         let (tx, rx) = oneshot::channel();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -361,8 +361,14 @@ impl KafkaSink {
     pub fn topic(&self) -> &str {
         &self.topic
     }
+}
 
-    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
+impl super::Sink for KafkaSink {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         let out = batch
             .iter()
             .map(|Effect { envelope: e, possible_repeat, observed, replay }| {
@@ -386,7 +392,8 @@ impl KafkaSink {
                 }
             })
             .collect();
-        self.writer.write_all(&self.topic, out).await.into_iter().map(|r| r.map(Some)).collect()
+        let written = self.writer.write_all(&self.topic, out).await;
+        written.into_iter().map(|r| r.map(|mark| Delivered { mark: Some(mark), response: None })).collect()
     }
 }
 

@@ -1,33 +1,41 @@
 //! The sink stage: the side effect, run only for `New` events, and the side
 //! topics for records that are not effects.
 //!
-//! - [`Sink`]: the configured effect, one of [`KafkaSink`] (output topic,
-//!   idempotent producer, event ID and source position as headers) or
-//!   [`StdoutSink`] (JSON lines).
+//! - [`Sink`]: the trait of an effect, public so library users bring their own.
+//! - [`AnySink`]: the configured effect, one of [`KafkaSink`] (output topic,
+//!   idempotent producer, event ID and source position as headers),
+//!   [`HttpSink`] (a request per event with an `Idempotency-Key`, its answer
+//!   recorded on the claim row), [`StdoutSink`] (JSON lines) or a
+//!   [`CustomSink`] (a library user's).
 //! - [`SideTopics`]: the dead-letter topic (reason in headers) and the
 //!   optional duplicates topic.
 //!
 //! Sinks must be idempotent for the event ID: a crash between the effect and
 //! its completion runs the effect again on redelivery.
 
+pub mod http;
 pub mod kafka;
 pub mod stdout;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use sha2::Digest;
 
+pub use http::HttpSink;
 pub use kafka::{KafkaSink, KafkaWriter};
 pub use stdout::StdoutSink;
 
 use crate::error::{RecordError, SinkError};
 use crate::event::{Envelope, Record};
 use crate::offsets::OutputMark;
+use crate::store::EffectResponse;
 use kafka::{headers, headers_with_source, source_headers, OutRecord};
 
-/// One effect to run.
+/// One effect to run: a new event.
 pub struct Effect<'a> {
+    /// The record, its event key (scope and ID) and its payload fingerprint.
     pub envelope: &'a Envelope,
     /// The effect may have run before (a resumed claim whose earlier attempt
     /// could not be ruled out): travels as the `kdedup-possible-repeat` header.
@@ -77,29 +85,147 @@ pub struct DeadLetter<'a> {
     pub possible_repeat: bool,
 }
 
-/// The configured effect.
-pub enum Sink {
-    Kafka(KafkaSink),
-    Stdout(StdoutSink),
+/// What a delivered effect left behind.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// Where it landed in the output topic (the Kafka sink).
+    pub mark: Option<OutputMark>,
+    /// What the endpoint answered (the HTTP sink): kept on the claim row.
+    pub response: Option<EffectResponse>,
 }
 
-impl Sink {
+impl Delivered {
+    /// Done, with nothing to record (most effects).
+    pub fn done() -> Delivered {
+        Delivered::default()
+    }
+}
+
+/// A side effect, run only for new events. Implement it to give kdedup your
+/// own effect (see `examples/pg_outbox.rs`); the Kafka, HTTP and stdout sinks
+/// are implementations too, with nothing private to them.
+///
+/// The contract:
+/// - `deliver` gets a batch of one partition's new events, in offset order,
+///   and answers one result per event, in the same order. Batches of one
+///   partition never overlap; batches of different partitions may run at once.
+/// - `Ok` completes the event's claim (its offset may then be committed).
+///   [`SinkError::retriable`] makes kdedup call again for that event after a
+///   backoff, the partition waiting meanwhile; [`SinkError::permanent`]
+///   releases the claim and dead-letters the record with the error as reason.
+/// - Be idempotent for the event ID ([`Effect::envelope`]`.key`): a crash
+///   between the effect and its completion runs it again, with
+///   [`Effect::possible_repeat`] set. So does a revoke or shutdown that
+///   outlasts `[pipeline] drain_timeout_ms`: the `deliver` future is then
+///   dropped where it stands, and the partition's next owner repeats it.
+///
+/// ```
+/// use std::sync::Mutex;
+/// use kdedup::error::SinkError;
+/// use kdedup::sink::{Delivered, Effect, Sink};
+///
+/// /// Remembers event IDs; refuses empty payloads for good.
+/// #[derive(Default)]
+/// struct Ledger(Mutex<Vec<Vec<u8>>>);
+///
+/// impl Sink for Ledger {
+///     fn kind(&self) -> &'static str {
+///         "ledger"
+///     }
+///
+///     async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+///         let mut seen = self.0.lock().unwrap();
+///         batch
+///             .iter()
+///             .map(|e| match e.envelope.record.payload.as_deref() {
+///                 None | Some([]) => Err(SinkError::permanent("empty payload")),
+///                 Some(_) => {
+///                     seen.push(e.envelope.key.id.clone());
+///                     Ok(Delivered::done())
+///                 }
+///             })
+///             .collect()
+///     }
+/// }
+///
+/// // Give it to a run: `RunOptions { sink: Some(CustomSink::new(Ledger::default())), .. }`
+/// // with `[sink] kind = "custom"` in the config.
+/// let sink = kdedup::sink::CustomSink::new(Ledger::default());
+/// assert_eq!(sink.kind(), "ledger");
+/// ```
+pub trait Sink: Send + Sync + 'static {
+    /// A short name for logs and metrics labels: `kafka`, `http`, …
+    fn kind(&self) -> &'static str;
+
+    /// Runs the effect of each event; one result per event, in order.
+    fn deliver(&self, batch: &[Effect<'_>]) -> impl Future<Output = Vec<Result<Delivered, SinkError>>> + Send;
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`Sink`] behind a pointer: its future boxed.
+trait DynSink: Send + Sync {
+    fn dyn_kind(&self) -> &'static str;
+    fn deliver_boxed<'a, 'b: 'a>(&'a self, batch: &'a [Effect<'b>])
+        -> BoxFuture<'a, Vec<Result<Delivered, SinkError>>>;
+}
+
+impl<S: Sink> DynSink for S {
+    fn dyn_kind(&self) -> &'static str {
+        Sink::kind(self)
+    }
+    fn deliver_boxed<'a, 'b: 'a>(
+        &'a self,
+        batch: &'a [Effect<'b>],
+    ) -> BoxFuture<'a, Vec<Result<Delivered, SinkError>>> {
+        Box::pin(self.deliver(batch))
+    }
+}
+
+/// A library user's [`Sink`], for [`crate::service::RunOptions::sink`].
+#[derive(Clone)]
+pub struct CustomSink(Arc<dyn DynSink>);
+
+impl CustomSink {
+    pub fn new(sink: impl Sink) -> CustomSink {
+        CustomSink(Arc::new(sink))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.0.dyn_kind()
+    }
+}
+
+/// The configured effect: one of kdedup's sinks, or a library user's.
+pub enum AnySink {
+    Kafka(KafkaSink),
+    Stdout(StdoutSink),
+    Http(Box<HttpSink>),
+    Custom(CustomSink),
+}
+
+impl AnySink {
     pub fn kind(&self) -> &'static str {
         match self {
-            Sink::Kafka(_) => "kafka",
-            Sink::Stdout(_) => "stdout",
+            AnySink::Kafka(s) => Sink::kind(s),
+            AnySink::Stdout(s) => Sink::kind(s),
+            AnySink::Http(s) => Sink::kind(&**s),
+            AnySink::Custom(s) => s.kind(),
         }
     }
 
     /// Runs the effect for each event, in order; one result per event, with
-    /// where it landed in the output topic when the sink is Kafka.
-    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
+    /// where it landed in the output topic when the sink is Kafka, and the
+    /// endpoint's answer when it is HTTP.
+    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         if batch.is_empty() {
             return Vec::new();
         }
         match self {
-            Sink::Kafka(s) => s.deliver(batch).await,
-            Sink::Stdout(s) => s.deliver(batch).await,
+            AnySink::Kafka(s) => Sink::deliver(s, batch).await,
+            AnySink::Stdout(s) => Sink::deliver(s, batch).await,
+            AnySink::Http(s) => Sink::deliver(&**s, batch).await,
+            AnySink::Custom(s) => s.0.deliver_boxed(batch).await,
         }
     }
 }

@@ -3,16 +3,19 @@
 
 use std::io::Write;
 
+use super::{Delivered, Effect};
 use crate::error::SinkError;
 use crate::event::hex;
-use crate::offsets::OutputMark;
 
-use super::Effect;
-
+/// JSON lines on standard output.
 pub struct StdoutSink;
 
-impl StdoutSink {
-    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Option<OutputMark>, SinkError>> {
+impl super::Sink for StdoutSink {
+    fn kind(&self) -> &'static str {
+        "stdout"
+    }
+
+    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
         let mut buf = Vec::with_capacity(batch.len() * 128);
         for Effect { envelope: e, possible_repeat, observed, replay } in batch {
             let payload = e.record.payload.as_deref().unwrap_or_default();
@@ -45,7 +48,7 @@ impl StdoutSink {
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match result {
-            Ok(()) => batch.iter().map(|_| Ok(None)).collect(),
+            Ok(()) => batch.iter().map(|_| Ok(Delivered::done())).collect(),
             Err(e) => {
                 batch.iter().map(|_| Err(SinkError::Stdout(std::io::Error::new(e.kind(), e.to_string())))).collect()
             }

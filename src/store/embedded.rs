@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
+use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
 use crate::config::Retention;
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -48,6 +48,8 @@ struct Inner {
     claims: Keyspace,
     /// `expires_at_ms (u64 BE) | encoded key` → empty: the sweep's work list.
     expiry: Keyspace,
+    /// encoded key → the effect's recorded response (JSON); lives and dies with the claim row.
+    responses: Keyspace,
     lock: Mutex<Pending>,
     ttl_ms: u64,
     lease_ms: u64,
@@ -66,11 +68,13 @@ impl EmbeddedStore {
         let db = Database::builder(path).open().map_err(|e| fail(&e))?;
         let claims = db.keyspace("claims", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
         let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
+        let responses = db.keyspace("responses", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 claims,
                 expiry,
+                responses,
                 lock: Mutex::new(HashMap::new()),
                 ttl_ms: retention.ttl.as_millis() as u64,
                 lease_ms: retention.lease.as_millis() as u64,
@@ -152,6 +156,8 @@ impl DedupStore for EmbeddedStore {
                                 expires_at_ms: now_ms + s.ttl_ms,
                             };
                             batch.insert(&s.expiry, expiry_key(row.expires_at_ms, &key), []);
+                            // An earlier claim's answer is not this one's.
+                            batch.remove(&s.responses, key.clone());
                             row
                         }
                     };
@@ -241,6 +247,7 @@ impl DedupStore for EmbeddedStore {
                 pending.remove(&key);
                 if let Some(row) = s.read(&key)? {
                     if row.state == ClaimState::InFlight && row.position == position {
+                        batch.remove(&s.responses, key.clone());
                         batch.remove(&s.claims, key);
                     }
                 }
@@ -248,6 +255,44 @@ impl DedupStore for EmbeddedStore {
             batch.commit().map_err(|e| s.err(e))
         })
         .await
+    }
+
+    async fn record(&self, responses: Vec<(EventKey, Position, EffectResponse)>) -> Result<Vec<bool>, StoreError> {
+        self.locked(move |s, pending| {
+            let mut batch = s.db.batch();
+            let mut answers = Vec::with_capacity(responses.len());
+            for (key, position, response) in responses {
+                let key = key.encode();
+                let row = match pending.get(&key) {
+                    Some(row) => Some(row.clone()),
+                    None => s.read(&key)?,
+                };
+                let held = row.is_some_and(|row| row.position == position);
+                if held {
+                    batch.insert(&s.responses, key, response.encode().into_bytes());
+                }
+                answers.push(held);
+            }
+            batch.commit().map_err(|e| s.err(e))?;
+            Ok(answers)
+        })
+        .await
+    }
+
+    async fn response(&self, key: EventKey, now_ms: u64) -> Result<Option<EffectResponse>, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let key = key.encode();
+            if inner.read(&key)?.is_none_or(|row| row.expires_at_ms <= now_ms) {
+                return Ok(None);
+            }
+            match inner.responses.get(&key).map_err(|e| inner.err(e))? {
+                Some(bytes) => EffectResponse::decode(&String::from_utf8_lossy(&bytes)).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     async fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> Result<Vec<Option<ClaimRow>>, StoreError> {
@@ -266,7 +311,10 @@ impl DedupStore for EmbeddedStore {
             let key = key.encode();
             pending.remove(&key);
             let existed = s.read(&key)?.is_some();
-            s.claims.remove(key).map_err(|e| s.err(e))?;
+            let mut batch = s.db.batch();
+            batch.remove(&s.responses, key.clone());
+            batch.remove(&s.claims, key);
+            batch.commit().map_err(|e| s.err(e))?;
             Ok(existed)
         })
         .await
@@ -293,6 +341,7 @@ impl DedupStore for EmbeddedStore {
                             if row.expires_at_ms <= now_ms {
                                 pending.remove(key);
                                 batch.remove(&s.claims, key.to_vec());
+                                batch.remove(&s.responses, key.to_vec());
                                 count += 1;
                             }
                         }

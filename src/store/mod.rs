@@ -98,6 +98,36 @@ pub struct ClaimRow {
     pub expires_at_ms: u64,
 }
 
+/// What an effect answered, kept on its claim row once the effect is done
+/// (`kdedup inspect` shows it): the seeds' "return the stored result". Only
+/// sinks that get an answer (HTTP) record one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EffectResponse {
+    /// The HTTP status of the answer that settled the effect.
+    pub status: u16,
+    /// SHA-256 (hex) of the body as read, at most the sink's response limit.
+    pub body_sha256: String,
+    /// Bytes of the body read (the hash covers these).
+    pub body_bytes: u64,
+    /// The body's first bytes as UTF-8 (invalid sequences replaced), bounded.
+    pub excerpt: String,
+    /// When the answer came (ms since the epoch).
+    pub at_ms: u64,
+    /// Requests it took, the settling one included.
+    pub attempts: u32,
+}
+
+impl EffectResponse {
+    /// Stored form (JSON; the stores keep it as text or bytes).
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a struct of strings and numbers serializes")
+    }
+
+    pub fn decode(text: &str) -> Result<EffectResponse, StoreError> {
+        serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("recorded response: {e}")))
+    }
+}
+
 /// Decides a claim against the current row. Shared by backends that read and
 /// write under their own lock, so every backend answers alike.
 ///
@@ -162,6 +192,21 @@ pub trait DedupStore: Send + Sync {
 
     /// Drops in-flight claims this position holds (the effect failed).
     fn release(&self, keys: Vec<(EventKey, Position)>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Keeps each effect's response on its claim row, for claims this position
+    /// still holds (`false` where it no longer does). A new claim of the key
+    /// (fresh or taken over) clears it; resuming one's own claim keeps it.
+    fn record(
+        &self,
+        responses: Vec<(EventKey, Position, EffectResponse)>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+
+    /// The response recorded on a key's live row, if any.
+    fn response(
+        &self,
+        key: EventKey,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Option<EffectResponse>, StoreError>> + Send;
 
     /// Current rows, expired ones answered as `None`.
     fn lookup(
@@ -279,6 +324,12 @@ impl DedupStore for Store {
     }
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
         dispatch!(self, s => s.release(keys).await)
+    }
+    async fn record(&self, responses: Vec<(EventKey, Position, EffectResponse)>) -> Result<Vec<bool>, StoreError> {
+        dispatch!(self, s => s.record(responses).await)
+    }
+    async fn response(&self, key: EventKey, now_ms: u64) -> Result<Option<EffectResponse>, StoreError> {
+        dispatch!(self, s => s.response(key, now_ms).await)
     }
     async fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> Result<Vec<Option<ClaimRow>>, StoreError> {
         dispatch!(self, s => s.lookup(keys, now_ms).await)

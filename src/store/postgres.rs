@@ -35,7 +35,7 @@ use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Row;
 
-use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
+use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
 use crate::config::{PostgresTls, Retention};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -66,7 +66,10 @@ won AS (
         claimed_at = CASE WHEN c.expires_at > $7 AND c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition
                                AND c."offset" = EXCLUDED."offset" THEN c.claimed_at ELSE EXCLUDED.claimed_at END,
         expires_at = CASE WHEN c.expires_at > $7 AND c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition
-                               AND c."offset" = EXCLUDED."offset" THEN c.expires_at ELSE EXCLUDED.expires_at END
+                               AND c."offset" = EXCLUDED."offset" THEN c.expires_at ELSE EXCLUDED.expires_at END,
+        -- an earlier claim's recorded answer is not this one's; a resumed claim keeps its own
+        response = CASE WHEN c.expires_at > $7 AND c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition
+                               AND c."offset" = EXCLUDED."offset" THEN c.response ELSE NULL END
     WHERE c.expires_at <= $7
        OR (c.state = 1 AND (c.lease_until + $8 <= $7
            OR (c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition AND c."offset" = EXCLUDED."offset")))
@@ -105,6 +108,17 @@ WHERE c.scope = r.scope AND c.event_id = r.event_id AND c.state = 1
   AND c.expires_at > $6
 RETURNING c.scope, c.event_id
 "#;
+
+const RECORD: &str = r#"
+UPDATE kdedup_claims c SET response = r.response
+FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int[], $5::bigint[], $6::text[])
+    AS r(scope, event_id, topic, partition, "offset", response)
+WHERE c.scope = r.scope AND c.event_id = r.event_id
+  AND c.topic = r.topic AND c.partition = r.partition AND c."offset" = r."offset"
+RETURNING c.scope, c.event_id
+"#;
+
+const RESPONSE: &str = "SELECT response FROM kdedup_claims WHERE scope = $1 AND event_id = $2 AND expires_at > $3";
 
 const LOOKUP: &str = r#"
 SELECT c.scope, c.event_id, c.state, c.fingerprint, c.topic, c.partition, c."offset", c.claimed_at, c.lease_until, c.expires_at
@@ -190,9 +204,14 @@ impl PostgresStore {
             Ok(c) => c,
             Err(_) => return Ok(()),
         };
-        match client.simple_query("SELECT 1 FROM kdedup_claims LIMIT 0").await {
+        match client.simple_query("SELECT response FROM kdedup_claims LIMIT 0").await {
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Err(StoreError::Config(
                 "table kdedup_claims does not exist: run `kdedup schema apply --config FILE` first".into(),
+            )),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => Err(StoreError::Config(
+                "table kdedup_claims has no `response` column (made by an older kdedup): run \
+                 `kdedup schema apply --config FILE`, which adds it"
+                    .into(),
             )),
             _ => Ok(()),
         }
@@ -481,6 +500,29 @@ impl DedupStore for PostgresStore {
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
         let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&keys);
         self.query(RELEASE, &[&scopes, &ids, &topics, &partitions, &offsets]).await.map(drop)
+    }
+
+    async fn record(&self, responses: Vec<(EventKey, Position, EffectResponse)>) -> Result<Vec<bool>, StoreError> {
+        // In key order, as `position_arrays` orders the other statements' rows.
+        let mut sorted: Vec<&(EventKey, Position, EffectResponse)> = responses.iter().collect();
+        sorted.sort_unstable_by(|(a, ..), (b, ..)| (&*a.scope, &a.id).cmp(&(&*b.scope, &b.id)));
+        let scopes: Vec<&str> = sorted.iter().map(|(k, ..)| &*k.scope).collect();
+        let ids: Vec<&[u8]> = sorted.iter().map(|(k, ..)| k.id.as_slice()).collect();
+        let topics: Vec<&str> = sorted.iter().map(|(_, p, _)| &*p.topic).collect();
+        let partitions: Vec<i32> = sorted.iter().map(|(_, p, _)| p.partition).collect();
+        let offsets: Vec<i64> = sorted.iter().map(|(_, p, _)| p.offset).collect();
+        let texts: Vec<String> = sorted.iter().map(|(.., r)| r.encode()).collect();
+        let rows = self.query(RECORD, &[&scopes, &ids, &topics, &partitions, &offsets, &texts]).await?;
+        let keys: Vec<(EventKey, Position)> = responses.into_iter().map(|(k, p, _)| (k, p)).collect();
+        Ok(keys_returned(&rows, &keys))
+    }
+
+    async fn response(&self, key: EventKey, now_ms: u64) -> Result<Option<EffectResponse>, StoreError> {
+        let rows = self.query(RESPONSE, &[&&*key.scope, &key.id, &(now_ms as i64)]).await?;
+        match rows.first().map(|row| column::<Option<String>>(row, 0)).transpose()?.flatten() {
+            Some(text) => EffectResponse::decode(&text).map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn lookup(&self, keys: Vec<EventKey>, now_ms: u64) -> Result<Vec<Option<ClaimRow>>, StoreError> {

@@ -52,7 +52,7 @@ use scylla::value::{CqlValue, Row};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, StoreStats};
+use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
 use crate::config::{Retention, ScyllaConfig, ScyllaConsistency, ScyllaSerialConsistency};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -1056,6 +1056,17 @@ impl DedupStore for ScyllaStore {
 
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
         self.each(keys, |(key, position)| async move { self.release_one(&key, &position).await }).await.map(drop)
+    }
+
+    /// Not kept on ScyllaDB yet: the row would need a `response` column written
+    /// by a conditional update (no server here to test it against). Every
+    /// answer is `false`, and `kdedup inspect` says responses are not recorded.
+    async fn record(&self, responses: Vec<(EventKey, Position, EffectResponse)>) -> Result<Vec<bool>, StoreError> {
+        Ok(vec![false; responses.len()])
+    }
+
+    async fn response(&self, _key: EventKey, _now_ms: u64) -> Result<Option<EffectResponse>, StoreError> {
+        Ok(None)
     }
 
     /// The Bloom route's cheap read: a plain read at the configured quorum, no Paxos.

@@ -200,7 +200,7 @@ async fn a_panicking_partition_task_stops_the_run_with_an_error_and_commits_noth
     let faults = Faults::default();
     *faults.panic_at.lock().unwrap() = Some(position(0, 50));
     let metrics = Metrics::new();
-    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics: false };
+    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics: false, sink: None };
     let config = config(&kafka, &group, dir.path(), &[("KDEDUP_PIPELINE__BATCH_MAX", "10")]);
     let run = tokio::time::timeout(
         Duration::from_secs(60),

@@ -4,10 +4,13 @@
 mod campaign;
 mod cli;
 mod dead_letter;
+mod endpoint;
 mod group;
 mod hostile;
+mod http;
 mod kubernetes;
 mod leases;
+mod library;
 mod observe;
 mod outage;
 mod path;

@@ -313,3 +313,41 @@ async fn lookups_and_lightweight_transactions_are_counted_apart() {
         assert_eq!(store.stats().round_trips, 3, "{name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_response_lives_with_its_claim_and_a_new_claim_clears_it() {
+    let response = |status: u16| kdedup::store::EffectResponse {
+        status,
+        body_sha256: "ab".repeat(32),
+        body_bytes: 12,
+        excerpt: r#"{"id":"ch_1"}"#.into(),
+        at_ms: T0,
+        attempts: 2,
+    };
+    for b in backends().await {
+        let (name, store) = (b.name, &b.store);
+        if name == "scylla" {
+            continue; // records nothing yet (README, Not built yet)
+        }
+        claim1(store, b.req("k", 1, at(0, 1)), T0).await;
+        let other = store.record(vec![(b.key("k"), at(5, 5), response(500))]).await.unwrap();
+        assert_eq!(other, vec![false], "{name}: only the holder records");
+        assert_eq!(store.response(b.key("k"), T0).await.unwrap(), None, "{name}");
+        let held = store.record(vec![(b.key("k"), at(0, 1), response(200))]).await.unwrap();
+        assert_eq!(held, vec![true], "{name}");
+        // Resuming one's own claim keeps it; completing keeps it.
+        assert_eq!(claim1(store, b.req("k", 1, at(0, 1)), T0 + 1).await, Claim::New(Acquired::Resumed), "{name}");
+        store.complete(vec![(b.key("k"), at(0, 1))], T0 + 1).await.unwrap();
+        assert_eq!(store.response(b.key("k"), T0 + 2).await.unwrap(), Some(response(200)), "{name}");
+        // It expires with the row, and a fresh claim after expiry starts without it.
+        assert_eq!(store.response(b.key("k"), T0 + TTL_MS).await.unwrap(), None, "{name}: expired");
+        let later = T0 + TTL_MS + 1;
+        assert_eq!(claim1(store, b.req("k", 1, at(1, 2)), later).await, Claim::New(Acquired::Fresh), "{name}");
+        assert_eq!(store.response(b.key("k"), later).await.unwrap(), None, "{name}: a new claim's own answer only");
+        // A released claim takes its answer with it.
+        store.record(vec![(b.key("k"), at(1, 2), response(201))]).await.unwrap();
+        store.release(vec![(b.key("k"), at(1, 2))]).await.unwrap();
+        claim1(store, b.req("k", 1, at(1, 3)), later).await;
+        assert_eq!(store.response(b.key("k"), later).await.unwrap(), None, "{name}: released");
+    }
+}

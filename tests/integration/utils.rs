@@ -84,18 +84,19 @@ fn init_logs() {
 }
 
 pub fn start(config: Config, faults: Faults) -> Running {
-    start_with(config, faults, false)
+    start_with(config, RunOptions { faults, ..RunOptions::default() })
 }
 
 /// [`start`], serving `[metrics] listen` too, for tests that read `/metrics` as Prometheus would.
 pub fn start_serving(config: Config) -> Running {
-    start_with(config, Faults::default(), true)
+    start_with(config, RunOptions { serve_metrics: true, ..RunOptions::default() })
 }
 
-fn start_with(config: Config, faults: Faults, serve_metrics: bool) -> Running {
+/// [`start`] with options of the caller's (a custom sink, serving metrics); metrics are always the run's own.
+pub fn start_with(config: Config, options: RunOptions) -> Running {
     init_logs();
     let metrics = Metrics::new();
-    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics };
+    let options = RunOptions { metrics: metrics.clone(), ..options };
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
         service::run(&config, options, async move { rx.await.unwrap_or(StopMode::Abandon) }).await
