@@ -249,6 +249,57 @@ fn the_cli_documents_modes_and_exit_codes_and_refuses_redrive_without_yes() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
     let no_from = std::process::Command::new(BIN).args(["replay", "--config"]).arg(&path).output().unwrap();
     assert_eq!(no_from.status.code(), Some(2), "a range needs its start");
+    // Nothing listens on 127.0.0.1:1.
+    let unreachable = std::process::Command::new(BIN)
+        .args(["replay", "--config"])
+        .arg(&path)
+        .args(["--from-offset", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(unreachable.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cannot read the topic's metadata"), "{stderr}");
+}
+
+/// Ctrl-C (SIGINT) stops a replay cleanly: a partial report, exit 4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replay_prints_a_partial_report_and_exits_4() {
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kdedup.toml");
+    let text = format!(
+        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"g\"\ntopics = [\"{INPUT}\"]\n[store]\npath = \"{}\"\n[sink]\nkind = \"kafka\"\ntopic = \"{OUTPUT}\"\n[dead_letter]\ntopic = \"{DLQ}\"\n[metrics]\nlisten = \"\"\n",
+        kafka.bootstrap(),
+        dir.path().join("store").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    let records: Vec<Produce> = (0..2_000).map(|i| event(&format!("i{i}"), "x")).collect();
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    // 100 records/s: the whole range would take 20 s.
+    let child = std::process::Command::new(BIN)
+        .args(["replay", "--config"])
+        .arg(&path)
+        .args(["--from-offset", "0", "--max-rate", "100", "--json", "--mode", "apply"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let kafka_bootstrap = kafka.bootstrap().to_string();
+    wait_for("the replay to emit something", Duration::from_secs(30), || {
+        let n = mock::end_offsets(kafka_bootstrap.as_str(), OUTPUT).unwrap().values().sum::<i64>();
+        async move { n > 0 }
+    })
+    .await;
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["interrupted"], true);
+    let emitted = report["emitted"].as_u64().unwrap();
+    assert!(emitted > 0 && emitted < 2_000, "a partial report: {report}");
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    assert_eq!(output.len() as u64, emitted, "the report counts what was written");
 }
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
