@@ -185,7 +185,11 @@ pub enum Command {
         127.0.0.1:9464) and prints one line: the share of duplicates the TTL caught (duplicates / \
         (duplicates + new events whose key had expired within one more TTL: kdedup_expired_key_hits_total)), \
         and the share that arrived within the last 10% of the TTL (kdedup_duplicates_near_expiry_total). \
-        Counts are this instance's since it started; ask each instance of a group. --json prints the numbers.")]
+        Counts are this instance's since it started; ask each instance of a group. --json prints the numbers.\n\n\
+        With --config and --store: what the store holds for the config's scope instead (live keys in flight and \
+        done, the oldest key's age, the store's size on disk), read from the store itself: the embedded store \
+        only while `kdedup run` is stopped (one process holds it); not offered by the ScyllaDB store (it would \
+        scan the whole table).")]
     Stats {
         /// The instance's metrics address, http://HOST:PORT (a path other than /metrics may follow).
         #[arg(long)]
@@ -193,6 +197,9 @@ pub enum Command {
         /// A config whose `[metrics] listen` names the instance (instead of --url).
         #[arg(long, short, conflicts_with = "url")]
         config: Option<PathBuf>,
+        /// What the store holds for the config's scope, instead of the window advice (needs --config).
+        #[arg(long, requires = "config")]
+        store: bool,
         /// Print one JSON object instead of the line.
         #[arg(long)]
         json: bool,
@@ -413,7 +420,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Replay(args) => replay_command(args).await,
-        Command::Stats { url, config, json } => {
+        Command::Stats { config: Some(path), store: true, json, .. } => {
+            let config = Config::load(&path)?;
+            let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
+            let now = now_ms();
+            let census = store.census(&config.key.scope, now).await?;
+            let age_secs = census.oldest_claimed_at_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0);
+            if json {
+                let mut v = serde_json::to_value(census)?;
+                v["scope"] = config.key.scope.clone().into();
+                v["oldest_age_secs"] = age_secs.into();
+                v["ttl_secs"] = config.retention.ttl.as_secs().into();
+                println!("{v}");
+            } else {
+                let age = age_secs.map_or("no keys".to_string(), |a| format!("oldest key {a:.0}s old"));
+                let size =
+                    census.bytes.map_or(String::new(), |b| format!("; store {:.1} MiB on disk", b as f64 / 1048576.0));
+                println!(
+                    "scope {}: {} keys done, {} in flight; {age} (ttl_secs {}){size}",
+                    config.key.scope,
+                    census.done,
+                    census.in_flight,
+                    config.retention.ttl.as_secs()
+                );
+            }
+            Ok(0)
+        }
+        Command::Stats { url, config, json, .. } => {
             let url = match (url, config) {
                 (Some(url), _) => url,
                 (None, Some(path)) => match Config::load(&path)?.metrics_listen {

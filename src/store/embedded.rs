@@ -59,6 +59,29 @@ struct Inner {
 }
 
 impl EmbeddedStore {
+    /// Reads every row of `scope` (see [`super::Store::census`]).
+    pub async fn census(&self, scope: &str, now_ms: u64) -> Result<super::Census, StoreError> {
+        let inner = self.inner.clone();
+        let prefix = EventKey { scope: Arc::from(scope), id: Vec::new() }.encode();
+        tokio::task::spawn_blocking(move || {
+            let mut census = super::Census::default();
+            for entry in inner.claims.prefix(&prefix) {
+                let (_, value) = entry.into_inner().map_err(|e| inner.err(e))?;
+                let Some(row) = decode_row(&value).filter(|r| r.expires_at_ms > now_ms) else { continue };
+                match row.state {
+                    ClaimState::InFlight => census.in_flight += 1,
+                    ClaimState::Done => census.done += 1,
+                }
+                census.oldest_claimed_at_ms =
+                    Some(census.oldest_claimed_at_ms.map_or(row.claimed_at_ms, |o| o.min(row.claimed_at_ms)));
+            }
+            census.bytes = Some(dir_bytes(&inner.path));
+            Ok(census)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     pub fn open(path: &Path, retention: &Retention) -> Result<EmbeddedStore, StoreError> {
         let fail = |e: &dyn std::fmt::Display| StoreError::Embedded {
             path: path.display().to_string(),
@@ -369,6 +392,19 @@ impl DedupStore for EmbeddedStore {
             syncs: self.inner.syncs.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Bytes of the files under `path`, recursively (0 for what cannot be read).
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// `version | state | fingerprint(16) | claimed_at | lease_until | expires_at | partition | offset | topic`

@@ -156,6 +156,17 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, 
     }
 }
 
+/// What a store holds for one scope (`kdedup stats --config`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Census {
+    pub in_flight: u64,
+    pub done: u64,
+    /// The claim time of the oldest live key, ms since the epoch.
+    pub oldest_claimed_at_ms: Option<u64>,
+    /// On-disk size of the store (all scopes), when the store can tell.
+    pub bytes: Option<u64>,
+}
+
 /// Counters a backend keeps about its own work (for metrics and the bench).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StoreStats {
@@ -237,6 +248,21 @@ pub enum Store {
 }
 
 impl Store {
+    /// Counts the live keys of `scope` by state, with the oldest one's claim time.
+    /// A full read of the scope's rows on the embedded store and PostgreSQL; the
+    /// ScyllaDB store would need a full table scan and does not offer it.
+    pub async fn census(&self, scope: &str, now_ms: u64) -> Result<Census, StoreError> {
+        match self {
+            Store::Embedded(s) => s.census(scope, now_ms).await,
+            Store::Postgres(s) => s.census(scope, now_ms).await,
+            Store::Scylla(_) => Err(StoreError::Config(
+                "the ScyllaDB store cannot count its keys without scanning the whole table; \
+                 use kdedup_claims_in_flight and the window metrics instead"
+                    .into(),
+            )),
+        }
+    }
+
     pub fn open(config: &StoreConfig, retention: &Retention) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),

@@ -155,6 +155,33 @@ struct Counters {
 }
 
 impl PostgresStore {
+    /// One grouped count of `scope`'s live rows (see [`super::Store::census`]).
+    pub async fn census(&self, scope: &str, now_ms: u64) -> Result<super::Census, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT state, count(*), min(claimed_at) FROM kdedup_claims WHERE scope = $1 AND expires_at > $2 GROUP BY state",
+                &[&scope, &(now_ms as i64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut census = super::Census::default();
+        for row in rows {
+            let (state, count, oldest): (i16, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+            match state {
+                1 => census.in_flight = count as u64,
+                _ => census.done += count as u64,
+            }
+            if let Some(o) = oldest {
+                let o = o as u64;
+                census.oldest_claimed_at_ms = Some(census.oldest_claimed_at_ms.map_or(o, |c| c.min(o)));
+            }
+        }
+        let size = client.query_one("SELECT pg_total_relation_size('kdedup_claims')", &[]).await.map_err(pg_error)?;
+        census.bytes = Some(size.get::<_, i64>(0) as u64);
+        Ok(census)
+    }
+
     /// Connects lazily: the pool opens connections on first use, so a store
     /// that is down at start makes the pipeline wait, not exit.
     pub fn open(

@@ -412,3 +412,46 @@ async fn apply_while_the_live_group_runs_on_the_same_store_emits_every_event_onc
     assert_eq!(report.counts.emitted + live.outcome("new"), 20_000, "each event emitted by one of them: {report:?}");
     eprintln!("beside the live group: replay emitted {}, live {}", report.counts.emitted, live.outcome("new"));
 }
+
+/// `kdedup stats --config F --store`: what the store holds for the scope, read from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_from_the_store_counts_keys_by_state_with_the_oldest_age() {
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("stats");
+    let path = dir.path().join("kdedup.toml");
+    let text = format!(
+        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{INPUT}\"]\n[store]\npath = \"{}\"\n[sink]\nkind = \"kafka\"\ntopic = \"{OUTPUT}\"\n[dead_letter]\ntopic = \"{DLQ}\"\n[metrics]\nlisten = \"\"\n[kafka.consumer]\n\"session.timeout.ms\" = 3000\n\"heartbeat.interval.ms\" = 500\n",
+        kafka.bootstrap(),
+        dir.path().join("store").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let started = now_ms();
+    let records: Vec<Produce> = (0..30).map(|i| event(&format!("s{}", i % 20), "x")).collect();
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    live_run(&kafka, &config).await;
+    // One claim left in flight, as a crashed owner leaves it.
+    let store = Store::open(&config.store, &config.retention).unwrap();
+    let request = kdedup::store::ClaimRequest {
+        key: kdedup::event::EventKey { scope: config.key.scope.as_str().into(), id: b"left".to_vec() },
+        fingerprint: kdedup::event::Fingerprint(1),
+        position: kdedup::event::Position { topic: INPUT.into(), partition: 0, offset: 99 },
+    };
+    store.claim(vec![request], now_ms()).await.unwrap();
+    store.sync().unwrap();
+    drop(store);
+
+    let out =
+        std::process::Command::new(BIN).args(["stats", "--store", "--json", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["done"].as_u64(), v["in_flight"].as_u64()), (Some(20), Some(1)), "{v}");
+    let age = v["oldest_age_secs"].as_f64().unwrap();
+    let since_start = (now_ms() - started) as f64 / 1000.0;
+    assert!(age > 0.0 && age <= since_start, "oldest key {age}s old, the test began {since_start}s ago");
+    assert!(v["bytes"].as_u64().unwrap() > 0);
+    let text = std::process::Command::new(BIN).args(["stats", "--store", "--config"]).arg(&path).output().unwrap();
+    let line = String::from_utf8_lossy(&text.stdout);
+    assert!(line.contains("20 keys done, 1 in flight"), "{line}");
+}
