@@ -14,7 +14,7 @@
 //! takes over a live owner's claim by position equality, and its writes carry
 //! `kdedup-replay: <job>`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,10 +28,10 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::decide::{Claimant, Core, Decision, Driver, Item, Stop};
-use crate::event::{Envelope, EventKey, Fingerprint, Position, Record};
+use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::kafka_client::KafkaClients;
 use crate::metrics::Metrics;
-use crate::offsets::{OutputMark, TopicPartition};
+use crate::offsets::TopicPartition;
 use crate::service::{configured_sink, side_topics};
 use crate::sink::{KafkaSink, KafkaWriter};
 use crate::store::{now_ms, ClaimState, DedupStore, Store};
@@ -212,7 +212,7 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
         }
         Mode::DryRun | Mode::Release => (None, None),
     };
-    let extractor = crate::event::KeyExtractor::new(config.key.clone());
+    let extractor = KeyExtractor::new(config.key.clone());
     let batch_max = config.pipeline.batch_max.get();
     let total: i64 = ranges.iter().map(|(_, from, to)| (to - from).max(0)).sum();
     let mut progress = Progress::new(options.progress, total as u64);
@@ -464,7 +464,7 @@ fn stopped(_: Stop) -> Interrupted {
 
 /// Classifies each record against the range so far and the store, changing nothing.
 async fn dry_run(
-    extractor: &crate::event::KeyExtractor,
+    extractor: &KeyExtractor,
     store: &Store,
     batch: Vec<Record>,
     seen: &mut HashMap<u128, (Position, Fingerprint)>,
@@ -519,7 +519,7 @@ async fn dry_run(
 
 /// Forgets the keys of the batch's events (each once).
 async fn release(
-    extractor: &crate::event::KeyExtractor,
+    extractor: &KeyExtractor,
     store: &Store,
     batch: Vec<Record>,
     seen: &mut HashMap<u128, (Position, Fingerprint)>,
@@ -548,7 +548,7 @@ async fn release(
 
 /// Forgets the batch's keys, then applies it: every event's effect runs once more.
 async fn redrive(core: &Core, driver: &mut ReplayDriver, batch: Vec<Record>) -> Result<(), Interrupted> {
-    let mut forgotten: std::collections::HashSet<EventKey> = std::collections::HashSet::new();
+    let mut forgotten: HashSet<EventKey> = HashSet::new();
     for record in &batch {
         if let Ok(e) = core.extractor.extract(record.clone()) {
             if forgotten.insert(e.key.clone()) {
@@ -593,8 +593,6 @@ impl Driver for ReplayDriver {
             }
         }
     }
-
-    fn landed(&mut self, _log: crate::decide::Landed, _mark: OutputMark) {}
 
     fn finished(&mut self, items: &[Item]) {
         for item in items {
