@@ -628,6 +628,42 @@ mod tests {
         (admin, schema)
     }
 
+    /// The claim statement for key ('s', 'k') at position in/`partition`@`offset`, on `client`.
+    async fn raw_claim(client: &tokio_postgres::Client, (partition, offset): (i32, i64), times: [i64; 3]) -> Vec<Row> {
+        let fp = [7u8; 16].to_vec();
+        let [now, lease, ttl] = times;
+        client
+            .query(
+                CLAIM,
+                &[
+                    &vec!["s"],
+                    &vec![b"k".as_slice()],
+                    &vec![fp.as_slice()],
+                    &vec!["in"],
+                    &vec![partition],
+                    &vec![offset],
+                    &now,
+                    &lease,
+                    &ttl,
+                ],
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Awaits a backend matching `which` (a `pg_stat_activity` condition) waiting on a lock,
+    /// failing if `task` ends first: it did not wait.
+    async fn await_lock_wait<T>(admin: &tokio_postgres::Client, which: &str, task: &tokio::task::JoinHandle<T>) {
+        let query =
+            format!("SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE {which}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !admin.query_one(&query, &[]).await.unwrap().get::<_, bool>(0) {
+            assert!(!task.is_finished(), "it did not wait on the row lock ({which})");
+            assert!(Instant::now() < deadline, "it never waited on the row lock ({which})");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sweep_that_waited_on_a_takeover_keeps_the_fresh_claim() {
         let Some(url) = test_url("sweep_that_waited_on_a_takeover_keeps_the_fresh_claim") else { return };
@@ -643,45 +679,13 @@ mod tests {
         // A takes it over at 2000 with the claim statement and holds the row lock.
         let (now, lease, ttl) = (2000i64, 60_000i64, 3_600_000i64);
         a.batch_execute("BEGIN").await.unwrap();
-        let rows = a
-            .query(
-                CLAIM,
-                &[
-                    &vec!["s"],
-                    &vec![b"k".as_slice()],
-                    &vec![fp.as_slice()],
-                    &vec!["in"],
-                    &vec![1i32],
-                    &vec![9i64],
-                    &now,
-                    &lease,
-                    &ttl,
-                ],
-            )
-            .await
-            .unwrap();
+        let rows = raw_claim(&a, (1, 9), [now, lease, ttl]).await;
         assert!(rows[0].get::<_, bool>(1), "the expired row is taken over");
 
         // B sweeps at the same time: its snapshot still sees the expired version.
         let b_pid: i32 = b.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
         let sweep = tokio::spawn(async move { b.execute(SWEEP, &[&now, &SWEEP_CHUNK]).await });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let waiting: bool = admin
-                .query_one(
-                    "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
-                    &[&b_pid],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting {
-                break;
-            }
-            assert!(!sweep.is_finished(), "the sweep did not wait for the takeover's row lock");
-            assert!(Instant::now() < deadline, "the sweep never waited on the row lock");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        await_lock_wait(&admin, &format!("pid = {b_pid}"), &sweep).await;
         a.batch_execute("COMMIT").await.unwrap();
         let deleted = sweep.await.unwrap().unwrap();
 
@@ -705,28 +709,11 @@ mod tests {
         let Some(url) = test_url(test) else { return };
         let (admin, schema) = private_schema(&url, "race").await;
         let a = connect(&url, &schema).await;
-        let fp = [7u8; 16].to_vec();
         // A claims at 1000 with a 1 s lease (a writer that stamped its claim and
         // then froze) and holds its insert uncommitted.
         let (then, lease, ttl) = (1000i64, 1000i64, 3_600_000i64);
         a.batch_execute("BEGIN").await.unwrap();
-        let rows = a
-            .query(
-                CLAIM,
-                &[
-                    &vec!["s"],
-                    &vec![b"k".as_slice()],
-                    &vec![fp.as_slice()],
-                    &vec!["in"],
-                    &vec![0i32],
-                    &vec![5i64],
-                    &then,
-                    &lease,
-                    &ttl,
-                ],
-            )
-            .await
-            .unwrap();
+        let rows = raw_claim(&a, (0, 5), [then, lease, ttl]).await;
         assert!(rows[0].get::<_, bool>(1), "A inserts the claim");
 
         // The store claims the key for another position at 5000: its snapshot has
@@ -744,24 +731,8 @@ mod tests {
             position: Position { topic: Arc::from("in"), partition: 1, offset: 9 },
         };
         let claim = tokio::spawn(async move { store.claim_round(&[request], 5000).await });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let waiting: bool = admin
-                .query_one(
-                    "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity \
-                     WHERE query LIKE '%INSERT INTO kdedup_claims%' AND pid <> pg_backend_pid()",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting {
-                break;
-            }
-            assert!(!claim.is_finished(), "the claim did not wait for A's insert");
-            assert!(Instant::now() < deadline, "the claim never waited on A's insert");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let inserting = "query LIKE '%INSERT INTO kdedup_claims%' AND pid <> pg_backend_pid()";
+        await_lock_wait(&admin, inserting, &claim).await;
         a.batch_execute("COMMIT").await.unwrap();
         let answers = claim.await.unwrap().unwrap();
         admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();

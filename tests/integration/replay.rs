@@ -5,7 +5,7 @@
 //! empty ranges and unknown partitions give clear outcomes and exit codes.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kdedup::config::Config;
@@ -198,16 +198,8 @@ async fn time_bounds_map_to_the_offsets_of_the_records_at_those_times() {
     let _turn = BROKER_TURN.lock().await;
     let topics = Topics::create(&env.brokers, &env.postgres, 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\"]\n[store]\npath = \"{}\"\n[sink]\nkind = \"kafka\"\ntopic = \"{}\"\n[dead_letter]\ntopic = \"{}\"\n[metrics]\nlisten = \"\"\n",
-        env.brokers,
-        topics.group,
-        topics.input,
-        dir.path().join("store").display(),
-        topics.output,
-        topics.dlq
-    );
-    let config = Config::from_toml_with_env(&text, "test config", std::iter::empty()).unwrap();
+    let topic_names = [topics.input.as_str(), topics.output.as_str(), topics.dlq.as_str()];
+    let config = Config::load(&config_file(dir.path(), &env.brokers, &topics.group, topic_names, "")).unwrap();
     mock::produce_all(env.brokers.as_str(), &topics.input, &[event("t0", "0"), event("t1", "1")]).await.unwrap();
     // The records carry the producer's clock: the next ones are later.
     let between = now_ms() as i64 + 1;
@@ -238,7 +230,8 @@ fn the_cli_documents_modes_and_exit_codes_and_refuses_redrive_without_yes() {
         assert!(text.contains(needle), "`replay --help` mentions {needle}:\n{text}");
     }
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path());
+    // Nothing listens on 127.0.0.1:1.
+    let path = config_file(dir.path(), "127.0.0.1:1", "g", [INPUT, OUTPUT, DLQ], "");
     let refused = std::process::Command::new(BIN)
         .args(["replay", "--config"])
         .arg(&path)
@@ -249,7 +242,6 @@ fn the_cli_documents_modes_and_exit_codes_and_refuses_redrive_without_yes() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
     let no_from = std::process::Command::new(BIN).args(["replay", "--config"]).arg(&path).output().unwrap();
     assert_eq!(no_from.status.code(), Some(2), "a range needs its start");
-    // Nothing listens on 127.0.0.1:1.
     let unreachable = std::process::Command::new(BIN)
         .args(["replay", "--config"])
         .arg(&path)
@@ -266,13 +258,7 @@ fn the_cli_documents_modes_and_exit_codes_and_refuses_redrive_without_yes() {
 async fn an_interrupted_replay_prints_a_partial_report_and_exits_4() {
     let kafka = cluster(1);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kdedup.toml");
-    let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"g\"\ntopics = [\"{INPUT}\"]\n[store]\npath = \"{}\"\n[sink]\nkind = \"kafka\"\ntopic = \"{OUTPUT}\"\n[dead_letter]\ntopic = \"{DLQ}\"\n[metrics]\nlisten = \"\"\n",
-        kafka.bootstrap(),
-        dir.path().join("store").display()
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = config_file(dir.path(), kafka.bootstrap(), "g", [INPUT, OUTPUT, DLQ], "");
     let records: Vec<Produce> = (0..2_000).map(|i| event(&format!("i{i}"), "x")).collect();
     mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
     // 100 records/s: the whole range would take 20 s.
@@ -302,10 +288,14 @@ async fn an_interrupted_replay_prints_a_partial_report_and_exits_4() {
     assert_eq!(output.len() as u64, emitted, "the report counts what was written");
 }
 
-fn write_config(dir: &Path) -> std::path::PathBuf {
+/// A config file in `dir` for these topics (input, output, dead letters) on `brokers`, with `extra` TOML
+/// sections appended; its embedded store lives in `dir` too.
+fn config_file(dir: &Path, brokers: &str, group: &str, [input, output, dlq]: [&str; 3], extra: &str) -> PathBuf {
     let path = dir.join("kdedup.toml");
     let text = format!(
-        "[kafka]\nbrokers = \"127.0.0.1:1\"\ngroup_id = \"g\"\ntopics = [\"in\"]\n[store]\npath = \"{}\"\n[sink]\nkind = \"stdout\"\n[dead_letter]\ntopic = \"dlq\"\n",
+        "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ntopics = [\"{input}\"]\n[store]\npath = \"{}\"\n\
+         [sink]\nkind = \"kafka\"\ntopic = \"{output}\"\n[dead_letter]\ntopic = \"{dlq}\"\n[metrics]\nlisten = \"\"\n\
+         [kafka.consumer]\n\"session.timeout.ms\" = 3000\n\"heartbeat.interval.ms\" = 500\n{extra}",
         dir.join("store").display()
     );
     std::fs::write(&path, text).unwrap();
@@ -321,15 +311,8 @@ async fn the_incident_walkthrough_through_the_cli() {
     let kafka = cluster(1);
     let dir = tempfile::tempdir().unwrap();
     let group = unique("orders");
-    let path = dir.path().join("kdedup.toml");
-    let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{INPUT}\"]\n[key]\nsource = \"json\"\njson_pointer = \"/id\"\n\
-         [store]\npath = \"{}\"\n[sink]\nkind = \"kafka\"\ntopic = \"{OUTPUT}\"\n[dead_letter]\ntopic = \"{DLQ}\"\n[metrics]\nlisten = \"\"\n\
-         [kafka.consumer]\n\"session.timeout.ms\" = 3000\n\"heartbeat.interval.ms\" = 500\n",
-        kafka.bootstrap(),
-        dir.path().join("store").display()
-    );
-    std::fs::write(&path, &text).unwrap();
+    let json_ids = "[key]\nsource = \"json\"\njson_pointer = \"/id\"\n";
+    let path = config_file(dir.path(), kafka.bootstrap(), &group, [INPUT, OUTPUT, DLQ], json_ids);
     let config = Config::load(&path).unwrap();
     let order = |id: &str, amount: u32| Produce {
         partition: 0,
@@ -419,13 +402,7 @@ async fn stats_from_the_store_counts_keys_by_state_with_the_oldest_age() {
     let kafka = cluster(1);
     let dir = tempfile::tempdir().unwrap();
     let group = unique("stats");
-    let path = dir.path().join("kdedup.toml");
-    let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{INPUT}\"]\n[store]\npath = \"{}\"\n[sink]\nkind = \"kafka\"\ntopic = \"{OUTPUT}\"\n[dead_letter]\ntopic = \"{DLQ}\"\n[metrics]\nlisten = \"\"\n[kafka.consumer]\n\"session.timeout.ms\" = 3000\n\"heartbeat.interval.ms\" = 500\n",
-        kafka.bootstrap(),
-        dir.path().join("store").display()
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = config_file(dir.path(), kafka.bootstrap(), &group, [INPUT, OUTPUT, DLQ], "");
     let config = Config::load(&path).unwrap();
     let started = now_ms();
     let records: Vec<Produce> = (0..30).map(|i| event(&format!("s{}", i % 20), "x")).collect();
