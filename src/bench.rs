@@ -95,6 +95,9 @@ pub struct DedupFigures {
     /// Keys read from the store per input event (Bloom hits: suspected duplicates).
     pub store_key_reads_per_event: f64,
     pub fsyncs_per_1000: f64,
+    /// Keys the store wrote (rows, index entries, deletions) per new event,
+    /// for the stores that count them (embedded).
+    pub writes_per_new_event: Option<f64>,
     pub recent_cache_hit_rate: f64,
     pub bloom_hit_rate: f64,
     /// Bloom hits whose store read found nothing, over the keys that were new.
@@ -229,6 +232,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         store_reads_per_1000: per_1000(metrics.store_calls_ok("lookup") as f64),
         store_key_reads_per_event: bloom_hit / options.events as f64,
         fsyncs_per_1000: per_1000(metrics.fsyncs.get() as f64),
+        writes_per_new_event: (metrics.store_writes.get() > 0)
+            .then(|| metrics.store_writes.get() as f64 / metrics.outcome("new").max(1) as f64),
         recent_cache_hit_rate: recent / checked,
         bloom_hit_rate: bloom_hit / checked,
         bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
@@ -691,6 +696,9 @@ pub fn print_table(r: &BenchReport) {
         "  per 1000 events: {:.2} store round trips ({:.2} of them reads), {:.2} fsyncs; {:.3} keys read from the store per event",
         d.store_round_trips_per_1000, d.store_reads_per_1000, d.fsyncs_per_1000, d.store_key_reads_per_event
     );
+    if let Some(w) = d.writes_per_new_event {
+        println!("  store writes per new event: {w:.2}");
+    }
     println!(
         "  filter: recent-cache hits {:.1}%, Bloom hits {:.1}%, Bloom false-positive rate {:.4}%; {} duplicates dropped",
         d.recent_cache_hit_rate * 100.0,

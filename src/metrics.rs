@@ -128,6 +128,10 @@ pub struct Metrics {
     pub reconciled: IntCounter,
     pub commits: IntCounter,
     pub fsyncs: IntCounter,
+    /// `kdedup_store_writes_total`: keys the store wrote (rows, index entries,
+    /// deletions), for backends that count them (the embedded store); brought
+    /// up to date at each commit's durability barrier.
+    pub store_writes: IntCounter,
     pub committed_offset: IntGaugeVec,
     pub assigned_partitions: IntGauge,
     pub lease_takeovers: IntCounter,
@@ -419,6 +423,10 @@ impl Metrics {
             ),
             commits: counter("kdedup_commits_total", "Offset commits sent to Kafka."),
             fsyncs: counter("kdedup_store_syncs_total", "Store durability barriers (fsyncs) run before commits."),
+            store_writes: counter(
+                "kdedup_store_writes_total",
+                "Keys the store wrote (rows, index entries, deletions), embedded store only; updated at each commit.",
+            ),
             committed_offset,
             assigned_partitions,
             lease_takeovers: counter(

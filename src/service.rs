@@ -66,8 +66,14 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         consumer_ms(config, "heartbeat.interval.ms", 3_000),
     ));
     let fatal = Fatal::default();
-    let barrier_store = store.clone();
-    let book = Arc::new(CommitBook::new(Box::new(move || barrier_store.sync())));
+    let (barrier_store, writes) = (store.clone(), metrics.store_writes.clone());
+    let book = Arc::new(CommitBook::new(Box::new(move || {
+        barrier_store.sync()?;
+        if let Some(total) = barrier_store.stats().writes {
+            writes.inc_by(total.saturating_sub(writes.get()));
+        }
+        Ok(())
+    })));
     let mut core = Core::new(config, store.clone(), sink, side, metrics.clone(), Claimant::Position)?;
     core.faults = options.faults;
     core.fatal = fatal.clone();

@@ -8,7 +8,11 @@
 //!   not per record, so the disk is synced about once a second.
 //! - Expiry: rows carry `expires_at_ms` and stop counting at once when it
 //!   passes; an index keyspace ordered by expiry lets `sweep` delete expired
-//!   rows in bounded chunks without scanning live ones.
+//!   rows in bounded chunks without scanning live ones. Every row a claim call
+//!   creates expires at the same instant (the call's time plus the TTL), so
+//!   the index holds one entry per call, listing its keys, not one per key.
+//! - Writes per new event: the claim row, then its rewrite as done; nothing
+//!   else is written per key (`kdedup bench` prints the figure).
 //!
 //! Correct for a single consumer instance only: two processes cannot share it.
 
@@ -46,8 +50,13 @@ pub struct EmbeddedStore {
 struct Inner {
     db: Database,
     claims: Keyspace,
-    /// `expires_at_ms (u64 BE) | encoded key` → empty: the sweep's work list.
+    /// `expires_at_ms (u64 BE) | call (u64 BE)` → the keys that claim call created,
+    /// each `len (u32 BE) | encoded key`: the sweep's work list. (Stores written
+    /// before this shape hold `expires_at_ms | encoded key` → empty; the sweep reads both.)
     expiry: Keyspace,
+    /// Numbers the claim calls' index entries; starts at the open's time in
+    /// nanoseconds, so entries of an earlier process never collide with ours.
+    calls: AtomicU64,
     /// encoded key → the effect's recorded response (JSON); lives and dies with the claim row.
     responses: Keyspace,
     lock: Mutex<Pending>,
@@ -55,6 +64,8 @@ struct Inner {
     lease_ms: u64,
     path: PathBuf,
     round_trips: AtomicU64,
+    /// Keys written: rows, index entries and deletions.
+    writes: AtomicU64,
     syncs: AtomicU64,
 }
 
@@ -102,7 +113,13 @@ impl EmbeddedStore {
                 ttl_ms: retention.ttl.as_millis() as u64,
                 lease_ms: retention.lease.as_millis() as u64,
                 path: path.to_path_buf(),
+                calls: AtomicU64::new(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
+                ),
                 round_trips: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
                 syncs: AtomicU64::new(0),
             }),
         })
@@ -134,6 +151,12 @@ impl Inner {
         StoreError::Embedded { path: self.path.display().to_string(), message: e.to_string() }
     }
 
+    /// Commits one call's writes as one batch, counting them.
+    fn commit(&self, batch: fjall::OwnedWriteBatch) -> Result<(), StoreError> {
+        self.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        batch.commit().map_err(|e| self.err(e))
+    }
+
     fn read(&self, key: &[u8]) -> Result<Option<ClaimRow>, StoreError> {
         match self.claims.get(key).map_err(|e| self.err(e))? {
             Some(bytes) => {
@@ -144,20 +167,38 @@ impl Inner {
     }
 }
 
-fn expiry_key(expires_at_ms: u64, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len());
+fn expiry_key(expires_at_ms: u64, call: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16);
     k.extend_from_slice(&expires_at_ms.to_be_bytes());
-    k.extend_from_slice(key);
+    k.extend_from_slice(&call.to_be_bytes());
     k
+}
+
+/// The keys of one index entry (see [`Inner::expiry`]); `None` when it is malformed.
+fn indexed_keys<'a>(index_key: &'a [u8], value: &'a [u8]) -> Option<Vec<&'a [u8]>> {
+    if value.is_empty() {
+        // The former shape: one entry per key, the key after the expiry.
+        return index_key.get(8..).map(|k| vec![k]);
+    }
+    let mut keys = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        keys.push(rest.get(4..4 + len)?);
+        rest = &rest[4 + len..];
+    }
+    Some(keys)
 }
 
 impl DedupStore for EmbeddedStore {
     async fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> Result<Vec<Claim>, StoreError> {
         self.locked(move |s, pending| {
-            let mut batch = s.db.batch();
+            let mut batch = fjall::OwnedWriteBatch::with_capacity(s.db.clone(), requests.len() + 1);
             // Writes of this batch, so a key repeated in it sees the earlier request.
             let mut overlay: Pending = HashMap::new();
             let mut answers = Vec::with_capacity(requests.len());
+            // The keys whose rows this call creates: they all expire at now + ttl.
+            let mut created = Vec::new();
             for request in requests {
                 let key = request.key.encode();
                 let existing = match overlay.get(&key).or_else(|| pending.get(&key)) {
@@ -166,6 +207,7 @@ impl DedupStore for EmbeddedStore {
                 };
                 let claim = decide(existing.as_ref(), &request, now_ms, s.lease_ms);
                 if let Claim::New(how) = claim {
+                    let had_row = existing.is_some();
                     let row = match (how, existing) {
                         // Resume keeps the original claim time, so the TTL does not stretch.
                         (Acquired::Resumed, Some(old)) => ClaimRow { lease_until_ms: now_ms + s.lease_ms, ..old },
@@ -178,9 +220,14 @@ impl DedupStore for EmbeddedStore {
                                 lease_until_ms: now_ms + s.lease_ms,
                                 expires_at_ms: now_ms + s.ttl_ms,
                             };
-                            batch.insert(&s.expiry, expiry_key(row.expires_at_ms, &key), []);
-                            // An earlier claim's answer is not this one's.
-                            batch.remove(&s.responses, key.clone());
+                            created.extend_from_slice(&(key.len() as u32).to_be_bytes());
+                            created.extend_from_slice(&key);
+                            if had_row {
+                                // An earlier claim's answer is not this one's. (Without
+                                // a row there is no answer: every path that deletes a
+                                // row deletes its answer too.)
+                                batch.remove(&s.responses, key.clone());
+                            }
                             row
                         }
                     };
@@ -189,7 +236,11 @@ impl DedupStore for EmbeddedStore {
                 }
                 answers.push(claim);
             }
-            batch.commit().map_err(|e| s.err(e))?;
+            if !created.is_empty() {
+                let call = s.calls.fetch_add(1, Ordering::Relaxed);
+                batch.insert(&s.expiry, expiry_key(now_ms + s.ttl_ms, call), created);
+            }
+            s.commit(batch)?;
             if pending.len() + overlay.len() > PENDING_MAX {
                 pending.clear();
             }
@@ -201,7 +252,7 @@ impl DedupStore for EmbeddedStore {
 
     async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
         self.locked(move |s, pending| {
-            let mut batch = s.db.batch();
+            let mut batch = fjall::OwnedWriteBatch::with_capacity(s.db.clone(), done.len());
             let mut answers = Vec::with_capacity(done.len());
             for (key, position) in done {
                 let key = key.encode();
@@ -224,7 +275,7 @@ impl DedupStore for EmbeddedStore {
                 };
                 answers.push(held);
             }
-            batch.commit().map_err(|e| s.err(e))?;
+            s.commit(batch)?;
             Ok(answers)
         })
         .await
@@ -256,7 +307,7 @@ impl DedupStore for EmbeddedStore {
                 };
                 answers.push(renewed);
             }
-            batch.commit().map_err(|e| s.err(e))?;
+            s.commit(batch)?;
             Ok(answers)
         })
         .await
@@ -275,7 +326,7 @@ impl DedupStore for EmbeddedStore {
                     }
                 }
             }
-            batch.commit().map_err(|e| s.err(e))
+            s.commit(batch)
         })
         .await
     }
@@ -296,7 +347,7 @@ impl DedupStore for EmbeddedStore {
                 }
                 answers.push(held);
             }
-            batch.commit().map_err(|e| s.err(e))?;
+            s.commit(batch)?;
             Ok(answers)
         })
         .await
@@ -337,7 +388,7 @@ impl DedupStore for EmbeddedStore {
             let mut batch = s.db.batch();
             batch.remove(&s.responses, key.clone());
             batch.remove(&s.claims, key);
-            batch.commit().map_err(|e| s.err(e))?;
+            s.commit(batch)?;
             Ok(existed)
         })
         .await
@@ -353,25 +404,29 @@ impl DedupStore for EmbeddedStore {
                     let mut seen = 0;
                     let end = (now_ms + 1).to_be_bytes();
                     for entry in s.expiry.range(..end.as_slice()) {
-                        let index_key = entry.key().map_err(|e| s.err(e))?;
-                        seen += 1;
-                        if seen > SWEEP_CHUNK {
+                        if seen >= SWEEP_CHUNK {
                             break;
                         }
-                        let key = &index_key[8..];
-                        // The row may have been re-claimed since (a later expiry): keep it then.
-                        if let Some(row) = s.read(key)? {
-                            if row.expires_at_ms <= now_ms {
-                                pending.remove(key);
-                                batch.remove(&s.claims, key.to_vec());
-                                batch.remove(&s.responses, key.to_vec());
-                                count += 1;
+                        let (index_key, value) = entry.into_inner().map_err(|e| s.err(e))?;
+                        let keys = indexed_keys(&index_key, &value).ok_or_else(|| {
+                            StoreError::Corrupt(format!("expiry index entry of {} bytes", value.len()))
+                        })?;
+                        for key in keys {
+                            seen += 1;
+                            // The row may have been re-claimed since (a later expiry): keep it then.
+                            if let Some(row) = s.read(key)? {
+                                if row.expires_at_ms <= now_ms {
+                                    pending.remove(key);
+                                    batch.remove(&s.claims, key.to_vec());
+                                    batch.remove(&s.responses, key.to_vec());
+                                    count += 1;
+                                }
                             }
                         }
                         batch.remove(&s.expiry, index_key.to_vec());
                     }
-                    batch.commit().map_err(|e| s.err(e))?;
-                    Ok((count, seen > SWEEP_CHUNK))
+                    s.commit(batch)?;
+                    Ok((count, seen >= SWEEP_CHUNK))
                 })
                 .await?;
             removed += count;
@@ -389,6 +444,7 @@ impl DedupStore for EmbeddedStore {
     fn stats(&self) -> StoreStats {
         StoreStats {
             round_trips: self.inner.round_trips.load(Ordering::Relaxed),
+            writes: Some(self.inner.writes.load(Ordering::Relaxed)),
             syncs: self.inner.syncs.load(Ordering::Relaxed),
         }
     }
@@ -506,6 +562,44 @@ mod tests {
         assert_eq!(store.sweep(t0 + 100_000).await.unwrap(), 1);
         assert_eq!(store.row_count().unwrap(), 0, "expired row is gone from disk");
         assert_eq!(store.claim(vec![later], t0 + 100_001).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
+    }
+
+    #[tokio::test]
+    async fn a_new_key_costs_its_row_and_its_done_rewrite_and_a_call_one_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let requests: Vec<_> = (0..100).map(|i| request(&format!("k{i}"), 1, i)).collect();
+        let answers = store.claim(requests.clone(), 0).await.unwrap();
+        assert!(answers.iter().all(|a| *a == Claim::New(Acquired::Fresh)));
+        assert_eq!(store.stats().writes, Some(101), "100 rows and one index entry");
+        let done: Vec<_> = requests.iter().map(|r| (r.key.clone(), r.position.clone())).collect();
+        assert!(store.complete(done, 1).await.unwrap().into_iter().all(|held| held));
+        assert_eq!(store.stats().writes, Some(201), "one rewrite per key");
+        assert_eq!(store.inner.expiry.len().unwrap(), 1);
+        assert_eq!(store.sweep(99_999).await.unwrap(), 0);
+        assert_eq!(store.sweep(100_000).await.unwrap(), 100, "the call's entry lists every key");
+        assert_eq!(store.row_count().unwrap(), 0);
+        assert_eq!(store.inner.expiry.len().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn sweep_reads_index_entries_of_the_former_one_per_key_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let r = request("old", 1, 5);
+        store.claim(vec![r.clone()], 0).await.unwrap();
+        // Replace the call's entry with the shape stores written before kept.
+        let inner = &store.inner;
+        let entries: Vec<_> = inner.expiry.iter().map(|e| e.key().unwrap().to_vec()).collect();
+        for k in entries {
+            inner.expiry.remove(k).unwrap();
+        }
+        let key = r.key.encode();
+        let mut old = 100_000u64.to_be_bytes().to_vec();
+        old.extend_from_slice(&key);
+        inner.expiry.insert(old, []).unwrap();
+        assert_eq!(store.sweep(100_000).await.unwrap(), 1);
+        assert_eq!(store.row_count().unwrap(), 0);
     }
 
     #[tokio::test]

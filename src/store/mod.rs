@@ -171,6 +171,8 @@ pub struct Census {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StoreStats {
     pub round_trips: u64,
+    /// Keys written (rows, index entries, deletions), where the backend counts them.
+    pub writes: Option<u64>,
     pub syncs: u64,
 }
 

@@ -590,7 +590,7 @@ impl DedupStore for PostgresStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats { round_trips: self.stats.round_trips.load(Ordering::Relaxed), syncs: 0 }
+        StoreStats { round_trips: self.stats.round_trips.load(Ordering::Relaxed), writes: None, syncs: 0 }
     }
 }
 

@@ -1142,7 +1142,7 @@ impl DedupStore for ScyllaStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats { round_trips: self.inner.round_trips.load(Ordering::Relaxed), syncs: 0 }
+        StoreStats { round_trips: self.inner.round_trips.load(Ordering::Relaxed), writes: None, syncs: 0 }
     }
 }
 
