@@ -482,7 +482,7 @@ impl Core {
         let s = self;
         let now = now_ms();
         // Leaders are the first record of each key in the batch; followers copy their answer.
-        let mut leader_of: HashMap<u128, usize> = HashMap::new();
+        let mut leader_of: foldhash::HashMap<u128, usize> = foldhash::HashMap::default();
         let mut suspects = Vec::new();
         let mut to_claim = Vec::new();
         let mut recent_hits = 0;

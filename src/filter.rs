@@ -35,8 +35,8 @@
 //! are the floor here: 10 for 0.1% at best, 3 more because a check compares
 //! 8 entries, 3 for the age; divided by a load under 1 and times 8/7.
 
+use foldhash::HashMap;
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
-use std::collections::HashMap;
 use std::fmt;
 use std::ptr::NonNull;
 use std::time::Duration;
@@ -84,8 +84,8 @@ impl RecentCache {
     /// `capacity` keys in all (0 disables the cache); entries live at most `ttl / 2`.
     pub fn new(capacity: usize, ttl: Duration, now_ms: u64) -> RecentCache {
         RecentCache {
-            current: HashMap::new(),
-            previous: HashMap::new(),
+            current: HashMap::default(),
+            previous: HashMap::default(),
             per_generation: capacity / 2,
             max_age_ms: (ttl.as_millis() as u64 / 4).max(1),
             rotated_at_ms: now_ms,
@@ -119,7 +119,8 @@ impl RecentCache {
         if self.current.len() >= self.per_generation {
             self.rotate_full();
         }
-        self.previous.remove(&digest);
+        // An older entry of the key in the previous generation is shadowed
+        // (lookups read the current one first) and goes at the next rotation.
         self.current.insert(digest, cached);
     }
 
@@ -650,7 +651,7 @@ impl ExpiredKeys {
     /// At most `max` keys (0 disables the estimate).
     pub fn new(max: usize, ttl: Duration, now_ms: u64) -> ExpiredKeys {
         ExpiredKeys {
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             max,
             shift: 0,
             ttl_ms: (ttl.as_millis() as u64).max(1),

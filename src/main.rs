@@ -9,7 +9,6 @@ use kdedup::cli::{self, Cli, LogFormat};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    disable_transparent_huge_pages();
     let cli = Cli::parse();
     let default_level = match cli.command {
         cli::Command::Demo { .. }
@@ -41,20 +40,4 @@ fn main() {
     };
     drop(runtime);
     std::process::exit(code);
-}
-
-/// mimalloc asks for transparent huge pages on its arenas, so on a host whose
-/// THP mode is `madvise` (this project's machine) or `always`, every fresh
-/// region of memory faults in as a whole zeroed 2 MiB page. fjall's write
-/// batches grow on the store's blocking threads into fresh memory on each
-/// call: perf put a fifth of the pipeline threads' time in the kernel's
-/// `clear_page`, and `kdedup bench` ran at 37–39k events/s with huge pages
-/// and 60–68k without (2 cores, back-to-back pairs). Applies to this process
-/// only, for every later fault.
-fn disable_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
 }

@@ -16,7 +16,7 @@
 //!
 //! Correct for a single consumer instance only: two processes cannot share it.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -109,7 +109,7 @@ impl EmbeddedStore {
                 claims,
                 expiry,
                 responses,
-                lock: Mutex::new(HashMap::new()),
+                lock: Mutex::new(HashMap::default()),
                 ttl_ms: retention.ttl.as_millis() as u64,
                 lease_ms: retention.lease.as_millis() as u64,
                 path: path.to_path_buf(),
@@ -195,7 +195,7 @@ impl DedupStore for EmbeddedStore {
         self.locked(move |s, pending| {
             let mut batch = fjall::OwnedWriteBatch::with_capacity(s.db.clone(), requests.len() + 1);
             // Writes of this batch, so a key repeated in it sees the earlier request.
-            let mut overlay: Pending = HashMap::new();
+            let mut overlay: Pending = HashMap::default();
             let mut answers = Vec::with_capacity(requests.len());
             // The keys whose rows this call creates: they all expire at now + ttl.
             let mut created = Vec::new();
