@@ -84,10 +84,13 @@ impl Liveness {
 
 /// Everything a partition task needs; shared by all partition tasks.
 pub struct Stages {
+    /// The decision, shared with replay.
     pub core: Core,
+    /// Where partition tasks publish their watermarks for the committer.
     pub book: Arc<CommitBook>,
     /// Reads the output and dead-letter topics back on assignment.
     pub reconciler: Reconciler,
+    /// Whether this process was frozen long enough to have lost its partitions.
     pub liveness: Arc<Liveness>,
 }
 
@@ -146,6 +149,8 @@ pub struct PartitionTask {
 }
 
 impl PartitionTask {
+    /// Takes batches from `queue` until it is revoked or the process stops, then drains and
+    /// publishes its last watermark.
     pub async fn run(mut self, queue: PartitionQueue) {
         let (topic, partition) = (self.tp.0.clone(), self.tp.1);
         let batch_max = self.stages.core.config.batch_max.get();
@@ -349,6 +354,7 @@ struct Running {
 }
 
 impl Workers {
+    /// No task running yet; tasks run on `runtime`.
     pub fn new(stages: Arc<Stages>, runtime: tokio::runtime::Handle) -> Workers {
         Workers { stages, runtime, running: Mutex::new(HashMap::new()) }
     }

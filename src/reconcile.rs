@@ -61,6 +61,7 @@ pub struct Reconciler {
     pub kafka: KafkaClients,
     /// The pipeline's dedup scope: only writes carrying it as `kdedup-scope` are ours.
     pub scope: String,
+    /// How far one reconciliation reads.
     pub limits: Limits,
 }
 
@@ -83,15 +84,20 @@ impl Default for Limits {
 /// A topic partition that one input partition writes to, and where to start reading it.
 #[derive(Debug, Clone)]
 pub struct Log {
+    /// The topic kdedup writes to (output or dead letters).
     pub topic: String,
+    /// The partition of it this input partition writes to.
     pub partition: i32,
+    /// The commit's mark for this log: reading starts there (at the log start when `None`).
     pub mark: Option<OutputMark>,
 }
 
 /// What reconciliation found for one input partition.
 #[derive(Debug)]
 pub struct Found {
+    /// Source offsets whose effect is in the output.
     pub emitted: HashSet<i64>,
+    /// Source offsets already dead-lettered.
     pub dead_lettered: HashSet<i64>,
     /// Every log was read to its end within [`Limits`]. When `false`, the sets
     /// hold only part of what was written (all of it real writes); the rest is

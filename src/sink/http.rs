@@ -153,18 +153,44 @@ fn percent_encode(bytes: &[u8], out: &mut String) {
 /// Why the HTTP sink gave up on a record; the record is dead-lettered with this as its reason.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    /// The URL template or a header value cannot make a valid request for this record.
     #[error("cannot build the request: {0}")]
     Request(String),
+    /// The answer's outcome is `conflict` (422 by default).
     #[error("HTTP {status}: the endpoint reports a conflict (key reused with other parameters); body: {excerpt:?}")]
-    Conflict { status: u16, excerpt: String },
+    Conflict {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (bounded), lossily decoded.
+        excerpt: String,
+    },
+    /// The answer's outcome is `dead_letter` (4xx other than 409, 422 and 429 by default).
     #[error("HTTP {status}: refused; body: {excerpt:?}")]
-    Refused { status: u16, excerpt: String },
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (bounded), lossily decoded.
+        excerpt: String,
+    },
+    /// Retries took the whole `retry_budget_ms` (or a `Retry-After` would pass it).
     #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}")]
-    GaveUp { attempts: u32, elapsed_ms: u64, last: String },
+    GaveUp {
+        /// Requests sent.
+        attempts: u32,
+        /// Milliseconds from the first request to giving up.
+        elapsed_ms: u64,
+        /// The last answer or failure, for humans.
+        last: String,
+    },
     /// The effect is done, but its answer did not reach `[sink.http] results_topic`:
     /// retried (the same key again; the endpoint answers from its store).
     #[error("the answer could not be written to results topic {topic}: {message}")]
-    Results { topic: String, message: String },
+    Results {
+        /// `[sink.http] results_topic`.
+        topic: String,
+        /// The producer's error.
+        message: String,
+    },
 }
 
 impl HttpError {

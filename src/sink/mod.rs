@@ -52,8 +52,11 @@ pub struct Effect<'a> {
 /// (`kdedup-first-topic`, `-partition`, `-offset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observed {
+    /// The key was done earlier (same fingerprint).
     pub duplicate: bool,
+    /// The key was first claimed with another fingerprint.
     pub conflict: bool,
+    /// A duplicate's first occurrence, when known.
     pub first: Option<crate::window::Origin>,
 }
 
@@ -78,7 +81,9 @@ impl Observed {
 /// One record to dead-letter.
 #[derive(Clone, Copy)]
 pub struct DeadLetter<'a> {
+    /// The record as consumed.
     pub record: &'a Record,
+    /// Why it cannot be handled; its reason goes in `kdedup-reason`.
     pub error: &'a RecordError,
     /// An earlier owner of the partition may have dead-lettered it too (it had
     /// reached this record): travels as `kdedup-possible-repeat: true`.
@@ -187,10 +192,12 @@ impl<S: Sink> DynSink for S {
 pub struct CustomSink(Arc<dyn DynSink>);
 
 impl CustomSink {
+    /// Wraps `sink` for [`crate::service::RunOptions::sink`].
     pub fn new(sink: impl Sink) -> CustomSink {
         CustomSink(Arc::new(sink))
     }
 
+    /// The wrapped sink's [`Sink::kind`].
     pub fn kind(&self) -> &'static str {
         self.0.dyn_kind()
     }
@@ -198,13 +205,18 @@ impl CustomSink {
 
 /// The configured effect: one of kdedup's sinks, or a library user's.
 pub enum AnySink {
+    /// `[sink] kind = "kafka"`.
     Kafka(KafkaSink),
+    /// `[sink] kind = "stdout"`.
     Stdout(StdoutSink),
+    /// `[sink] kind = "http"`.
     Http(Box<HttpSink>),
+    /// `[sink] kind = "custom"`: the caller's own.
     Custom(CustomSink),
 }
 
 impl AnySink {
+    /// The `sink` label of metrics and logs: the sink's [`Sink::kind`].
     pub fn kind(&self) -> &'static str {
         match self {
             AnySink::Kafka(s) => Sink::kind(s),
@@ -248,11 +260,14 @@ fn truncated(bytes: &[u8]) -> &[u8] {
 /// Where records go that are not effects.
 #[derive(Clone)]
 pub struct SideTopics {
+    /// The producer the side topics are written with.
     pub writer: KafkaWriter,
+    /// `[dead_letter] topic`.
     pub dead_letter: String,
     /// Partitions of the dead-letter topic: an input partition's dead letters
     /// all go to one of them, so the next owner can find them (reconciliation).
     pub dead_letter_partitions: i32,
+    /// `[duplicates] topic`, when set.
     pub duplicates: Option<String>,
     /// The pipeline's dedup scope, written as `kdedup-scope` on dead letters
     /// and duplicates: reconciliation takes only its own scope's writes.
