@@ -184,8 +184,9 @@ impl PartitionTask {
                     error!(%topic, partition, error = %e, "offset order broken");
                 }
             }
-            let stages = self.stages.clone();
-            match stages.core.run_batch(&mut self, records, arrived).await {
+            let (stages, stop) = (self.stages.clone(), self.stop.clone());
+            // The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
+            match crate::sink::with_stop(stop, stages.core.run_batch(&mut self, records, arrived)).await {
                 Ok(()) => {}
                 Err(Stop::Draining) => break,
                 Err(Stop::Fatal) => return,

@@ -310,10 +310,14 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                         .await
                     }
                     (Mode::Release, _) => release(&extractor, &store, batch, &mut seen, &mut driver.counts).await,
+                    // The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
                     (Mode::Apply, Some(core)) => {
-                        core.run_batch(&mut driver, batch, Instant::now()).await.map_err(stopped)
+                        let work = core.run_batch(&mut driver, batch, Instant::now());
+                        crate::sink::with_stop(stop.clone(), work).await.map_err(stopped)
                     }
-                    (Mode::Redrive, Some(core)) => redrive(core, &mut driver, batch).await,
+                    (Mode::Redrive, Some(core)) => {
+                        crate::sink::with_stop(stop.clone(), redrive(core, &mut driver, batch)).await
+                    }
                     (_, None) => unreachable!("apply and redrive have a core"),
                 };
                 match result {

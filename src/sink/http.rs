@@ -12,7 +12,9 @@
 //!   connection is tried again after an exponential backoff with jitter (or
 //!   the `Retry-After` the endpoint asked for, if longer), until the retry
 //!   budget is spent; then the record is dead-lettered with the last answer.
-//!   The claim's lease is renewed meanwhile by the partition's heartbeat.
+//!   The claim's lease is renewed meanwhile by the partition's heartbeat. A
+//!   wait ends when the partition stops ([`super::stopping`]): the effect is
+//!   then left unfinished for the next owner, not dead-lettered.
 //! - Requests of one partition run up to `max_in_flight` at once; effects of
 //!   one key run one after another, in input order.
 //! - Records that cannot become a request (a URL template header missing or
@@ -191,11 +193,20 @@ pub enum HttpError {
         /// The producer's error.
         message: String,
     },
+    /// The partition began to stop while the effect waited to retry: retriable, so
+    /// the core leaves it unfinished (claim held, offset uncommitted) for the next owner.
+    #[error("stopped while waiting to retry after {attempts} attempts (the partition is draining): last {last}")]
+    Stopping {
+        /// Requests sent.
+        attempts: u32,
+        /// The last answer or failure, for humans.
+        last: String,
+    },
 }
 
 impl HttpError {
     pub(crate) fn is_retriable(&self) -> bool {
-        matches!(self, HttpError::Results { .. })
+        matches!(self, HttpError::Results { .. } | HttpError::Stopping { .. })
     }
 }
 
@@ -434,7 +445,11 @@ impl HttpSink {
                 return (Err(SinkError::Http(gave_up)), last_answer);
             }
             warn!(position = %effect.envelope.record.position, attempts, wait_ms = wait.as_millis() as u64, last = %last, "HTTP effect not done; retrying with the same idempotency key");
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                // A drain must not wait out a long Retry-After: the effect is left to the next owner.
+                _ = super::stopping() => return (Err(SinkError::Http(HttpError::Stopping { attempts, last })), None),
+            }
             backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }

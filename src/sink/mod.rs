@@ -187,6 +187,46 @@ impl<S: Sink> DynSink for S {
     }
 }
 
+tokio::task_local! {
+    /// The stop signal of the partition (or replay) whose effects run in this task.
+    static STOP: tokio::sync::watch::Receiver<bool>;
+}
+
+/// Runs `work` (a driver's batch) with `stop` as what [`stopping`] watches.
+pub(crate) async fn with_stop<T>(stop: tokio::sync::watch::Receiver<bool>, work: impl Future<Output = T>) -> T {
+    STOP.scope(stop, work).await
+}
+
+/// Completes when the partition whose effects the current [`Sink::deliver`] runs
+/// for starts to stop (a revoke, a shutdown, a replay interrupted); at once when it
+/// already has. Never completes outside a kdedup run (a sink called from a test).
+///
+/// A sink that waits of its own accord (a backoff, a `Retry-After`) should race the
+/// wait against this and, when it completes first, answer [`SinkError::retriable`]:
+/// kdedup then leaves the batch unfinished, its claims neither completed nor released
+/// and its offsets uncommitted, and the partition's next owner (or the next run)
+/// resumes those effects, marked as possible repeats. A request already sent may be
+/// let finish: the drain waits for it up to `[pipeline] drain_timeout_ms`.
+///
+/// ```
+/// use std::time::Duration;
+/// use kdedup::error::SinkError;
+///
+/// async fn back_off(wait: Duration) -> Result<(), SinkError> {
+///     tokio::select! {
+///         _ = tokio::time::sleep(wait) => Ok(()),
+///         _ = kdedup::sink::stopping() => Err(SinkError::retriable("stopping; left to the next owner")),
+///     }
+/// }
+/// ```
+pub async fn stopping() {
+    match STOP.try_with(|stop| stop.clone()) {
+        // A dropped sender means the partition task is gone: stopping too.
+        Ok(mut stop) => drop(stop.wait_for(|stopping| *stopping).await),
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// A library user's [`Sink`], for [`crate::service::RunOptions::sink`].
 #[derive(Clone)]
 pub struct CustomSink(Arc<dyn DynSink>);

@@ -460,3 +460,59 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
     assert!(victim[0].header("authorization") == Some(&format!("Bearer {SECRET}")), "the header was sent");
     assert!(!logs.contains(SECRET), "the credential never reaches the logs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_a_long_retry_after_at_once_and_the_event_is_delivered_after_restart() {
+    let kafka = cluster(1);
+    let event = |id: &str| Produce {
+        partition: 0,
+        key: None,
+        payload: Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
+        headers: vec![("event-id".into(), id.as_bytes().to_vec())],
+    };
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("a"), event("victim"), event("c")]).await.unwrap();
+    // The victim's first answer asks for two minutes, well within the retry budget (5 min).
+    let endpoint = Endpoint::start(|seen, nth| match (seen.event_id().as_str(), nth) {
+        ("victim", 1) => Fault::Status { status: 429, retry_after: Some(120), body: "slow down".into() },
+        _ => Fault::None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("http-drain");
+    // A drain bound longer than the test's patience: only the sink ending its wait stops in time.
+    let env = http_env(&endpoint, &[("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "60000".into())]);
+    let config = config(&kafka, &group, dir.path(), &with_env(&env));
+    let running = start(config.clone(), Faults::default());
+    let m = running.metrics.clone();
+    wait_for("the victim to be told to come back later", Duration::from_secs(60), || {
+        let told = endpoint.seen().iter().any(|s| s.event_id() == "victim")
+            && m.http_requests.with_label_values(&["4xx"]).get() == 1;
+        async move { told }
+    })
+    .await;
+    let metrics = running.metrics.clone();
+    let stopping = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), running.stop(StopMode::Drain))
+        .await
+        .expect("the drain did not wait out the 120 s Retry-After (nor its own 60 s bound)");
+    let stop_took = stopping.elapsed();
+    eprintln!("drain during a 120 s Retry-After took {stop_took:?}");
+    let committed = metrics.committed_offset.with_label_values(&[INPUT, "0"]).get();
+    assert!(committed <= 1, "nothing from the victim (offset 1) on is committed: {committed}");
+    assert_eq!(requests_of(&endpoint.seen(), "victim").len(), 1, "no retry before the stop");
+    assert_eq!(metrics.outcome("dead_letter"), 0, "left unfinished, not dead-lettered");
+
+    let second = start(config, Faults::default());
+    wait_all_committed(&kafka, &second.metrics).await;
+    let after = second.metrics.clone();
+    second.stop(StopMode::Drain).await;
+
+    assert_applied_once(&endpoint, &["a", "victim", "c"].map(String::from));
+    let seen = endpoint.seen();
+    let victim = requests_of(&seen, "victim");
+    assert_eq!(victim.len(), 2, "asked again after the restart: {victim:?}");
+    assert_eq!(victim[0].key(), victim[1].key(), "with the same key");
+    assert_eq!(victim[1].handled, "applied", "the 429 applied nothing; the second call did");
+    assert!(mock::read_all(kafka.bootstrap(), DLQ).unwrap().is_empty(), "nothing dead-lettered");
+    assert_eq!(after.outcome("dead_letter"), 0);
+    assert_outcomes_sum(&after);
+}
