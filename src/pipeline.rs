@@ -103,7 +103,13 @@ impl Stages {
                 partition,
                 mark,
             }),
-            AnySink::Stdout(_) | AnySink::Http(_) | AnySink::Custom(_) => None,
+            // The HTTP sink's log is its results topic, when it has one.
+            AnySink::Http(h) => h.results_log(input_partition).map(|(topic, partition)| Log {
+                topic: topic.to_string(),
+                partition,
+                mark,
+            }),
+            AnySink::Stdout(_) | AnySink::Custom(_) => None,
         }
     }
 

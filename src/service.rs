@@ -177,12 +177,13 @@ pub(crate) fn configured_sink(
         (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
         (SinkConfig::Http(http), None) => {
             let sink = HttpSink::new(http, metrics).context("cannot set up the HTTP sink ([sink.http])")?;
-            if let Some(topic) = &http.results_topic {
-                writer
+            let partitions = match &http.results_topic {
+                Some(topic) => writer
                     .partition_count(topic, Duration::from_secs(10))
-                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?;
-            }
-            AnySink::Http(Box::new(sink.with_results(writer.clone())))
+                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?,
+                None => 1,
+            };
+            AnySink::Http(Box::new(sink.with_results(writer.clone(), partitions)))
         }
     })
 }

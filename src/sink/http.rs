@@ -241,8 +241,8 @@ struct Prepared {
 pub struct HttpSink {
     /// `kdedup_http_requests_total`, by answer.
     requests: prometheus::IntCounterVec,
-    /// `[sink.http] results_topic`, and the producer that writes it.
-    results: Option<(KafkaWriter, String)>,
+    /// `[sink.http] results_topic`, its partition count, and the producer that writes it.
+    results: Option<(KafkaWriter, String, i32)>,
     client: reqwest::Client,
     config: HttpSinkConfig,
     url: UrlTemplate,
@@ -289,24 +289,34 @@ impl HttpSink {
         })
     }
 
-    /// Writes every answer to `[sink.http] results_topic`, when one is configured.
-    pub fn with_results(mut self, writer: KafkaWriter) -> HttpSink {
-        self.results = self.config.results_topic.clone().map(|topic| (writer, topic));
+    /// Writes every answer to `[sink.http] results_topic`, when one is configured;
+    /// `partitions`: that topic's partition count.
+    pub fn with_results(mut self, writer: KafkaWriter, partitions: i32) -> HttpSink {
+        self.results = self.config.results_topic.clone().map(|topic| (writer, topic, partitions.max(1)));
         self
     }
 
-    /// One record per answer, keyed by event ID, the source position in
-    /// headers, the answer as JSON. A write that fails turns its effect's
-    /// result into a retriable error: the effect is asked again (the same key;
-    /// the endpoint answers from its store), so every done effect's answer is
-    /// in the topic before its offset is committed.
+    /// The results topic and the partition of it an input partition's answers go to
+    /// (`p mod N`, as the Kafka sink's `partitioning = "source"`), so that its next
+    /// owner can read them back ([`crate::reconcile`]); `None` without a results topic.
+    pub fn results_log(&self, input_partition: i32) -> Option<(&str, i32)> {
+        self.results.as_ref().map(|(_, topic, n)| (topic.as_str(), input_partition.rem_euclid(*n)))
+    }
+
+    /// One record per answer, keyed by event ID, the source position and the
+    /// outcome in headers, the answer as JSON, on the input partition's own
+    /// partition of the topic. A write that fails turns its effect's result
+    /// into a retriable error: the effect is asked again (the same key; the
+    /// endpoint answers from its store), so every done effect's answer is in
+    /// the topic before its offset is committed. A done effect's result carries
+    /// where its answer landed: the commit's mark for reconciliation.
     async fn write_results(
         &self,
         batch: &[Effect<'_>],
         results: &mut [Result<Delivered, SinkError>],
         answers: &[Option<Answer>],
     ) {
-        let Some((writer, topic)) = &self.results else { return };
+        let Some((writer, topic, partitions)) = &self.results else { return };
         let (index, payloads): (Vec<usize>, Vec<Vec<u8>>) = answers
             .iter()
             .enumerate()
@@ -330,19 +340,25 @@ impl HttpSink {
             .zip(&payloads)
             .map(|(&i, payload)| {
                 let e = batch[i].envelope;
+                let outcome = answers[i].as_ref().map_or("", |a| a.outcome);
                 OutRecord {
-                    partition: None,
+                    partition: Some(e.record.position.partition.rem_euclid(*partitions)),
                     source: &e.record.position,
                     key: Some(&e.key.id),
                     payload: Some(payload),
                     headers: source_headers(&e.record, &e.key.scope)
-                        .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
+                        .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) })
+                        .insert(Header { key: headers::OUTCOME, value: Some(outcome.as_bytes()) }),
                 }
             })
             .collect();
         for (&i, written) in index.iter().zip(writer.write_all(topic, out).await) {
-            if let Err(e) = written {
-                results[i] = Err(SinkError::Http(HttpError::Results { topic: topic.clone(), message: e.to_string() }));
+            match (written, &mut results[i]) {
+                (Ok(landed), Ok(delivered)) => delivered.mark = Some(landed),
+                (Ok(_), Err(_)) => {}
+                (Err(e), result) => {
+                    *result = Err(SinkError::Http(HttpError::Results { topic: topic.clone(), message: e.to_string() }))
+                }
             }
         }
     }

@@ -60,11 +60,14 @@ pub mod headers {
     pub const FIRST_OFFSET: &str = "kdedup-first-offset";
     /// The `kdedup replay` job that wrote the record.
     pub const REPLAY: &str = "kdedup-replay";
+    /// On an HTTP results record: the outcome (`done`, `conflict`, `dead_letter`, `gave_up`);
+    /// reconciliation takes only `done` ones as effects that ran.
+    pub const OUTCOME: &str = "kdedup-outcome";
 
     /// Every name above. An inbound record's own copies of these (a chained
     /// kdedup stage, a dead letter replayed into the input) are dropped from
     /// what kdedup writes, so each name occurs once and means this kdedup's value.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         EVENT_ID,
         SCOPE,
         SOURCE_TOPIC,
@@ -83,6 +86,7 @@ pub mod headers {
         FIRST_PARTITION,
         FIRST_OFFSET,
         REPLAY,
+        OUTCOME,
     ];
 
     /// Whether `name` is one of kdedup's own header names.

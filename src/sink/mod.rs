@@ -93,7 +93,8 @@ pub struct DeadLetter<'a> {
 /// What a delivered effect left behind.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    /// Where it landed in the output topic (the Kafka sink).
+    /// Where it landed in the sink's log, the topic reconciliation reads back on a change
+    /// of owner: the output topic (Kafka sink) or the results topic (HTTP sink).
     pub mark: Option<OutputMark>,
     /// What the endpoint answered (the HTTP sink): kept on the claim row.
     pub response: Option<EffectResponse>,

@@ -516,3 +516,74 @@ async fn a_drain_ends_a_long_retry_after_at_once_and_the_event_is_delivered_afte
     assert_eq!(after.outcome("dead_letter"), 0);
     assert_outcomes_sum(&after);
 }
+
+/// The event of the crashed batch that the endpoint refuses with a 422 (a conflict: dead-lettered).
+const REFUSED: &str = "evt-000027";
+
+/// A first life that crashes after the HTTP effects of the batch holding
+/// offset 25 (before completing them, and before dead-lettering [`REFUSED`]),
+/// then a second life to the end; the endpoint, the IDs of the events applied,
+/// and the second life's metrics.
+async fn crash_after_http_effects_then_restart(
+    results_topic: bool,
+) -> (Endpoint, Vec<String>, kdedup::metrics::Metrics) {
+    let kafka = cluster(1);
+    kafka.create_topic("http.results", 2).unwrap();
+    let (records, ids) = events(60, 0, 1, 21);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let endpoint = Endpoint::start(|seen, _| match seen.event_id().as_str() {
+        REFUSED => Fault::Status { status: 422, retry_after: None, body: "key reused".into() },
+        _ => Fault::None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("http-reconcile");
+    let mut extra = vec![("KDEDUP_PIPELINE__BATCH_MAX", "10".to_string())];
+    if results_topic {
+        extra.push(("KDEDUP_SINK__HTTP__RESULTS_TOPIC", "http.results".into()));
+    }
+    let env = http_env(&endpoint, &extra);
+    let config = config(&kafka, &group, dir.path(), &with_env(&env));
+    let faults = Faults::default();
+    let victim = kdedup::event::Position { topic: Arc::from(INPUT), partition: 0, offset: 25 };
+    *faults.crash_after_effect.lock().unwrap() = Some(victim);
+    let first = start(config.clone(), faults.clone());
+    tokio::time::timeout(Duration::from_secs(60), faults.fired.notified()).await.expect("the fault fired");
+    first.stop(StopMode::Drain).await;
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
+    assert!(committed.get(&0).copied().unwrap_or(0) <= 25, "the crashed batch was not committed: {committed:?}");
+
+    let second = start(config, Faults::default());
+    wait_all_committed(&kafka, &second.metrics).await;
+    let metrics = second.metrics.clone();
+    second.stop(StopMode::Drain).await;
+    let applied: Vec<String> = ids.into_iter().filter(|id| id != REFUSED).collect();
+    assert_applied_once(&endpoint, &applied);
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    let dead_ids: Vec<&[u8]> = dead.iter().filter_map(|r| r.key.as_deref()).collect();
+    assert_eq!(dead_ids, [REFUSED.as_bytes()], "the refused event dead-lettered once, by the second life");
+    (endpoint, applied, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_results_topic_a_crash_after_the_effect_is_reconciled_without_a_second_call() {
+    let (endpoint, ids, metrics) = crash_after_http_effects_then_restart(true).await;
+    let seen = endpoint.seen();
+    let called_twice: Vec<&String> = ids.iter().filter(|id| requests_of(&seen, id).len() != 1).collect();
+    assert!(called_twice.is_empty(), "one request per event, none after the crash: {called_twice:?}");
+    // Its answer is in the results topic too, but as a conflict: not an effect that ran.
+    assert_eq!(requests_of(&seen, REFUSED).len(), 2, "the refused event was asked again, then dead-lettered");
+    assert!(metrics.reconciled.get() >= 1, "the crashed batch's answers were found in the results topic");
+    let marked: Vec<_> =
+        seen.iter().filter(|s| s.header(headers::POSSIBLE_REPEAT).is_some()).map(Seen::event_id).collect();
+    assert_eq!(marked, [REFUSED], "only the refused event's second request repeats one");
+    assert_outcomes_sum(&metrics);
+
+    // Without a results topic, the same crash repeats the crashed batch's calls, with their keys.
+    let (endpoint, _, metrics) = crash_after_http_effects_then_restart(false).await;
+    let seen = endpoint.seen();
+    let victim = requests_of(&seen, "evt-000025");
+    assert_eq!(victim.len(), 2, "called again after the crash: {victim:?}");
+    assert_eq!(victim[0].key(), victim[1].key(), "with the same key");
+    assert_eq!(victim[1].handled, "replayed", "which the endpoint answered from its store");
+    assert_eq!(metrics.reconciled.get(), 0);
+}
