@@ -426,7 +426,10 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
     child.wait().unwrap();
     endpoint.release();
     let first_life = endpoint.seen().len();
-    assert!(first_life > 50 && first_life < 100, "the first life stopped at the victim: {first_life}");
+    // Every batch before the victim's was sent whole (batch_max = 20, one partition, in order);
+    // of its own batch the requests already sent when the kill came, the victim's among them;
+    // nothing past its batch. (`> 50` failed once under load: a batch may start at the victim.)
+    assert!(first_life > 30 && first_life < 100, "the first life stopped at the victim: {first_life}");
 
     let config = kdedup::config::Config::load(&file).unwrap();
     let second = start(config, Faults::default());
