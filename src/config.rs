@@ -688,7 +688,7 @@ impl std::fmt::Debug for ScyllaConfig {
     }
 }
 
-/// `[retention]` (and `[store] sweep_interval_secs`): how long claims live.
+/// `[store] ttl_secs`, `lease_secs` and `sweep_interval_secs`: how long claims live.
 #[derive(Debug, Clone)]
 pub struct Retention {
     /// How long a completed key suppresses its duplicates.
@@ -916,7 +916,7 @@ pub struct Config {
     pub key: KeyConfig,
     /// `[store]`.
     pub store: StoreConfig,
-    /// `[retention]`.
+    /// `[store] ttl_secs`, `lease_secs`, `sweep_interval_secs`.
     pub retention: Retention,
     /// `[filter]`.
     pub filter: FilterConfig,
