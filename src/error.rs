@@ -123,8 +123,9 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the call may be repeated after a backoff, the partition paused meanwhile;
-    /// if not, kdedup stops rather than guess.
+    /// Whether waiting can help. The pipeline repeats a failed call with backoff either
+    /// way, its partition paused (no record is skipped); a non-retriable error is logged
+    /// as needing an operator.
     pub fn is_retriable(&self) -> bool {
         match self {
             // Disk errors on a local store are usually not transient, but retrying keeps
