@@ -200,7 +200,8 @@ pub(crate) async fn with_stop<T>(stop: tokio::sync::watch::Receiver<bool>, work:
 
 /// Completes when the partition whose effects the current [`Sink::deliver`] runs
 /// for starts to stop (a revoke, a shutdown, a replay interrupted); at once when it
-/// already has. Never completes outside a kdedup run (a sink called from a test).
+/// already has. Never completes outside a kdedup run (a sink called from a test), nor
+/// in a task the sink spawns: the signal is task-local to `deliver`'s own task.
 ///
 /// A sink that waits of its own accord (a backoff, a `Retry-After`) should race the
 /// wait against this and, when it completes first, answer [`SinkError::retriable`]:
