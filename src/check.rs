@@ -21,28 +21,41 @@ use crate::store::Store;
 /// How long the broker probe waits for metadata.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The verdict of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// It works.
     Ok,
+    /// It works, but something is likely wrong (e.g. a topic with fewer partitions than expected).
     Warn,
+    /// `run` would fail.
     Fail,
+    /// Not tried, because an earlier check failed or the config does not use it.
     Skip,
 }
 
+/// One question asked of a dependency.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
+    /// What was checked, e.g. `broker` or `store`.
     pub name: &'static str,
+    /// The verdict.
     pub status: Status,
+    /// What was found, for a person.
     pub detail: String,
 }
 
+/// What `kdedup check` prints: every check and whether `run` would work.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The config file checked.
     pub config: String,
+    /// No check failed (warnings allowed).
     pub ok: bool,
     /// The effective settings, secrets redacted; `null` when the config is invalid.
     pub settings: serde_json::Value,
+    /// In the order they ran.
     pub checks: Vec<Check>,
 }
 

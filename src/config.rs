@@ -526,33 +526,58 @@ fn scalar_to_string(value: &toml::Value) -> Option<String> {
 /// Where the event ID comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
+    /// The named header's value (any bytes).
     Header(String),
+    /// The record's Kafka key.
     RecordKey,
     /// RFC 6901 pointer into a JSON payload.
     Json(String),
+    /// A hash of the whole payload: content dedup, for producers that send no ID.
     PayloadHash,
 }
 
+/// `[key] on_oversize`: what an event ID longer than `max_bytes` becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnOversize {
+    /// Replaced by `sha256:<hex>` of the ID (still one key per ID).
     Hash,
+    /// The record is dead-lettered (`oversize_id`).
     DeadLetter,
 }
 
+/// `[key]`: how each record's dedup key and fingerprint are made.
 #[derive(Debug, Clone)]
 pub struct KeyConfig {
+    /// Where the event ID comes from.
     pub source: KeySource,
+    /// The key's namespace: (scope, ID) is the dedup key; defaults to `kafka.group_id`.
     pub scope: String,
+    /// Longest event ID kept as it is, in bytes (at most 2048).
     pub max_bytes: NonZeroUsize,
+    /// What a longer ID becomes.
     pub on_oversize: OnOversize,
     /// JSON pointers whose values make the fingerprint; empty = the whole payload.
     pub fingerprint_fields: Vec<String>,
 }
 
+/// `[store]`: which store holds the claims, the authority on what is new.
 #[derive(Clone)]
 pub enum StoreConfig {
-    Embedded { path: PathBuf },
-    Postgres { url: String, pool_size: usize, tls: PostgresTls },
+    /// The embedded (fjall) store on local disk (`kind = "embedded"`): one consumer instance.
+    Embedded {
+        /// The store's directory.
+        path: PathBuf,
+    },
+    /// PostgreSQL (`kind = "postgres"`): a shared SQL store.
+    Postgres {
+        /// `postgres://…` connection URL; a secret, never printed.
+        url: String,
+        /// Most connections in the pool.
+        pool_size: usize,
+        /// TLS to the server.
+        tls: PostgresTls,
+    },
+    /// ScyllaDB (`kind = "scylla"`): for consumer groups across machines.
     Scylla(Box<ScyllaConfig>),
 }
 
@@ -563,12 +588,14 @@ pub enum PostgresTls {
     /// verification when the server offers it, else plain (tokio-postgres' and libpq's default).
     #[default]
     Prefer,
+    /// Plain TCP (`tls = "disable"` or `sslmode=disable`).
     Disable,
     /// Encrypted, certificate not verified.
     Require,
     /// Chain checked against `ca_file` (the system's roots when `None`), and the
     /// certificate must name the URL's host or IP address.
     VerifyFull {
+        /// The CA bundle (PEM) to trust; the system's roots when `None`.
         ca_file: Option<PathBuf>,
     },
 }
@@ -590,7 +617,9 @@ impl std::fmt::Debug for StoreConfig {
 /// of plain reads: `LOCAL_QUORUM` stays inside the local datacenter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScyllaConsistency {
+    /// `LOCAL_QUORUM`: a quorum of the local datacenter's replicas.
     LocalQuorum,
+    /// `QUORUM`: a quorum of all replicas, across datacenters.
     Quorum,
 }
 
@@ -600,22 +629,30 @@ pub enum ScyllaConsistency {
 /// use the same datacenter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScyllaSerialConsistency {
+    /// `LOCAL_SERIAL`: Paxos among the local datacenter's replicas.
     LocalSerial,
+    /// `SERIAL`: Paxos across every datacenter.
     Serial,
 }
 
+/// `[store] kind = "scylla"`: the ScyllaDB cluster and how to talk to it.
 #[derive(Clone)]
 pub struct ScyllaConfig {
     /// host:port of a few nodes; the driver discovers the rest.
     pub contact_points: Vec<String>,
     /// The datacenter this process talks to; LOCAL_* consistencies mean this one.
     pub local_datacenter: String,
+    /// Keyspace holding the `kdedup_claims` table.
     pub keyspace: String,
     /// Datacenter -> replication factor (NetworkTopologyStrategy).
     pub replication: BTreeMap<String, NonZeroU32>,
+    /// Of the commit phase of claims and of plain reads.
     pub consistency: ScyllaConsistency,
+    /// Of the Paxos phase of claims, completions and takeovers.
     pub serial_consistency: ScyllaSerialConsistency,
+    /// Per statement, as the driver's request timeout.
     pub request_timeout: Duration,
+    /// Per connection attempt to a node.
     pub connect_timeout: Duration,
     /// Statements one store call keeps in flight at once.
     pub max_in_flight: NonZeroUsize,
@@ -625,6 +662,7 @@ pub struct ScyllaConfig {
     pub credentials: Option<(String, String)>,
 }
 
+/// `[store] tls = true` for ScyllaDB: how the nodes' certificates are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScyllaTls {
     /// The CA bundle (PEM) to trust; the system's roots when `None`.
@@ -650,6 +688,7 @@ impl std::fmt::Debug for ScyllaConfig {
     }
 }
 
+/// `[store] ttl_secs`, `lease_secs` and `sweep_interval_secs`: how long claims live.
 #[derive(Debug, Clone)]
 pub struct Retention {
     /// How long a completed key suppresses its duplicates.
@@ -660,16 +699,21 @@ pub struct Retention {
     pub sweep_interval: Duration,
 }
 
+/// `[filter]`: sizes of the in-process tiers in front of the store.
 #[derive(Debug, Clone)]
 pub struct FilterConfig {
+    /// Keys expected within one TTL window; sizes the aging filter (about 2.5 bytes a key).
     pub expected_keys: NonZeroU64,
+    /// The aging filter's target false-positive rate (a false positive costs one store read).
     pub false_positive_rate: f64,
+    /// Capacity of the exact cache of keys this process completed; 0 disables it.
     pub recent_keys: usize,
     /// Most keys kept past their expiry to count `kdedup_expired_key_hits_total`
     /// (a sample beyond); 0 disables the estimate.
     pub expired_keys: usize,
 }
 
+/// `[sink] partitioning`: which output partition a record goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Partitioning {
     /// Output partition = input partition (modulo the output's partition count):
@@ -679,13 +723,19 @@ pub enum Partitioning {
     Key,
 }
 
+/// `[sink]`: the side effect run for each new event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkConfig {
+    /// Produce to an output topic (`kind = "kafka"`), the event ID in headers.
     Kafka {
+        /// The output topic; exists and differs from the inputs.
         topic: String,
+        /// Which output partition each record goes to.
         partitioning: Partitioning,
     },
+    /// One JSON line per new event on standard output.
     Stdout,
+    /// One HTTP request per new event, with an `Idempotency-Key` header.
     Http(Box<HttpSinkConfig>),
     /// The effect is given in code ([`crate::service::RunOptions::sink`]): library use.
     Custom,
@@ -721,21 +771,31 @@ impl HttpOutcome {
 pub struct HttpSinkConfig {
     /// May hold `{topic}`, `{partition}` and `{header.NAME}` (percent-encoded when filled in).
     pub url: String,
+    /// The HTTP method, upper case (`POST` by default).
     pub method: String,
+    /// Name of the header carrying `kdedup-<sha256(scope, event ID)>`.
     pub idempotency_header: String,
     /// Used when the record has no `content-type` header of its own.
     pub content_type: String,
     /// Static headers, in order; values may be secrets (never printed).
     pub headers: Vec<(String, String)>,
+    /// Per request, connection to last body byte.
     pub timeout: Duration,
+    /// Requests in flight per partition at once; one key's effects stay in order.
     pub max_in_flight: NonZeroUsize,
+    /// Total time spent retrying one record before it is dead-lettered.
     pub retry_budget: Duration,
+    /// First retry's backoff; doubled per retry up to `backoff_max`, with jitter.
     pub backoff_initial: Duration,
+    /// Longest backoff; a longer `Retry-After` is still honoured, within the budget.
     pub backoff_max: Duration,
+    /// Largest payload sent, in bytes; larger records are dead-lettered.
     pub max_request_bytes: usize,
     /// Exact status codes first, then classes (`4` for 4xx); see [`HttpSinkConfig::outcome`].
     pub outcomes_by_code: BTreeMap<u16, HttpOutcome>,
+    /// Outcomes by status class (`4` for 4xx), after `outcomes_by_code`.
     pub outcomes_by_class: BTreeMap<u16, HttpOutcome>,
+    /// Topic every answer is written to (JSON, keyed by event ID, source position in headers).
     pub results_topic: Option<String>,
 }
 
@@ -790,31 +850,45 @@ pub enum Mode {
     Observe,
 }
 
+/// `[pipeline] on_conflict`: what becomes of a reused ID with another payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnConflict {
+    /// Dead-lettered with reason `conflict` (the default).
     DeadLetter,
     /// Treat a reused ID with another payload as a plain duplicate (still counted).
     Drop,
 }
 
+/// `[pipeline]`: batching, commits and draining of each partition.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
+    /// Most records one partition takes in one batch.
     pub batch_max: NonZeroUsize,
+    /// How often finished offsets are committed (after one store fsync).
     pub commit_interval: Duration,
+    /// On revoke or shutdown, how long in-flight batches may take to finish.
     pub drain_timeout: Duration,
+    /// What a conflict becomes.
     pub on_conflict: OnConflict,
+    /// Enforce (effects for new events only) or observe (everything forwarded, stamped).
     pub mode: Mode,
 }
 
+/// `[kafka]`: the cluster, the group, the input topics, and raw librdkafka properties.
 #[derive(Clone)]
 pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated host:port.
     pub brokers: String,
+    /// The consumer group; also the default key scope.
     pub group_id: String,
+    /// Input topics the group subscribes to.
     pub topics: Vec<String>,
     /// Raw librdkafka properties, passed through as given: `client` to every client
     /// (see `kafka_client`), then `consumer` or `producer` by role.
     pub client: BTreeMap<String, String>,
+    /// Raw properties for the consumer only, after `client`.
     pub consumer: BTreeMap<String, String>,
+    /// Raw properties for the producers only (output, dead letters, duplicates), after `client`.
     pub producer: BTreeMap<String, String>,
 }
 
@@ -832,18 +906,29 @@ impl std::fmt::Debug for KafkaConfig {
     }
 }
 
+/// A whole, validated configuration: what [`crate::service::run`] runs. Load one with
+/// [`Config::load`] (a file plus `KDEDUP_…` overrides).
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `[kafka]`.
     pub kafka: KafkaConfig,
+    /// `[key]`.
     pub key: KeyConfig,
+    /// `[store]`.
     pub store: StoreConfig,
+    /// `[store] ttl_secs`, `lease_secs`, `sweep_interval_secs`.
     pub retention: Retention,
+    /// `[filter]`.
     pub filter: FilterConfig,
+    /// `[sink]`.
     pub sink: SinkConfig,
+    /// `[dead_letter] topic`: records that cannot be handled, the reason in headers.
     pub dead_letter_topic: String,
+    /// `[duplicates] topic`: an optional audit topic for duplicates; `None` drops them (counted).
     pub duplicates_topic: Option<String>,
     /// `None` when `[metrics] listen = ""`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[pipeline]`.
     pub pipeline: PipelineConfig,
 }
 
@@ -856,6 +941,27 @@ impl Config {
     }
 
     /// Parses TOML text with the given environment; `origin` names the source in errors.
+    ///
+    /// ```
+    /// use kdedup::config::{Config, SinkConfig};
+    ///
+    /// let toml = r#"
+    ///     [kafka]
+    ///     brokers = "127.0.0.1:9092"
+    ///     group_id = "payments"
+    ///     topics = ["payments"]
+    ///     [sink]
+    ///     kind = "custom"
+    ///     [dead_letter]
+    ///     topic = "payments.dlq"
+    /// "#;
+    /// let env = [("KDEDUP_STORE__TTL_SECS".to_string(), "172800".to_string())];
+    /// let config = Config::from_toml_with_env(toml, "inline", env)?;
+    /// assert_eq!(config.key.scope, "payments"); // the group by default
+    /// assert_eq!(config.retention.ttl.as_secs(), 2 * 86_400);
+    /// assert_eq!(config.sink, SinkConfig::Custom);
+    /// # Ok::<(), kdedup::error::ConfigError>(())
+    /// ```
     pub fn from_toml_with_env(
         text: &str,
         origin: &str,

@@ -141,17 +141,24 @@ impl Fatal {
 pub enum Item {
     /// `leader`: the batch's first record of the same key, when this is a later one.
     Keyed {
+        /// The record with its key and fingerprint.
         envelope: Envelope,
+        /// `None` until the store (or the filter) has answered.
         decision: Option<Decision>,
+        /// Index of the leader within the batch.
         leader: Option<usize>,
     },
+    /// A record without a usable key: dead-lettered with `error`.
     Bad {
+        /// The record as it came.
         record: Record,
+        /// Why it has no usable key.
         error: RecordError,
     },
 }
 
 impl Item {
+    /// The record, keyed or not.
     pub fn record(&self) -> &Record {
         match self {
             Item::Keyed { envelope, .. } => &envelope.record,
@@ -165,15 +172,20 @@ impl Item {
 pub enum Decision {
     /// `claimed_at_ms`: the clock the claim was made with (its row expires a TTL later).
     New {
+        /// How the claim was won: fresh, resumed, or taken over.
         acquired: Acquired,
+        /// Milliseconds since the Unix epoch.
         claimed_at_ms: u64,
     },
     /// `expires_at_ms`: when the row that says so stops counting, when known;
     /// `first`: the key's first claim (its age) and position, when known.
     Duplicate {
+        /// Milliseconds since the Unix epoch.
         expires_at_ms: Option<u64>,
+        /// The first claim's age and position.
         first: Option<First>,
     },
+    /// The key was first claimed with this other fingerprint.
     Conflict(Fingerprint),
 }
 
@@ -262,7 +274,9 @@ impl Claimant {
 /// Where a write landed: the output topic or the dead-letter topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Landed {
+    /// The effect's output topic.
     Output,
+    /// The dead-letter topic.
     DeadLetter,
 }
 
@@ -298,20 +312,30 @@ pub trait Driver: Send + Sync {
 
 /// The decision and everything it uses; shared by all of a process's batches.
 pub struct Core {
+    /// Makes each record's key and fingerprint.
     pub extractor: KeyExtractor,
+    /// The recent-key cache and aging filter.
     pub filter: Mutex<Filter>,
+    /// The authority on claims.
     pub store: Store,
+    /// The side effect.
     pub sink: AnySink,
+    /// Dead-letter and duplicates topics.
     pub side: SideTopics,
+    /// Where every outcome and latency is counted.
     pub metrics: Metrics,
+    /// Batching, draining and conflict policy.
     pub config: PipelineConfig,
+    /// Crash injection for tests; all empty in production.
     pub faults: Faults,
     /// The store's lease: claims are renewed every third of it.
     pub lease: Duration,
+    /// Set when an error no retry fixes happened; the service stops on it.
     pub fatal: Fatal,
     /// Counts claim completions and releases in this process, so a batch that
     /// waits on a claim held by another partition here wakes when it is done.
     pub settled_claims: watch::Sender<u64>,
+    /// Who claims: group members by position, or a replay job.
     pub claimant: Claimant,
 }
 

@@ -9,28 +9,62 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 /// Loading or validating the configuration. Never retriable: fix the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file asked for.
+        path: PathBuf,
+        /// Why the operating system refused it.
+        source: std::io::Error,
+    },
+    /// The file is not TOML of the expected shape (unknown field, wrong type).
     #[error("config file {path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message, with the line.
+        message: String,
+    },
+    /// A value parsed but is not allowed (out of range, inconsistent with another).
     #[error("config {origin}: `{key}` {message}")]
-    Invalid { origin: String, key: String, message: String },
+    Invalid {
+        /// Where the value came from: the file or the `KDEDUP_…` variable.
+        origin: String,
+        /// The dotted name of the setting, e.g. `sink.http.url`.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
 }
 
 /// Why a record cannot be handled at all. These never stop a partition: the
 /// record is dead-lettered with `reason()` in its headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
+    /// The configured header, key or JSON pointer is absent or empty; names which.
     #[error("record has no event ID: {0}")]
     MissingId(String),
+    /// `[key] source = "json"` and the payload does not parse; the parser's message.
     #[error("payload is not valid JSON: {0}")]
     InvalidJson(String),
+    /// The event ID is longer than `[key] max_bytes` and `on_oversize = "dead_letter"`.
     #[error("event ID is {len} bytes, over the {max}-byte limit")]
-    OversizeId { len: usize, max: usize },
+    OversizeId {
+        /// The ID's length in bytes.
+        len: usize,
+        /// `[key] max_bytes`.
+        max: usize,
+    },
+    /// The key was claimed first with another payload fingerprint.
     #[error("event ID reused with a different payload (fingerprint {stored} was stored first)")]
-    Conflict { stored: String },
+    Conflict {
+        /// The first claim's fingerprint, hex.
+        stored: String,
+    },
+    /// The sink refused the record for good (a permanent [`SinkError`]); its message.
     #[error("sink rejected the record: {0}")]
     SinkRejected(String),
+    /// A header name is not UTF-8, so it cannot be passed on as it came; the description.
     #[error("record headers cannot be passed on as they came: {0}")]
     BadHeader(String),
 }
@@ -53,21 +87,45 @@ impl RecordError {
 /// answers again; no offset moves meanwhile.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The embedded (fjall) store failed on disk.
     #[error("embedded store at {path} failed: {message}; check disk space and permissions")]
-    Embedded { path: String, message: String },
+    Embedded {
+        /// The store's directory.
+        path: String,
+        /// The engine's message.
+        message: String,
+    },
+    /// A stored row does not decode; what was wrong with it.
     #[error("store row for a key is corrupt ({0}); run `kdedup forget` on the key or restore the store")]
     Corrupt(String),
+    /// The blocking task that ran the store call was cancelled or panicked.
     #[error("store task was cancelled or panicked: {0}")]
     Task(String),
+    /// A PostgreSQL call failed.
     #[error("PostgreSQL store: {message}; check [store] url and that the server is up")]
-    Postgres { message: String, retriable: bool },
+    Postgres {
+        /// The driver's or server's message.
+        message: String,
+        /// Whether waiting can help (connection lost, serialization failure).
+        retriable: bool,
+    },
+    /// A ScyllaDB call failed.
     #[error("ScyllaDB store: {message}; check [store] contact_points, local_datacenter and that the nodes are up")]
-    Scylla { message: String, retriable: bool },
+    Scylla {
+        /// The driver's message.
+        message: String,
+        /// Whether waiting can help (timeouts, unavailable replicas).
+        retriable: bool,
+    },
+    /// The store settings cannot work (a bad URL, a schema that does not match).
     #[error("store configuration: {0}")]
     Config(String),
 }
 
 impl StoreError {
+    /// Whether waiting can help. The pipeline repeats a failed call with backoff either
+    /// way, its partition paused (no record is skipped); a non-retriable error is logged
+    /// as needing an operator.
     pub fn is_retriable(&self) -> bool {
         match self {
             // Disk errors on a local store are usually not transient, but retrying keeps
@@ -83,8 +141,15 @@ impl StoreError {
 /// The side effect failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
+    /// Producing to the output topic failed.
     #[error("producing to topic {topic} failed: {source}")]
-    Kafka { topic: String, source: KafkaError },
+    Kafka {
+        /// The output topic.
+        topic: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// Writing to standard output failed.
     #[error("writing to stdout failed: {0}")]
     Stdout(#[from] std::io::Error),
     /// The HTTP sink retried the endpoint already (its retry budget): retriable
@@ -93,7 +158,12 @@ pub enum SinkError {
     Http(#[from] crate::sink::http::HttpError),
     /// A library user's own effect failed; see [`SinkError::retriable`] and [`SinkError::permanent`].
     #[error("{message}")]
-    Custom { message: String, retriable: bool },
+    Custom {
+        /// What failed; the dead letter's reason when not retriable.
+        message: String,
+        /// Whether kdedup should call again after a backoff.
+        retriable: bool,
+    },
 }
 
 impl SinkError {
@@ -170,13 +240,21 @@ impl SinkError {
 /// Talking to Kafka as a consumer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// librdkafka refused the consumer's settings.
     #[error("cannot create the Kafka consumer (check [kafka] brokers and [kafka.consumer]): {0}")]
     Create(KafkaError),
     /// TLS or SASL failed: the settings are wrong, waiting will not help.
     #[error("{0} (check security.protocol, ssl.* and sasl.* in [kafka.client] / [kafka.consumer])")]
     Connect(crate::kafka_client::ProbeError),
+    /// The subscription was refused.
     #[error("cannot subscribe to {topics:?}: {source}")]
-    Subscribe { topics: Vec<String>, source: KafkaError },
+    Subscribe {
+        /// `[kafka] topics`.
+        topics: Vec<String>,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// The operating system would not start the thread that polls the consumer.
     #[error("cannot start the consumer thread: {0}")]
     Thread(std::io::Error),
 }

@@ -29,8 +29,11 @@ use crate::error::RecordError;
 /// Where a record sits in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Position {
+    /// The topic's name, shared by all of its records.
     pub topic: Arc<str>,
+    /// The partition within the topic.
     pub partition: i32,
+    /// The record's offset within the partition.
     pub offset: i64,
 }
 
@@ -43,8 +46,11 @@ impl fmt::Display for Position {
 /// A consumed record, owned, so it can cross await points and threads.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// Where it was read.
     pub position: Position,
+    /// The Kafka record key, if any.
     pub key: Option<Vec<u8>>,
+    /// The value, if any (`None` for a tombstone).
     pub payload: Option<Vec<u8>>,
     /// Header names as kdedup carries them: UTF-8 names as they are, others as
     /// `hex:<hex of the name bytes>` (see [`decode_header_name`]).
@@ -58,6 +64,7 @@ pub struct Record {
 }
 
 impl Record {
+    /// Copies a consumed message out of librdkafka; `topic` is passed in so every record shares one name.
     pub fn from_message(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Record {
         let (headers, bad_header) = match try_header_pairs(message) {
             Ok(pairs) => decode_headers(pairs),
@@ -76,6 +83,7 @@ impl Record {
         }
     }
 
+    /// The value of the first header called `name` (`None` when absent or null).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref())
     }
@@ -197,7 +205,9 @@ fn shorten(s: &str, max: usize) -> String {
 /// The dedup key: two pipelines with different scopes never suppress each other.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EventKey {
+    /// The namespace: `[key] scope` (the group ID by default).
     pub scope: Arc<str>,
+    /// The event ID's bytes, as extracted (or `sha256:<hex>` of an oversize one).
     pub id: Vec<u8>,
 }
 
@@ -211,6 +221,7 @@ impl EventKey {
         out
     }
 
+    /// The inverse of [`EventKey::encode`]; `None` for bytes it did not make.
     pub fn decode(bytes: &[u8]) -> Option<EventKey> {
         let len = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?) as usize;
         let scope = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?;
@@ -244,8 +255,11 @@ impl fmt::Display for Fingerprint {
 /// A record with its key, ready for the dedup decision.
 #[derive(Debug, Clone)]
 pub struct Envelope {
+    /// The record as consumed.
     pub record: Record,
+    /// Its dedup key.
     pub key: EventKey,
+    /// Its payload fingerprint (of the whole payload, or of `fingerprint_fields`).
     pub fingerprint: Fingerprint,
     /// `key.digest()`, computed once at extraction for the in-process filters.
     pub digest: u128,
@@ -259,6 +273,7 @@ pub struct KeyExtractor {
 }
 
 impl KeyExtractor {
+    /// The key stage of `config`; the scope is interned once.
     pub fn new(config: KeyConfig) -> KeyExtractor {
         let scope = Arc::from(config.scope.as_str());
         KeyExtractor { config, scope }
@@ -372,6 +387,7 @@ fn sha256_tag(bytes: &[u8]) -> Vec<u8> {
     format!("sha256:{}", hex(&Sha256::digest(bytes))).into_bytes()
 }
 
+/// Lower-case hexadecimal of `bytes`, two digits a byte.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);

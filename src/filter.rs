@@ -75,8 +75,11 @@ pub struct RecentCache {
 /// was first claimed (when known), for a duplicate's age and stamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cached {
+    /// The fingerprint it completed with; another one is no cached duplicate.
     pub fingerprint: Fingerprint,
+    /// Milliseconds since the Unix epoch; not a duplicate from then on.
     pub valid_until_ms: u64,
+    /// The first claim's position, when known.
     pub origin: Option<Origin>,
 }
 
@@ -164,10 +167,12 @@ impl RecentCache {
         self.current.clear();
     }
 
+    /// Keys held, both generations.
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len()
     }
 
+    /// No key held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -321,7 +326,9 @@ impl Drop for Buckets {
 /// allocator refused it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FilterAllocError {
+    /// As configured (`[filter] expected_keys`).
     pub expected_keys: u64,
+    /// As configured (`[filter] false_positive_rate`).
     pub false_positive_rate: f64,
     /// The planned size, when it could be computed.
     pub bytes: Option<usize>,
@@ -482,6 +489,7 @@ impl AgingCuckoo {
         let _ = digest;
     }
 
+    /// Records the key as seen at `now_ms` (milliseconds since the Unix epoch).
     pub fn insert(&mut self, digest: u128, now_ms: u64) {
         self.advance(now_ms);
         let s = self.spot(digest);
@@ -609,6 +617,7 @@ impl AgingCuckoo {
         self.entries
     }
 
+    /// No key held.
     pub fn is_empty(&self) -> bool {
         self.entries == 0
     }
@@ -716,10 +725,12 @@ impl ExpiredKeys {
         self.purged_at_ms = now_ms;
     }
 
+    /// Expired keys held (the sample, when sampling).
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// No expired key held.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
@@ -760,6 +771,7 @@ impl Filter {
         })
     }
 
+    /// What the filters know of `envelope`'s key at `now_ms`; never "new" on their own.
     pub fn check(&mut self, envelope: &Envelope, now_ms: u64) -> Verdict {
         let digest = envelope.digest;
         if let Some(c) = self.recent.entry(digest, now_ms).filter(|c| c.fingerprint == envelope.fingerprint) {

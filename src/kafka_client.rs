@@ -103,6 +103,7 @@ pub fn is_connection_property(name: &str) -> bool {
 }
 
 impl KafkaClients {
+    /// `[kafka] brokers`, as given.
     pub fn brokers(&self) -> &str {
         &self.brokers
     }
@@ -167,7 +168,9 @@ impl KafkaClients {
 /// What a probe learnt: each asked-for topic's partition count (`None`: the broker does not know it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
+    /// Brokers the cluster's metadata lists.
     pub brokers: usize,
+    /// Each asked-for topic's partition count.
     pub topics: BTreeMap<String, Option<usize>>,
 }
 
@@ -175,7 +178,9 @@ pub struct Probe {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot reach Kafka at {brokers}: {cause}")]
 pub struct ProbeError {
+    /// `[kafka] brokers`, as given.
     pub brokers: String,
+    /// librdkafka's error, for a person.
     pub cause: String,
     /// A TLS or SASL failure: retrying with the same settings cannot succeed.
     pub security: bool,

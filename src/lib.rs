@@ -46,11 +46,16 @@
 //! `examples/pg_outbox.rs` is a whole one: a PostgreSQL ledger written in the
 //! same transaction as its outbox row, idempotent for the event ID.
 
+#![warn(missing_docs)]
+
 // Hidden from the public docs: the command line's own work, not a library
 // surface (their shapes change with the CLI; `bench` and `demo` need a mock cluster).
 #[doc(hidden)]
 pub mod bench;
 pub mod check;
+// The binary's argument parser, public only for src/main.rs: clap turns its doc
+// comments into `--help` text, so they are written for the command line, not rustdoc.
+#[doc(hidden)]
 pub mod cli;
 pub mod config;
 pub mod decide;

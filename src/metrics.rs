@@ -89,8 +89,11 @@ impl<const N: usize> Summed<N> {
     }
 }
 
+/// Every metric of one pipeline and its health, registered on its own [`Registry`]; cheap to
+/// clone (the handles are shared). Names, labels and meanings are in each field's doc.
 #[derive(Clone)]
 pub struct Metrics {
+    /// The registry every metric here is registered on; `/metrics` renders it.
     pub registry: Registry,
     /// `kdedup_records_consumed_total{topic}`; `consumed.get()` sums over topics.
     pub consumed: Summed<1>,
@@ -98,16 +101,25 @@ pub struct Metrics {
     pub records: Summed<2>,
     /// `kdedup_dead_letters_total{topic,reason}`.
     pub dead_letters: Summed<2>,
+    /// `kdedup_rebalances_total{kind}`: assign, revoke, lost.
     pub rebalances: IntCounterVec,
+    /// `kdedup_consumer_lag_records{topic,partition}`: high watermark minus committed offset.
     pub lag_records: IntGaugeVec,
+    /// `kdedup_consumer_lag_seconds{topic,partition}`: age of the oldest uncommitted record.
     pub lag_seconds: GaugeVec,
+    /// `kdedup_filter_bytes`: memory the filters hold.
     pub filter_bytes: IntGauge,
     /// `kdedup_filter_checks_total{tier,result}`; see [`FILTER_CHECKS`].
     pub filter: IntCounterVec,
+    /// `kdedup_bloom_false_positives_total`: aging-filter hits whose store read found no row.
     pub bloom_false_positives: IntCounter,
+    /// `kdedup_store_seconds{op,result}`: store call latency (one call carries a batch).
     pub store_seconds: HistogramVec,
+    /// `kdedup_store_errors_total`: failed store calls, retried with backoff.
     pub store_errors: IntCounter,
+    /// `kdedup_sink_seconds`: time for a batch's effects to be acknowledged.
     pub sink_seconds: Histogram,
+    /// `kdedup_record_seconds`: time kdedup adds per record, arrival to completed claim.
     pub record_seconds: Histogram,
     /// `kdedup_sink_errors_total{kind}`; see [`SINK_ERROR_KINDS`].
     pub sink_errors: Summed<1>,
@@ -122,28 +134,45 @@ pub struct Metrics {
     /// `kdedup_store_unavailable_seconds_total`: time some partition was
     /// stalled on a failing store call (readiness false because of the store).
     pub store_unavailable: Counter,
+    /// `kdedup_claim_waits_total`: claims answered in-flight (another owner's live lease).
     pub claim_waits: IntCounter,
+    /// `kdedup_claims_resumed_total`: claims resumed at their own position after a crash.
     pub claims_resumed: IntCounter,
+    /// `kdedup_claims_lost_total`: completions refused because the claim was taken over.
     pub claims_lost: IntCounter,
+    /// `kdedup_reconciled_total`: new claims whose effect was found already written: completed, not re-run.
     pub reconciled: IntCounter,
+    /// `kdedup_commits_total`: offset commits sent to Kafka.
     pub commits: IntCounter,
+    /// `kdedup_store_syncs_total`: store durability barriers run before commits.
     pub fsyncs: IntCounter,
     /// `kdedup_store_writes_total`: keys the store wrote (rows, index entries,
     /// deletions), for backends that count them (the embedded store); brought
     /// up to date at each commit's durability barrier.
     pub store_writes: IntCounter,
+    /// `kdedup_committed_offset{topic,partition}`: the last offset committed (next to read).
     pub committed_offset: IntGaugeVec,
+    /// `kdedup_assigned_partitions`: partitions this process owns.
     pub assigned_partitions: IntGauge,
+    /// `kdedup_lease_takeovers_total`: claims taken over from a lapsed lease (emitted as possible repeats).
     pub lease_takeovers: IntCounter,
+    /// `kdedup_leases_lost_total`: lease renewals refused because another owner took the claim.
     pub leases_lost: IntCounter,
+    /// `kdedup_reconciliations_incomplete_total`: reconciliations that could not read the whole log back.
     pub reconciliations_incomplete: IntCounter,
+    /// `kdedup_possible_repeats_total`: effects emitted with `kdedup-possible-repeat: true`.
     pub possible_repeats: IntCounter,
+    /// `kdedup_partition_panics_total`: partition tasks that panicked.
     pub partition_panics: IntCounter,
+    /// `kdedup_side_refusals_total{side}`: side-topic writes refused for good.
     pub side_refusals: IntCounterVec,
     /// HTTP sink attempts by answer: `2xx`…`5xx`, `timeout`, `connect`, `error`.
     pub http_requests: IntCounterVec,
+    /// `kdedup_ownership_checks_total`: batches that waited for the group's word after a freeze.
     pub ownership_checks: IntCounter,
+    /// `kdedup_zombie_batches_dropped_total`: batches not written because their partition was revoked.
     pub zombie_batches_dropped: IntCounter,
+    /// `kdedup_partition_stalled_since_seconds{topic,partition}`: Unix seconds a partition stalled at; 0 while it progresses.
     pub partition_stalled_since: IntGaugeVec,
     health: Arc<Health>,
 }
@@ -227,6 +256,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric at zero, registered on a fresh registry.
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
@@ -785,6 +815,7 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
         self.health.source_ready.load(Ordering::Relaxed) && self.stalled_partitions() == 0
     }
 
+    /// Partitions currently stalled on a retry (store, effect, dead letter, reconciliation).
     pub fn stalled_partitions(&self) -> usize {
         self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -821,6 +852,7 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
         let _ = self.lag_seconds.remove_label_values(&labels);
     }
 
+    /// The registry in Prometheus text format, as `/metrics` serves it.
     pub fn render(&self) -> String {
         self.flush_store_unavailable();
         let mut buf = Vec::new();
@@ -878,7 +910,9 @@ pub const STORE_OP_RESULTS: [&str; 5] = ["applied", "not_applied", "ok", "timeou
 /// Paxos claims are counted apart; `result` is one of [`STORE_OP_RESULTS`].
 #[derive(Clone)]
 pub struct StoreOpMetrics {
+    /// `kdedup_store_ops_total{store,op,result}`.
     pub ops: IntCounterVec,
+    /// `kdedup_store_op_seconds{store,op}`.
     pub seconds: HistogramVec,
 }
 
@@ -910,6 +944,7 @@ impl StoreOpMetrics {
         StoreOpMetrics { ops, seconds }
     }
 
+    /// Counts one statement and its latency in seconds.
     pub fn observe(&self, store: &str, op: &str, result: &str, seconds: f64) {
         self.ops.with_label_values(&[store, op, result]).inc();
         self.seconds.with_label_values(&[store, op]).observe(seconds);
@@ -939,10 +974,12 @@ impl Metrics {
 pub struct MetricsServer {
     server: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
+    /// The address it listens on (the port resolved when 0 was asked).
     pub addr: SocketAddr,
 }
 
 impl MetricsServer {
+    /// Listens on `addr` and serves `/metrics`, `/healthz` and `/readyz` from a thread.
     pub fn start(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<MetricsServer> {
         let server = tiny_http::Server::http(addr)
             .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e} (set [metrics] listen)"))?;

@@ -22,15 +22,24 @@ pub struct OffsetTracker {
     watermark: Option<i64>,
 }
 
+/// A partition's records were begun or finished out of the tracker's rules: a bug, not bad input.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TrackError {
+    /// `begin` was given an offset not above the last one begun.
     #[error("offset {offset} begun after {last}: offsets must increase within a partition")]
-    NotIncreasing { offset: i64, last: i64 },
+    NotIncreasing {
+        /// The offset begun.
+        offset: i64,
+        /// The last offset begun before it.
+        last: i64,
+    },
+    /// `finish` was given an offset never begun (or finished twice).
     #[error("offset {0} finished but never begun")]
     Unknown(i64),
 }
 
 impl OffsetTracker {
+    /// A tracker with nothing begun and no watermark.
     pub fn new() -> OffsetTracker {
         OffsetTracker::default()
     }
@@ -64,11 +73,13 @@ impl OffsetTracker {
         self.watermark
     }
 
+    /// Records begun and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
 }
 
+/// A partition: (topic, partition number).
 pub type TopicPartition = (Arc<str>, i32);
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -84,7 +95,10 @@ struct Mark {
 /// the committed offset was written below `offset` of `partition`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputMark {
+    /// The partition written to.
     pub partition: i32,
+    /// Writes for records below the committed offset all lie below this one:
+    /// reconciliation reads the log from here.
     pub offset: i64,
 }
 
@@ -104,7 +118,9 @@ impl OutputMark {
 /// reading them to find writes made after the last commit ([`crate::reconcile`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogMarks {
+    /// Where the output topic's writes were.
     pub output: Option<OutputMark>,
+    /// Where the dead-letter topic's writes were.
     pub dead_letter: Option<OutputMark>,
 }
 
@@ -122,6 +138,7 @@ impl LogMarks {
         s
     }
 
+    /// Parses [`LogMarks::to_metadata`]'s text; anything else (another tool's metadata) is no marks.
     pub fn from_metadata(metadata: &str) -> LogMarks {
         let mut marks = LogMarks::default();
         let mut words = metadata.split(' ');
@@ -148,6 +165,7 @@ impl LogMarks {
         self.dead_letter = newer.dead_letter.or(self.dead_letter);
     }
 
+    /// Neither log has a mark.
     pub fn is_empty(&self) -> bool {
         self.output.is_none() && self.dead_letter.is_none()
     }
@@ -156,8 +174,11 @@ impl LogMarks {
 /// One partition's offset to commit, with its log marks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
+    /// The partition.
     pub tp: TopicPartition,
+    /// The offset to commit: the next one to read.
     pub offset: i64,
+    /// Where its writes were.
     pub logs: LogMarks,
 }
 
@@ -171,6 +192,7 @@ pub struct CommitBook {
 }
 
 impl CommitBook {
+    /// A book whose commits first run `barrier`.
     pub fn new(barrier: Barrier) -> CommitBook {
         CommitBook { marks: Mutex::new(HashMap::new()), barrier }
     }

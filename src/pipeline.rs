@@ -84,10 +84,13 @@ impl Liveness {
 
 /// Everything a partition task needs; shared by all partition tasks.
 pub struct Stages {
+    /// The decision, shared with replay.
     pub core: Core,
+    /// Where partition tasks publish their watermarks for the committer.
     pub book: Arc<CommitBook>,
     /// Reads the output and dead-letter topics back on assignment.
     pub reconciler: Reconciler,
+    /// Whether this process was frozen long enough to have lost its partitions.
     pub liveness: Arc<Liveness>,
 }
 
@@ -100,7 +103,13 @@ impl Stages {
                 partition,
                 mark,
             }),
-            AnySink::Stdout(_) | AnySink::Http(_) | AnySink::Custom(_) => None,
+            // The HTTP sink's log is its results topic, when it has one.
+            AnySink::Http(h) => h.results_log(input_partition).map(|(topic, partition)| Log {
+                topic: topic.to_string(),
+                partition,
+                mark,
+            }),
+            AnySink::Stdout(_) | AnySink::Custom(_) => None,
         }
     }
 
@@ -146,6 +155,8 @@ pub struct PartitionTask {
 }
 
 impl PartitionTask {
+    /// Takes batches from `queue` until it is revoked or the process stops, then drains and
+    /// publishes its last watermark.
     pub async fn run(mut self, queue: PartitionQueue) {
         let (topic, partition) = (self.tp.0.clone(), self.tp.1);
         let batch_max = self.stages.core.config.batch_max.get();
@@ -179,8 +190,9 @@ impl PartitionTask {
                     error!(%topic, partition, error = %e, "offset order broken");
                 }
             }
-            let stages = self.stages.clone();
-            match stages.core.run_batch(&mut self, records, arrived).await {
+            let (stages, stop) = (self.stages.clone(), self.stop.clone());
+            // The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
+            match crate::sink::with_stop(stop, stages.core.run_batch(&mut self, records, arrived)).await {
                 Ok(()) => {}
                 Err(Stop::Draining) => break,
                 Err(Stop::Fatal) => return,
@@ -349,6 +361,7 @@ struct Running {
 }
 
 impl Workers {
+    /// No task running yet; tasks run on `runtime`.
     pub fn new(stages: Arc<Stages>, runtime: tokio::runtime::Handle) -> Workers {
         Workers { stages, runtime, running: Mutex::new(HashMap::new()) }
     }

@@ -25,6 +25,12 @@
 //! partition per input partition (`[sink] partitioning = "source"`); with
 //! `"key"` every resumed claim is only marked.
 //!
+//! With the HTTP sink, its `[sink.http] results_topic` is the output log: each
+//! answer is written there (on the input partition's own partition of it)
+//! before its offset is committed, so a new owner completes an effect whose
+//! `done` answer it finds instead of calling the endpoint again. Without a
+//! results topic a resumed HTTP claim calls again, with the same key.
+//!
 //! A write counts as ours only if its *last* `kdedup-source-*` headers name
 //! the partition and its *last* `kdedup-scope` is our scope: kdedup drops
 //! inbound copies of its own header names, and another pipeline (another
@@ -61,6 +67,7 @@ pub struct Reconciler {
     pub kafka: KafkaClients,
     /// The pipeline's dedup scope: only writes carrying it as `kdedup-scope` are ours.
     pub scope: String,
+    /// How far one reconciliation reads.
     pub limits: Limits,
 }
 
@@ -83,15 +90,20 @@ impl Default for Limits {
 /// A topic partition that one input partition writes to, and where to start reading it.
 #[derive(Debug, Clone)]
 pub struct Log {
+    /// The topic kdedup writes to (output or dead letters).
     pub topic: String,
+    /// The partition of it this input partition writes to.
     pub partition: i32,
+    /// The commit's mark for this log: reading starts there (at the log start when `None`).
     pub mark: Option<OutputMark>,
 }
 
 /// What reconciliation found for one input partition.
 #[derive(Debug)]
 pub struct Found {
+    /// Source offsets whose effect is in the output.
     pub emitted: HashSet<i64>,
+    /// Source offsets already dead-lettered.
     pub dead_lettered: HashSet<i64>,
     /// Every log was read to its end within [`Limits`]. When `false`, the sets
     /// hold only part of what was written (all of it real writes); the rest is
@@ -194,9 +206,12 @@ impl Reconciler {
             // Names as bytes: any producer may write a non-UTF-8 name into these topics.
             let pairs = crate::event::header_pairs(&message);
             let last = |name: &str| pairs.iter().rev().find(|(k, _)| *k == name.as_bytes()).and_then(|(_, v)| *v);
+            // An HTTP answer counts only when it settled the effect as done: a conflict's or a
+            // refusal's record is dead-lettered after it, by the dead-letter log's reconciliation.
             let ours = last(headers::SCOPE) == Some(scope)
                 && last(headers::SOURCE_TOPIC) == Some(source.0.as_bytes())
-                && last(headers::SOURCE_PARTITION) == Some(source_partition.as_bytes());
+                && last(headers::SOURCE_PARTITION) == Some(source_partition.as_bytes())
+                && last(headers::OUTCOME).is_none_or(|o| o == b"done");
             let offset = last(headers::SOURCE_OFFSET)
                 .and_then(|o| std::str::from_utf8(o).ok())
                 .and_then(|o| o.parse::<i64>().ok());

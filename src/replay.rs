@@ -40,15 +40,20 @@ use crate::store::{now_ms, ClaimState, DedupStore, Store};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
+    /// Changes nothing: counts what the decision would say.
     DryRun,
+    /// The whole path: effects only for events not already done.
     Apply,
+    /// The effect again for every event of the range, then marked done (needs `--yes`).
     Redrive,
+    /// Forgets the keys of the range's events in the store (needs `--yes`).
     Release,
 }
 
 /// Where a range starts (inclusive).
 #[derive(Debug, Clone, Copy)]
 pub enum From {
+    /// This offset.
     Offset(i64),
     /// Milliseconds since the epoch: the first record at or after it.
     Time(i64),
@@ -59,36 +64,57 @@ pub enum From {
 /// Where a range ends (exclusive).
 #[derive(Debug, Clone, Copy)]
 pub enum To {
+    /// This offset.
     Offset(i64),
+    /// Milliseconds since the epoch: the first record at or after it.
     Time(i64),
     /// The end of the partition when the replay starts.
     End,
 }
 
+/// What `kdedup replay` was asked to do (its flags, parsed).
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
+    /// The topic; the config's only input topic when `None`.
     pub topic: Option<String>,
+    /// Partitions to replay; every partition of the topic when empty.
     pub partitions: Vec<i32>,
+    /// Start of the range, inclusive.
     pub from: From,
+    /// End of the range, exclusive.
     pub to: To,
+    /// What to do with the range.
     pub mode: Mode,
+    /// Where effects go instead of the configured output topic (apply, redrive).
     pub to_topic: Option<String>,
+    /// Most records per second, across partitions.
     pub max_rate: Option<u32>,
+    /// Names the replay's claims and is written as `kdedup-replay` on its writes.
     pub job_id: String,
+    /// How many duplicates and conflicts to list (dry-run).
     pub show: usize,
+    /// Show progress on standard error.
     pub progress: bool,
 }
 
 /// Counts of one partition's range, or of all.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct Counts {
+    /// Records read.
     pub records: u64,
+    /// New: no live row (dry-run), or claimed and effected (apply, redrive).
     pub new: u64,
+    /// Done earlier with the same fingerprint, or an earlier record of the range.
     pub duplicate: u64,
+    /// The ID was first claimed with another fingerprint.
     pub conflict: u64,
+    /// Another owner holds a live claim.
     pub in_flight: u64,
+    /// Records that cannot be keyed.
     pub bad: u64,
+    /// Effects run.
     pub emitted: u64,
+    /// Keys forgotten (release).
     pub released: u64,
 }
 
@@ -105,11 +131,16 @@ impl Counts {
     }
 }
 
+/// One partition's range and what was found in it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionReport {
+    /// The partition.
     pub partition: i32,
+    /// First offset read.
     pub from: i64,
+    /// Offset the range ended before.
     pub to: i64,
+    /// What was found.
     #[serde(flatten)]
     pub counts: Counts,
 }
@@ -117,22 +148,35 @@ pub struct PartitionReport {
 /// A duplicate or conflict the dry-run found, with where the event was first seen.
 #[derive(Debug, Clone, Serialize)]
 pub struct Shown {
+    /// `duplicate` or `conflict`.
     pub outcome: &'static str,
+    /// Where the record sits, `topic/partition@offset`.
     pub position: String,
+    /// The event ID, for humans.
     pub event_id: String,
+    /// Where the key was first claimed, when known.
     pub first: String,
 }
 
+/// What `kdedup replay` prints at the end (as text or `--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The mode it ran in.
     pub mode: Mode,
+    /// The job ID its claims and writes carry.
     pub job_id: String,
+    /// The topic read.
     pub topic: String,
+    /// Sums over partitions.
     #[serde(flatten)]
     pub counts: Counts,
+    /// Wall-clock seconds the replay took.
     pub elapsed_secs: f64,
+    /// Stopped early (Ctrl-C): the counts cover only what was read.
     pub interrupted: bool,
+    /// Per partition.
     pub partitions: Vec<PartitionReport>,
+    /// The first duplicates and conflicts (dry-run, `--show`).
     pub shown: Vec<Shown>,
 }
 
@@ -148,6 +192,7 @@ pub enum ReplayError {
 }
 
 impl ReplayError {
+    /// The exit code `kdedup replay` documents for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
             ReplayError::Usage(_) => 2,
@@ -265,10 +310,14 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                         .await
                     }
                     (Mode::Release, _) => release(&extractor, &store, batch, &mut seen, &mut driver.counts).await,
+                    // The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
                     (Mode::Apply, Some(core)) => {
-                        core.run_batch(&mut driver, batch, Instant::now()).await.map_err(stopped)
+                        let work = core.run_batch(&mut driver, batch, Instant::now());
+                        crate::sink::with_stop(stop.clone(), work).await.map_err(stopped)
                     }
-                    (Mode::Redrive, Some(core)) => redrive(core, &mut driver, batch).await,
+                    (Mode::Redrive, Some(core)) => {
+                        crate::sink::with_stop(stop.clone(), redrive(core, &mut driver, batch)).await
+                    }
                     (_, None) => unreachable!("apply and redrive have a core"),
                 };
                 match result {

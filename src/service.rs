@@ -34,6 +34,29 @@ pub struct RunOptions {
     pub sink: Option<CustomSink>,
 }
 
+/// Runs `config`'s pipeline until `shutdown` completes (or a fatal error), then stops the way
+/// its [`StopMode`] says: `Drain` finishes in-flight batches within `[pipeline] drain_timeout_ms`,
+/// commits and leaves the group; `Abandon` leaves without committing more, as a crash would.
+///
+/// Errors when the store, the brokers or the sink cannot be set up, or when a fatal error
+/// stopped the run (an effect no retry fixes, a panicking partition task).
+///
+/// ```no_run
+/// use kdedup::{config::Config, service::{self, RunOptions}, source::StopMode};
+///
+/// # async fn example() -> anyhow::Result<()> {
+/// let config = Config::load("config/kdedup.toml".as_ref())?;
+/// let options = RunOptions { serve_metrics: true, ..RunOptions::default() };
+/// let counts = options.metrics.clone(); // readable while it runs
+/// service::run(&config, options, async {
+///     tokio::signal::ctrl_c().await.ok();
+///     StopMode::Drain
+/// })
+/// .await?;
+/// println!("{} records consumed", counts.consumed.get());
+/// # Ok(())
+/// # }
+/// ```
 pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Output = StopMode>) -> anyhow::Result<()> {
     let metrics = options.metrics;
     let _server = match (options.serve_metrics, config.metrics_listen) {
@@ -160,12 +183,13 @@ pub(crate) fn configured_sink(
         (SinkConfig::Stdout, None) => AnySink::Stdout(StdoutSink),
         (SinkConfig::Http(http), None) => {
             let sink = HttpSink::new(http, metrics).context("cannot set up the HTTP sink ([sink.http])")?;
-            if let Some(topic) = &http.results_topic {
-                writer
+            let partitions = match &http.results_topic {
+                Some(topic) => writer
                     .partition_count(topic, Duration::from_secs(10))
-                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?;
-            }
-            AnySink::Http(Box::new(sink.with_results(writer.clone())))
+                    .with_context(|| format!("topic `{topic}` ([sink.http] results_topic) must exist"))?,
+                None => 1,
+            };
+            AnySink::Http(Box::new(sink.with_results(writer.clone(), partitions)))
         }
     })
 }

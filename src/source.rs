@@ -30,6 +30,7 @@ use crate::kafka_client::{self, KafkaClients};
 use crate::metrics::Metrics;
 use crate::offsets::{CommitBook, LogMarks, Ready, TopicPartition};
 
+/// One partition's own queue, split off the group consumer: its records come in offset order.
 pub type PartitionQueue = StreamPartitionQueue<SourceContext>;
 type Kafka = StreamConsumer<SourceContext>;
 
@@ -67,6 +68,8 @@ pub enum StopMode {
     Abandon,
 }
 
+/// The group consumer's callbacks: hands assigned and revoked partitions to the handler and
+/// commits what the [`CommitBook`] says is finished.
 pub struct SourceContext {
     consumer: OnceLock<Weak<Kafka>>,
     handler: Arc<dyn PartitionHandler>,
@@ -243,6 +246,10 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
 }
 
 impl Source {
+    /// Subscribes to `[kafka] topics` and starts the thread that polls the consumer; partitions
+    /// go to `handler` as they are assigned, and their finished offsets are committed every
+    /// `commit_interval` (after the `book`'s barrier). `single_instance_store`: warn when this
+    /// process owns only part of the topics (the embedded store is correct for one instance only).
     pub fn start(
         kafka: &KafkaConfig,
         handler: Arc<dyn PartitionHandler>,

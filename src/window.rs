@@ -18,8 +18,11 @@ use std::time::Duration;
 /// Where a key's first occurrence was read from (its claimant's position).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Origin {
+    /// The topic's name, interned for the life of the process.
     pub topic: &'static str,
+    /// The partition.
     pub partition: i32,
+    /// The offset.
     pub offset: i64,
 }
 
@@ -40,11 +43,14 @@ impl std::fmt::Display for Origin {
 /// TTL counts from there) and, when known, where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct First {
+    /// Milliseconds since the epoch.
     pub claimed_at_ms: u64,
+    /// Where it was claimed, when the topic name could be kept.
     pub origin: Option<Origin>,
 }
 
 impl First {
+    /// The first occurrence claimed at `claimed_at_ms` from `position`.
     pub fn new(claimed_at_ms: u64, position: &crate::event::Position) -> First {
         First { claimed_at_ms, origin: Origin::of(position) }
     }
@@ -75,7 +81,9 @@ pub fn intern(topic: &str) -> Option<&'static str> {
 /// The window-adequacy counters of one instance, summed over topics.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Window {
+    /// The configured TTL, in seconds.
     pub ttl_secs: f64,
+    /// Duplicates caught.
     pub duplicates: f64,
     /// Duplicates older than 90% of the TTL.
     pub near_expiry: f64,

@@ -12,7 +12,9 @@
 //!   connection is tried again after an exponential backoff with jitter (or
 //!   the `Retry-After` the endpoint asked for, if longer), until the retry
 //!   budget is spent; then the record is dead-lettered with the last answer.
-//!   The claim's lease is renewed meanwhile by the partition's heartbeat.
+//!   The claim's lease is renewed meanwhile by the partition's heartbeat. A
+//!   wait ends when the partition stops ([`super::stopping`]): the effect is
+//!   then left unfinished for the next owner, not dead-lettered.
 //! - Requests of one partition run up to `max_in_flight` at once; effects of
 //!   one key run one after another, in input order.
 //! - Records that cannot become a request (a URL template header missing or
@@ -153,23 +155,58 @@ fn percent_encode(bytes: &[u8], out: &mut String) {
 /// Why the HTTP sink gave up on a record; the record is dead-lettered with this as its reason.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    /// The URL template or a header value cannot make a valid request for this record.
     #[error("cannot build the request: {0}")]
     Request(String),
+    /// The answer's outcome is `conflict` (422 by default).
     #[error("HTTP {status}: the endpoint reports a conflict (key reused with other parameters); body: {excerpt:?}")]
-    Conflict { status: u16, excerpt: String },
+    Conflict {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (bounded), lossily decoded.
+        excerpt: String,
+    },
+    /// The answer's outcome is `dead_letter` (4xx other than 409, 422 and 429 by default).
     #[error("HTTP {status}: refused; body: {excerpt:?}")]
-    Refused { status: u16, excerpt: String },
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (bounded), lossily decoded.
+        excerpt: String,
+    },
+    /// Retries took the whole `retry_budget_ms` (or a `Retry-After` would pass it).
     #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}")]
-    GaveUp { attempts: u32, elapsed_ms: u64, last: String },
+    GaveUp {
+        /// Requests sent.
+        attempts: u32,
+        /// Milliseconds from the first request to giving up.
+        elapsed_ms: u64,
+        /// The last answer or failure, for humans.
+        last: String,
+    },
     /// The effect is done, but its answer did not reach `[sink.http] results_topic`:
     /// retried (the same key again; the endpoint answers from its store).
     #[error("the answer could not be written to results topic {topic}: {message}")]
-    Results { topic: String, message: String },
+    Results {
+        /// `[sink.http] results_topic`.
+        topic: String,
+        /// The producer's error.
+        message: String,
+    },
+    /// The partition began to stop while the effect waited to retry: retriable, so
+    /// the core leaves it unfinished (claim held, offset uncommitted) for the next owner.
+    #[error("stopped while waiting to retry after {attempts} attempts (the partition is draining): last {last}")]
+    Stopping {
+        /// Requests sent.
+        attempts: u32,
+        /// The last answer or failure, for humans.
+        last: String,
+    },
 }
 
 impl HttpError {
     pub(crate) fn is_retriable(&self) -> bool {
-        matches!(self, HttpError::Results { .. })
+        matches!(self, HttpError::Results { .. } | HttpError::Stopping { .. })
     }
 }
 
@@ -204,8 +241,8 @@ struct Prepared {
 pub struct HttpSink {
     /// `kdedup_http_requests_total`, by answer.
     requests: prometheus::IntCounterVec,
-    /// `[sink.http] results_topic`, and the producer that writes it.
-    results: Option<(KafkaWriter, String)>,
+    /// `[sink.http] results_topic`, its partition count, and the producer that writes it.
+    results: Option<(KafkaWriter, String, i32)>,
     client: reqwest::Client,
     config: HttpSinkConfig,
     url: UrlTemplate,
@@ -252,24 +289,34 @@ impl HttpSink {
         })
     }
 
-    /// Writes every answer to `[sink.http] results_topic`, when one is configured.
-    pub fn with_results(mut self, writer: KafkaWriter) -> HttpSink {
-        self.results = self.config.results_topic.clone().map(|topic| (writer, topic));
+    /// Writes every answer to `[sink.http] results_topic`, when one is configured;
+    /// `partitions`: that topic's partition count.
+    pub fn with_results(mut self, writer: KafkaWriter, partitions: i32) -> HttpSink {
+        self.results = self.config.results_topic.clone().map(|topic| (writer, topic, partitions.max(1)));
         self
     }
 
-    /// One record per answer, keyed by event ID, the source position in
-    /// headers, the answer as JSON. A write that fails turns its effect's
-    /// result into a retriable error: the effect is asked again (the same key;
-    /// the endpoint answers from its store), so every done effect's answer is
-    /// in the topic before its offset is committed.
+    /// The results topic and the partition of it an input partition's answers go to
+    /// (`p mod N`, as the Kafka sink's `partitioning = "source"`), so that its next
+    /// owner can read them back ([`crate::reconcile`]); `None` without a results topic.
+    pub fn results_log(&self, input_partition: i32) -> Option<(&str, i32)> {
+        self.results.as_ref().map(|(_, topic, n)| (topic.as_str(), input_partition.rem_euclid(*n)))
+    }
+
+    /// One record per answer, keyed by event ID, the source position and the
+    /// outcome in headers, the answer as JSON, on the input partition's own
+    /// partition of the topic. A write that fails turns its effect's result
+    /// into a retriable error: the effect is asked again (the same key; the
+    /// endpoint answers from its store), so every done effect's answer is in
+    /// the topic before its offset is committed. A done effect's result carries
+    /// where its answer landed: the commit's mark for reconciliation.
     async fn write_results(
         &self,
         batch: &[Effect<'_>],
         results: &mut [Result<Delivered, SinkError>],
         answers: &[Option<Answer>],
     ) {
-        let Some((writer, topic)) = &self.results else { return };
+        let Some((writer, topic, partitions)) = &self.results else { return };
         let (index, payloads): (Vec<usize>, Vec<Vec<u8>>) = answers
             .iter()
             .enumerate()
@@ -293,19 +340,25 @@ impl HttpSink {
             .zip(&payloads)
             .map(|(&i, payload)| {
                 let e = batch[i].envelope;
+                let outcome = answers[i].as_ref().map_or("", |a| a.outcome);
                 OutRecord {
-                    partition: None,
+                    partition: Some(e.record.position.partition.rem_euclid(*partitions)),
                     source: &e.record.position,
                     key: Some(&e.key.id),
                     payload: Some(payload),
                     headers: source_headers(&e.record, &e.key.scope)
-                        .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) }),
+                        .insert(Header { key: headers::EVENT_ID, value: Some(e.key.id.as_slice()) })
+                        .insert(Header { key: headers::OUTCOME, value: Some(outcome.as_bytes()) }),
                 }
             })
             .collect();
         for (&i, written) in index.iter().zip(writer.write_all(topic, out).await) {
-            if let Err(e) = written {
-                results[i] = Err(SinkError::Http(HttpError::Results { topic: topic.clone(), message: e.to_string() }));
+            match (written, &mut results[i]) {
+                (Ok(landed), Ok(delivered)) => delivered.mark = Some(landed),
+                (Ok(_), Err(_)) => {}
+                (Err(e), result) => {
+                    *result = Err(SinkError::Http(HttpError::Results { topic: topic.clone(), message: e.to_string() }))
+                }
             }
         }
     }
@@ -408,7 +461,11 @@ impl HttpSink {
                 return (Err(SinkError::Http(gave_up)), last_answer);
             }
             warn!(position = %effect.envelope.record.position, attempts, wait_ms = wait.as_millis() as u64, last = %last, "HTTP effect not done; retrying with the same idempotency key");
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                // A drain must not wait out a long Retry-After: the effect is left to the next owner.
+                _ = super::stopping() => return (Err(SinkError::Http(HttpError::Stopping { attempts, last })), None),
+            }
             backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }

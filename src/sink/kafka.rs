@@ -24,13 +24,21 @@ use super::{Delivered, Effect};
 
 /// Header names kdedup adds to what it writes (the contract in `schemas/headers.md`).
 pub mod headers {
+    /// The event ID, as [`crate::event::EventKey::display_id`] shows it.
     pub const EVENT_ID: &str = "kdedup-event-id";
+    /// The pipeline's dedup scope; reconciliation takes only its own scope's writes.
     pub const SCOPE: &str = "kdedup-scope";
+    /// The input record's topic.
     pub const SOURCE_TOPIC: &str = "kdedup-source-topic";
+    /// The input record's partition (decimal).
     pub const SOURCE_PARTITION: &str = "kdedup-source-partition";
+    /// The input record's offset (decimal).
     pub const SOURCE_OFFSET: &str = "kdedup-source-offset";
+    /// On a dead letter: the machine-readable reason ([`crate::error::RecordError::reason`]).
     pub const REASON: &str = "kdedup-reason";
+    /// On a dead letter: the error, for humans.
     pub const ERROR: &str = "kdedup-error";
+    /// `true` when this effect may repeat an earlier one (resumed, taken over, or retried).
     pub const POSSIBLE_REPEAT: &str = "kdedup-possible-repeat";
     /// On a dead letter whose record was too large to copy whole: `true`.
     pub const TRUNCATED: &str = "kdedup-truncated";
@@ -46,15 +54,20 @@ pub mod headers {
     pub const CONFLICT: &str = "kdedup-conflict";
     /// Observe mode, on a duplicate: where its event first occurred, when known.
     pub const FIRST_TOPIC: &str = "kdedup-first-topic";
+    /// Observe mode: the first occurrence's partition (decimal).
     pub const FIRST_PARTITION: &str = "kdedup-first-partition";
+    /// Observe mode: the first occurrence's offset (decimal).
     pub const FIRST_OFFSET: &str = "kdedup-first-offset";
     /// The `kdedup replay` job that wrote the record.
     pub const REPLAY: &str = "kdedup-replay";
+    /// On an HTTP results record: the outcome (`done`, `conflict`, `dead_letter`, `gave_up`);
+    /// reconciliation takes only `done` ones as effects that ran.
+    pub const OUTCOME: &str = "kdedup-outcome";
 
     /// Every name above. An inbound record's own copies of these (a chained
     /// kdedup stage, a dead letter replayed into the input) are dropped from
     /// what kdedup writes, so each name occurs once and means this kdedup's value.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         EVENT_ID,
         SCOPE,
         SOURCE_TOPIC,
@@ -73,6 +86,7 @@ pub mod headers {
         FIRST_PARTITION,
         FIRST_OFFSET,
         REPLAY,
+        OUTCOME,
     ];
 
     /// Whether `name` is one of kdedup's own header names.
@@ -83,12 +97,16 @@ pub mod headers {
 
 /// One record to write.
 pub struct OutRecord<'a> {
+    /// The partition to write; the producer's partitioner when `None`.
     pub partition: Option<i32>,
     /// The input record this write is for: writes are counted per origin
     /// partition ([`KafkaWriter::settled`]).
     pub source: &'a Position,
+    /// The Kafka key to write.
     pub key: Option<&'a [u8]>,
+    /// The value to write.
     pub payload: Option<&'a [u8]>,
+    /// The headers to write.
     pub headers: OwnedHeaders,
 }
 
@@ -342,6 +360,7 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
+    /// A sink producing to `topic` (which must exist: its partition count is read here).
     pub fn new(writer: KafkaWriter, topic: &str, partitioning: Partitioning) -> Result<KafkaSink, SinkError> {
         let partitions = writer
             .partition_count(topic, Duration::from_secs(10))
@@ -358,6 +377,7 @@ impl KafkaSink {
         }
     }
 
+    /// The output topic.
     pub fn topic(&self) -> &str {
         &self.topic
     }

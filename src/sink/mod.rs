@@ -52,8 +52,11 @@ pub struct Effect<'a> {
 /// (`kdedup-first-topic`, `-partition`, `-offset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observed {
+    /// The key was done earlier (same fingerprint).
     pub duplicate: bool,
+    /// The key was first claimed with another fingerprint.
     pub conflict: bool,
+    /// A duplicate's first occurrence, when known.
     pub first: Option<crate::window::Origin>,
 }
 
@@ -78,7 +81,9 @@ impl Observed {
 /// One record to dead-letter.
 #[derive(Clone, Copy)]
 pub struct DeadLetter<'a> {
+    /// The record as consumed.
     pub record: &'a Record,
+    /// Why it cannot be handled; its reason goes in `kdedup-reason`.
     pub error: &'a RecordError,
     /// An earlier owner of the partition may have dead-lettered it too (it had
     /// reached this record): travels as `kdedup-possible-repeat: true`.
@@ -88,7 +93,8 @@ pub struct DeadLetter<'a> {
 /// What a delivered effect left behind.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    /// Where it landed in the output topic (the Kafka sink).
+    /// Where it landed in the sink's log, the topic reconciliation reads back on a change
+    /// of owner: the output topic (Kafka sink) or the results topic (HTTP sink).
     pub mark: Option<OutputMark>,
     /// What the endpoint answered (the HTTP sink): kept on the claim row.
     pub response: Option<EffectResponse>,
@@ -182,15 +188,58 @@ impl<S: Sink> DynSink for S {
     }
 }
 
+tokio::task_local! {
+    /// The stop signal of the partition (or replay) whose effects run in this task.
+    static STOP: tokio::sync::watch::Receiver<bool>;
+}
+
+/// Runs `work` (a driver's batch) with `stop` as what [`stopping`] watches.
+pub(crate) async fn with_stop<T>(stop: tokio::sync::watch::Receiver<bool>, work: impl Future<Output = T>) -> T {
+    STOP.scope(stop, work).await
+}
+
+/// Completes when the partition whose effects the current [`Sink::deliver`] runs
+/// for starts to stop (a revoke, a shutdown, a replay interrupted); at once when it
+/// already has. Never completes outside a kdedup run (a sink called from a test), nor
+/// in a task the sink spawns: the signal is task-local to `deliver`'s own task.
+///
+/// A sink that waits of its own accord (a backoff, a `Retry-After`) should race the
+/// wait against this and, when it completes first, answer [`SinkError::retriable`]:
+/// kdedup then leaves the batch unfinished, its claims neither completed nor released
+/// and its offsets uncommitted, and the partition's next owner (or the next run)
+/// resumes those effects, marked as possible repeats. A request already sent may be
+/// let finish: the drain waits for it up to `[pipeline] drain_timeout_ms`.
+///
+/// ```
+/// use std::time::Duration;
+/// use kdedup::error::SinkError;
+///
+/// async fn back_off(wait: Duration) -> Result<(), SinkError> {
+///     tokio::select! {
+///         _ = tokio::time::sleep(wait) => Ok(()),
+///         _ = kdedup::sink::stopping() => Err(SinkError::retriable("stopping; left to the next owner")),
+///     }
+/// }
+/// ```
+pub async fn stopping() {
+    match STOP.try_with(|stop| stop.clone()) {
+        // A dropped sender means the partition task is gone: stopping too.
+        Ok(mut stop) => drop(stop.wait_for(|stopping| *stopping).await),
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// A library user's [`Sink`], for [`crate::service::RunOptions::sink`].
 #[derive(Clone)]
 pub struct CustomSink(Arc<dyn DynSink>);
 
 impl CustomSink {
+    /// Wraps `sink` for [`crate::service::RunOptions::sink`].
     pub fn new(sink: impl Sink) -> CustomSink {
         CustomSink(Arc::new(sink))
     }
 
+    /// The wrapped sink's [`Sink::kind`].
     pub fn kind(&self) -> &'static str {
         self.0.dyn_kind()
     }
@@ -198,13 +247,18 @@ impl CustomSink {
 
 /// The configured effect: one of kdedup's sinks, or a library user's.
 pub enum AnySink {
+    /// `[sink] kind = "kafka"`.
     Kafka(KafkaSink),
+    /// `[sink] kind = "stdout"`.
     Stdout(StdoutSink),
+    /// `[sink] kind = "http"`.
     Http(Box<HttpSink>),
+    /// `[sink] kind = "custom"`: the caller's own.
     Custom(CustomSink),
 }
 
 impl AnySink {
+    /// The `sink` label of metrics and logs: the sink's [`Sink::kind`].
     pub fn kind(&self) -> &'static str {
         match self {
             AnySink::Kafka(s) => Sink::kind(s),
@@ -248,11 +302,14 @@ fn truncated(bytes: &[u8]) -> &[u8] {
 /// Where records go that are not effects.
 #[derive(Clone)]
 pub struct SideTopics {
+    /// The producer the side topics are written with.
     pub writer: KafkaWriter,
+    /// `[dead_letter] topic`.
     pub dead_letter: String,
     /// Partitions of the dead-letter topic: an input partition's dead letters
     /// all go to one of them, so the next owner can find them (reconciliation).
     pub dead_letter_partitions: i32,
+    /// `[duplicates] topic`, when set.
     pub duplicates: Option<String>,
     /// The pipeline's dedup scope, written as `kdedup-scope` on dead letters
     /// and duplicates: reconciliation takes only its own scope's writes.

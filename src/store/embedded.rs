@@ -42,6 +42,8 @@ const PENDING_MAX: usize = 1_000_000;
 /// is always the row on disk; a key missing here is read from disk.
 type Pending = HashMap<Vec<u8>, ClaimRow>;
 
+/// The embedded store: claims in a fjall keyspace on local disk, with real expiry.
+/// Correct for one consumer instance (it cannot see another process's claims). Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
@@ -93,6 +95,7 @@ impl EmbeddedStore {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    /// Opens (or creates) the store in the directory `path`.
     pub fn open(path: &Path, retention: &Retention) -> Result<EmbeddedStore, StoreError> {
         let fail = |e: &dyn std::fmt::Display| StoreError::Embedded {
             path: path.display().to_string(),

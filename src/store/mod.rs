@@ -23,7 +23,8 @@
 
 pub mod embedded;
 pub mod postgres;
-pub mod scylla;
+// Its statements and row decoding are internals of `ScyllaStore` (re-exported below).
+pub(crate) mod scylla;
 
 use std::future::Future;
 
@@ -39,8 +40,11 @@ pub use scylla::ScyllaStore;
 /// A request to claim one key for one record.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
+    /// The key to claim.
     pub key: EventKey,
+    /// The record's payload fingerprint: another one on a done row is a conflict.
     pub fingerprint: Fingerprint,
+    /// The record claiming: a later claim from this same position resumes it.
     pub position: Position,
 }
 
@@ -72,25 +76,45 @@ pub enum Claim {
     /// Completed earlier with the same fingerprint: by `first`, whose claim
     /// was made at `claimed_at_ms` (the row's clock: its TTL counts from there),
     /// for the duplicate's age and observe mode's stamp.
-    Duplicate { first: Position, claimed_at_ms: u64 },
+    Duplicate {
+        /// The position whose claim completed the key.
+        first: Position,
+        /// When that claim was made, ms since the epoch.
+        claimed_at_ms: u64,
+    },
     /// Another position holds a live lease; ask again later.
-    InFlight { holder: Position, lease_until_ms: u64 },
+    InFlight {
+        /// The position holding the claim.
+        holder: Position,
+        /// When its lease lapses unless renewed, ms since the epoch.
+        lease_until_ms: u64,
+    },
     /// The key exists with another fingerprint.
-    Conflict { stored: Fingerprint },
+    Conflict {
+        /// The fingerprint the key was first claimed with.
+        stored: Fingerprint,
+    },
 }
 
+/// Where a claim row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimState {
+    /// Claimed; its effect not yet known to be done. Honoured while its lease lives.
     InFlight,
+    /// Its effect is done: later claims of the key are duplicates until the row expires.
     Done,
 }
 
 /// One key's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRow {
+    /// In flight or done.
     pub state: ClaimState,
+    /// The first claimant's payload fingerprint.
     pub fingerprint: Fingerprint,
+    /// Who claimed it (and, once done, whose effect it was).
     pub position: Position,
+    /// When it was claimed, ms since the epoch; the TTL counts from here.
     pub claimed_at_ms: u64,
     /// For `InFlight`: when another owner may take over.
     pub lease_until_ms: u64,
@@ -123,6 +147,7 @@ impl EffectResponse {
         serde_json::to_string(self).expect("a struct of strings and numbers serializes")
     }
 
+    /// The inverse of [`EffectResponse::encode`]; a row that does not parse is corrupt.
     pub fn decode(text: &str) -> Result<EffectResponse, StoreError> {
         serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("recorded response: {e}")))
     }
@@ -159,7 +184,9 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, 
 /// What a store holds for one scope (`kdedup stats --config`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Census {
+    /// Keys claimed and not yet done (leases live or not).
     pub in_flight: u64,
+    /// Keys done.
     pub done: u64,
     /// The claim time of the oldest live key, ms since the epoch.
     pub oldest_claimed_at_ms: Option<u64>,
@@ -170,9 +197,11 @@ pub struct Census {
 /// Counters a backend keeps about its own work (for metrics and the bench).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StoreStats {
+    /// Calls to the backend (one call may carry a batch).
     pub round_trips: u64,
     /// Keys written (rows, index entries, deletions), where the backend counts them.
     pub writes: Option<u64>,
+    /// Durability barriers run.
     pub syncs: u64,
 }
 
@@ -238,14 +267,18 @@ pub trait DedupStore: Send + Sync {
     /// called on the commit path before offsets are committed.
     fn sync(&self) -> Result<(), StoreError>;
 
+    /// What this backend has counted of its own work so far.
     fn stats(&self) -> StoreStats;
 }
 
 /// The configured backend.
 #[derive(Clone)]
 pub enum Store {
+    /// `[store] kind = "embedded"`.
     Embedded(EmbeddedStore),
+    /// `[store] kind = "postgres"`.
     Postgres(PostgresStore),
+    /// `[store] kind = "scylla"`.
     Scylla(ScyllaStore),
 }
 
@@ -265,6 +298,7 @@ impl Store {
         }
     }
 
+    /// Opens (or connects to) the configured backend; ScyllaDB and PostgreSQL connect lazily.
     pub fn open(config: &StoreConfig, retention: &Retention) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
@@ -275,6 +309,7 @@ impl Store {
         }
     }
 
+    /// The `store` label of metrics: `embedded`, `postgres` or `scylla`.
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Embedded(_) => "embedded",

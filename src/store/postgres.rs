@@ -40,6 +40,7 @@ use crate::config::{PostgresTls, Retention};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
 
+/// The `kdedup_claims` table and its indexes (`schemas/postgres.sql`; `kdedup schema` prints it).
 pub const SCHEMA: &str = include_str!("../../schemas/postgres.sql");
 
 /// How many expired rows one sweep statement deletes.
@@ -139,6 +140,8 @@ DELETE FROM kdedup_claims WHERE ctid = ANY(ARRAY(
 )) AND expires_at <= $1
 "#;
 
+/// The PostgreSQL store: claims as rows of `kdedup_claims`, a batch decided by one
+/// `INSERT … ON CONFLICT` statement, on a connection pool. Cheap to clone.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,

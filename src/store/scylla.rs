@@ -61,6 +61,7 @@ use crate::metrics::StoreOpMetrics;
 /// The schema with `{{…}}` fields; see [`render_schema`].
 pub const SCHEMA_TEMPLATE: &str = include_str!("../../schemas/scylla.cql");
 
+/// The claims table's name, in the configured keyspace.
 pub const TABLE: &str = "kdedup_claims";
 
 /// Rounds of insert / takeover / resume one claim may take before the batch
@@ -165,6 +166,7 @@ pub struct Cql {
 }
 
 impl Cql {
+    /// Every statement against `keyspace.kdedup_claims`.
     pub fn new(keyspace: &str) -> Cql {
         let t = format!("{keyspace}.{TABLE}");
         let key = "WHERE scope = ? AND event_id = ?";
@@ -203,6 +205,7 @@ pub fn ttl_secs(expires_at_ms: u64, now_ms: u64) -> i32 {
 pub enum Shown {
     /// No row (or every claim column null).
     Absent,
+    /// The whole row.
     Row(ClaimRow),
     /// Some claim columns are missing from the response: Cassandra answers a
     /// rejected `UPDATE … IF` with the condition's columns only. A SERIAL read
@@ -214,7 +217,9 @@ pub enum Shown {
 /// was (ScyllaDB returns the old row whether or not the condition held).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LwtAnswer {
+    /// Whether the condition held and the write happened.
     pub applied: bool,
+    /// The row before the statement.
     pub row: Shown,
 }
 
@@ -359,6 +364,7 @@ pub enum ErrorClass {
     Fatal,
 }
 
+/// Sorts a driver error into what the store does next.
 pub fn classify(error: &ExecutionError) -> ErrorClass {
     match error {
         // The client stopped waiting; the coordinator may still have run it.
@@ -413,6 +419,8 @@ fn scylla_error(context: &str, error: &ExecutionError) -> StoreError {
 // The store
 // ---------------------------------------------------------------------------
 
+/// The ScyllaDB store: claims by lightweight transactions (`INSERT … IF NOT EXISTS USING TTL`),
+/// completions and takeovers conditional too. Cheap to clone.
 #[derive(Clone)]
 pub struct ScyllaStore {
     inner: Arc<Inner>,

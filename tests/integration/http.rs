@@ -426,7 +426,10 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
     child.wait().unwrap();
     endpoint.release();
     let first_life = endpoint.seen().len();
-    assert!(first_life > 50 && first_life < 100, "the first life stopped at the victim: {first_life}");
+    // Every batch before the victim's was sent whole (batch_max = 20, one partition, in order);
+    // of its own batch the requests already sent when the kill came, the victim's among them;
+    // nothing past its batch. (`> 50` failed once under load: a batch may start at the victim.)
+    assert!(first_life > 30 && first_life < 100, "the first life stopped at the victim: {first_life}");
 
     let config = kdedup::config::Config::load(&file).unwrap();
     let second = start(config, Faults::default());
@@ -459,4 +462,131 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
     assert!(logs.contains("kdedup running"), "the member logged at debug: {} bytes", logs.len());
     assert!(victim[0].header("authorization") == Some(&format!("Bearer {SECRET}")), "the header was sent");
     assert!(!logs.contains(SECRET), "the credential never reaches the logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_a_long_retry_after_at_once_and_the_event_is_delivered_after_restart() {
+    let kafka = cluster(1);
+    let event = |id: &str| Produce {
+        partition: 0,
+        key: None,
+        payload: Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
+        headers: vec![("event-id".into(), id.as_bytes().to_vec())],
+    };
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("a"), event("victim"), event("c")]).await.unwrap();
+    // The victim's first answer asks for two minutes, well within the retry budget (5 min).
+    let endpoint = Endpoint::start(|seen, nth| match (seen.event_id().as_str(), nth) {
+        ("victim", 1) => Fault::Status { status: 429, retry_after: Some(120), body: "slow down".into() },
+        _ => Fault::None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("http-drain");
+    // A drain bound longer than the test's patience: only the sink ending its wait stops in time.
+    let env = http_env(&endpoint, &[("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "60000".into())]);
+    let config = config(&kafka, &group, dir.path(), &with_env(&env));
+    let running = start(config.clone(), Faults::default());
+    let m = running.metrics.clone();
+    wait_for("the victim to be told to come back later", Duration::from_secs(60), || {
+        let told = endpoint.seen().iter().any(|s| s.event_id() == "victim")
+            && m.http_requests.with_label_values(&["4xx"]).get() == 1;
+        async move { told }
+    })
+    .await;
+    let metrics = running.metrics.clone();
+    let stopping = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), running.stop(StopMode::Drain))
+        .await
+        .expect("the drain did not wait out the 120 s Retry-After (nor its own 60 s bound)");
+    let stop_took = stopping.elapsed();
+    eprintln!("drain during a 120 s Retry-After took {stop_took:?}");
+    let committed = metrics.committed_offset.with_label_values(&[INPUT, "0"]).get();
+    assert!(committed <= 1, "nothing from the victim (offset 1) on is committed: {committed}");
+    assert_eq!(requests_of(&endpoint.seen(), "victim").len(), 1, "no retry before the stop");
+    assert_eq!(metrics.outcome("dead_letter"), 0, "left unfinished, not dead-lettered");
+
+    let second = start(config, Faults::default());
+    wait_all_committed(&kafka, &second.metrics).await;
+    let after = second.metrics.clone();
+    second.stop(StopMode::Drain).await;
+
+    assert_applied_once(&endpoint, &["a", "victim", "c"].map(String::from));
+    let seen = endpoint.seen();
+    let victim = requests_of(&seen, "victim");
+    assert_eq!(victim.len(), 2, "asked again after the restart: {victim:?}");
+    assert_eq!(victim[0].key(), victim[1].key(), "with the same key");
+    assert_eq!(victim[1].handled, "applied", "the 429 applied nothing; the second call did");
+    assert!(mock::read_all(kafka.bootstrap(), DLQ).unwrap().is_empty(), "nothing dead-lettered");
+    assert_eq!(after.outcome("dead_letter"), 0);
+    assert_outcomes_sum(&after);
+}
+
+/// The event of the crashed batch that the endpoint refuses with a 422 (a conflict: dead-lettered).
+const REFUSED: &str = "evt-000027";
+
+/// A first life that crashes after the HTTP effects of the batch holding
+/// offset 25 (before completing them, and before dead-lettering [`REFUSED`]),
+/// then a second life to the end; the endpoint, the IDs of the events applied,
+/// and the second life's metrics.
+async fn crash_after_http_effects_then_restart(
+    results_topic: bool,
+) -> (Endpoint, Vec<String>, kdedup::metrics::Metrics) {
+    let kafka = cluster(1);
+    kafka.create_topic("http.results", 2).unwrap();
+    let (records, ids) = events(60, 0, 1, 21);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let endpoint = Endpoint::start(|seen, _| match seen.event_id().as_str() {
+        REFUSED => Fault::Status { status: 422, retry_after: None, body: "key reused".into() },
+        _ => Fault::None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("http-reconcile");
+    let mut extra = vec![("KDEDUP_PIPELINE__BATCH_MAX", "10".to_string())];
+    if results_topic {
+        extra.push(("KDEDUP_SINK__HTTP__RESULTS_TOPIC", "http.results".into()));
+    }
+    let env = http_env(&endpoint, &extra);
+    let config = config(&kafka, &group, dir.path(), &with_env(&env));
+    let faults = Faults::default();
+    let victim = kdedup::event::Position { topic: Arc::from(INPUT), partition: 0, offset: 25 };
+    *faults.crash_after_effect.lock().unwrap() = Some(victim);
+    let first = start(config.clone(), faults.clone());
+    tokio::time::timeout(Duration::from_secs(60), faults.fired.notified()).await.expect("the fault fired");
+    first.stop(StopMode::Drain).await;
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
+    assert!(committed.get(&0).copied().unwrap_or(0) <= 25, "the crashed batch was not committed: {committed:?}");
+
+    let second = start(config, Faults::default());
+    wait_all_committed(&kafka, &second.metrics).await;
+    let metrics = second.metrics.clone();
+    second.stop(StopMode::Drain).await;
+    let applied: Vec<String> = ids.into_iter().filter(|id| id != REFUSED).collect();
+    assert_applied_once(&endpoint, &applied);
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    let dead_ids: Vec<&[u8]> = dead.iter().filter_map(|r| r.key.as_deref()).collect();
+    assert_eq!(dead_ids, [REFUSED.as_bytes()], "the refused event dead-lettered once, by the second life");
+    (endpoint, applied, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_results_topic_a_crash_after_the_effect_is_reconciled_without_a_second_call() {
+    let (endpoint, ids, metrics) = crash_after_http_effects_then_restart(true).await;
+    let seen = endpoint.seen();
+    let called_twice: Vec<&String> = ids.iter().filter(|id| requests_of(&seen, id).len() != 1).collect();
+    assert!(called_twice.is_empty(), "one request per event, none after the crash: {called_twice:?}");
+    // Its answer is in the results topic too, but as a conflict: not an effect that ran.
+    assert_eq!(requests_of(&seen, REFUSED).len(), 2, "the refused event was asked again, then dead-lettered");
+    assert!(metrics.reconciled.get() >= 1, "the crashed batch's answers were found in the results topic");
+    let marked: Vec<_> =
+        seen.iter().filter(|s| s.header(headers::POSSIBLE_REPEAT).is_some()).map(Seen::event_id).collect();
+    assert_eq!(marked, [REFUSED], "only the refused event's second request repeats one");
+    assert_outcomes_sum(&metrics);
+
+    // Without a results topic, the same crash repeats the crashed batch's calls, with their keys.
+    let (endpoint, _, metrics) = crash_after_http_effects_then_restart(false).await;
+    let seen = endpoint.seen();
+    let victim = requests_of(&seen, "evt-000025");
+    assert_eq!(victim.len(), 2, "called again after the crash: {victim:?}");
+    assert_eq!(victim[0].key(), victim[1].key(), "with the same key");
+    assert_eq!(victim[1].handled, "replayed", "which the endpoint answered from its store");
+    assert_eq!(metrics.reconciled.get(), 0);
 }
