@@ -84,6 +84,22 @@ pub struct KdedupFigures {
     pub run: Phase,
     #[serde(flatten)]
     pub dedup: DedupFigures,
+    pub memory: MemoryFigures,
+}
+
+/// Where kdedup's memory goes, at the end of its run: what each holder says it
+/// holds, and the rest of the peak resident set (allocator slack, librdkafka's
+/// buffers and queues, batches in flight, the runtime).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryFigures {
+    /// The filter: aging table, recent-key cache, expired keys (`kdedup_filter_bytes`).
+    pub filter_bytes: u64,
+    /// The store's memtables and block cache, where it can tell (embedded).
+    pub store_bytes: Option<u64>,
+    /// The most the consumer may prefetch: `queued.max.messages.kbytes` per partition.
+    pub consumer_prefetch_bound_bytes: u64,
+    /// Peak RSS less the filter and the store.
+    pub rest_of_peak_bytes: u64,
 }
 
 /// kdedup's own counters, per 1000 input records unless named otherwise.
@@ -252,10 +268,30 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         partitions: options.partitions,
         ratio: kdedup.events_per_sec / passthrough.events_per_sec.max(f64::MIN_POSITIVE),
         passthrough,
-        kdedup: KdedupFigures { run: kdedup, dedup },
+        kdedup: KdedupFigures {
+            memory: memory(&config, &metrics, options.partitions, kdedup.peak_rss_bytes),
+            run: kdedup,
+            dedup,
+        },
         verified,
         verification,
     })
+}
+
+fn memory(config: &Config, metrics: &Metrics, partitions: i32, peak_rss_bytes: u64) -> MemoryFigures {
+    let filter_bytes = metrics.filter_bytes.get().max(0) as u64;
+    let store_bytes = (metrics.store_memory_bytes.get() > 0).then(|| metrics.store_memory_bytes.get() as u64);
+    let per_partition_kib: u64 = crate::kafka_client::KafkaClients::from(&config.kafka)
+        .group_consumer("bench")
+        .get("queued.max.messages.kbytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    MemoryFigures {
+        filter_bytes,
+        store_bytes,
+        consumer_prefetch_bound_bytes: per_partition_kib * 1024 * partitions.max(0) as u64,
+        rest_of_peak_bytes: peak_rss_bytes.saturating_sub(filter_bytes + store_bytes.unwrap_or(0)),
+    }
 }
 
 /// Event `n`'s ID; the bench checks the output by these numbers.
@@ -699,6 +735,15 @@ pub fn print_table(r: &BenchReport) {
     if let Some(w) = d.writes_per_new_event {
         println!("  store writes per new event: {w:.2}");
     }
+    let m = &r.kdedup.memory;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "  memory at the end: filter {:.0} MiB, store {}, consumer prefetch at most {:.0} MiB; the rest of the peak {:.0} MiB",
+        mib(m.filter_bytes),
+        m.store_bytes.map_or("not counted".into(), |b| format!("{:.0} MiB (memtables, block cache)", mib(b))),
+        mib(m.consumer_prefetch_bound_bytes),
+        mib(m.rest_of_peak_bytes)
+    );
     println!(
         "  filter: recent-cache hits {:.1}%, Bloom hits {:.1}%, Bloom false-positive rate {:.4}%; {} duplicates dropped",
         d.recent_cache_hit_rate * 100.0,

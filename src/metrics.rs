@@ -150,6 +150,9 @@ pub struct Metrics {
     /// deletions), for backends that count them (the embedded store); brought
     /// up to date at each commit's durability barrier.
     pub store_writes: IntCounter,
+    /// `kdedup_store_memory_bytes`: what the store holds in this process
+    /// (the embedded store's memtables and block cache); updated at each commit.
+    pub store_memory_bytes: IntGauge,
     /// `kdedup_committed_offset{topic,partition}`: the last offset committed (next to read).
     pub committed_offset: IntGaugeVec,
     /// `kdedup_assigned_partitions`: partitions this process owns.
@@ -340,6 +343,12 @@ impl Metrics {
         )
         .expect("static metric");
         registry.register(Box::new(filter_bytes.clone())).expect("registered once");
+        let store_memory_bytes = IntGauge::new(
+            "kdedup_store_memory_bytes",
+            "Bytes the store holds in this process (the embedded store's memtables and block cache); updated at each commit.",
+        )
+        .expect("static metric");
+        registry.register(Box::new(store_memory_bytes.clone())).expect("registered once");
         let build_info = IntGaugeVec::new(
             Opts::new("kdedup_build_info", "Always 1; the version label names the running build."),
             &["version"],
@@ -417,6 +426,7 @@ impl Metrics {
             lag_records,
             lag_seconds,
             filter_bytes,
+            store_memory_bytes,
             filter,
             bloom_false_positives: counter(
                 "kdedup_bloom_false_positives_total",

@@ -89,11 +89,15 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         consumer_ms(config, "heartbeat.interval.ms", 3_000),
     ));
     let fatal = Fatal::default();
-    let (barrier_store, writes) = (store.clone(), metrics.store_writes.clone());
+    let (barrier_store, barrier_metrics) = (store.clone(), metrics.clone());
     let book = Arc::new(CommitBook::new(Box::new(move || {
         barrier_store.sync()?;
-        if let Some(total) = barrier_store.stats().writes {
-            writes.inc_by(total.saturating_sub(writes.get()));
+        let (stats, m) = (barrier_store.stats(), &barrier_metrics);
+        if let Some(total) = stats.writes {
+            m.store_writes.inc_by(total.saturating_sub(m.store_writes.get()));
+        }
+        if let Some(bytes) = stats.memory_bytes {
+            m.store_memory_bytes.set(bytes as i64);
         }
         Ok(())
     })));

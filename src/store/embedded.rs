@@ -154,6 +154,13 @@ impl Inner {
         StoreError::Embedded { path: self.path.display().to_string(), message: e.to_string() }
     }
 
+    /// A batch with room for `capacity` writes whose commit hands the journal to
+    /// the OS, as `Database::batch` does (a bare `with_capacity` batch would leave
+    /// it in our buffer, where a `kill -9` loses it: `store_crash` caught that).
+    fn batch(&self, capacity: usize) -> fjall::OwnedWriteBatch {
+        fjall::OwnedWriteBatch::with_capacity(self.db.clone(), capacity).durability(Some(PersistMode::Buffer))
+    }
+
     /// Commits one call's writes as one batch, counting them.
     fn commit(&self, batch: fjall::OwnedWriteBatch) -> Result<(), StoreError> {
         self.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -196,7 +203,7 @@ fn indexed_keys<'a>(index_key: &'a [u8], value: &'a [u8]) -> Option<Vec<&'a [u8]
 impl DedupStore for EmbeddedStore {
     async fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> Result<Vec<Claim>, StoreError> {
         self.locked(move |s, pending| {
-            let mut batch = fjall::OwnedWriteBatch::with_capacity(s.db.clone(), requests.len() + 1);
+            let mut batch = s.batch(requests.len() + 1);
             // Writes of this batch, so a key repeated in it sees the earlier request.
             let mut overlay: Pending = HashMap::default();
             let mut answers = Vec::with_capacity(requests.len());
@@ -255,7 +262,7 @@ impl DedupStore for EmbeddedStore {
 
     async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
         self.locked(move |s, pending| {
-            let mut batch = fjall::OwnedWriteBatch::with_capacity(s.db.clone(), done.len());
+            let mut batch = s.batch(done.len());
             let mut answers = Vec::with_capacity(done.len());
             for (key, position) in done {
                 let key = key.encode();
@@ -448,6 +455,7 @@ impl DedupStore for EmbeddedStore {
         StoreStats {
             round_trips: self.inner.round_trips.load(Ordering::Relaxed),
             writes: Some(self.inner.writes.load(Ordering::Relaxed)),
+            memory_bytes: Some(self.inner.db.write_buffer_size() + self.inner.db.cache_size()),
             syncs: self.inner.syncs.load(Ordering::Relaxed),
         }
     }

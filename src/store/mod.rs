@@ -201,6 +201,9 @@ pub struct StoreStats {
     pub round_trips: u64,
     /// Keys written (rows, index entries, deletions), where the backend counts them.
     pub writes: Option<u64>,
+    /// Bytes the backend holds in this process (memtables and block cache),
+    /// where it can tell.
+    pub memory_bytes: Option<u64>,
     /// Durability barriers run.
     pub syncs: u64,
 }

@@ -593,7 +593,12 @@ impl DedupStore for PostgresStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats { round_trips: self.stats.round_trips.load(Ordering::Relaxed), writes: None, syncs: 0 }
+        StoreStats {
+            round_trips: self.stats.round_trips.load(Ordering::Relaxed),
+            writes: None,
+            memory_bytes: None,
+            syncs: 0,
+        }
     }
 }
 

@@ -1150,7 +1150,12 @@ impl DedupStore for ScyllaStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats { round_trips: self.inner.round_trips.load(Ordering::Relaxed), writes: None, syncs: 0 }
+        StoreStats {
+            round_trips: self.inner.round_trips.load(Ordering::Relaxed),
+            writes: None,
+            memory_bytes: None,
+            syncs: 0,
+        }
     }
 }
 
