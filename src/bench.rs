@@ -141,6 +141,52 @@ pub struct BenchReport {
     pub verified: bool,
     /// What the check of both outputs found.
     pub verification: String,
+    /// Where kdedup's run spent its time (`--store postgres`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_time: Option<StoreTime>,
+    /// On real brokers (`--brokers`), both runs are timed from their first
+    /// record consumed: how long each took to get there (group join, start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before_first_record: Option<BeforeFirstRecord>,
+}
+
+/// Seconds from a run's start to its first record consumed: on a real broker
+/// mostly the consumer group's join (tansu: about half `session.timeout.ms`,
+/// see DESIGN.md §4), which says nothing about the cost per event, so the
+/// figures leave it out.
+#[derive(Debug, Clone, Serialize)]
+pub struct BeforeFirstRecord {
+    pub passthrough_secs: f64,
+    pub kdedup_secs: f64,
+}
+
+/// Where kdedup's run spent its time, on a store that batches keys into
+/// statements (PostgreSQL): from `kdedup_store_statement_keys`,
+/// `kdedup_store_seconds`, `kdedup_sink_seconds` and the machine's CPU counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreTime {
+    /// Keys per claim statement; each statement is one round trip.
+    pub claims_per_round_trip: f64,
+    pub claim_round_trips: u64,
+    pub complete_round_trips: u64,
+    /// Store calls by kind, and the sink's batches.
+    pub calls: Vec<CallTime>,
+    /// CPU seconds over the kdedup run: this process; every other process
+    /// (the store's server, the broker, and whatever else the machine runs);
+    /// and what the machine's cores offered in that time.
+    pub cpu_secs_kdedup: f64,
+    pub cpu_secs_others: f64,
+    pub cpu_secs_available: f64,
+}
+
+/// One kind of call of the kdedup run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallTime {
+    pub op: String,
+    pub calls: u64,
+    pub mean_ms: f64,
+    /// Its seconds over the partition tasks' seconds (partitions × the run's time).
+    pub share_of_task_time: f64,
 }
 
 const INPUT: &str = "bench.in";
@@ -190,11 +236,22 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         options.partitions
     ));
     let Produced { unique, cross_partition } = produce_dataset(&brokers, &input, options).await?;
-    let ends = mock::end_offsets(&brokers, &input)?;
-    let produced: i64 = ends.values().sum();
-    if produced < options.events as i64 {
-        bail!("the input topic holds {produced} records, not {}", options.events);
+    // Counted by reading, not from high watermarks (some brokers' are wrong, see
+    // `read_back`): where each partition ends is where both runs must get to.
+    say("reading the input back to count it...");
+    let input_read = read_back(&brokers, &input, options.events, false)?;
+    if options.brokers.is_none() {
+        mock_truncated(&input, &input_read)?;
     }
+    let produced = input_read.count;
+    if produced != options.events {
+        bail!(
+            "the input topic holds {produced} records, not {} (read back per partition: {:?})",
+            options.events,
+            input_read.counts
+        );
+    }
+    let ends = input_read.ends;
 
     let dir = tempfile::tempdir()?;
     let config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), options)?;
@@ -207,31 +264,48 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
 
     say("(a) passthrough: consume, produce, commit...");
     let latency = latency_histogram();
-    let meter = Meter::start();
-    passthrough(&config, &input, &pass_out, &ends, &latency, options.progress).await?;
+    let real_brokers = options.brokers.is_some();
+    let mut meter = Meter::start();
+    let first = passthrough(&config, &input, &pass_out, &ends, &latency, options.progress).await?;
+    let pass_wait = meter.time_from(first, real_brokers);
     let passthrough = meter.finish(options.events, &latency);
 
     say("(b) kdedup: the whole path...");
+    let machine_cpu_before = machine_cpu_secs();
     let metrics = Metrics::new();
     let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
-    let meter = Meter::start();
+    let mut meter = Meter::start();
     let (m, input_topic, ends_b, progress, total) =
         (metrics.clone(), input.clone(), ends.clone(), options.progress, options.events);
     let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
     let finished_w = finished.clone();
     service::run(&config, run_options, async move {
-        wait_committed(&m, &input_topic, &ends_b, progress, total).await;
-        *finished_w.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let first_consumed = async {
+            while m.consumed_total() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Instant::now()
+        };
+        let (first, ()) = tokio::join!(first_consumed, wait_committed(&m, &input_topic, &ends_b, progress, total));
+        *finished_w.lock().unwrap_or_else(|p| p.into_inner()) = Some((first, Instant::now()));
         StopMode::Drain
     })
     .await?;
-    let finished_at = finished.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_else(Instant::now);
+    let (first, finished_at) = finished.lock().unwrap_or_else(|p| p.into_inner()).unzip();
+    let finished_at = finished_at.unwrap_or_else(Instant::now);
+    let kdedup_wait = meter.time_from(first, real_brokers);
     let kdedup = meter.finish_at(options.events, &metrics.record_seconds, finished_at);
+    let machine_cpu = machine_cpu_secs().zip(machine_cpu_before).map(|(after, before)| after - before);
 
     say("reading both outputs back...");
-    let pass_records = mock::read_all(&brokers, &pass_out)?;
-    let dedup_records = mock::read_all(&brokers, &dedup_out)?;
-    let (verified, verification) = verify(produced as u64, unique, &pass_records, &dedup_records);
+    let (pass_read, dedup_read) =
+        (read_back(&brokers, &pass_out, produced, true)?, read_back(&brokers, &dedup_out, unique, true)?);
+    if options.brokers.is_none() {
+        mock_truncated(&pass_out, &pass_read)?;
+        mock_truncated(&dedup_out, &dedup_read)?;
+    }
+    let (pass_records, dedup_records) = (pass_read.records, dedup_read.records);
+    let (verified, verification) = verify(produced, unique, &pass_records, &dedup_records);
     let (passthrough, kdedup) = (
         Phase { records_out: pass_records.len() as u64, ..passthrough },
         Phase { records_out: dedup_records.len() as u64, ..kdedup },
@@ -255,6 +329,11 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
         duplicates_dropped: metrics.outcome("duplicate"),
     };
+    let store_time =
+        (options.store == BenchStore::Postgres).then(|| store_time(&metrics, options, &kdedup, machine_cpu));
+    let before_first_record = pass_wait
+        .zip(kdedup_wait)
+        .map(|(p, k)| BeforeFirstRecord { passthrough_secs: p.as_secs_f64(), kdedup_secs: k.as_secs_f64() });
     Ok(BenchReport {
         machine: machine(),
         brokers: if options.brokers.is_some() { brokers } else { "mock cluster (child process)".into() },
@@ -275,6 +354,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         },
         verified,
         verification,
+        store_time,
+        before_first_record,
     })
 }
 
@@ -292,6 +373,45 @@ fn memory(config: &Config, metrics: &Metrics, partitions: i32, peak_rss_bytes: u
         consumer_prefetch_bound_bytes: per_partition_kib * 1024 * partitions.max(0) as u64,
         rest_of_peak_bytes: peak_rss_bytes.saturating_sub(filter_bytes + store_bytes.unwrap_or(0)),
     }
+}
+
+/// The [`StoreTime`] of a kdedup run over `run`'s span; `machine_cpu` is the
+/// busy CPU seconds of the whole machine in it, when the kernel tells.
+fn store_time(metrics: &Metrics, options: &BenchOptions, run: &Phase, machine_cpu: Option<f64>) -> StoreTime {
+    let (claim_round_trips, claimed) = metrics.store_statement_keys("postgres", "claim");
+    let (complete_round_trips, _) = metrics.store_statement_keys("postgres", "complete");
+    let task_secs = (run.elapsed_secs * options.partitions as f64).max(f64::MIN_POSITIVE);
+    let call = |op: &str, (calls, secs): (u64, f64)| CallTime {
+        op: op.to_string(),
+        calls,
+        mean_ms: secs * 1000.0 / calls.max(1) as f64,
+        share_of_task_time: secs / task_secs,
+    };
+    let mut calls: Vec<CallTime> =
+        ["lookup", "claim", "complete", "release"].iter().map(|op| call(op, metrics.store_call_seconds(op))).collect();
+    calls.push(call("sink", (metrics.sink_seconds.get_sample_count(), metrics.sink_seconds.get_sample_sum())));
+    let own = run.cpu_secs_per_event * options.events as f64;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    StoreTime {
+        claims_per_round_trip: claimed as f64 / claim_round_trips.max(1) as f64,
+        claim_round_trips,
+        complete_round_trips,
+        calls,
+        cpu_secs_kdedup: own,
+        cpu_secs_others: machine_cpu.map_or(f64::NAN, |m| (m - own).max(0.0)),
+        cpu_secs_available: run.elapsed_secs * cores as f64,
+    }
+}
+
+/// Busy CPU seconds of the whole machine since boot (all but idle and iowait
+/// in /proc/stat), or `None` off Linux.
+fn machine_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((fields.iter().take(8).sum::<u64>() - idle) as f64 / ticks)
 }
 
 /// Event `n`'s ID; the bench checks the output by these numbers.
@@ -349,6 +469,103 @@ async fn produce_dataset(brokers: &str, topic: &str, o: &BenchOptions) -> anyhow
         }
     }
     Ok(Produced { unique, cross_partition })
+}
+
+/// A topic read back by [`read_back`].
+struct ReadBack {
+    /// The records, when asked to keep them.
+    records: Vec<mock::Consumed>,
+    count: u64,
+    counts: BTreeMap<i32, u64>,
+    /// Per partition, the first offset read and the last one plus one.
+    firsts: BTreeMap<i32, i64>,
+    ends: BTreeMap<i32, i64>,
+}
+
+/// After `expected` records, how long nothing more must arrive before the read
+/// ends: extra records (repeats) are seen, not cut off.
+const READ_QUIET: Duration = Duration::from_secs(1);
+/// Short of `expected`, how long the read waits for anything new before it
+/// gives up (the count then says what is missing).
+const READ_IDLE: Duration = Duration::from_secs(15);
+
+/// Reads every partition of `topic` from its beginning until `expected`
+/// records arrived and nothing more came for [`READ_QUIET`], or nothing came
+/// for [`READ_IDLE`]. High watermarks are never consulted: tansu's
+/// `ListOffsets` answers can be far off (a partition of hundreds of records
+/// reporting 1; see DESIGN.md §4), so a count, an end offset or a check taken
+/// from them is wrong there.
+fn read_back(brokers: &str, topic: &str, expected: u64, keep: bool) -> anyhow::Result<ReadBack> {
+    use rdkafka::consumer::BaseConsumer;
+    let kafka = crate::kafka_client::KafkaClients::from(brokers);
+    // From offset 0, not `Beginning` (a ListOffsets answer); a log that no
+    // longer starts there (the mock cluster's retention) resets to its earliest.
+    let c: BaseConsumer = kafka
+        .reader("kdedup-bench-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .with_context(|| format!("creating a reader for {topic}"))?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> =
+        md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+    if partitions.is_empty() {
+        bail!("no metadata for {topic}");
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(0))?;
+    }
+    c.assign(&tpl)?;
+    let mut read = ReadBack {
+        records: Vec::with_capacity(if keep { expected as usize } else { 0 }),
+        count: 0,
+        counts: BTreeMap::new(),
+        firsts: BTreeMap::new(),
+        ends: partitions.iter().map(|p| (*p, 0)).collect(),
+    };
+    let mut last_arrival = Instant::now();
+    loop {
+        let waited = last_arrival.elapsed();
+        if (read.count >= expected && waited >= READ_QUIET) || waited >= READ_IDLE {
+            return Ok(read);
+        }
+        let m = match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => bail!("reading {topic}: {e}"),
+            None => continue,
+        };
+        last_arrival = Instant::now();
+        read.count += 1;
+        *read.counts.entry(m.partition()).or_default() += 1;
+        read.firsts.entry(m.partition()).or_insert(m.offset());
+        let end = read.ends.entry(m.partition()).or_default();
+        *end = (*end).max(m.offset() + 1);
+        if keep {
+            // Names as bytes (rdkafka's iteration panics on a non-UTF-8 name), shown lossily.
+            let headers = crate::event::header_pairs(&m)
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.unwrap_or_default().to_vec()))
+                .collect();
+            read.records.push(mock::Consumed {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+    }
+}
+
+/// The mock cluster keeps 5 MiB per partition and silently drops the oldest
+/// batches beyond: a partition that no longer starts at 0 says so.
+fn mock_truncated(topic: &str, read: &ReadBack) -> anyhow::Result<()> {
+    match read.firsts.iter().find(|(_, first)| **first > 0) {
+        Some((p, first)) => bail!(
+            "{topic}/{p} starts at offset {first}: the mock cluster dropped records beyond its 5 MiB per partition; use more partitions"
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Event `n`: same ID, same payload, whenever it repeats. The payload is JSON
@@ -435,7 +652,7 @@ async fn passthrough(
     ends: &BTreeMap<i32, i64>,
     latency: &Histogram,
     progress: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Instant>> {
     let mut kafka = config.kafka.clone();
     kafka.group_id = format!("{}-passthrough", kafka.group_id);
     let consumer: StreamConsumer =
@@ -448,6 +665,7 @@ async fn passthrough(
     let mut delivered: HashMap<i32, i64> = HashMap::new();
     let mut tick = tokio::time::interval(config.pipeline.commit_interval);
     let started = Instant::now();
+    let mut first = None;
     let mut last_report = Instant::now();
     let finished = |delivered: &HashMap<i32, i64>| {
         ends.iter().all(|(p, end)| *end == 0 || delivered.get(p).is_some_and(|d| d >= end))
@@ -456,6 +674,7 @@ async fn passthrough(
         tokio::select! {
             m = consumer.recv(), if inflight.len() < 4 => {
                 let arrived = Instant::now();
+                first.get_or_insert(arrived);
                 let mut batch: Vec<OwnedMessage> = vec![m?.detach()];
                 while batch.len() < batch_max {
                     match consumer.recv().now_or_never() {
@@ -510,7 +729,7 @@ async fn passthrough(
         }
     }
     commit(&consumer, input, &delivered, CommitMode::Sync)?;
-    Ok(())
+    Ok(first)
 }
 
 fn commit(
@@ -568,6 +787,15 @@ impl Meter {
         // Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux 4.0+).
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         Meter { started: Instant::now(), cpu_secs: cpu_secs() }
+    }
+
+    /// With `from_first`, times the phase from `first` (its first record) on,
+    /// and returns how long the phase took to get there.
+    fn time_from(&mut self, first: Option<Instant>, from_first: bool) -> Option<Duration> {
+        let first = first.filter(|_| from_first)?;
+        let waited = first.saturating_duration_since(self.started);
+        self.started = first;
+        Some(waited)
     }
 
     fn finish(self, events: u64, latency: &Histogram) -> Phase {
@@ -752,4 +980,32 @@ pub fn print_table(r: &BenchReport) {
         d.duplicates_dropped
     );
     println!("  verified: {} ({})", if r.verified { "yes" } else { "NO" }, r.verification);
+    if let Some(t) = &r.store_time {
+        print_store_time(t);
+    }
+    if let Some(b) = &r.before_first_record {
+        println!(
+            "  timed from each run's first record consumed: the passthrough took {:.1} s to get there, kdedup {:.1} s (group join, start)",
+            b.passthrough_secs, b.kdedup_secs
+        );
+    }
+}
+
+/// The [`StoreTime`] block of the table.
+fn print_store_time(t: &StoreTime) {
+    println!(
+        "  store: {:.0} claims per round trip ({} claim, {} complete statements)",
+        t.claims_per_round_trip, t.claim_round_trips, t.complete_round_trips
+    );
+    let calls: Vec<String> = t
+        .calls
+        .iter()
+        .filter(|c| c.calls > 0)
+        .map(|c| format!("{} {} × {:.1} ms ({:.0}%)", c.op, c.calls, c.mean_ms, c.share_of_task_time * 100.0))
+        .collect();
+    println!("  time of the partition tasks: {}", calls.join(", "));
+    println!(
+        "  CPU over the kdedup run: kdedup {:.1} s, other processes (store server, broker, the rest) {:.1} s, of {:.1} s the cores offered",
+        t.cpu_secs_kdedup, t.cpu_secs_others, t.cpu_secs_available
+    );
 }

@@ -980,6 +980,80 @@ impl Metrics {
     }
 }
 
+/// Keys carried by each statement of a store that batches them (PostgreSQL:
+/// one `claim`, `complete`, `renew`, `release`, `record` or `lookup`
+/// statement per store call, unnested from arrays):
+/// `kdedup_store_statement_keys{store,op}`. Its `_count` is the statements
+/// (round trips), `_sum / _count` the keys per round trip.
+#[derive(Clone)]
+pub struct StoreBatchMetrics {
+    pub keys: HistogramVec,
+}
+
+impl Default for StoreBatchMetrics {
+    fn default() -> Self {
+        StoreBatchMetrics::new()
+    }
+}
+
+impl StoreBatchMetrics {
+    /// Unregistered; see [`Metrics::register_store_batches`].
+    pub fn new() -> StoreBatchMetrics {
+        // 1 .. 65,536 keys
+        let buckets = prometheus::exponential_buckets(1.0, 4.0, 9).expect("static bucket layout");
+        let keys = HistogramVec::new(
+            HistogramOpts::new(
+                "kdedup_store_statement_keys",
+                "Keys carried by one batched store statement (one round trip), by kind.",
+            )
+            .buckets(buckets),
+            &["store", "op"],
+        )
+        .expect("static metric");
+        StoreBatchMetrics { keys }
+    }
+
+    pub fn observe(&self, store: &str, op: &str, keys: usize) {
+        self.keys.with_label_values(&[store, op]).observe(keys as f64);
+    }
+
+    /// Statements of this kind and the keys they carried.
+    pub fn totals(&self, store: &str, op: &str) -> (u64, u64) {
+        let h = self.keys.with_label_values(&[store, op]);
+        (h.get_sample_count(), h.get_sample_sum() as u64)
+    }
+}
+
+impl Metrics {
+    /// Exposes a store's keys-per-statement histogram on this registry (once; again is a no-op).
+    pub fn register_store_batches(&self, batches: &StoreBatchMetrics) {
+        match self.registry.register(Box::new(batches.keys.clone())) {
+            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot register the store's statement metrics"),
+        }
+    }
+
+    /// Statements of `op` on `store` and the keys they carried, as registered by
+    /// [`Metrics::register_store_batches`]; `(0, 0)` when none were.
+    pub fn store_statement_keys(&self, store: &str, op: &str) -> (u64, u64) {
+        let family = self.registry.gather().into_iter().find(|f| f.name() == "kdedup_store_statement_keys");
+        let Some(family) = family else { return (0, 0) };
+        let labelled = |m: &prometheus::proto::Metric, name: &str, value: &str| {
+            m.get_label().iter().any(|l| l.name() == name && l.value() == value)
+        };
+        family.get_metric().iter().find(|m| labelled(m, "store", store) && labelled(m, "op", op)).map_or((0, 0), |m| {
+            let h = m.get_histogram();
+            (h.get_sample_count(), h.get_sample_sum() as u64)
+        })
+    }
+
+    /// Calls of store `op` that answered, and the seconds they took in all.
+    pub fn store_call_seconds(&self, op: &str) -> (u64, f64) {
+        let h = self.store_seconds.with_label_values(&[op, "ok"]);
+        (h.get_sample_count(), h.get_sample_sum())
+    }
+}
+
 /// The metrics endpoint, served from its own thread until dropped.
 pub struct MetricsServer {
     server: Arc<tiny_http::Server>,

@@ -73,6 +73,9 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     if let Some(ops) = store.op_metrics() {
         metrics.register_store_ops(ops);
     }
+    if let Some(batches) = store.batch_metrics() {
+        metrics.register_store_batches(batches);
+    }
     metrics.topics(&config.kafka.topics);
     metrics.set_ttl(config.retention.ttl);
     let kafka = config.kafka.clone();

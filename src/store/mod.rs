@@ -31,7 +31,7 @@ use std::future::Future;
 use crate::config::{Retention, StoreConfig};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
-use crate::metrics::StoreOpMetrics;
+use crate::metrics::{StoreBatchMetrics, StoreOpMetrics};
 
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
@@ -359,6 +359,14 @@ impl Store {
         match self {
             Store::Scylla(s) => Some(s.op_metrics()),
             Store::Embedded(_) | Store::Postgres(_) => None,
+        }
+    }
+
+    /// Keys per statement, for the backend that batches keys into statements.
+    pub fn batch_metrics(&self) -> Option<&StoreBatchMetrics> {
+        match self {
+            Store::Postgres(s) => Some(s.batch_metrics()),
+            Store::Embedded(_) | Store::Scylla(_) => None,
         }
     }
 

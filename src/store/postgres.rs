@@ -15,6 +15,8 @@
 //! - Every statement commits on its own, durably: `sync` has nothing to do.
 //! - Rows are inserted in key order, so concurrent batches lock rows in the
 //!   same order and cannot deadlock each other.
+//! - The table leaves half of each page free (`fillfactor = 50` in
+//!   schemas/postgres.sql), so a claim's completion is a heap-only update.
 //!
 //! - TLS goes through OpenSSL (`postgres-openssl`; the binary links Debian's
 //!   libssl for rdkafka already). `verify-full` trusts only `[store]
@@ -39,6 +41,7 @@ use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupSt
 use crate::config::{PostgresTls, Retention};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
+use crate::metrics::StoreBatchMetrics;
 
 /// The `kdedup_claims` table and its indexes (`schemas/postgres.sql`; `kdedup schema` prints it).
 pub const SCHEMA: &str = include_str!("../../schemas/postgres.sql");
@@ -150,6 +153,7 @@ pub struct PostgresStore {
     ttl_ms: i64,
     lease_ms: i64,
     stats: Arc<Counters>,
+    batches: StoreBatchMetrics,
 }
 
 #[derive(Default)]
@@ -215,6 +219,7 @@ impl PostgresStore {
             ttl_ms: retention.ttl.as_millis() as i64,
             lease_ms: retention.lease.as_millis() as i64,
             stats: Arc::new(Counters::default()),
+            batches: StoreBatchMetrics::new(),
         })
     }
 
@@ -253,16 +258,25 @@ impl PostgresStore {
         self.client().await?.simple_query("SELECT 1").await.map(drop).map_err(pg_error)
     }
 
+    /// Keys per statement (`kdedup_store_statement_keys`).
+    pub fn batch_metrics(&self) -> &StoreBatchMetrics {
+        &self.batches
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
         self.pool.get().await.map_err(|e| connect_error(e, &self.tls))
     }
 
+    /// Runs statement `op` (`sql`), which carries `keys` keys, on a pooled connection.
     async fn query(
         &self,
+        op: &'static str,
+        keys: usize,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
+        self.batches.observe("postgres", op, keys);
         let client = self.client().await?;
         let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
         client.query(&statement, params).await.map_err(pg_error)
@@ -278,7 +292,12 @@ impl PostgresStore {
         let offsets: Vec<i64> = requests.iter().map(|r| r.position.offset).collect();
         let now = now_ms as i64;
         let rows = self
-            .query(CLAIM, &[&scopes, &ids, &fps, &topics, &partitions, &offsets, &now, &self.lease_ms, &self.ttl_ms])
+            .query(
+                "claim",
+                requests.len(),
+                CLAIM,
+                &[&scopes, &ids, &fps, &topics, &partitions, &offsets, &now, &self.lease_ms, &self.ttl_ms],
+            )
             .await?;
         let mut answers = vec![None; requests.len()];
         for row in rows {
@@ -516,20 +535,24 @@ impl DedupStore for PostgresStore {
     async fn complete(&self, done: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
         let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&done);
         let now = now_ms as i64;
-        let rows = self.query(COMPLETE, &[&scopes, &ids, &topics, &partitions, &offsets, &now]).await?;
+        let rows = self
+            .query("complete", done.len(), COMPLETE, &[&scopes, &ids, &topics, &partitions, &offsets, &now])
+            .await?;
         Ok(keys_returned(&rows, &done))
     }
 
     async fn renew(&self, held: Vec<(EventKey, Position)>, now_ms: u64) -> Result<Vec<bool>, StoreError> {
         let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&held);
         let now = now_ms as i64;
-        let rows = self.query(RENEW, &[&scopes, &ids, &topics, &partitions, &offsets, &now, &self.lease_ms]).await?;
+        let rows = self
+            .query("renew", held.len(), RENEW, &[&scopes, &ids, &topics, &partitions, &offsets, &now, &self.lease_ms])
+            .await?;
         Ok(keys_returned(&rows, &held))
     }
 
     async fn release(&self, keys: Vec<(EventKey, Position)>) -> Result<(), StoreError> {
         let PositionArrays { scopes, ids, topics, partitions, offsets } = position_arrays(&keys);
-        self.query(RELEASE, &[&scopes, &ids, &topics, &partitions, &offsets]).await.map(drop)
+        self.query("release", keys.len(), RELEASE, &[&scopes, &ids, &topics, &partitions, &offsets]).await.map(drop)
     }
 
     async fn record(&self, responses: Vec<(EventKey, Position, EffectResponse)>) -> Result<Vec<bool>, StoreError> {
@@ -542,13 +565,14 @@ impl DedupStore for PostgresStore {
         let partitions: Vec<i32> = sorted.iter().map(|(_, p, _)| p.partition).collect();
         let offsets: Vec<i64> = sorted.iter().map(|(_, p, _)| p.offset).collect();
         let texts: Vec<String> = sorted.iter().map(|(.., r)| r.encode()).collect();
-        let rows = self.query(RECORD, &[&scopes, &ids, &topics, &partitions, &offsets, &texts]).await?;
+        let rows =
+            self.query("record", texts.len(), RECORD, &[&scopes, &ids, &topics, &partitions, &offsets, &texts]).await?;
         let keys: Vec<(EventKey, Position)> = responses.into_iter().map(|(k, p, _)| (k, p)).collect();
         Ok(keys_returned(&rows, &keys))
     }
 
     async fn response(&self, key: EventKey, now_ms: u64) -> Result<Option<EffectResponse>, StoreError> {
-        let rows = self.query(RESPONSE, &[&&*key.scope, &key.id, &(now_ms as i64)]).await?;
+        let rows = self.query("response", 1, RESPONSE, &[&&*key.scope, &key.id, &(now_ms as i64)]).await?;
         match rows.first().map(|row| column::<Option<String>>(row, 0)).transpose()?.flatten() {
             Some(text) => EffectResponse::decode(&text).map(Some),
             None => Ok(None),
@@ -559,7 +583,7 @@ impl DedupStore for PostgresStore {
         let scopes: Vec<&str> = keys.iter().map(|k| &*k.scope).collect();
         let ids: Vec<&[u8]> = keys.iter().map(|k| k.id.as_slice()).collect();
         let now = now_ms as i64;
-        let rows = self.query(LOOKUP, &[&scopes, &ids, &now]).await?;
+        let rows = self.query("lookup", keys.len(), LOOKUP, &[&scopes, &ids, &now]).await?;
         let mut found: HashMap<(String, Vec<u8>), ClaimRow> = HashMap::new();
         for row in &rows {
             if let Some(claim) = row_at(row, 2)? {
