@@ -987,6 +987,7 @@ impl Metrics {
 /// (round trips), `_sum / _count` the keys per round trip.
 #[derive(Clone)]
 pub struct StoreBatchMetrics {
+    /// `kdedup_store_statement_keys{store,op}`.
     pub keys: HistogramVec,
 }
 
@@ -1013,6 +1014,7 @@ impl StoreBatchMetrics {
         StoreBatchMetrics { keys }
     }
 
+    /// Counts one statement of `store`'s `op` that carried `keys` keys.
     pub fn observe(&self, store: &str, op: &str, keys: usize) {
         self.keys.with_label_values(&[store, op]).observe(keys as f64);
     }
