@@ -541,18 +541,7 @@ fn read_back(brokers: &str, topic: &str, expected: u64, keep: bool) -> anyhow::R
         let end = read.ends.entry(m.partition()).or_default();
         *end = (*end).max(m.offset() + 1);
         if keep {
-            // Names as bytes (rdkafka's iteration panics on a non-UTF-8 name), shown lossily.
-            let headers = crate::event::header_pairs(&m)
-                .into_iter()
-                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.unwrap_or_default().to_vec()))
-                .collect();
-            read.records.push(mock::Consumed {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers,
-            });
+            read.records.push(mock::Consumed::of(&m));
         }
     }
 }

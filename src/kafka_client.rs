@@ -398,6 +398,16 @@ pub fn probe_as(
     Ok(Probe { brokers: metadata.brokers().len(), topics: found })
 }
 
+/// The partitions of `list` that carry an actual offset, with it (a committed
+/// offset, or the answer to a time lookup); logical ones (none committed, no
+/// record at or after the time) are left out.
+pub fn known_offsets(list: &rdkafka::TopicPartitionList) -> impl Iterator<Item = (i32, i64)> + '_ {
+    list.elements().into_iter().filter_map(|e| match e.offset() {
+        rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

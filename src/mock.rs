@@ -46,6 +46,22 @@ pub struct Consumed {
 }
 
 impl Consumed {
+    /// A copy of a message read from a topic.
+    pub fn of(m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
+        // Names as bytes (rdkafka's iteration panics on a non-UTF-8 name), shown lossily.
+        let headers = crate::event::header_pairs(m)
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.unwrap_or_default().to_vec()))
+            .collect();
+        Consumed {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
@@ -196,14 +212,7 @@ pub fn committed_offsets(
         tpl.add_partition(topic, *p);
     }
     let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok(committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect())
+    Ok(crate::kafka_client::known_offsets(&committed).collect())
 }
 
 /// Reads every record of `topic` up to its current end offsets, each partition in order.
@@ -239,18 +248,7 @@ pub fn read_all(kafka: impl Into<KafkaClients>, topic: &str) -> anyhow::Result<V
         match c.poll(Duration::from_millis(if behind { 200 } else { 500 })) {
             Some(Ok(m)) => {
                 positions.insert(m.partition(), m.offset() + 1);
-                // Names as bytes (rdkafka's iteration panics on a non-UTF-8 name), shown lossily.
-                let headers = crate::event::header_pairs(&m)
-                    .into_iter()
-                    .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.unwrap_or_default().to_vec()))
-                    .collect();
-                out.push(Consumed {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                });
+                out.push(Consumed::of(&m));
             }
             Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
             None if !behind => break,

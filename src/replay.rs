@@ -412,14 +412,7 @@ fn ranges(
         }
         let found =
             consumer.offsets_for_times(tpl, timeout).map_err(|e| unreachable("cannot map times to offsets", e))?;
-        Ok(found
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
-            .collect())
+        Ok(crate::kafka_client::known_offsets(&found).collect())
     };
     let from_times = match options.from {
         From::Time(t) => Some(at_time(t)?),
