@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::config::{redacted, Config, Partitioning, PostgresTls, SinkConfig, StoreConfig};
+use crate::config::{redact_url, redacted, Config, Partitioning, PostgresTls, SinkConfig, StoreConfig};
 use crate::kafka_client::{self, KafkaClients};
 use crate::store::Store;
 
@@ -77,6 +77,7 @@ pub async fn run(path: &Path) -> Report {
         }
     };
     let settings = settings(&config);
+    checks.extend(offset_reset_check(&config));
 
     let clients = KafkaClients::from(&config.kafka);
     let mut topics: Vec<String> = config.kafka.topics.clone();
@@ -124,6 +125,27 @@ pub async fn run(path: &Path) -> Report {
     checks.push(store_check(&config).await);
     checks.push(metrics_check(&config));
     finish(path, settings, checks)
+}
+
+/// `auto.offset.reset` set to the end (`latest`, or librdkafka's synonyms `largest`
+/// and `end`, read as librdkafka does: trimmed, any case): a new group, or a
+/// partition whose committed offset is gone, starts at the end and never sees the
+/// backlog. It works as configured, so a warning, not a failure.
+fn offset_reset_check(config: &Config) -> Option<Check> {
+    let (section, value) = [("consumer", &config.kafka.consumer), ("client", &config.kafka.client)]
+        .into_iter()
+        .find_map(|(section, map)| map.get("auto.offset.reset").map(|v| (section, v)))?;
+    let end = ["latest", "largest", "end"].iter().any(|s| value.trim().eq_ignore_ascii_case(s));
+    end.then(|| {
+        check(
+            "offset reset",
+            Status::Warn,
+            format!(
+                "[kafka.{section}] auto.offset.reset = {value:?}: a new group (or a partition without a committed \
+                 offset) starts at the end and skips the backlog; kdedup's default is \"earliest\""
+            ),
+        )
+    })
 }
 
 /// `[kafka.producer]` connects with other settings (its own TLS or SASL): ask with those too.
@@ -204,7 +226,8 @@ fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec
         SinkConfig::Http(h) => notes.push(format!(
             "http sink to {}: nothing to reconcile in Kafka; a resumed claim repeats its request with the same \
              {} (the endpoint dedups it)",
-            h.url, h.idempotency_header
+            redact_url(&h.url),
+            h.idempotency_header
         )),
     }
     // A shared dead-letter partition is the usual layout (dead letters are rare): a note only.
@@ -328,7 +351,7 @@ fn settings(c: &Config) -> serde_json::Value {
         SinkConfig::Custom => json!({ "kind": "custom" }),
         SinkConfig::Http(h) => json!({
             "kind": "http",
-            "url": h.url,
+            "url": redact_url(&h.url),
             "method": h.method,
             "idempotency_header": h.idempotency_header,
             "headers": h.headers.iter().map(|(k, _)| (k.clone(), "<redacted>")).collect::<std::collections::BTreeMap<_, _>>(),
@@ -362,23 +385,6 @@ fn settings(c: &Config) -> serde_json::Value {
             crate::config::Mode::Observe => "observe (every record forwarded, stamped kdedup-duplicate)",
         },
     })
-}
-
-/// `postgres://user:secret@host/db?password=x` -> `postgres://user:<redacted>@host/db?<redacted>`.
-fn redact_url(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, _)) => (h, "?<redacted>"),
-        None => (url, ""),
-    };
-    let Some((scheme, rest)) = head.split_once("://") else { return "<redacted>".into() };
-    let rest = match rest.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:<redacted>@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => rest.to_string(),
-    };
-    format!("{scheme}://{rest}{query}")
 }
 
 /// Prints the report for a person.
@@ -426,10 +432,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_lose_their_passwords_and_queries() {
-        assert_eq!(redact_url("postgres://u:pw@db:5432/k"), "postgres://u:<redacted>@db:5432/k");
-        assert_eq!(redact_url("postgres://u@db/k?password=pw"), "postgres://u@db/k?<redacted>");
+    fn urls_lose_their_userinfo_and_queries() {
+        assert_eq!(redact_url("postgres://u:pw@db:5432/k"), "postgres://<redacted>@db:5432/k");
+        assert_eq!(redact_url("postgres://u@db/k?password=pw"), "postgres://<redacted>@db/k?<redacted>");
         assert_eq!(redact_url("postgres://db/k"), "postgres://db/k");
         assert_eq!(redact_url("host=db password=pw"), "<redacted>");
+        // An `@` in the path is not userinfo; a fragment goes with the query.
+        assert_eq!(redact_url("https://h/a@b#tok"), "https://h/a@b?<redacted>");
+        assert_eq!(redact_url("https://tok@h?x=1/y"), "https://<redacted>@h?<redacted>");
     }
 }

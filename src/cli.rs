@@ -503,6 +503,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let (store, key) = open_for_key(args)?;
             let existed = store.forget(key.clone()).await?;
             store.sync()?;
+            if existed {
+                // Live processes' recent caches must stop vouching for it.
+                crate::store::mark_released(&store, &key.scope, crate::store::now_ms()).await?;
+            }
             println!("{}: {}", key.display_id(), if existed { "forgotten" } else { "was not in the store" });
             Ok(0)
         }

@@ -484,6 +484,45 @@ fn default_mode() -> String {
     "enforce".into()
 }
 
+/// A URL as it may be shown (check's settings, `Debug`, logs, dead-letter
+/// headers): userinfo and query (and fragment) redacted, since tokens and
+/// passwords live there; scheme, host, port and path kept. Text that is not a
+/// `scheme://` URL (a `key=value` connection string) is redacted whole.
+///
+/// ```
+/// use kdedup::config::redact_url;
+/// assert_eq!(redact_url("https://user:pw@h:8443/v1/hook?token=s3cret#x"), "https://<redacted>@h:8443/v1/hook?<redacted>");
+/// assert_eq!(redact_url("postgres://db/k"), "postgres://db/k");
+/// assert_eq!(redact_url("host=db password=pw"), "<redacted>");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return "<redacted>".into() };
+    let (before, after_query) = match rest.find(['?', '#']) {
+        Some(at) => (&rest[..at], "?<redacted>"),
+        None => (rest, ""),
+    };
+    let authority_end = before.find('/').unwrap_or(before.len());
+    let (authority, path) = before.split_at(authority_end);
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("<redacted>@{host}"),
+        None => authority.to_string(),
+    };
+    format!("{scheme}://{host}{path}{after_query}")
+}
+
+/// A librdkafka boolean property's value as librdkafka's own parser reads it
+/// (`rdkafka_conf.c`, `_RK_C_BOOL`): `true` / `t` and `false` / `f` in any case,
+/// `1` and `0`; no trimming, nothing else (librdkafka refuses anything else).
+pub fn librdkafka_bool(value: &str) -> Option<bool> {
+    if value.eq_ignore_ascii_case("true") || value.eq_ignore_ascii_case("t") || value == "1" {
+        Some(true)
+    } else if value.eq_ignore_ascii_case("false") || value.eq_ignore_ascii_case("f") || value == "0" {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Accepts a string, or a number/bool written where a string was meant (an
 /// environment override `KDEDUP_KAFKA__GROUP_ID=42` arrives as an integer).
 fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -820,7 +859,7 @@ impl std::fmt::Debug for HttpSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, _)| (k.as_str(), "<redacted>")).collect();
         f.debug_struct("HttpSinkConfig")
-            .field("url", &self.url)
+            .field("url", &redact_url(&self.url))
             .field("method", &self.method)
             .field("idempotency_header", &self.idempotency_header)
             .field("content_type", &self.content_type)
@@ -1065,13 +1104,26 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     let client = props("client", &kafka.client)?;
     let consumer = props("consumer", &kafka.consumer)?;
     let producer = props("producer", &kafka.producer)?;
-    for (key, forbidden) in [("enable.auto.commit", "true"), ("enable.auto.offset.store", "true")] {
+    // Both sections reach the group consumer (and `[kafka.client]` every reader):
+    // auto-commit in any spelling librdkafka reads as true would commit offsets
+    // ahead of finished work. `auto.commit.enable` is librdkafka's legacy alias.
+    for key in ["enable.auto.commit", "enable.auto.offset.store", "auto.commit.enable"] {
         for (section, map) in [("client", &client), ("consumer", &consumer)] {
-            if map.get(key).map(String::as_str) == Some(forbidden) {
-                return Err(invalid(
-                    &format!("kafka.{section}.{key}"),
-                    "cannot be true: kdedup commits offsets itself, only behind finished work".into(),
-                ));
+            let Some(value) = map.get(key) else { continue };
+            match librdkafka_bool(value) {
+                Some(false) => {}
+                Some(true) => {
+                    return Err(invalid(
+                        &format!("kafka.{section}.{key}"),
+                        format!("is {value:?}, which librdkafka reads as true; it must be false (or absent): kdedup commits offsets itself, only behind finished work"),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        &format!("kafka.{section}.{key}"),
+                        format!("is {value:?}, not a boolean librdkafka reads; allowed: false, f or 0 (any case); kdedup commits offsets itself"),
+                    ))
+                }
             }
         }
     }
@@ -1451,7 +1503,7 @@ pub const MAX_HTTP_IN_FLIGHT: usize = 1_024;
 fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (String, String)> {
     let err = |key: &str, message: String| (format!("sink.http.{key}"), message);
     if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
-        return Err(err("url", format!("is \"{}\"; must start with http:// or https://", h.url)));
+        return Err(err("url", format!("is \"{}\"; must start with http:// or https://", redact_url(&h.url))));
     }
     crate::sink::http::UrlTemplate::parse(&h.url).map_err(|m| err("url", m))?;
     let method = h.method.to_ascii_uppercase();
@@ -2334,6 +2386,35 @@ mod secret_tests {
         let e = load(&text, &[]).unwrap_err().to_string();
         assert!(e.contains("both set"), "{e}");
         assert!(!e.contains("hidden-value") && !e.contains("inline-value"), "{e}");
+    }
+
+    #[test]
+    fn auto_commit_is_refused_in_every_spelling_librdkafka_reads_as_true() {
+        let keys = ["enable.auto.commit", "enable.auto.offset.store", "auto.commit.enable"];
+        for section in ["client", "consumer"] {
+            for key in keys {
+                for value in ["true", "1", "\"1\"", "\"True\"", "\"t\"", "\"TRUE\"", "\"T\"", "\"tRuE\""] {
+                    let text = format!("{BASE}\n[kafka.{section}]\n\"{key}\" = {value}\n");
+                    let e = load(&text, &[]).expect_err(&text).to_string();
+                    assert!(e.contains(&format!("kafka.{section}.{key}")) && e.contains("reads as true"), "{e}");
+                }
+                for value in ["false", "0", "\"0\"", "\"False\"", "\"f\"", "\"F\"", "\"FALSE\""] {
+                    let text = format!("{BASE}\n[kafka.{section}]\n\"{key}\" = {value}\n");
+                    load(&text, &[]).expect(&text);
+                }
+                // What librdkafka itself would refuse is refused here, with what is allowed.
+                for value in ["2", "\"yes\"", "\"on\"", "\" true\"", "\"\"", "1.5"] {
+                    let text = format!("{BASE}\n[kafka.{section}]\n\"{key}\" = {value}\n");
+                    let e = load(&text, &[]).expect_err(&text).to_string();
+                    assert!(e.contains("allowed: false, f or 0"), "{e}");
+                }
+            }
+        }
+        // From the environment too (an integer there).
+        let e = load(BASE, &[("KDEDUP_KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "1")]).unwrap_err().to_string();
+        assert!(e.contains("enable.auto.commit"), "{e}");
+        assert_eq!(librdkafka_bool("t"), Some(true));
+        assert_eq!(librdkafka_bool("yes"), None, "librdkafka's parser takes no yes/no");
     }
 
     #[test]

@@ -49,7 +49,9 @@ use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::offsets::{OutputMark, TopicPartition};
 use crate::sink::{AnySink, DeadLetter, Effect, Observed, SideTopics};
-use crate::store::{now_ms, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store};
+use crate::store::{
+    now_ms, release_marker, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store,
+};
 use crate::window::First;
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
@@ -509,7 +511,7 @@ impl Core {
         let mut leader_of: foldhash::HashMap<u128, usize> = foldhash::HashMap::default();
         let mut suspects = Vec::new();
         let mut to_claim = Vec::new();
-        let mut recent_hits = 0;
+        let mut recent = Vec::new();
         {
             let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
             // The aging filter outgrows the caches: read its buckets a few keys ahead.
@@ -535,7 +537,7 @@ impl Core {
                 leader_of.insert(digest, i);
                 match filter.check(envelope, now) {
                     Verdict::RecentDuplicate(first) => {
-                        recent_hits += 1;
+                        recent.push(i);
                         *decision = Some(Decision::Duplicate { expires_at_ms: None, first: Some(first) });
                     }
                     Verdict::Suspect => suspects.push(i),
@@ -543,6 +545,32 @@ impl Core {
                 }
             }
         }
+        // The recent cache vouches only while no release happened since it was
+        // last emptied (the store is the only authority): one read of the scope's
+        // release marker, in batches where the cache answered at all. If it
+        // changed, the cache's answers go to the store like the aging filter's.
+        if let Some(&first) = recent.first() {
+            let marker = vec![release_marker(&envelope(&items[first]).key.scope)];
+            let mark = self
+                .store_call(d, "lookup", || {
+                    let now = now_ms();
+                    s.store.lookup(marker.clone(), now)
+                })
+                .await?
+                .pop()
+                .flatten()
+                .map(|row| (row.fingerprint, row.claimed_at_ms));
+            if !s.filter.lock().unwrap_or_else(|p| p.into_inner()).note_releases(mark) {
+                for &i in &recent {
+                    if let Item::Keyed { decision, .. } = &mut items[i] {
+                        *decision = None;
+                    }
+                }
+                suspects.append(&mut recent);
+                suspects.sort_unstable();
+            }
+        }
+        let recent_hits = recent.len();
         s.metrics.filter_checked("recent", "hit", recent_hits);
         s.metrics.filter_checked("recent", "miss", suspects.len() + to_claim.len());
         s.metrics.filter_checked("aging", "hit", suspects.len());
@@ -776,17 +804,23 @@ impl Core {
         // which followed the rejected one as its duplicates.
         // (In observe mode only a new event's record holds a claim to release,
         // and the duplicates that followed it were forwarded themselves.)
+        // An effect that may have been applied anyway keeps its claim, no longer
+        // renewed: it lapses after the lease, and the next copy of the event
+        // takes it over and is sent marked, never as a fresh, unmarked claim.
         if !rejected.is_empty() {
             let keys: Vec<_> = rejected
                 .iter()
                 .filter(|(i, _)| matches!(decision_of(&items[*i]), Decision::New { .. }))
-                .map(|(i, _)| {
-                    let e = envelope(&items[*i]);
-                    (e.key.clone(), self.claimant(&e.record.position))
+                .map(|(i, e)| {
+                    let envelope = envelope(&items[*i]);
+                    (envelope.key.clone(), self.claimant(&envelope.record.position), e.may_have_landed())
                 })
                 .collect();
-            held.remove(&keys);
-            self.store_call(d, "release", || s.store.release(keys.clone())).await?;
+            held.remove(&keys.iter().map(|(k, p, _)| (k.clone(), p.clone())).collect::<Vec<_>>());
+            let keys: Vec<_> = keys.into_iter().filter(|(_, _, kept)| !kept).map(|(k, p, _)| (k, p)).collect();
+            if !keys.is_empty() {
+                self.store_call(d, "release", || s.store.release(keys.clone())).await?;
+            }
             let mut filter = s.filter.lock().unwrap_or_else(|p| p.into_inner());
             let mut reasons: HashMap<usize, String> = HashMap::new();
             for (i, e) in rejected {

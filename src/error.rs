@@ -204,6 +204,17 @@ impl SinkError {
         }
     }
 
+    /// Whether the effect may have been applied although it failed (an HTTP
+    /// attempt that timed out, broke after it was sent, or was answered 5xx):
+    /// its claim is then kept, not released, so the next copy of the event is a
+    /// takeover, marked `kdedup-possible-repeat`.
+    pub fn may_have_landed(&self) -> bool {
+        match self {
+            SinkError::Http(e) => e.may_have_landed(),
+            SinkError::Kafka { .. } | SinkError::Stdout(_) | SinkError::Custom { .. } => false,
+        }
+    }
+
     /// The `kind` label of `kdedup_sink_errors_total`: `fatal` (kdedup stops),
     /// `retriable` (retried with backoff) or `rejected` (not retriable).
     pub fn kind(&self) -> &'static str {

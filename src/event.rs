@@ -21,7 +21,18 @@ use std::sync::Arc;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use sha2::{Digest, Sha256};
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_128_with_secret};
+
+/// The per-process secret of [`EventKey::digest`]: 192 random bytes (XXH3's
+/// default secret's size; at least 136 are needed).
+fn digest_secret() -> &'static [u8; 192] {
+    static SECRET: std::sync::OnceLock<[u8; 192]> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        let mut secret = [0u8; 192];
+        rand::fill(&mut secret[..]);
+        secret
+    })
+}
 
 use crate::config::{KeyConfig, KeySource, OnOversize};
 use crate::error::RecordError;
@@ -228,9 +239,13 @@ impl EventKey {
         Some(EventKey { scope: Arc::from(scope), id: bytes[2 + len..].to_vec() })
     }
 
-    /// 128-bit digest used by the in-process filters (never by the store).
+    /// 128-bit digest used by the in-process filters, the in-batch leader map
+    /// and the HTTP sink's chains (never by the store, never persisted): XXH3
+    /// keyed with a secret drawn once per process, as the foldhash maps are
+    /// seeded, so input chosen to collide under XXH3's public default secret
+    /// collides nowhere else.
     pub fn digest(&self) -> u128 {
-        xxh3_128(&self.encode())
+        xxh3_128_with_secret(&self.encode(), digest_secret())
     }
 
     /// The ID for humans and headers: UTF-8 as is, other bytes as `hex:<…>`.
@@ -584,6 +599,14 @@ mod tests {
                 fuzzing::header_name(&data);
             }
         }
+    }
+
+    #[test]
+    fn the_digest_is_keyed_per_process_not_by_xxh3s_public_secret() {
+        let key = EventKey { scope: Arc::from("s"), id: b"evt-1".to_vec() };
+        assert_eq!(key.digest(), key.clone().digest(), "stable within the process");
+        assert_ne!(key.digest(), xxh3_128(&key.encode()), "not the public default secret's");
+        assert_ne!(digest_secret(), &[0u8; 192]);
     }
 
     #[test]

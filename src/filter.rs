@@ -133,6 +133,12 @@ impl RecentCache {
         self.previous.remove(&digest);
     }
 
+    /// Drops every entry (a release may have deleted any of their rows).
+    pub fn clear(&mut self) {
+        self.current.clear();
+        self.previous.clear();
+    }
+
     fn maybe_rotate(&mut self, now_ms: u64) {
         // Generations start on a fixed grid of max_age: an entry is inserted
         // within one generation and dropped at the end of the next, so it
@@ -752,6 +758,8 @@ pub struct Filter {
     aging: AgingCuckoo,
     expired: ExpiredKeys,
     ttl_ms: u64,
+    /// The scope's release marker as last read (`None`: never read); see [`Filter::note_releases`].
+    release_mark: Option<Option<(Fingerprint, u64)>>,
 }
 
 impl Filter {
@@ -768,6 +776,7 @@ impl Filter {
             aging: AgingCuckoo::try_new(config.expected_keys.get(), config.false_positive_rate, ttl, now_ms)?,
             expired: ExpiredKeys::new(config.expired_keys, ttl, now_ms),
             ttl_ms: ttl.as_millis() as u64,
+            release_mark: None,
         })
     }
 
@@ -840,6 +849,24 @@ impl Filter {
     /// forgotten); the aging filter only ever sends it to a store read.
     pub fn forget(&mut self, digest: u128) {
         self.recent.remove(digest);
+    }
+
+    /// Whether the recent cache may vouch now, given the scope's release marker
+    /// as just read from the store ([`crate::store::release_marker`]: its row's
+    /// fingerprint and claim time, `None` without a row). A release
+    /// deletes rows this cache may hold; the releaser then rewrites the marker.
+    /// So a cache hit counts only once the marker was read after the records
+    /// arrived and is what it was when the cache was last emptied: otherwise
+    /// (the first read too) the cache is emptied and `false` returned, and its
+    /// hits go to the store. The aging filter needs nothing: it only ever sends
+    /// a key to a store read.
+    pub fn note_releases(&mut self, mark: Option<(Fingerprint, u64)>) -> bool {
+        if self.release_mark.as_ref() == Some(&mark) {
+            return true;
+        }
+        self.recent.clear();
+        self.release_mark = Some(mark);
+        false
     }
 
     /// Records a key the store holds in some state (the aging filter only).

@@ -13,8 +13,25 @@
 //! Its claims are the job's ([`Claimant::Replay`]): a replay never resumes or
 //! takes over a live owner's claim by position equality, and its writes carry
 //! `kdedup-replay: <job>`.
+//!
+//! `release` and `redrive` delete a row only through
+//! [`DedupStore::release_unless_live`], with the job's start as the cut-off: a
+//! live owner's in-flight claim is kept (counted `in_flight`), and so is a row
+//! claimed after the job began: the job's own redriven claims, or new events of
+//! the live group. That is also what makes a key met again later in the range
+//! (however far apart) released or redriven once, with no memory that grows
+//! with the range.
+//!
+//! The dry-run and `release` remember the range's events (for the duplicate
+//! counts) up to [`SEEN_MAX`] keys; past it, later keys are not remembered and
+//! their later copies are classified by the store alone (`seen_full` in the
+//! report says so).
 
 use std::collections::{HashMap, HashSet};
+
+/// The most events of a range the dry-run and `release` remember (~100 bytes
+/// each: ~100 MB at the bound).
+pub const SEEN_MAX: usize = 1 << 20;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +51,7 @@ use crate::metrics::Metrics;
 use crate::offsets::TopicPartition;
 use crate::service::{configured_sink, side_topics};
 use crate::sink::{KafkaSink, KafkaWriter};
-use crate::store::{now_ms, ClaimState, DedupStore, Store};
+use crate::store::{mark_released, now_ms, ClaimState, DedupStore, Released, Store};
 
 /// What a replay does with its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -174,6 +191,10 @@ pub struct Report {
     pub elapsed_secs: f64,
     /// Stopped early (Ctrl-C): the counts cover only what was read.
     pub interrupted: bool,
+    /// The range held more than [`SEEN_MAX`] events: later ones were not
+    /// remembered, so their later copies in the range were counted by the
+    /// store alone (dry-run: as new when the store has no row).
+    pub seen_full: bool,
     /// Per partition.
     pub partitions: Vec<PartitionReport>,
     /// The first duplicates and conflicts (dry-run, `--show`).
@@ -269,11 +290,19 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
         counts: Counts::default(),
         elapsed_secs: 0.0,
         interrupted: false,
+        seen_full: false,
         partitions: Vec::new(),
         shown: Vec::new(),
     };
     // Events seen earlier in the range, for the dry-run and release: key digest → (first position, fingerprint).
-    let mut seen: HashMap<u128, (Position, Fingerprint)> = HashMap::new();
+    let mut seen = Seen::default();
+    // Rows claimed from here on are not released (see the module's doc). A row
+    // claimed within the millisecond the job starts counts as older; the job's
+    // own claims come after it.
+    let started_ms = now_ms() + 1;
+    while now_ms() < started_ms {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let mut limiter = RateLimiter::new(options.max_rate);
     for &(partition, from, to) in &ranges {
         let mut counts = Counts::default();
@@ -309,14 +338,16 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                         )
                         .await
                     }
-                    (Mode::Release, _) => release(&extractor, &store, batch, &mut seen, &mut driver.counts).await,
+                    (Mode::Release, _) => {
+                        release(&extractor, &store, batch, &mut seen, started_ms, &mut driver.counts).await
+                    }
                     // The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
                     (Mode::Apply, Some(core)) => {
                         let work = core.run_batch(&mut driver, batch, Instant::now());
                         crate::sink::with_stop(stop.clone(), work).await.map_err(stopped)
                     }
                     (Mode::Redrive, Some(core)) => {
-                        crate::sink::with_stop(stop.clone(), redrive(core, &mut driver, batch)).await
+                        crate::sink::with_stop(stop.clone(), redrive(core, &mut driver, batch, started_ms)).await
                     }
                     (_, None) => unreachable!("apply and redrive have a core"),
                 };
@@ -339,6 +370,7 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
     }
     progress.finish();
     report.interrupted = *stop.borrow();
+    report.seen_full = seen.full;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -359,6 +391,7 @@ fn writing_core(config: &Config, options: &ReplayOptions, store: Store) -> Resul
     };
     let mut side = side_topics(config, &writer).map_err(|e| unreachable("the side topics", format!("{e:#}")))?;
     side.duplicates = None;
+    side.replay = Some(Arc::from(options.job_id.as_str()));
     let claimant = Claimant::Replay(Arc::from(options.job_id.as_str()));
     let core = Core::new(config, store, sink, side, metrics, claimant)
         .map_err(|e| ReplayError::Usage(format!("[filter]: {e}")))?;
@@ -509,7 +542,7 @@ async fn dry_run(
     extractor: &KeyExtractor,
     store: &Store,
     batch: Vec<Record>,
-    seen: &mut HashMap<u128, (Position, Fingerprint)>,
+    seen: &mut Seen,
     counts: &mut Counts,
     show: usize,
     shown: &mut Vec<Shown>,
@@ -525,10 +558,10 @@ async fn dry_run(
     let rows =
         store.lookup(keyed.iter().map(|e| e.key.clone()).collect(), now_ms()).await.map_err(Interrupted::Store)?;
     for (e, row) in keyed.iter().zip(rows) {
-        let outcome = match seen.get(&e.digest) {
+        let outcome = match seen.map.get(&e.digest) {
             Some((first, fp)) => Some((if *fp == e.fingerprint { "duplicate" } else { "conflict" }, first.to_string())),
             None => {
-                seen.insert(e.digest, (e.record.position.clone(), e.fingerprint));
+                seen.remember(e);
                 match row {
                     None => None,
                     Some(row) if row.state == ClaimState::InFlight => Some(("in_flight", row.position.to_string())),
@@ -559,14 +592,40 @@ async fn dry_run(
     Ok(())
 }
 
-/// Forgets the keys of the batch's events (each once).
+/// Events of the range met so far, up to [`SEEN_MAX`].
+#[derive(Default)]
+struct Seen {
+    map: HashMap<u128, (Position, Fingerprint)>,
+    full: bool,
+}
+
+impl Seen {
+    /// Remembers `e`'s event; `false` if it was met before.
+    fn remember(&mut self, e: &Envelope) -> bool {
+        if self.map.contains_key(&e.digest) {
+            return false;
+        }
+        if self.map.len() >= SEEN_MAX {
+            self.full = true;
+        } else {
+            self.map.insert(e.digest, (e.record.position.clone(), e.fingerprint));
+        }
+        true
+    }
+}
+
+/// Releases the keys of the batch's events: deleted unless a live owner holds
+/// them in flight or they were claimed since the job began.
 async fn release(
     extractor: &KeyExtractor,
     store: &Store,
     batch: Vec<Record>,
-    seen: &mut HashMap<u128, (Position, Fingerprint)>,
+    seen: &mut Seen,
+    started_ms: u64,
     counts: &mut Counts,
 ) -> Result<(), Interrupted> {
+    // The scope of the keys deleted, if any: live processes' caches must hear of it.
+    let mut scope = None;
     for record in batch {
         counts.records += 1;
         let e = match extractor.extract(record) {
@@ -576,28 +635,58 @@ async fn release(
                 continue;
             }
         };
-        if seen.insert(e.digest, (e.record.position.clone(), e.fingerprint)).is_some() {
+        if !seen.remember(&e) {
             counts.duplicate += 1;
             continue;
         }
-        if store.forget(e.key.clone()).await.map_err(Interrupted::Store)? {
-            counts.released += 1;
+        match store.release_unless_live(e.key.clone(), now_ms(), started_ms).await.map_err(Interrupted::Store)? {
+            Released::Deleted => {
+                counts.released += 1;
+                scope.get_or_insert(e.key.scope);
+            }
+            Released::Live(row) => {
+                counts.in_flight += 1;
+                tracing::warn!(position = %e.record.position, holder = %row.position, "kept: a live owner holds this key in flight; release it again once it is done");
+            }
+            Released::Absent | Released::Newer(_) => {}
         }
     }
     store.sync().map_err(Interrupted::Store)?;
+    if let Some(scope) = scope {
+        mark_released(store, &scope, now_ms()).await.map_err(Interrupted::Store)?;
+    }
     Ok(())
 }
 
-/// Forgets the batch's keys, then applies it: every event's effect runs once more.
-async fn redrive(core: &Core, driver: &mut ReplayDriver, batch: Vec<Record>) -> Result<(), Interrupted> {
-    let mut forgotten: HashSet<EventKey> = HashSet::new();
+/// Releases the batch's keys (as `release` does), then applies it: every event's
+/// effect runs once more. A key this job already redrove was claimed after it
+/// began, so it is kept and its later copies are duplicates; a live owner's
+/// in-flight claim is kept too, and the core waits for it like any other.
+async fn redrive(
+    core: &Core,
+    driver: &mut ReplayDriver,
+    batch: Vec<Record>,
+    started_ms: u64,
+) -> Result<(), Interrupted> {
+    let mut asked: HashSet<EventKey> = HashSet::new();
+    let mut scope = None;
     for record in &batch {
         if let Ok(e) = core.extractor.extract(record.clone()) {
-            if forgotten.insert(e.key.clone()) {
-                core.store.forget(e.key).await.map_err(Interrupted::Store)?;
-                core.filter.lock().unwrap_or_else(|p| p.into_inner()).forget(e.digest);
+            if asked.insert(e.key.clone()) {
+                let released = core
+                    .store
+                    .release_unless_live(e.key.clone(), now_ms(), started_ms)
+                    .await
+                    .map_err(Interrupted::Store)?;
+                if released == Released::Deleted {
+                    core.filter.lock().unwrap_or_else(|p| p.into_inner()).forget(e.digest);
+                    scope.get_or_insert(e.key.scope);
+                }
             }
         }
+    }
+    if let Some(scope) = scope {
+        mark_released(&core.store, &scope, now_ms()).await.map_err(Interrupted::Store)?;
     }
     core.run_batch(driver, batch, Instant::now()).await.map_err(stopped)
 }
@@ -634,6 +723,16 @@ impl Driver for ReplayDriver {
                 Ok(())
             }
         }
+    }
+
+    /// A replay re-reads a range the live group may have handled already, so
+    /// its dead letters (bad records, conflicts) may repeat the group's: each
+    /// is marked `kdedup-possible-repeat` (besides `kdedup-replay`). They are
+    /// still written, since the range may hold records nobody dead-lettered
+    /// (a group whose offsets were reset past them); a reader dedups them by
+    /// their `kdedup-source-*` position.
+    fn reached_before(&self, _offset: i64) -> bool {
+        true
     }
 
     fn finished(&mut self, items: &[Item]) {

@@ -218,6 +218,7 @@ pub(crate) fn side_topics(config: &Config, writer: &KafkaWriter) -> anyhow::Resu
         dead_letter_partitions,
         duplicates: config.duplicates_topic.clone(),
         scope: Arc::from(config.key.scope.as_str()),
+        replay: None,
     })
 }
 

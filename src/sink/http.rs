@@ -91,7 +91,8 @@ impl UrlTemplate {
                 parts.push(Part::Text(rest[..open].to_string()));
             }
             let Some(close) = rest[open..].find('}') else {
-                return Err(format!("has an unclosed `{{` at `{}`", &rest[open..]));
+                // Not the rest of the URL: it may hold a token.
+                return Err("has an unclosed `{`".to_string());
             };
             let name = &rest[open + 1..open + close];
             parts.push(match name {
@@ -159,23 +160,27 @@ pub enum HttpError {
     #[error("cannot build the request: {0}")]
     Request(String),
     /// The answer's outcome is `conflict` (422 by default).
-    #[error("HTTP {status}: the endpoint reports a conflict (key reused with other parameters); body: {excerpt:?}")]
+    #[error("HTTP {status}: the endpoint reports a conflict (key reused with other parameters); body: {excerpt:?}{}", kept(*may_have_landed))]
     Conflict {
         /// The HTTP status.
         status: u16,
         /// The start of the body (bounded), lossily decoded.
         excerpt: String,
+        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
+        may_have_landed: bool,
     },
     /// The answer's outcome is `dead_letter` (4xx other than 409, 422 and 429 by default).
-    #[error("HTTP {status}: refused; body: {excerpt:?}")]
+    #[error("HTTP {status}: refused; body: {excerpt:?}{}", kept(*may_have_landed))]
     Refused {
         /// The HTTP status.
         status: u16,
         /// The start of the body (bounded), lossily decoded.
         excerpt: String,
+        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
+        may_have_landed: bool,
     },
     /// Retries took the whole `retry_budget_ms` (or a `Retry-After` would pass it).
-    #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}")]
+    #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}{}", kept(*may_have_landed))]
     GaveUp {
         /// Requests sent.
         attempts: u32,
@@ -183,6 +188,8 @@ pub enum HttpError {
         elapsed_ms: u64,
         /// The last answer or failure, for humans.
         last: String,
+        /// An attempt may have been applied (see [`HttpError::may_have_landed`]).
+        may_have_landed: bool,
     },
     /// The effect is done, but its answer did not reach `[sink.http] results_topic`:
     /// retried (the same key again; the endpoint answers from its store).
@@ -208,12 +215,46 @@ impl HttpError {
     pub(crate) fn is_retriable(&self) -> bool {
         matches!(self, HttpError::Results { .. } | HttpError::Stopping { .. })
     }
+
+    /// Whether the endpoint may have applied one of the attempts before the
+    /// effect was given up: an attempt that timed out, broke after it was sent
+    /// (a reset), or was answered 5xx. Such an effect's claim is kept, not
+    /// released (it lapses after the lease), so the next copy of the event is a
+    /// takeover, sent marked `kdedup-possible-repeat`: never an unmarked
+    /// attempt after one that may have landed.
+    pub fn may_have_landed(&self) -> bool {
+        match self {
+            HttpError::Conflict { may_have_landed, .. }
+            | HttpError::Refused { may_have_landed, .. }
+            | HttpError::GaveUp { may_have_landed, .. } => *may_have_landed,
+            HttpError::Request(_) | HttpError::Results { .. } | HttpError::Stopping { .. } => false,
+        }
+    }
+}
+
+/// The words a give-up adds when an attempt may have landed.
+fn kept(may_have_landed: bool) -> &'static str {
+    if may_have_landed {
+        "; an attempt may have been applied: the claim is kept until its lease lapses and the next copy is sent \
+         marked kdedup-possible-repeat"
+    } else {
+        ""
+    }
 }
 
 /// One attempt's result, as the retry loop sees it.
 enum Attempt {
-    Answered { status: u16, retry_after: Option<Duration>, body: Body },
-    Failed(String),
+    Answered {
+        status: u16,
+        retry_after: Option<Duration>,
+        body: Body,
+    },
+    /// No usable answer; `may_have_landed`: the request may have reached the
+    /// endpoint (anything but a failure to connect).
+    Failed {
+        why: String,
+        may_have_landed: bool,
+    },
 }
 
 /// The answer that settled an effect, for `results_topic`: `done`,
@@ -409,7 +450,7 @@ impl HttpSink {
     /// One effect through its attempts: the result, and the answer that settled
     /// it (for `results_topic`), with its outcome's name.
     async fn deliver_one(&self, effect: &Effect<'_>) -> (Result<Delivered, SinkError>, Option<Answer>) {
-        let prepared = match self.prepare(effect) {
+        let mut prepared = match self.prepare(effect) {
             Ok(p) => p,
             Err(m) => return (Err(SinkError::Http(HttpError::Request(m))), None),
         };
@@ -417,8 +458,15 @@ impl HttpSink {
         let mut backoff = self.config.backoff_initial;
         let mut attempts = 0u32;
         let mut last_answer = None;
+        // Once an attempt may have been applied, every later one is marked.
+        let mut may_have_landed = false;
         loop {
             attempts += 1;
+            if may_have_landed {
+                prepared
+                    .headers
+                    .insert(HeaderName::from_static(headers::POSSIBLE_REPEAT), HeaderValue::from_static("true"));
+            }
             let (last, retry_after) = match self.attempt(&prepared).await {
                 Attempt::Answered { status, retry_after, body } => {
                     let response = EffectResponse {
@@ -429,6 +477,8 @@ impl HttpSink {
                         at_ms: now_ms(),
                         attempts,
                     };
+                    // A 5xx may come after the work was done; a 409 or 429 says it was not.
+                    may_have_landed |= status >= 500;
                     let outcome = self.config.outcome(status);
                     if outcome == HttpOutcome::Retry {
                         let last = format!("HTTP {status}, body: {:?}", response.excerpt);
@@ -440,15 +490,22 @@ impl HttpSink {
                             HttpOutcome::Done => {
                                 ("done", Ok(Delivered { mark: None, response: Some(response.clone()) }))
                             }
-                            HttpOutcome::Conflict => {
-                                ("conflict", Err(SinkError::Http(HttpError::Conflict { status, excerpt })))
-                            }
-                            _ => ("dead_letter", Err(SinkError::Http(HttpError::Refused { status, excerpt }))),
+                            HttpOutcome::Conflict => (
+                                "conflict",
+                                Err(SinkError::Http(HttpError::Conflict { status, excerpt, may_have_landed })),
+                            ),
+                            _ => (
+                                "dead_letter",
+                                Err(SinkError::Http(HttpError::Refused { status, excerpt, may_have_landed })),
+                            ),
                         };
                         return (result, Some(Answer { outcome: name, response }));
                     }
                 }
-                Attempt::Failed(why) => (why, None),
+                Attempt::Failed { why, may_have_landed: landed } => {
+                    may_have_landed |= landed;
+                    (why, None)
+                }
             };
             // Equal jitter: half the step fixed, half random, so retries of many
             // records do not arrive at the endpoint in step.
@@ -457,7 +514,8 @@ impl HttpSink {
             let wait = retry_after.map_or(jittered, |r| r.min(MAX_RETRY_AFTER).max(jittered));
             let elapsed = started.elapsed();
             if elapsed + wait > self.config.retry_budget {
-                let gave_up = HttpError::GaveUp { attempts, elapsed_ms: elapsed.as_millis() as u64, last };
+                let gave_up =
+                    HttpError::GaveUp { attempts, elapsed_ms: elapsed.as_millis() as u64, last, may_have_landed };
                 return (Err(SinkError::Http(gave_up)), last_answer);
             }
             warn!(position = %effect.envelope.record.position, attempts, wait_ms = wait.as_millis() as u64, last = %last, "HTTP effect not done; retrying with the same idempotency key");
@@ -533,7 +591,9 @@ impl HttpSink {
                     "error"
                 };
                 self.requests.with_label_values(&[answer]).inc();
-                return Attempt::Failed(describe(&e, self.config.timeout));
+                // Only a failed connect is known not to have sent anything.
+                let may_have_landed = !e.is_connect();
+                return Attempt::Failed { why: describe(e, self.config.timeout), may_have_landed };
             }
         };
         let status = response.status().as_u16();
@@ -563,10 +623,10 @@ impl HttpSink {
                 // is a failed attempt when the status asks for a retry anyway, and
                 // otherwise still the endpoint's answer.
                 Err(e) if self.config.outcome(status) == HttpOutcome::Done => {
-                    return Attempt::Failed(format!(
-                        "HTTP {status}, but its body failed: {}",
-                        describe(&e, self.config.timeout)
-                    ))
+                    return Attempt::Failed {
+                        why: format!("HTTP {status}, but its body failed: {}", describe(e, self.config.timeout)),
+                        may_have_landed: true,
+                    }
                 }
                 Err(_) => break,
             }
@@ -615,9 +675,12 @@ fn retry_after(value: &str, now_ms: u64) -> Option<Duration> {
 }
 
 /// A transport failure in words: what happened and, for a timeout, after how long.
-fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+/// Never the URL (reqwest's text carries it, and tokens live in URLs): these
+/// words go to logs and to dead letters' `kdedup-error`.
+fn describe(e: reqwest::Error, timeout: Duration) -> String {
+    let e = e.without_url();
     let mut chain = Vec::new();
-    let mut source: Option<&dyn std::error::Error> = Some(e);
+    let mut source: Option<&dyn std::error::Error> = Some(&e);
     while let Some(err) = source {
         chain.push(err.to_string());
         source = err.source();

@@ -287,11 +287,15 @@ impl AnySink {
 /// How much of a payload (and of a key) a truncated dead letter keeps.
 pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
 
-fn mark(h: OwnedHeaders, possible_repeat: bool) -> OwnedHeaders {
-    if possible_repeat {
+fn mark(h: OwnedHeaders, possible_repeat: bool, replay: Option<&str>) -> OwnedHeaders {
+    let h = if possible_repeat {
         h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) })
     } else {
         h
+    };
+    match replay {
+        Some(job) => h.insert(Header { key: headers::REPLAY, value: Some(job.as_bytes()) }),
+        None => h,
     }
 }
 
@@ -314,6 +318,8 @@ pub struct SideTopics {
     /// The pipeline's dedup scope, written as `kdedup-scope` on dead letters
     /// and duplicates: reconciliation takes only its own scope's writes.
     pub scope: Arc<str>,
+    /// A replay's job, written as `kdedup-replay` on its dead letters (`None` for `kdedup run`).
+    pub replay: Option<Arc<str>>,
 }
 
 impl SideTopics {
@@ -347,6 +353,7 @@ impl SideTopics {
                             .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
                             .insert(Header { key: headers::ERROR, value: Some(message.as_bytes()) }),
                         possible_repeat,
+                        self.replay.as_deref(),
                     ),
                 }
             })
@@ -374,7 +381,7 @@ impl SideTopics {
                     source: &record.position,
                     key: record.key.as_deref().map(truncated),
                     payload: record.payload.as_deref().map(truncated),
-                    headers: mark(source_headers(record, &self.scope), possible_repeat)
+                    headers: mark(source_headers(record, &self.scope), possible_repeat, self.replay.as_deref())
                         .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
                         .insert(Header { key: headers::ERROR, value: Some(error.to_string().as_bytes()) })
                         .insert(Header { key: headers::TRUNCATED, value: Some(b"true".as_slice()) })

@@ -23,7 +23,10 @@ use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
+use super::{
+    decide, kept_on_release, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, Released,
+    StoreStats,
+};
 use crate::config::Retention;
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -79,7 +82,10 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || {
             let mut census = super::Census::default();
             for entry in inner.claims.prefix(&prefix) {
-                let (_, value) = entry.into_inner().map_err(|e| inner.err(e))?;
+                let (key, value) = entry.into_inner().map_err(|e| inner.err(e))?;
+                if key.as_ref() == prefix.as_slice() {
+                    continue; // the scope's release marker, not an event
+                }
                 let Some(row) = decode_row(&value).filter(|r| r.expires_at_ms > now_ms) else { continue };
                 match row.state {
                     ClaimState::InFlight => census.in_flight += 1,
@@ -400,6 +406,28 @@ impl DedupStore for EmbeddedStore {
             batch.remove(&s.claims, key);
             s.commit(batch)?;
             Ok(existed)
+        })
+        .await
+    }
+
+    async fn release_unless_live(
+        &self,
+        key: EventKey,
+        now_ms: u64,
+        claimed_before_ms: u64,
+    ) -> Result<Released, StoreError> {
+        self.locked(move |s, pending| {
+            let key = key.encode();
+            let Some(row) = s.read(&key)? else { return Ok(Released::Absent) };
+            if let Some(kept) = kept_on_release(&row, now_ms, s.lease_ms, claimed_before_ms) {
+                return Ok(kept);
+            }
+            pending.remove(&key);
+            let mut batch = s.db.batch();
+            batch.remove(&s.responses, key.clone());
+            batch.remove(&s.claims, key);
+            s.commit(batch)?;
+            Ok(if row.expires_at_ms > now_ms { Released::Deleted } else { Released::Absent })
         })
         .await
     }

@@ -181,6 +181,63 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, 
     }
 }
 
+/// What a replay's conditional release ([`DedupStore::release_unless_live`]) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// The row was deleted: the key is new again.
+    Deleted,
+    /// No live row.
+    Absent,
+    /// Kept: an in-flight claim whose owner may still be working on it (its
+    /// lease, plus the takeover grace, has not lapsed). Deleting it would let
+    /// another copy claim the key fresh while the owner's effect runs.
+    Live(ClaimRow),
+    /// Kept: claimed at or after the release's cut-off, i.e. after the replay
+    /// began (by this replay itself, or a new event of the live group).
+    Newer(ClaimRow),
+}
+
+/// Whether a replay may release this row ([`DedupStore::release_unless_live`]):
+/// `None` when it may (expired, done, or in flight past its lease and grace,
+/// claimed before `claimed_before_ms`), else why it is kept. One rule for
+/// every backend; those that cannot read and delete under one lock encode it
+/// in their conditional delete.
+pub fn kept_on_release(row: &ClaimRow, now_ms: u64, grace_ms: u64, claimed_before_ms: u64) -> Option<Released> {
+    if row.expires_at_ms <= now_ms {
+        None
+    } else if row.state == ClaimState::InFlight && row.lease_until_ms.saturating_add(grace_ms) > now_ms {
+        Some(Released::Live(row.clone()))
+    } else if row.claimed_at_ms >= claimed_before_ms {
+        Some(Released::Newer(row.clone()))
+    } else {
+        None
+    }
+}
+
+/// The key of a scope's release marker: the scope with an empty event ID,
+/// which no event has (extraction refuses empty IDs). Its row changes on every
+/// release (`kdedup replay --mode release|redrive`, `kdedup forget`), so that
+/// live processes know their recent caches may vouch for keys the store no
+/// longer holds ([`mark_released`], [`crate::filter::Filter::note_releases`]).
+pub fn release_marker(scope: &str) -> EventKey {
+    EventKey { scope: std::sync::Arc::from(scope), id: Vec::new() }
+}
+
+/// Records that keys of `scope` were released: the marker row is replaced by a
+/// done row with a random fingerprint, claimed now. Call it after the
+/// releases themselves, so a process that reads the new marker cannot have
+/// cached a key the releases then deleted.
+pub async fn mark_released(store: &impl DedupStore, scope: &str, now_ms: u64) -> Result<(), StoreError> {
+    let key = release_marker(scope);
+    let position = Position { topic: std::sync::Arc::from("kdedup-release"), partition: 0, offset: 0 };
+    store.forget(key.clone()).await?;
+    let request =
+        ClaimRequest { key: key.clone(), fingerprint: Fingerprint(rand::random()), position: position.clone() };
+    store.claim(vec![request], now_ms).await?;
+    store.complete(vec![(key, position)], now_ms).await?;
+    store.sync()
+}
+
 /// What a store holds for one scope (`kdedup stats --config`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Census {
@@ -260,8 +317,18 @@ pub trait DedupStore: Send + Sync {
         now_ms: u64,
     ) -> impl Future<Output = Result<Vec<Option<ClaimRow>>, StoreError>> + Send;
 
-    /// Deletes a key whatever its state; `true` if it existed.
+    /// Deletes a key whatever its state; `true` if it existed (`kdedup forget`).
     fn forget(&self, key: EventKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// A replay's release (`release`, `redrive`): deletes the key's row unless
+    /// [`kept_on_release`] keeps it (a live owner's in-flight claim, or a row
+    /// claimed at or after `claimed_before_ms`), atomically with that check.
+    fn release_unless_live(
+        &self,
+        key: EventKey,
+        now_ms: u64,
+        claimed_before_ms: u64,
+    ) -> impl Future<Output = Result<Released, StoreError>> + Send;
 
     /// Removes expired rows from storage; returns how many.
     fn sweep(&self, now_ms: u64) -> impl Future<Output = Result<usize, StoreError>> + Send;
@@ -410,6 +477,14 @@ impl DedupStore for Store {
     }
     async fn forget(&self, key: EventKey) -> Result<bool, StoreError> {
         dispatch!(self, s => s.forget(key).await)
+    }
+    async fn release_unless_live(
+        &self,
+        key: EventKey,
+        now_ms: u64,
+        claimed_before_ms: u64,
+    ) -> Result<Released, StoreError> {
+        dispatch!(self, s => s.release_unless_live(key, now_ms, claimed_before_ms).await)
     }
     async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
         dispatch!(self, s => s.sweep(now_ms).await)

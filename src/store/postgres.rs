@@ -37,7 +37,9 @@ use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Row;
 
-use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
+use super::{
+    decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, Released, StoreStats,
+};
 use crate::config::{PostgresTls, Retention};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -133,6 +135,17 @@ WHERE c.expires_at > $3
 
 const FORGET: &str = "DELETE FROM kdedup_claims WHERE scope = $1 AND event_id = $2";
 
+/// A replay's release: [`super::kept_on_release`] as the delete's condition
+/// (expired; or done, or in flight past lease and grace, and claimed before the
+/// cut-off), so the check and the delete are one statement on the row.
+/// values: scope, event_id, now, claimed_before, grace; returns whether the row was live.
+const RELEASE_UNLESS_LIVE: &str = r#"
+DELETE FROM kdedup_claims
+WHERE scope = $1 AND event_id = $2
+  AND (expires_at <= $3 OR (claimed_at < $4 AND (state = 2 OR lease_until + $5 <= $3)))
+RETURNING expires_at > $3
+"#;
+
 // The outer `expires_at <= $1` is not redundant: a sweep that waited on the row
 // lock of a claim taken over meanwhile (re-claimed with a new expires_at) goes on,
 // under READ COMMITTED, with the row's new version, and a TID scan does not recheck
@@ -167,7 +180,7 @@ impl PostgresStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT state, count(*), min(claimed_at) FROM kdedup_claims WHERE scope = $1 AND expires_at > $2 GROUP BY state",
+                "SELECT state, count(*), min(claimed_at) FROM kdedup_claims WHERE scope = $1 AND expires_at > $2 AND event_id <> '' GROUP BY state",
                 &[&scope, &(now_ms as i64)],
             )
             .await
@@ -597,6 +610,29 @@ impl DedupStore for PostgresStore {
         let client = self.client().await?;
         let n = client.execute(FORGET, &[&&*key.scope, &key.id]).await.map_err(pg_error)?;
         Ok(n > 0)
+    }
+
+    async fn release_unless_live(
+        &self,
+        key: EventKey,
+        now_ms: u64,
+        claimed_before_ms: u64,
+    ) -> Result<Released, StoreError> {
+        let (now, before) = (now_ms as i64, claimed_before_ms as i64);
+        let deleted = {
+            let client = self.client().await?;
+            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&&*key.scope, &key.id, &now, &before, &self.lease_ms];
+            client.query_opt(RELEASE_UNLESS_LIVE, &values).await.map_err(pg_error)?
+        };
+        if let Some(row) = deleted {
+            return Ok(if row.get::<_, bool>(0) { Released::Deleted } else { Released::Absent });
+        }
+        // Kept, or absent: say which (the row may change meanwhile; this is for the report).
+        let row = self.lookup(vec![key], now_ms).await?.pop().flatten();
+        Ok(row
+            .and_then(|row| super::kept_on_release(&row, now_ms, self.lease_ms as u64, claimed_before_ms))
+            .unwrap_or(Released::Absent))
     }
 
     async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {

@@ -52,7 +52,9 @@ use scylla::value::{CqlValue, Row};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use super::{decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, StoreStats};
+use super::{
+    decide, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, Released, StoreStats,
+};
 use crate::config::{Retention, ScyllaConfig, ScyllaConsistency, ScyllaSerialConsistency};
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -1105,6 +1107,51 @@ impl DedupStore for ScyllaStore {
         }
         Err(StoreError::Scylla {
             message: format!("forgetting key {} stayed unknown", key.display_id()),
+            retriable: true,
+        })
+    }
+
+    /// [`super::kept_on_release`] as the delete's condition (`IF claimed_at_ms <
+    /// cut-off AND lease_until_ms <= now - lease`: a done row's lease is 0, so
+    /// done rows pass; an expired row is already gone by its TTL). Prepared per
+    /// call, like the statement of a rare operator action: it stays beside its
+    /// one use. An unknown outcome is settled by a SERIAL read.
+    async fn release_unless_live(
+        &self,
+        key: EventKey,
+        now_ms: u64,
+        claimed_before_ms: u64,
+    ) -> Result<Released, StoreError> {
+        let c = self.connected().await?;
+        let text = format!(
+            "DELETE FROM {}.{TABLE} WHERE scope = ? AND event_id = ? IF claimed_at_ms < ? AND lease_until_ms <= ?",
+            self.inner.config.keyspace
+        );
+        let mut statement = c.session.prepare(text).await.map_err(|e| StoreError::Scylla {
+            message: format!("cannot prepare the replay's release: {e}"),
+            retriable: true,
+        })?;
+        statement.set_execution_profile_handle(c.forget.get_execution_profile_handle().cloned());
+        statement.set_is_idempotent(false);
+        let lapsed_before = now_ms.saturating_sub(self.inner.lease_ms) as i64;
+        let values = (&*key.scope, key.id.as_slice(), claimed_before_ms as i64, lapsed_before);
+        let kept = |row: ClaimRow| super::kept_on_release(&row, now_ms, self.inner.lease_ms, claimed_before_ms);
+        for _ in 0..2 {
+            match self.lwt("release_unless_live", &statement, values).await? {
+                Lwt::Answer(answer) if answer.applied => return Ok(Released::Deleted),
+                Lwt::Answer(_) | Lwt::Unknown => match self.read_row(&key, true).await? {
+                    None => return Ok(Released::Absent),
+                    // Past its expiry, only the TTL's rounding up keeps it.
+                    Some(row) if row.expires_at_ms <= now_ms => return Ok(Released::Absent),
+                    Some(row) => match kept(row) {
+                        Some(why) => return Ok(why),
+                        None => continue,
+                    },
+                },
+            }
+        }
+        Err(StoreError::Scylla {
+            message: format!("releasing key {} stayed unknown", key.display_id()),
             retriable: true,
         })
     }

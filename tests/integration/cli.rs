@@ -39,6 +39,67 @@ fn a_bad_config_is_a_clear_error_naming_file_and_key() {
     assert!(String::from_utf8(missing.stderr).unwrap().contains("/nonexistent/kdedup.toml"));
 }
 
+/// `kdedup check` and `kdedup run` with `config/kdedup.toml` and these overrides:
+/// the exit code and standard output, then standard error.
+fn kdedup_with(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--config", "config/kdedup.toml"])
+        .envs(env.iter().copied())
+        .env("KDEDUP_METRICS__LISTEN", "")
+        .env_remove("KDEDUP_LOG")
+        .output()
+        .unwrap();
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn auto_commit_in_any_spelling_librdkafka_reads_as_true_is_refused_by_check_and_run() {
+    // As the environment gives them: a TOML boolean, an integer, and strings.
+    for key in ["KDEDUP_KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "KDEDUP_KAFKA__CLIENT__ENABLE_AUTO_OFFSET_STORE"] {
+        for value in ["true", "1", "True", "t", "TRUE", "T"] {
+            let (code, text) = kdedup_with(&["check"], &[(key, value)]);
+            assert_ne!(code, Some(0), "{key}={value}: check must fail:\n{text}");
+            assert!(text.contains("reads as true") && text.contains("FAIL"), "{key}={value}:\n{text}");
+            let (code, text) = kdedup_with(&["run"], &[(key, value)]);
+            assert_eq!(code, Some(2), "{key}={value}: run must refuse to start:\n{text}");
+            assert!(text.contains("reads as true"), "{key}={value}:\n{text}");
+        }
+        let (code, text) = kdedup_with(&["run"], &[(key, "yes")]);
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains("allowed: false, f or 0"), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_that_auto_offset_reset_latest_skips_the_backlog() {
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store").display().to_string();
+    for value in ["latest", "LARGEST", "end", "earliest"] {
+        let env = [
+            ("KDEDUP_KAFKA__BROKERS", kafka.bootstrap()),
+            ("KDEDUP_KAFKA__TOPICS", INPUT),
+            ("KDEDUP_SINK__TOPIC", OUTPUT),
+            ("KDEDUP_DEAD_LETTER__TOPIC", DLQ),
+            ("KDEDUP_STORE__PATH", store.as_str()),
+            ("KDEDUP_KAFKA__CONSUMER__AUTO_OFFSET_RESET", value),
+        ];
+        let (code, text) = tokio::task::block_in_place(|| kdedup_with(&["check", "--json"], &env));
+        let json = text.lines().next().unwrap_or_default();
+        let report: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let warning = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "offset reset").cloned();
+        if value == "earliest" {
+            assert!(warning.is_none(), "{text}");
+        } else {
+            let warning = warning.unwrap_or_else(|| panic!("{value}: no warning:\n{text}"));
+            assert_eq!(warning["status"], "warn");
+            assert!(warning["detail"].as_str().unwrap().contains("skips the backlog"), "{warning}");
+        }
+        assert_eq!(code, Some(0), "a warning is not a failure:\n{text}");
+    }
+}
+
 #[test]
 fn run_refuses_a_postgres_store_without_its_table() {
     let Ok(url) = std::env::var("KDEDUP_TEST_POSTGRES") else {

@@ -28,6 +28,9 @@ pub enum Fault {
     SlowAnswer(Duration),
     /// Apply, then hold the answer until [`Endpoint::release`] (or a minute).
     Hold,
+    /// Apply, then hold the answer until this many requests have been handled at
+    /// once (or half a minute), then answer after the given time.
+    Gate(usize, Duration),
 }
 
 /// One request as received.
@@ -70,7 +73,8 @@ struct State {
     /// key → times its effect was applied.
     applied: HashMap<String, usize>,
     released: bool,
-    /// Requests being handled now, and the most at once.
+    /// Requests read but not yet answered, and the most at once: what the
+    /// client holds open (a connection's close, after the answer, is not counted).
     in_flight: usize,
     most_in_flight: usize,
 }
@@ -92,10 +96,7 @@ impl Endpoint {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let (state, script) = (shared.clone(), script.clone());
-                std::thread::spawn(move || {
-                    serve(stream, &state, &*script);
-                    state.0.lock().unwrap().in_flight -= 1;
-                });
+                std::thread::spawn(move || serve(stream, &state, &*script));
             }
         });
         Endpoint { port, state }
@@ -126,14 +127,31 @@ impl Endpoint {
     }
 }
 
-/// Handles one connection; counted in flight from its accept to its end.
-fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), script: &Script) {
-    {
+/// A request being handled: counted from when it was read to just before its
+/// answer (or reset) is written, so the count never exceeds what the client has
+/// sent and not yet been answered, whatever the timing of connections.
+struct Handling<'a>(&'a (Mutex<State>, Condvar));
+
+impl<'a> Handling<'a> {
+    fn begin(state: &'a (Mutex<State>, Condvar)) -> Handling<'a> {
         let mut s = state.0.lock().unwrap();
         s.in_flight += 1;
         s.most_in_flight = s.most_in_flight.max(s.in_flight);
+        state.1.notify_all();
+        Handling(state)
     }
+}
+
+impl Drop for Handling<'_> {
+    fn drop(&mut self) {
+        self.0 .0.lock().unwrap().in_flight -= 1;
+    }
+}
+
+/// Handles one connection (one request).
+fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), script: &Script) {
     let Some(mut seen) = read_request(&stream) else { return };
+    let handling = Handling::begin(state);
     let (lock, released) = state;
     let nth = {
         let s = lock.lock().unwrap();
@@ -149,15 +167,17 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), script: &Script) {
         Fault::Status { status, retry_after, body } => {
             record(&mut seen, &format!("fault {status}"));
             let extra = retry_after.map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
+            drop(handling);
             respond(&mut stream, status, &extra, &body);
             return;
         }
         Fault::Reset => {
             record(&mut seen, "reset");
+            drop(handling);
             reset(stream);
             return;
         }
-        Fault::None | Fault::SlowAnswer(_) | Fault::Hold => {}
+        Fault::None | Fault::SlowAnswer(_) | Fault::Hold | Fault::Gate(..) => {}
     }
     // The endpoint's own dedup.
     let key = seen.key().to_string();
@@ -179,10 +199,12 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), script: &Script) {
     match answer {
         Err((status, handled, text)) => {
             record(&mut seen, handled);
+            drop(handling);
             respond(&mut stream, status, "", &format!(r#"{{"error":"{text}"}}"#));
         }
         Ok(Some((status, text))) => {
             record(&mut seen, "replayed");
+            drop(handling);
             respond(&mut stream, status, "Idempotent-Replayed: true\r\n", &text);
         }
         Ok(None) => {
@@ -195,8 +217,14 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), script: &Script) {
                     let s = lock.lock().unwrap();
                     drop(released.wait_timeout_while(s, Duration::from_secs(60), |s| !s.released).unwrap());
                 }
+                Fault::Gate(at, then) => {
+                    let s = lock.lock().unwrap();
+                    drop(released.wait_timeout_while(s, Duration::from_secs(30), |s| s.most_in_flight < at).unwrap());
+                    std::thread::sleep(then);
+                }
                 _ => {}
             }
+            drop(handling);
             respond(&mut stream, 200, "", &text);
         }
     }

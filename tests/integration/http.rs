@@ -49,6 +49,16 @@ fn assert_applied_once(endpoint: &Endpoint, ids: &[String]) {
     assert_eq!(distinct.len(), by_event.len(), "two events never share a key");
 }
 
+/// An event on partition 0 with its ID in the `event-id` header and the JSON body's `id`.
+fn json_event(id: &str) -> Produce {
+    Produce {
+        partition: 0,
+        key: None,
+        payload: Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
+        headers: vec![("event-id".into(), id.as_bytes().to_vec())],
+    }
+}
+
 fn requests_of<'a>(seen: &'a [Seen], id: &str) -> Vec<&'a Seen> {
     seen.iter().filter(|s| s.event_id() == id).collect()
 }
@@ -335,7 +345,9 @@ async fn requests_of_a_partition_run_up_to_max_in_flight_at_once() {
     let kafka = cluster(1);
     let (records, ids) = events(40, 0, 1, 3);
     mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
-    let endpoint = Endpoint::start(|_, _| Fault::SlowAnswer(Duration::from_millis(200)));
+    // Every answer waits until 4 requests were open at once, then 200 ms more: a
+    // fifth request, were the limit broken, would arrive while four are held.
+    let endpoint = Endpoint::start(|_, _| Fault::Gate(4, Duration::from_millis(200)));
     let dir = tempfile::tempdir().unwrap();
     let env = http_env(&endpoint, &[("KDEDUP_SINK__HTTP__MAX_IN_FLIGHT", "4".into())]);
     let started = std::time::Instant::now();
@@ -467,12 +479,7 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_ends_a_long_retry_after_at_once_and_the_event_is_delivered_after_restart() {
     let kafka = cluster(1);
-    let event = |id: &str| Produce {
-        partition: 0,
-        key: None,
-        payload: Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
-        headers: vec![("event-id".into(), id.as_bytes().to_vec())],
-    };
+    let event = json_event;
     mock::produce_all(kafka.bootstrap(), INPUT, &[event("a"), event("victim"), event("c")]).await.unwrap();
     // The victim's first answer asks for two minutes, well within the retry budget (5 min).
     let endpoint = Endpoint::start(|seen, nth| match (seen.event_id().as_str(), nth) {
@@ -589,4 +596,68 @@ async fn with_a_results_topic_a_crash_after_the_effect_is_reconciled_without_a_s
     assert_eq!(victim[0].key(), victim[1].key(), "with the same key");
     assert_eq!(victim[1].handled, "replayed", "which the endpoint answered from its store");
     assert_eq!(metrics.reconciled.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_attempt_that_may_have_landed_every_later_attempt_is_marked_and_no_url_secret_shows() {
+    let kafka = cluster(1);
+    let event = json_event;
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("landed"), event("other")]).await.unwrap();
+    // The first request is applied but answered after the client's timeout; then
+    // a 503 and resets until the budget is spent (a reset's error text names the
+    // URL); once `open`, the endpoint answers again.
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_open = open.clone();
+    let endpoint = Endpoint::start(move |seen, nth| match (seen.event_id().as_str(), nth) {
+        ("landed", 1) => Fault::SlowAnswer(Duration::from_millis(1_500)),
+        ("landed", 2) => Fault::Status { status: 503, retry_after: None, body: "down".into() },
+        ("landed", _) if !is_open.load(std::sync::atomic::Ordering::SeqCst) => Fault::Reset,
+        _ => Fault::None,
+    });
+    const TOKEN: &str = "tok_in_the_url_51";
+    let url = format!("http://user:{TOKEN}@127.0.0.1:{}/v1/charges?token={TOKEN}", endpoint.port);
+    let dir = tempfile::tempdir().unwrap();
+    let env = http_env(
+        &endpoint,
+        &[
+            ("KDEDUP_SINK__HTTP__URL", url),
+            ("KDEDUP_SINK__HTTP__TIMEOUT_MS", "300".into()),
+            ("KDEDUP_SINK__HTTP__BACKOFF_INITIAL_MS", "50".into()),
+            ("KDEDUP_SINK__HTTP__RETRY_BUDGET_MS", "1000".into()),
+            ("KDEDUP_STORE__LEASE_SECS", "1".into()),
+        ],
+    );
+    let config = config(&kafka, &unique("http-landed"), dir.path(), &with_env(&env));
+    assert!(!format!("{config:?}").contains(TOKEN), "the URL's secrets never show in Debug");
+    let running = start(config, Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+
+    let seen = endpoint.seen();
+    let tries = requests_of(&seen, "landed");
+    assert!(tries.len() >= 2, "retried: {}", tries.len());
+    assert_eq!(tries[0].header(headers::POSSIBLE_REPEAT), None, "the first attempt is not a repeat");
+    for t in &tries[1..] {
+        assert_eq!(t.header(headers::POSSIBLE_REPEAT), Some("true"), "a retry after a timeout or a 5xx is marked");
+    }
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    assert_eq!(dead.len(), 1, "the given-up effect is dead-lettered");
+    let error = dead[0].header_str(headers::ERROR).unwrap();
+    assert!(error.contains("gave up") && error.contains("may have been applied"), "{error}");
+    assert!(!error.contains(TOKEN), "the URL's secrets never reach a dead letter: {error}");
+
+    // The claim was kept: the next copy of the event is a takeover, sent marked,
+    // and the endpoint's own dedup answers it from its store.
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("landed")]).await.unwrap();
+    wait_all_committed(&kafka, &running.metrics).await;
+    running.stop(StopMode::Drain).await;
+    let seen = endpoint.seen();
+    let last = *requests_of(&seen, "landed").last().unwrap();
+    assert_eq!(last.handled, "replayed", "{last:?}");
+    assert_eq!(
+        last.header(headers::POSSIBLE_REPEAT),
+        Some("true"),
+        "no unmarked attempt after one that may have landed"
+    );
+    assert_eq!(endpoint.applied().values().sum::<usize>(), 2, "landed and other, once each");
 }

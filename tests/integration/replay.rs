@@ -432,3 +432,112 @@ async fn stats_from_the_store_counts_keys_by_state_with_the_oldest_age() {
     let line = String::from_utf8_lossy(&text.stdout);
     assert!(line.contains("20 keys done, 1 in flight"), "{line}");
 }
+
+/// Finding 8a: redrive met a key again more than a batch later and forgot it
+/// again, so every copy was emitted once more. Copies 2,500 records apart
+/// (two and a half batches of 1,000): exactly one more effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_over_copies_more_than_a_batch_apart_emits_each_event_once_more() {
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka, &unique("replay-far"), dir.path(), &[]);
+    let mut records = Vec::new();
+    for copy in 0..3 {
+        records.push(event("x", "same"));
+        if copy < 2 {
+            records.extend((0..2_499).map(|i| event(&format!("f{copy}-{i}"), "filler")));
+        }
+    }
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    live_run(&kafka, &config).await;
+    let x = |output: &[mock::Consumed]| output.iter().filter(|r| r.header_str(headers::EVENT_ID) == Some("x")).count();
+    assert_eq!(x(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap()), 1);
+
+    let report = replay(&config, options(Mode::Redrive, From::Offset(0), To::End, "far")).await.unwrap();
+    assert_eq!(report.counts.emitted, 1 + 2 * 2_499, "{report:?}");
+    assert_eq!(report.counts.duplicate, 2, "{report:?}");
+    assert_eq!(x(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap()), 2, "x once more, not three times");
+}
+
+/// Finding 8b: a release beside a live owner's in-flight claim keeps it (and
+/// says so); a done row is released. Finding 8c: after a release beside a live
+/// run, a resend of a released event is emitted, although the live process's
+/// recent cache had vouched for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_keeps_a_live_claim_and_a_resend_after_it_is_emitted_beside_a_live_run() {
+    let Ok(url) = std::env::var("KDEDUP_TEST_POSTGRES") else {
+        eprintln!("skipped: KDEDUP_TEST_POSTGRES is not set (scripts/test sets it)");
+        return;
+    };
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("replay-rel");
+    let config = config(&kafka, &group, dir.path(), &[("KDEDUP_STORE__KIND", "postgres"), ("KDEDUP_STORE__URL", &url)]);
+    let store = Store::open(&config.store, &config.retention).unwrap();
+    store.apply_schema().await.unwrap();
+    let key =
+        |id: &str| kdedup::event::EventKey { scope: config.key.scope.as_str().into(), id: id.as_bytes().to_vec() };
+
+    // A live owner elsewhere holds "held" in flight (its lease renewed as it works).
+    let owner = kdedup::event::Position { topic: "in".into(), partition: 0, offset: 1 };
+    let request = kdedup::store::ClaimRequest {
+        key: key("held"),
+        fingerprint: kdedup::event::Fingerprint(7),
+        position: owner.clone(),
+    };
+    assert!(matches!(store.claim(vec![request], now_ms()).await.unwrap()[..], [kdedup::store::Claim::New(_)]));
+
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("done", "d")]).await.unwrap();
+    let running = start(config.clone(), Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    // "held" reaches the topic only now, for the replay to meet; the live run
+    // would wait on the claim, so the replay reads it from a topic of its own.
+    kafka.create_topic("held-in", 1).unwrap();
+    mock::produce_all(kafka.bootstrap(), "held-in", &[event("held", "h")]).await.unwrap();
+    let mut held = options(Mode::Release, From::Offset(0), To::End, "rel-held");
+    held.topic = Some("held-in".into());
+    let report = replay(&config, held).await.unwrap();
+    assert_eq!((report.counts.released, report.counts.in_flight), (0, 1), "{report:?}");
+    let row = store.lookup(vec![key("held")], now_ms()).await.unwrap().pop().unwrap().expect("kept");
+    assert_eq!((row.state, row.position), (ClaimState::InFlight, owner), "the live claim is untouched");
+
+    // The live process completed "done" and caches it; two copies then find it
+    // there (the first read of the release marker empties the cache once, and
+    // the duplicate's row puts it back).
+    for _ in 0..2 {
+        mock::produce_all(kafka.bootstrap(), INPUT, &[event("done", "d")]).await.unwrap();
+        wait_all_committed(&kafka, &running.metrics).await;
+    }
+    assert_eq!(running.metrics.outcome("duplicate"), 2);
+    // The release deletes its row.
+    let report = replay(&config, options(Mode::Release, From::Offset(0), To::End, "rel-done")).await.unwrap();
+    assert_eq!(report.counts.released, 1, "{report:?}");
+    // A resend after the release: the store has no row, so it is new.
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("done", "d")]).await.unwrap();
+    wait_all_committed(&kafka, &running.metrics).await;
+    let metrics = running.metrics.clone();
+    running.stop(StopMode::Drain).await;
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    let emitted = output.iter().filter(|r| r.header_str(headers::EVENT_ID) == Some("done")).count();
+    assert_eq!(emitted, 2, "the resend after the release is emitted");
+    assert_eq!(metrics.outcome("new"), 2);
+}
+
+/// Finding 8d: an apply over a range the live group handled dead-letters its
+/// bad records again; those copies are marked as possible repeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applys_dead_letters_are_marked_as_possible_repeats() {
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka, &unique("replay-dlq"), dir.path(), &[]);
+    let bad = Produce { partition: 0, key: None, payload: Some(b"no id".to_vec()), headers: vec![] };
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("a", "a"), bad]).await.unwrap();
+    live_run(&kafka, &config).await;
+    let report = replay(&config, options(Mode::Apply, From::Offset(0), To::End, "dlq-job")).await.unwrap();
+    assert_eq!(report.counts.bad, 1, "{report:?}");
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    assert_eq!(dead.len(), 2, "the group's dead letter and the replay's");
+    assert_eq!(dead[0].header_str(headers::POSSIBLE_REPEAT), None, "the group's own is the first");
+    assert_eq!(dead[1].header_str(headers::REPLAY), Some("dlq-job"));
+    assert_eq!(dead[1].header_str(headers::POSSIBLE_REPEAT), Some("true"), "the replay's copy is marked");
+}

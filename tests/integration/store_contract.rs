@@ -11,7 +11,9 @@ use std::num::{NonZeroU32, NonZeroUsize};
 
 use kdedup::config::{Retention, ScyllaConfig, ScyllaConsistency, ScyllaSerialConsistency, StoreConfig};
 use kdedup::event::{EventKey, Fingerprint, Position};
-use kdedup::store::{Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Store};
+use kdedup::store::{
+    mark_released, now_ms, release_marker, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Released, Store,
+};
 
 const TTL_MS: u64 = 100_000;
 const LEASE_MS: u64 = 10_000;
@@ -265,6 +267,50 @@ async fn release_frees_the_key_and_forget_deletes_it() {
         assert!(store.forget(b.key("k")).await.unwrap(), "{name}");
         assert!(!store.forget(b.key("k")).await.unwrap(), "{name}");
         assert_eq!(claim1(store, b.req("k", 1, at(1, 3)), T0 + 3).await, Claim::New(Acquired::Fresh), "{name}");
+    }
+}
+
+/// A replay's release: a live owner's in-flight claim and a row claimed since
+/// the cut-off are kept (and said so); a lapsed claim and a done row go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replays_release_keeps_live_claims_and_newer_rows() {
+    for b in backends().await {
+        let (name, store) = (b.name, &b.store);
+        let cut = T0 + 10;
+        claim1(store, b.req("live", 1, at(0, 1)), T0).await;
+        let kept = store.release_unless_live(b.key("live"), T0 + 1, cut).await.unwrap();
+        assert!(matches!(&kept, Released::Live(row) if row.position == at(0, 1)), "{name}: {kept:?}");
+        let row = store.lookup(vec![b.key("live")], T0 + 1).await.unwrap().pop().unwrap();
+        assert_eq!(row.map(|r| r.state), Some(ClaimState::InFlight), "{name}: the live claim is still there");
+        // Its lease lapsed, and the takeover's grace (one lease) too: released.
+        let lapsed = T0 + 2 * LEASE_MS;
+        assert_eq!(store.release_unless_live(b.key("live"), lapsed, cut).await.unwrap(), Released::Deleted, "{name}");
+        assert_eq!(store.lookup(vec![b.key("live")], lapsed).await.unwrap(), vec![None], "{name}");
+
+        claim1(store, b.req("done", 1, at(0, 2)), T0).await;
+        store.complete(vec![(b.key("done"), at(0, 2))], T0).await.unwrap();
+        claim1(store, b.req("newer", 1, at(0, 3)), cut).await;
+        store.complete(vec![(b.key("newer"), at(0, 3))], cut).await.unwrap();
+        let kept = store.release_unless_live(b.key("newer"), cut + 1, cut).await.unwrap();
+        assert!(matches!(kept, Released::Newer(_)), "{name}: claimed at the cut-off is kept: {kept:?}");
+        assert_eq!(store.release_unless_live(b.key("done"), cut + 1, cut).await.unwrap(), Released::Deleted, "{name}");
+        assert_eq!(store.release_unless_live(b.key("done"), cut + 1, cut).await.unwrap(), Released::Absent, "{name}");
+        assert_eq!(claim1(store, b.req("done", 1, at(1, 2)), cut + 2).await, Claim::New(Acquired::Fresh), "{name}");
+
+        // The release marker (an empty event ID) is a row like any other, and changes with each mark.
+        let marker = || async { store.lookup(vec![release_marker(&b.scope)], now_ms()).await.unwrap().pop().unwrap() };
+        assert_eq!(marker().await, None, "{name}");
+        mark_released(store, &b.scope, now_ms()).await.unwrap();
+        let first = marker().await.expect("marked");
+        mark_released(store, &b.scope, now_ms()).await.unwrap();
+        let second = marker().await.expect("marked");
+        assert_ne!(first.fingerprint, second.fingerprint, "{name}");
+        if name != "scylla" {
+            // Not an event: the scope's key counts leave it out (the rows above,
+            // claimed at T0, have expired by the clock's now).
+            let census = store.census(&b.scope, now_ms()).await.unwrap();
+            assert_eq!((census.done, census.in_flight), (0, 0), "{name}: {census:?}");
+        }
     }
 }
 
