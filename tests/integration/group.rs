@@ -70,6 +70,7 @@ async fn group_of_three_under_sigkill_churn_on_the_cql_store_on_cassandra() {
         .unwrap();
     assert!(applied.status.success(), "schema apply: {}", String::from_utf8_lossy(&applied.stderr));
     churn(&env, &store).await;
+    assert_eq!(keyspace.claim_rows().await, 50_000, "one row per event, on Cassandra");
 }
 
 /// Three members under SIGKILL churn while the input is produced: every event

@@ -107,4 +107,5 @@ async fn whole_path_on_the_cql_store_on_cassandra() {
     assert_outcomes_sum(&metrics);
     let ends = mock::end_offsets(kafka.bootstrap(), INPUT).unwrap();
     assert_eq!(mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap(), ends);
+    assert_eq!(keyspace.claim_rows().await, 5_000, "one row per event, on Cassandra");
 }

@@ -640,8 +640,23 @@ impl CqlKeyspace {
             ("KDEDUP_STORE__CONTACT_POINTS".into(), format!("[\"{}\"]", self.contact_point)),
             ("KDEDUP_STORE__LOCAL_DATACENTER".into(), self.datacenter.clone()),
             ("KDEDUP_STORE__KEYSPACE".into(), self.name.clone()),
-            (format!("KDEDUP_STORE__REPLICATION__{}", self.datacenter.to_ascii_uppercase()), "1".into()),
+            ("KDEDUP_STORE__REPLICATION".into(), format!("{{ {} = 1 }}", self.datacenter)),
         ]
+    }
+}
+
+impl CqlKeyspace {
+    /// Rows in this keyspace's claims table: one per event ID the store saw.
+    pub async fn claim_rows(&self) -> i64 {
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_node(&self.contact_point)
+            .build()
+            .await
+            .expect("the CQL server answers");
+        let statement = format!("SELECT count(*) FROM {}.kdedup_claims", self.name);
+        let result = session.query_unpaged(statement, ()).await.expect("count the claims");
+        let rows = result.into_rows_result().expect("count(*) answers a row");
+        rows.single_row::<(i64,)>().expect("one bigint").0
     }
 }
 
