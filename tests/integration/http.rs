@@ -623,7 +623,7 @@ async fn http_answers_are_recorded_on_the_cql_store_on_cassandra() {
         let recorded = store.response(key(id), kdedup::store::now_ms()).await.unwrap();
         let recorded = recorded.unwrap_or_else(|| panic!("{id}: no response recorded"));
         assert_eq!(recorded.status, 200, "{id}");
-        assert_eq!(recorded.attempts, if n % 5 == 0 { 2 } else { 1 }, "{id}");
+        assert_eq!(recorded.attempts, if n.is_multiple_of(5) { 2 } else { 1 }, "{id}");
         assert!(recorded.excerpt.contains(id.as_str()), "{id}: {recorded:?}");
         let row = store.lookup(vec![key(id)], kdedup::store::now_ms()).await.unwrap().pop().unwrap();
         assert_eq!(row.map(|r| r.state), Some(kdedup::store::ClaimState::Done), "{id}");
