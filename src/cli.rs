@@ -489,13 +489,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 ),
                 None => println!("{}: not in the store (never seen, expired, or forgotten)", key.display_id()),
             }
-            match store.response(key, now_ms()).await? {
-                Some(r) => println!(
+            if let Some(r) = store.response(key, now_ms()).await? {
+                println!(
                     "response: HTTP {} after {} attempt(s), at (ms) {}\nresponse body: {} bytes, sha256 {}\nresponse excerpt: {:?}",
                     r.status, r.attempts, r.at_ms, r.body_bytes, r.body_sha256, r.excerpt
-                ),
-                None if store.kind() == "scylla" => println!("response: not recorded (ScyllaDB keeps no responses yet)"),
-                None => {}
+                );
             }
             Ok(0)
         }

@@ -152,6 +152,12 @@ pub struct PartitionTask {
     reached_before: Option<i64>,
     /// Where this partition's latest writes landed, plus one.
     logs: LogMarks,
+    /// `logs` as they were when every record taken was finished: the marks a
+    /// commit may carry. Between rounds of a batch, records after one set aside
+    /// (its key in flight elsewhere) may already be written while the
+    /// watermark stays below it; a commit carrying the latest marks would make
+    /// the next owner read past those writes and make them again.
+    settled_logs: LogMarks,
 }
 
 impl PartitionTask {
@@ -326,8 +332,11 @@ impl Driver for PartitionTask {
                 error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset tracking broken");
             }
         }
+        if self.tracker.in_flight() == 0 {
+            self.settled_logs = self.logs;
+        }
         if let Some(w) = self.tracker.watermark() {
-            self.stages.book.publish(&self.tp, w, self.logs);
+            self.stages.book.publish(&self.tp, w, self.settled_logs);
         }
     }
 }
@@ -385,6 +394,7 @@ impl PartitionHandler for Workers {
             dead_lettered: HashSet::new(),
             reached_before: None,
             logs: resume.logs,
+            settled_logs: resume.logs,
         };
         let stages = self.stages.clone();
         let tp_of_task = tp.clone();

@@ -1,6 +1,7 @@
 //! The ScyllaDB store: a shared store for consumer groups across machines,
 //! where one PostgreSQL is not enough. Every write is a lightweight
-//! transaction (Paxos) on the key's own partition.
+//! transaction (Paxos) on the key's own partition. It speaks CQL only, so it
+//! runs on Apache Cassandra too (the contract suite runs on Cassandra 5.0).
 //!
 //! - `claim` is `INSERT … IF NOT EXISTS USING TTL ?`. A rejected insert comes
 //!   back with the row that rejected it, and [`next_step`] maps that row
@@ -26,6 +27,14 @@
 //!   Paxos round in progress: either our write is visible or it never will be.
 //! - A batch runs many statements at once (`max_in_flight`), one key's
 //!   requests in order, so a key repeated in one batch sees the earlier write.
+//! - The two servers answer an LWT with other columns: ScyllaDB with
+//!   `[applied]` and the whole old row; Cassandra with `[applied]` alone when
+//!   applied, and with only the condition's columns for a rejected `UPDATE …
+//!   IF`. Rows are read by column name, and a partial one ([`Shown::Partial`])
+//!   is completed by a SERIAL read.
+//! - An effect's response (`record`) is kept with the granted claim and
+//!   written by the conditional update that completes it, so it costs no
+//!   Paxos round of its own and gets the row's TTL; takeovers clear it.
 //! - Durability: LWT writes hit the commit log synchronously on a quorum of
 //!   replicas before they are acknowledged, so `sync` has nothing to do.
 //!
@@ -48,7 +57,7 @@ use scylla::response::query_result::QueryResult;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
-use scylla::value::{CqlValue, Row};
+use scylla::value::{CqlValue, MaybeUnset, Row};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
@@ -142,6 +151,12 @@ fn rejects_tablets_option(message: &str) -> bool {
 
 const COLUMNS: &str = r#"state, fingerprint, topic, partition, "offset", claimed_at_ms, lease_until_ms, expires_at_ms"#;
 const SET_ALL: &str = r#"SET state = ?, fingerprint = ?, topic = ?, partition = ?, "offset" = ?, claimed_at_ms = ?, lease_until_ms = ?, expires_at_ms = ?"#;
+/// The condition of every rewrite of a claim its owner holds: still in flight, still ours.
+const OWN: &str = r#"IF state = 1 AND topic = ? AND partition = ? AND "offset" = ? AND expires_at_ms = ?"#;
+
+/// Whether the table has the `response` column (tables made before it was added lack it).
+const RESPONSE_COLUMN: &str =
+    "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = 'response'";
 
 /// Every statement the store runs, for one keyspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,17 +167,24 @@ pub struct Cql {
     pub take_over_expired: String,
     /// values: ttl, the row's 8 columns, scope, event_id, now
     pub take_over_lapsed: String,
-    /// Resume and complete: rewrite our own live in-flight row.
+    /// Resume and renew: rewrite our own live in-flight row (its response untouched).
     /// values: ttl, the row's 8 columns, scope, event_id, topic, partition, offset, expires_at_ms
     pub rewrite_own: String,
+    /// Complete: `rewrite_own` that also writes the recorded response (unset: none recorded).
+    /// values: ttl, the row's 8 columns, response, scope, event_id, topic, partition, offset, expires_at_ms
+    pub complete: String,
     /// values: scope, event_id, topic, partition, offset
     pub release: String,
     /// values: scope, event_id
     pub forget: String,
     /// values: scope, event_id
     pub read: String,
+    /// values: scope, event_id
+    pub response: String,
     /// values: now
     pub sweep_scan: String,
+    /// The migration of tables made before the `response` column (run only when it is missing).
+    pub add_response: String,
     /// values: scope, event_id, now
     pub sweep_delete: String,
 }
@@ -176,16 +198,22 @@ impl Cql {
             insert: format!(
                 "INSERT INTO {t} (scope, event_id, {COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
             ),
-            take_over_expired: format!("UPDATE {t} USING TTL ? {SET_ALL} {key} IF expires_at_ms <= ?"),
-            take_over_lapsed: format!("UPDATE {t} USING TTL ? {SET_ALL} {key} IF state = 1 AND lease_until_ms <= ?"),
-            rewrite_own: format!(
-                r#"UPDATE {t} USING TTL ? {SET_ALL} {key} IF state = 1 AND topic = ? AND partition = ? AND "offset" = ? AND expires_at_ms = ?"#
+            // A takeover starts a new claim: the old claim's response goes with it.
+            take_over_expired: format!(
+                "UPDATE {t} USING TTL ? {SET_ALL}, response = null {key} IF expires_at_ms <= ?"
             ),
+            take_over_lapsed: format!(
+                "UPDATE {t} USING TTL ? {SET_ALL}, response = null {key} IF state = 1 AND lease_until_ms <= ?"
+            ),
+            rewrite_own: format!("UPDATE {t} USING TTL ? {SET_ALL} {key} {OWN}"),
+            complete: format!("UPDATE {t} USING TTL ? {SET_ALL}, response = ? {key} {OWN}"),
             release: format!(r#"DELETE FROM {t} {key} IF state = 1 AND topic = ? AND partition = ? AND "offset" = ?"#),
             forget: format!("DELETE FROM {t} {key} IF EXISTS"),
             read: format!("SELECT {COLUMNS} FROM {t} {key}"),
+            response: format!("SELECT response, expires_at_ms FROM {t} {key}"),
             sweep_scan: format!("SELECT scope, event_id, expires_at_ms FROM {t} WHERE expires_at_ms <= ? ALLOW FILTERING"),
             sweep_delete: format!("DELETE FROM {t} {key} IF expires_at_ms <= ?"),
+            add_response: format!("ALTER TABLE {t} ADD response text"),
         }
     }
 }
@@ -435,9 +463,11 @@ struct Inner {
     ttl_ms: u64,
     lease_ms: u64,
     connected: OnceCell<Connected>,
-    /// Rows of claims this store granted and not yet completed or released,
-    /// by (key, position): completion rewrites the whole row with its TTL.
-    granted: Mutex<HashMap<(EventKey, Position), ClaimRow>>,
+    /// Claims this store granted and not yet completed or released, by key
+    /// (a key has one claim at a time: a newer grant replaces an older one):
+    /// completion rewrites the whole row with its TTL, and the response
+    /// recorded for it.
+    granted: Mutex<HashMap<EventKey, Granted>>,
     round_trips: AtomicU64,
     ops: StoreOpMetrics,
 }
@@ -448,14 +478,23 @@ struct Connected {
     take_over_expired: PreparedStatement,
     take_over_lapsed: PreparedStatement,
     rewrite_own: PreparedStatement,
+    complete: PreparedStatement,
     release: PreparedStatement,
     forget: PreparedStatement,
     /// Plain read at the configured consistency (the Bloom route's cheap read).
     read: PreparedStatement,
     /// The same read at SERIAL / LOCAL_SERIAL: sees (and finishes) Paxos rounds in progress.
     serial_read: PreparedStatement,
+    response: PreparedStatement,
     sweep_scan: PreparedStatement,
     sweep_delete: PreparedStatement,
+}
+
+/// A claim this store holds: its row as written, and the effect's response
+/// once recorded (written by the completion, in the same Paxos round).
+struct Granted {
+    row: ClaimRow,
+    response: Option<EffectResponse>,
 }
 
 /// An LWT's result: answered, or unknown (to be settled by a SERIAL read).
@@ -482,6 +521,8 @@ fn row_values<'a>(row: &'a ClaimRow, fingerprint: &'a [u8; 16]) -> Values<'a> {
     )
 }
 
+type OwnValues<'a> = (i32, i8, &'a [u8], &'a str, i32, i64, i64, i64, i64, &'a str, &'a [u8], &'a str, i32, i64, i64);
+
 /// Values of `rewrite_own`: the new row, conditional on the row we hold.
 fn rewrite_own_values<'a>(
     key: &'a EventKey,
@@ -489,7 +530,7 @@ fn rewrite_own_values<'a>(
     new: &'a ClaimRow,
     fingerprint: &'a [u8; 16],
     now_ms: u64,
-) -> impl SerializeRow + Copy + 'a {
+) -> OwnValues<'a> {
     let (st, sc, to, pa, of, ca, lu, ea) = row_values(new, fingerprint);
     let ttl = ttl_secs(new.expires_at_ms, now_ms);
     (
@@ -562,6 +603,17 @@ impl ScyllaStore {
                 Err(e) => return Err(scylla_error(&format!("applying `{statement}`"), &e)),
             }
         }
+        // Tables made before the `response` column: CQL has no `ADD IF NOT
+        // EXISTS` on every server, so ask first; a concurrent apply that added
+        // it in between is no failure.
+        if !self.has_response_column(&session).await? {
+            if let Err(e) = session.query_unpaged(ddl(&self.inner.cql.add_response), ()).await {
+                if !self.has_response_column(&session).await? {
+                    return Err(scylla_error(&format!("applying `{}`", self.inner.cql.add_response), &e));
+                }
+            }
+            info!(keyspace = %self.inner.config.keyspace, "added the response column to {TABLE}");
+        }
         session.await_schema_agreement().await.map_err(|e| StoreError::Scylla {
             message: format!("the nodes did not agree on the new schema: {e}"),
             retriable: true,
@@ -587,7 +639,23 @@ impl ScyllaStore {
                 self.inner.config.keyspace
             )));
         }
+        if let Ok(false) = self.has_response_column(&session).await {
+            return Err(StoreError::Config(format!(
+                "table {}.{TABLE} has no `response` column (made by an older kdedup): run \
+                 `kdedup schema apply --config FILE` to add it",
+                self.inner.config.keyspace
+            )));
+        }
         Ok(())
+    }
+
+    async fn has_response_column(&self, session: &Session) -> Result<bool, StoreError> {
+        let found = session
+            .query_unpaged(RESPONSE_COLUMN, (self.inner.config.keyspace.as_str(), TABLE))
+            .await
+            .map_err(|e| scylla_error("reading the table's columns", &e))?;
+        let rows = found.into_rows_result().map_err(|e| StoreError::Corrupt(format!("system_schema.columns: {e}")))?;
+        Ok(rows.rows_num() > 0)
     }
 
     /// The session alone (schema work needs no prepared statements, and the
@@ -701,14 +769,14 @@ impl ScyllaStore {
             };
             let existing = match lwt {
                 Lwt::Answer(answer) if answer.applied => {
-                    self.remember(key, &intended, now_ms);
+                    self.remember(key, &intended, now_ms, matches!(step, Step::Resume(_)));
                     return Ok(Claim::New(step.acquired()));
                 }
                 Lwt::Answer(answer) => self.row_of(key, answer.row).await?,
                 Lwt::Unknown => {
                     let current = self.read_row(key, true).await?;
                     if shows_our_write(&intended, current.as_ref()) {
-                        self.remember(key, &intended, now_ms);
+                        self.remember(key, &intended, now_ms, matches!(step, Step::Resume(_)));
                         return Ok(Claim::New(step.acquired()));
                     }
                     current
@@ -722,15 +790,25 @@ impl ScyllaStore {
     /// Completes one claim; `false` when this position no longer holds it.
     async fn complete_one(&self, key: &EventKey, position: &Position, now_ms: u64) -> Result<bool, StoreError> {
         let c = self.connected().await?;
-        let granted = self.forget_granted(key, position);
+        let (granted, response) = match self.forget_granted(key, position) {
+            Some(g) => (Some(g.row), g.response),
+            None => (None, None),
+        };
         let Some(held) = self.held_row(key, position, granted, now_ms).await? else { return Ok(false) };
         let done = ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..held.clone() };
         let fp = done.fingerprint.0.to_be_bytes();
-        let values = rewrite_own_values(key, &held, &done, &fp, now_ms);
+        // Unset, not null, when nothing was recorded: no tombstone is written.
+        let response = match &response {
+            Some(r) => MaybeUnset::Set(r.encode()),
+            None => MaybeUnset::Unset,
+        };
+        let (ttl, st, sc, to, pa, of, ca, lu, ea, scope, id, h_to, h_pa, h_of, h_ea) =
+            rewrite_own_values(key, &held, &done, &fp, now_ms);
+        let values = (ttl, st, sc, to, pa, of, ca, lu, ea, &response, scope, id, h_to, h_pa, h_of, h_ea);
         // At most two attempts: the second only after an unknown outcome that the
         // SERIAL read shows still pending (our row, still in flight).
         for _ in 0..2 {
-            match self.lwt("complete", &c.rewrite_own, values).await? {
+            match self.lwt("complete", &c.complete, values).await? {
                 Lwt::Answer(answer) => {
                     let answer = match answer.row {
                         Shown::Partial => {
@@ -757,8 +835,14 @@ impl ScyllaStore {
     /// of our own in-flight row, like completion; `false` when it is no longer ours.
     async fn renew_one(&self, key: &EventKey, position: &Position, now_ms: u64) -> Result<bool, StoreError> {
         let c = self.connected().await?;
-        let granted =
-            self.inner.granted.lock().unwrap_or_else(|p| p.into_inner()).get(&(key.clone(), position.clone())).cloned();
+        let granted = self
+            .inner
+            .granted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .filter(|g| &g.row.position == position)
+            .map(|g| g.row.clone());
         let Some(held) = self.held_row(key, position, granted, now_ms).await? else { return Ok(false) };
         let renewed =
             ClaimRow { lease_until_ms: (now_ms + self.inner.lease_ms).max(held.lease_until_ms), ..held.clone() };
@@ -769,7 +853,7 @@ impl ScyllaStore {
             Lwt::Unknown => self.read_row(key, true).await?.is_some_and(|row| row == renewed),
         };
         if applied {
-            self.remember(key, &renewed, now_ms);
+            self.remember(key, &renewed, now_ms, true);
         }
         Ok(applied)
     }
@@ -811,19 +895,57 @@ impl ScyllaStore {
         })
     }
 
-    fn remember(&self, key: &EventKey, row: &ClaimRow, now_ms: u64) {
+    /// Keeps a claim's row for its completion; `keep_response`: the same claim
+    /// (resumed or renewed) keeps the response recorded for it, a new one starts without.
+    fn remember(&self, key: &EventKey, row: &ClaimRow, now_ms: u64, keep_response: bool) {
         let mut granted = self.inner.granted.lock().unwrap_or_else(|p| p.into_inner());
         if granted.len() >= GRANTED_SOFT_LIMIT {
             // Claims never completed nor released (a partition revoked mid-batch):
             // once expired, no completion could use them.
-            granted.retain(|_, r| r.expires_at_ms > now_ms);
+            granted.retain(|_, g| g.row.expires_at_ms > now_ms);
         }
-        granted.insert((key.clone(), row.position.clone()), row.clone());
+        let response = match granted.get(key) {
+            Some(g) if keep_response && g.row.position == row.position => g.response.clone(),
+            _ => None,
+        };
+        granted.insert(key.clone(), Granted { row: row.clone(), response });
     }
 
-    fn forget_granted(&self, key: &EventKey, position: &Position) -> Option<ClaimRow> {
+    /// Keeps a response for the completion of a claim this position holds;
+    /// `false` when it holds none (taken over, released, expired) as far as
+    /// this store knows: a takeover by another process shows at completion.
+    async fn record_one(
+        &self,
+        key: &EventKey,
+        position: &Position,
+        response: EffectResponse,
+    ) -> Result<bool, StoreError> {
+        {
+            let mut granted = self.inner.granted.lock().unwrap_or_else(|p| p.into_inner());
+            match granted.get_mut(key) {
+                Some(g) if &g.row.position == position => {
+                    g.response = Some(response);
+                    return Ok(true);
+                }
+                // Another position's claim was granted since: this one's is gone.
+                Some(_) => return Ok(false),
+                None => {}
+            }
+        }
+        // Not granted by this store (claimed before a restart): the row as it is now.
+        let now = super::now_ms();
+        let Some(row) = self.held_row(key, position, None, now).await? else { return Ok(false) };
         let mut granted = self.inner.granted.lock().unwrap_or_else(|p| p.into_inner());
-        granted.remove(&(key.clone(), position.clone()))
+        granted.insert(key.clone(), Granted { row, response: Some(response) });
+        Ok(true)
+    }
+
+    fn forget_granted(&self, key: &EventKey, position: &Position) -> Option<Granted> {
+        let mut granted = self.inner.granted.lock().unwrap_or_else(|p| p.into_inner());
+        match granted.get(key) {
+            Some(g) if &g.row.position == position => granted.remove(key),
+            _ => None,
+        }
     }
 
     /// Runs `f` over `items` with at most `max_in_flight` at once; answers in item order.
@@ -1014,10 +1136,12 @@ async fn prepare_all(config: &ScyllaConfig, cql: &Cql) -> Result<Connected, Stor
         take_over_expired: prepare(&cql.take_over_expired, &p.lwt, false).await?,
         take_over_lapsed: prepare(&cql.take_over_lapsed, &p.lwt, false).await?,
         rewrite_own: prepare(&cql.rewrite_own, &p.lwt, false).await?,
+        complete: prepare(&cql.complete, &p.lwt, false).await?,
         release: prepare(&cql.release, &p.lwt, false).await?,
         forget: prepare(&cql.forget, &p.lwt, false).await?,
         read: prepare(&cql.read, &p.read, true).await?,
         serial_read: prepare(&cql.read, &p.serial_read, true).await?,
+        response: prepare(&cql.response, &p.read, true).await?,
         sweep_scan: {
             let mut s = prepare(&cql.sweep_scan, &p.scan, true).await?;
             s.set_page_size(1000);
@@ -1068,15 +1192,38 @@ impl DedupStore for ScyllaStore {
         self.each(keys, |(key, position)| async move { self.release_one(&key, &position).await }).await.map(drop)
     }
 
-    /// Not kept on ScyllaDB yet: the row would need a `response` column written
-    /// by a conditional update (no server here to test it against). Every
-    /// answer is `false`, and `kdedup inspect` says responses are not recorded.
+    /// Kept with the claim in memory and written by the conditional update
+    /// that completes it (one Paxos round, not two; the cell gets the row's
+    /// TTL). A crash before completion loses it with the claim's completion:
+    /// the redelivery runs the effect again and records its answer.
     async fn record(&self, responses: Vec<(EventKey, Position, EffectResponse)>) -> Result<Vec<bool>, StoreError> {
-        Ok(vec![false; responses.len()])
+        self.each(
+            responses,
+            |(key, position, response)| async move { self.record_one(&key, &position, response).await },
+        )
+        .await
     }
 
-    async fn response(&self, _key: EventKey, _now_ms: u64) -> Result<Option<EffectResponse>, StoreError> {
-        Ok(None)
+    async fn response(&self, key: EventKey, now_ms: u64) -> Result<Option<EffectResponse>, StoreError> {
+        let c = self.connected().await?;
+        let started = Instant::now();
+        let result = c.session.execute_unpaged(&c.response, (&*key.scope, key.id.as_slice())).await.map_err(|e| {
+            self.observe("response", "error", started);
+            scylla_error("response", &e)
+        })?;
+        self.observe("response", "ok", started);
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| StoreError::Corrupt(format!("ScyllaDB answered without rows where rows were due: {e}")))?;
+        let row = rows
+            .maybe_first_row::<(Option<String>, Option<i64>)>()
+            .map_err(|e| StoreError::Corrupt(format!("ScyllaDB response row: {e}")))?;
+        match row {
+            Some((Some(text), Some(expires_at_ms))) if expires_at_ms > now_ms as i64 => {
+                EffectResponse::decode(&text).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The Bloom route's cheap read: a plain read at the configured quorum, no Paxos.
@@ -1316,6 +1463,15 @@ mod tests {
             cql.take_over_expired
         );
         assert!(cql.take_over_expired.ends_with("WHERE scope = ? AND event_id = ? IF expires_at_ms <= ?"));
+        // A takeover starts a new claim: the old claim's response does not carry over.
+        assert!(cql.take_over_expired.contains(", response = null WHERE"), "{}", cql.take_over_expired);
+        assert!(cql.take_over_lapsed.contains(", response = null WHERE"), "{}", cql.take_over_lapsed);
+        assert!(!cql.rewrite_own.contains("response"), "resume and renew keep the response");
+        assert!(cql.complete.contains(", response = ? WHERE"), "{}", cql.complete);
+        assert!(cql
+            .complete
+            .ends_with(r#"IF state = 1 AND topic = ? AND partition = ? AND "offset" = ? AND expires_at_ms = ?"#));
+        assert_eq!(cql.add_response, "ALTER TABLE dedup.kdedup_claims ADD response text");
         assert!(cql.take_over_lapsed.ends_with("IF state = 1 AND lease_until_ms <= ?"));
         assert!(cql
             .rewrite_own
@@ -1332,6 +1488,7 @@ mod tests {
             &cql.take_over_expired,
             &cql.take_over_lapsed,
             &cql.rewrite_own,
+            &cql.complete,
             &cql.release,
             &cql.forget,
             &cql.sweep_delete,
@@ -1344,6 +1501,7 @@ mod tests {
         assert_eq!(markers(&cql.take_over_expired), 12);
         assert_eq!(markers(&cql.take_over_lapsed), 12);
         assert_eq!(markers(&cql.rewrite_own), 15);
+        assert_eq!(markers(&cql.complete), 16);
         assert_eq!(markers(&cql.release), 5);
         assert_eq!(markers(&cql.sweep_delete), 3);
     }
@@ -1402,6 +1560,53 @@ mod tests {
         let (names, mut values) = response(false, Some(&row(ClaimState::Done, 7, at(2, 40), NOW)));
         values[9] = Some(CqlValue::TinyInt(9));
         assert!(matches!(lwt_answer(&names, &values), Err(StoreError::Corrupt(_))));
+    }
+
+    /// The two servers answer a lightweight transaction with other columns.
+    /// ScyllaDB: `[applied]` and the whole old row, applied or not. Cassandra:
+    /// applied, `[applied]` alone; a rejected `INSERT … IF NOT EXISTS`, the
+    /// whole row; a rejected `UPDATE … IF` or `DELETE … IF`, only the columns
+    /// its condition names; no row, `[applied]` alone.
+    #[test]
+    fn lwt_answers_of_scylla_and_cassandra_are_both_read() {
+        let held = row(ClaimState::Done, 7, at(2, 40), NOW);
+        // Both: a rejected insert shows the whole row (with `response`, which no claim column is).
+        let (mut names, mut values) = response(false, Some(&held));
+        names.push("response");
+        values.push(Some(CqlValue::Text("{}".into())));
+        assert_eq!(lwt_answer(&names, &values).unwrap(), LwtAnswer { applied: false, row: Shown::Row(held.clone()) });
+        // ScyllaDB, applied: the old row too (a takeover's rewritten row).
+        let (names, values) = response(true, Some(&held));
+        assert_eq!(lwt_answer(&names, &values).unwrap(), LwtAnswer { applied: true, row: Shown::Row(held.clone()) });
+        // Cassandra, applied: `[applied]` alone.
+        let applied = lwt_answer(&["[applied]"], &[Some(CqlValue::Boolean(true))]).unwrap();
+        assert_eq!(applied, LwtAnswer { applied: true, row: Shown::Absent });
+        // Cassandra, rejected `UPDATE … IF state = 1 AND topic = ? AND partition = ? AND "offset" = ? AND
+        // expires_at_ms = ?` (completion, renewal, resume): the condition's columns, in the table's order.
+        let names = ["[applied]", "expires_at_ms", "offset", "partition", "state", "topic"];
+        let values = [
+            Some(CqlValue::Boolean(false)),
+            Some(CqlValue::BigInt((NOW + TTL) as i64)),
+            Some(CqlValue::BigInt(40)),
+            Some(CqlValue::Int(2)),
+            Some(CqlValue::TinyInt(2)),
+            Some(CqlValue::Text("orders".into())),
+        ];
+        let answer = lwt_answer(&names, &values).unwrap();
+        assert_eq!(answer, LwtAnswer { applied: false, row: Shown::Partial }, "a SERIAL read must show the rest");
+        assert!(!completion_holds(&held, &answer), "a partial row never proves a completion");
+        // Cassandra, rejected takeover `IF expires_at_ms <= ?`: one column.
+        let answer =
+            lwt_answer(&["[applied]", "expires_at_ms"], &[Some(CqlValue::Boolean(false)), Some(CqlValue::BigInt(5))])
+                .unwrap();
+        assert_eq!(answer.row, Shown::Partial);
+        // Cassandra, a condition on a row that is not there: `[applied]` alone, or the condition's columns null.
+        let gone = lwt_answer(&["[applied]"], &[Some(CqlValue::Boolean(false))]).unwrap();
+        assert_eq!(gone, LwtAnswer { applied: false, row: Shown::Absent });
+        let gone = lwt_answer(&["[applied]", "state", "topic"], &[Some(CqlValue::Boolean(false)), None, None]).unwrap();
+        assert_eq!(gone.row, Shown::Absent);
+        // `[applied]` that is not a boolean: corrupt, never a guess.
+        assert!(matches!(lwt_answer(&["[applied]"], &[Some(CqlValue::Int(1))]), Err(StoreError::Corrupt(_))));
     }
 
     #[test]

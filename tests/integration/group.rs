@@ -1,6 +1,7 @@
 //! A consumer group of real `kdedup run` processes on a real broker (tansu)
 //! with the shared PostgreSQL store, under faults. Needs KDEDUP_TEST_BROKER
-//! and KDEDUP_TEST_POSTGRES (scripts/test starts both and sets them).
+//! and KDEDUP_TEST_POSTGRES (scripts/test starts both and sets them); the
+//! churn also runs on the CQL store on Apache Cassandra (KDEDUP_TEST_CASSANDRA).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,8 +12,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::utils::*;
 
-fn spawn(env: &GroupEnv, topics: &Topics, logs: &std::path::Path, n: usize) -> Member {
-    Member::spawn(&env.brokers, &env.postgres, topics, logs, n, &[])
+/// A member; `store` overrides the store (the PostgreSQL one when empty).
+fn spawn(env: &GroupEnv, topics: &Topics, logs: &std::path::Path, n: usize, store: &[(&str, &str)]) -> Member {
+    Member::spawn(&env.brokers, &env.postgres, topics, logs, n, store)
 }
 
 /// Bad records: no ID header, an empty one.
@@ -47,6 +49,33 @@ async fn wait_committed_to_end(env: &GroupEnv, topics: &Topics, limit: Duration,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
     let Some(env) = group_env() else { return };
+    churn(&env, &[]).await;
+}
+
+/// The same churn with the CQL store on Apache Cassandra, a keyspace of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_of_three_under_sigkill_churn_on_the_cql_store_on_cassandra() {
+    let Some(env) = group_env() else { return };
+    let Some(contact_point) = cassandra("group_of_three_under_sigkill_churn_on_the_cql_store_on_cassandra") else {
+        return;
+    };
+    let keyspace = CqlKeyspace::new(&contact_point, "datacenter1");
+    let store = keyspace.env();
+    let store: Vec<(&str, &str)> = store.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // As an operator would: `kdedup schema apply` with the members' settings.
+    let applied = std::process::Command::new(BIN)
+        .args(["schema", "apply", "--config", "config/kdedup.toml"])
+        .envs(store.iter().copied())
+        .output()
+        .unwrap();
+    assert!(applied.status.success(), "schema apply: {}", String::from_utf8_lossy(&applied.stderr));
+    churn(&env, &store).await;
+    assert_eq!(keyspace.claim_rows().await, 50_000, "one row per event, on Cassandra");
+}
+
+/// Three members under SIGKILL churn while the input is produced: every event
+/// exactly once, every bad record dead-lettered once.
+async fn churn(env: &GroupEnv, store: &[(&str, &str)]) {
     let _turn = BROKER_TURN.lock().await;
     let topics = Topics::create(&env.brokers, &env.postgres, 6).await;
     let logs = LogDir::new();
@@ -60,7 +89,7 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
         records.insert(at, bad((k % 6) as i32, k));
     }
 
-    let mut members: Vec<Option<Member>> = (0..3).map(|n| Some(spawn(&env, &topics, logs.path(), n))).collect();
+    let mut members: Vec<Option<Member>> = (0..3).map(|n| Some(spawn(env, &topics, logs.path(), n, store))).collect();
     let mut spawned = 3;
     // Produce in slices while a random member is killed and restarted every few seconds.
     let slices: Vec<&[Produce]> = records.chunks(records.len() / 10 + 1).collect();
@@ -72,7 +101,7 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
         if Instant::now() >= next_kill {
             let victim = rng.random_range(0..members.len());
             members[victim].take().unwrap().kill();
-            members[victim] = Some(spawn(&env, &topics, logs.path(), spawned));
+            members[victim] = Some(spawn(env, &topics, logs.path(), spawned, store));
             spawned += 1;
             kills += 1;
             next_kill = Instant::now() + Duration::from_millis(rng.random_range(1500..3500));
@@ -83,13 +112,13 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let victim = rng.random_range(0..members.len());
         members[victim].take().unwrap().kill();
-        members[victim] = Some(spawn(&env, &topics, logs.path(), spawned));
+        members[victim] = Some(spawn(env, &topics, logs.path(), spawned, store));
         spawned += 1;
         kills += 1;
     }
     assert!(kills >= 4, "only {kills} kills");
 
-    wait_committed_to_end(&env, &topics, Duration::from_secs(180), logs.path()).await;
+    wait_committed_to_end(env, &topics, Duration::from_secs(180), logs.path()).await;
     for m in members.into_iter().flatten() {
         assert!(m.terminate().success(), "a member exited non-zero on SIGTERM");
     }
@@ -114,7 +143,7 @@ async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed(
     let (records, ids) = events(30_000, 3_000, 3, 13);
     mock::produce_all(&env.brokers, &topics.input, &records).await.unwrap();
 
-    let member = spawn(&env, &topics, logs.path(), 0);
+    let member = spawn(&env, &topics, logs.path(), 0, &[]);
     // Mid-stream: something committed, not everything.
     let total: i64 = records.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -158,7 +187,7 @@ async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed(
     }
 
     // A new member finishes the stream: still exactly once.
-    let member = spawn(&env, &topics, logs.path(), 1);
+    let member = spawn(&env, &topics, logs.path(), 1, &[]);
     wait_committed_to_end(&env, &topics, Duration::from_secs(120), logs.path()).await;
     assert!(member.terminate().success());
     assert_exactly_once(&mock::read_all(&env.brokers, &topics.output).unwrap(), &ids);

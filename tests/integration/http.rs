@@ -661,3 +661,42 @@ async fn after_an_attempt_that_may_have_landed_every_later_attempt_is_marked_and
     );
     assert_eq!(endpoint.applied().values().sum::<usize>(), 2, "landed and other, once each");
 }
+
+/// The endpoint's answers kept on the CQL store on Apache Cassandra: each one
+/// written by the conditional update that completes its claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_answers_are_recorded_on_the_cql_store_on_cassandra() {
+    let Some(contact_point) = cassandra("http_answers_are_recorded_on_the_cql_store_on_cassandra") else { return };
+    let keyspace = CqlKeyspace::new(&contact_point, "datacenter1");
+    let kafka = cluster(2);
+    let (records, ids) = events(100, 20, 2, 15);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let endpoint = Endpoint::start(|seen, nth| match (nth, n_of(seen) % 5) {
+        (1, 0) => Fault::Status { status: 500, retry_after: None, body: "oops".into() },
+        _ => Fault::None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let http = http_env(&endpoint, &[("KDEDUP_SINK__HTTP__BACKOFF_INITIAL_MS", "50".into())]);
+    let store_env = keyspace.env();
+    let mut env = with_env(&http);
+    env.extend(store_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let config = config(&kafka, &unique("http-cql"), dir.path(), &env);
+    let store = Store::open(&config.store, &config.retention).unwrap();
+    store.apply_schema().await.unwrap();
+    let running = start(config.clone(), Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    running.stop(StopMode::Drain).await;
+
+    assert_applied_once(&endpoint, &ids);
+    let key = |id: &str| EventKey { scope: Arc::from(config.key.scope.as_str()), id: id.as_bytes().to_vec() };
+    for id in &ids {
+        let n: usize = id[4..].parse().unwrap();
+        let recorded = store.response(key(id), kdedup::store::now_ms()).await.unwrap();
+        let recorded = recorded.unwrap_or_else(|| panic!("{id}: no response recorded"));
+        assert_eq!(recorded.status, 200, "{id}");
+        assert_eq!(recorded.attempts, if n.is_multiple_of(5) { 2 } else { 1 }, "{id}");
+        assert!(recorded.excerpt.contains(id.as_str()), "{id}: {recorded:?}");
+        let row = store.lookup(vec![key(id)], kdedup::store::now_ms()).await.unwrap().pop().unwrap();
+        assert_eq!(row.map(|r| r.state), Some(kdedup::store::ClaimState::Done), "{id}");
+    }
+}

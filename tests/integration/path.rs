@@ -77,3 +77,35 @@ async fn whole_path_on_the_postgres_store() {
     assert_outcomes_sum(&metrics);
     assert_eq!(metrics.fsyncs.get(), metrics.commits.get(), "one (no-op) barrier per commit");
 }
+
+/// The same path with the CQL store on Apache Cassandra, a keyspace of its own
+/// (skipped, and said so, without KDEDUP_TEST_CASSANDRA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_path_on_the_cql_store_on_cassandra() {
+    let Some(contact_point) = cassandra("whole_path_on_the_cql_store_on_cassandra") else { return };
+    let keyspace = CqlKeyspace::new(&contact_point, "datacenter1");
+    let kafka = cluster(4);
+    let (records, ids) = events_crossing(5_000, 1_000, 4, 7, 0.5);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = keyspace.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let group = unique("cql-path");
+    let config = config(&kafka, &group, dir.path(), &env);
+    let store = kdedup::store::Store::open(&config.store, &config.retention).unwrap();
+    store.apply_schema().await.unwrap();
+    let running = start(config, Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    let metrics = running.metrics.clone();
+    running.stop(StopMode::Drain).await;
+
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    assert_exactly_once(&output, &ids);
+    assert_input_order(&output);
+    assert_eq!(metrics.outcome("new"), 5_000);
+    assert_eq!(metrics.outcome("duplicate"), 1_000);
+    assert_outcomes_sum(&metrics);
+    let ends = mock::end_offsets(kafka.bootstrap(), INPUT).unwrap();
+    assert_eq!(mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap(), ends);
+    assert_eq!(keyspace.claim_rows().await, 5_000, "one row per event, on Cassandra");
+}

@@ -1,7 +1,9 @@
 //! The contract of `DedupStore`, run against every reachable backend: the
 //! embedded store always, PostgreSQL when KDEDUP_TEST_POSTGRES holds a URL,
-//! ScyllaDB when KDEDUP_TEST_SCYLLA holds a node's host:port (each test then
-//! gets a keyspace of its own, dropped at its end, since a sweep is table-wide).
+//! the CQL store on Apache Cassandra when KDEDUP_TEST_CASSANDRA holds a node's
+//! host:port (`scripts/services up` starts one) and on ScyllaDB when
+//! KDEDUP_TEST_SCYLLA does (each test then gets a keyspace of its own, dropped
+//! at its end, since a sweep is table-wide).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,8 @@ use kdedup::event::{EventKey, Fingerprint, Position};
 use kdedup::store::{
     mark_released, now_ms, release_marker, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, Released, Store,
 };
+
+use crate::utils::CqlKeyspace;
 
 const TTL_MS: u64 = 100_000;
 const LEASE_MS: u64 = 10_000;
@@ -34,38 +38,37 @@ struct Backend {
     store: Store,
     scope: Arc<str>,
     _dir: Option<tempfile::TempDir>,
-    _keyspace: Option<TestKeyspace>,
+    _keyspace: Option<CqlKeyspace>,
 }
 
-/// A ScyllaDB keyspace of one test, dropped when the test's backend goes.
-struct TestKeyspace {
-    contact_point: String,
-    keyspace: String,
-}
-
-impl Drop for TestKeyspace {
-    fn drop(&mut self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (contact_point, keyspace) = (self.contact_point.clone(), self.keyspace.clone());
-        // The contract tests run on the multi-threaded runtime, where blocking in place is allowed.
-        tokio::task::block_in_place(|| {
-            runtime.block_on(async move {
-                let session =
-                    scylla::client::session_builder::SessionBuilder::new().known_node(&contact_point).build().await;
-                if let Ok(session) = session {
-                    let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await;
-                }
-            })
-        });
+/// The CQL servers under test: (backend name, its host:port, its datacenter).
+fn cql_servers() -> Vec<(&'static str, String, String)> {
+    let mut servers = Vec::new();
+    // A node started by scripts/services: SimpleSnitch's datacenter.
+    if let Some(contact_point) = crate::utils::cassandra("store contract on cassandra") {
+        servers.push(("cassandra", contact_point, "datacenter1".to_string()));
     }
+    match std::env::var("KDEDUP_TEST_SCYLLA") {
+        Ok(contact_point) => {
+            let datacenter = std::env::var("KDEDUP_TEST_SCYLLA_DC").unwrap_or_else(|_| "datacenter1".into());
+            servers.push(("scylla", contact_point, datacenter));
+        }
+        Err(_) => eprintln!(
+            "store contract: scylla skipped: KDEDUP_TEST_SCYLLA is not set (give a node's host:port, e.g. \
+             KDEDUP_TEST_SCYLLA=127.0.0.1:9042, and KDEDUP_TEST_SCYLLA_DC if its datacenter is not datacenter1)"
+        ),
+    }
+    servers
 }
 
-fn scylla_config(contact_point: &str, keyspace: &str) -> ScyllaConfig {
-    let datacenter = std::env::var("KDEDUP_TEST_SCYLLA_DC").unwrap_or_else(|_| "datacenter1".into());
-    ScyllaConfig {
+/// A store on a keyspace of its own (the guard drops it), the schema not yet applied.
+fn cql_store(contact_point: &str, datacenter: &str) -> (Store, CqlKeyspace) {
+    let keyspace = CqlKeyspace::new(contact_point, datacenter);
+    let datacenter = datacenter.to_string();
+    let config = ScyllaConfig {
         contact_points: vec![contact_point.to_string()],
         local_datacenter: datacenter.clone(),
-        keyspace: keyspace.to_string(),
+        keyspace: keyspace.name.clone(),
         replication: BTreeMap::from([(datacenter, NonZeroU32::MIN)]),
         consistency: ScyllaConsistency::LocalQuorum,
         serial_consistency: ScyllaSerialConsistency::LocalSerial,
@@ -74,7 +77,8 @@ fn scylla_config(contact_point: &str, keyspace: &str) -> ScyllaConfig {
         max_in_flight: NonZeroUsize::new(64).expect("64 is not zero"),
         tls: None,
         credentials: None,
-    }
+    };
+    (Store::open(&StoreConfig::Scylla(Box::new(config)), &retention()).unwrap(), keyspace)
 }
 
 impl Backend {
@@ -110,25 +114,16 @@ async fn backends() -> Vec<Backend> {
         }
         Err(_) => eprintln!("store contract: postgres skipped: KDEDUP_TEST_POSTGRES is not set (scripts/test sets it)"),
     }
-    match std::env::var("KDEDUP_TEST_SCYLLA") {
-        Ok(contact_point) => {
-            let keyspace = crate::utils::unique("kdedup_contract").replace('-', "_");
-            let config = scylla_config(&contact_point, &keyspace);
-            let store = Store::open(&StoreConfig::Scylla(Box::new(config)), &retention()).unwrap();
-            let cleanup = TestKeyspace { contact_point, keyspace };
-            store.apply_schema().await.expect("ScyllaDB at KDEDUP_TEST_SCYLLA answers and accepts the schema");
-            all.push(Backend {
-                name: "scylla",
-                store,
-                scope: Arc::from(crate::utils::unique("contract")),
-                _dir: None,
-                _keyspace: Some(cleanup),
-            });
-        }
-        Err(_) => eprintln!(
-            "store contract: scylla skipped: KDEDUP_TEST_SCYLLA is not set (give a node's host:port, e.g. \
-             KDEDUP_TEST_SCYLLA=127.0.0.1:9042, and KDEDUP_TEST_SCYLLA_DC if its datacenter is not datacenter1)"
-        ),
+    for (name, contact_point, datacenter) in cql_servers() {
+        let (store, cleanup) = cql_store(&contact_point, &datacenter);
+        store.apply_schema().await.unwrap_or_else(|e| panic!("{name} at {contact_point} accepts the schema: {e}"));
+        all.push(Backend {
+            name,
+            store,
+            scope: Arc::from(crate::utils::unique("contract")),
+            _dir: None,
+            _keyspace: Some(cleanup),
+        });
     }
     all
 }
@@ -372,9 +367,6 @@ async fn a_recorded_response_lives_with_its_claim_and_a_new_claim_clears_it() {
     };
     for b in backends().await {
         let (name, store) = (b.name, &b.store);
-        if name == "scylla" {
-            continue; // records nothing yet (README, Not built yet)
-        }
         claim1(store, b.req("k", 1, at(0, 1)), T0).await;
         let other = store.record(vec![(b.key("k"), at(5, 5), response(500))]).await.unwrap();
         assert_eq!(other, vec![false], "{name}: only the holder records");
@@ -395,5 +387,120 @@ async fn a_recorded_response_lives_with_its_claim_and_a_new_claim_clears_it() {
         store.release(vec![(b.key("k"), at(1, 2))]).await.unwrap();
         claim1(store, b.req("k", 1, at(1, 3)), later).await;
         assert_eq!(store.response(b.key("k"), later).await.unwrap(), None, "{name}: released");
+        // A lapsed claim taken over: the new owner's completion carries no old answer.
+        store.record(vec![(b.key("k"), at(1, 3), response(202))]).await.unwrap();
+        let taken = later + 2 * LEASE_MS;
+        assert_eq!(claim1(store, b.req("k", 1, at(2, 1)), taken).await, Claim::New(Acquired::TakenOver), "{name}");
+        assert_eq!(store.record(vec![(b.key("k"), at(1, 3), response(203))]).await.unwrap(), vec![false], "{name}");
+        assert!(store.complete(vec![(b.key("k"), at(2, 1))], taken).await.unwrap()[0], "{name}");
+        assert_eq!(store.response(b.key("k"), taken).await.unwrap(), None, "{name}: taken over");
+    }
+}
+
+/// A table made before the `response` column: the store refuses to start on
+/// it, and `schema apply` adds the column (again: nothing to do), keeping rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_apply_adds_the_response_column_to_an_older_cql_table() {
+    for (name, contact_point, datacenter) in cql_servers() {
+        let (store, keyspace) = cql_store(&contact_point, &datacenter);
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_node(&contact_point)
+            .build()
+            .await
+            .expect("the CQL server answers");
+        let ks = &keyspace.name;
+        for ddl in [
+            format!(
+                "CREATE KEYSPACE {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', '{datacenter}': 1}}"
+            ),
+            // The table as kdedup made it before responses were recorded.
+            format!(
+                r#"CREATE TABLE {ks}.kdedup_claims (scope text, event_id blob, state tinyint, fingerprint blob,
+                   topic text, partition int, "offset" bigint, claimed_at_ms bigint, lease_until_ms bigint,
+                   expires_at_ms bigint, PRIMARY KEY ((scope, event_id)))"#
+            ),
+        ] {
+            session.query_unpaged(ddl, ()).await.unwrap();
+        }
+        let old_row = format!(
+            r#"INSERT INTO {ks}.kdedup_claims (scope, event_id, state, fingerprint, topic, partition, "offset",
+               claimed_at_ms, lease_until_ms, expires_at_ms) VALUES ('s', 0x6f6c64, 2, ?, 't', 0, 1, {T0}, 0, {})
+               USING TTL 600"#,
+            T0 + TTL_MS
+        );
+        session.query_unpaged(old_row, (1u128.to_be_bytes().to_vec(),)).await.unwrap();
+        let err = store.check_schema().await.expect_err("an older table is refused");
+        assert!(
+            err.to_string().contains("`response` column") && err.to_string().contains("schema apply"),
+            "{name}: {err}"
+        );
+        store.apply_schema().await.unwrap_or_else(|e| panic!("{name}: migration: {e}"));
+        store.apply_schema().await.unwrap_or_else(|e| panic!("{name}: applied twice: {e}"));
+        store.check_schema().await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let old = EventKey { scope: Arc::from("s"), id: b"old".to_vec() };
+        let request = ClaimRequest { key: old, fingerprint: Fingerprint(1), position: at(0, 9) };
+        assert_eq!(
+            claim1(&store, request, T0 + 1).await,
+            Claim::Duplicate { first: at(0, 1), claimed_at_ms: T0 },
+            "{name}: the old rows stay"
+        );
+    }
+}
+
+/// What each CQL server answers to a lightweight transaction, the difference
+/// the store reads both ways: ScyllaDB shows `[applied]` and the whole row;
+/// Cassandra shows `[applied]` alone when applied, the whole row for a
+/// rejected `INSERT … IF NOT EXISTS`, only the condition's columns for a
+/// rejected `UPDATE … IF`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lightweight_transaction_answers_show_each_servers_columns() {
+    for (name, contact_point, datacenter) in cql_servers() {
+        let (store, keyspace) = cql_store(&contact_point, &datacenter);
+        store.apply_schema().await.unwrap();
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_node(&contact_point)
+            .build()
+            .await
+            .expect("the CQL server answers");
+        let t = format!("{}.kdedup_claims", keyspace.name);
+        let columns = |statement: String| {
+            let session = &session;
+            async move {
+                let result = session.query_unpaged(statement, ()).await.unwrap();
+                let rows = result.into_rows_result().unwrap();
+                rows.column_specs().iter().map(|c| c.name().to_string()).collect::<Vec<_>>()
+            }
+        };
+        let insert = format!(
+            r#"INSERT INTO {t} (scope, event_id, state, topic, partition, "offset", expires_at_ms)
+               VALUES ('s', 0x6b, 1, 't', 0, 1, 5) IF NOT EXISTS"#
+        );
+        let applied_insert = columns(insert.clone()).await;
+        let rejected_insert = columns(insert).await;
+        let rejected_update =
+            columns(format!("UPDATE {t} SET lease_until_ms = 1 WHERE scope = 's' AND event_id = 0x6b IF state = 2"))
+                .await;
+        let applied_update =
+            columns(format!("UPDATE {t} SET lease_until_ms = 1 WHERE scope = 's' AND event_id = 0x6b IF state = 1"))
+                .await;
+        eprintln!(
+            "{name}: applied insert {applied_insert:?}; rejected insert {rejected_insert:?}; \
+             rejected update {rejected_update:?}; applied update {applied_update:?}"
+        );
+        assert_eq!(rejected_insert.first().map(String::as_str), Some("[applied]"), "{name}");
+        for column in ["state", "topic", "partition", "offset", "expires_at_ms", "response"] {
+            assert!(rejected_insert.iter().any(|c| c == column), "{name}: a rejected insert shows {column}");
+        }
+        match name {
+            "cassandra" => {
+                assert_eq!(applied_insert, ["[applied]"], "{name}");
+                assert_eq!(applied_update, ["[applied]"], "{name}");
+                assert_eq!(rejected_update, ["[applied]", "state"], "{name}: only the condition's column");
+            }
+            _ => {
+                assert!(applied_update.iter().any(|c| c == "topic"), "{name}: the whole old row");
+                assert!(rejected_update.iter().any(|c| c == "topic"), "{name}: the whole row");
+            }
+        }
     }
 }

@@ -601,3 +601,77 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let body = rest.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((status, body))
 }
+
+/// Apache Cassandra's native CQL address when KDEDUP_TEST_CASSANDRA names it
+/// (`scripts/services up` starts the node, `scripts/services env` sets it);
+/// otherwise `None`, after saying that `test` was skipped and why.
+pub fn cassandra(test: &str) -> Option<String> {
+    let found = std::env::var("KDEDUP_TEST_CASSANDRA").ok();
+    if found.is_none() {
+        eprintln!(
+            "{test} skipped: KDEDUP_TEST_CASSANDRA is not set (`scripts/services up` starts Apache Cassandra, \
+             `scripts/services env` sets it)"
+        );
+    }
+    found
+}
+
+/// A keyspace of one test on a shared CQL server, dropped when the guard goes
+/// (on the multi-threaded test runtime, where blocking in place is allowed).
+pub struct CqlKeyspace {
+    pub contact_point: String,
+    pub datacenter: String,
+    pub name: String,
+}
+
+impl CqlKeyspace {
+    pub fn new(contact_point: &str, datacenter: &str) -> CqlKeyspace {
+        CqlKeyspace {
+            contact_point: contact_point.to_string(),
+            datacenter: datacenter.to_string(),
+            name: unique("kdedup_t").replace('-', "_"),
+        }
+    }
+
+    /// The `KDEDUP_STORE__…` variables that point a pipeline at this keyspace.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KDEDUP_STORE__KIND".into(), "scylla".into()),
+            ("KDEDUP_STORE__CONTACT_POINTS".into(), format!("[\"{}\"]", self.contact_point)),
+            ("KDEDUP_STORE__LOCAL_DATACENTER".into(), self.datacenter.clone()),
+            ("KDEDUP_STORE__KEYSPACE".into(), self.name.clone()),
+            ("KDEDUP_STORE__REPLICATION".into(), format!("{{ {} = 1 }}", self.datacenter)),
+        ]
+    }
+}
+
+impl CqlKeyspace {
+    /// Rows in this keyspace's claims table: one per event ID the store saw.
+    pub async fn claim_rows(&self) -> i64 {
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_node(&self.contact_point)
+            .build()
+            .await
+            .expect("the CQL server answers");
+        let statement = format!("SELECT count(*) FROM {}.kdedup_claims", self.name);
+        let result = session.query_unpaged(statement, ()).await.expect("count the claims");
+        let rows = result.into_rows_result().expect("count(*) answers a row");
+        rows.single_row::<(i64,)>().expect("one bigint").0
+    }
+}
+
+impl Drop for CqlKeyspace {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (contact_point, keyspace) = (self.contact_point.clone(), self.name.clone());
+        tokio::task::block_in_place(|| {
+            runtime.block_on(async move {
+                let session =
+                    scylla::client::session_builder::SessionBuilder::new().known_node(&contact_point).build().await;
+                if let Ok(session) = session {
+                    let _ = session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await;
+                }
+            })
+        });
+    }
+}
