@@ -12,10 +12,22 @@
 //! few heartbeats before writing, so a thawed zombie does not write batches
 //! for partitions already reassigned.
 //!
+//! An error on the partition's queue (a batch librdkafka cannot decode: a
+//! corrupt or unknown compressed batch, a failed CRC, an unsupported record
+//! format; a refused fetch) stalls the partition, loudly, until a record
+//! arrives at the next offset expected. librdkafka re-fetches a batch it cannot
+//! decompress for ever, but skips one that fails its CRC or has an unknown
+//! format when later batches of the same fetch decode. So a record that comes
+//! after an error *past* the next expected offset means records were skipped:
+//! the partition stops there (nothing at or after the gap is processed, so no
+//! commit passes it) and stays stalled until it is revoked; its next owner
+//! starts again from the commit. A gap with no error before it is normal:
+//! compaction and transaction markers leave those. See [`Continuity`].
+//!
 //! A fatal producer error or a panicking partition task stops the process
 //! with a non-zero exit (see [`Fatal`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +40,7 @@ use crate::decide::{Backoff, Core, Driver, Item, Landed, Stop};
 pub use crate::decide::{Fatal, Faults};
 use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
-use crate::reconcile::{Log, Reconciler};
+use crate::reconcile::{event_identity, is_dead_letter_of, Identity, Log, Reconciler, Share};
 use crate::sink::AnySink;
 use crate::source::{PartitionHandler, PartitionQueue, Resume};
 use crate::store::now_ms;
@@ -141,17 +153,97 @@ pub struct PartitionTask {
     stop: watch::Receiver<bool>,
     tracker: OffsetTracker,
     resume: Resume,
-    /// Offsets whose effect is already in the output (found by reconciliation).
-    emitted: HashSet<i64>,
-    /// Offsets already in the dead-letter topic (found by reconciliation).
-    dead_lettered: HashSet<i64>,
+    /// Offsets whose effect is already in the output (found by reconciliation), and for which event.
+    emitted: HashMap<i64, Identity>,
+    /// Offsets already in the dead-letter topic (found by reconciliation), and for which payload.
+    dead_lettered: HashMap<i64, Identity>,
+    /// The share of the process's reconciliation budget the two maps hold; given back once both are empty.
+    share: Share,
     /// The highest offset of this partition an earlier owner is known to have
     /// reached: its writes found by reconciliation, its claims resumed. That
     /// owner may still be alive (a zombie) and write a dead letter for a record
     /// up to here after we looked, so ours for those records are marked.
     reached_before: Option<i64>,
-    /// Where this partition's latest writes landed, plus one.
+    /// Where this partition's latest writes for records below the watermark landed, plus one.
     logs: LogMarks,
+    /// Writes for records not yet below the watermark (a record set aside may
+    /// hold it back): (source offset, log, where). A commit's marks stay at or
+    /// below the first of them, so the next owner's reconciliation finds them.
+    unsettled: Vec<(i64, Landed, OutputMark)>,
+    /// What the partition's queue delivered: tells a gap an error left from a normal one.
+    continuity: Continuity,
+}
+
+/// What one partition's queue delivered so far, to tell a gap in offsets that
+/// an error left (librdkafka skipped a batch it could not decode) from one that
+/// compaction or transaction markers leave (no error before it).
+#[derive(Debug, Default)]
+struct Continuity {
+    /// The offset the next record should have: the last delivered plus one
+    /// (before any, the committed offset, when there is one).
+    next: Option<i64>,
+    /// Why the queue last reported an error, when no record came since.
+    error: Option<&'static str>,
+}
+
+/// How a record arrived, seen against what came before it.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrival {
+    /// No error since the last record (a gap, if any, is compaction or markers).
+    InOrder,
+    /// At the next offset expected after an error: the error did not cost a record.
+    Recovered,
+    /// After an error and not at the next offset expected (or with nothing to
+    /// compare with): records from `from` on may have been skipped.
+    Gap {
+        /// The first offset not delivered, when known.
+        from: Option<i64>,
+        /// The error's reason.
+        reason: &'static str,
+    },
+}
+
+impl Continuity {
+    fn starting_at(committed: Option<i64>) -> Continuity {
+        Continuity { next: committed, error: None }
+    }
+
+    /// The queue reported an error; returns whether it starts a streak (the first since a record).
+    fn error(&mut self, reason: &'static str) -> bool {
+        self.error.replace(reason).is_none()
+    }
+
+    /// A record arrived at `offset`. After a gap the caller stops taking records.
+    fn record(&mut self, offset: i64) -> Arrival {
+        let arrival = match self.error {
+            None => Arrival::InOrder,
+            Some(_) if self.next == Some(offset) => Arrival::Recovered,
+            Some(reason) => return Arrival::Gap { from: self.next, reason },
+        };
+        self.error = None;
+        self.next = Some(offset + 1);
+        arrival
+    }
+}
+
+/// The `reason` label of a partition queue's error.
+fn queue_error_reason(e: &rdkafka::error::KafkaError) -> &'static str {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::BadMessage
+            | C::BadCompression
+            | C::NotImplemented
+            | C::Underflow
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::UnsupportedCompressionType
+            | C::MessageSizeTooLarge,
+        ) => "decode",
+        Some(C::AutoOffsetReset | C::OffsetOutOfRange) => "offset_reset",
+        Some(C::TopicAuthorizationFailed) => "authorization",
+        _ => "other",
+    }
 }
 
 impl PartitionTask {
@@ -173,15 +265,15 @@ impl PartitionTask {
             };
             let arrived = Instant::now();
             let mut records = Vec::with_capacity(batch_max);
-            take(&mut records, first, &topic, partition);
+            let mut gap = self.take(&mut records, first);
             // Take whatever else is ready now, up to a full batch: batches grow under load.
-            while records.len() < batch_max {
+            while records.len() < batch_max && !gap {
                 match stream.next().now_or_never() {
-                    Some(m) => take(&mut records, m, &topic, partition),
+                    Some(m) => gap = self.take(&mut records, m),
                     None => break,
                 }
             }
-            if records.is_empty() {
+            if records.is_empty() && !gap {
                 continue;
             }
             for r in &records {
@@ -192,7 +284,19 @@ impl PartitionTask {
             }
             let (stages, stop) = (self.stages.clone(), self.stop.clone());
             // The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
-            match crate::sink::with_stop(stop, stages.core.run_batch(&mut self, records, arrived)).await {
+            let batch = async {
+                if records.is_empty() {
+                    return Ok(());
+                }
+                stages.core.run_batch(&mut self, records, arrived).await
+            };
+            match crate::sink::with_stop(stop, batch).await {
+                Ok(()) if gap => {
+                    // Stopped at a gap: the records before it are done; nothing after it runs.
+                    self.stages.core.metrics.partition_stalled(&self.tp);
+                    let _ = self.stop.wait_for(|s| *s).await;
+                    break;
+                }
                 Ok(()) => {}
                 Err(Stop::Draining) => break,
                 Err(Stop::Fatal) => return,
@@ -204,6 +308,52 @@ impl PartitionTask {
             }
         }
         debug!(%topic, partition, in_flight = self.tracker.in_flight(), "partition task stopped");
+    }
+
+    /// Adds a polled message to the batch, or notes the error the queue
+    /// reported: the partition is stalled until a record arrives at the next
+    /// offset expected. Returns `true` at a gap an error left: that record and
+    /// everything after it are not taken.
+    fn take(
+        &mut self,
+        records: &mut Vec<Record>,
+        message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
+    ) -> bool {
+        let (topic, partition) = (&self.tp.0, self.tp.1);
+        let metrics = &self.stages.core.metrics;
+        match message {
+            Some(Ok(m)) => {
+                let record = Record::from_message(&m, topic);
+                let offset = record.position.offset;
+                match self.continuity.record(offset) {
+                    Arrival::InOrder => {}
+                    Arrival::Recovered => {
+                        info!(%topic, partition, offset, "the partition's queue delivers again at the offset it stopped at");
+                        metrics.partition_progressing(&self.tp);
+                    }
+                    Arrival::Gap { from, reason } => {
+                        metrics.partition_errors.with_label_values(&[topic.as_ref(), "skipped"]).inc();
+                        metrics.partition_stalled(&self.tp);
+                        error!(%topic, partition, offset = from, next_delivered = offset, reason, "records were not delivered after an error on this partition (librdkafka skipped a batch it could not decode, or the gap is not known to be compaction or transaction markers); the partition stops here and nothing at or after the offset is processed or committed by this member: check the batch at that offset (its compression, its CRC, the client's codecs), then restart, or move the group's offset past it on purpose");
+                        return true;
+                    }
+                }
+                records.push(record);
+            }
+            Some(Err(e)) => {
+                let reason = queue_error_reason(&e);
+                metrics.partition_errors.with_label_values(&[topic.as_ref(), reason]).inc();
+                metrics.partition_stalled(&self.tp);
+                let offset = self.continuity.next;
+                if self.continuity.error(reason) {
+                    error!(%topic, partition, offset, reason, error = %e, "the partition's queue reported an error; the partition is stalled until a record arrives at this offset (readiness false)");
+                } else {
+                    debug!(%topic, partition, offset, reason, error = %e, "the partition's queue reported an error again");
+                }
+            }
+            None => {}
+        }
+        false
     }
 
     fn draining(&self) -> bool {
@@ -246,9 +396,11 @@ impl PartitionTask {
                     if !found.complete {
                         self.stages.core.metrics.reconciliations_incomplete.inc();
                     }
-                    self.reached_before = found.emitted.iter().chain(&found.dead_lettered).max().copied();
+                    self.reached_before = found.emitted.keys().chain(found.dead_lettered.keys()).max().copied();
                     self.emitted = found.emitted;
                     self.dead_lettered = found.dead_lettered;
+                    self.share = found.share;
+                    self.release_share();
                     self.stages.core.metrics.partition_progressing(&self.tp);
                     return Ok(());
                 }
@@ -258,6 +410,13 @@ impl PartitionTask {
                     self.sleep(backoff.next()).await?;
                 }
             }
+        }
+    }
+
+    /// Gives the reconciliation budget back once every write found has been passed.
+    fn release_share(&mut self) {
+        if self.emitted.is_empty() && self.dead_lettered.is_empty() {
+            self.share = Share::default();
         }
     }
 
@@ -296,12 +455,16 @@ impl Driver for PartitionTask {
         self.confirm_ownership(batch_started_ms)
     }
 
-    fn already_emitted(&mut self, offset: i64) -> bool {
-        self.emitted.remove(&offset)
+    fn already_emitted(&mut self, offset: i64, event_id: &[u8]) -> bool {
+        let found = self.emitted.remove(&offset);
+        self.release_share();
+        found.is_some_and(|identity| identity == event_identity(event_id))
     }
 
-    fn already_dead_lettered(&mut self, offset: i64) -> bool {
-        self.dead_lettered.remove(&offset)
+    fn already_dead_lettered(&mut self, offset: i64, payload: Option<&[u8]>) -> bool {
+        let found = self.dead_lettered.remove(&offset);
+        self.release_share();
+        found.is_some_and(|identity| is_dead_letter_of(identity, payload))
     }
 
     fn reached_before(&self, offset: i64) -> bool {
@@ -312,37 +475,39 @@ impl Driver for PartitionTask {
         self.reached_before = self.reached_before.max(Some(offset));
     }
 
-    fn landed(&mut self, log: Landed, mark: OutputMark) {
-        match log {
-            Landed::Output => OutputMark::advance(&mut self.logs.output, mark),
-            Landed::DeadLetter => OutputMark::advance(&mut self.logs.dead_letter, mark),
-        }
+    fn landed(&mut self, log: Landed, source_offset: i64, mark: OutputMark) {
+        self.unsettled.push((source_offset, log, mark));
     }
 
-    /// Marks a round's records finished and publishes the new watermark.
+    /// Marks a round's records finished and publishes the new watermark, with
+    /// log marks that do not pass a write for a record at or above it.
     fn finished(&mut self, items: &[Item]) {
         for item in items {
             if let Err(e) = self.tracker.finish(item.record().position.offset) {
                 error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset tracking broken");
             }
         }
-        if let Some(w) = self.tracker.watermark() {
-            self.stages.book.publish(&self.tp, w, self.logs);
+        let Some(w) = self.tracker.watermark() else { return };
+        let logs = &mut self.logs;
+        self.unsettled.retain(|&(source, log, mark)| {
+            if source >= w {
+                return true;
+            }
+            match log {
+                Landed::Output => OutputMark::advance(&mut logs.output, mark),
+                Landed::DeadLetter => OutputMark::advance(&mut logs.dead_letter, mark),
+            }
+            false
+        });
+        let mut published = self.logs;
+        for &(_, log, mark) in &self.unsettled {
+            let slot = match log {
+                Landed::Output => &mut published.output,
+                Landed::DeadLetter => &mut published.dead_letter,
+            };
+            OutputMark::hold_at(slot, mark);
         }
-    }
-}
-
-/// Adds a polled message to the batch (errors are librdkafka's own, logged; it retries).
-fn take(
-    records: &mut Vec<Record>,
-    message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
-    topic: &Arc<str>,
-    partition: i32,
-) {
-    match message {
-        Some(Ok(m)) => records.push(Record::from_message(&m, topic)),
-        Some(Err(e)) => warn!(%topic, partition, error = %e, "partition queue reported an error"),
-        None => {}
+        self.stages.book.publish(&self.tp, w, published);
     }
 }
 
@@ -381,10 +546,13 @@ impl PartitionHandler for Workers {
             stop: stop_rx,
             tracker: OffsetTracker::new(),
             resume,
-            emitted: HashSet::new(),
-            dead_lettered: HashSet::new(),
+            emitted: HashMap::new(),
+            dead_lettered: HashMap::new(),
+            share: Share::default(),
             reached_before: None,
             logs: resume.logs,
+            unsettled: Vec::new(),
+            continuity: Continuity::starting_at(resume.committed),
         };
         let stages = self.stages.clone();
         let tp_of_task = tp.clone();
@@ -447,5 +615,49 @@ impl PartitionHandler for Workers {
 
     fn all(&self) -> Vec<TopicPartition> {
         self.running().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_without_an_error_are_compaction_or_markers() {
+        let mut c = Continuity::starting_at(Some(10));
+        assert_eq!(c.record(12), Arrival::InOrder, "compacted away or a control record: no error, no concern");
+        assert_eq!(c.record(20), Arrival::InOrder);
+        assert_eq!(c.next, Some(21));
+    }
+
+    #[test]
+    fn an_error_then_the_next_offset_recovers() {
+        let mut c = Continuity::starting_at(Some(5));
+        assert!(c.error("decode"), "the first error of a streak");
+        assert!(!c.error("decode"), "a repeat is not a new streak");
+        assert_eq!(c.record(5), Arrival::Recovered);
+        assert_eq!(c.record(9), Arrival::InOrder, "after recovering, gaps are normal again");
+    }
+
+    #[test]
+    fn an_error_then_a_later_offset_is_a_gap_that_stays() {
+        let mut c = Continuity::starting_at(Some(5));
+        assert_eq!(c.record(5), Arrival::InOrder);
+        c.error("decode");
+        assert_eq!(c.record(9), Arrival::Gap { from: Some(6), reason: "decode" });
+        assert_eq!(c.record(10), Arrival::Gap { from: Some(6), reason: "decode" }, "nothing moves past a gap");
+    }
+
+    #[test]
+    fn an_error_before_anything_is_known_makes_any_record_a_gap() {
+        let mut c = Continuity::starting_at(None);
+        c.error("decode");
+        assert_eq!(
+            c.record(0),
+            Arrival::Gap { from: None, reason: "decode" },
+            "no commit, no record: nothing proves 0 is the start"
+        );
+        let mut c = Continuity::starting_at(None);
+        assert_eq!(c.record(3), Arrival::InOrder, "without an error the first record is taken as the start");
     }
 }

@@ -188,6 +188,7 @@ async fn reconciliation_past_its_bounds_is_incomplete_and_keeps_only_real_writes
             (headers::SOURCE_PARTITION.into(), b"0".to_vec()),
             (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
             (headers::SCOPE.into(), scope.as_bytes().to_vec()),
+            (headers::EVENT_ID.into(), format!("evt-{offset}").into_bytes()),
         ],
     };
     let log: Vec<Produce> = (0..200).flat_map(|o| [write("other", o + 1000), write(scope, o)]).collect();
@@ -208,33 +209,55 @@ async fn reconciliation_past_its_bounds_is_incomplete_and_keeps_only_real_writes
             Log { topic: DLQ.into(), partition: 0, mark: None },
         )
     };
+    // One process, two partitions reconciling at once: the bound is the process's, not each one's.
+    let shared = Reconciler {
+        limits: Limits { max_found: 200, ..Limits::default() },
+        ..Reconciler::new(kafka.bootstrap(), scope)
+    };
     let find = move |limits: Limits| {
         let reconciler = Reconciler { limits, ..Reconciler::new(kafka.bootstrap(), scope) };
         let (output, dead_letter) = logs();
         let source = (Arc::clone(&source.0), source.1);
         move || reconciler.find(&source, 50, output, dead_letter).unwrap()
     };
-    let (all, bounded, late) = tokio::task::spawn_blocking(move || {
+    let in_process = move || {
+        let (output, dead_letter) = logs();
+        let first = shared.find(&(Arc::from(INPUT), 0), 50, output, dead_letter).unwrap();
+        let (output, dead_letter) = logs();
+        let second = shared.find(&(Arc::from(INPUT), 0), 50, output, dead_letter).unwrap();
+        drop((first.share, second.share));
+        let (output, dead_letter) = logs();
+        let after = shared.find(&(Arc::from(INPUT), 0), 50, output, dead_letter).unwrap();
+        (first.complete, second.complete, second.emitted.len(), after.complete)
+    };
+    let (all, bounded, late, in_process) = tokio::task::spawn_blocking(move || {
         let all = find(Limits::default())();
         let bounded = find(Limits { max_found: 20, ..Limits::default() })();
         let late = find(Limits { deadline: Duration::ZERO, ..Limits::default() })();
-        (all, bounded, late)
+        (all, bounded, late, in_process())
     })
     .await
     .unwrap();
+    let (first, second, second_found, after) = in_process;
+    assert!(first, "150 writes fit in a budget of 200");
+    assert!(!second, "a second partition holding its writes at the same time gets only what is left");
+    assert_eq!(second_found, 50, "200 - 150");
+    assert!(after, "the budget is given back once the writes found are let go");
 
     let ours: HashSet<i64> = (50..200).collect();
+    let offsets = |found: &kdedup::reconcile::Found| found.emitted.keys().copied().collect::<HashSet<i64>>();
     assert!(all.complete, "within the limits the whole log is read");
-    assert_eq!(all.emitted, ours, "exactly our scope's writes at or after the committed offset");
+    assert_eq!(offsets(&all), ours, "exactly our scope's writes at or after the committed offset");
+    assert_eq!(all.emitted[&60], kdedup::reconcile::event_identity(b"evt-60"), "with the event each was for");
     assert!(all.dead_lettered.is_empty());
 
     assert!(!bounded.complete, "more writes than the bound: incomplete");
     assert_eq!(bounded.emitted.len(), 20, "the found set stops at its bound");
-    assert!(bounded.emitted.is_subset(&ours), "what was found is real: {:?}", bounded.emitted);
+    assert!(offsets(&bounded).is_subset(&ours), "what was found is real: {:?}", bounded.emitted);
 
     // The deadline is checked on every record, not only when the log runs dry.
     assert!(!late.complete, "past the deadline: incomplete");
-    assert!(late.emitted.is_subset(&ours));
+    assert!(offsets(&late).is_subset(&ours));
 }
 
 /// Every record of `topic`/`partition` the log still holds (from its low watermark).
@@ -325,4 +348,44 @@ async fn a_log_reconciliation_cannot_read_whole_lets_the_repeat_through_marked()
             "{id}: a repeat reconciliation could not rule out is marked"
         );
     }
+}
+
+/// A position reused by a new event (a topic deleted and recreated, offsets
+/// reset past a truncation): the output still holds what an earlier
+/// incarnation of in/0 wrote at offsets 0..10 under this scope, and the group
+/// has no commit. The new events at those positions are emitted. Failed
+/// before: reconciliation matched by position only, so they were completed
+/// without their effect and committed (counted only in kdedup_reconciled_total).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_events_at_reused_positions_are_emitted() {
+    let kafka = cluster(1);
+    let group = unique("reused");
+    let earlier: Vec<Produce> = (0..10)
+        .map(|offset| Produce {
+            partition: 0,
+            key: Some(format!("old-{offset}").into_bytes()),
+            payload: Some(b"{}".to_vec()),
+            headers: vec![
+                (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
+                (headers::SOURCE_PARTITION.into(), b"0".to_vec()),
+                (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
+                (headers::SCOPE.into(), group.as_bytes().to_vec()),
+                (headers::EVENT_ID.into(), format!("old-{offset}").into_bytes()),
+            ],
+        })
+        .collect();
+    mock::produce_all(kafka.bootstrap(), OUTPUT, &earlier).await.unwrap();
+    let (records, ids) = events(10, 0, 1, 11);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = second_life(&kafka, &group, dir.path()).await;
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    let new: Vec<Consumed> = output
+        .into_iter()
+        .filter(|r| !r.header_str(headers::EVENT_ID).is_some_and(|id| id.starts_with("old-")))
+        .collect();
+    assert_exactly_once(&new, &ids);
+    assert_eq!(metrics.reconciled.get(), 0, "nothing found was this incarnation's");
+    assert_eq!(metrics.outcome("new"), 10);
 }
