@@ -18,11 +18,13 @@
 //! arrives at the next offset expected. librdkafka re-fetches a batch it cannot
 //! decompress for ever, but skips one that fails its CRC or has an unknown
 //! format when later batches of the same fetch decode. So a record that comes
-//! after an error *past* the next expected offset means records were skipped:
-//! the partition stops there (nothing at or after the gap is processed, so no
-//! commit passes it) and stays stalled until it is revoked; its next owner
-//! starts again from the commit. A gap with no error before it is normal:
-//! compaction and transaction markers leave those. See [`Continuity`].
+//! after an error *past* the next expected offset may mean records were
+//! skipped, or that compaction or transaction markers left a gap there (those
+//! leave gaps with no error too). The queue is then read again from the first
+//! offset missing: the same gap read without an error is taken; after an error
+//! again, records were skipped, and the partition stops there (nothing at or
+//! after the gap is processed, so no commit passes it) and stays stalled until
+//! it is revoked; its next owner starts again from the commit. See [`Continuity`].
 //!
 //! A fatal producer error or a panicking partition task stops the process
 //! with a non-zero exit (see [`Fatal`]).
@@ -42,7 +44,7 @@ use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{event_identity, is_dead_letter_of, Identity, Log, Reconciler, Share};
 use crate::sink::AnySink;
-use crate::source::{PartitionHandler, PartitionQueue, Resume};
+use crate::source::{PartitionHandler, PartitionQueue, Resume, Rewind};
 use crate::store::now_ms;
 
 /// Notices that this process was frozen (SIGSTOP, a paused VM, a starved
@@ -172,6 +174,8 @@ pub struct PartitionTask {
     unsettled: Vec<(i64, Landed, OutputMark)>,
     /// What the partition's queue delivered: tells a gap an error left from a normal one.
     continuity: Continuity,
+    /// Moves the partition's fetch position back, to read a gap after an error again.
+    rewind: Rewind,
 }
 
 /// What one partition's queue delivered so far, to tell a gap in offsets that
@@ -184,6 +188,9 @@ struct Continuity {
     next: Option<i64>,
     /// Why the queue last reported an error, when no record came since.
     error: Option<&'static str>,
+    /// The queue was moved back to `next` after a gap that followed an error, to
+    /// read it again: a gap read again without an error is compaction or markers.
+    rewound: bool,
 }
 
 /// How a record arrived, seen against what came before it.
@@ -194,7 +201,12 @@ enum Arrival {
     /// At the next offset expected after an error: the error did not cost a record.
     Recovered,
     /// After an error and not at the next offset expected (or with nothing to
-    /// compare with): records from `from` on may have been skipped.
+    /// compare with): read again from `from` (the log start when unknown).
+    ReadAgain {
+        /// The first offset not delivered, when known.
+        from: Option<i64>,
+    },
+    /// The same after reading again: records from `from` on were skipped.
     Gap {
         /// The first offset not delivered, when known.
         from: Option<i64>,
@@ -205,7 +217,7 @@ enum Arrival {
 
 impl Continuity {
     fn starting_at(committed: Option<i64>) -> Continuity {
-        Continuity { next: committed, error: None }
+        Continuity { next: committed, error: None, rewound: false }
     }
 
     /// The queue reported an error; returns whether it starts a streak (the first since a record).
@@ -213,17 +225,35 @@ impl Continuity {
         self.error.replace(reason).is_none()
     }
 
-    /// A record arrived at `offset`. After a gap the caller stops taking records.
+    /// A record arrived at `offset`. At [`Arrival::ReadAgain`] the caller moves
+    /// the queue back to `from`; at a gap it stops taking records.
     fn record(&mut self, offset: i64) -> Arrival {
         let arrival = match self.error {
             None => Arrival::InOrder,
             Some(_) if self.next == Some(offset) => Arrival::Recovered,
+            Some(_) if !self.rewound => {
+                self.rewound = true;
+                self.error = None;
+                return Arrival::ReadAgain { from: self.next };
+            }
             Some(reason) => return Arrival::Gap { from: self.next, reason },
         };
         self.error = None;
+        self.rewound = false;
         self.next = Some(offset + 1);
         arrival
     }
+}
+
+/// What taking a polled message left the batch at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Go on taking records.
+    More,
+    /// Stop the batch here and read the partition again from this offset (its start when `None`).
+    ReadAgain(Option<i64>),
+    /// Stop the batch here, and the partition for good: records were skipped.
+    Gap,
 }
 
 /// The `reason` label of a partition queue's error.
@@ -265,15 +295,15 @@ impl PartitionTask {
             };
             let arrived = Instant::now();
             let mut records = Vec::with_capacity(batch_max);
-            let mut gap = self.take(&mut records, first);
+            let mut taken = self.take(&mut records, first);
             // Take whatever else is ready now, up to a full batch: batches grow under load.
-            while records.len() < batch_max && !gap {
+            while records.len() < batch_max && taken == Taken::More {
                 match stream.next().now_or_never() {
-                    Some(m) => gap = self.take(&mut records, m),
+                    Some(m) => taken = self.take(&mut records, m),
                     None => break,
                 }
             }
-            if records.is_empty() && !gap {
+            if records.is_empty() && taken == Taken::More {
                 continue;
             }
             for r in &records {
@@ -291,13 +321,20 @@ impl PartitionTask {
                 stages.core.run_batch(&mut self, records, arrived).await
             };
             match crate::sink::with_stop(stop, batch).await {
-                Ok(()) if gap => {
-                    // Stopped at a gap: the records before it are done; nothing after it runs.
-                    self.stages.core.metrics.partition_stalled(&self.tp);
-                    let _ = self.stop.wait_for(|s| *s).await;
-                    break;
-                }
-                Ok(()) => {}
+                Ok(()) => match taken {
+                    Taken::More => {}
+                    Taken::ReadAgain(from) => {
+                        if self.read_again(from).await.is_err() {
+                            break;
+                        }
+                    }
+                    Taken::Gap => {
+                        // The records before the gap are done; nothing after it runs.
+                        self.stages.core.metrics.partition_stalled(&self.tp);
+                        let _ = self.stop.wait_for(|s| *s).await;
+                        break;
+                    }
+                },
                 Err(Stop::Draining) => break,
                 Err(Stop::Fatal) => return,
                 Err(Stop::Crashed) => {
@@ -312,13 +349,14 @@ impl PartitionTask {
 
     /// Adds a polled message to the batch, or notes the error the queue
     /// reported: the partition is stalled until a record arrives at the next
-    /// offset expected. Returns `true` at a gap an error left: that record and
-    /// everything after it are not taken.
+    /// offset expected. At a gap after an error, that record and everything
+    /// after it are not taken: the queue is read again from the gap, once, and
+    /// the partition stops if the gap comes again after an error.
     fn take(
         &mut self,
         records: &mut Vec<Record>,
         message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
-    ) -> bool {
+    ) -> Taken {
         let (topic, partition) = (&self.tp.0, self.tp.1);
         let metrics = &self.stages.core.metrics;
         match message {
@@ -331,11 +369,15 @@ impl PartitionTask {
                         info!(%topic, partition, offset, "the partition's queue delivers again at the offset it stopped at");
                         metrics.partition_progressing(&self.tp);
                     }
+                    Arrival::ReadAgain { from } => {
+                        warn!(%topic, partition, offset = from, next_delivered = offset, "records were not delivered after an error on this partition; reading the partition again from the first one missing (a gap read again without an error is compaction or transaction markers)");
+                        return Taken::ReadAgain(from);
+                    }
                     Arrival::Gap { from, reason } => {
                         metrics.partition_errors.with_label_values(&[topic.as_ref(), "skipped"]).inc();
                         metrics.partition_stalled(&self.tp);
                         error!(%topic, partition, offset = from, next_delivered = offset, reason, "records were not delivered after an error on this partition (librdkafka skipped a batch it could not decode, or the gap is not known to be compaction or transaction markers); the partition stops here and nothing at or after the offset is processed or committed by this member: check the batch at that offset (its compression, its CRC, the client's codecs), then restart, or move the group's offset past it on purpose");
-                        return true;
+                        return Taken::Gap;
                     }
                 }
                 records.push(record);
@@ -353,7 +395,27 @@ impl PartitionTask {
             }
             None => {}
         }
-        false
+        Taken::More
+    }
+
+    /// Moves the partition's queue back to `from` (its start when `None`),
+    /// retrying until it moves; the partition stays stalled meanwhile.
+    async fn read_again(&mut self, from: Option<i64>) -> Result<(), Stop> {
+        self.stages.core.metrics.partition_stalled(&self.tp);
+        let mut backoff = Backoff::new();
+        loop {
+            let rewind = self.rewind.clone();
+            match tokio::task::spawn_blocking(move || rewind.to(from)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    warn!(topic = %self.tp.0, partition = self.tp.1, offset = from, error = %e, "cannot move the partition back to read it again; retrying")
+                }
+                Err(e) => {
+                    warn!(topic = %self.tp.0, partition = self.tp.1, error = %e, "moving the partition back failed")
+                }
+            }
+            self.sleep(backoff.next()).await?;
+        }
     }
 
     fn draining(&self) -> bool {
@@ -537,7 +599,7 @@ impl Workers {
 }
 
 impl PartitionHandler for Workers {
-    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume) {
+    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume, rewind: Rewind) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
         let task = PartitionTask {
@@ -553,6 +615,7 @@ impl PartitionHandler for Workers {
             logs: resume.logs,
             unsettled: Vec::new(),
             continuity: Continuity::starting_at(resume.committed),
+            rewind,
         };
         let stages = self.stages.clone();
         let tp_of_task = tp.clone();
@@ -640,23 +703,33 @@ mod tests {
     }
 
     #[test]
-    fn an_error_then_a_later_offset_is_a_gap_that_stays() {
+    fn an_error_then_a_later_offset_is_read_again_and_a_gap_only_if_the_error_comes_again() {
         let mut c = Continuity::starting_at(Some(5));
         assert_eq!(c.record(5), Arrival::InOrder);
         c.error("decode");
-        assert_eq!(c.record(9), Arrival::Gap { from: Some(6), reason: "decode" });
+        assert_eq!(c.record(9), Arrival::ReadAgain { from: Some(6) }, "read the gap again");
+        c.error("decode");
+        assert_eq!(c.record(9), Arrival::Gap { from: Some(6), reason: "decode" }, "the error came again: skipped");
         assert_eq!(c.record(10), Arrival::Gap { from: Some(6), reason: "decode" }, "nothing moves past a gap");
     }
 
     #[test]
-    fn an_error_before_anything_is_known_makes_any_record_a_gap() {
+    fn a_gap_read_again_without_an_error_is_compaction_or_markers() {
+        let mut c = Continuity::starting_at(Some(5));
+        c.error("other");
+        assert_eq!(c.record(8), Arrival::ReadAgain { from: Some(5) });
+        assert_eq!(c.record(8), Arrival::InOrder, "the same gap without an error: markers, taken");
+        c.error("other");
+        assert_eq!(c.record(12), Arrival::ReadAgain { from: Some(9) }, "a later error is read again too");
+    }
+
+    #[test]
+    fn an_error_before_anything_is_known_reads_from_the_start() {
         let mut c = Continuity::starting_at(None);
         c.error("decode");
-        assert_eq!(
-            c.record(0),
-            Arrival::Gap { from: None, reason: "decode" },
-            "no commit, no record: nothing proves 0 is the start"
-        );
+        assert_eq!(c.record(3), Arrival::ReadAgain { from: None }, "no commit, no record: read from the log start");
+        c.error("decode");
+        assert_eq!(c.record(3), Arrival::Gap { from: None, reason: "decode" });
         let mut c = Continuity::starting_at(None);
         assert_eq!(c.record(3), Arrival::InOrder, "without an error the first record is taken as the start");
     }

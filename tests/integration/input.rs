@@ -246,3 +246,28 @@ async fn a_batch_failing_its_crc_stalls_its_partition_loudly() {
     let broker = kafka.bootstrap().to_string();
     stop_at(&broker, [INPUT, OUTPUT, DLQ], WRONG_CRC, "decode").await.expect("the mock cluster stores any batch");
 }
+
+/// A refused fetch (an error on the partition's queue) before anything was
+/// delivered or committed: the first record that comes after it cannot be
+/// shown to be the start, so the partition is read again from the log start
+/// (a seek), where it comes without an error and is taken. Every event is
+/// emitted once, and the partition is ready again at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fetch_before_anything_is_known_reads_the_partition_again_from_the_start() {
+    let kafka = one_broker();
+    let records: Vec<Produce> = (0..10).map(|i| event(&format!("evt-{i}"))).collect();
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    kafka.refuse_fetch(&[rdkafka_sys::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_REQUEST]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(&kafka, &unique("refused"), dir.path(), &[]), Faults::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    let m = running.metrics.clone();
+    let ready = m.is_ready();
+    running.stop(StopMode::Drain).await;
+
+    let ids: Vec<String> = (0..10).map(|i| format!("evt-{i}")).collect();
+    assert_exactly_once(&mock::read_all(kafka.bootstrap(), OUTPUT).unwrap(), &ids);
+    assert!(m.partition_errors.with_label_values(&[INPUT, "other"]).get() >= 1, "the refused fetch was counted");
+    assert_eq!(m.partition_errors.with_label_values(&[INPUT, "skipped"]).get(), 0);
+    assert!(ready && m.stalled_partitions() == 0, "ready again once records came in order");
+}
