@@ -389,3 +389,82 @@ async fn new_events_at_reused_positions_are_emitted() {
     assert_eq!(metrics.reconciled.get(), 0, "nothing found was this incarnation's");
     assert_eq!(metrics.outcome("new"), 10);
 }
+
+/// The same on the test broker, with a topic really deleted and recreated:
+/// a first group emits ten events; the input topic is deleted and created
+/// again, and ten new events land at the same positions; a group with the same
+/// scope and no commit (the group's offsets went with the topic) emits all ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_events_in_a_recreated_topic_are_emitted_on_the_test_broker() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let Ok(brokers) = std::env::var("KDEDUP_TEST_BROKER") else {
+        eprintln!("skipped: KDEDUP_TEST_BROKER is not set");
+        return;
+    };
+    let (input, output, dlq) = (unique("in"), unique("out"), unique("dlq"));
+    mock::create_topics(brokers.as_str(), &[(&input, 1), (&output, 1), (&dlq, 1)]).await.unwrap();
+    let topics = [input.as_str(), output.as_str(), dlq.as_str()];
+    let scope = unique("recreated");
+    let event = |id: String| Produce {
+        partition: 0,
+        key: None,
+        payload: Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
+        headers: vec![("event-id".into(), id.into_bytes())],
+    };
+    let read = || tokio::task::block_in_place(|| mock::read_all(brokers.as_str(), &output).unwrap());
+    let emitted = |prefix: &'static str| {
+        move |out: &[Consumed]| {
+            out.iter().filter(|r| r.header_str(headers::EVENT_ID).is_some_and(|id| id.starts_with(prefix))).count()
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KDEDUP_KEY__SCOPE", scope.as_str())];
+    let run_until = |group: String, prefix: &'static str| {
+        let (config, count) = (config_for(&brokers, topics, &group, dir.path(), &env), emitted(prefix));
+        async move {
+            let running = start(config, Faults::default());
+            wait_for("ten events emitted", Duration::from_secs(60), || {
+                let n = count(&read());
+                async move { n >= 10 }
+            })
+            .await;
+            let metrics = running.metrics.clone();
+            running.stop(StopMode::Drain).await;
+            metrics
+        }
+    };
+
+    mock::produce_all(brokers.as_str(), &input, &(0..10).map(|i| event(format!("first-{i}"))).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    run_until(unique("g1"), "first-").await;
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kdedup::kafka_client::KafkaClients::from(brokers.as_str()).producer().create().unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.delete_topics(&[&input], &options).await.unwrap() {
+        result.map_err(|(topic, e)| format!("{topic}: {e}")).unwrap();
+    }
+    // A deletion completes in the background: create again until the broker takes it.
+    wait_for("the input topic recreated", Duration::from_secs(60), || {
+        let created = {
+            let (brokers, input) = (brokers.clone(), input.clone());
+            async move { mock::create_topics(brokers.as_str(), &[(&input, 1)]).await.is_ok() }
+        };
+        created
+    })
+    .await;
+    mock::produce_all(brokers.as_str(), &input, &(0..10).map(|i| event(format!("second-{i}"))).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let metrics = run_until(unique("g2"), "second-").await;
+
+    let output = read();
+    let ids: Vec<String> = (0..10).map(|i| format!("second-{i}")).collect();
+    let second: Vec<Consumed> = output
+        .into_iter()
+        .filter(|r| r.header_str(headers::EVENT_ID).is_some_and(|id| id.starts_with("second-")))
+        .collect();
+    assert_exactly_once(&second, &ids);
+    assert_eq!(metrics.reconciled.get(), 0, "nothing of the first incarnation was taken for the second's");
+}
