@@ -6,11 +6,12 @@
 //! revoked. Batches of one partition run one after another, so a key seen
 //! again in the next batch finds the first one completed.
 //!
-//! Before a batch writes anything, the task checks it still owns its
-//! partition: if the process was frozen (SIGSTOP, a VM pause) for half the
-//! session timeout or more, it waits for the group's word (a revoke) for a
-//! few heartbeats before writing, so a thawed zombie does not write batches
-//! for partitions already reassigned.
+//! Before every write (each effect attempt, each dead-letter and duplicates
+//! write), the task checks it still owns its partition: if the process was
+//! frozen (SIGSTOP, a VM pause) for half the session timeout or more since the
+//! last check, it waits for the group's word (a revoke) for a few heartbeats
+//! before writing, so a thawed zombie writes nothing for partitions already
+//! reassigned.
 //!
 //! An error on the partition's queue (a batch librdkafka cannot decode: a
 //! corrupt or unknown compressed batch, a failed CRC, an unsupported record
@@ -90,9 +91,10 @@ impl Liveness {
         }
     }
 
-    /// Whether a freeze ended after `since_ms`.
-    fn froze_since(&self, since_ms: u64) -> bool {
-        self.thawed_at_ms.load(Ordering::SeqCst) >= since_ms
+    /// When the last freeze ended, if one ended after `since_ms`.
+    fn thawed_since(&self, since_ms: u64) -> Option<u64> {
+        let thawed = self.thawed_at_ms.load(Ordering::SeqCst);
+        (thawed > 0 && thawed >= since_ms).then_some(thawed)
     }
 }
 
@@ -176,6 +178,8 @@ pub struct PartitionTask {
     continuity: Continuity,
     /// Moves the partition's fetch position back, to read a gap after an error again.
     rewind: Rewind,
+    /// The end of the last freeze after which the group was found to keep this partition.
+    confirmed_thaw_ms: AtomicU64,
 }
 
 /// What one partition's queue delivered so far, to tell a gap in offsets that
@@ -487,11 +491,14 @@ impl PartitionTask {
     /// at its next heartbeat that the member was expelled, and revokes the
     /// partitions (the stop signal); no revoke within a few heartbeats means
     /// the group kept us.
-    async fn confirm_ownership(&self, batch_started_ms: u64) -> Result<(), Stop> {
+    /// A freeze already confirmed (the group kept us) is not waited on again
+    /// by the next writes.
+    async fn confirm_ownership(&self, since_ms: u64) -> Result<(), Stop> {
         let liveness = &self.stages.liveness;
-        if !liveness.froze_since(batch_started_ms.saturating_sub(liveness.freeze_after.as_millis() as u64)) {
+        let thawed = liveness.thawed_since(since_ms.saturating_sub(liveness.freeze_after.as_millis() as u64));
+        let Some(thawed) = thawed.filter(|&t| t > self.confirmed_thaw_ms.load(Ordering::SeqCst)) else {
             return if self.draining() { Err(Stop::Draining) } else { Ok(()) };
-        }
+        };
         self.stages.core.metrics.ownership_checks.inc();
         let mut stop = self.stop.clone();
         let revoked = tokio::time::timeout(liveness.confirm_for, stop.wait_for(|s| *s)).await.is_ok();
@@ -500,6 +507,7 @@ impl PartitionTask {
             self.stages.core.metrics.zombie_batches_dropped.inc();
             return Err(Stop::Draining);
         }
+        self.confirmed_thaw_ms.fetch_max(thawed, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -513,8 +521,8 @@ impl Driver for PartitionTask {
         self.sleep(wait)
     }
 
-    fn before_writes(&self, batch_started_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
-        self.confirm_ownership(batch_started_ms)
+    fn before_writes(&self, since_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
+        self.confirm_ownership(since_ms)
     }
 
     fn already_emitted(&mut self, offset: i64, event_id: &[u8]) -> bool {
@@ -616,6 +624,7 @@ impl PartitionHandler for Workers {
             unsettled: Vec::new(),
             continuity: Continuity::starting_at(resume.committed),
             rewind,
+            confirmed_thaw_ms: AtomicU64::new(0),
         };
         let stages = self.stages.clone();
         let tp_of_task = tp.clone();
