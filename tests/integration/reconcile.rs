@@ -360,26 +360,33 @@ async fn a_log_reconciliation_cannot_read_whole_lets_the_repeat_through_marked()
 async fn new_events_at_reused_positions_are_emitted() {
     let kafka = cluster(1);
     let group = unique("reused");
-    let earlier: Vec<Produce> = (0..10)
-        .map(|offset| Produce {
-            partition: 0,
-            key: Some(format!("old-{offset}").into_bytes()),
-            payload: Some(b"{}".to_vec()),
-            headers: vec![
-                (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
-                (headers::SOURCE_PARTITION.into(), b"0".to_vec()),
-                (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
-                (headers::SCOPE.into(), group.as_bytes().to_vec()),
-                (headers::EVENT_ID.into(), format!("old-{offset}").into_bytes()),
-            ],
-        })
-        .collect();
+    let written_for = |offset: i64, payload: &str, id: Option<String>| Produce {
+        partition: 0,
+        key: Some(format!("old-{offset}").into_bytes()),
+        payload: Some(payload.as_bytes().to_vec()),
+        headers: [
+            (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
+            (headers::SOURCE_PARTITION.into(), b"0".to_vec()),
+            (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
+            (headers::SCOPE.into(), group.as_bytes().to_vec()),
+        ]
+        .into_iter()
+        .chain(id.map(|id| (headers::EVENT_ID.to_string(), id.into_bytes())))
+        .collect(),
+    };
+    let earlier: Vec<Produce> = (0..10).map(|o| written_for(o, "{}", Some(format!("old-{o}")))).collect();
     mock::produce_all(kafka.bootstrap(), OUTPUT, &earlier).await.unwrap();
-    let (records, ids) = events(10, 0, 1, 11);
+    // ...and a dead letter for offset 10, a bad record of its own.
+    mock::produce_all(kafka.bootstrap(), DLQ, &[written_for(10, "an old bad record", None)]).await.unwrap();
+    let (mut records, ids) = events(10, 0, 1, 11);
+    records.push(Produce { partition: 0, key: None, payload: Some(b"a new bad record".to_vec()), headers: vec![] });
     mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let metrics = second_life(&kafka, &group, dir.path()).await;
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    let payloads: Vec<&[u8]> = dead.iter().filter_map(|d| d.payload.as_deref()).collect();
+    assert_eq!(payloads, [b"an old bad record".as_slice(), b"a new bad record"], "the new bad record is dead-lettered");
     let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
     let new: Vec<Consumed> = output
         .into_iter()
@@ -388,6 +395,7 @@ async fn new_events_at_reused_positions_are_emitted() {
     assert_exactly_once(&new, &ids);
     assert_eq!(metrics.reconciled.get(), 0, "nothing found was this incarnation's");
     assert_eq!(metrics.outcome("new"), 10);
+    assert_eq!(metrics.outcome("dead_letter"), 1);
 }
 
 /// The same on the test broker, with a topic really deleted and recreated:
