@@ -386,6 +386,8 @@ impl PartitionTask {
                 }
                 records.push(record);
             }
+            // Not an error: the end of the partition, when `enable.partition.eof` asks for it.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => {
                 let reason = queue_error_reason(&e);
                 metrics.partition_errors.with_label_values(&[topic.as_ref(), reason]).inc();
