@@ -230,6 +230,8 @@ struct Held {
     keys: Mutex<Vec<(EventKey, Position)>>,
     /// Offsets whose lease renewal was refused: taken over while we held them.
     lost: Mutex<HashSet<i64>>,
+    /// When the last ownership check before a write began (ms since the epoch).
+    checked_ms: AtomicU64,
 }
 
 impl Held {
@@ -290,14 +292,18 @@ pub trait Driver: Send + Sync {
     fn partition(&self) -> &TopicPartition;
     /// Sleeps `wait`, or ends at once with [`Stop::Draining`] when the driver stops.
     fn pause(&self, wait: Duration) -> impl Future<Output = Result<(), Stop>> + Send;
-    /// Called before a round writes anything; an error drops the round unwritten.
-    fn before_writes(&self, batch_started_ms: u64) -> impl Future<Output = Result<(), Stop>> + Send;
-    /// Whether this offset's effect is known to be in the output already: it is then only completed.
-    fn already_emitted(&mut self, _offset: i64) -> bool {
+    /// Called before every write to the sink or a side topic (each attempt);
+    /// an error drops the rest of the round unwritten. `since_ms`: when the
+    /// batch started, or the previous check began.
+    fn before_writes(&self, since_ms: u64) -> impl Future<Output = Result<(), Stop>> + Send;
+    /// Whether this offset's effect, for this event, is known to be in the output
+    /// already: it is then only completed. An effect found at the offset for
+    /// another event (a reused position) is not this record's.
+    fn already_emitted(&mut self, _offset: i64, _event_id: &[u8]) -> bool {
         false
     }
-    /// Whether this offset is known to be dead-lettered already: not again.
-    fn already_dead_lettered(&mut self, _offset: i64) -> bool {
+    /// Whether this offset, with this payload, is known to be dead-lettered already: not again.
+    fn already_dead_lettered(&mut self, _offset: i64, _payload: Option<&[u8]>) -> bool {
         false
     }
     /// Whether an earlier owner reached this offset, so a dead letter for it may repeat one.
@@ -306,8 +312,8 @@ pub trait Driver: Send + Sync {
     }
     /// Claims of our own earlier attempt were resumed, up to this offset.
     fn resumed_up_to(&mut self, _offset: i64) {}
-    /// A write landed here.
-    fn landed(&mut self, _log: Landed, _mark: OutputMark) {}
+    /// A write for the record at `source_offset` landed here.
+    fn landed(&mut self, _log: Landed, _source_offset: i64, _mark: OutputMark) {}
     /// A round's records are done: decided, their effects and dead letters durable.
     fn finished(&mut self, items: &[Item]);
 }
@@ -406,6 +412,15 @@ impl Core {
         }
     }
 
+    /// The zombie's guard before each write: the driver checks it still owns
+    /// its partition (after a freeze, by waiting for the group's word).
+    async fn guard<D: Driver>(&self, d: &D, held: &Held) -> Result<(), Stop> {
+        let at = now_ms();
+        d.before_writes(held.checked_ms.load(Ordering::SeqCst)).await?;
+        held.checked_ms.store(at, Ordering::SeqCst);
+        Ok(())
+    }
+
     async fn rounds<D: Driver>(
         &self,
         d: &mut D,
@@ -414,7 +429,7 @@ impl Core {
         held: &Held,
     ) -> Result<(), Stop> {
         let s = self;
-        let started_ms = now_ms();
+        held.checked_ms.store(now_ms(), Ordering::SeqCst);
         s.metrics.taken(d.partition(), &records);
 
         // key
@@ -444,7 +459,6 @@ impl Core {
             }
             let (mut ready, later) = set_aside(items, &waiting);
             follow_leaders(&mut ready);
-            d.before_writes(started_ms).await?;
             self.apply_effects(d, &mut ready, held).await?;
             let secs = arrived.elapsed().as_secs_f64();
             for _ in &ready {
@@ -723,7 +737,7 @@ impl Core {
             let Item::Keyed { envelope, decision: Some(decision), .. } = item else { continue };
             let new = matches!(decision, Decision::New { .. });
             if new || observe {
-                if d.already_emitted(envelope.record.position.offset) {
+                if d.already_emitted(envelope.record.position.offset, &envelope.key.id) {
                     if new {
                         s.metrics.reconciled.inc();
                     }
@@ -758,14 +772,26 @@ impl Core {
                 })
                 .collect();
             let repeats = batch.iter().filter(|e| e.possible_repeat).count();
+            self.guard(d, held).await?;
             s.metrics.possible_repeats.inc_by(repeats as u64);
             let results = s.sink.deliver(&batch).await;
+            if results.len() != batch.len() {
+                // A sink bug: which result belongs to which event cannot be told, so none
+                // completes. The process stops; the next run resumes these claims, marked.
+                let (given, answered) = (batch.len(), results.len());
+                error!(topic = %d.partition().0, partition = d.partition().1, first = %envelope(&items[pending[0]]).record.position, given, answered, sink = s.sink.kind(), "the sink answered a different number of results than the effects it was given (its Sink::deliver must answer one per effect, in order); none of this batch completes, and kdedup stops");
+                s.fatal.raise(format!(
+                    "the {} sink answered {answered} results for {given} effects; a Sink must answer one result per effect",
+                    s.sink.kind()
+                ));
+                return Err(Stop::Fatal);
+            }
             let mut retry = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 match result {
                     Ok(delivered) => {
                         if let Some(landed) = delivered.mark {
-                            d.landed(Landed::Output, landed);
+                            d.landed(Landed::Output, envelope(&items[i]).record.position.offset, landed);
                         }
                         responses.extend(delivered.response.map(|r| (i, r)));
                     }
@@ -898,7 +924,7 @@ impl Core {
                 _ => continue,
             };
             // Dead-lettered by an owner that died before committing: not again.
-            if d.already_dead_lettered(record.position.offset) {
+            if d.already_dead_lettered(record.position.offset, record.payload.as_deref()) {
                 s.metrics.reconciled.inc();
             } else {
                 dead.push((record, error));
@@ -912,12 +938,14 @@ impl Core {
                 possible_repeat: d.reached_before(record.position.offset),
             })
             .collect();
-        for landed in self.write_side(d, Side::DeadLetter, &dead_letters, |batch| s.side.dead_letter(batch)).await? {
-            d.landed(Landed::DeadLetter, landed);
+        let landed =
+            self.write_side(d, held, Side::DeadLetter, &dead_letters, |batch| s.side.dead_letter(batch)).await?;
+        for (i, mark) in landed {
+            d.landed(Landed::DeadLetter, dead_letters[i].record.position.offset, mark);
         }
         s.metrics.dead_lettered(&d.partition().0, dead.iter().map(|(_, e)| e.reason()));
         if s.side.duplicates.is_some() {
-            self.write_side(d, Side::Duplicates, &dups, |batch| s.side.duplicates(batch)).await?;
+            self.write_side(d, held, Side::Duplicates, &dups, |batch| s.side.duplicates(batch)).await?;
         }
 
         // filter memory + outcome counts
@@ -980,14 +1008,15 @@ impl Core {
     /// (Records refused for their size were already written truncated by
     /// [`SideTopics::dead_letter`].) A duplicates-topic copy refused for good
     /// is only an audit copy: logged, counted, and skipped.
-    /// Returns where the written records landed.
+    /// Returns where the written records landed, by their index in `records`.
     async fn write_side<D: Driver, T, F, Fut>(
         &self,
         d: &D,
+        held: &Held,
         side: Side,
         records: &[T],
         write: F,
-    ) -> Result<Vec<OutputMark>, Stop>
+    ) -> Result<Vec<(usize, OutputMark)>, Stop>
     where
         T: HasPosition,
         F: Fn(Vec<T>) -> Fut,
@@ -999,11 +1028,12 @@ impl Core {
         let mut backoff = Backoff::new();
         while !pending.is_empty() {
             let batch: Vec<T> = pending.iter().map(|&i| records[i].clone()).collect();
+            self.guard(d, held).await?;
             let results = write(batch).await;
             let mut retry = Vec::new();
             for (&i, result) in pending.iter().zip(results) {
                 match result {
-                    Ok(mark) => landed.push(mark),
+                    Ok(mark) => landed.push((i, mark)),
                     Err(e) if e.is_fatal() => {
                         self.metrics.sink_error(&e);
                         error!(position = %records[i].position(), topic = what, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
@@ -1190,5 +1220,104 @@ fn placeholder() -> Item {
             bad_header: None,
         },
         error: RecordError::MissingId(String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::kafka_client::KafkaClients;
+    use crate::mock::MockKafka;
+    use crate::sink::{CustomSink, Delivered, KafkaWriter, Sink};
+
+    /// Counts the effects it runs.
+    struct Counting(Arc<AtomicUsize>);
+
+    impl Sink for Counting {
+        fn kind(&self) -> &'static str {
+            "counting"
+        }
+        async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<crate::sink::Delivered, SinkError>> {
+            self.0.fetch_add(batch.len(), Ordering::SeqCst);
+            batch.iter().map(|_| Ok(Delivered::done())).collect()
+        }
+    }
+
+    /// A driver whose partition is revoked after `owned_for` ownership checks
+    /// passed: a member frozen between two writes of one round, told on thawing.
+    struct RevokedAfter {
+        tp: TopicPartition,
+        owned_for: AtomicUsize,
+        checks: AtomicUsize,
+    }
+
+    impl Driver for RevokedAfter {
+        fn partition(&self) -> &TopicPartition {
+            &self.tp
+        }
+        async fn pause(&self, wait: Duration) -> Result<(), Stop> {
+            tokio::time::sleep(wait).await;
+            Ok(())
+        }
+        async fn before_writes(&self, _since_ms: u64) -> Result<(), Stop> {
+            let n = self.checks.fetch_add(1, Ordering::SeqCst);
+            if n < self.owned_for.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(Stop::Draining)
+            }
+        }
+        fn finished(&mut self, _items: &[Item]) {}
+    }
+
+    fn record(offset: i64, event_id: Option<&str>) -> Record {
+        Record {
+            position: Position { topic: Arc::from("in"), partition: 0, offset },
+            key: None,
+            payload: Some(b"{}".to_vec()),
+            headers: event_id.map(|id| ("event-id".to_string(), Some(id.as_bytes().to_vec()))).into_iter().collect(),
+            timestamp_ms: None,
+            bad_header: None,
+        }
+    }
+
+    /// Every write is checked, not only the round's first: the partition lost
+    /// between the effect and the dead letter writes no dead letter. Failed
+    /// before: one check per round, before the effects, and the dead letter was
+    /// written by a member that no longer owned the partition.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_that_lost_its_partition_after_the_effects_writes_no_dead_letter() {
+        let kafka = MockKafka::start(1).unwrap();
+        kafka.create_topic("dlq", 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"g\"\ntopics = [\"in\"]\n[store]\npath = \"{}\"\n[sink]\nkind = \"custom\"\n[dead_letter]\ntopic = \"dlq\"\n",
+            kafka.bootstrap(),
+            dir.path().display()
+        );
+        let config = Config::from_toml_with_env(&text, "test", std::iter::empty()).unwrap();
+        let store = Store::open(&config.store, &config.retention).unwrap();
+        let writer = KafkaWriter::new(&KafkaClients::from(kafka.bootstrap())).unwrap();
+        let side = SideTopics {
+            writer,
+            dead_letter: "dlq".into(),
+            dead_letter_partitions: 1,
+            duplicates: None,
+            scope: Arc::from("g"),
+        };
+        let effects = Arc::new(AtomicUsize::new(0));
+        let sink = AnySink::Custom(CustomSink::new(Counting(effects.clone())));
+        let core = Core::new(&config, store, sink, side, Metrics::new(), Claimant::Position).unwrap();
+        let mut driver = RevokedAfter { tp: (Arc::from("in"), 0), owned_for: AtomicUsize::new(1), checks: 0.into() };
+
+        let records = vec![record(0, Some("a")), record(1, None)];
+        let result = core.run_batch(&mut driver, records, Instant::now()).await;
+        assert!(matches!(result, Err(Stop::Draining)), "the round stops at the failed check: {result:?}");
+        assert_eq!(effects.load(Ordering::SeqCst), 1, "the effect ran while the partition was owned");
+        assert_eq!(driver.checks.load(Ordering::SeqCst), 2, "checked again before the dead letter");
+        let dead = crate::mock::read_all(kafka.bootstrap(), "dlq").unwrap();
+        assert!(dead.is_empty(), "no dead letter from a member that lost its partition: {} written", dead.len());
     }
 }

@@ -177,6 +177,9 @@ pub struct Metrics {
     pub zombie_batches_dropped: IntCounter,
     /// `kdedup_partition_stalled_since_seconds{topic,partition}`: Unix seconds a partition stalled at; 0 while it progresses.
     pub partition_stalled_since: IntGaugeVec,
+    /// `kdedup_partition_errors_total{topic,reason}`: errors a partition's queue reported
+    /// (`decode`, `offset_reset`, `authorization`, `other`) and gaps they left (`skipped`).
+    pub partition_errors: IntCounterVec,
     health: Arc<Health>,
 }
 
@@ -505,11 +508,18 @@ impl Metrics {
                 "kdedup_zombie_batches_dropped_total",
                 "Batches not written because their partition was revoked after a freeze (the next owner writes them).",
             ),
+            partition_errors: counter_vec(
+                "kdedup_partition_errors_total",
+                "Errors a partition's queue reported, by reason: decode (a batch the client cannot decode), \
+                 offset_reset, authorization, other; skipped: records not delivered after an error (the partition \
+                 stops there). A partition with an error and no progress since is stalled.",
+                &["topic", "reason"],
+            ),
             partition_stalled_since: {
                 let g = IntGaugeVec::new(
                     Opts::new(
                         "kdedup_partition_stalled_since_seconds",
-                        "When the partition stalled (Unix seconds; 0 while it progresses): it is retrying a store call, an effect, a dead letter or its reconciliation.",
+                        "When the partition stalled (Unix seconds; 0 while it progresses): it is retrying a store call, an effect, a dead letter or its reconciliation, or its queue reported an error and delivered nothing since.",
                     ),
                     &["topic", "partition"],
                 )

@@ -119,6 +119,14 @@ impl MockKafka {
         Ok(())
     }
 
+    /// Answers the next `errors.len()` fetch requests (from any client) with these errors,
+    /// one each, in order: a fetch the broker refuses, as a consumer's partition queue reports it.
+    pub fn refuse_fetch(&self, errors: &[rdkafka_sys::types::RDKafkaRespErr]) -> anyhow::Result<()> {
+        let cluster = self.owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?;
+        cluster.request_errors(rdkafka_sys::types::RDKafkaApiKey::Fetch, errors);
+        Ok(())
+    }
+
     /// Drops the errors [`MockKafka::refuse_produce`] queued and not yet used.
     pub fn accept_produce(&self) -> anyhow::Result<()> {
         let cluster = self.owner.client().mock_cluster().ok_or_else(|| anyhow!("mock cluster missing"))?;

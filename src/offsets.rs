@@ -113,6 +113,17 @@ impl OutputMark {
     }
 }
 
+impl OutputMark {
+    /// Keeps the mark at or before `write`, a write the commit does not cover
+    /// yet: reading from the mark must find it (a mark on another partition is
+    /// replaced, as [`OutputMark::advance`] would).
+    pub fn hold_at(mark: &mut Option<OutputMark>, write: OutputMark) {
+        if mark.is_none_or(|m| m.partition != write.partition || m.offset > write.offset) {
+            *mark = Some(write);
+        }
+    }
+}
+
 /// Where a partition's writes stand in the output and dead-letter topics.
 /// Travels in the commit's metadata, so the next owner knows where to start
 /// reading them to find writes made after the last commit ([`crate::reconcile`]).

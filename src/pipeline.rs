@@ -6,16 +6,31 @@
 //! revoked. Batches of one partition run one after another, so a key seen
 //! again in the next batch finds the first one completed.
 //!
-//! Before a batch writes anything, the task checks it still owns its
-//! partition: if the process was frozen (SIGSTOP, a VM pause) for half the
-//! session timeout or more, it waits for the group's word (a revoke) for a
-//! few heartbeats before writing, so a thawed zombie does not write batches
-//! for partitions already reassigned.
+//! Before every write (each effect attempt, each dead-letter and duplicates
+//! write), the task checks it still owns its partition: if the process was
+//! frozen (SIGSTOP, a VM pause) for half the session timeout or more since the
+//! last check, it waits for the group's word (a revoke) for a few heartbeats
+//! before writing, so a thawed zombie writes nothing for partitions already
+//! reassigned.
+//!
+//! An error on the partition's queue (a batch librdkafka cannot decode: a
+//! corrupt or unknown compressed batch, a failed CRC, an unsupported record
+//! format; a refused fetch) stalls the partition, loudly, until a record
+//! arrives at the next offset expected. librdkafka re-fetches a batch it cannot
+//! decompress for ever, but skips one that fails its CRC or has an unknown
+//! format when later batches of the same fetch decode. So a record that comes
+//! after an error *past* the next expected offset may mean records were
+//! skipped, or that compaction or transaction markers left a gap there (those
+//! leave gaps with no error too). The queue is then read again from the first
+//! offset missing: the same gap read without an error is taken; after an error
+//! again, records were skipped, and the partition stops there (nothing at or
+//! after the gap is processed, so no commit passes it) and stays stalled until
+//! it is revoked; its next owner starts again from the commit. See [`Continuity`].
 //!
 //! A fatal producer error or a panicking partition task stops the process
 //! with a non-zero exit (see [`Fatal`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,9 +43,9 @@ use crate::decide::{Backoff, Core, Driver, Item, Landed, Stop};
 pub use crate::decide::{Fatal, Faults};
 use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
-use crate::reconcile::{Log, Reconciler};
+use crate::reconcile::{event_identity, is_dead_letter_of, Identity, Log, Reconciler, Share};
 use crate::sink::AnySink;
-use crate::source::{PartitionHandler, PartitionQueue, Resume};
+use crate::source::{PartitionHandler, PartitionQueue, Resume, Rewind};
 use crate::store::now_ms;
 
 /// Notices that this process was frozen (SIGSTOP, a paused VM, a starved
@@ -76,9 +91,10 @@ impl Liveness {
         }
     }
 
-    /// Whether a freeze ended after `since_ms`.
-    fn froze_since(&self, since_ms: u64) -> bool {
-        self.thawed_at_ms.load(Ordering::SeqCst) >= since_ms
+    /// When the last freeze ended, if one ended after `since_ms`.
+    fn thawed_since(&self, since_ms: u64) -> Option<u64> {
+        let thawed = self.thawed_at_ms.load(Ordering::SeqCst);
+        (thawed > 0 && thawed >= since_ms).then_some(thawed)
     }
 }
 
@@ -141,23 +157,127 @@ pub struct PartitionTask {
     stop: watch::Receiver<bool>,
     tracker: OffsetTracker,
     resume: Resume,
-    /// Offsets whose effect is already in the output (found by reconciliation).
-    emitted: HashSet<i64>,
-    /// Offsets already in the dead-letter topic (found by reconciliation).
-    dead_lettered: HashSet<i64>,
+    /// Offsets whose effect is already in the output (found by reconciliation), and for which event.
+    emitted: HashMap<i64, Identity>,
+    /// Offsets already in the dead-letter topic (found by reconciliation), and for which payload.
+    dead_lettered: HashMap<i64, Identity>,
+    /// The share of the process's reconciliation budget the two maps hold; given back once both are empty.
+    share: Share,
     /// The highest offset of this partition an earlier owner is known to have
     /// reached: its writes found by reconciliation, its claims resumed. That
     /// owner may still be alive (a zombie) and write a dead letter for a record
     /// up to here after we looked, so ours for those records are marked.
     reached_before: Option<i64>,
-    /// Where this partition's latest writes landed, plus one.
+    /// Where this partition's latest writes for records below the watermark landed, plus one.
     logs: LogMarks,
-    /// `logs` as they were when every record taken was finished: the marks a
-    /// commit may carry. Between rounds of a batch, records after one set aside
-    /// (its key in flight elsewhere) may already be written while the
-    /// watermark stays below it; a commit carrying the latest marks would make
-    /// the next owner read past those writes and make them again.
-    settled_logs: LogMarks,
+    /// Writes for records not yet below the watermark (a record set aside may
+    /// hold it back): (source offset, log, where). A commit's marks stay at or
+    /// below the first of them, so the next owner's reconciliation finds them.
+    unsettled: Vec<(i64, Landed, OutputMark)>,
+    /// What the partition's queue delivered: tells a gap an error left from a normal one.
+    continuity: Continuity,
+    /// Moves the partition's fetch position back, to read a gap after an error again.
+    rewind: Rewind,
+    /// The end of the last freeze after which the group was found to keep this partition.
+    confirmed_thaw_ms: AtomicU64,
+}
+
+/// What one partition's queue delivered so far, to tell a gap in offsets that
+/// an error left (librdkafka skipped a batch it could not decode) from one that
+/// compaction or transaction markers leave (no error before it).
+#[derive(Debug, Default)]
+struct Continuity {
+    /// The offset the next record should have: the last delivered plus one
+    /// (before any, the committed offset, when there is one).
+    next: Option<i64>,
+    /// Why the queue last reported an error, when no record came since.
+    error: Option<&'static str>,
+    /// The queue was moved back to `next` after a gap that followed an error, to
+    /// read it again: a gap read again without an error is compaction or markers.
+    rewound: bool,
+}
+
+/// How a record arrived, seen against what came before it.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrival {
+    /// No error since the last record (a gap, if any, is compaction or markers).
+    InOrder,
+    /// At the next offset expected after an error: the error did not cost a record.
+    Recovered,
+    /// After an error and not at the next offset expected (or with nothing to
+    /// compare with): read again from `from` (the log start when unknown).
+    ReadAgain {
+        /// The first offset not delivered, when known.
+        from: Option<i64>,
+    },
+    /// The same after reading again: records from `from` on were skipped.
+    Gap {
+        /// The first offset not delivered, when known.
+        from: Option<i64>,
+        /// The error's reason.
+        reason: &'static str,
+    },
+}
+
+impl Continuity {
+    fn starting_at(committed: Option<i64>) -> Continuity {
+        Continuity { next: committed, error: None, rewound: false }
+    }
+
+    /// The queue reported an error; returns whether it starts a streak (the first since a record).
+    fn error(&mut self, reason: &'static str) -> bool {
+        self.error.replace(reason).is_none()
+    }
+
+    /// A record arrived at `offset`. At [`Arrival::ReadAgain`] the caller moves
+    /// the queue back to `from`; at a gap it stops taking records.
+    fn record(&mut self, offset: i64) -> Arrival {
+        let arrival = match self.error {
+            None => Arrival::InOrder,
+            Some(_) if self.next == Some(offset) => Arrival::Recovered,
+            Some(_) if !self.rewound => {
+                self.rewound = true;
+                self.error = None;
+                return Arrival::ReadAgain { from: self.next };
+            }
+            Some(reason) => return Arrival::Gap { from: self.next, reason },
+        };
+        self.error = None;
+        self.rewound = false;
+        self.next = Some(offset + 1);
+        arrival
+    }
+}
+
+/// What taking a polled message left the batch at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Go on taking records.
+    More,
+    /// Stop the batch here and read the partition again from this offset (its start when `None`).
+    ReadAgain(Option<i64>),
+    /// Stop the batch here, and the partition for good: records were skipped.
+    Gap,
+}
+
+/// The `reason` label of a partition queue's error.
+fn queue_error_reason(e: &rdkafka::error::KafkaError) -> &'static str {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::BadMessage
+            | C::BadCompression
+            | C::NotImplemented
+            | C::Underflow
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::UnsupportedCompressionType
+            | C::MessageSizeTooLarge,
+        ) => "decode",
+        Some(C::AutoOffsetReset | C::OffsetOutOfRange) => "offset_reset",
+        Some(C::TopicAuthorizationFailed) => "authorization",
+        _ => "other",
+    }
 }
 
 impl PartitionTask {
@@ -179,15 +299,15 @@ impl PartitionTask {
             };
             let arrived = Instant::now();
             let mut records = Vec::with_capacity(batch_max);
-            take(&mut records, first, &topic, partition);
+            let mut taken = self.take(&mut records, first);
             // Take whatever else is ready now, up to a full batch: batches grow under load.
-            while records.len() < batch_max {
+            while records.len() < batch_max && taken == Taken::More {
                 match stream.next().now_or_never() {
-                    Some(m) => take(&mut records, m, &topic, partition),
+                    Some(m) => taken = self.take(&mut records, m),
                     None => break,
                 }
             }
-            if records.is_empty() {
+            if records.is_empty() && taken == Taken::More {
                 continue;
             }
             for r in &records {
@@ -198,8 +318,27 @@ impl PartitionTask {
             }
             let (stages, stop) = (self.stages.clone(), self.stop.clone());
             // The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
-            match crate::sink::with_stop(stop, stages.core.run_batch(&mut self, records, arrived)).await {
-                Ok(()) => {}
+            let batch = async {
+                if records.is_empty() {
+                    return Ok(());
+                }
+                stages.core.run_batch(&mut self, records, arrived).await
+            };
+            match crate::sink::with_stop(stop, batch).await {
+                Ok(()) => match taken {
+                    Taken::More => {}
+                    Taken::ReadAgain(from) => {
+                        if self.read_again(from).await.is_err() {
+                            break;
+                        }
+                    }
+                    Taken::Gap => {
+                        // The records before the gap are done; nothing after it runs.
+                        self.stages.core.metrics.partition_stalled(&self.tp);
+                        let _ = self.stop.wait_for(|s| *s).await;
+                        break;
+                    }
+                },
                 Err(Stop::Draining) => break,
                 Err(Stop::Fatal) => return,
                 Err(Stop::Crashed) => {
@@ -210,6 +349,79 @@ impl PartitionTask {
             }
         }
         debug!(%topic, partition, in_flight = self.tracker.in_flight(), "partition task stopped");
+    }
+
+    /// Adds a polled message to the batch, or notes the error the queue
+    /// reported: the partition is stalled until a record arrives at the next
+    /// offset expected. At a gap after an error, that record and everything
+    /// after it are not taken: the queue is read again from the gap, once, and
+    /// the partition stops if the gap comes again after an error.
+    fn take(
+        &mut self,
+        records: &mut Vec<Record>,
+        message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
+    ) -> Taken {
+        let (topic, partition) = (&self.tp.0, self.tp.1);
+        let metrics = &self.stages.core.metrics;
+        match message {
+            Some(Ok(m)) => {
+                let record = Record::from_message(&m, topic);
+                let offset = record.position.offset;
+                match self.continuity.record(offset) {
+                    Arrival::InOrder => {}
+                    Arrival::Recovered => {
+                        info!(%topic, partition, offset, "the partition's queue delivers again at the offset it stopped at");
+                        metrics.partition_progressing(&self.tp);
+                    }
+                    Arrival::ReadAgain { from } => {
+                        warn!(%topic, partition, offset = from, next_delivered = offset, "records were not delivered after an error on this partition; reading the partition again from the first one missing (a gap read again without an error is compaction or transaction markers)");
+                        return Taken::ReadAgain(from);
+                    }
+                    Arrival::Gap { from, reason } => {
+                        metrics.partition_errors.with_label_values(&[topic.as_ref(), "skipped"]).inc();
+                        metrics.partition_stalled(&self.tp);
+                        error!(%topic, partition, offset = from, next_delivered = offset, reason, "records were not delivered after an error on this partition (librdkafka skipped a batch it could not decode, or the gap is not known to be compaction or transaction markers); the partition stops here and nothing at or after the offset is processed or committed by this member: check the batch at that offset (its compression, its CRC, the client's codecs), then restart, or move the group's offset past it on purpose");
+                        return Taken::Gap;
+                    }
+                }
+                records.push(record);
+            }
+            // Not an error: the end of the partition, when `enable.partition.eof` asks for it.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => {
+                let reason = queue_error_reason(&e);
+                metrics.partition_errors.with_label_values(&[topic.as_ref(), reason]).inc();
+                metrics.partition_stalled(&self.tp);
+                let offset = self.continuity.next;
+                if self.continuity.error(reason) {
+                    error!(%topic, partition, offset, reason, error = %e, "the partition's queue reported an error; the partition is stalled until a record arrives at this offset (readiness false)");
+                } else {
+                    debug!(%topic, partition, offset, reason, error = %e, "the partition's queue reported an error again");
+                }
+            }
+            None => {}
+        }
+        Taken::More
+    }
+
+    /// Moves the partition's queue back to `from` (its start when `None`),
+    /// retrying until it moves; the partition stays stalled meanwhile.
+    async fn read_again(&mut self, from: Option<i64>) -> Result<(), Stop> {
+        self.stages.core.metrics.partition_stalled(&self.tp);
+        let mut backoff = Backoff::new();
+        loop {
+            let rewind = self.rewind.clone();
+            match tokio::task::spawn_blocking(move || rewind.to(from)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    warn!(topic = %self.tp.0, partition = self.tp.1, offset = from, error = %e, "cannot move the partition back to read it again; retrying")
+                }
+                Err(e) => {
+                    warn!(topic = %self.tp.0, partition = self.tp.1, error = %e, "moving the partition back failed")
+                }
+            }
+            self.sleep(backoff.next()).await?;
+        }
     }
 
     fn draining(&self) -> bool {
@@ -252,9 +464,11 @@ impl PartitionTask {
                     if !found.complete {
                         self.stages.core.metrics.reconciliations_incomplete.inc();
                     }
-                    self.reached_before = found.emitted.iter().chain(&found.dead_lettered).max().copied();
+                    self.reached_before = found.emitted.keys().chain(found.dead_lettered.keys()).max().copied();
                     self.emitted = found.emitted;
                     self.dead_lettered = found.dead_lettered;
+                    self.share = found.share;
+                    self.release_share();
                     self.stages.core.metrics.partition_progressing(&self.tp);
                     return Ok(());
                 }
@@ -267,16 +481,26 @@ impl PartitionTask {
         }
     }
 
+    /// Gives the reconciliation budget back once every write found has been passed.
+    fn release_share(&mut self) {
+        if self.emitted.is_empty() && self.dead_lettered.is_empty() {
+            self.share = Share::default();
+        }
+    }
+
     /// A zombie's guard: after a freeze that may have cost this process its
     /// partitions, wait for the group's word before writing. librdkafka learns
     /// at its next heartbeat that the member was expelled, and revokes the
     /// partitions (the stop signal); no revoke within a few heartbeats means
     /// the group kept us.
-    async fn confirm_ownership(&self, batch_started_ms: u64) -> Result<(), Stop> {
+    /// A freeze already confirmed (the group kept us) is not waited on again
+    /// by the next writes.
+    async fn confirm_ownership(&self, since_ms: u64) -> Result<(), Stop> {
         let liveness = &self.stages.liveness;
-        if !liveness.froze_since(batch_started_ms.saturating_sub(liveness.freeze_after.as_millis() as u64)) {
+        let thawed = liveness.thawed_since(since_ms.saturating_sub(liveness.freeze_after.as_millis() as u64));
+        let Some(thawed) = thawed.filter(|&t| t > self.confirmed_thaw_ms.load(Ordering::SeqCst)) else {
             return if self.draining() { Err(Stop::Draining) } else { Ok(()) };
-        }
+        };
         self.stages.core.metrics.ownership_checks.inc();
         let mut stop = self.stop.clone();
         let revoked = tokio::time::timeout(liveness.confirm_for, stop.wait_for(|s| *s)).await.is_ok();
@@ -285,6 +509,7 @@ impl PartitionTask {
             self.stages.core.metrics.zombie_batches_dropped.inc();
             return Err(Stop::Draining);
         }
+        self.confirmed_thaw_ms.fetch_max(thawed, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -298,16 +523,20 @@ impl Driver for PartitionTask {
         self.sleep(wait)
     }
 
-    fn before_writes(&self, batch_started_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
-        self.confirm_ownership(batch_started_ms)
+    fn before_writes(&self, since_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
+        self.confirm_ownership(since_ms)
     }
 
-    fn already_emitted(&mut self, offset: i64) -> bool {
-        self.emitted.remove(&offset)
+    fn already_emitted(&mut self, offset: i64, event_id: &[u8]) -> bool {
+        let found = self.emitted.remove(&offset);
+        self.release_share();
+        found.is_some_and(|identity| identity == event_identity(event_id))
     }
 
-    fn already_dead_lettered(&mut self, offset: i64) -> bool {
-        self.dead_lettered.remove(&offset)
+    fn already_dead_lettered(&mut self, offset: i64, payload: Option<&[u8]>) -> bool {
+        let found = self.dead_lettered.remove(&offset);
+        self.release_share();
+        found.is_some_and(|identity| is_dead_letter_of(identity, payload))
     }
 
     fn reached_before(&self, offset: i64) -> bool {
@@ -318,40 +547,39 @@ impl Driver for PartitionTask {
         self.reached_before = self.reached_before.max(Some(offset));
     }
 
-    fn landed(&mut self, log: Landed, mark: OutputMark) {
-        match log {
-            Landed::Output => OutputMark::advance(&mut self.logs.output, mark),
-            Landed::DeadLetter => OutputMark::advance(&mut self.logs.dead_letter, mark),
-        }
+    fn landed(&mut self, log: Landed, source_offset: i64, mark: OutputMark) {
+        self.unsettled.push((source_offset, log, mark));
     }
 
-    /// Marks a round's records finished and publishes the new watermark.
+    /// Marks a round's records finished and publishes the new watermark, with
+    /// log marks that do not pass a write for a record at or above it.
     fn finished(&mut self, items: &[Item]) {
         for item in items {
             if let Err(e) = self.tracker.finish(item.record().position.offset) {
                 error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset tracking broken");
             }
         }
-        if self.tracker.in_flight() == 0 {
-            self.settled_logs = self.logs;
+        let Some(w) = self.tracker.watermark() else { return };
+        let logs = &mut self.logs;
+        self.unsettled.retain(|&(source, log, mark)| {
+            if source >= w {
+                return true;
+            }
+            match log {
+                Landed::Output => OutputMark::advance(&mut logs.output, mark),
+                Landed::DeadLetter => OutputMark::advance(&mut logs.dead_letter, mark),
+            }
+            false
+        });
+        let mut published = self.logs;
+        for &(_, log, mark) in &self.unsettled {
+            let slot = match log {
+                Landed::Output => &mut published.output,
+                Landed::DeadLetter => &mut published.dead_letter,
+            };
+            OutputMark::hold_at(slot, mark);
         }
-        if let Some(w) = self.tracker.watermark() {
-            self.stages.book.publish(&self.tp, w, self.settled_logs);
-        }
-    }
-}
-
-/// Adds a polled message to the batch (errors are librdkafka's own, logged; it retries).
-fn take(
-    records: &mut Vec<Record>,
-    message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
-    topic: &Arc<str>,
-    partition: i32,
-) {
-    match message {
-        Some(Ok(m)) => records.push(Record::from_message(&m, topic)),
-        Some(Err(e)) => warn!(%topic, partition, error = %e, "partition queue reported an error"),
-        None => {}
+        self.stages.book.publish(&self.tp, w, published);
     }
 }
 
@@ -381,7 +609,7 @@ impl Workers {
 }
 
 impl PartitionHandler for Workers {
-    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume) {
+    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume, rewind: Rewind) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
         let task = PartitionTask {
@@ -390,11 +618,15 @@ impl PartitionHandler for Workers {
             stop: stop_rx,
             tracker: OffsetTracker::new(),
             resume,
-            emitted: HashSet::new(),
-            dead_lettered: HashSet::new(),
+            emitted: HashMap::new(),
+            dead_lettered: HashMap::new(),
+            share: Share::default(),
             reached_before: None,
             logs: resume.logs,
-            settled_logs: resume.logs,
+            unsettled: Vec::new(),
+            continuity: Continuity::starting_at(resume.committed),
+            rewind,
+            confirmed_thaw_ms: AtomicU64::new(0),
         };
         let stages = self.stages.clone();
         let tp_of_task = tp.clone();
@@ -457,5 +689,59 @@ impl PartitionHandler for Workers {
 
     fn all(&self) -> Vec<TopicPartition> {
         self.running().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_without_an_error_are_compaction_or_markers() {
+        let mut c = Continuity::starting_at(Some(10));
+        assert_eq!(c.record(12), Arrival::InOrder, "compacted away or a control record: no error, no concern");
+        assert_eq!(c.record(20), Arrival::InOrder);
+        assert_eq!(c.next, Some(21));
+    }
+
+    #[test]
+    fn an_error_then_the_next_offset_recovers() {
+        let mut c = Continuity::starting_at(Some(5));
+        assert!(c.error("decode"), "the first error of a streak");
+        assert!(!c.error("decode"), "a repeat is not a new streak");
+        assert_eq!(c.record(5), Arrival::Recovered);
+        assert_eq!(c.record(9), Arrival::InOrder, "after recovering, gaps are normal again");
+    }
+
+    #[test]
+    fn an_error_then_a_later_offset_is_read_again_and_a_gap_only_if_the_error_comes_again() {
+        let mut c = Continuity::starting_at(Some(5));
+        assert_eq!(c.record(5), Arrival::InOrder);
+        c.error("decode");
+        assert_eq!(c.record(9), Arrival::ReadAgain { from: Some(6) }, "read the gap again");
+        c.error("decode");
+        assert_eq!(c.record(9), Arrival::Gap { from: Some(6), reason: "decode" }, "the error came again: skipped");
+        assert_eq!(c.record(10), Arrival::Gap { from: Some(6), reason: "decode" }, "nothing moves past a gap");
+    }
+
+    #[test]
+    fn a_gap_read_again_without_an_error_is_compaction_or_markers() {
+        let mut c = Continuity::starting_at(Some(5));
+        c.error("other");
+        assert_eq!(c.record(8), Arrival::ReadAgain { from: Some(5) });
+        assert_eq!(c.record(8), Arrival::InOrder, "the same gap without an error: markers, taken");
+        c.error("other");
+        assert_eq!(c.record(12), Arrival::ReadAgain { from: Some(9) }, "a later error is read again too");
+    }
+
+    #[test]
+    fn an_error_before_anything_is_known_reads_from_the_start() {
+        let mut c = Continuity::starting_at(None);
+        c.error("decode");
+        assert_eq!(c.record(3), Arrival::ReadAgain { from: None }, "no commit, no record: read from the log start");
+        c.error("decode");
+        assert_eq!(c.record(3), Arrival::Gap { from: None, reason: "decode" });
+        let mut c = Continuity::starting_at(None);
+        assert_eq!(c.record(3), Arrival::InOrder, "without an error the first record is taken as the start");
     }
 }

@@ -36,18 +36,33 @@
 //! inbound copies of its own header names, and another pipeline (another
 //! scope) may write the same output partition for the same source positions.
 //!
+//! A position names a record only as long as it is not reused: a topic
+//! deleted and recreated, an unclean leader election, or offsets reset past a
+//! truncation put new records at old positions. So what is found is the
+//! position *and* what the write was for ([`Identity`]): the event ID
+//! (`kdedup-event-id`) of an output or a result, the payload of a dead letter
+//! (which has no event ID when the record had none). A record whose position
+//! matches but whose identity does not is not the one written for: its effect
+//! runs, its dead letter is written.
+//!
 //! Bounds ([`Limits`]): without commit metadata (offsets set by
 //! `kafka-consumer-groups`) a log is read from its start, and nothing in it
 //! proves an unread record irrelevant (sources interleave; watermarks are not
 //! trusted, see DESIGN.md on tansu). So the read stops at a deadline, checked
-//! on every record, and at a number of found offsets per log; a log whose
-//! marked start was already deleted by retention cannot be read whole either.
+//! on every record, and when the *process's* budget of found writes is spent
+//! ([`Limits::max_found`], shared by every partition reconciling or holding
+//! what it found at once: a rebalance that assigns many partitions without
+//! commit metadata cannot multiply it); a log whose marked start was already
+//! deleted by retention cannot be read whole either. A partition gives its
+//! share back as its records pass the writes found.
 //! Past any of these, [`Found::complete`] is `false`, logged as an error: what
 //! was found is still skipped, and a resumed claim whose effect was not found
 //! runs again marked `kdedup-possible-repeat: true` (every resumed claim is),
 //! so a repeat past the bound is marked, never unmarked.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -69,6 +84,8 @@ pub struct Reconciler {
     pub scope: String,
     /// How far one reconciliation reads.
     pub limits: Limits,
+    /// Found writes held in this process now, shared by the reconciler's clones.
+    pub held: Arc<AtomicUsize>,
 }
 
 /// How far one reconciliation reads before it gives up as incomplete.
@@ -76,8 +93,9 @@ pub struct Reconciler {
 pub struct Limits {
     /// For the whole [`Reconciler::find`] (both logs), checked on every record read.
     pub deadline: Duration,
-    /// Offsets found per log; a `HashSet<i64>` entry costs about 16 bytes, and
-    /// every newly assigned partition reconciles at once.
+    /// Found writes held at once by the whole process (every partition and
+    /// log); an entry costs up to about 64 bytes (a position and an
+    /// [`Identity`] in a hash map), so the default 2^20 is at most 64 MiB.
     pub max_found: usize,
 }
 
@@ -85,6 +103,13 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits { deadline: Duration::from_secs(120), max_found: 1 << 20 }
     }
+}
+
+/// Which of the logs is read: what a write's identity is taken from.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Output,
+    DeadLetter,
 }
 
 /// A topic partition that one input partition writes to, and where to start reading it.
@@ -98,30 +123,88 @@ pub struct Log {
     pub mark: Option<OutputMark>,
 }
 
+/// What a write was made for: a digest of the event ID (outputs, results) or
+/// of the payload (dead letters), compared with the record now at its position.
+pub type Identity = u128;
+
+/// The identity of an output or a result written for event `id`.
+pub fn event_identity(id: &[u8]) -> Identity {
+    xxhash_rust::xxh3::xxh3_128(id)
+}
+
+/// Whether a dead letter with identity `found` was written for a record with this payload:
+/// whole, or cut to [`crate::sink::TRUNCATED_PAYLOAD_BYTES`] (a truncated dead letter).
+pub fn is_dead_letter_of(found: Identity, payload: Option<&[u8]>) -> bool {
+    let payload = payload.unwrap_or_default();
+    let cut = &payload[..payload.len().min(crate::sink::TRUNCATED_PAYLOAD_BYTES)];
+    xxhash_rust::xxh3::xxh3_128(payload) == found || xxhash_rust::xxh3::xxh3_128(cut) == found
+}
+
 /// What reconciliation found for one input partition.
 #[derive(Debug)]
 pub struct Found {
-    /// Source offsets whose effect is in the output.
-    pub emitted: HashSet<i64>,
-    /// Source offsets already dead-lettered.
-    pub dead_lettered: HashSet<i64>,
+    /// Source offsets whose effect is in the output, with the event each was for.
+    pub emitted: HashMap<i64, Identity>,
+    /// Source offsets already dead-lettered, with the payload each was for.
+    pub dead_lettered: HashMap<i64, Identity>,
     /// Every log was read to its end within [`Limits`]. When `false`, the sets
     /// hold only part of what was written (all of it real writes); the rest is
     /// unknown and resumed claims run again marked as possible repeats.
     pub complete: bool,
+    /// This partition's share of the process's budget; given back when dropped.
+    pub share: Share,
 }
 
-/// Source offsets found in one log.
+/// Found writes counted against the process's [`Limits::max_found`]; given back on drop.
+#[derive(Debug, Default)]
+pub struct Share {
+    n: usize,
+    held: Option<Arc<AtomicUsize>>,
+}
+
+impl Share {
+    fn new(held: &Arc<AtomicUsize>) -> Share {
+        Share { n: 0, held: Some(held.clone()) }
+    }
+
+    /// Takes one more entry if the process holds fewer than `max`.
+    fn take(&mut self, max: usize) -> bool {
+        let Some(held) = &self.held else { return false };
+        let taken = held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| (h < max).then_some(h + 1)).is_ok();
+        self.n += usize::from(taken);
+        taken
+    }
+
+    fn absorb(&mut self, mut other: Share) {
+        self.n += std::mem::take(&mut other.n);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if let Some(held) = &self.held {
+            held.fetch_sub(self.n, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Writes found in one log.
 struct Written {
-    offsets: HashSet<i64>,
+    found: HashMap<i64, Identity>,
     complete: bool,
+    share: Share,
 }
 
 impl Reconciler {
     /// A reconciler with the default [`Limits`].
     /// `kafka`: the config's `&KafkaConfig` (its TLS and SASL settings), or plaintext brokers as `&str`.
     pub fn new(kafka: impl Into<KafkaClients>, scope: &str) -> Reconciler {
-        Reconciler { kafka: kafka.into(), scope: scope.to_string(), limits: Limits::default() }
+        Reconciler {
+            kafka: kafka.into(),
+            scope: scope.to_string(),
+            limits: Limits::default(),
+            held: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// Reads the output (if fixed) and dead-letter logs of `source` from its marks.
@@ -135,14 +218,17 @@ impl Reconciler {
     ) -> anyhow::Result<Found> {
         let deadline = Instant::now() + self.limits.deadline;
         let emitted = match output {
-            Some(log) => self.written_since(source, from_offset, &log, deadline)?,
-            None => Written { offsets: HashSet::new(), complete: true },
+            Some(log) => self.written_since(source, from_offset, &log, deadline, Kind::Output)?,
+            None => Written { found: HashMap::new(), complete: true, share: Share::default() },
         };
-        let dead_lettered = self.written_since(source, from_offset, &dead_letter, deadline)?;
+        let dead_lettered = self.written_since(source, from_offset, &dead_letter, deadline, Kind::DeadLetter)?;
+        let mut share = emitted.share;
+        share.absorb(dead_lettered.share);
         Ok(Found {
             complete: emitted.complete && dead_lettered.complete,
-            emitted: emitted.offsets,
-            dead_lettered: dead_lettered.offsets,
+            emitted: emitted.found,
+            dead_lettered: dead_lettered.found,
+            share,
         })
     }
 
@@ -154,6 +240,7 @@ impl Reconciler {
         from_offset: i64,
         log: &Log,
         deadline: Instant,
+        kind: Kind,
     ) -> anyhow::Result<Written> {
         let (topic, output_partition, mark) = (&log.topic, log.partition, log.mark);
         // librdkafka wants a group for assign(); this reader never joins or commits.
@@ -165,12 +252,12 @@ impl Reconciler {
             .with_context(|| format!("cannot read the offsets of {topic}"))?;
         let mark = mark.filter(|m| m.partition == output_partition).map(|m| m.offset);
         let start = mark.map_or(low, |m| m.max(low));
-        let mut found = Written { offsets: HashSet::new(), complete: true };
+        let mut found = Written { found: HashMap::new(), complete: true, share: Share::new(&self.held) };
         let incomplete = |found: &mut Written, why: &str, position: i64| {
             found.complete = false;
             error!(
                 topic = %source.0, partition = source.1, log = %topic, log_partition = output_partition,
-                start, position, end = high, found = found.offsets.len(), why,
+                start, position, end = high, found = found.found.len(), why,
                 "reconciliation incomplete; resumed claims not found run again marked kdedup-possible-repeat"
             );
         };
@@ -215,13 +302,22 @@ impl Reconciler {
             let offset = last(headers::SOURCE_OFFSET)
                 .and_then(|o| std::str::from_utf8(o).ok())
                 .and_then(|o| o.parse::<i64>().ok());
-            match offset {
-                Some(offset) if ours && offset >= from_offset => {
-                    if found.offsets.len() >= self.limits.max_found && !found.offsets.contains(&offset) {
-                        incomplete(&mut found, "too many writes found to hold", message.offset());
+            // What the write was for; a write that does not say is not matched to any record.
+            let identity = match kind {
+                Kind::Output => last(headers::EVENT_ID).map(event_identity),
+                Kind::DeadLetter => Some(xxhash_rust::xxh3::xxh3_128(message.payload().unwrap_or_default())),
+            };
+            match (offset, identity) {
+                (Some(offset), Some(identity)) if ours && offset >= from_offset => {
+                    if !found.found.contains_key(&offset) && !found.share.take(self.limits.max_found) {
+                        incomplete(
+                            &mut found,
+                            "the process holds as many found writes as it may (Limits::max_found)",
+                            message.offset(),
+                        );
                         return Ok(found);
                     }
-                    found.offsets.insert(offset);
+                    found.found.insert(offset, identity);
                 }
                 _ => {}
             }

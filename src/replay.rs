@@ -714,7 +714,7 @@ impl Driver for ReplayDriver {
         }
     }
 
-    fn before_writes(&self, _batch_started_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
+    fn before_writes(&self, _since_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
         let stopping = *self.stop.borrow();
         async move {
             if stopping {

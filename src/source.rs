@@ -46,10 +46,27 @@ pub struct Resume {
     pub logs: LogMarks,
 }
 
+/// Moves one assigned partition's fetch position back, so its queue delivers
+/// again from there (what was queued after it is dropped by librdkafka).
+#[derive(Clone)]
+pub struct Rewind {
+    consumer: Weak<Kafka>,
+    tp: TopicPartition,
+}
+
+impl Rewind {
+    /// Fetches again from `offset` (from the log start when `None`). Blocking (up to 10 s).
+    pub fn to(&self, offset: Option<i64>) -> Result<(), rdkafka::error::KafkaError> {
+        let consumer = self.consumer.upgrade().ok_or(rdkafka::error::KafkaError::Canceled)?;
+        let at = offset.map_or(Offset::Beginning, Offset::Offset);
+        consumer.seek(&self.tp.0, self.tp.1, at, Duration::from_secs(10))
+    }
+}
+
 /// Receives partitions as they are assigned and revoked.
 pub trait PartitionHandler: Send + Sync + 'static {
-    /// Start work on a newly assigned partition.
-    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume);
+    /// Start work on a newly assigned partition; `rewind` moves its fetch position back.
+    fn assigned(&self, tp: TopicPartition, queue: PartitionQueue, resume: Resume, rewind: Rewind);
     /// Stop work on these partitions: no new batches; in-flight batches may
     /// finish within the drain timeout. Returns when they have stopped.
     fn revoked(&self, partitions: &[TopicPartition]);
@@ -128,7 +145,8 @@ impl SourceContext {
                             .set(committed);
                     }
                     self.assigned.lock().unwrap_or_else(|p| p.into_inner()).insert(tp.clone());
-                    self.handler.assigned(tp, queue, resume);
+                    let rewind = Rewind { consumer: Arc::downgrade(&consumer), tp: tp.clone() };
+                    self.handler.assigned(tp, queue, resume, rewind);
                 }
                 None => {
                     error!(topic = %tp.0, partition = tp.1, "cannot split the partition's queue; it is not processed")

@@ -331,11 +331,25 @@ impl KafkaWriter {
 /// Copies a record's own headers, except inbound copies of kdedup's own names
 /// ([`headers::ALL`]), and adds kdedup's position and scope headers.
 pub fn headers_with_source(record: &Record, scope: &str) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(record.headers.len() + 6);
+    with_source(own_headers(record, usize::MAX).0, record, scope)
+}
+
+/// The record's own headers as [`headers_with_source`] copies them, in order,
+/// each one taken while its name and value fit in what is left of `budget`
+/// bytes; and how many were left out.
+pub fn own_headers(record: &Record, budget: usize) -> (OwnedHeaders, usize) {
+    let mut h = OwnedHeaders::new_with_capacity(record.headers.len() + 12);
+    let (mut left, mut dropped) = (budget, 0);
     for (k, v) in record.headers.iter().filter(|(k, _)| !headers::is_kdedup(k)) {
+        let size = k.len() + v.as_ref().map_or(0, Vec::len);
+        if size > left {
+            dropped += 1;
+            continue;
+        }
+        left -= size;
         h = h.insert(Header { key: k, value: v.as_deref() });
     }
-    with_source(h, record, scope)
+    (h, dropped)
 }
 
 /// kdedup's position and scope headers alone, without the record's own.
@@ -343,7 +357,7 @@ pub fn source_headers(record: &Record, scope: &str) -> OwnedHeaders {
     with_source(OwnedHeaders::new_with_capacity(8), record, scope)
 }
 
-fn with_source(h: OwnedHeaders, record: &Record, scope: &str) -> OwnedHeaders {
+pub(crate) fn with_source(h: OwnedHeaders, record: &Record, scope: &str) -> OwnedHeaders {
     let p = &record.position;
     h.insert(Header { key: headers::SOURCE_TOPIC, value: Some(p.topic.as_bytes()) })
         .insert(Header { key: headers::SOURCE_PARTITION, value: Some(p.partition.to_string().as_bytes()) })

@@ -31,7 +31,7 @@ use crate::error::{RecordError, SinkError};
 use crate::event::{Envelope, Record};
 use crate::offsets::OutputMark;
 use crate::store::EffectResponse;
-use kafka::{headers, headers_with_source, source_headers, OutRecord};
+use kafka::{headers, headers_with_source, own_headers, with_source, OutRecord};
 
 /// One effect to run: a new event.
 pub struct Effect<'a> {
@@ -113,7 +113,9 @@ impl Delivered {
 ///
 /// The contract:
 /// - `deliver` gets a batch of one partition's new events, in offset order,
-///   and answers one result per event, in the same order. Batches of one
+///   and answers one result per event, in the same order (another count is a
+///   bug in the sink: no event of the batch completes, and kdedup stops with an
+///   error, so the next run resumes them marked as possible repeats). Batches of one
 ///   partition never overlap; batches of different partitions may run at once.
 /// - `Ok` completes the event's claim (its offset may then be committed).
 ///   [`SinkError::retriable`] makes kdedup call again for that event after a
@@ -287,6 +289,10 @@ impl AnySink {
 /// How much of a payload (and of a key) a truncated dead letter keeps.
 pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
 
+/// How much of the record's own headers (names and values) a truncated dead
+/// letter keeps: the headers that fit, in order; only those that do not are dropped.
+pub const TRUNCATED_HEADER_BYTES: usize = 16 * 1024;
+
 fn mark(h: OwnedHeaders, possible_repeat: bool, replay: Option<&str>) -> OwnedHeaders {
     let h = if possible_repeat {
         h.insert(Header { key: headers::POSSIBLE_REPEAT, value: Some(b"true".as_slice()) })
@@ -334,9 +340,10 @@ impl SideTopics {
     /// producer's `message.max.bytes` or the topic's limit, with kdedup's
     /// headers added) is written again truncated, so it is never lost in
     /// silence: kdedup's headers and the reason, the first
-    /// [`TRUNCATED_PAYLOAD_BYTES`] of the payload and of the key, the whole
-    /// payload's SHA-256 and length, and how many of its own headers were left
-    /// out (`kdedup-truncated: true`). The original stays in the input topic,
+    /// [`TRUNCATED_PAYLOAD_BYTES`] of the payload and of the key, the record's
+    /// own headers that fit in [`TRUNCATED_HEADER_BYTES`], the whole payload's
+    /// SHA-256 and length, and how many of its own headers were left out
+    /// (`kdedup-truncated: true`). The original stays in the input topic,
     /// at the position the headers name, for as long as its retention keeps it.
     pub async fn dead_letter(&self, records: Vec<DeadLetter<'_>>) -> Vec<Result<OutputMark, SinkError>> {
         let out = records
@@ -376,21 +383,19 @@ impl SideTopics {
             .zip(&digests)
             .map(|(&i, (sha256, bytes))| {
                 let DeadLetter { record, error, possible_repeat } = records[i];
+                let (own, dropped) = own_headers(record, TRUNCATED_HEADER_BYTES);
                 OutRecord {
                     partition: Some(self.dead_letter_partition(record.position.partition)),
                     source: &record.position,
                     key: record.key.as_deref().map(truncated),
                     payload: record.payload.as_deref().map(truncated),
-                    headers: mark(source_headers(record, &self.scope), possible_repeat, self.replay.as_deref())
+                    headers: mark(with_source(own, record, &self.scope), possible_repeat, self.replay.as_deref())
                         .insert(Header { key: headers::REASON, value: Some(error.reason().as_bytes()) })
                         .insert(Header { key: headers::ERROR, value: Some(error.to_string().as_bytes()) })
                         .insert(Header { key: headers::TRUNCATED, value: Some(b"true".as_slice()) })
                         .insert(Header { key: headers::PAYLOAD_SHA256, value: Some(sha256.as_bytes()) })
                         .insert(Header { key: headers::PAYLOAD_BYTES, value: Some(bytes.as_bytes()) })
-                        .insert(Header {
-                            key: headers::HEADERS_DROPPED,
-                            value: Some(record.headers.len().to_string().as_bytes()),
-                        }),
+                        .insert(Header { key: headers::HEADERS_DROPPED, value: Some(dropped.to_string().as_bytes()) }),
                 }
             })
             .collect();

@@ -377,3 +377,33 @@ async fn record_over_the_producer_limit_is_dead_lettered_truncated() {
     let prefix = d.payload.as_deref().unwrap_or_default();
     assert!(prefix.len() < original.len() && original.starts_with(prefix), "the payload is a prefix of the original");
 }
+
+/// A truncated dead letter keeps the record's own headers that fit and drops
+/// only the one that does not: an event ID carried in a header survives the
+/// truncation. Failed before: every own header was dropped (`kdedup-headers-dropped: 3`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_dead_letter_keeps_the_headers_that_fit() {
+    let kafka = cluster(1);
+    let original = format!(r#"{{"id":"too-big","pad":"{}"}}"#, "q".repeat(400_000)).into_bytes();
+    let mut big = json("400 KB over a 300 KB producer limit, with headers", original, dead_lettered("sink_rejected"));
+    big.headers = vec![
+        (b"event-id".to_vec(), Some(b"evt-16-bytes-long".to_vec())),
+        (b"blob".to_vec(), Some(vec![b'b'; 100_000])),
+        (b"tenant".to_vec(), Some(b"acme".to_vec())),
+    ];
+    let records = vec![big, json("good after", r#"{"id":"good-2"}"#, emitted("good-2"))];
+    let offsets = produce(&kafka, &records).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut kdedup = Kdedup::start(&kafka, dir.path(), r#""message.max.bytes" = 300000"#);
+    kdedup.await_committed(&kafka, offsets[1] + 1).await;
+    kdedup.stop();
+
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    assert_eq!(dead.len(), 1, "exactly one dead letter");
+    let d = &dead[0];
+    assert_eq!(d.header_str("kdedup-truncated"), Some("true"));
+    assert_eq!(d.header_str("event-id"), Some("evt-16-bytes-long"), "the small header is kept: {:?}", d.headers);
+    assert_eq!(d.header_str("tenant"), Some("acme"), "so is the one after the dropped one");
+    assert_eq!(d.header("blob"), None, "the 100 KB header does not fit");
+    assert_eq!(d.header_str("kdedup-headers-dropped"), Some("1"));
+}

@@ -255,3 +255,51 @@ async fn a_record_too_large_for_both_topics_is_dead_lettered_truncated_and_its_k
         &["after".to_string(), "large-1".to_string()],
     );
 }
+
+/// A dead letter written for a record behind one set aside (its key in flight
+/// on another partition) is not covered by the commit that the records before
+/// the set-aside one allow: the commit's dead-letter mark stays at it, so after
+/// a crash during the wait the next owner finds it instead of dead-lettering
+/// the record again, unmarked. Failed before: the mark passed it, and the next
+/// owner wrote a second dead letter without `kdedup-possible-repeat`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_behind_a_record_set_aside_is_not_repeated_after_a_crash() {
+    let kafka = cluster(2);
+    let (dir, group) = (tempfile::tempdir().unwrap(), unique("aside-dlq"));
+    let env = [("KDEDUP_STORE__LEASE_SECS", "5"), ("KDEDUP_PIPELINE__DRAIN_TIMEOUT_MS", "500")];
+    // Partition 0 holds "held-1" in a slow effect: its copy on partition 1 waits.
+    let faults = Faults::default();
+    *faults.slow_effect.lock().unwrap() = Some((position(0, 0), Duration::from_secs(30)));
+    let first = start(config(&kafka, &group, dir.path(), &env), faults.clone());
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("held-1", 0)]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), faults.fired.notified()).await.expect("the slow effect started");
+    let no_id =
+        Produce { partition: 1, key: Some(b"k-1".to_vec()), payload: Some(br#"{"id":"x"}"#.to_vec()), headers: vec![] };
+    mock::produce_all(kafka.bootstrap(), INPUT, &[event("first-1", 1), event("held-1", 1), no_id]).await.unwrap();
+    let dead_letters = || tokio::task::block_in_place(|| mock::read_all(kafka.bootstrap(), DLQ).unwrap());
+    let m = first.metrics.clone();
+    wait_for(
+        "partition 1 to commit up to the set-aside copy, its dead letter written",
+        Duration::from_secs(30),
+        || {
+            let (committed, dead) = (m.committed_offset.with_label_values(&[INPUT, "1"]).get(), dead_letters().len());
+            async move { committed == 1 && dead == 1 }
+        },
+    )
+    .await;
+    // A crash while the copy waits: nothing more is committed.
+    first.stop(StopMode::Abandon).await;
+
+    let second = start(config(&kafka, &group, dir.path(), &env), Faults::default());
+    wait_all_committed(&kafka, &second.metrics).await;
+    let m = second.metrics.clone();
+    second.stop(StopMode::Drain).await;
+    let dead = dead_letters();
+    assert_eq!(
+        dead.len(),
+        1,
+        "one dead letter for the record without an ID: {:?}",
+        dead.iter().map(|d| &d.headers).collect::<Vec<_>>()
+    );
+    assert!(m.reconciled.get() >= 1, "the next owner found it");
+}

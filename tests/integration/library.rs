@@ -80,3 +80,47 @@ async fn a_custom_effect_writes_each_event_once_in_postgres_through_a_crash_afte
     tokio::spawn(connection);
     client.batch_execute(&format!("DROP TABLE {prefix}_payments, {prefix}_outbox")).await.unwrap();
 }
+
+/// A custom sink that answers one result fewer than the effects it was given:
+/// a bug in the sink. Which result belongs to which event cannot be told, so
+/// none of the batch completes and the run stops with an error. Failed before:
+/// results were zipped with effects, the events left over were completed
+/// without an effect and committed, and the run went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_answering_fewer_results_than_effects_completes_none_of_them_and_stops() {
+    struct OneShort;
+    impl kdedup::sink::Sink for OneShort {
+        fn kind(&self) -> &'static str {
+            "one-short"
+        }
+        async fn deliver(
+            &self,
+            batch: &[kdedup::sink::Effect<'_>],
+        ) -> Vec<Result<kdedup::sink::Delivered, kdedup::error::SinkError>> {
+            batch.iter().skip(1).map(|_| Ok(kdedup::sink::Delivered::done())).collect()
+        }
+    }
+
+    let kafka = cluster(1);
+    let (records, ids) = events(20, 0, 1, 4);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let (dir, group) = (tempfile::tempdir().unwrap(), unique("short"));
+    let config = config(&kafka, &group, dir.path(), &[("KDEDUP_SINK__KIND", "custom")]);
+    let running =
+        start_with(config.clone(), RunOptions { sink: Some(CustomSink::new(OneShort)), ..RunOptions::default() });
+    let metrics = running.metrics.clone();
+    let ended = tokio::time::timeout(Duration::from_secs(60), running.ended()).await.expect("the run stops by itself");
+    let error = format!("{:#}", ended.expect_err("the run ends with an error"));
+    assert!(error.contains("results for") && error.contains("one-short"), "the error names the sink's fault: {error}");
+
+    assert_eq!(metrics.outcome("new"), 0, "no event of the batch completed");
+    let committed = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
+    assert!(committed.is_empty(), "nothing committed: {committed:?}");
+    let store = kdedup::store::Store::open(&config.store, &config.retention).unwrap();
+    let keys: Vec<kdedup::event::EventKey> = ids
+        .iter()
+        .map(|id| kdedup::event::EventKey { scope: Arc::from(config.key.scope.as_str()), id: id.as_bytes().to_vec() })
+        .collect();
+    let rows = kdedup::store::DedupStore::lookup(&store, keys, kdedup::store::now_ms()).await.unwrap();
+    assert!(rows.iter().flatten().all(|row| row.state != kdedup::store::ClaimState::Done), "no claim is completed");
+}

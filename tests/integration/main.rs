@@ -8,6 +8,7 @@ mod endpoint;
 mod group;
 mod hostile;
 mod http;
+mod input;
 mod kubernetes;
 mod leases;
 mod library;

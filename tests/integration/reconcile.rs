@@ -188,6 +188,7 @@ async fn reconciliation_past_its_bounds_is_incomplete_and_keeps_only_real_writes
             (headers::SOURCE_PARTITION.into(), b"0".to_vec()),
             (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
             (headers::SCOPE.into(), scope.as_bytes().to_vec()),
+            (headers::EVENT_ID.into(), format!("evt-{offset}").into_bytes()),
         ],
     };
     let log: Vec<Produce> = (0..200).flat_map(|o| [write("other", o + 1000), write(scope, o)]).collect();
@@ -208,33 +209,55 @@ async fn reconciliation_past_its_bounds_is_incomplete_and_keeps_only_real_writes
             Log { topic: DLQ.into(), partition: 0, mark: None },
         )
     };
+    // One process, two partitions reconciling at once: the bound is the process's, not each one's.
+    let shared = Reconciler {
+        limits: Limits { max_found: 200, ..Limits::default() },
+        ..Reconciler::new(kafka.bootstrap(), scope)
+    };
     let find = move |limits: Limits| {
         let reconciler = Reconciler { limits, ..Reconciler::new(kafka.bootstrap(), scope) };
         let (output, dead_letter) = logs();
         let source = (Arc::clone(&source.0), source.1);
         move || reconciler.find(&source, 50, output, dead_letter).unwrap()
     };
-    let (all, bounded, late) = tokio::task::spawn_blocking(move || {
+    let in_process = move || {
+        let (output, dead_letter) = logs();
+        let first = shared.find(&(Arc::from(INPUT), 0), 50, output, dead_letter).unwrap();
+        let (output, dead_letter) = logs();
+        let second = shared.find(&(Arc::from(INPUT), 0), 50, output, dead_letter).unwrap();
+        drop((first.share, second.share));
+        let (output, dead_letter) = logs();
+        let after = shared.find(&(Arc::from(INPUT), 0), 50, output, dead_letter).unwrap();
+        (first.complete, second.complete, second.emitted.len(), after.complete)
+    };
+    let (all, bounded, late, in_process) = tokio::task::spawn_blocking(move || {
         let all = find(Limits::default())();
         let bounded = find(Limits { max_found: 20, ..Limits::default() })();
         let late = find(Limits { deadline: Duration::ZERO, ..Limits::default() })();
-        (all, bounded, late)
+        (all, bounded, late, in_process())
     })
     .await
     .unwrap();
+    let (first, second, second_found, after) = in_process;
+    assert!(first, "150 writes fit in a budget of 200");
+    assert!(!second, "a second partition holding its writes at the same time gets only what is left");
+    assert_eq!(second_found, 50, "200 - 150");
+    assert!(after, "the budget is given back once the writes found are let go");
 
     let ours: HashSet<i64> = (50..200).collect();
+    let offsets = |found: &kdedup::reconcile::Found| found.emitted.keys().copied().collect::<HashSet<i64>>();
     assert!(all.complete, "within the limits the whole log is read");
-    assert_eq!(all.emitted, ours, "exactly our scope's writes at or after the committed offset");
+    assert_eq!(offsets(&all), ours, "exactly our scope's writes at or after the committed offset");
+    assert_eq!(all.emitted[&60], kdedup::reconcile::event_identity(b"evt-60"), "with the event each was for");
     assert!(all.dead_lettered.is_empty());
 
     assert!(!bounded.complete, "more writes than the bound: incomplete");
     assert_eq!(bounded.emitted.len(), 20, "the found set stops at its bound");
-    assert!(bounded.emitted.is_subset(&ours), "what was found is real: {:?}", bounded.emitted);
+    assert!(offsets(&bounded).is_subset(&ours), "what was found is real: {:?}", bounded.emitted);
 
     // The deadline is checked on every record, not only when the log runs dry.
     assert!(!late.complete, "past the deadline: incomplete");
-    assert!(late.emitted.is_subset(&ours));
+    assert!(offsets(&late).is_subset(&ours));
 }
 
 /// Every record of `topic`/`partition` the log still holds (from its low watermark).
@@ -325,4 +348,131 @@ async fn a_log_reconciliation_cannot_read_whole_lets_the_repeat_through_marked()
             "{id}: a repeat reconciliation could not rule out is marked"
         );
     }
+}
+
+/// A position reused by a new event (a topic deleted and recreated, offsets
+/// reset past a truncation): the output still holds what an earlier
+/// incarnation of in/0 wrote at offsets 0..10 under this scope, and the group
+/// has no commit. The new events at those positions are emitted. Failed
+/// before: reconciliation matched by position only, so they were completed
+/// without their effect and committed (counted only in kdedup_reconciled_total).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_events_at_reused_positions_are_emitted() {
+    let kafka = cluster(1);
+    let group = unique("reused");
+    let written_for = |offset: i64, payload: &str, id: Option<String>| Produce {
+        partition: 0,
+        key: Some(format!("old-{offset}").into_bytes()),
+        payload: Some(payload.as_bytes().to_vec()),
+        headers: [
+            (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
+            (headers::SOURCE_PARTITION.into(), b"0".to_vec()),
+            (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
+            (headers::SCOPE.into(), group.as_bytes().to_vec()),
+        ]
+        .into_iter()
+        .chain(id.map(|id| (headers::EVENT_ID.to_string(), id.into_bytes())))
+        .collect(),
+    };
+    let earlier: Vec<Produce> = (0..10).map(|o| written_for(o, "{}", Some(format!("old-{o}")))).collect();
+    mock::produce_all(kafka.bootstrap(), OUTPUT, &earlier).await.unwrap();
+    // ...and a dead letter for offset 10, a bad record of its own.
+    mock::produce_all(kafka.bootstrap(), DLQ, &[written_for(10, "an old bad record", None)]).await.unwrap();
+    let (mut records, ids) = events(10, 0, 1, 11);
+    records.push(Produce { partition: 0, key: None, payload: Some(b"a new bad record".to_vec()), headers: vec![] });
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = second_life(&kafka, &group, dir.path()).await;
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    let payloads: Vec<&[u8]> = dead.iter().filter_map(|d| d.payload.as_deref()).collect();
+    assert_eq!(payloads, [b"an old bad record".as_slice(), b"a new bad record"], "the new bad record is dead-lettered");
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    let new: Vec<Consumed> = output
+        .into_iter()
+        .filter(|r| !r.header_str(headers::EVENT_ID).is_some_and(|id| id.starts_with("old-")))
+        .collect();
+    assert_exactly_once(&new, &ids);
+    assert_eq!(metrics.reconciled.get(), 0, "nothing found was this incarnation's");
+    assert_eq!(metrics.outcome("new"), 10);
+    assert_eq!(metrics.outcome("dead_letter"), 1);
+}
+
+/// The same on the test broker, with a topic really deleted and recreated:
+/// a first group emits ten events; the input topic is deleted and created
+/// again, and ten new events land at the same positions; a group with the same
+/// scope and no commit (the group's offsets went with the topic) emits all ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_events_in_a_recreated_topic_are_emitted_on_the_test_broker() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let Ok(brokers) = std::env::var("KDEDUP_TEST_BROKER") else {
+        eprintln!("skipped: KDEDUP_TEST_BROKER is not set");
+        return;
+    };
+    let (input, output, dlq) = (unique("in"), unique("out"), unique("dlq"));
+    mock::create_topics(brokers.as_str(), &[(&input, 1), (&output, 1), (&dlq, 1)]).await.unwrap();
+    let topics = [input.as_str(), output.as_str(), dlq.as_str()];
+    let scope = unique("recreated");
+    let event = |id: String| Produce {
+        partition: 0,
+        key: None,
+        payload: Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
+        headers: vec![("event-id".into(), id.into_bytes())],
+    };
+    let read = || tokio::task::block_in_place(|| mock::read_all(brokers.as_str(), &output).unwrap());
+    let emitted = |prefix: &'static str| {
+        move |out: &[Consumed]| {
+            out.iter().filter(|r| r.header_str(headers::EVENT_ID).is_some_and(|id| id.starts_with(prefix))).count()
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KDEDUP_KEY__SCOPE", scope.as_str())];
+    let run_until = |group: String, prefix: &'static str| {
+        let (config, count) = (config_for(&brokers, topics, &group, dir.path(), &env), emitted(prefix));
+        async move {
+            let running = start(config, Faults::default());
+            wait_for("ten events emitted", Duration::from_secs(60), || {
+                let n = count(&read());
+                async move { n >= 10 }
+            })
+            .await;
+            let metrics = running.metrics.clone();
+            running.stop(StopMode::Drain).await;
+            metrics
+        }
+    };
+
+    mock::produce_all(brokers.as_str(), &input, &(0..10).map(|i| event(format!("first-{i}"))).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    run_until(unique("g1"), "first-").await;
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kdedup::kafka_client::KafkaClients::from(brokers.as_str()).producer().create().unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.delete_topics(&[&input], &options).await.unwrap() {
+        result.map_err(|(topic, e)| format!("{topic}: {e}")).unwrap();
+    }
+    // A deletion completes in the background: create again until the broker takes it.
+    wait_for("the input topic recreated", Duration::from_secs(60), || {
+        let created = {
+            let (brokers, input) = (brokers.clone(), input.clone());
+            async move { mock::create_topics(brokers.as_str(), &[(&input, 1)]).await.is_ok() }
+        };
+        created
+    })
+    .await;
+    mock::produce_all(brokers.as_str(), &input, &(0..10).map(|i| event(format!("second-{i}"))).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let metrics = run_until(unique("g2"), "second-").await;
+
+    let output = read();
+    let ids: Vec<String> = (0..10).map(|i| format!("second-{i}")).collect();
+    let second: Vec<Consumed> = output
+        .into_iter()
+        .filter(|r| r.header_str(headers::EVENT_ID).is_some_and(|id| id.starts_with("second-")))
+        .collect();
+    assert_exactly_once(&second, &ids);
+    assert_eq!(metrics.reconciled.get(), 0, "nothing of the first incarnation was taken for the second's");
 }

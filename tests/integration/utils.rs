@@ -37,21 +37,27 @@ pub fn cluster(partitions: i32) -> MockKafka {
 
 /// A config for the test topics; `env` holds KDEDUP_… overrides, as a user would set them.
 pub fn config(kafka: &MockKafka, group: &str, store: &Path, env: &[(&str, &str)]) -> Config {
+    config_for(kafka.bootstrap(), [INPUT, OUTPUT, DLQ], group, store, env)
+}
+
+/// [`config`] for any brokers and topics: `[input, output, dead letters]`.
+pub fn config_for(brokers: &str, topics: [&str; 3], group: &str, store: &Path, env: &[(&str, &str)]) -> Config {
+    let [input, output, dlq] = topics;
     let text = format!(
         r#"
 [kafka]
-brokers = "{}"
+brokers = "{brokers}"
 group_id = "{group}"
-topics = ["{INPUT}"]
+topics = ["{input}"]
 [store]
 path = "{}"
 [filter]
 expected_keys = 100000
 [sink]
 kind = "kafka"
-topic = "{OUTPUT}"
+topic = "{output}"
 [dead_letter]
-topic = "{DLQ}"
+topic = "{dlq}"
 [metrics]
 listen = ""
 [pipeline]
@@ -62,7 +68,6 @@ commit_interval_ms = 100
 "session.timeout.ms" = 3000
 "heartbeat.interval.ms" = 500
 "#,
-        kafka.bootstrap(),
         store.display()
     );
     Config::from_toml_with_env(&text, "test config", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
@@ -108,6 +113,12 @@ impl Running {
     pub async fn stop(mut self, mode: StopMode) {
         let _ = self.stop.take().expect("stopped once").send(mode);
         self.handle.await.expect("run task").expect("run ended cleanly");
+    }
+
+    /// Waits for the run to end by itself (a fatal error), without asking it to stop.
+    pub async fn ended(mut self) -> anyhow::Result<()> {
+        let _not_asked = self.stop.take();
+        self.handle.await.expect("run task")
     }
 }
 
