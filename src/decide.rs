@@ -1306,6 +1306,7 @@ mod tests {
             dead_letter_partitions: 1,
             duplicates: None,
             scope: Arc::from("g"),
+            replay: None,
         };
         let effects = Arc::new(AtomicUsize::new(0));
         let sink = AnySink::Custom(CustomSink::new(Counting(effects.clone())));
