@@ -1,6 +1,7 @@
-//! A consumer group of real `kdedup run` processes on a real broker (tansu)
-//! with the shared PostgreSQL store, under faults. Needs KDEDUP_TEST_BROKER
-//! and KDEDUP_TEST_POSTGRES (scripts/test starts both and sets them).
+//! A consumer group of real `kdedup run` processes on a real broker (Apache Kafka)
+//! with the shared PostgreSQL store, under faults, under both group protocols (the
+//! classic one and KIP-848's). Needs KDEDUP_TEST_BROKER and KDEDUP_TEST_POSTGRES
+//! (scripts/test starts both and sets them).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,7 +13,11 @@ use rand::{Rng, SeedableRng};
 use crate::utils::*;
 
 fn spawn(env: &GroupEnv, topics: &Topics, logs: &std::path::Path, n: usize) -> Member {
-    Member::spawn(&env.brokers, &env.postgres, topics, logs, n, &[])
+    spawn_speaking(env, topics, logs, n, Protocol::Classic)
+}
+
+fn spawn_speaking(env: &GroupEnv, topics: &Topics, logs: &std::path::Path, n: usize, protocol: Protocol) -> Member {
+    Member::spawn(&env.brokers, &env.postgres, topics, logs, n, protocol.env())
 }
 
 /// Bad records: no ID header, an empty one.
@@ -30,8 +35,7 @@ async fn wait_committed_to_end(env: &GroupEnv, topics: &Topics, limit: Duration,
     loop {
         let ends = mock::end_offsets(&env.brokers, &topics.input).unwrap();
         let committed = mock::committed_offsets(&env.brokers, &topics.group, &topics.input).unwrap();
-        // `>=`: tansu reports a partition's end at the start of its last batch.
-        if ends.iter().all(|(p, end)| *end == 0 || committed.get(p).is_some_and(|c| c >= end)) {
+        if ends.iter().all(|(p, end)| *end == 0 || committed.get(p) == Some(end)) {
             return;
         }
         if Instant::now() > deadline {
@@ -46,8 +50,21 @@ async fn wait_committed_to_end(env: &GroupEnv, topics: &Topics, limit: Duration,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
+    churn(Protocol::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once_under_kip_848() {
+    churn(Protocol::Consumer).await;
+}
+
+async fn churn(protocol: Protocol) {
     let Some(env) = group_env() else { return };
     let _turn = BROKER_TURN.lock().await;
+    let started = Instant::now();
+    let spawn = |env: &GroupEnv, topics: &Topics, logs: &std::path::Path, n: usize| {
+        spawn_speaking(env, topics, logs, n, protocol)
+    };
     let topics = Topics::create(&env.brokers, &env.postgres, 6).await;
     let logs = LogDir::new();
     // Half the duplicates on another partition than their original: another member's.
@@ -103,6 +120,7 @@ async fn group_of_three_under_sigkill_churn_emits_every_event_exactly_once() {
         *reasons.entry(r.header_str(headers::REASON).unwrap_or("?").to_string()).or_default() += 1;
     }
     assert_eq!(reasons, BTreeMap::from([("missing_id".to_string(), bad_count)]));
+    eprintln!("churn protocol={protocol:?} kills={kills} elapsed={:.0}s", started.elapsed().as_secs_f64());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,4 +180,94 @@ async fn sigterm_under_load_exits_zero_with_exactly_the_finished_work_committed(
     wait_committed_to_end(&env, &topics, Duration::from_secs(120), logs.path()).await;
     assert!(member.terminate().success());
     assert_exactly_once(&mock::read_all(&env.brokers, &topics.output).unwrap(), &ids);
+}
+
+/// For the README's choice of protocol: the time from a member's SIGKILL until every partition
+/// progresses again (the commits pass where each partition's input stood at the kill: the dead
+/// member's partitions have a new owner that caught up), three kills per protocol, under a
+/// steady load. The session is 2000 ms under both (heartbeats 500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_to_progress_under_each_group_protocol() {
+    let Some(env) = group_env() else { return };
+    let _turn = BROKER_TURN.lock().await;
+    let mut figures = Vec::new();
+    for protocol in [Protocol::Classic, Protocol::Consumer] {
+        let secs = sigkill_to_progress(&env, protocol).await;
+        figures.push(format!("{protocol:?}={secs:.1?}"));
+    }
+    eprintln!("sigkill-to-progress (seconds, 3 kills each): {}", figures.join(" "));
+}
+
+async fn sigkill_to_progress(env: &GroupEnv, protocol: Protocol) -> Vec<f64> {
+    let topics = Topics::create(&env.brokers, &env.postgres, 6).await;
+    let logs = LogDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let victim_env: Vec<(&str, &str)> =
+        protocol.env().iter().copied().chain([("KDEDUP_METRICS__LISTEN", listen.as_str())]).collect();
+    let victim = |n| Member::spawn(&env.brokers, &env.postgres, &topics, logs.path(), n, &victim_env);
+    let mut members = vec![victim(0), spawn_speaking(env, &topics, logs.path(), 1, protocol)];
+    members.push(spawn_speaking(env, &topics, logs.path(), 2, protocol));
+    // A steady load: 60 records every 100 ms over the 6 partitions.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (brokers, topic, stop) = (env.brokers.clone(), topics.input.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (records, _) = events(60, 0, 6, n as u64);
+                let records: Vec<Produce> = records
+                    .into_iter()
+                    .map(|mut r| {
+                        let id = format!("k{n}-{}", String::from_utf8_lossy(&r.headers[0].1));
+                        r.headers[0].1 = id.into_bytes();
+                        r
+                    })
+                    .collect();
+                mock::produce_all(&brokers, &topic, &records).await.unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await; // pacing the load
+            }
+        })
+    };
+    let mut secs = Vec::new();
+    for kill in 0..3 {
+        // The victim owns partitions, and every partition is being committed.
+        let before = mock::end_offsets(&env.brokers, &topics.input).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let owned = tokio::task::spawn_blocking(move || owned_partitions(port)).await.unwrap();
+            let committed = mock::committed_offsets(&env.brokers, &topics.group, &topics.input).unwrap();
+            let all_moving = before.iter().all(|(p, end)| committed.get(p).is_some_and(|c| c >= end));
+            if owned.is_some_and(|n| n >= 1) && all_moving {
+                break;
+            }
+            assert!(Instant::now() < deadline, "kill {kill}: no steady group within 60 s\n{}", member_logs(logs.path()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let at_kill = mock::end_offsets(&env.brokers, &topics.input).unwrap();
+        let killed = Instant::now();
+        members.remove(0).kill();
+        let deadline = killed + Duration::from_secs(60);
+        loop {
+            let committed = mock::committed_offsets(&env.brokers, &topics.group, &topics.input).unwrap();
+            if at_kill.iter().all(|(p, end)| committed.get(p).is_some_and(|c| c >= end)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: partitions did not progress within 60 s: committed {committed:?}, at the kill {at_kill:?}\n{}",
+                member_logs(logs.path())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        secs.push(killed.elapsed().as_secs_f64());
+        members.insert(0, victim(3 + kill));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    producer.await.unwrap();
+    for m in members {
+        assert!(m.terminate().success(), "a member exited non-zero on SIGTERM");
+    }
+    secs
 }

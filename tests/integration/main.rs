@@ -7,6 +7,7 @@ mod dead_letter;
 mod endpoint;
 mod group;
 mod hostile;
+mod kafka;
 mod http;
 mod kubernetes;
 mod leases;
