@@ -280,8 +280,8 @@ fn java_client(args: &[&str]) -> Option<String> {
 /// An independent transactional producer writes 150 one-record transactions and aborts every
 /// third (the last one too). The group emits every committed event exactly once and no aborted
 /// one, and commits each partition to its very end, past the transaction markers (Kafka's own
-/// admin client says so). Then `replay --to-end` reads the committed records only, and
-/// `replay --from-committed` finds nothing left.
+/// admin client says so). Then `replay --to-end` reads the committed records only,
+/// `replay --from-committed` finds nothing left, and an explicit end past the ends stops there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactional_input_committed_once_aborted_never_commits_reach_the_end() {
     let Some(env) = group_env() else { return };
@@ -345,4 +345,12 @@ async fn transactional_input_committed_once_aborted_never_commits_reach_the_end(
     assert_eq!([&whole["records"], &whole["new"], &whole["duplicate"]], [100, 0, 100], "{whole}");
     let rest = tokio::task::block_in_place(|| replay(&["--from-committed"]));
     assert_eq!(rest["records"], 0, "{rest}");
+    // An explicit end past the partitions' ends ends at them (nothing waits for records that
+    // are not there): each partition's range is cut at its end offset.
+    let beyond = tokio::task::block_in_place(|| replay(&["--from-offset", "0", "--to-offset", "1000000"]));
+    assert_eq!(beyond["records"], 100, "{beyond}");
+    for p in beyond["partitions"].as_array().unwrap() {
+        let partition = p["partition"].as_i64().unwrap() as i32;
+        assert_eq!(p["to"].as_i64(), Some(ends[&partition]), "{beyond}");
+    }
 }
