@@ -10,8 +10,8 @@ use anyhow::Context;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, SinkConfig};
-use crate::kafka_client::KafkaClients;
 use crate::decide::{Claimant, Core, Fatal, Faults};
+use crate::kafka_client::KafkaClients;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
 use crate::pipeline::{Liveness, Stages, Workers};
@@ -240,7 +240,11 @@ async fn liveness(config: &Config) -> Liveness {
             (Duration::from_secs(45), Duration::from_secs(5))
         }
     };
-    info!(session_ms = session.as_millis() as u64, heartbeat_ms = heartbeat.as_millis() as u64, "KIP-848 group session (the broker's)");
+    info!(
+        session_ms = session.as_millis() as u64,
+        heartbeat_ms = heartbeat.as_millis() as u64,
+        "KIP-848 group session (the broker's)"
+    );
     Liveness::new(session, heartbeat)
 }
 

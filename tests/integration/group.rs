@@ -256,7 +256,11 @@ async fn sigkill_to_progress(env: &GroupEnv, protocol: Protocol) -> Vec<f64> {
             if owned.is_some_and(|n| n >= 1) && all_moving {
                 break;
             }
-            assert!(Instant::now() < deadline, "kill {kill}: no steady group within 60 s\n{}", member_logs(logs.path()));
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: no steady group within 60 s\n{}",
+                member_logs(logs.path())
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let at_kill = mock::end_offsets(&env.brokers, &topics.input).unwrap();

@@ -127,7 +127,11 @@ async fn sasl_scram_sha_512_right_credentials_run_check_and_replay_exactly() {
 
     // check: every dependency answers, the settings are printed redacted.
     let out = exit_within(
-        sasl.kdedup(&topics, dir.path(), secret, &["check", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        sasl.kdedup(&topics, dir.path(), secret, &["check", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
         Duration::from_secs(60),
     );
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -233,7 +237,11 @@ async fn a_wrong_sasl_password_fails_naming_mechanism_and_listener_never_ready_e
 
     // check: the broker check fails with the same words, exit 1.
     let out = exit_within(
-        sasl.kdedup(&topics, dir.path(), wrong, &["check", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        sasl.kdedup(&topics, dir.path(), wrong, &["check", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
         Duration::from_secs(60),
     );
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -246,7 +254,11 @@ async fn a_wrong_sasl_password_fails_naming_mechanism_and_listener_never_ready_e
 
     // replay: broker unreachable, exit 3 (documented in `replay --help`).
     let out = exit_within(
-        sasl.kdedup(&topics, dir.path(), wrong, &["replay", "--from-offset", "0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        sasl.kdedup(&topics, dir.path(), wrong, &["replay", "--from-offset", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
         Duration::from_secs(60),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -1,5 +1,6 @@
 //! Integration tests over the real Kafka protocol (librdkafka's mock cluster,
-//! in-process) and the real embedded store. One binary, one module per topic.
+//! in-process, and Apache Kafka from scripts/services) and the real embedded
+//! store. One binary, one module per topic.
 
 mod campaign;
 mod cli;
@@ -7,8 +8,8 @@ mod dead_letter;
 mod endpoint;
 mod group;
 mod hostile;
-mod kafka;
 mod http;
+mod kafka;
 mod kubernetes;
 mod leases;
 mod library;
