@@ -114,20 +114,7 @@ async fn churn(protocol: Protocol) {
     let output = mock::read_all(&env.brokers, &topics.output).unwrap();
     assert_exactly_once(&output, &ids);
     let dead = mock::read_all(&env.brokers, &topics.dlq).unwrap();
-    let described: Vec<String> = dead
-        .iter()
-        .map(|r| {
-            let h = |name| r.header_str(name).unwrap_or("?").to_string();
-            format!(
-                "{}/{} <- {}/{}{}",
-                r.partition,
-                r.offset,
-                h(headers::SOURCE_PARTITION),
-                h(headers::SOURCE_OFFSET),
-                if r.header_str(headers::POSSIBLE_REPEAT) == Some("true") { " marked" } else { "" }
-            )
-        })
-        .collect();
+    let described: Vec<String> = dead.iter().map(describe).collect();
     assert_eq!(dead.len(), bad_count, "the dead-letter topic holds exactly the injected bad records: {described:?}");
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for r in &dead {

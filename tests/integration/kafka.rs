@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kdedup::kafka_client::KafkaClients;
@@ -96,18 +96,9 @@ async fn sasl_topics(sasl: &Sasl, partitions: i32) -> Topics {
     t
 }
 
-/// Waits for a child that should exit by itself; kills it and fails past `limit`.
-fn exit_within(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("still running after {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling the exit, not synchronising
-    }
-    child.wait_with_output().unwrap()
+/// Runs `c` to its exit (within 60 s), its output captured.
+fn finish(mut c: Command) -> Output {
+    exit_within(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(60))
 }
 
 fn free_port() -> u16 {
@@ -126,14 +117,7 @@ async fn sasl_scram_sha_512_right_credentials_run_check_and_replay_exactly() {
     mock::produce_all(&clients, &topics.input, &records).await.expect("input is produced over SASL_SSL");
 
     // check: every dependency answers, the settings are printed redacted.
-    let out = exit_within(
-        sasl.kdedup(&topics, dir.path(), secret, &["check", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(60),
-    );
+    let out = finish(sasl.kdedup(&topics, dir.path(), secret, &["check", "--json"]));
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(!stdout.contains(secret) && !stderr.contains(secret), "check shows the password:\n{stdout}\n{stderr}");
@@ -175,14 +159,7 @@ async fn sasl_scram_sha_512_right_credentials_run_check_and_replay_exactly() {
     assert!(!logs.contains(secret), "the run's log shows the password");
 
     // replay: the range read over SASL_SSL, every event now a duplicate in the store.
-    let out = exit_within(
-        sasl.kdedup(&topics, dir.path(), secret, &["replay", "--from-offset", "0", "--to-end", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(60),
-    );
+    let out = finish(sasl.kdedup(&topics, dir.path(), secret, &["replay", "--from-offset", "0", "--to-end", "--json"]));
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(!stdout.contains(secret) && !stderr.contains(secret), "replay shows the password");
@@ -236,14 +213,7 @@ async fn a_wrong_sasl_password_fails_naming_mechanism_and_listener_never_ready_e
     assert!(String::from_utf8_lossy(&help.stdout).contains("exits 2"), "`run --help` documents the exit code");
 
     // check: the broker check fails with the same words, exit 1.
-    let out = exit_within(
-        sasl.kdedup(&topics, dir.path(), wrong, &["check", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(60),
-    );
+    let out = finish(sasl.kdedup(&topics, dir.path(), wrong, &["check", "--json"]));
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(!stdout.contains(wrong) && !stderr.contains(wrong), "check shows the password");
@@ -253,14 +223,7 @@ async fn a_wrong_sasl_password_fails_naming_mechanism_and_listener_never_ready_e
     assert!(says_what(broker["detail"].as_str().unwrap()), "{broker}");
 
     // replay: broker unreachable, exit 3 (documented in `replay --help`).
-    let out = exit_within(
-        sasl.kdedup(&topics, dir.path(), wrong, &["replay", "--from-offset", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(60),
-    );
+    let out = finish(sasl.kdedup(&topics, dir.path(), wrong, &["replay", "--from-offset", "0"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(says_what(&stderr), "{stderr}");

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kdedup::kafka_client::KafkaClients;
@@ -156,20 +156,6 @@ async fn await_committed(clients: &KafkaClients, topics: &Topics, limit: Duratio
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Waits for a child that should exit by itself; kills it and fails past `limit`.
-fn exit_within(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("still running after {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling the exit, not synchronising
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// A CA that did not sign the broker's certificate (a real CA file, so librdkafka loads it).

@@ -208,6 +208,20 @@ pub fn emitted_counts(output: &[Consumed]) -> HashMap<String, usize> {
     counts
 }
 
+/// A written record as `out P/O <- src P/O [marked]`: where to look in the member logs.
+pub fn describe(r: &Consumed) -> String {
+    let src = |h| r.header_str(h).unwrap_or("?");
+    let marked = r.header_str(headers::POSSIBLE_REPEAT) == Some("true");
+    format!(
+        "out {}/{} <- src {}/{}{}",
+        r.partition,
+        r.offset,
+        src(headers::SOURCE_PARTITION),
+        src(headers::SOURCE_OFFSET),
+        if marked { " marked" } else { "" }
+    )
+}
+
 /// Asserts every ID in `ids` was emitted exactly once and nothing else was.
 pub fn assert_exactly_once(output: &[Consumed], ids: &[String]) {
     let counts = emitted_counts(output);
@@ -223,18 +237,7 @@ pub fn assert_exactly_once(output: &[Consumed], ids: &[String]) {
             output
                 .iter()
                 .filter(|r| r.header_str(headers::EVENT_ID) == Some(id))
-                .map(|r| {
-                    let src = |h| r.header_str(h).unwrap_or("?");
-                    let marked = r.header_str(headers::POSSIBLE_REPEAT) == Some("true");
-                    format!(
-                        "out {}/{} <- src {}/{}{}",
-                        r.partition,
-                        r.offset,
-                        src(headers::SOURCE_PARTITION),
-                        src(headers::SOURCE_OFFSET),
-                        if marked { " marked" } else { "" }
-                    )
-                })
+                .map(describe)
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -623,6 +626,20 @@ impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         self.run("pg_ctl", &["-D", &self.dir(), "-m", "immediate", "stop"]);
     }
+}
+
+/// Waits for a child that should exit by itself; kills it and fails past `limit`.
+pub fn exit_within(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling the exit, not synchronising
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// A minimal HTTP/1.0 GET on loopback: (status, body), or None if nothing answers yet.
