@@ -53,6 +53,8 @@ pub enum Command {
         On SIGTERM or Ctrl-C it stops pulling records, lets in-flight batches finish (up to \
         [pipeline] drain_timeout_ms), commits, and exits 0. Anything unfinished is redelivered to the partition's \
         next owner and resumed, not lost.\n\n\
+        It exits 2 without starting when the config is invalid or Kafka refuses its TLS or SASL settings \
+        (a wrong password: the error names the mechanism and the listener; /readyz never says ready).\n\n\
         Every config key can be overridden from the environment as KDEDUP_<SECTION>__<KEY>, e.g. \
         KDEDUP_KAFKA__BROKERS=broker:9092. Health: /healthz, readiness: /readyz, metrics: /metrics on [metrics] listen.")]
     Run {

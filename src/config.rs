@@ -1127,6 +1127,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             }
         }
     }
+    check_group_protocol(&client, &consumer).map_err(|(key, message)| invalid(&key, message))?;
 
     let k = &file.key;
     let source = match k.source.as_str() {
@@ -1500,6 +1501,41 @@ pub const MAX_HTTP_MS: u64 = 86_400_000;
 pub const MAX_HTTP_IN_FLIGHT: usize = 1_024;
 
 /// The `[sink.http]` keys; errors name the key.
+/// Settings the group consumer cannot run with: records of aborted transactions
+/// (`read_uncommitted`), and under the KIP-848 protocol (`group.protocol = "consumer"`) the
+/// keys that protocol moves to the broker, which librdkafka would otherwise refuse only at start.
+fn check_group_protocol(
+    client: &BTreeMap<String, String>,
+    consumer: &BTreeMap<String, String>,
+) -> Result<(), (String, String)> {
+    let sections = [("client", client), ("consumer", consumer)];
+    for (section, map) in sections {
+        if map.get("isolation.level").is_some_and(|v| v.eq_ignore_ascii_case("read_uncommitted")) {
+            return Err((
+                format!("kafka.{section}.isolation.level"),
+                "cannot be read_uncommitted: records of aborted transactions would be processed".into(),
+            ));
+        }
+    }
+    let protocol = consumer.get("group.protocol").or(client.get("group.protocol"));
+    if !protocol.is_some_and(|p| p.eq_ignore_ascii_case("consumer")) {
+        return Ok(());
+    }
+    for key in ["partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"] {
+        for (section, map) in sections {
+            if map.contains_key(key) {
+                return Err((
+                    format!("kafka.{section}.{key}"),
+                    "cannot be set with group.protocol = \"consumer\" (KIP-848): the broker owns it \
+                     (group.consumer.* broker settings; choose the assignor with group.remote.assignor)"
+                        .into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (String, String)> {
     let err = |key: &str, message: String| (format!("sink.http.{key}"), message);
     if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
@@ -2415,6 +2451,24 @@ mod secret_tests {
         assert!(e.contains("enable.auto.commit"), "{e}");
         assert_eq!(librdkafka_bool("t"), Some(true));
         assert_eq!(librdkafka_bool("yes"), None, "librdkafka's parser takes no yes/no");
+    }
+
+    #[test]
+    fn the_kip_848_protocol_refuses_the_keys_it_moves_to_the_broker() {
+        let kip848 = ("KDEDUP_KAFKA__CONSUMER__GROUP_PROTOCOL", "consumer");
+        let c = load(BASE, &[kip848, ("KDEDUP_KAFKA__CONSUMER__GROUP_REMOTE_ASSIGNOR", "range")]).unwrap();
+        assert_eq!(c.kafka.consumer.get("group.protocol").map(String::as_str), Some("consumer"));
+        for (var, key) in [
+            ("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "kafka.consumer.session.timeout.ms"),
+            ("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "kafka.consumer.heartbeat.interval.ms"),
+            ("KDEDUP_KAFKA__CLIENT__PARTITION_ASSIGNMENT_STRATEGY", "kafka.client.partition.assignment.strategy"),
+        ] {
+            let e = load(BASE, &[kip848, (var, "1000")]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("group.protocol") && e.contains("test.toml"), "{e}");
+            load(BASE, &[(var, "1000")]).expect("the classic protocol takes it");
+        }
+        let e = load(BASE, &[("KDEDUP_KAFKA__CONSUMER__ISOLATION_LEVEL", "read_uncommitted")]).unwrap_err().to_string();
+        assert!(e.contains("kafka.consumer.isolation.level") && e.contains("aborted"), "{e}");
     }
 
     #[test]

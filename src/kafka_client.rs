@@ -132,6 +132,9 @@ impl KafkaClients {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // librdkafka's default, said aloud: aborted transactions are never processed
+            // (config validation refuses read_uncommitted).
+            .set("isolation.level", "read_committed")
             // librdkafka prefetches up to 100,000 records / 64 MiB per partition by
             // default: with many partitions and a pipeline slower than the fetch,
             // that is the whole backlog in memory (6 GiB peak RSS at 10M events on
@@ -398,6 +401,25 @@ pub fn probe_as(
     Ok(Probe { brokers: metadata.brokers().len(), topics: found })
 }
 
+/// Under the KIP-848 group protocol the session and heartbeat interval are the broker's:
+/// `group.consumer.session.timeout.ms` and `group.consumer.heartbeat.interval.ms` of the first
+/// broker the metadata lists, or `None` when it does not answer or may not be asked (ACLs).
+pub fn broker_group_session(clients: &KafkaClients) -> Option<(Duration, Duration)> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let timeout = Duration::from_secs(5);
+    let admin: AdminClient<DefaultClientContext> = clients.producer().create().ok()?;
+    let broker = admin.inner().fetch_metadata(None, timeout).ok()?.brokers().first()?.id();
+    let options = AdminOptions::new().request_timeout(Some(timeout));
+    let answer = futures::executor::block_on(admin.describe_configs(&[ResourceSpecifier::Broker(broker)], &options));
+    let config = answer.ok()?.into_iter().next()?.ok()?;
+    let ms = |name: &str| {
+        let value = config.get(name)?.value.as_deref()?.parse().ok()?;
+        Some(Duration::from_millis(value))
+    };
+    Some((ms("group.consumer.session.timeout.ms")?, ms("group.consumer.heartbeat.interval.ms")?))
+}
+
 /// The partitions of `list` that carry an actual offset, with it (a committed
 /// offset, or the answer to a time lookup); logical ones (none committed, no
 /// record at or after the time) are left out.
@@ -456,6 +478,7 @@ mod tests {
         assert_eq!(get(&consumer, "ssl.ca.location").as_deref(), Some("/ca.pem"));
         assert_eq!(get(&consumer, "group.instance.id").as_deref(), Some("pod-1"));
         assert_eq!(get(&consumer, "enable.auto.commit").as_deref(), Some("false"));
+        assert_eq!(get(&consumer, "isolation.level").as_deref(), Some("read_committed"));
     }
 
     #[test]

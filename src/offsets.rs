@@ -68,6 +68,18 @@ impl OffsetTracker {
         Ok((self.watermark != before).then_some(self.watermark).flatten())
     }
 
+    /// Nothing is in flight and the consumer's next offset is `next`: the offsets up to it
+    /// held no record for the application (transaction markers, aborted records), so the
+    /// watermark moves there, or a partition whose last write was a transaction would be
+    /// committed one short of its end forever. Returns the new watermark if it moved.
+    pub fn skip_to(&mut self, next: i64) -> Option<i64> {
+        if !self.pending.is_empty() || self.watermark.is_some_and(|w| w >= next) {
+            return None;
+        }
+        self.watermark = Some(next);
+        self.watermark
+    }
+
     /// Next offset to commit, if any record has finished.
     pub fn watermark(&self) -> Option<i64> {
         self.watermark
@@ -292,6 +304,20 @@ mod tests {
         assert_eq!(t.watermark(), None);
         assert_eq!(t.finish(10).unwrap(), Some(13), "commit form is offset + 1");
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_idle_partition_skips_to_the_consumers_position_never_past_work() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.skip_to(4), Some(4), "a partition that starts on a transaction marker");
+        t.begin(4).unwrap();
+        assert_eq!(t.skip_to(6), None, "a record in flight holds the watermark");
+        assert_eq!(t.finish(4).unwrap(), Some(5));
+        assert_eq!(t.skip_to(6), Some(6), "the commit marker after the last record");
+        assert_eq!(t.skip_to(6), None);
+        assert_eq!(t.skip_to(3), None, "never back");
+        assert!(matches!(t.begin(5), Err(TrackError::NotIncreasing { .. })));
+        t.begin(6).unwrap();
     }
 
     #[test]

@@ -150,6 +150,10 @@ impl Stages {
     }
 }
 
+/// How long a partition waits idle before it looks whether the consumer skipped past offsets
+/// that hold no record (see [`OffsetTracker::skip_to`]).
+const IDLE_SKIP: Duration = Duration::from_millis(200);
+
 /// One partition's worker.
 pub struct PartitionTask {
     tp: TopicPartition,
@@ -296,6 +300,13 @@ impl PartitionTask {
                 biased;
                 _ = self.stop.wait_for(|s| *s) => break,
                 m = stream.next() => m,
+                // Idle: move the watermark past what the consumer skipped (transaction markers).
+                _ = tokio::time::sleep(IDLE_SKIP), if self.tracker.in_flight() == 0 => {
+                    if let Some(w) = queue.position().and_then(|next| self.tracker.skip_to(next)) {
+                        self.stages.book.publish(&self.tp, w, self.logs);
+                    }
+                    continue;
+                }
             };
             let arrived = Instant::now();
             let mut records = Vec::with_capacity(batch_max);

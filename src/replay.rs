@@ -469,10 +469,11 @@ fn ranges(
                 _ => low,
             },
         };
-        // An explicit end is read up to, whatever the high watermark says (some
-        // brokers report it wrong: tansu); a start at or past the end is empty.
+        // Nothing lies past the high watermark: an explicit end beyond it ends there
+        // (instead of waiting for records that are not there); a start at or past the
+        // end is empty. (tansu, the old test broker, reported it wrong; Kafka does not.)
         let to = match options.to {
-            To::Offset(n) => n,
+            To::Offset(n) => n.min(high),
             To::Time(_) => to_times.as_ref().and_then(|m| m.get(&p)).copied().unwrap_or(high),
             To::End => high,
         };

@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, SinkConfig};
 use crate::decide::{Claimant, Core, Fatal, Faults};
+use crate::kafka_client::KafkaClients;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
 use crate::pipeline::{Liveness, Stages, Workers};
@@ -87,10 +88,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     let sink = configured_sink(config, &writer, options.sink, &metrics)?;
     let side = side_topics(config, &writer)?;
 
-    let liveness = Arc::new(Liveness::new(
-        consumer_ms(config, "session.timeout.ms", 45_000),
-        consumer_ms(config, "heartbeat.interval.ms", 3_000),
-    ));
+    let liveness = Arc::new(liveness(config).await);
     let fatal = Fatal::default();
     let (barrier_store, barrier_metrics) = (store.clone(), metrics.clone());
     let book = Arc::new(CommitBook::new(Box::new(move || {
@@ -223,6 +221,34 @@ pub(crate) fn side_topics(config: &Config, writer: &KafkaWriter) -> anyhow::Resu
 }
 
 /// A duration property of the consumer, as librdkafka would read it (its default otherwise).
+/// The zombie guard's timing: the consumer's session under the classic protocol; under KIP-848
+/// (`group.protocol = "consumer"`) the broker's, read from its config (its defaults, 45 s and
+/// 5 s, when the broker does not say).
+async fn liveness(config: &Config) -> Liveness {
+    let protocol = config.kafka.consumer.get("group.protocol").or(config.kafka.client.get("group.protocol"));
+    if !protocol.is_some_and(|p| p.eq_ignore_ascii_case("consumer")) {
+        return Liveness::new(
+            consumer_ms(config, "session.timeout.ms", 45_000),
+            consumer_ms(config, "heartbeat.interval.ms", 3_000),
+        );
+    }
+    let clients: KafkaClients = (&config.kafka).into();
+    let found = tokio::task::spawn_blocking(move || crate::kafka_client::broker_group_session(&clients)).await;
+    let (session, heartbeat) = match found {
+        Ok(Some(found)) => found,
+        _ => {
+            warn!("cannot read the broker's group.consumer.session.timeout.ms; taking its default, 45 s");
+            (Duration::from_secs(45), Duration::from_secs(5))
+        }
+    };
+    info!(
+        session_ms = session.as_millis() as u64,
+        heartbeat_ms = heartbeat.as_millis() as u64,
+        "KIP-848 group session (the broker's)"
+    );
+    Liveness::new(session, heartbeat)
+}
+
 fn consumer_ms(config: &Config, key: &str, default_ms: u64) -> Duration {
     Duration::from_millis(config.kafka.consumer.get(key).and_then(|v| v.trim().parse().ok()).unwrap_or(default_ms))
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::MessageStream;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
@@ -30,9 +31,34 @@ use crate::kafka_client::{self, KafkaClients};
 use crate::metrics::Metrics;
 use crate::offsets::{CommitBook, LogMarks, Ready, TopicPartition};
 
-/// One partition's own queue, split off the group consumer: its records come in offset order.
-pub type PartitionQueue = StreamPartitionQueue<SourceContext>;
 type Kafka = StreamConsumer<SourceContext>;
+
+/// One partition's own queue, split off the group consumer: its records come in offset order.
+pub struct PartitionQueue {
+    queue: StreamPartitionQueue<SourceContext>,
+    consumer: Weak<Kafka>,
+    tp: TopicPartition,
+}
+
+impl PartitionQueue {
+    /// The partition's records, in offset order (read by one task only).
+    pub fn stream(&self) -> MessageStream<'_, SourceContext> {
+        self.queue.stream()
+    }
+
+    /// The consumer's position here: the next offset it hands out. Polling the stream moves it
+    /// past records the application never sees (transaction markers, and the aborted
+    /// records a `read_committed` consumer drops), so, read by the queue's one reader with
+    /// everything it took begun, every offset below it is either taken or no record.
+    pub fn position(&self) -> Option<i64> {
+        let consumer = self.consumer.upgrade()?;
+        let positions = consumer.position().ok()?;
+        match positions.find_partition(&self.tp.0, self.tp.1)?.offset() {
+            Offset::Offset(next) => Some(next),
+            _ => None,
+        }
+    }
+}
 
 /// How long `start` waits for the brokers' first answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,6 +162,7 @@ impl SourceContext {
         for tp in partitions {
             match consumer.split_partition_queue(&tp.0, tp.1) {
                 Some(queue) => {
+                    let queue = PartitionQueue { queue, consumer: Arc::downgrade(&consumer), tp: tp.clone() };
                     let resume = resumes.get(&tp).copied().unwrap_or_default();
                     self.book.open(tp.clone(), resume.committed, resume.logs);
                     if let Some(committed) = resume.committed {

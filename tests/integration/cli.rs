@@ -164,6 +164,25 @@ fn bench_json_compares_both_runs_and_verifies_their_outputs() {
     assert!(f(&["kdedup", "fsyncs_per_1000"]) > 0.0, "commits sync the store");
 }
 
+/// `kdedup bench --brokers` on the reference broker (Apache Kafka): both phases verified by reading back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_on_a_real_broker_verifies_both_runs() {
+    let Some(env) = group_env() else { return };
+    let _turn = BROKER_TURN.lock().await;
+    let out = tokio::task::block_in_place(|| {
+        output(&["bench", "--brokers", &env.brokers, "--events", "20000", "--partitions", "4", "--json"])
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["verified"], serde_json::Value::Bool(true), "{report}");
+    assert_eq!(report["passthrough"]["records_out"], 20_000, "{report}");
+    assert_eq!(report["kdedup"]["records_out"], report["unique_events"], "{report}");
+    eprintln!(
+        "bench on Kafka: passthrough {} events/s, kdedup {} events/s",
+        report["passthrough"]["events_per_sec"], report["kdedup"]["events_per_sec"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_metrics_and_drains_commits_and_exits_zero_on_sigterm() {
     let kafka = cluster(2);

@@ -1,5 +1,6 @@
 //! Integration tests over the real Kafka protocol (librdkafka's mock cluster,
-//! in-process) and the real embedded store. One binary, one module per topic.
+//! in-process, and Apache Kafka from scripts/services) and the real embedded
+//! store. One binary, one module per topic.
 
 mod campaign;
 mod cli;
@@ -9,6 +10,7 @@ mod group;
 mod hostile;
 mod http;
 mod input;
+mod kafka;
 mod kubernetes;
 mod leases;
 mod library;

@@ -191,7 +191,7 @@ async fn empty_ranges_are_empty_and_unknown_partitions_and_topics_are_usage_erro
 }
 
 /// Time bounds need a broker that maps times to offsets (librdkafka's mock
-/// cluster does not: "FIXME: by timestamp" in its ListOffsets): the tansu broker.
+/// cluster does not: "FIXME: by timestamp" in its ListOffsets): Apache Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_bounds_map_to_the_offsets_of_the_records_at_those_times() {
     let Some(env) = group_env() else { return };

@@ -1,4 +1,4 @@
-//! The real binary against a TLS broker (tansu behind socat, scripts/services), with
+//! The real binary against a TLS broker (Apache Kafka's SSL listener, scripts/services), with
 //! certificate verification on: the whole path exactly once, a wrong CA refused with a clear
 //! error, `kdedup check` passing and failing, and secrets that never reach any output.
 //! Needs KDEDUP_TEST_TLS_BROKER and KDEDUP_TEST_TLS_CA (scripts/test sets them).
@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kdedup::kafka_client::KafkaClients;
@@ -76,9 +76,7 @@ fn kdedup(tls: &Tls, topics: &Topics, store: &Path, args: &[&str]) -> Command {
         .env("KDEDUP_STORE__PATH", store)
         .env("KDEDUP_METRICS__LISTEN", "")
         .env("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "200")
-        // tansu joins a group in about max(1 s, session.timeout.ms / 2): test settings only.
-        .env("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "2000")
-        .env("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500");
+        .envs(Protocol::Classic.env().iter().copied());
     c
 }
 
@@ -121,8 +119,8 @@ impl Drop for Running {
     }
 }
 
-/// Reads `topic` whole until every one of `ids` is there (tansu's end offsets lag, so one
-/// read may stop short), within `limit`; returns that read.
+/// Reads `topic` whole until every one of `ids` is there (a read may start before the last
+/// write), within `limit`; returns that read.
 async fn read_until_complete(
     clients: &KafkaClients,
     topic: &str,
@@ -150,8 +148,7 @@ async fn await_committed(clients: &KafkaClients, topics: &Topics, limit: Duratio
     loop {
         let ends = mock::end_offsets(clients, &topics.input).unwrap();
         let committed = mock::committed_offsets(clients, &topics.group, &topics.input).unwrap();
-        // `>=`: tansu reports a partition's end at the start of its last batch.
-        if ends.iter().all(|(p, end)| *end == 0 || committed.get(p).is_some_and(|c| c >= end)) {
+        if ends.iter().all(|(p, end)| *end == 0 || committed.get(p) == Some(end)) {
             return;
         }
         if Instant::now() > deadline {
@@ -159,20 +156,6 @@ async fn await_committed(clients: &KafkaClients, topics: &Topics, limit: Duratio
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Waits for a child that should exit by itself; kills it and fails past `limit`.
-fn exit_within(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("still running after {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling the exit, not synchronising
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// A CA that did not sign the broker's certificate (a real CA file, so librdkafka loads it).
@@ -370,7 +353,7 @@ async fn secrets_never_reach_logs_errors_help_check_or_metrics() {
     assert!(out.status.success());
     assert_no_secret("run --help", &String::from_utf8_lossy(&out.stdout));
 
-    // A failing connection: TLS verifies, then SASL, which this broker does not offer, fails.
+    // A failing connection: TLS verifies, then SASL, which this listener does not offer, fails.
     let mut c = kdedup(&tls, &topics, &store, &["run"]);
     with_secrets(&mut c);
     c.env("KDEDUP_KAFKA__CLIENT__SECURITY_PROTOCOL", "SASL_SSL")

@@ -219,6 +219,20 @@ pub fn emitted_counts(output: &[Consumed]) -> HashMap<String, usize> {
     counts
 }
 
+/// A written record as `out P/O <- src P/O [marked]`: where to look in the member logs.
+pub fn describe(r: &Consumed) -> String {
+    let src = |h| r.header_str(h).unwrap_or("?");
+    let marked = r.header_str(headers::POSSIBLE_REPEAT) == Some("true");
+    format!(
+        "out {}/{} <- src {}/{}{}",
+        r.partition,
+        r.offset,
+        src(headers::SOURCE_PARTITION),
+        src(headers::SOURCE_OFFSET),
+        if marked { " marked" } else { "" }
+    )
+}
+
 /// Asserts every ID in `ids` was emitted exactly once and nothing else was.
 pub fn assert_exactly_once(output: &[Consumed], ids: &[String]) {
     let counts = emitted_counts(output);
@@ -234,18 +248,7 @@ pub fn assert_exactly_once(output: &[Consumed], ids: &[String]) {
             output
                 .iter()
                 .filter(|r| r.header_str(headers::EVENT_ID) == Some(id))
-                .map(|r| {
-                    let src = |h| r.header_str(h).unwrap_or("?");
-                    let marked = r.header_str(headers::POSSIBLE_REPEAT) == Some("true");
-                    format!(
-                        "out {}/{} <- src {}/{}{}",
-                        r.partition,
-                        r.offset,
-                        src(headers::SOURCE_PARTITION),
-                        src(headers::SOURCE_OFFSET),
-                        if marked { " marked" } else { "" }
-                    )
-                })
+                .map(describe)
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -279,8 +282,8 @@ pub fn assert_outcomes_sum(metrics: &Metrics) {
 }
 
 // ---------------------------------------------------------------------------
-// Real `kdedup run` processes on a real broker (tansu), and a private
-// PostgreSQL server for tests that stop it.
+// Real `kdedup run` processes on a real broker (Apache Kafka, scripts/services), and a
+// private PostgreSQL server for tests that stop it.
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kdedup");
 
@@ -327,6 +330,33 @@ impl Topics {
     }
 }
 
+const GROUP_PROTOCOL: &str = "KDEDUP_KAFKA__CONSUMER__GROUP_PROTOCOL";
+
+/// The consumer group protocol the members speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The classic protocol: the members assign; the session is the client's, 2000 ms with
+    /// heartbeats every 500 ms here (test settings: the test broker's floor is lowered for them).
+    Classic,
+    /// KIP-848 (`group.protocol = "consumer"`): the broker assigns and keeps the session,
+    /// 2000 / 500 ms on the test broker too (its group.consumer.* settings, scripts/services).
+    Consumer,
+}
+
+impl Protocol {
+    /// The `KDEDUP_…` variables that choose it ([`Member::spawn`] takes them as `extra`).
+    pub fn env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Protocol::Classic => &[
+                (GROUP_PROTOCOL, "classic"),
+                ("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "2000"),
+                ("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500"),
+            ],
+            Protocol::Consumer => &[(GROUP_PROTOCOL, "consumer")],
+        }
+    }
+}
+
 /// One `kdedup run` process; its logs go to `member-N.log` in `logs`.
 pub struct Member {
     child: std::process::Child,
@@ -334,7 +364,8 @@ pub struct Member {
 }
 
 impl Member {
-    /// A member with the group tests' settings; `extra` overrides or adds `KDEDUP_…` variables.
+    /// A member with the group tests' settings; `extra` overrides or adds `KDEDUP_…` variables
+    /// (the classic protocol unless it holds a [`Protocol::env`]).
     pub fn spawn(
         brokers: &str,
         store_url: &str,
@@ -359,10 +390,10 @@ impl Member {
             .env("KDEDUP_STORE__URL", store_url)
             .env("KDEDUP_STORE__LEASE_SECS", "5")
             .env("KDEDUP_METRICS__LISTEN", "")
-            .env("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "200")
-            // tansu joins a group in about max(1 s, session.timeout.ms / 2): test settings only.
-            .env("KDEDUP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "2000")
-            .env("KDEDUP_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500");
+            .env("KDEDUP_PIPELINE__COMMIT_INTERVAL_MS", "200");
+        if !extra.iter().any(|(k, _)| *k == GROUP_PROTOCOL) {
+            cmd.envs(Protocol::Classic.env().iter().copied());
+        }
         for (k, v) in extra {
             cmd.env(k, v);
         }
@@ -441,6 +472,17 @@ pub fn member_logs(logs: &Path) -> String {
         all += &format!("--- {}\n{}", path.display(), std::fs::read_to_string(&path).unwrap_or_default());
     }
     all
+}
+
+/// Reads a member's `kdedup_assigned_partitions` from its metrics endpoint.
+pub fn owned_partitions(port: u16) -> Option<i64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines().find_map(|l| l.strip_prefix("kdedup_assigned_partitions ")).and_then(|v| v.trim().parse().ok())
 }
 
 /// A throwaway PostgreSQL server on a free loopback port, for tests that stop it
@@ -595,6 +637,20 @@ impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         self.run("pg_ctl", &["-D", &self.dir(), "-m", "immediate", "stop"]);
     }
+}
+
+/// Waits for a child that should exit by itself; kills it and fails past `limit`.
+pub fn exit_within(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling the exit, not synchronising
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// A minimal HTTP/1.0 GET on loopback: (status, body), or None if nothing answers yet.
