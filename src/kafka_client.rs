@@ -25,6 +25,7 @@ use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext}
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
+use crate::error::ProbeError;
 
 /// The settings every client is built from: brokers and the three property sections.
 #[derive(Clone, Default)]
@@ -172,18 +173,6 @@ pub struct Probe {
     pub brokers: usize,
     /// Each asked-for topic's partition count.
     pub topics: BTreeMap<String, Option<usize>>,
-}
-
-/// A probe failed; the message names the brokers and what librdkafka reported.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot reach Kafka at {brokers}: {cause}")]
-pub struct ProbeError {
-    /// `[kafka] brokers`, as given.
-    pub brokers: String,
-    /// librdkafka's error, for a person.
-    pub cause: String,
-    /// A TLS or SASL failure: retrying with the same settings cannot succeed.
-    pub security: bool,
 }
 
 /// Keeps what librdkafka reports while probing (it says *why* metadata timed out): its

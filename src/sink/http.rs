@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use crate::config::{HttpOutcome, HttpSinkConfig};
-use crate::error::SinkError;
+use crate::error::{HttpError, SinkError};
 use crate::event::{hex, EventKey, Record};
 use crate::metrics::Metrics;
 use crate::store::{now_ms, EffectResponse};
@@ -150,95 +150,6 @@ fn percent_encode(bytes: &[u8], out: &mut String) {
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
-    }
-}
-
-/// Why the HTTP sink gave up on a record; the record is dead-lettered with this as its reason.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// The URL template or a header value cannot make a valid request for this record.
-    #[error("cannot build the request: {0}")]
-    Request(String),
-    /// The answer's outcome is `conflict` (422 by default).
-    #[error("HTTP {status}: the endpoint reports a conflict (key reused with other parameters); body: {excerpt:?}{}", kept(*may_have_landed))]
-    Conflict {
-        /// The HTTP status.
-        status: u16,
-        /// The start of the body (bounded), lossily decoded.
-        excerpt: String,
-        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
-        may_have_landed: bool,
-    },
-    /// The answer's outcome is `dead_letter` (4xx other than 409, 422 and 429 by default).
-    #[error("HTTP {status}: refused; body: {excerpt:?}{}", kept(*may_have_landed))]
-    Refused {
-        /// The HTTP status.
-        status: u16,
-        /// The start of the body (bounded), lossily decoded.
-        excerpt: String,
-        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
-        may_have_landed: bool,
-    },
-    /// Retries took the whole `retry_budget_ms` (or a `Retry-After` would pass it).
-    #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}{}", kept(*may_have_landed))]
-    GaveUp {
-        /// Requests sent.
-        attempts: u32,
-        /// Milliseconds from the first request to giving up.
-        elapsed_ms: u64,
-        /// The last answer or failure, for humans.
-        last: String,
-        /// An attempt may have been applied (see [`HttpError::may_have_landed`]).
-        may_have_landed: bool,
-    },
-    /// The effect is done, but its answer did not reach `[sink.http] results_topic`:
-    /// retried (the same key again; the endpoint answers from its store).
-    #[error("the answer could not be written to results topic {topic}: {message}")]
-    Results {
-        /// `[sink.http] results_topic`.
-        topic: String,
-        /// The producer's error.
-        message: String,
-    },
-    /// The partition began to stop while the effect waited to retry: retriable, so
-    /// the core leaves it unfinished (claim held, offset uncommitted) for the next owner.
-    #[error("stopped while waiting to retry after {attempts} attempts (the partition is draining): last {last}")]
-    Stopping {
-        /// Requests sent.
-        attempts: u32,
-        /// The last answer or failure, for humans.
-        last: String,
-    },
-}
-
-impl HttpError {
-    pub(crate) fn is_retriable(&self) -> bool {
-        matches!(self, HttpError::Results { .. } | HttpError::Stopping { .. })
-    }
-
-    /// Whether the endpoint may have applied one of the attempts before the
-    /// effect was given up: an attempt that timed out, broke after it was sent
-    /// (a reset), or was answered 5xx. Such an effect's claim is kept, not
-    /// released (it lapses after the lease), so the next copy of the event is a
-    /// takeover, sent marked `kdedup-possible-repeat`: never an unmarked
-    /// attempt after one that may have landed.
-    pub fn may_have_landed(&self) -> bool {
-        match self {
-            HttpError::Conflict { may_have_landed, .. }
-            | HttpError::Refused { may_have_landed, .. }
-            | HttpError::GaveUp { may_have_landed, .. } => *may_have_landed,
-            HttpError::Request(_) | HttpError::Results { .. } | HttpError::Stopping { .. } => false,
-        }
-    }
-}
-
-/// The words a give-up adds when an attempt may have landed.
-fn kept(may_have_landed: bool) -> &'static str {
-    if may_have_landed {
-        "; an attempt may have been applied: the claim is kept until its lease lapses and the next copy is sent \
-         marked kdedup-possible-repeat"
-    } else {
-        ""
     }
 }
 
