@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::ConfigError;
+use crate::url_template::UrlTemplate;
 
 /// Prefix of environment overrides: `KDEDUP_KAFKA__BROKERS=…` sets `[kafka] brokers`.
 pub const ENV_PREFIX: &str = "KDEDUP_";
@@ -810,6 +811,8 @@ impl HttpOutcome {
 pub struct HttpSinkConfig {
     /// May hold `{topic}`, `{partition}` and `{header.NAME}` (percent-encoded when filled in).
     pub url: String,
+    /// `url` parsed, once: the sink fills it per record.
+    pub url_template: UrlTemplate,
     /// The HTTP method, upper case (`POST` by default).
     pub method: String,
     /// Name of the header carrying `kdedup-<sha256(scope, event ID)>`.
@@ -1505,7 +1508,7 @@ fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (
     if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
         return Err(err("url", format!("is \"{}\"; must start with http:// or https://", redact_url(&h.url))));
     }
-    crate::sink::http::UrlTemplate::parse(&h.url).map_err(|m| err("url", m))?;
+    let url_template = UrlTemplate::parse(&h.url).map_err(|m| err("url", m))?;
     let method = h.method.to_ascii_uppercase();
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return Err(err("method", format!("is \"{}\"; write an HTTP method such as POST or PUT", h.method)));
@@ -1578,6 +1581,7 @@ fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (
     }
     Ok(HttpSinkConfig {
         url: h.url.clone(),
+        url_template,
         method,
         idempotency_header: h.idempotency_header.clone(),
         content_type,

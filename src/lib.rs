@@ -78,4 +78,5 @@ pub mod service;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod url_template;
 pub mod window;
