@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::ConfigError;
+use crate::filter_plan;
 use crate::url_template::UrlTemplate;
 
 /// Prefix of environment overrides: `KDEDUP_KAFKA__BROKERS=…` sets `[kafka] brokers`.
@@ -1241,7 +1242,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     if !(f.false_positive_rate > 0.0 && f.false_positive_rate < 0.5) {
         return Err(invalid("filter.false_positive_rate", "must be between 0 and 0.5 (e.g. 0.001)".into()));
     }
-    match crate::filter::AgingCuckoo::planned_bytes(f.expected_keys, f.false_positive_rate) {
+    match filter_plan::planned_bytes(f.expected_keys, f.false_positive_rate) {
         Some(bytes) if bytes as u64 <= MAX_FILTER_BYTES => {}
         planned => {
             let planned = planned.map_or("more than this machine can address".to_string(), |b| format!("{b} bytes"));
@@ -1842,9 +1843,8 @@ pub mod fuzzing {
         assert!(r.lease <= Duration::from_secs(MAX_LEASE_SECS));
         assert!(r.sweep_interval >= Duration::from_secs(1));
         assert!(r.sweep_interval <= Duration::from_secs(MAX_SWEEP_INTERVAL_SECS));
-        let planned =
-            crate::filter::AgingCuckoo::planned_bytes(c.filter.expected_keys.get(), c.filter.false_positive_rate)
-                .expect("a valid filter plan fits in memory addresses");
+        let planned = filter_plan::planned_bytes(c.filter.expected_keys.get(), c.filter.false_positive_rate)
+            .expect("a valid filter plan fits in memory addresses");
         assert!(planned as u64 <= MAX_FILTER_BYTES);
         assert!(c.filter.recent_keys <= MAX_RECENT_KEYS);
         assert!(c.key.max_bytes.get() <= MAX_ID_BYTES);
@@ -2087,11 +2087,11 @@ mod tests {
     #[test]
     fn a_filter_too_large_to_allocate_is_refused_with_its_planned_size() {
         // 10M keys: ~25 MB, well inside.
-        let planned = crate::filter::AgingCuckoo::planned_bytes(10_000_000, 0.001).unwrap();
+        let planned = filter_plan::planned_bytes(10_000_000, 0.001).unwrap();
         assert!((20_000_000..30_000_000).contains(&planned), "{planned}");
         // 64 GiB holds ~27 billion keys at 0.001; 30 billion is over.
         let e = invalid_key(&[("KDEDUP_FILTER__EXPECTED_KEYS", "30000000000")]);
-        let bytes = crate::filter::AgingCuckoo::planned_bytes(30_000_000_000, 0.001).unwrap();
+        let bytes = filter_plan::planned_bytes(30_000_000_000, 0.001).unwrap();
         assert!(e.starts_with("filter.expected_keys:") && e.contains(&format!("{bytes} bytes")), "{e}");
         assert!(e.contains("64 GiB"), "{e}");
         // The largest TOML integer: planned, refused, no overflow.

@@ -64,6 +64,7 @@ pub mod demo;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod filter_plan;
 pub mod kafka_client;
 pub mod metrics;
 // Test kit (librdkafka's in-process mock cluster): kdedup's own tests, the demo
