@@ -457,39 +457,6 @@ mod tests {
     }
 
     #[test]
-    fn every_call_site_builds_from_the_shared_section() {
-        // The consumer (source), the producer (sink), the reconciliation reader: from one config.
-        let text = r#"
-            [kafka]
-            brokers = "b1:9093"
-            group_id = "g"
-            topics = ["orders"]
-            [kafka.client]
-            "security.protocol" = "SASL_SSL"
-            "sasl.mechanism" = "SCRAM-SHA-256"
-            "sasl.username" = "kdedup"
-            [sink]
-            kind = "kafka"
-            topic = "orders.deduped"
-            [dead_letter]
-            topic = "orders.dlq"
-        "#;
-        let env = [("KDEDUP_KAFKA__CLIENT__SASL_PASSWORD".to_string(), "from-env".to_string())];
-        let config = crate::config::Config::from_toml_with_env(text, "t.toml", env).unwrap();
-        let reconciler = crate::reconcile::Reconciler::new(&config.kafka, "s");
-        for (name, c) in [
-            ("source", crate::source::consumer_config(&config.kafka)),
-            ("sink", KafkaClients::from(&config.kafka).producer()),
-            ("reconcile", reconciler.kafka.reader("kdedup-reconcile")),
-        ] {
-            assert_eq!(get(&c, "security.protocol").as_deref(), Some("SASL_SSL"), "{name}");
-            assert_eq!(get(&c, "sasl.mechanism").as_deref(), Some("SCRAM-SHA-256"), "{name}");
-            assert_eq!(get(&c, "sasl.password").as_deref(), Some("from-env"), "{name}");
-        }
-        assert!(!format!("{config:?}").contains("from-env"));
-    }
-
-    #[test]
     fn debug_output_never_shows_a_secret() {
         let text = format!("{:?}", clients());
         assert!(!text.contains("client-secret") && !text.contains("producer-secret"), "{text}");
