@@ -47,11 +47,11 @@ use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
-use crate::offsets::{OutputMark, TopicPartition};
 use crate::sink::{AnySink, DeadLetter, Effect, Observed, SideTopics};
 use crate::store::{
     now_ms, release_marker, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store,
 };
+use crate::values::{OutputMark, TopicPartition};
 use crate::window::First;
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.

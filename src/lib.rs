@@ -80,4 +80,5 @@ pub mod sink;
 pub mod source;
 pub mod store;
 pub mod url_template;
+pub mod values;
 pub mod window;

@@ -34,7 +34,7 @@ use crate::config::{HttpOutcome, HttpSinkConfig};
 use crate::error::{HttpError, SinkError};
 use crate::event::{hex, EventKey};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, EffectResponse};
+use crate::values::{now_ms, EffectResponse};
 
 use super::kafka::{headers, source_headers, OutRecord};
 use super::{Delivered, Effect, KafkaWriter};
