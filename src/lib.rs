@@ -18,6 +18,11 @@
 //! dependency of a config whether `run` would work. [`window`] says whether the TTL is long
 //! enough for the duplicates seen (`kdedup stats`).
 //!
+//! The bottom of the crate imports nothing above it (`scripts/imports` checks, in CI):
+//! [`error`], [`config`], and the leaves they share with the stages: [`values`] (what a
+//! sink, the store, the core and the commit book exchange), [`url_template`] (parsed once
+//! into the config) and [`filter_plan`] (the filter's size, bounded by config validation).
+//!
 //! # Your own effect
 //!
 //! Implement [`sink::Sink`] (an `async fn` over a batch of new events, one
