@@ -262,6 +262,7 @@ fn default_max_in_flight() -> usize {
 /// `[store] tls`: how the store connection is encrypted. `true` means
 /// `verify-full`, `false` means `disable`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TlsMode {
     /// Plain TCP.
     Disable,
@@ -566,6 +567,7 @@ fn scalar_to_string(value: &toml::Value) -> Option<String> {
 
 /// Where the event ID comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KeySource {
     /// The named header's value (any bytes).
     Header(String),
@@ -579,6 +581,7 @@ pub enum KeySource {
 
 /// `[key] on_oversize`: what an event ID longer than `max_bytes` becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnOversize {
     /// Replaced by `sha256:<hex>` of the ID (still one key per ID).
     Hash,
@@ -603,6 +606,7 @@ pub struct KeyConfig {
 
 /// `[store]`: which store holds the claims, the authority on what is new.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum StoreConfig {
     /// The embedded (fjall) store on local disk (`kind = "embedded"`): one consumer instance.
     Embedded {
@@ -624,6 +628,7 @@ pub enum StoreConfig {
 
 /// TLS to PostgreSQL, from `[store] tls` and `tls_ca_file` (or the URL's `sslmode`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PostgresTls {
     /// Neither `tls` nor `sslmode` given, or `sslmode=prefer`: TLS without
     /// verification when the server offers it, else plain (tokio-postgres' and libpq's default).
@@ -657,6 +662,7 @@ impl std::fmt::Debug for StoreConfig {
 /// Consistency of the commit (learn) phase of a lightweight transaction and
 /// of plain reads: `LOCAL_QUORUM` stays inside the local datacenter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ScyllaConsistency {
     /// `LOCAL_QUORUM`: a quorum of the local datacenter's replicas.
     LocalQuorum,
@@ -669,6 +675,7 @@ pub enum ScyllaConsistency {
 /// within one datacenter only: every kdedup process of one scope must then
 /// use the same datacenter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ScyllaSerialConsistency {
     /// `LOCAL_SERIAL`: Paxos among the local datacenter's replicas.
     LocalSerial,
@@ -756,6 +763,7 @@ pub struct FilterConfig {
 
 /// `[sink] partitioning`: which output partition a record goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Partitioning {
     /// Output partition = input partition (modulo the output's partition count):
     /// each input partition's order is kept in the output.
@@ -766,6 +774,7 @@ pub enum Partitioning {
 
 /// `[sink]`: the side effect run for each new event.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SinkConfig {
     /// Produce to an output topic (`kind = "kafka"`), the event ID in headers.
     Kafka {
@@ -784,6 +793,7 @@ pub enum SinkConfig {
 
 /// What an HTTP answer means for the record (`[sink.http.outcomes]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HttpOutcome {
     /// The effect happened: complete the claim, record the response.
     Done,
@@ -883,6 +893,7 @@ impl std::fmt::Debug for HttpSinkConfig {
 
 /// `[pipeline] mode`: what the decision is used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Mode {
     /// Effects run for new events only (the default).
     #[default]
@@ -895,6 +906,7 @@ pub enum Mode {
 
 /// `[pipeline] on_conflict`: what becomes of a reused ID with another payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnConflict {
     /// Dead-lettered with reason `conflict` (the default).
     DeadLetter,

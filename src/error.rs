@@ -8,6 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// Loading or validating the configuration. Never retriable: fix the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
@@ -40,6 +41,7 @@ pub enum ConfigError {
 /// Why a record cannot be handled at all. These never stop a partition: the
 /// record is dead-lettered with `reason()` in its headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecordError {
     /// The configured header, key or JSON pointer is absent or empty; names which.
     #[error("record has no event ID: {0}")]
@@ -86,6 +88,7 @@ impl RecordError {
 /// A store call failed. Retriable errors pause the partition until the store
 /// answers again; no offset moves meanwhile.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The embedded (fjall) store failed on disk.
     #[error("embedded store at {path} failed: {message}; check disk space and permissions")]
@@ -140,6 +143,7 @@ impl StoreError {
 
 /// The side effect failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SinkError {
     /// Producing to the output topic failed.
     #[error("producing to topic {topic} failed: {source}")]
@@ -250,6 +254,7 @@ impl SinkError {
 
 /// Talking to Kafka as a consumer failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SourceError {
     /// librdkafka refused the consumer's settings.
     #[error("cannot create the Kafka consumer (check [kafka] brokers and [kafka.consumer]): {0}")]
@@ -272,6 +277,7 @@ pub enum SourceError {
 
 /// Why the HTTP sink gave up on a record; the record is dead-lettered with this as its reason.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HttpError {
     /// The URL template or a header value cannot make a valid request for this record.
     #[error("cannot build the request: {0}")]

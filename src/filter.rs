@@ -48,6 +48,7 @@ use crate::window::{First, Origin};
 
 /// What the filter thinks of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Verdict {
     /// Completed by this process recently with the same fingerprint: a
     /// duplicate, of the first occurrence the cache remembers.

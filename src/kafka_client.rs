@@ -252,6 +252,7 @@ const ROUND: Duration = Duration::from_millis(1000);
 
 /// Which client's settings a probe connects with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProbeAs {
     /// The readers' settings: `[kafka.client]` and `[kafka.consumer]`'s connection properties.
     Consumer,

@@ -27,6 +27,7 @@ pub struct OffsetTracker {
 
 /// A partition's records were begun or finished out of the tracker's rules: a bug, not bad input.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TrackError {
     /// `begin` was given an offset not above the last one begun.
     #[error("offset {offset} begun after {last}: offsets must increase within a partition")]

@@ -247,6 +247,7 @@ impl CustomSink {
 }
 
 /// The configured effect: one of kdedup's sinks, or a library user's.
+#[non_exhaustive]
 pub enum AnySink {
     /// `[sink] kind = "kafka"`.
     Kafka(KafkaSink),

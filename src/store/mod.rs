@@ -53,6 +53,7 @@ pub struct ClaimRequest {
 
 /// How a `New` claim was won.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Acquired {
     /// No live row: nobody ran the effect within the TTL.
     Fresh,
@@ -73,6 +74,7 @@ impl Acquired {
 
 /// The store's answer to a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Claim {
     /// The caller owns the key now and must run the effect, then `complete` or `release`.
     New(Acquired),
@@ -101,6 +103,7 @@ pub enum Claim {
 
 /// Where a claim row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ClaimState {
     /// Claimed; its effect not yet known to be done. Honoured while its lease lives.
     InFlight,
@@ -155,6 +158,7 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, 
 
 /// What a replay's conditional release ([`DedupStore::release_unless_live`]) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Released {
     /// The row was deleted: the key is new again.
     Deleted,
@@ -315,6 +319,7 @@ pub trait DedupStore: Send + Sync {
 
 /// The configured backend.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum Store {
     /// `[store] kind = "embedded"`.
     Embedded(EmbeddedStore),

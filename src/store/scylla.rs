@@ -232,6 +232,7 @@ pub fn ttl_secs(expires_at_ms: u64, now_ms: u64) -> i32 {
 
 /// A key's row as one response shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Shown {
     /// No row (or every claim column null).
     Absent,
@@ -315,6 +316,7 @@ pub fn lwt_answer(names: &[&str], values: &[Option<CqlValue>]) -> Result<LwtAnsw
 
 /// What a claim does next, given the row it saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Step {
     /// The answer, from the row alone.
     Answer(Claim),
@@ -385,6 +387,7 @@ pub fn completion_holds(done: &ClaimRow, answer: &LwtAnswer) -> bool {
 
 /// How a failed statement is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorClass {
     /// The statement may or may not have been applied: settle it with a SERIAL read.
     Ambiguous,
