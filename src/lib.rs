@@ -51,7 +51,7 @@
 //! `examples/pg_outbox.rs` is a whole one: a PostgreSQL ledger written in the
 //! same transaction as its outbox row, idempotent for the event ID.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 // Hidden from the public docs: the command line's own work, not a library
 // surface (their shapes change with the CLI; `bench` and `demo` need a mock cluster).
