@@ -31,20 +31,20 @@
 //!
 //! ```no_run
 //! # struct Ledger;
-//! # impl kdedup::sink::Sink for Ledger {
+//! # impl kdedup::Sink for Ledger {
 //! #     fn kind(&self) -> &'static str { "ledger" }
-//! #     async fn deliver(&self, b: &[kdedup::sink::Effect<'_>]) -> Vec<Result<kdedup::sink::Delivered, kdedup::error::SinkError>> {
-//! #         b.iter().map(|_| Ok(kdedup::sink::Delivered::done())).collect()
+//! #     async fn deliver(&self, b: &[kdedup::Effect<'_>]) -> Vec<Result<kdedup::Delivered, kdedup::SinkError>> {
+//! #         b.iter().map(|_| Ok(kdedup::Delivered::done())).collect()
 //! #     }
 //! # }
-//! use kdedup::{config::Config, service::{self, RunOptions}, sink::CustomSink, source::StopMode};
+//! use kdedup::{Config, CustomSink, RunOptions, StopMode};
 //!
 //! #[tokio::main]
 //! async fn main() -> anyhow::Result<()> {
 //!     let config = Config::load("kdedup.toml".as_ref())?; // [sink] kind = "custom"
 //!     let options = RunOptions { sink: Some(CustomSink::new(Ledger)), ..RunOptions::default() };
 //!     let shutdown = async { tokio::signal::ctrl_c().await.ok(); StopMode::Drain };
-//!     service::run(&config, options, shutdown).await
+//!     kdedup::run(&config, options, shutdown).await
 //! }
 //! ```
 //!
@@ -87,3 +87,13 @@ pub mod store;
 pub mod url_template;
 pub mod values;
 pub mod window;
+
+// What a library user needs, at the top: the config, run and its options, the effect
+// (`Sink`) and the store (`DedupStore`) with their answers, and the decision.
+pub use config::Config;
+pub use decide::Decision;
+pub use error::SinkError;
+pub use service::{run, RunOptions};
+pub use sink::{CustomSink, Delivered, Effect, Sink};
+pub use source::StopMode;
+pub use store::{Claim, ClaimRequest, ClaimState, DedupStore, Store};
