@@ -3,10 +3,17 @@
 //! the HTTP sink fills it per record). A leaf: it imports nothing from the crate.
 
 /// A URL with `{topic}`, `{partition}` and `{header.NAME}` placeholders.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct UrlTemplate(Vec<Part>);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Never the URL's text: it may hold a token (the config's own `Debug` shows it redacted).
+impl std::fmt::Debug for UrlTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UrlTemplate(<redacted>)")
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
 enum Part {
     Text(String),
     Topic,
@@ -113,5 +120,12 @@ mod tests {
         assert!(null.contains("does not carry"), "{null}");
         let binary = t.fill("in put", 3, &headers(vec![("customer", Some(&[0xff, 0xfe]))])).unwrap_err();
         assert!(binary.contains("not UTF-8"), "{binary}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_url() {
+        let t = UrlTemplate::parse("https://user:s3cret@h/{topic}?token=abc").unwrap();
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("s3cret") && !shown.contains("abc"), "{shown}");
     }
 }
