@@ -24,6 +24,7 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The verdict of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Status {
     /// It works.
     Ok,

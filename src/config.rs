@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::ConfigError;
+use crate::filter_plan;
+use crate::url_template::UrlTemplate;
 
 /// Prefix of environment overrides: `KDEDUP_KAFKA__BROKERS=…` sets `[kafka] brokers`.
 pub const ENV_PREFIX: &str = "KDEDUP_";
@@ -260,6 +262,7 @@ fn default_max_in_flight() -> usize {
 /// `[store] tls`: how the store connection is encrypted. `true` means
 /// `verify-full`, `false` means `disable`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TlsMode {
     /// Plain TCP.
     Disable,
@@ -564,6 +567,7 @@ fn scalar_to_string(value: &toml::Value) -> Option<String> {
 
 /// Where the event ID comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KeySource {
     /// The named header's value (any bytes).
     Header(String),
@@ -577,6 +581,7 @@ pub enum KeySource {
 
 /// `[key] on_oversize`: what an event ID longer than `max_bytes` becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnOversize {
     /// Replaced by `sha256:<hex>` of the ID (still one key per ID).
     Hash,
@@ -601,6 +606,7 @@ pub struct KeyConfig {
 
 /// `[store]`: which store holds the claims, the authority on what is new.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum StoreConfig {
     /// The embedded (fjall) store on local disk (`kind = "embedded"`): one consumer instance.
     Embedded {
@@ -622,6 +628,7 @@ pub enum StoreConfig {
 
 /// TLS to PostgreSQL, from `[store] tls` and `tls_ca_file` (or the URL's `sslmode`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PostgresTls {
     /// Neither `tls` nor `sslmode` given, or `sslmode=prefer`: TLS without
     /// verification when the server offers it, else plain (tokio-postgres' and libpq's default).
@@ -655,6 +662,7 @@ impl std::fmt::Debug for StoreConfig {
 /// Consistency of the commit (learn) phase of a lightweight transaction and
 /// of plain reads: `LOCAL_QUORUM` stays inside the local datacenter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ScyllaConsistency {
     /// `LOCAL_QUORUM`: a quorum of the local datacenter's replicas.
     LocalQuorum,
@@ -667,6 +675,7 @@ pub enum ScyllaConsistency {
 /// within one datacenter only: every kdedup process of one scope must then
 /// use the same datacenter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ScyllaSerialConsistency {
     /// `LOCAL_SERIAL`: Paxos among the local datacenter's replicas.
     LocalSerial,
@@ -754,6 +763,7 @@ pub struct FilterConfig {
 
 /// `[sink] partitioning`: which output partition a record goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Partitioning {
     /// Output partition = input partition (modulo the output's partition count):
     /// each input partition's order is kept in the output.
@@ -764,6 +774,7 @@ pub enum Partitioning {
 
 /// `[sink]`: the side effect run for each new event.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SinkConfig {
     /// Produce to an output topic (`kind = "kafka"`), the event ID in headers.
     Kafka {
@@ -782,6 +793,7 @@ pub enum SinkConfig {
 
 /// What an HTTP answer means for the record (`[sink.http.outcomes]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HttpOutcome {
     /// The effect happened: complete the claim, record the response.
     Done,
@@ -810,6 +822,8 @@ impl HttpOutcome {
 pub struct HttpSinkConfig {
     /// May hold `{topic}`, `{partition}` and `{header.NAME}` (percent-encoded when filled in).
     pub url: String,
+    /// `url` parsed, once: the sink fills it per record.
+    pub url_template: UrlTemplate,
     /// The HTTP method, upper case (`POST` by default).
     pub method: String,
     /// Name of the header carrying `kdedup-<sha256(scope, event ID)>`.
@@ -879,6 +893,7 @@ impl std::fmt::Debug for HttpSinkConfig {
 
 /// `[pipeline] mode`: what the decision is used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Mode {
     /// Effects run for new events only (the default).
     #[default]
@@ -891,6 +906,7 @@ pub enum Mode {
 
 /// `[pipeline] on_conflict`: what becomes of a reused ID with another payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnConflict {
     /// Dead-lettered with reason `conflict` (the default).
     DeadLetter,
@@ -1239,7 +1255,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     if !(f.false_positive_rate > 0.0 && f.false_positive_rate < 0.5) {
         return Err(invalid("filter.false_positive_rate", "must be between 0 and 0.5 (e.g. 0.001)".into()));
     }
-    match crate::filter::AgingCuckoo::planned_bytes(f.expected_keys, f.false_positive_rate) {
+    match filter_plan::planned_bytes(f.expected_keys, f.false_positive_rate) {
         Some(bytes) if bytes as u64 <= MAX_FILTER_BYTES => {}
         planned => {
             let planned = planned.map_or("more than this machine can address".to_string(), |b| format!("{b} bytes"));
@@ -1541,7 +1557,7 @@ fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (
     if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
         return Err(err("url", format!("is \"{}\"; must start with http:// or https://", redact_url(&h.url))));
     }
-    crate::sink::http::UrlTemplate::parse(&h.url).map_err(|m| err("url", m))?;
+    let url_template = UrlTemplate::parse(&h.url).map_err(|m| err("url", m))?;
     let method = h.method.to_ascii_uppercase();
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return Err(err("method", format!("is \"{}\"; write an HTTP method such as POST or PUT", h.method)));
@@ -1614,6 +1630,7 @@ fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (
     }
     Ok(HttpSinkConfig {
         url: h.url.clone(),
+        url_template,
         method,
         idempotency_header: h.idempotency_header.clone(),
         content_type,
@@ -1874,9 +1891,8 @@ pub mod fuzzing {
         assert!(r.lease <= Duration::from_secs(MAX_LEASE_SECS));
         assert!(r.sweep_interval >= Duration::from_secs(1));
         assert!(r.sweep_interval <= Duration::from_secs(MAX_SWEEP_INTERVAL_SECS));
-        let planned =
-            crate::filter::AgingCuckoo::planned_bytes(c.filter.expected_keys.get(), c.filter.false_positive_rate)
-                .expect("a valid filter plan fits in memory addresses");
+        let planned = filter_plan::planned_bytes(c.filter.expected_keys.get(), c.filter.false_positive_rate)
+            .expect("a valid filter plan fits in memory addresses");
         assert!(planned as u64 <= MAX_FILTER_BYTES);
         assert!(c.filter.recent_keys <= MAX_RECENT_KEYS);
         assert!(c.key.max_bytes.get() <= MAX_ID_BYTES);
@@ -2119,11 +2135,11 @@ mod tests {
     #[test]
     fn a_filter_too_large_to_allocate_is_refused_with_its_planned_size() {
         // 10M keys: ~25 MB, well inside.
-        let planned = crate::filter::AgingCuckoo::planned_bytes(10_000_000, 0.001).unwrap();
+        let planned = filter_plan::planned_bytes(10_000_000, 0.001).unwrap();
         assert!((20_000_000..30_000_000).contains(&planned), "{planned}");
         // 64 GiB holds ~27 billion keys at 0.001; 30 billion is over.
         let e = invalid_key(&[("KDEDUP_FILTER__EXPECTED_KEYS", "30000000000")]);
-        let bytes = crate::filter::AgingCuckoo::planned_bytes(30_000_000_000, 0.001).unwrap();
+        let bytes = filter_plan::planned_bytes(30_000_000_000, 0.001).unwrap();
         assert!(e.starts_with("filter.expected_keys:") && e.contains(&format!("{bytes} bytes")), "{e}");
         assert!(e.contains("64 GiB"), "{e}");
         // The largest TOML integer: planned, refused, no overflow.

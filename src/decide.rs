@@ -47,11 +47,11 @@ use crate::error::{RecordError, SinkError, StoreError};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
-use crate::offsets::{OutputMark, TopicPartition};
 use crate::sink::{AnySink, DeadLetter, Effect, Observed, SideTopics};
 use crate::store::{
     now_ms, release_marker, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store,
 };
+use crate::values::{OutputMark, TopicPartition};
 use crate::window::First;
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
@@ -140,6 +140,7 @@ impl Fatal {
 }
 
 /// A record on its way through one batch.
+#[non_exhaustive]
 pub enum Item {
     /// `leader`: the batch's first record of the same key, when this is a later one.
     Keyed {
@@ -171,6 +172,7 @@ impl Item {
 
 /// The dedup decision for a keyed record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// `claimed_at_ms`: the clock the claim was made with (its row expires a TTL later).
     New {
@@ -193,6 +195,7 @@ pub enum Decision {
 
 /// Why a batch stopped short; its driver ends without publishing it.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Stop {
     /// Draining was requested (revoke, shutdown), or the partition may be lost.
     Draining,
@@ -254,6 +257,7 @@ impl Held {
 
 /// Who holds the claims the core makes.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Claimant {
     /// The record's own position: a consumer group's member. A redelivery of
     /// that position (the same member after a crash, or the partition's next
@@ -277,6 +281,7 @@ impl Claimant {
 
 /// Where a write landed: the output topic or the dead-letter topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Landed {
     /// The effect's output topic.
     Output,

@@ -8,6 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// Loading or validating the configuration. Never retriable: fix the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
@@ -40,6 +41,7 @@ pub enum ConfigError {
 /// Why a record cannot be handled at all. These never stop a partition: the
 /// record is dead-lettered with `reason()` in its headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecordError {
     /// The configured header, key or JSON pointer is absent or empty; names which.
     #[error("record has no event ID: {0}")]
@@ -86,6 +88,7 @@ impl RecordError {
 /// A store call failed. Retriable errors pause the partition until the store
 /// answers again; no offset moves meanwhile.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The embedded (fjall) store failed on disk.
     #[error("embedded store at {path} failed: {message}; check disk space and permissions")]
@@ -140,6 +143,7 @@ impl StoreError {
 
 /// The side effect failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SinkError {
     /// Producing to the output topic failed.
     #[error("producing to topic {topic} failed: {source}")]
@@ -155,7 +159,7 @@ pub enum SinkError {
     /// The HTTP sink retried the endpoint already (its retry budget): retriable
     /// here only when the answer could not be written to its results topic.
     #[error("HTTP sink: {0}")]
-    Http(#[from] crate::sink::http::HttpError),
+    Http(#[from] HttpError),
     /// A library user's own effect failed; see [`SinkError::retriable`] and [`SinkError::permanent`].
     #[error("{message}")]
     Custom {
@@ -250,13 +254,14 @@ impl SinkError {
 
 /// Talking to Kafka as a consumer failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SourceError {
     /// librdkafka refused the consumer's settings.
     #[error("cannot create the Kafka consumer (check [kafka] brokers and [kafka.consumer]): {0}")]
     Create(KafkaError),
     /// TLS or SASL failed: the settings are wrong, waiting will not help.
     #[error("{0} (check security.protocol, ssl.* and sasl.* in [kafka.client] / [kafka.consumer])")]
-    Connect(crate::kafka_client::ProbeError),
+    Connect(ProbeError),
     /// The subscription was refused.
     #[error("cannot subscribe to {topics:?}: {source}")]
     Subscribe {
@@ -268,4 +273,106 @@ pub enum SourceError {
     /// The operating system would not start the thread that polls the consumer.
     #[error("cannot start the consumer thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// Why the HTTP sink gave up on a record; the record is dead-lettered with this as its reason.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// The URL template or a header value cannot make a valid request for this record.
+    #[error("cannot build the request: {0}")]
+    Request(String),
+    /// The answer's outcome is `conflict` (422 by default).
+    #[error("HTTP {status}: the endpoint reports a conflict (key reused with other parameters); body: {excerpt:?}{}", kept(*may_have_landed))]
+    Conflict {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (bounded), lossily decoded.
+        excerpt: String,
+        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
+        may_have_landed: bool,
+    },
+    /// The answer's outcome is `dead_letter` (4xx other than 409, 422 and 429 by default).
+    #[error("HTTP {status}: refused; body: {excerpt:?}{}", kept(*may_have_landed))]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (bounded), lossily decoded.
+        excerpt: String,
+        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
+        may_have_landed: bool,
+    },
+    /// Retries took the whole `retry_budget_ms` (or a `Retry-After` would pass it).
+    #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}{}", kept(*may_have_landed))]
+    GaveUp {
+        /// Requests sent.
+        attempts: u32,
+        /// Milliseconds from the first request to giving up.
+        elapsed_ms: u64,
+        /// The last answer or failure, for humans.
+        last: String,
+        /// An attempt may have been applied (see [`HttpError::may_have_landed`]).
+        may_have_landed: bool,
+    },
+    /// The effect is done, but its answer did not reach `[sink.http] results_topic`:
+    /// retried (the same key again; the endpoint answers from its store).
+    #[error("the answer could not be written to results topic {topic}: {message}")]
+    Results {
+        /// `[sink.http] results_topic`.
+        topic: String,
+        /// The producer's error.
+        message: String,
+    },
+    /// The partition began to stop while the effect waited to retry: retriable, so
+    /// the core leaves it unfinished (claim held, offset uncommitted) for the next owner.
+    #[error("stopped while waiting to retry after {attempts} attempts (the partition is draining): last {last}")]
+    Stopping {
+        /// Requests sent.
+        attempts: u32,
+        /// The last answer or failure, for humans.
+        last: String,
+    },
+}
+
+impl HttpError {
+    pub(crate) fn is_retriable(&self) -> bool {
+        matches!(self, HttpError::Results { .. } | HttpError::Stopping { .. })
+    }
+
+    /// Whether the endpoint may have applied one of the attempts before the
+    /// effect was given up: an attempt that timed out, broke after it was sent
+    /// (a reset), or was answered 5xx. Such an effect's claim is kept, not
+    /// released (it lapses after the lease), so the next copy of the event is a
+    /// takeover, sent marked `kdedup-possible-repeat`: never an unmarked
+    /// attempt after one that may have landed.
+    pub fn may_have_landed(&self) -> bool {
+        match self {
+            HttpError::Conflict { may_have_landed, .. }
+            | HttpError::Refused { may_have_landed, .. }
+            | HttpError::GaveUp { may_have_landed, .. } => *may_have_landed,
+            HttpError::Request(_) | HttpError::Results { .. } | HttpError::Stopping { .. } => false,
+        }
+    }
+}
+
+/// The words a give-up adds when an attempt may have landed.
+fn kept(may_have_landed: bool) -> &'static str {
+    if may_have_landed {
+        "; an attempt may have been applied: the claim is kept until its lease lapses and the next copy is sent \
+         marked kdedup-possible-repeat"
+    } else {
+        ""
+    }
+}
+
+/// A probe failed; the message names the brokers and what librdkafka reported.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach Kafka at {brokers}: {cause}")]
+pub struct ProbeError {
+    /// `[kafka] brokers`, as given.
+    pub brokers: String,
+    /// librdkafka's error, for a person.
+    pub cause: String,
+    /// A TLS or SASL failure: retrying with the same settings cannot succeed.
+    pub security: bool,
 }

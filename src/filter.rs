@@ -43,10 +43,12 @@ use std::time::Duration;
 
 use crate::config::FilterConfig;
 use crate::event::{Envelope, Fingerprint};
+use crate::filter_plan::{planned_bytes, FP_BITS, HUGE_PAGE, LIVE_EPOCHS, SLOTS, TAG_BITS, TAG_MASK};
 use crate::window::{First, Origin};
 
 /// What the filter thinks of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Verdict {
     /// Completed by this process recently with the same fingerprint: a
     /// duplicate, of the first occurrence the cache remembers.
@@ -190,23 +192,6 @@ impl RecentCache {
     }
 }
 
-/// Entries per bucket: a bucket is one `u64` of four 16-bit entries.
-const SLOTS: usize = 4;
-/// Fingerprint bits of an entry; the other three are its epoch tag.
-const FP_BITS: u32 = 13;
-const TAG_BITS: u32 = 16 - FP_BITS;
-const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
-/// Epochs that cover the ttl. An entry lives through its own epoch and
-/// `LIVE_EPOCHS` more, each `ttl / LIVE_EPOCHS` long: at least the ttl, at
-/// most `ttl * 8 / 7`. Every tag value is a live age (0..=7); the epoch turn
-/// clears an entry before its tag value comes round again.
-const LIVE_EPOCHS: u64 = TAG_MASK;
-/// Planned load at the peak (a full window plus one epoch). Cuckoo tables with
-/// 4-entry buckets fill to about 95% before inserts start to fail.
-const MAX_LOAD: f64 = 0.93;
-/// Lowest planned load: bounds the memory a very low configured rate may cost
-/// (the false-positive rate then bottoms out near 1e-4).
-const MIN_LOAD: f64 = 0.1;
 /// How many keys ahead a batch should [`AgingCuckoo::prefetch`] while it
 /// checks. By `cargo bench --bench filter` at 10M keys: 8 ahead left misses
 /// exposed (~31 ns a check); 16 and 32 both reach ~20-27 ns, 32 by a little
@@ -263,8 +248,6 @@ struct Buckets {
 // Owns its memory like a Box<[u64]>.
 unsafe impl Send for Buckets {}
 unsafe impl Sync for Buckets {}
-
-const HUGE_PAGE: usize = 2 << 20;
 
 impl Buckets {
     /// Overflow tables have the first table's size, which was allocated once.
@@ -390,29 +373,6 @@ struct Spot {
 }
 
 impl AgingCuckoo {
-    /// Bytes of the table planned for `expected_keys` per ttl at
-    /// `false_positive_rate` (overflow tables come on top only when more keys
-    /// arrive than planned); `None` when that size does not fit in memory
-    /// addresses at all. Config validation bounds it with this same plan.
-    pub fn planned_bytes(expected_keys: u64, false_positive_rate: f64) -> Option<usize> {
-        let buckets = Self::planned_buckets(expected_keys, false_positive_rate)?;
-        let bytes = buckets.checked_mul(std::mem::size_of::<u64>())?;
-        // What a Layout can describe, rounded up to the 2 MiB alignment of large tables.
-        (bytes <= isize::MAX as usize - HUGE_PAGE).then_some(bytes)
-    }
-
-    fn planned_buckets(expected_keys: u64, false_positive_rate: f64) -> Option<usize> {
-        // A check compares 2 * SLOTS entries, each matching with 1 / (2^FP_BITS - 1).
-        let fp_values = ((1u64 << FP_BITS) - 1) as f64;
-        // NaN (never from a validated config) plans the densest table, not a panic.
-        let load = (false_positive_rate * fp_values / (2 * SLOTS) as f64).clamp(MIN_LOAD, MAX_LOAD);
-        let load = if load.is_nan() { MAX_LOAD } else { load };
-        let peak = expected_keys as f64 * (LIVE_EPOCHS + 1) as f64 / LIVE_EPOCHS as f64;
-        let buckets = (peak / (SLOTS as f64 * load)).ceil().max(1.0);
-        // f64 -> usize saturates; anything this large fails the byte check.
-        (buckets < usize::MAX as f64).then_some(buckets as usize)
-    }
-
     /// Sized for `expected_keys` per ttl at `false_positive_rate`. Rates of 0.1%
     /// and above cost 16 bits / 0.93 load * 8/7 (the extra epoch): ~2.5 bytes
     /// per key; lower rates lower the planned load, and memory grows as 1/rate.
@@ -433,7 +393,7 @@ impl AgingCuckoo {
         now_ms: u64,
     ) -> Result<AgingCuckoo, FilterAllocError> {
         let too_large = FilterAllocError { expected_keys, false_positive_rate, bytes: None };
-        let bytes = Self::planned_bytes(expected_keys, false_positive_rate).ok_or(too_large)?;
+        let bytes = planned_bytes(expected_keys, false_positive_rate).ok_or(too_large)?;
         let buckets = bytes / std::mem::size_of::<u64>();
         let table = Buckets::try_zeroed(buckets).ok_or(FilterAllocError {
             expected_keys,
@@ -1209,12 +1169,12 @@ mod tests {
     fn absurd_sizes_are_errors_not_panics_or_aborts() {
         const TTL: Duration = Duration::from_secs(400);
         // Overflows the address space: refused before any allocation.
-        assert_eq!(AgingCuckoo::planned_bytes(u64::MAX, 0.001), None);
+        assert_eq!(planned_bytes(u64::MAX, 0.001), None);
         let e = AgingCuckoo::try_new(u64::MAX, 0.001, TTL, 0).err().expect("u64::MAX keys cannot be planned");
         assert_eq!(e.bytes, None);
         assert!(e.to_string().contains("overflows") && e.to_string().contains("expected_keys"), "{e}");
         // Addressable (a few PiB) but more than any machine holds: the allocator says no.
-        let bytes = AgingCuckoo::planned_bytes(1 << 50, 0.001).expect("2^50 keys fit in a Layout");
+        let bytes = planned_bytes(1 << 50, 0.001).expect("2^50 keys fit in a Layout");
         let e = AgingCuckoo::try_new(1 << 50, 0.001, TTL, 0).err().expect("petabytes are refused");
         assert_eq!(e.bytes, Some(bytes));
         assert!(e.to_string().contains(&format!("refused its {bytes} bytes")), "{e}");
@@ -1223,6 +1183,6 @@ mod tests {
         assert!(AgingCuckoo::try_new(1000, 0.001, Duration::MAX, u64::MAX).is_ok());
         // The plan is what gets allocated.
         let f = AgingCuckoo::try_new(100_000, 0.001, TTL, 0).unwrap();
-        assert_eq!(Some(f.memory_bytes()), AgingCuckoo::planned_bytes(100_000, 0.001));
+        assert_eq!(Some(f.memory_bytes()), planned_bytes(100_000, 0.001));
     }
 }

@@ -18,6 +18,11 @@
 //! dependency of a config whether `run` would work. [`window`] says whether the TTL is long
 //! enough for the duplicates seen (`kdedup stats`).
 //!
+//! The bottom of the crate imports nothing above it (`scripts/imports` checks, in CI):
+//! [`error`], [`config`], and the leaves they share with the stages: [`values`] (what a
+//! sink, the store, the core and the commit book exchange), [`url_template`] (parsed once
+//! into the config) and [`filter_plan`] (the filter's size, bounded by config validation).
+//!
 //! # Your own effect
 //!
 //! Implement [`sink::Sink`] (an `async fn` over a batch of new events, one
@@ -26,27 +31,27 @@
 //!
 //! ```no_run
 //! # struct Ledger;
-//! # impl kdedup::sink::Sink for Ledger {
+//! # impl kdedup::Sink for Ledger {
 //! #     fn kind(&self) -> &'static str { "ledger" }
-//! #     async fn deliver(&self, b: &[kdedup::sink::Effect<'_>]) -> Vec<Result<kdedup::sink::Delivered, kdedup::error::SinkError>> {
-//! #         b.iter().map(|_| Ok(kdedup::sink::Delivered::done())).collect()
+//! #     async fn deliver(&self, b: &[kdedup::Effect<'_>]) -> Vec<Result<kdedup::Delivered, kdedup::SinkError>> {
+//! #         b.iter().map(|_| Ok(kdedup::Delivered::done())).collect()
 //! #     }
 //! # }
-//! use kdedup::{config::Config, service::{self, RunOptions}, sink::CustomSink, source::StopMode};
+//! use kdedup::{Config, CustomSink, RunOptions, StopMode};
 //!
 //! #[tokio::main]
 //! async fn main() -> anyhow::Result<()> {
 //!     let config = Config::load("kdedup.toml".as_ref())?; // [sink] kind = "custom"
 //!     let options = RunOptions { sink: Some(CustomSink::new(Ledger)), ..RunOptions::default() };
 //!     let shutdown = async { tokio::signal::ctrl_c().await.ok(); StopMode::Drain };
-//!     service::run(&config, options, shutdown).await
+//!     kdedup::run(&config, options, shutdown).await
 //! }
 //! ```
 //!
 //! `examples/pg_outbox.rs` is a whole one: a PostgreSQL ledger written in the
 //! same transaction as its outbox row, idempotent for the event ID.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 // Hidden from the public docs: the command line's own work, not a library
 // surface (their shapes change with the CLI; `bench` and `demo` need a mock cluster).
@@ -64,6 +69,7 @@ pub mod demo;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod filter_plan;
 pub mod kafka_client;
 pub mod metrics;
 // Test kit (librdkafka's in-process mock cluster): kdedup's own tests, the demo
@@ -78,4 +84,16 @@ pub mod service;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod url_template;
+pub mod values;
 pub mod window;
+
+// What a library user needs, at the top: the config, run and its options, the effect
+// (`Sink`) and the store (`DedupStore`) with their answers, and the decision.
+pub use config::Config;
+pub use decide::Decision;
+pub use error::SinkError;
+pub use service::{run, RunOptions};
+pub use sink::{CustomSink, Delivered, Effect, Sink};
+pub use source::StopMode;
+pub use store::{Claim, ClaimRequest, ClaimState, DedupStore, Store};

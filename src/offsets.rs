@@ -11,9 +11,12 @@
 //! to read" (last finished + 1), the form a commit takes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use crate::error::StoreError;
+// Shared with the core and the sinks through the `values` leaf; kept here, where the
+// consumer group's code names them.
+pub use crate::values::{OutputMark, TopicPartition};
 
 /// One partition's in-flight records, in offset order.
 #[derive(Debug, Default)]
@@ -24,6 +27,7 @@ pub struct OffsetTracker {
 
 /// A partition's records were begun or finished out of the tracker's rules: a bug, not bad input.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TrackError {
     /// `begin` was given an offset not above the last one begun.
     #[error("offset {offset} begun after {last}: offsets must increase within a partition")]
@@ -91,9 +95,6 @@ impl OffsetTracker {
     }
 }
 
-/// A partition: (topic, partition number).
-pub type TopicPartition = (Arc<str>, i32);
-
 #[derive(Debug, Default, Clone, Copy)]
 struct Mark {
     watermark: Option<i64>,
@@ -101,39 +102,6 @@ struct Mark {
     /// Never commit past this offset (a record that did not reach its partition task).
     hold: Option<i64>,
     logs: LogMarks,
-}
-
-/// A position in a topic kdedup writes to: every record of a partition below
-/// the committed offset was written below `offset` of `partition`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutputMark {
-    /// The partition written to.
-    pub partition: i32,
-    /// Writes for records below the committed offset all lie below this one:
-    /// reconciliation reads the log from here.
-    pub offset: i64,
-}
-
-impl OutputMark {
-    /// Moves the mark past a record that landed at `landed` (same partition only
-    /// moves forward; a new partition replaces it).
-    pub fn advance(mark: &mut Option<OutputMark>, landed: OutputMark) {
-        let next = OutputMark { partition: landed.partition, offset: landed.offset + 1 };
-        if mark.is_none_or(|m| m.partition != next.partition || m.offset < next.offset) {
-            *mark = Some(next);
-        }
-    }
-}
-
-impl OutputMark {
-    /// Keeps the mark at or before `write`, a write the commit does not cover
-    /// yet: reading from the mark must find it (a mark on another partition is
-    /// replaced, as [`OutputMark::advance`] would).
-    pub fn hold_at(mark: &mut Option<OutputMark>, write: OutputMark) {
-        if mark.is_none_or(|m| m.partition != write.partition || m.offset > write.offset) {
-            *mark = Some(write);
-        }
-    }
 }
 
 /// Where a partition's writes stand in the output and dead-letter topics.
@@ -288,6 +256,7 @@ impl CommitBook {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::sync::Arc;
 
     use proptest::prelude::*;
 

@@ -56,6 +56,7 @@ use crate::store::{mark_released, now_ms, ClaimState, DedupStore, Released, Stor
 /// What a replay does with its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Mode {
     /// Changes nothing: counts what the decision would say.
     DryRun,
@@ -69,6 +70,7 @@ pub enum Mode {
 
 /// Where a range starts (inclusive).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum From {
     /// This offset.
     Offset(i64),
@@ -80,6 +82,7 @@ pub enum From {
 
 /// Where a range ends (exclusive).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum To {
     /// This offset.
     Offset(i64),
@@ -203,6 +206,7 @@ pub struct Report {
 
 /// Why a replay could not run, with the exit code `kdedup replay` documents.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReplayError {
     /// Exit 2.
     #[error("{0}")]

@@ -252,3 +252,43 @@ async fn liveness(config: &Config) -> Liveness {
 fn consumer_ms(config: &Config, key: &str, default_ms: u64) -> Duration {
     Duration::from_millis(config.kafka.consumer.get(key).and_then(|v| v.trim().parse().ok()).unwrap_or(default_ms))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka_client::KafkaClients;
+    use crate::source;
+
+    #[test]
+    fn every_call_site_builds_from_the_shared_section() {
+        // The consumer (source), the producer (sink), the reconciliation reader: from one config.
+        let text = r#"
+            [kafka]
+            brokers = "b1:9093"
+            group_id = "g"
+            topics = ["orders"]
+            [kafka.client]
+            "security.protocol" = "SASL_SSL"
+            "sasl.mechanism" = "SCRAM-SHA-256"
+            "sasl.username" = "kdedup"
+            [sink]
+            kind = "kafka"
+            topic = "orders.deduped"
+            [dead_letter]
+            topic = "orders.dlq"
+        "#;
+        let env = [("KDEDUP_KAFKA__CLIENT__SASL_PASSWORD".to_string(), "from-env".to_string())];
+        let config = Config::from_toml_with_env(text, "t.toml", env).unwrap();
+        let reconciler = Reconciler::new(&config.kafka, "s");
+        for (name, c) in [
+            ("source", source::consumer_config(&config.kafka)),
+            ("sink", KafkaClients::from(&config.kafka).producer()),
+            ("reconcile", reconciler.kafka.reader("kdedup-reconcile")),
+        ] {
+            assert_eq!(c.get("security.protocol"), Some("SASL_SSL"), "{name}");
+            assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-256"), "{name}");
+            assert_eq!(c.get("sasl.password"), Some("from-env"), "{name}");
+        }
+        assert!(!format!("{config:?}").contains("from-env"));
+    }
+}

@@ -102,6 +102,7 @@ pub trait PartitionHandler: Send + Sync + 'static {
 
 /// How the source ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StopMode {
     /// Finish in-flight batches (bounded), commit, leave the group.
     Drain,

@@ -31,10 +31,10 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use crate::config::{HttpOutcome, HttpSinkConfig};
-use crate::error::SinkError;
-use crate::event::{hex, EventKey, Record};
+use crate::error::{HttpError, SinkError};
+use crate::event::{hex, EventKey};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, EffectResponse};
+use crate::values::{now_ms, EffectResponse};
 
 use super::kafka::{headers, source_headers, OutRecord};
 use super::{Delivered, Effect, KafkaWriter};
@@ -67,179 +67,6 @@ pub fn idempotency_key(key: &EventKey) -> String {
     h.update(key.scope.as_bytes());
     h.update(&key.id);
     format!("kdedup-{}", hex(&h.finalize()))
-}
-
-/// A URL with `{topic}`, `{partition}` and `{header.NAME}` placeholders.
-#[derive(Debug, Clone)]
-pub struct UrlTemplate(Vec<Part>);
-
-#[derive(Debug, Clone)]
-enum Part {
-    Text(String),
-    Topic,
-    Partition,
-    Header(String),
-}
-
-impl UrlTemplate {
-    /// Parses a template; the error says which placeholder is unknown or unclosed.
-    pub fn parse(template: &str) -> Result<UrlTemplate, String> {
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Text(rest[..open].to_string()));
-            }
-            let Some(close) = rest[open..].find('}') else {
-                // Not the rest of the URL: it may hold a token.
-                return Err("has an unclosed `{`".to_string());
-            };
-            let name = &rest[open + 1..open + close];
-            parts.push(match name {
-                "topic" => Part::Topic,
-                "partition" => Part::Partition,
-                _ => match name.strip_prefix("header.") {
-                    Some(h) if !h.is_empty() => Part::Header(h.to_string()),
-                    _ => {
-                        return Err(format!(
-                            "uses `{{{name}}}`; allowed placeholders: {{topic}}, {{partition}}, {{header.NAME}}"
-                        ))
-                    }
-                },
-            });
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Text(rest.to_string()));
-        }
-        Ok(UrlTemplate(parts))
-    }
-
-    /// The URL for `record`, placeholders percent-encoded; the error is a dead letter's reason.
-    pub fn fill(&self, record: &Record) -> Result<String, String> {
-        let mut url = String::new();
-        for part in &self.0 {
-            match part {
-                Part::Text(t) => url.push_str(t),
-                Part::Topic => percent_encode(record.position.topic.as_bytes(), &mut url),
-                Part::Partition => url.push_str(&record.position.partition.to_string()),
-                Part::Header(name) => {
-                    let value = record.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref());
-                    let Some(value) = value else {
-                        return Err(format!("the URL template uses header `{name}`, which the record does not carry"));
-                    };
-                    if std::str::from_utf8(value).is_err() {
-                        return Err(format!(
-                            "the URL template uses header `{name}`, whose value is not UTF-8 ({} bytes)",
-                            value.len()
-                        ));
-                    }
-                    percent_encode(value, &mut url);
-                }
-            }
-        }
-        Ok(url)
-    }
-}
-
-/// Everything but RFC 3986's unreserved characters becomes `%XX`.
-fn percent_encode(bytes: &[u8], out: &mut String) {
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-}
-
-/// Why the HTTP sink gave up on a record; the record is dead-lettered with this as its reason.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// The URL template or a header value cannot make a valid request for this record.
-    #[error("cannot build the request: {0}")]
-    Request(String),
-    /// The answer's outcome is `conflict` (422 by default).
-    #[error("HTTP {status}: the endpoint reports a conflict (key reused with other parameters); body: {excerpt:?}{}", kept(*may_have_landed))]
-    Conflict {
-        /// The HTTP status.
-        status: u16,
-        /// The start of the body (bounded), lossily decoded.
-        excerpt: String,
-        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
-        may_have_landed: bool,
-    },
-    /// The answer's outcome is `dead_letter` (4xx other than 409, 422 and 429 by default).
-    #[error("HTTP {status}: refused; body: {excerpt:?}{}", kept(*may_have_landed))]
-    Refused {
-        /// The HTTP status.
-        status: u16,
-        /// The start of the body (bounded), lossily decoded.
-        excerpt: String,
-        /// An earlier attempt may have been applied (see [`HttpError::may_have_landed`]).
-        may_have_landed: bool,
-    },
-    /// Retries took the whole `retry_budget_ms` (or a `Retry-After` would pass it).
-    #[error("gave up after {attempts} attempts in {elapsed_ms} ms (the retry budget): last {last}{}", kept(*may_have_landed))]
-    GaveUp {
-        /// Requests sent.
-        attempts: u32,
-        /// Milliseconds from the first request to giving up.
-        elapsed_ms: u64,
-        /// The last answer or failure, for humans.
-        last: String,
-        /// An attempt may have been applied (see [`HttpError::may_have_landed`]).
-        may_have_landed: bool,
-    },
-    /// The effect is done, but its answer did not reach `[sink.http] results_topic`:
-    /// retried (the same key again; the endpoint answers from its store).
-    #[error("the answer could not be written to results topic {topic}: {message}")]
-    Results {
-        /// `[sink.http] results_topic`.
-        topic: String,
-        /// The producer's error.
-        message: String,
-    },
-    /// The partition began to stop while the effect waited to retry: retriable, so
-    /// the core leaves it unfinished (claim held, offset uncommitted) for the next owner.
-    #[error("stopped while waiting to retry after {attempts} attempts (the partition is draining): last {last}")]
-    Stopping {
-        /// Requests sent.
-        attempts: u32,
-        /// The last answer or failure, for humans.
-        last: String,
-    },
-}
-
-impl HttpError {
-    pub(crate) fn is_retriable(&self) -> bool {
-        matches!(self, HttpError::Results { .. } | HttpError::Stopping { .. })
-    }
-
-    /// Whether the endpoint may have applied one of the attempts before the
-    /// effect was given up: an attempt that timed out, broke after it was sent
-    /// (a reset), or was answered 5xx. Such an effect's claim is kept, not
-    /// released (it lapses after the lease), so the next copy of the event is a
-    /// takeover, sent marked `kdedup-possible-repeat`: never an unmarked
-    /// attempt after one that may have landed.
-    pub fn may_have_landed(&self) -> bool {
-        match self {
-            HttpError::Conflict { may_have_landed, .. }
-            | HttpError::Refused { may_have_landed, .. }
-            | HttpError::GaveUp { may_have_landed, .. } => *may_have_landed,
-            HttpError::Request(_) | HttpError::Results { .. } | HttpError::Stopping { .. } => false,
-        }
-    }
-}
-
-/// The words a give-up adds when an attempt may have landed.
-fn kept(may_have_landed: bool) -> &'static str {
-    if may_have_landed {
-        "; an attempt may have been applied: the claim is kept until its lease lapses and the next copy is sent \
-         marked kdedup-possible-repeat"
-    } else {
-        ""
-    }
 }
 
 /// One attempt's result, as the retry loop sees it.
@@ -286,7 +113,6 @@ pub struct HttpSink {
     results: Option<(KafkaWriter, String, i32)>,
     client: reqwest::Client,
     config: HttpSinkConfig,
-    url: UrlTemplate,
     method: reqwest::Method,
     static_headers: HeaderMap,
     idempotency_header: HeaderName,
@@ -297,7 +123,6 @@ impl HttpSink {
     /// a redirected POST would lose its body or repeat it elsewhere).
     pub fn new(config: &HttpSinkConfig, metrics: &Metrics) -> Result<HttpSink, SinkError> {
         let bad = |m: String| SinkError::Http(HttpError::Request(m));
-        let url = UrlTemplate::parse(&config.url).map_err(|m| bad(format!("[sink.http] url {m}")))?;
         let method = reqwest::Method::from_bytes(config.method.as_bytes())
             .map_err(|_| bad(format!("[sink.http] method {} is not a method", config.method)))?;
         let mut static_headers = HeaderMap::new();
@@ -323,7 +148,6 @@ impl HttpSink {
             results: None,
             client,
             config: config.clone(),
-            url,
             method,
             static_headers,
             idempotency_header,
@@ -539,7 +363,8 @@ impl HttpSink {
                 self.config.max_request_bytes
             ));
         }
-        let filled = self.url.fill(record)?;
+        let filled =
+            self.config.url_template.fill(&record.position.topic, record.position.partition, &record.headers)?;
         let url =
             reqwest::Url::parse(&filled).map_err(|e| format!("the URL filled from the template is not valid: {e}"))?;
         let mut h = self.static_headers.clone();
@@ -699,38 +524,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::event::Position;
-
-    fn record(headers: Vec<(&str, Option<&[u8]>)>) -> Record {
-        Record {
-            position: Position { topic: Arc::from("in put"), partition: 3, offset: 7 },
-            key: None,
-            payload: Some(b"{}".to_vec()),
-            headers: headers.into_iter().map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec))).collect(),
-            timestamp_ms: None,
-            bad_header: None,
-        }
-    }
-
-    #[test]
-    fn templates_fill_topic_partition_and_headers_percent_encoded() {
-        let t = UrlTemplate::parse("http://h/{topic}/{partition}/c/{header.customer}?x=1").unwrap();
-        let r = record(vec![("customer", Some("cus 1/ä".as_bytes()))]);
-        assert_eq!(t.fill(&r).unwrap(), "http://h/in%20put/3/c/cus%201%2F%C3%A4?x=1");
-    }
-
-    #[test]
-    fn templates_refuse_unknown_placeholders_and_hostile_headers_with_reasons() {
-        assert!(UrlTemplate::parse("http://h/{event}").unwrap_err().contains("{event}"));
-        assert!(UrlTemplate::parse("http://h/{topic").unwrap_err().contains("unclosed"));
-        let t = UrlTemplate::parse("http://h/{header.customer}").unwrap();
-        let missing = t.fill(&record(vec![])).unwrap_err();
-        assert!(missing.contains("does not carry"), "{missing}");
-        let null = t.fill(&record(vec![("customer", None)])).unwrap_err();
-        assert!(null.contains("does not carry"), "{null}");
-        let binary = t.fill(&record(vec![("customer", Some(&[0xff, 0xfe]))])).unwrap_err();
-        assert!(binary.contains("not UTF-8"), "{binary}");
-    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {

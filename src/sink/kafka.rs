@@ -18,7 +18,7 @@ use crate::config::Partitioning;
 use crate::error::SinkError;
 use crate::event::{Position, Record};
 use crate::kafka_client::KafkaClients;
-use crate::offsets::{OutputMark, TopicPartition};
+use crate::values::{OutputMark, TopicPartition};
 
 use super::{Delivered, Effect};
 

@@ -29,8 +29,7 @@ pub use stdout::StdoutSink;
 
 use crate::error::{RecordError, SinkError};
 use crate::event::{Envelope, Record};
-use crate::offsets::OutputMark;
-use crate::store::EffectResponse;
+use crate::values::{EffectResponse, OutputMark};
 use kafka::{headers, headers_with_source, own_headers, with_source, OutRecord};
 
 /// One effect to run: a new event.
@@ -248,6 +247,7 @@ impl CustomSink {
 }
 
 /// The configured effect: one of kdedup's sinks, or a library user's.
+#[non_exhaustive]
 pub enum AnySink {
     /// `[sink] kind = "kafka"`.
     Kafka(KafkaSink),

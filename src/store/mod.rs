@@ -36,6 +36,9 @@ use crate::metrics::{StoreBatchMetrics, StoreOpMetrics};
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
 pub use scylla::ScyllaStore;
+// Shared with the sinks and the core through the `values` leaf; kept here, where the
+// stores and the tests name them.
+pub use crate::values::{now_ms, EffectResponse};
 
 /// A request to claim one key for one record.
 #[derive(Debug, Clone)]
@@ -50,6 +53,7 @@ pub struct ClaimRequest {
 
 /// How a `New` claim was won.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Acquired {
     /// No live row: nobody ran the effect within the TTL.
     Fresh,
@@ -70,6 +74,7 @@ impl Acquired {
 
 /// The store's answer to a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Claim {
     /// The caller owns the key now and must run the effect, then `complete` or `release`.
     New(Acquired),
@@ -98,6 +103,7 @@ pub enum Claim {
 
 /// Where a claim row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ClaimState {
     /// Claimed; its effect not yet known to be done. Honoured while its lease lives.
     InFlight,
@@ -120,37 +126,6 @@ pub struct ClaimRow {
     pub lease_until_ms: u64,
     /// When the row stops counting, whatever its state.
     pub expires_at_ms: u64,
-}
-
-/// What an effect answered, kept on its claim row once the effect is done
-/// (`kdedup inspect` shows it): the seeds' "return the stored result". Only
-/// sinks that get an answer (HTTP) record one.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct EffectResponse {
-    /// The HTTP status of the answer that settled the effect.
-    pub status: u16,
-    /// SHA-256 (hex) of the body as read, at most the sink's response limit.
-    pub body_sha256: String,
-    /// Bytes of the body read (the hash covers these).
-    pub body_bytes: u64,
-    /// The body's first bytes as UTF-8 (invalid sequences replaced), bounded.
-    pub excerpt: String,
-    /// When the answer came (ms since the epoch).
-    pub at_ms: u64,
-    /// Requests it took, the settling one included.
-    pub attempts: u32,
-}
-
-impl EffectResponse {
-    /// Stored form (JSON; the stores keep it as text or bytes).
-    pub fn encode(&self) -> String {
-        serde_json::to_string(self).expect("a struct of strings and numbers serializes")
-    }
-
-    /// The inverse of [`EffectResponse::encode`]; a row that does not parse is corrupt.
-    pub fn decode(text: &str) -> Result<EffectResponse, StoreError> {
-        serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("recorded response: {e}")))
-    }
 }
 
 /// Decides a claim against the current row. Shared by backends that read and
@@ -183,6 +158,7 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, 
 
 /// What a replay's conditional release ([`DedupStore::release_unless_live`]) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Released {
     /// The row was deleted: the key is new again.
     Deleted,
@@ -343,6 +319,7 @@ pub trait DedupStore: Send + Sync {
 
 /// The configured backend.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum Store {
     /// `[store] kind = "embedded"`.
     Embedded(EmbeddedStore),
@@ -495,9 +472,4 @@ impl DedupStore for Store {
     fn stats(&self) -> StoreStats {
         dispatch!(self, s => s.stats())
     }
-}
-
-/// Milliseconds since the Unix epoch, the store's clock.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -70,10 +70,10 @@ use crate::event::{EventKey, Fingerprint, Position};
 use crate::metrics::StoreOpMetrics;
 
 /// The schema with `{{…}}` fields; see [`render_schema`].
-pub const SCHEMA_TEMPLATE: &str = include_str!("../../schemas/scylla.cql");
+pub(crate) const SCHEMA_TEMPLATE: &str = include_str!("../../schemas/scylla.cql");
 
 /// The claims table's name, in the configured keyspace.
-pub const TABLE: &str = "kdedup_claims";
+pub(crate) const TABLE: &str = "kdedup_claims";
 
 /// Rounds of insert / takeover / resume one claim may take before the batch
 /// gives up (retriable): each lost round means another writer changed the row.
@@ -93,7 +93,7 @@ const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The replication map of the keyspace: NetworkTopologyStrategy with the
 /// configured factor per datacenter.
-pub fn replication_map(config: &ScyllaConfig) -> String {
+pub(crate) fn replication_map(config: &ScyllaConfig) -> String {
     let mut map = String::from("{'class': 'NetworkTopologyStrategy'");
     for (dc, rf) in &config.replication {
         map.push_str(&format!(", '{dc}': {rf}"));
@@ -103,12 +103,12 @@ pub fn replication_map(config: &ScyllaConfig) -> String {
 }
 
 /// Hours per compaction window: about 24 windows per TTL, at least one hour.
-pub fn compaction_window_hours(ttl: Duration) -> u64 {
+pub(crate) fn compaction_window_hours(ttl: Duration) -> u64 {
     (ttl.as_secs().div_ceil(3600 * 24)).max(1)
 }
 
 /// The schema for this keyspace, replication and TTL (`kdedup schema print`).
-pub fn render_schema(config: &ScyllaConfig, retention: &Retention) -> String {
+pub(crate) fn render_schema(config: &ScyllaConfig, retention: &Retention) -> String {
     SCHEMA_TEMPLATE
         .replace("{{keyspace}}", &config.keyspace)
         .replace("{{replication}}", &replication_map(config))
@@ -117,7 +117,7 @@ pub fn render_schema(config: &ScyllaConfig, retention: &Retention) -> String {
 }
 
 /// The statements of a rendered schema, comments dropped, in order.
-pub fn schema_statements(rendered: &str) -> Vec<String> {
+pub(crate) fn schema_statements(rendered: &str) -> Vec<String> {
     let without_comments: String = rendered
         .lines()
         .map(|line| match line.find("--") {
@@ -160,7 +160,7 @@ const RESPONSE_COLUMN: &str =
 
 /// Every statement the store runs, for one keyspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cql {
+pub(crate) struct Cql {
     /// values: scope, event_id, the row's 8 columns, ttl
     pub insert: String,
     /// values: ttl, the row's 8 columns, scope, event_id, now
@@ -191,7 +191,7 @@ pub struct Cql {
 
 impl Cql {
     /// Every statement against `keyspace.kdedup_claims`.
-    pub fn new(keyspace: &str) -> Cql {
+    pub(crate) fn new(keyspace: &str) -> Cql {
         let t = format!("{keyspace}.{TABLE}");
         let key = "WHERE scope = ? AND event_id = ?";
         Cql {
@@ -221,7 +221,7 @@ impl Cql {
 /// `USING TTL` for a write at `now_ms` of a row that stops counting at
 /// `expires_at_ms`: the time left, rounded up to whole seconds (at least 1), so
 /// storage never drops a row before it stops counting.
-pub fn ttl_secs(expires_at_ms: u64, now_ms: u64) -> i32 {
+pub(crate) fn ttl_secs(expires_at_ms: u64, now_ms: u64) -> i32 {
     let left_ms = expires_at_ms.saturating_sub(now_ms);
     i32::try_from(left_ms.div_ceil(1000).max(1)).unwrap_or(i32::MAX)
 }
@@ -232,7 +232,7 @@ pub fn ttl_secs(expires_at_ms: u64, now_ms: u64) -> i32 {
 
 /// A key's row as one response shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Shown {
+pub(crate) enum Shown {
     /// No row (or every claim column null).
     Absent,
     /// The whole row.
@@ -246,7 +246,7 @@ pub enum Shown {
 /// The answer to one lightweight transaction: `[applied]` and the row as it
 /// was (ScyllaDB returns the old row whether or not the condition held).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LwtAnswer {
+pub(crate) struct LwtAnswer {
     /// Whether the condition held and the write happened.
     pub applied: bool,
     /// The row before the statement.
@@ -257,7 +257,7 @@ const CLAIM_COLUMNS: [&str; 8] =
     ["state", "fingerprint", "topic", "partition", "offset", "claimed_at_ms", "lease_until_ms", "expires_at_ms"];
 
 /// Reads the claim columns of one response row, by name.
-pub fn shown_row(names: &[&str], values: &[Option<CqlValue>]) -> Result<Shown, StoreError> {
+pub(crate) fn shown_row(names: &[&str], values: &[Option<CqlValue>]) -> Result<Shown, StoreError> {
     let get = |name: &str| names.iter().position(|n| *n == name).map(|i| values.get(i).cloned().flatten());
     let columns: Vec<Option<Option<CqlValue>>> = CLAIM_COLUMNS.iter().map(|c| get(c)).collect();
     if columns.iter().all(|c| matches!(c, None | Some(None))) {
@@ -305,7 +305,7 @@ pub fn shown_row(names: &[&str], values: &[Option<CqlValue>]) -> Result<Shown, S
 }
 
 /// Reads an LWT response row: `[applied]` and the old row.
-pub fn lwt_answer(names: &[&str], values: &[Option<CqlValue>]) -> Result<LwtAnswer, StoreError> {
+pub(crate) fn lwt_answer(names: &[&str], values: &[Option<CqlValue>]) -> Result<LwtAnswer, StoreError> {
     let applied = match names.iter().position(|n| *n == "[applied]").and_then(|i| values.get(i)) {
         Some(Some(CqlValue::Boolean(b))) => *b,
         _ => return Err(StoreError::Corrupt("ScyllaDB answered a lightweight transaction without [applied]".into())),
@@ -315,7 +315,7 @@ pub fn lwt_answer(names: &[&str], values: &[Option<CqlValue>]) -> Result<LwtAnsw
 
 /// What a claim does next, given the row it saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// The answer, from the row alone.
     Answer(Claim),
     /// No row: `INSERT … IF NOT EXISTS`.
@@ -342,7 +342,7 @@ impl Step {
 
 /// Maps the row a claim saw (a rejected LWT's old row, or a SERIAL read) to
 /// the next step, through [`decide`], so ScyllaDB answers as every backend does.
-pub fn next_step(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, grace_ms: u64) -> Step {
+pub(crate) fn next_step(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, grace_ms: u64) -> Step {
     let Some(row) = existing else { return Step::Insert };
     match decide(Some(row), request, now_ms, grace_ms) {
         Claim::New(Acquired::Resumed) => Step::Resume(row.clone()),
@@ -353,7 +353,13 @@ pub fn next_step(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u6
 }
 
 /// The row a claim's write leaves when it applies.
-pub fn intended_row(step: &Step, request: &ClaimRequest, now_ms: u64, lease_ms: u64, ttl_ms: u64) -> Option<ClaimRow> {
+pub(crate) fn intended_row(
+    step: &Step,
+    request: &ClaimRequest,
+    now_ms: u64,
+    lease_ms: u64,
+    ttl_ms: u64,
+) -> Option<ClaimRow> {
     let fresh = || ClaimRow {
         state: ClaimState::InFlight,
         fingerprint: request.fingerprint,
@@ -373,19 +379,19 @@ pub fn intended_row(step: &Step, request: &ClaimRequest, now_ms: u64, lease_ms: 
 }
 
 /// After an ambiguous LWT, whether the SERIAL read shows our write.
-pub fn shows_our_write(intended: &ClaimRow, current: Option<&ClaimRow>) -> bool {
+pub(crate) fn shows_our_write(intended: &ClaimRow, current: Option<&ClaimRow>) -> bool {
     current == Some(intended)
 }
 
 /// Whether a completion holds: applied, or not applied because an earlier
 /// attempt of ours already did it (a retry after an unknown outcome).
-pub fn completion_holds(done: &ClaimRow, answer: &LwtAnswer) -> bool {
+pub(crate) fn completion_holds(done: &ClaimRow, answer: &LwtAnswer) -> bool {
     answer.applied || matches!(&answer.row, Shown::Row(row) if row == done)
 }
 
 /// How a failed statement is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// The statement may or may not have been applied: settle it with a SERIAL read.
     Ambiguous,
     /// It did not run (or was a read): retry later.
@@ -395,7 +401,7 @@ pub enum ErrorClass {
 }
 
 /// Sorts a driver error into what the store does next.
-pub fn classify(error: &ExecutionError) -> ErrorClass {
+pub(crate) fn classify(error: &ExecutionError) -> ErrorClass {
     match error {
         // The client stopped waiting; the coordinator may still have run it.
         ExecutionError::RequestTimeout(_) => ErrorClass::Ambiguous,
@@ -990,7 +996,7 @@ fn first_row<T>(
 }
 
 /// Groups request indexes by key, first appearance first, each group in request order.
-pub fn group_by_key(keys: &[&EventKey]) -> Vec<Vec<usize>> {
+pub(crate) fn group_by_key(keys: &[&EventKey]) -> Vec<Vec<usize>> {
     let mut at: HashMap<&EventKey, usize> = HashMap::new();
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, key) in keys.iter().enumerate() {
