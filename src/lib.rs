@@ -74,6 +74,7 @@ pub mod offsets;
 pub mod pipeline;
 pub mod reconcile;
 pub mod replay;
+pub mod serve;
 pub mod service;
 pub mod sink;
 pub mod source;
