@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::config::{redact_url, redacted, Config, Partitioning, PostgresTls, Retention, ServeConfig, SinkConfig, StoreConfig};
+use crate::config::{
+    redact_url, redacted, Config, Partitioning, PostgresTls, Retention, ServeConfig, SinkConfig, StoreConfig,
+};
 use crate::kafka_client::{self, KafkaClients};
 use crate::store::Store;
 

@@ -1421,7 +1421,6 @@ fn validate_store(s: &StoreSection, origin: &str) -> Result<(StoreConfig, Retent
 // Secrets: files instead of values, and redaction
 // ---------------------------------------------------------------------------
 
-
 /// librdkafka properties whose values are secrets: never printed, logged or put in errors.
 pub fn is_secret_property(name: &str) -> bool {
     name.contains("password")
@@ -1851,7 +1850,7 @@ struct ServeSection {
     client_header: String,
     #[serde(default, deserialize_with = "string_list")]
     fingerprint_headers: Vec<String>,
-    #[serde(default, deserialize_with = "string_list")]
+    #[serde(default = "default_serve_recorded_headers", deserialize_with = "string_list")]
     recorded_headers: Vec<String>,
     #[serde(default = "default_missing_key")]
     missing_key: String,
@@ -1882,6 +1881,9 @@ fn default_serve_scope() -> String {
 }
 fn default_serve_methods() -> Vec<String> {
     vec!["POST".into(), "PATCH".into()]
+}
+fn default_serve_recorded_headers() -> Vec<String> {
+    vec!["Location".into()]
 }
 fn default_missing_key() -> String {
     "pass".into()
@@ -1954,7 +1956,7 @@ pub struct ServeConfig {
     /// method, path and query, and body.
     pub fingerprint_headers: Vec<String>,
     /// `serve.recorded_headers`, lower case: response headers kept and replayed
-    /// (`content-type` always is).
+    /// (default `location`; `content-type` always is).
     pub recorded_headers: Vec<String>,
     /// `serve.missing_key`.
     pub missing_key: MissingKey,
@@ -2090,7 +2092,10 @@ fn validate_serve(file: ServeFile, origin: &str) -> Result<ServeConfig, ConfigEr
         None
     } else {
         Some(file.metrics.listen.parse::<SocketAddr>().map_err(|e| {
-            invalid("metrics.listen", format!("is \"{}\": {e}; write host:port, or \"\" to disable", file.metrics.listen))
+            invalid(
+                "metrics.listen",
+                format!("is \"{}\": {e}; write host:port, or \"\" to disable", file.metrics.listen),
+            )
         })?)
     };
     Ok(ServeConfig {

@@ -96,7 +96,9 @@ pub async fn run(
     drop(listener);
     tracing::info!(drain_timeout_ms = config.drain_timeout.as_millis() as u64, "draining requests in progress");
     if tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!("requests still in progress at the drain timeout; their keys stay claimed until their leases lapse");
+        tracing::warn!(
+            "requests still in progress at the drain timeout; their keys stay claimed until their leases lapse"
+        );
     }
     if let Some(sweeper) = sweeper {
         sweeper.abort();

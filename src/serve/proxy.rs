@@ -90,7 +90,15 @@ impl Proxy {
             .connect_timeout(config.upstream_timeout.min(Duration::from_secs(5)))
             .build()?;
         let instance = Arc::from(format!("kdedup-serve/{:016x}", rand::random::<u64>()));
-        Ok(Proxy { scope: Arc::from(config.scope.as_str()), config, store, metrics, client, instance, next: AtomicI64::new(0) })
+        Ok(Proxy {
+            scope: Arc::from(config.scope.as_str()),
+            config,
+            store,
+            metrics,
+            client,
+            instance,
+            next: AtomicI64::new(0),
+        })
     }
 
     /// Answers one request, counting it and the time serve added to it.
@@ -105,12 +113,17 @@ impl Proxy {
     async fn answer(&self, request: Request<Incoming>, upstream_time: &mut Duration) -> Answer {
         let c = &self.config;
         let (parts, body) = request.into_parts();
+        let too_large = || {
+            let detail = format!("request bodies are limited to {} bytes", c.max_body_bytes);
+            refused(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &detail)
+        };
+        // A Content-Length past the bound is refused before a byte of the body is read.
+        if hyper::body::Body::size_hint(&body).lower() > c.max_body_bytes as u64 {
+            return too_large();
+        }
         let body = match tokio::time::timeout(c.client_timeout, Limited::new(body, c.max_body_bytes).collect()).await {
             Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                let detail = format!("request bodies are limited to {} bytes", c.max_body_bytes);
-                return refused(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &detail);
-            }
+            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
             Ok(Err(_)) => return refused(StatusCode::BAD_REQUEST, "body_unreadable", "the request body broke off"),
             Err(_) => {
                 let detail = format!("the body did not arrive within {} ms", c.client_timeout.as_millis());
@@ -248,7 +261,12 @@ impl Proxy {
                     tracing::warn!(error = %e, "releasing the claim of a request that never reached the upstream failed; it is taken over once its lease lapses");
                 }
                 tracing::warn!(error = %e, "the upstream could not be reached; claim released");
-                return problem("upstream_error", StatusCode::BAD_GATEWAY, "upstream_unreachable", "the upstream could not be reached; the request did not run and may be retried");
+                return problem(
+                    "upstream_error",
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unreachable",
+                    "the upstream could not be reached; the request did not run and may be retried",
+                );
             }
             Err(Failed::Unknown(e)) => {
                 tracing::warn!(error = %e, "the upstream's outcome is unknown; the key stays claimed until its lease lapses, and the next attempt is marked as a possible repeat");
@@ -263,14 +281,20 @@ impl Proxy {
         }
         let recorded = self.recorded(&upstream);
         let settled = match self.store.record(vec![(key.clone(), position.clone(), recorded)]).await {
-            Ok(kept) if kept.first() == Some(&true) => self.store.complete(held, now_ms()).await.map(|done| done.first() == Some(&true)),
+            Ok(kept) if kept.first() == Some(&true) => {
+                self.store.complete(held, now_ms()).await.map(|done| done.first() == Some(&true))
+            }
             Ok(_) => Ok(false),
             Err(e) => Err(e),
         };
         match settled {
             Ok(true) => {}
-            Ok(false) => tracing::warn!("the claim was lost while the upstream worked (its lease lapsed); the answer is not kept"),
-            Err(e) => tracing::warn!(error = %e, "recording the upstream's answer failed; the key stays claimed and the next attempt after its lease is marked as a possible repeat"),
+            Ok(false) => tracing::warn!(
+                "the claim was lost while the upstream worked (its lease lapsed); the answer is not kept"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "recording the upstream's answer failed; the key stays claimed and the next attempt after its lease is marked as a possible repeat")
+            }
         }
         Answer { outcome: "first", response: self.respond(&upstream) }
     }
@@ -283,8 +307,18 @@ impl Proxy {
         self.metrics.upstream_seconds.observe(upstream_time.as_secs_f64());
         match result {
             Ok(upstream) => Answer { outcome: "passed_through", response: self.respond(&upstream) },
-            Err(Failed::NotSent(_)) => problem("upstream_error", StatusCode::BAD_GATEWAY, "upstream_unreachable", "the upstream could not be reached"),
-            Err(Failed::Unknown(_)) => problem("upstream_error", StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", "the upstream did not answer in time"),
+            Err(Failed::NotSent(_)) => problem(
+                "upstream_error",
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                "the upstream could not be reached",
+            ),
+            Err(Failed::Unknown(_)) => problem(
+                "upstream_error",
+                StatusCode::GATEWAY_TIMEOUT,
+                "outcome_unknown",
+                "the upstream did not answer in time",
+            ),
         }
     }
 
@@ -389,7 +423,8 @@ fn replay(recorded: &EffectResponse) -> Response<Full<Bytes>> {
     }
     headers.insert(REPLAYED, HeaderValue::from_static("true"));
     if omitted {
-        if let Ok(v) = HeaderValue::from_str(&format!("sha256={}; bytes={}", recorded.body_sha256, recorded.body_bytes)) {
+        if let Ok(v) = HeaderValue::from_str(&format!("sha256={}; bytes={}", recorded.body_sha256, recorded.body_bytes))
+        {
             headers.insert(BODY_OMITTED, v);
         }
     }
