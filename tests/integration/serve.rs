@@ -548,3 +548,67 @@ async fn two_serve_processes_sharing_postgres_call_the_upstream_once_for_one_key
     }
     assert_eq!(answers[0].0, 201);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_metrics_check_and_a_sigterm_that_lets_the_request_in_progress_finish() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = format!(
+        "[serve]\nlisten = \"LISTEN\"\nupstream = \"{}\"\n[store]\npath = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        upstream.url(),
+        dir.path().join("store").display()
+    );
+    // `kdedup check` knows a serve config, and refuses a broken one.
+    let path = dir.path().join("check.toml");
+    std::fs::write(&path, config.replace("LISTEN", "127.0.0.1:0")).unwrap();
+    let out = std::process::Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("valid serve config"), "{text}");
+    std::fs::write(&path, config.replace("LISTEN", "127.0.0.1:0").replace("[serve]", "[serve]\non_5xx = \"retry\""))
+        .unwrap();
+    let out = std::process::Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("serve.on_5xx"), "{text}");
+
+    let serve = Process::spawn(dir.path(), 1, &config).await;
+    assert_eq!(crate::utils::http_get(metrics_port, "/healthz").map(|a| a.0), Some(200));
+    assert_eq!(crate::utils::http_get(metrics_port, "/readyz").map(|a| a.0), Some(200));
+    let client = reqwest::Client::new();
+    let (status, _, _) = post(&client, &serve.url("/pay"), "m-1", "{}").await;
+    assert_eq!(status, 201);
+    let (status, _, _) = post(&client, &serve.url("/pay"), "m-1", "{}").await;
+    assert_eq!(status, 201);
+    let (_, text) = crate::utils::http_get(metrics_port, "/metrics").unwrap();
+    for line in [
+        "kdedup_serve_requests_total{outcome=\"first\"} 1",
+        "kdedup_serve_requests_total{outcome=\"replayed\"} 1",
+        "kdedup_serve_upstream_seconds_count 1",
+        "kdedup_serve_added_seconds_count{outcome=\"replayed\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    // A request in progress when SIGTERM comes is answered, then the process exits 0.
+    let slow = {
+        let (client, url) = (client.clone(), serve.url("/pay"));
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .header("Idempotency-Key", "m-2")
+                .header("x-test-delay-ms", "1000")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        })
+    };
+    let started = Instant::now();
+    while upstream.calls("m-2") == 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the slow request never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let exit = tokio::task::spawn_blocking(move || serve.terminate()).await.unwrap();
+    assert_eq!(slow.await.unwrap(), 201, "the request in progress finished during the drain");
+    assert!(exit.success(), "{exit:?}");
+}
