@@ -208,7 +208,10 @@ impl Proxy {
                 }
                 Claim::InFlight { lease_until_ms, .. } => {
                     if Instant::now() + pause > deadline {
-                        let secs = lease_until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
+                        // The owner is alive (it renews its lease) and usually done soon: suggest the
+                        // wait bound, never later than its lease could be taken over.
+                        let lease_left = lease_until_ms.saturating_sub(now_ms()).div_ceil(1000);
+                        let secs = (self.config.wait.as_millis() as u64).div_ceil(1000).min(lease_left).max(1);
                         let mut answer = problem(
                             "in_progress",
                             StatusCode::CONFLICT,
