@@ -8,8 +8,9 @@
 //! the upstream is told (`Idempotency-Possible-Repeat: true`), as the Kafka
 //! path marks its possible repeats.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -80,6 +81,27 @@ pub(crate) struct Proxy {
     /// This process's claimant "topic"; each request takes the next offset of it.
     instance: Arc<str>,
     next: AtomicI64,
+    /// Requests of this process waiting for a key in flight: woken when this
+    /// process's own request under the key settles, instead of at their next poll
+    /// (the poll stays, for owners in other processes).
+    waiters: Mutex<HashMap<EventKey, Arc<tokio::sync::Notify>>>,
+}
+
+/// A waiter's registration, dropped from the map by the last waiter to leave.
+struct Waiting<'a> {
+    waiters: &'a Mutex<HashMap<EventKey, Arc<tokio::sync::Notify>>>,
+    key: EventKey,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut map = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else waits, and no owner here has woken it yet.
+        if map.get(&self.key).is_some_and(|n| Arc::ptr_eq(n, &self.notify) && Arc::strong_count(n) == 2) {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl Proxy {
@@ -98,6 +120,7 @@ impl Proxy {
             client,
             instance,
             next: AtomicI64::new(0),
+            waiters: Mutex::default(),
         })
     }
 
@@ -175,6 +198,7 @@ impl Proxy {
             Position { topic: self.instance.clone(), partition: 0, offset: self.next.fetch_add(1, Ordering::Relaxed) };
         let deadline = Instant::now() + self.config.wait;
         let mut pause = Duration::from_millis(1);
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let request = ClaimRequest { key: key.clone(), fingerprint, position: position.clone() };
             let claim = match self.store.claim(vec![request], now_ms()).await.map(|mut v| v.pop()) {
@@ -184,7 +208,13 @@ impl Proxy {
             };
             match claim {
                 Claim::New(acquired) => {
-                    return self.first(parts, body, key, position, acquired.may_repeat(), upstream_time).await
+                    drop(waiting);
+                    let answer =
+                        self.first(parts, body, key.clone(), position, acquired.may_repeat(), upstream_time).await;
+                    if let Some(notify) = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&key) {
+                        notify.notify_waiters();
+                    }
+                    return answer;
                 }
                 Claim::Duplicate { .. } => {
                     return match self.store.response(key, now_ms()).await {
@@ -221,8 +251,18 @@ impl Proxy {
                         answer.response.headers_mut().insert("retry-after", HeaderValue::from(secs));
                         return answer;
                     }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
+                    let waiting = waiting.get_or_insert_with(|| {
+                        let mut map = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                        let notify = map.entry(key.clone()).or_default().clone();
+                        Waiting { waiters: &self.waiters, key: key.clone(), notify }
+                    });
+                    let notified = waiting.notify.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep(pause) => pause = (pause * 2).min(Duration::from_millis(50)),
+                    }
                 }
             }
         }
