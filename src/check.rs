@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::config::{redact_url, redacted, Config, Partitioning, PostgresTls, SinkConfig, StoreConfig};
+use crate::config::{
+    redact_url, redacted, Config, Partitioning, PostgresTls, Retention, ServeConfig, SinkConfig, StoreConfig,
+};
 use crate::kafka_client::{self, KafkaClients};
 use crate::store::Store;
 
@@ -123,7 +125,7 @@ pub async fn run(path: &Path) -> Report {
         Err(e) => checks.push(check("broker", Status::Fail, format!("the probe did not finish: {e}"))),
     }
 
-    checks.push(store_check(&config).await);
+    checks.push(store_check(&config.store, &config.retention).await);
     checks.push(metrics_check(&config));
     finish(path, settings, checks)
 }
@@ -237,8 +239,8 @@ fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec
     out
 }
 
-async fn store_check(config: &Config) -> Check {
-    if let StoreConfig::Embedded { path } = &config.store {
+async fn store_check(config: &StoreConfig, retention: &Retention) -> Check {
+    if let StoreConfig::Embedded { path } = config {
         // Opening would create it: say what `run` will do instead of doing it.
         if !path.exists() {
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -260,10 +262,10 @@ async fn store_check(config: &Config) -> Check {
             };
         }
     }
-    let store = match Store::open(&config.store, &config.retention) {
+    let store = match Store::open(config, retention) {
         Ok(s) => s,
         Err(e) => {
-            let hint = match &config.store {
+            let hint = match config {
                 StoreConfig::Embedded { path } => {
                     format!(" (is `kdedup run` already using {}? it holds the store's lock)", path.display())
                 }
@@ -291,8 +293,8 @@ async fn store_check(config: &Config) -> Check {
     }
 }
 
-fn kind(config: &Config) -> &'static str {
-    match config.store {
+fn kind(config: &StoreConfig) -> &'static str {
+    match config {
         StoreConfig::Embedded { .. } => "embedded",
         StoreConfig::Postgres { .. } => "postgres",
         StoreConfig::Scylla(_) => "scylla",
@@ -300,21 +302,75 @@ fn kind(config: &Config) -> &'static str {
 }
 
 fn metrics_check(config: &Config) -> Check {
-    let Some(addr) = config.metrics_listen else {
-        return check("metrics", Status::Ok, "disabled ([metrics] listen = \"\")");
+    listen_check("metrics", config.metrics_listen, "[metrics] listen")
+}
+
+fn listen_check(name: &'static str, addr: Option<std::net::SocketAddr>, key: &str) -> Check {
+    let Some(addr) = addr else {
+        return check(name, Status::Ok, format!("disabled ({key} = \"\")"));
     };
     match std::net::TcpListener::bind(addr) {
         Ok(listener) => {
             drop(listener);
-            check("metrics", Status::Ok, format!("{addr} is free"))
+            check(name, Status::Ok, format!("{addr} is free"))
         }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => check(
-            "metrics",
+            name,
             Status::Fail,
-            format!("{addr} is in use (another kdedup, or another process, listens there): choose [metrics] listen"),
+            format!("{addr} is in use (another kdedup, or another process, listens there): choose {key}"),
         ),
-        Err(e) => check("metrics", Status::Fail, format!("cannot listen on {addr}: {e}")),
+        Err(e) => check(name, Status::Fail, format!("cannot listen on {addr}: {e}")),
     }
+}
+
+/// Whether the file at `path` is a `kdedup serve` config (it has a `[serve]` table).
+pub fn is_serve_config(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .is_some_and(|table| table.contains_key("serve"))
+}
+
+/// `kdedup check` of a `kdedup serve` config: valid, store reachable with its
+/// schema, the upstream accepting connections, both listen addresses free.
+pub async fn run_serve(path: &Path) -> Report {
+    let mut checks = Vec::new();
+    let config = match ServeConfig::load(path) {
+        Ok(c) => {
+            checks.push(check("config", Status::Ok, "valid serve config"));
+            c
+        }
+        Err(e) => {
+            checks.push(check("config", Status::Fail, e.to_string()));
+            return finish(path, serde_json::Value::Null, checks);
+        }
+    };
+    let settings = json!({
+        "listen": config.listen.to_string(),
+        "upstream": redact_url(&config.upstream),
+        "scope": config.scope,
+        "methods": config.methods,
+        "key_header": config.key_header,
+        "client_header": config.client_header,
+        "fingerprint_headers": config.fingerprint_headers,
+        "missing_key": format!("{:?}", config.missing_key).to_lowercase(),
+        "on_5xx": format!("{:?}", config.on_5xx).to_lowercase(),
+        "wait_ms": config.wait.as_millis() as u64,
+        "ttl_secs": config.retention.ttl.as_secs(),
+        "lease_secs": config.retention.lease.as_secs(),
+        "store": kind(&config.store),
+    });
+    checks.push(store_check(&config.store, &config.retention).await);
+    let host = config.upstream.trim_start_matches("http://").to_string();
+    let upstream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host.as_str())).await;
+    checks.push(match upstream {
+        Ok(Ok(_)) => check("upstream", Status::Ok, format!("{host} accepts connections")),
+        Ok(Err(e)) => check("upstream", Status::Warn, format!("{host}: {e} (requests get 502 until it answers)")),
+        Err(_) => check("upstream", Status::Warn, format!("{host} did not accept a connection within 5 s")),
+    });
+    checks.push(listen_check("listen", Some(config.listen), "[serve] listen"));
+    checks.push(listen_check("metrics", config.metrics_listen, "[metrics] listen"));
+    finish(path, settings, checks)
 }
 
 /// The settings `kdedup run` would use, secrets redacted.

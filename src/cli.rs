@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `demo`, `bench`, `replay`, `stats`, `inspect`, `forget`, `schema`.
+//! The command line: `run`, `serve`, `check`, `demo`, `bench`, `replay`, `stats`, `inspect`, `forget`, `schema`.
 
 use std::path::PathBuf;
 
@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::bench::{self, BenchOptions, BenchStore};
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, ServeConfig, StoreConfig};
 use crate::demo::{self, DemoOptions};
 use crate::event::EventKey;
 use crate::metrics::Metrics;
@@ -153,6 +153,21 @@ pub enum Command {
         reachable and its schema applied, and the metrics address is free.\n\n\
         Each line says ok, warn (works, but read it), FAIL (run would not start or not work) or skip (needs a \
         check that failed). Exit 0 when nothing failed, 1 otherwise; --json prints one object for scripts.")]
+    /// Run the idempotency proxy in front of an HTTP API ([serve] in the config): requests with an
+    /// Idempotency-Key run once; retries get the stored answer. Stops cleanly on SIGTERM or Ctrl-C.
+    #[command(long_about = "Run `kdedup serve`: a reverse proxy in front of the HTTP API at [serve] upstream. \
+        A request on [serve] methods (POST, PATCH) carrying [serve] key_header (Idempotency-Key) is claimed in the \
+        store, forwarded once, and its answer recorded; a retry with the same request gets the stored answer with \
+        Idempotent-Replayed: true, another request under the same key gets 422, and a retry while the first is \
+        still running waits up to [serve] wait_ms, then gets 409 with Retry-After.\n\n\
+        On SIGTERM or Ctrl-C it stops accepting, /readyz turns 503, requests in progress finish (up to [serve] \
+        drain_timeout_ms), and it exits 0. Health: /healthz, readiness: /readyz, metrics: /metrics on [metrics] \
+        listen. Check a config first with `kdedup check --config FILE`.")]
+    Serve {
+        /// The TOML config file ([serve], [store], [metrics]; see config/serve.toml).
+        #[arg(long, short, env = "KDEDUP_CONFIG")]
+        config: PathBuf,
+    },
     Check {
         /// The TOML config file to check.
         #[arg(long, short, env = "KDEDUP_CONFIG")]
@@ -313,8 +328,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             service::run(&config, options, shutdown_signal()).await?;
             Ok(0)
         }
+        Command::Serve { config } => {
+            let config = ServeConfig::load(&config)?;
+            serve_command(config).await?;
+            Ok(0)
+        }
         Command::Check { config, json } => {
-            let report = crate::check::run(&config).await;
+            let report = if crate::check::is_serve_config(&config) {
+                crate::check::run_serve(&config).await
+            } else {
+                crate::check::run(&config).await
+            };
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -415,8 +439,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Schema { action: SchemaAction::Apply { config } } => {
-            let config = Config::load(&config)?;
-            let store = Store::open(&config.store, &config.retention)?;
+            let store = if crate::check::is_serve_config(&config) {
+                let config = ServeConfig::load(&config)?;
+                Store::open(&config.store, &config.retention)?
+            } else {
+                let config = Config::load(&config)?;
+                Store::open(&config.store, &config.retention)?
+            };
             store.apply_schema().await.context("applying the schema")?;
             println!("schema applied ({} store)", store.kind());
             Ok(0)
@@ -650,6 +679,25 @@ fn print_report(r: &demo::DemoReport) {
         "{}",
         if r.ok() { "OK: every unique event emitted exactly once" } else { "FAILED: events lost or emitted twice" }
     );
+}
+
+/// `kdedup serve`: opens the store (its schema must be applied), listens, and
+/// serves until SIGTERM or Ctrl-C, then drains.
+async fn serve_command(config: ServeConfig) -> anyhow::Result<()> {
+    let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
+    store.check_schema().await.context("the store's schema (apply it with `kdedup schema apply --config FILE`)")?;
+    let metrics = crate::metrics::ServeMetrics::new();
+    let _endpoint = match config.metrics_listen {
+        Some(addr) => Some(crate::metrics::MetricsServer::start_serve(addr, metrics.clone())?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} ([serve] listen)", config.listen))?;
+    crate::serve::run(config, store, metrics, listener, async {
+        shutdown_signal().await;
+    })
+    .await
 }
 
 /// Resolves on SIGTERM or Ctrl-C: drain and stop.

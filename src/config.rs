@@ -1198,56 +1198,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     }
 
     let s = &file.store;
-    let store = match s.kind.as_str() {
-        "embedded" => StoreConfig::Embedded { path: s.path.clone() },
-        "postgres" => {
-            if !(s.url.starts_with("postgres://") || s.url.starts_with("postgresql://")) {
-                return Err(invalid(
-                    "store.url",
-                    "must be a PostgreSQL URL (postgres://user@host:port/db) when store.kind = \"postgres\"; \
-                     set it from the environment (KDEDUP_STORE__URL) when it holds a password"
-                        .into(),
-                ));
-            }
-            if !(1..=MAX_POOL_SIZE).contains(&s.pool_size) {
-                return Err(invalid("store.pool_size", format!("is {}; allowed: 1 to {MAX_POOL_SIZE}", s.pool_size)));
-            }
-            let tls = validate_postgres_tls(s).map_err(|(key, message)| invalid(key, message))?;
-            StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size, tls }
-        }
-        "scylla" => StoreConfig::Scylla(Box::new(validate_scylla(s).map_err(|(key, message)| invalid(key, message))?)),
-        other => {
-            return Err(invalid(
-                "store.kind",
-                format!("is \"{other}\"; allowed: \"embedded\", \"postgres\", \"scylla\""),
-            ))
-        }
-    };
-    if !(1..=MAX_TTL_SECS).contains(&s.ttl_secs) {
-        return Err(invalid(
-            "store.ttl_secs",
-            format!(
-                "is {}; allowed: 1 to {MAX_TTL_SECS} (20 years; ScyllaDB refuses longer TTLs on every write)",
-                s.ttl_secs
-            ),
-        ));
-    }
-    if s.lease_secs == 0 || s.lease_secs >= s.ttl_secs || s.lease_secs > MAX_LEASE_SECS {
-        return Err(invalid(
-            "store.lease_secs",
-            format!(
-                "is {}; allowed: 1 to {MAX_LEASE_SECS} (an hour) and below store.ttl_secs ({}); a crashed owner's \
-                 claims wait this long before they are taken over",
-                s.lease_secs, s.ttl_secs
-            ),
-        ));
-    }
-    if !(1..=MAX_SWEEP_INTERVAL_SECS).contains(&s.sweep_interval_secs) {
-        return Err(invalid(
-            "store.sweep_interval_secs",
-            format!("is {}; allowed: 1 to {MAX_SWEEP_INTERVAL_SECS} (a day)", s.sweep_interval_secs),
-        ));
-    }
+    let (store, retention) = validate_store(s, origin)?;
 
     let f = &file.filter;
     let expected_keys =
@@ -1399,11 +1350,7 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
         },
         key: KeyConfig { source, scope, max_bytes, on_oversize, fingerprint_fields: k.fingerprint_fields.clone() },
         store,
-        retention: Retention {
-            ttl: Duration::from_secs(s.ttl_secs),
-            lease: Duration::from_secs(s.lease_secs),
-            sweep_interval: Duration::from_secs(s.sweep_interval_secs),
-        },
+        retention,
         filter: FilterConfig {
             expected_keys,
             false_positive_rate: f.false_positive_rate,
@@ -1422,6 +1369,69 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             mode,
         },
     })
+}
+
+/// `[store]` into the backend and its retention; shared by `kdedup run` and `kdedup serve` files.
+fn validate_store(s: &StoreSection, origin: &str) -> Result<(StoreConfig, Retention), ConfigError> {
+    let invalid =
+        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
+    let store = match s.kind.as_str() {
+        "embedded" => StoreConfig::Embedded { path: s.path.clone() },
+        "postgres" => {
+            if !(s.url.starts_with("postgres://") || s.url.starts_with("postgresql://")) {
+                return Err(invalid(
+                    "store.url",
+                    "must be a PostgreSQL URL (postgres://user@host:port/db) when store.kind = \"postgres\"; \
+                     set it from the environment (KDEDUP_STORE__URL) when it holds a password"
+                        .into(),
+                ));
+            }
+            if !(1..=MAX_POOL_SIZE).contains(&s.pool_size) {
+                return Err(invalid("store.pool_size", format!("is {}; allowed: 1 to {MAX_POOL_SIZE}", s.pool_size)));
+            }
+            let tls = validate_postgres_tls(s).map_err(|(key, message)| invalid(key, message))?;
+            StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size, tls }
+        }
+        "scylla" => StoreConfig::Scylla(Box::new(validate_scylla(s).map_err(|(key, message)| invalid(key, message))?)),
+        other => {
+            return Err(invalid(
+                "store.kind",
+                format!("is \"{other}\"; allowed: \"embedded\", \"postgres\", \"scylla\""),
+            ))
+        }
+    };
+    if !(1..=MAX_TTL_SECS).contains(&s.ttl_secs) {
+        return Err(invalid(
+            "store.ttl_secs",
+            format!(
+                "is {}; allowed: 1 to {MAX_TTL_SECS} (20 years; ScyllaDB refuses longer TTLs on every write)",
+                s.ttl_secs
+            ),
+        ));
+    }
+    if s.lease_secs == 0 || s.lease_secs >= s.ttl_secs || s.lease_secs > MAX_LEASE_SECS {
+        return Err(invalid(
+            "store.lease_secs",
+            format!(
+                "is {}; allowed: 1 to {MAX_LEASE_SECS} (an hour) and below store.ttl_secs ({}); a crashed owner's \
+                 claims wait this long before they are taken over",
+                s.lease_secs, s.ttl_secs
+            ),
+        ));
+    }
+    if !(1..=MAX_SWEEP_INTERVAL_SECS).contains(&s.sweep_interval_secs) {
+        return Err(invalid(
+            "store.sweep_interval_secs",
+            format!("is {}; allowed: 1 to {MAX_SWEEP_INTERVAL_SECS} (a day)", s.sweep_interval_secs),
+        ));
+    }
+
+    let retention = Retention {
+        ttl: Duration::from_secs(s.ttl_secs),
+        lease: Duration::from_secs(s.lease_secs),
+        sweep_interval: Duration::from_secs(s.sweep_interval_secs),
+    };
+    Ok((store, retention))
 }
 
 // ---------------------------------------------------------------------------
@@ -1851,6 +1861,358 @@ fn check_pointer(pointer: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("\"{pointer}\" is not a JSON pointer (RFC 6901): it must start with '/', e.g. \"/payment/id\""))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// `kdedup serve`: a file of its own ([serve], [store], [metrics]; no Kafka)
+// ---------------------------------------------------------------------------
+
+/// `serve.max_key_bytes`: the header value is hashed into the stored key, so
+/// this bounds only what a client may send.
+pub const MAX_SERVE_KEY_BYTES: usize = 8_192;
+/// `serve.max_body_bytes` and `serve.max_response_bytes`: 1 GiB, held in memory per request.
+pub const MAX_SERVE_BODY_BYTES: usize = 1 << 30;
+/// `serve.record_body_bytes`: each recorded body is kept on its claim row (base64).
+pub const MAX_SERVE_RECORD_BYTES: usize = 16 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    serve: ServeSection,
+    #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeSection {
+    #[serde(deserialize_with = "lenient_string")]
+    listen: String,
+    #[serde(deserialize_with = "lenient_string")]
+    upstream: String,
+    #[serde(default = "default_serve_scope", deserialize_with = "lenient_string")]
+    scope: String,
+    #[serde(default = "default_serve_methods", deserialize_with = "string_list")]
+    methods: Vec<String>,
+    #[serde(default = "default_idempotency_header", deserialize_with = "lenient_string")]
+    key_header: String,
+    #[serde(default, deserialize_with = "lenient_string")]
+    client_header: String,
+    #[serde(default, deserialize_with = "string_list")]
+    fingerprint_headers: Vec<String>,
+    #[serde(default = "default_serve_recorded_headers", deserialize_with = "string_list")]
+    recorded_headers: Vec<String>,
+    #[serde(default = "default_missing_key")]
+    missing_key: String,
+    #[serde(default = "default_serve_max_key_bytes")]
+    max_key_bytes: usize,
+    #[serde(default = "default_serve_max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "default_serve_max_body_bytes")]
+    max_body_bytes: usize,
+    #[serde(default = "default_serve_max_response_bytes")]
+    max_response_bytes: usize,
+    #[serde(default = "default_serve_record_body_bytes")]
+    record_body_bytes: usize,
+    #[serde(default = "default_serve_wait_ms")]
+    wait_ms: u64,
+    #[serde(default = "default_serve_upstream_timeout_ms")]
+    upstream_timeout_ms: u64,
+    #[serde(default = "default_serve_client_timeout_ms")]
+    client_timeout_ms: u64,
+    #[serde(default = "default_serve_on_5xx")]
+    on_5xx: String,
+    #[serde(default = "default_drain_timeout_ms")]
+    drain_timeout_ms: u64,
+}
+
+fn default_serve_scope() -> String {
+    "serve".into()
+}
+fn default_serve_methods() -> Vec<String> {
+    vec!["POST".into(), "PATCH".into()]
+}
+fn default_serve_recorded_headers() -> Vec<String> {
+    vec!["Location".into()]
+}
+fn default_missing_key() -> String {
+    "pass".into()
+}
+fn default_serve_max_key_bytes() -> usize {
+    255
+}
+fn default_serve_max_header_bytes() -> usize {
+    16_384
+}
+fn default_serve_max_body_bytes() -> usize {
+    1 << 20
+}
+fn default_serve_max_response_bytes() -> usize {
+    8 << 20
+}
+fn default_serve_record_body_bytes() -> usize {
+    64 << 10
+}
+fn default_serve_wait_ms() -> u64 {
+    5_000
+}
+fn default_serve_upstream_timeout_ms() -> u64 {
+    30_000
+}
+fn default_serve_client_timeout_ms() -> u64 {
+    10_000
+}
+fn default_serve_on_5xx() -> String {
+    "record".into()
+}
+
+/// `serve.missing_key`: a request on a configured method without the key header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingKey {
+    /// Forward it as a plain proxy would (counted as `passed_through`).
+    Pass,
+    /// Answer 400 problem+json; the upstream is not called.
+    Refuse,
+}
+
+/// `serve.on_5xx`: what an answered 5xx does to its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum On5xx {
+    /// Kept like any answer and replayed to retries (Stripe's rule; the default):
+    /// a 5xx from the upstream does not say its effect did not run, so running
+    /// the request again on retry could do it twice.
+    Record,
+    /// The claim is released, so a retry runs the request again: for upstreams
+    /// whose 5xx are known to mean "nothing happened".
+    Release,
+}
+
+/// A validated `kdedup serve` file: `[serve]`, `[store]`, `[metrics]`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// `serve.listen`: where clients connect.
+    pub listen: SocketAddr,
+    /// `serve.upstream`: the API's base URL (`http://host:port`), without a trailing slash.
+    pub upstream: String,
+    /// `serve.scope`: the keys' namespace in the store (default `serve`).
+    pub scope: String,
+    /// `serve.methods`, upper case (default POST, PATCH).
+    pub methods: Vec<String>,
+    /// `serve.key_header`, lower case (default `idempotency-key`).
+    pub key_header: String,
+    /// `serve.client_header`, lower case: keys are scoped per value of it. `None`: one client.
+    pub client_header: Option<String>,
+    /// `serve.fingerprint_headers`, lower case: headers the fingerprint covers besides
+    /// method, path and query, and body.
+    pub fingerprint_headers: Vec<String>,
+    /// `serve.recorded_headers`, lower case: response headers kept and replayed
+    /// (default `location`; `content-type` always is).
+    pub recorded_headers: Vec<String>,
+    /// `serve.missing_key`.
+    pub missing_key: MissingKey,
+    /// `serve.max_key_bytes` (default 255): longer keys get 400.
+    pub max_key_bytes: usize,
+    /// `serve.max_header_bytes` (default 16 KiB, at least 8 KiB): a request head
+    /// past it is refused (431) before it is parsed.
+    pub max_header_bytes: usize,
+    /// `serve.max_body_bytes` (default 1 MiB): larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// `serve.max_response_bytes` (default 8 MiB): the upstream's answers are read up to this.
+    pub max_response_bytes: usize,
+    /// `serve.record_body_bytes` (default 64 KiB): answers up to this are kept
+    /// whole; a larger one keeps status, headers and the body's SHA-256 only.
+    pub record_body_bytes: usize,
+    /// `serve.wait_ms` (default 5 s): how long a request waits for the same key in progress elsewhere.
+    pub wait: Duration,
+    /// `serve.upstream_timeout_ms` (default 30 s).
+    pub upstream_timeout: Duration,
+    /// `serve.client_timeout_ms` (default 10 s): to send the head and the body.
+    pub client_timeout: Duration,
+    /// `serve.on_5xx` (default `record`).
+    pub on_5xx: On5xx,
+    /// `serve.drain_timeout_ms` (default 10 s): how long SIGTERM waits for requests in progress.
+    pub drain_timeout: Duration,
+    /// `[store]`.
+    pub store: StoreConfig,
+    /// `[store]` ttl, lease, sweep.
+    pub retention: Retention,
+    /// `[metrics] listen`: `/metrics`, `/healthz`, `/readyz`; `None` when `""`.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl ServeConfig {
+    /// Reads `path`, applies `KDEDUP_…` overrides (`KDEDUP_SERVE__UPSTREAM`), validates.
+    pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        ServeConfig::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment; `origin` names the source in errors.
+    pub fn from_toml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<ServeConfig, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        apply_env_overrides(&mut table, env.iter().cloned())?;
+        resolve_secret_files(&mut table, origin, &env)?;
+        let file = ServeFile::deserialize(table).map_err(|e| parse_err(e.to_string().trim().to_string()))?;
+        validate_serve(file, origin)
+    }
+}
+
+fn validate_serve(file: ServeFile, origin: &str) -> Result<ServeConfig, ConfigError> {
+    let invalid =
+        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
+    let s = &file.serve;
+    let listen = s
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|e| invalid("serve.listen", format!("is \"{}\": {e}; write host:port", s.listen)))?;
+    let upstream = s.upstream.trim_end_matches('/').to_string();
+    let rest = upstream.strip_prefix("http://").unwrap_or("");
+    if rest.is_empty() || rest.contains('/') || rest.contains('?') {
+        return Err(invalid(
+            "serve.upstream",
+            format!("is \"{}\"; write the API's origin, http://host:port (paths pass through unchanged)", s.upstream),
+        ));
+    }
+    if s.scope.is_empty() || s.scope.len() > MAX_SCOPE_BYTES {
+        return Err(invalid("serve.scope", format!("must be 1 to {MAX_SCOPE_BYTES} bytes")));
+    }
+    let mut methods = Vec::new();
+    for m in &s.methods {
+        let upper = m.to_ascii_uppercase();
+        if upper.is_empty() || !upper.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(invalid("serve.methods", format!("holds \"{m}\"; write HTTP methods such as POST, PATCH")));
+        }
+        methods.push(upper);
+    }
+    let header = |key: &str, name: &str| -> Result<String, ConfigError> {
+        let lower = name.to_ascii_lowercase();
+        hyper::http::HeaderName::from_bytes(lower.as_bytes())
+            .map(|_| lower)
+            .map_err(|_| invalid(key, format!("holds \"{name}\", which is not an HTTP header name")))
+    };
+    let key_header = header("serve.key_header", &s.key_header)?;
+    let client_header =
+        if s.client_header.is_empty() { None } else { Some(header("serve.client_header", &s.client_header)?) };
+    let fingerprint_headers =
+        s.fingerprint_headers.iter().map(|h| header("serve.fingerprint_headers", h)).collect::<Result<_, _>>()?;
+    let recorded_headers =
+        s.recorded_headers.iter().map(|h| header("serve.recorded_headers", h)).collect::<Result<_, _>>()?;
+    let missing_key = match s.missing_key.as_str() {
+        "pass" => MissingKey::Pass,
+        "refuse" => MissingKey::Refuse,
+        other => return Err(invalid("serve.missing_key", format!("is \"{other}\"; allowed: \"pass\", \"refuse\""))),
+    };
+    let on_5xx = match s.on_5xx.as_str() {
+        "record" => On5xx::Record,
+        "release" => On5xx::Release,
+        other => return Err(invalid("serve.on_5xx", format!("is \"{other}\"; allowed: \"record\", \"release\""))),
+    };
+    let bounded = |key: &str, value: usize, min: usize, max: usize| {
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(invalid(key, format!("is {value}; allowed: {min} to {max}")))
+        }
+    };
+    let max_key_bytes = bounded("serve.max_key_bytes", s.max_key_bytes, 1, MAX_SERVE_KEY_BYTES)?;
+    let max_header_bytes = bounded("serve.max_header_bytes", s.max_header_bytes, 8_192, 1 << 20)?;
+    let max_body_bytes = bounded("serve.max_body_bytes", s.max_body_bytes, 0, MAX_SERVE_BODY_BYTES)?;
+    let max_response_bytes = bounded("serve.max_response_bytes", s.max_response_bytes, 0, MAX_SERVE_BODY_BYTES)?;
+    let record_body_bytes = bounded("serve.record_body_bytes", s.record_body_bytes, 0, MAX_SERVE_RECORD_BYTES)?;
+    let ms = |key: &str, value: u64, min: u64| {
+        if (min..=MAX_DRAIN_TIMEOUT_MS).contains(&value) {
+            Ok(Duration::from_millis(value))
+        } else {
+            Err(invalid(key, format!("is {value}; allowed: {min} to {MAX_DRAIN_TIMEOUT_MS} (an hour)")))
+        }
+    };
+    let wait = ms("serve.wait_ms", s.wait_ms, 0)?;
+    let upstream_timeout = ms("serve.upstream_timeout_ms", s.upstream_timeout_ms, 1)?;
+    let client_timeout = ms("serve.client_timeout_ms", s.client_timeout_ms, 1)?;
+    let drain_timeout = ms("serve.drain_timeout_ms", s.drain_timeout_ms, 0)?;
+    let (store, retention) = validate_store(&file.store, origin)?;
+    let metrics_listen = if file.metrics.listen.is_empty() {
+        None
+    } else {
+        Some(file.metrics.listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "metrics.listen",
+                format!("is \"{}\": {e}; write host:port, or \"\" to disable", file.metrics.listen),
+            )
+        })?)
+    };
+    Ok(ServeConfig {
+        listen,
+        upstream,
+        scope: s.scope.clone(),
+        methods,
+        key_header,
+        client_header,
+        fingerprint_headers,
+        recorded_headers,
+        missing_key,
+        max_key_bytes,
+        max_header_bytes,
+        max_body_bytes,
+        max_response_bytes,
+        record_body_bytes,
+        wait,
+        upstream_timeout,
+        client_timeout,
+        on_5xx,
+        drain_timeout,
+        store,
+        retention,
+        metrics_listen,
+    })
+}
+
+#[cfg(test)]
+mod serve_tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<ServeConfig, ConfigError> {
+        ServeConfig::from_toml_with_env(text, "inline", Vec::<(String, String)>::new())
+    }
+
+    #[test]
+    fn serve_defaults_follow_the_issue() {
+        let c = load("[serve]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:9000/\"\n").unwrap();
+        assert_eq!(c.methods, ["POST", "PATCH"]);
+        assert_eq!(c.key_header, "idempotency-key");
+        assert_eq!(c.upstream, "http://127.0.0.1:9000");
+        assert_eq!(c.retention.ttl, Duration::from_secs(86_400));
+        assert_eq!(c.on_5xx, On5xx::Record);
+        assert_eq!(c.missing_key, MissingKey::Pass);
+    }
+
+    #[test]
+    fn serve_refuses_what_would_fail_later() {
+        let base = "[serve]\nlisten = \"127.0.0.1:8080\"\n";
+        for (extra, key) in [
+            ("upstream = \"https://x:1\"", "serve.upstream"),
+            ("upstream = \"http://x:1/api\"", "serve.upstream"),
+            ("upstream = \"http://x:1\"\nkey_header = \"bad header\"", "serve.key_header"),
+            ("upstream = \"http://x:1\"\nmissing_key = \"drop\"", "serve.missing_key"),
+            ("upstream = \"http://x:1\"\non_5xx = \"retry\"", "serve.on_5xx"),
+            ("upstream = \"http://x:1\"\nmax_key_bytes = 0", "serve.max_key_bytes"),
+            ("upstream = \"http://x:1\"\nmax_header_bytes = 100", "serve.max_header_bytes"),
+        ] {
+            match load(&format!("{base}{extra}\n")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
     }
 }
 

@@ -16,7 +16,8 @@
 //! changes owner. [`pipeline`] chains the stages per partition; [`service`] assembles them from a
 //! [`config::Config`]; [`cli`] is the command line; [`check`] asks every
 //! dependency of a config whether `run` would work. [`window`] says whether the TTL is long
-//! enough for the duplicates seen (`kdedup stats`).
+//! enough for the duplicates seen (`kdedup stats`). [`serve`] is the same store and claim
+//! semantics at an API's edge: a reverse proxy that runs each `Idempotency-Key` once.
 //!
 //! The bottom of the crate imports nothing above it (`scripts/imports` checks, in CI):
 //! [`error`], [`config`], and the leaves they share with the stages: [`values`] (what a
@@ -80,6 +81,7 @@ pub mod offsets;
 pub mod pipeline;
 pub mod reconcile;
 pub mod replay;
+pub mod serve;
 pub mod service;
 pub mod sink;
 pub mod source;

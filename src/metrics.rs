@@ -1077,6 +1077,33 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Listens on `addr` and serves `/metrics`, `/healthz` and `/readyz` from a thread.
     pub fn start(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<MetricsServer> {
+        MetricsServer::start_with(addr, move |path| match path {
+            "/" => (200, metrics.status_page(), "text/html; charset=utf-8"),
+            "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
+            "/healthz" => (200, "ok\n".to_string(), "text/plain"),
+            "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
+            "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
+            _ => (404, "try /, /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
+        })
+    }
+
+    /// `kdedup serve`'s endpoint: `/metrics`, `/healthz` (the process answers) and
+    /// `/readyz` (the store answered and the proxy is not draining).
+    pub fn start_serve(addr: SocketAddr, metrics: ServeMetrics) -> anyhow::Result<MetricsServer> {
+        MetricsServer::start_with(addr, move |path| match path {
+            "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
+            "/healthz" => (200, "ok\n".to_string(), "text/plain"),
+            "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
+            "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
+            _ => (404, "try /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
+        })
+    }
+
+    /// Serves `respond(path)` = (status, body, content type) from a thread.
+    fn start_with(
+        addr: SocketAddr,
+        respond: impl Fn(&str) -> (u16, String, &'static str) + Send + 'static,
+    ) -> anyhow::Result<MetricsServer> {
         let server = tiny_http::Server::http(addr)
             .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e} (set [metrics] listen)"))?;
         let addr = server.server_addr().to_ip().unwrap_or(addr);
@@ -1084,14 +1111,7 @@ impl MetricsServer {
         let serving = server.clone();
         let thread = std::thread::Builder::new().name("kdedup-metrics".into()).spawn(move || {
             for request in serving.incoming_requests() {
-                let (status, body, content_type) = match request.url() {
-                    "/" => (200, metrics.status_page(), "text/html; charset=utf-8"),
-                    "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
-                    "/healthz" => (200, "ok\n".to_string(), "text/plain"),
-                    "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
-                    "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
-                    _ => (404, "try /, /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
-                };
+                let (status, body, content_type) = respond(request.url());
                 let header =
                     tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
                 let _ = request
@@ -1099,6 +1119,102 @@ impl MetricsServer {
             }
         })?;
         Ok(MetricsServer { server, thread: Some(thread), addr })
+    }
+}
+
+/// Outcomes of a request through `kdedup serve` (`kdedup_serve_requests_total{outcome}`):
+/// `first` ran upstream under a new claim; `replayed` answered a stored response;
+/// `conflict` the key was used with another request (422); `in_progress` the key
+/// stayed in flight elsewhere past the wait (409); `passed_through` no key, or a
+/// method serve does not guard; `upstream_error` the upstream could not answer;
+/// `refused` the request broke a bound (400, 408, 413) or the store failed (503).
+pub const SERVE_OUTCOMES: [&str; 7] =
+    ["first", "replayed", "conflict", "in_progress", "passed_through", "upstream_error", "refused"];
+
+/// Metrics of `kdedup serve`, on a registry of their own.
+#[derive(Clone)]
+pub struct ServeMetrics {
+    registry: Registry,
+    /// `kdedup_serve_requests_total{outcome}`, outcomes from [`SERVE_OUTCOMES`].
+    pub requests: Summed<1>,
+    /// `kdedup_serve_added_seconds{outcome}`: the time serve adds to a request
+    /// (store calls, waits, copying), its upstream call excluded.
+    pub added_seconds: HistogramVec,
+    /// `kdedup_serve_upstream_seconds`: the upstream's own time, per call.
+    pub upstream_seconds: Histogram,
+    ready: Arc<AtomicBool>,
+}
+
+impl Default for ServeMetrics {
+    fn default() -> Self {
+        ServeMetrics::new()
+    }
+}
+
+impl ServeMetrics {
+    /// Every metric at zero, on a fresh registry.
+    pub fn new() -> ServeMetrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("kdedup_serve_requests_total", "Requests through kdedup serve, by outcome."),
+            &["outcome"],
+        )
+        .expect("static metric");
+        for outcome in SERVE_OUTCOMES {
+            requests.with_label_values(&[outcome]);
+        }
+        let added_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "kdedup_serve_added_seconds",
+                "Time kdedup serve adds to a request (store, waits, copying), the upstream call excluded.",
+            )
+            .buckets(record_buckets()),
+            &["outcome"],
+        )
+        .expect("static metric");
+        let upstream_seconds = Histogram::with_opts(
+            HistogramOpts::new("kdedup_serve_upstream_seconds", "The upstream's own time per call from kdedup serve.")
+                .buckets(record_buckets()),
+        )
+        .expect("static metric");
+        registry.register(Box::new(requests.clone())).expect("registered once");
+        registry.register(Box::new(added_seconds.clone())).expect("registered once");
+        registry.register(Box::new(upstream_seconds.clone())).expect("registered once");
+        ServeMetrics {
+            registry,
+            requests: Summed(requests),
+            added_seconds,
+            upstream_seconds,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Counts one request: its outcome and the time serve added to it.
+    pub fn request(&self, outcome: &'static str, added_seconds: f64) {
+        self.requests.at([outcome]).inc();
+        self.added_seconds.with_label_values(&[outcome]).observe(added_seconds);
+    }
+
+    /// Requests of one outcome so far.
+    pub fn outcome(&self, outcome: &str) -> u64 {
+        self.requests.at([outcome]).get()
+    }
+
+    /// `/readyz` answers 200 while set.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
     }
 }
 

@@ -60,6 +60,13 @@ pub struct EffectResponse {
     pub at_ms: u64,
     /// Requests it took, the settling one included.
     pub attempts: u32,
+    /// Response headers kept for replay by `kdedup serve` (lower-case names); empty for sinks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// The whole body (base64) when `kdedup serve` kept it: answers up to its
+    /// `record_body_bytes`; `None` for larger ones (their hash is kept) and for sinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
 }
 
 impl EffectResponse {

@@ -300,6 +300,8 @@ impl HttpSink {
                         excerpt: body.excerpt,
                         at_ms: now_ms(),
                         attempts,
+                        headers: Vec::new(),
+                        body_base64: None,
                     };
                     // A 5xx may come after the work was done; a 409 or 429 says it was not.
                     may_have_landed |= status >= 500;

@@ -21,6 +21,7 @@ mod pg_tls;
 mod reconcile;
 mod replay;
 mod restart;
+mod serve;
 mod store_contract;
 mod store_crash;
 mod tls;

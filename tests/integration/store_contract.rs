@@ -364,6 +364,8 @@ async fn a_recorded_response_lives_with_its_claim_and_a_new_claim_clears_it() {
         excerpt: r#"{"id":"ch_1"}"#.into(),
         at_ms: T0,
         attempts: 2,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body_base64: Some("eyJpZCI6ImNoXzEifQ==".into()),
     };
     for b in backends().await {
         let (name, store) = (b.name, &b.store);
