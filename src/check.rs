@@ -80,12 +80,7 @@ pub async fn run(path: &Path) -> Report {
     checks.extend(offset_reset_check(&config));
 
     let clients = KafkaClients::from(&config.kafka);
-    let mut topics: Vec<String> = config.kafka.topics.clone();
-    if let SinkConfig::Kafka { topic, .. } = &config.sink {
-        topics.push(topic.clone());
-    }
-    topics.push(config.dead_letter_topic.clone());
-    topics.extend(config.duplicates_topic.clone());
+    let topics = kafka_client::required_topics(&config);
     let probe = {
         let (clients, topics) = (clients.clone(), topics.clone());
         tokio::task::spawn_blocking(move || kafka_client::probe(&clients, &topics, BROKER_TIMEOUT)).await
@@ -170,31 +165,13 @@ fn finish(path: &Path, settings: serde_json::Value, checks: Vec<Check>) -> Repor
 /// Topics exist, with their partition counts; then whether reconciliation can find a
 /// partition's writes (DESIGN.md §1, src/reconcile.rs).
 fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec<Check> {
-    let mut missing = Vec::new();
-    let mut seen = Vec::new();
-    for (topic, partitions) in found {
-        match partitions {
-            Some(n) => seen.push(format!("{topic} ({n} partition{})", if *n == 1 { "" } else { "s" })),
-            None => missing.push(topic.clone()),
-        }
-    }
     let mut out = Vec::new();
-    if missing.is_empty() {
-        out.push(check("topics", Status::Ok, seen.join(", ")));
-    } else {
-        out.push(check(
-            "topics",
-            Status::Fail,
-            format!(
-                "missing: {} (kdedup creates no topics: create them, e.g. `kafka-topics.sh --create --topic NAME \
-                 --partitions N`); found: {}",
-                missing.join(", "),
-                if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
-            ),
-        ));
+    if let Some(refusal) = kafka_client::missing_topics(found) {
+        out.push(check("topics", Status::Fail, refusal));
         out.push(check("partitioning", Status::Skip, "needs every topic"));
         return out;
     }
+    out.push(check("topics", Status::Ok, kafka_client::found_topics(found).join(", ")));
     let input_max = config.kafka.topics.iter().filter_map(|t| found[t]).max().unwrap_or(0);
     let dlq = found[&config.dead_letter_topic].unwrap_or(0);
     let mut notes = Vec::new();
