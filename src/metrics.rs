@@ -138,6 +138,8 @@ pub struct Metrics {
     pub claim_waits: IntCounter,
     /// `kdedup_claims_resumed_total`: claims resumed at their own position after a crash.
     pub claims_resumed: IntCounter,
+    /// `kdedup_drain_released_total`: claims a stop released because their effects had not started.
+    pub drain_released: IntCounter,
     /// `kdedup_claims_lost_total`: completions refused because the claim was taken over.
     pub claims_lost: IntCounter,
     /// `kdedup_reconciled_total`: new claims whose effect was found already written: completed, not re-run.
@@ -456,6 +458,11 @@ impl Metrics {
             store_unavailable,
             claim_waits: counter("kdedup_claim_waits_total", "Claims answered in-flight (another owner's live lease)."),
             claims_resumed: counter("kdedup_claims_resumed_total", "Claims resumed at their own position after a crash."),
+            drain_released: counter(
+                "kdedup_drain_released_total",
+                "Claims a stop (shutdown, revoke) released because their effects had not started: claimed fresh by \
+                 the next owner, not resumed as a crash's.",
+            ),
             claims_lost: counter(
                 "kdedup_claims_lost_total",
                 "Completions refused because the claim was taken over (the effect may run twice).",

@@ -2,7 +2,7 @@
 //! during a backlog, `check` against records without the configured event ID.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kdedup::kafka_client::KafkaClients;
 use kdedup::mock;
@@ -65,4 +65,62 @@ fn a_mistyped_output_or_dead_letter_topic_is_refused_at_start_and_never_created_
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(mock::create_topics(brokers.as_str(), &[(&input, 1), (&output, 1), (&dlq, 1)])).unwrap();
     run_refuses_a_mistyped_topic(&brokers, [&input, &output, &dlq]);
+}
+
+/// Sums of the group's committed offsets and of the input's end offsets.
+fn progress(env: &GroupEnv, topics: &Topics) -> (i64, i64) {
+    let committed = mock::committed_offsets(&env.brokers, &topics.group, &topics.input).unwrap();
+    let ends = mock::end_offsets(&env.brokers, &topics.input).unwrap();
+    (committed.values().sum(), ends.values().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sigterms_during_a_backlog_leave_nothing_to_resume_and_mark_nothing() {
+    let Some(env) = group_env() else { return };
+    let _turn = BROKER_TURN.lock().await;
+    let topics = Topics::create(&env.brokers, &env.postgres, 3).await;
+    let logs = LogDir::new();
+    let (records, ids) = events(150_000, 15_000, 3, 24);
+    mock::produce_all(&env.brokers, &topics.input, &records).await.unwrap();
+    let total = records.len() as i64;
+
+    // Three graceful stops, each mid-backlog: at a tenth, two and three tenths committed.
+    for n in 0..3 {
+        let member = Member::spawn(&env.brokers, &env.postgres, &topics, logs.path(), n, &[]);
+        // This member's own commits past the previous one's: it is working through the backlog.
+        let start = progress(&env, &topics).0;
+        assert!(start < total, "the backlog finished before SIGTERM {n}; make it longer");
+        let target = (total * (n as i64 + 1) / 10).max(start + 1);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (committed, _) = progress(&env, &topics);
+            if committed >= target {
+                assert!(committed < total, "the backlog finished before SIGTERM {n}; make it longer");
+                break;
+            }
+            assert!(Instant::now() < deadline, "stuck below {target}\n{}", member_logs(logs.path()));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = member.terminate();
+        assert!(status.success(), "SIGTERM {n}: exit status {status:?}\n{}", member_logs(logs.path()));
+    }
+    // A last member finishes the backlog.
+    let member = Member::spawn(&env.brokers, &env.postgres, &topics, logs.path(), 3, &[]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while progress(&env, &topics).0 < total {
+        assert!(Instant::now() < deadline, "the backlog was not finished\n{}", member_logs(logs.path()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(member.terminate().success());
+
+    let text = member_logs(logs.path());
+    // What each drain did, for the reader of the test's output.
+    for line in text.lines().filter(|l| l.contains("stopping: released")) {
+        eprintln!("{line}");
+    }
+    assert!(!text.contains("after a crash"), "a clean stop left claims to resume:\n{text}");
+    let output = mock::read_all(&env.brokers, &topics.output).unwrap();
+    let marked = output.iter().filter(|r| r.header(kdedup::sink::kafka::headers::POSSIBLE_REPEAT).is_some()).count();
+    assert_eq!(marked, 0, "records marked as possible repeats after clean stops only");
+    assert_exactly_once(&output, &ids);
 }
