@@ -78,6 +78,15 @@ pub async fn run(path: &Path) -> Report {
     };
     let settings = settings(&config);
     checks.extend(offset_reset_check(&config));
+    let clients_check = clients_check(&config);
+    let clients_ok = clients_check.status == Status::Ok;
+    checks.push(clients_check);
+    if !clients_ok {
+        checks.push(check("broker", Status::Skip, "needs client settings librdkafka accepts"));
+        checks.push(store_check(&config).await);
+        checks.push(metrics_check(&config));
+        return finish(path, settings, checks);
+    }
 
     let clients = KafkaClients::from(&config.kafka);
     let topics = kafka_client::required_topics(&config);
@@ -102,7 +111,18 @@ pub async fn run(path: &Path) -> Report {
             if clients.producer_connects_differently() {
                 checks.push(producer_check(&clients).await);
             }
-            checks.extend(topic_checks(&config, &probe.topics));
+            let topics = topic_checks(&config, &probe.topics);
+            let all_found = topics.iter().all(|c| c.status != Status::Fail);
+            checks.extend(topics);
+            if all_found {
+                let (config, clients) = (config.clone(), clients.clone());
+                let samples =
+                    tokio::task::spawn_blocking(move || event_id_checks(&config, &clients, SAMPLE_TIMEOUT)).await;
+                match samples {
+                    Ok(samples) => checks.extend(samples),
+                    Err(e) => checks.push(check("event ids", Status::Fail, format!("the sample read did not finish: {e}"))),
+                }
+            }
         }
         Ok(Err(e)) => {
             let hint = if e.security {
@@ -120,6 +140,111 @@ pub async fn run(path: &Path) -> Report {
     checks.push(store_check(&config).await);
     checks.push(metrics_check(&config));
     finish(path, settings, checks)
+}
+
+/// How many records of each input partition `check` reads through the key extractor.
+const SAMPLE_PER_PARTITION: i64 = 20;
+/// How long the sample read may take, over all input topics.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds every client `kdedup run` builds, as librdkafka will: an unknown or misspelled
+/// property (`sesion.timeout.ms`) or a bad value fails here, as it would fail `run`.
+fn clients_check(config: &Config) -> Check {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+    let clients = KafkaClients::from(&config.kafka);
+    let built = [
+        ("consumer ([kafka.client] + [kafka.consumer])", clients.group_consumer(&config.kafka.group_id).create::<BaseConsumer>().err()),
+        ("producer ([kafka.client] + [kafka.producer])", clients.producer().create::<BaseProducer>().err()),
+        ("reader ([kafka.client] + [kafka.consumer]'s connection settings)", clients.reader("kdedup-check").create::<BaseConsumer>().err()),
+    ];
+    let failed: Vec<String> = built.into_iter().filter_map(|(role, e)| e.map(|e| format!("the {role}: {e}"))).collect();
+    if failed.is_empty() {
+        check("kafka clients", Status::Ok, "librdkafka accepts every client's settings")
+    } else {
+        check("kafka clients", Status::Fail, format!("librdkafka refuses {}", failed.join("; ")))
+    }
+}
+
+/// Reads the last few records of each input partition through the key extractor: a
+/// `[key]` that does not match the data (the sample config's header on JSON events) would
+/// dead-letter every record as it arrives.
+fn event_id_checks(config: &Config, clients: &KafkaClients, timeout: Duration) -> Vec<Check> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let extractor = crate::event::KeyExtractor::new(config.key.clone());
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    for topic in &config.kafka.topics {
+        let reader: BaseConsumer = match clients.reader("kdedup-check").create() {
+            Ok(r) => r,
+            Err(e) => {
+                out.push(check("event ids", Status::Fail, format!("{topic}: cannot create a reader: {e}")));
+                continue;
+            }
+        };
+        let partitions = match reader.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(md) => md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<_>>(),
+            Err(e) => {
+                out.push(check("event ids", Status::Warn, format!("{topic}: cannot read its metadata: {e}")));
+                continue;
+            }
+        };
+        let mut tpl = TopicPartitionList::new();
+        let mut wanted = 0i64;
+        for p in partitions {
+            let Ok((low, high)) = reader.fetch_watermarks(topic, p, Duration::from_secs(5)) else { continue };
+            let from = low.max(high - SAMPLE_PER_PARTITION);
+            if from < high {
+                wanted += high - from;
+                let _ = tpl.add_partition_offset(topic, p, Offset::Offset(from));
+            }
+        }
+        if wanted == 0 {
+            out.push(check("event ids", Status::Ok, format!("{topic}: empty, nothing to sample")));
+            continue;
+        }
+        if let Err(e) = reader.assign(&tpl) {
+            out.push(check("event ids", Status::Warn, format!("{topic}: cannot read a sample: {e}")));
+            continue;
+        }
+        let (mut read, mut with_id, mut first_reason) = (0i64, 0i64, None);
+        while read < wanted && std::time::Instant::now() < deadline {
+            let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) else { continue };
+            read += 1;
+            match extractor.extract(crate::event::Record::from_message(&m, &std::sync::Arc::from(topic.as_str()))) {
+                Ok(_) => with_id += 1,
+                Err((record, e)) => {
+                    first_reason.get_or_insert_with(|| format!("{} at {}: {e}", e.reason(), record.position));
+                }
+            }
+        }
+        let (status, detail) = match (read, first_reason) {
+            (0, _) => (Status::Warn, format!("{topic}: no record could be read within {timeout:?}")),
+            (_, None) => (Status::Ok, format!("{topic}: {with_id} of {read} records have an event ID")),
+            (_, Some(reason)) => (
+                if with_id == 0 { Status::Fail } else { Status::Warn },
+                format!(
+                    "{topic}: {with_id} of {read} records have an event ID ({}); the others are dead-lettered, the first \
+                     because {reason}: check [key] source",
+                    key_source(&config.key.source)
+                ),
+            ),
+        };
+        out.push(check("event ids", status, detail));
+    }
+    out
+}
+
+/// Where `[key]` takes the event ID from, for a person.
+fn key_source(source: &crate::config::KeySource) -> String {
+    use crate::config::KeySource;
+    match source {
+        KeySource::Header(h) => format!("the header {h:?}"),
+        KeySource::RecordKey => "the record key".to_string(),
+        KeySource::Json(p) => format!("the JSON pointer {p:?} in the payload"),
+        KeySource::PayloadHash => "a hash of the payload".to_string(),
+    }
 }
 
 /// `auto.offset.reset` set to the end (`latest`, or librdkafka's synonyms `largest`
@@ -347,7 +472,35 @@ fn settings(c: &Config) -> serde_json::Value {
             "consumer": redacted(&c.kafka.consumer),
             "producer": redacted(&c.kafka.producer),
         },
-        "key": { "scope": c.key.scope },
+        "key": {
+            "source": key_source(&c.key.source),
+            "scope": c.key.scope,
+            "max_bytes": c.key.max_bytes.get(),
+            "on_oversize": match c.key.on_oversize {
+                crate::config::OnOversize::Hash => "hash",
+                crate::config::OnOversize::DeadLetter => "dead_letter",
+            },
+            "fingerprint_fields": if c.key.fingerprint_fields.is_empty() {
+                "the whole payload".to_string()
+            } else {
+                c.key.fingerprint_fields.join(", ")
+            },
+        },
+        "filter": {
+            "expected_keys": c.filter.expected_keys.get(),
+            "false_positive_rate": c.filter.false_positive_rate,
+            "recent_keys": c.filter.recent_keys,
+            "expired_keys": c.filter.expired_keys,
+        },
+        "pipeline": {
+            "batch_max": c.pipeline.batch_max.get(),
+            "commit_interval_ms": c.pipeline.commit_interval.as_millis() as u64,
+            "drain_timeout_ms": c.pipeline.drain_timeout.as_millis() as u64,
+            "on_conflict": match c.pipeline.on_conflict {
+                crate::config::OnConflict::DeadLetter => "dead_letter",
+                crate::config::OnConflict::Drop => "drop",
+            },
+        },
         "store": store,
         "ttl_secs": c.retention.ttl.as_secs(),
         "lease_secs": c.retention.lease.as_secs(),
@@ -355,7 +508,6 @@ fn settings(c: &Config) -> serde_json::Value {
         "dead_letter_topic": c.dead_letter_topic,
         "duplicates_topic": c.duplicates_topic,
         "metrics_listen": c.metrics_listen.map(|a| a.to_string()),
-        "drain_timeout_ms": c.pipeline.drain_timeout.as_millis() as u64,
         // Observe mode forwards duplicates: say so where the settings are checked.
         "mode": match c.pipeline.mode {
             crate::config::Mode::Enforce => "enforce",

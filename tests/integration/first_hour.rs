@@ -124,3 +124,58 @@ async fn three_sigterms_during_a_backlog_leave_nothing_to_resume_and_mark_nothin
     assert_eq!(marked, 0, "records marked as possible repeats after clean stops only");
     assert_exactly_once(&output, &ids);
 }
+
+/// `kdedup check --config config/kdedup.toml` against `kafka` with `env`: exit code, output.
+fn check_with(kafka: &mock::MockKafka, store: &std::path::Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config", "config/kdedup.toml"])
+        .env_remove("KDEDUP_LOG")
+        .env("KDEDUP_KAFKA__BROKERS", kafka.bootstrap())
+        .env("KDEDUP_KAFKA__TOPICS", INPUT)
+        .env("KDEDUP_SINK__TOPIC", OUTPUT)
+        .env("KDEDUP_DEAD_LETTER__TOPIC", DLQ)
+        .env("KDEDUP_STORE__PATH", store)
+        .env("KDEDUP_METRICS__LISTEN", "")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reads_a_sample_through_the_key_and_builds_the_real_clients() {
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // JSON events with their ID in the payload, not in the sample config's `event-id` header.
+    let records: Vec<mock::Produce> = (0..30)
+        .map(|i| mock::Produce {
+            partition: i % 2,
+            key: None,
+            payload: Some(format!(r#"{{"id":"ord-{i}"}}"#).into_bytes()),
+            headers: vec![],
+        })
+        .collect();
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+
+    let (code, text) = tokio::task::block_in_place(|| check_with(&kafka, &store, &[]));
+    assert_ne!(code, Some(0), "{text}");
+    let line = text.lines().find(|l| l.contains("event ids")).unwrap_or_else(|| panic!("no event ids line:\n{text}"));
+    assert!(line.contains("[FAIL]") && line.contains("0 of 30 records have an event ID"), "{line}");
+    assert!(line.contains("missing_id") && line.contains("\"event-id\""), "names the first reason and the source: {line}");
+    assert!(text.contains("source: the header \"event-id\""), "[key] is among the settings:\n{text}");
+    assert!(text.contains("batch_max") && text.contains("expected_keys"), "[pipeline] and [filter] too:\n{text}");
+
+    // The same records read through [key] source = "json": every one has an ID.
+    let json = [("KDEDUP_KEY__SOURCE", "json"), ("KDEDUP_KEY__JSON_POINTER", "/id")];
+    let (code, text) = tokio::task::block_in_place(|| check_with(&kafka, &store, &json));
+    assert!(text.contains("[ ok ] event ids") && text.contains("30 of 30 records have an event ID"), "{text}");
+    assert_eq!(code, Some(0), "{text}");
+
+    // A misspelled librdkafka property fails check as it fails run.
+    let typo = [("KDEDUP_KAFKA__CONSUMER__SESION_TIMEOUT_MS", "6000")];
+    let (code, text) = tokio::task::block_in_place(|| check_with(&kafka, &store, &typo));
+    assert_ne!(code, Some(0), "{text}");
+    let line = text.lines().find(|l| l.contains("kafka clients")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("[FAIL]") && line.contains("sesion.timeout.ms"), "{line}");
+}
