@@ -120,7 +120,9 @@ pub async fn run(path: &Path) -> Report {
                     tokio::task::spawn_blocking(move || event_id_checks(&config, &clients, SAMPLE_TIMEOUT)).await;
                 match samples {
                     Ok(samples) => checks.extend(samples),
-                    Err(e) => checks.push(check("event ids", Status::Fail, format!("the sample read did not finish: {e}"))),
+                    Err(e) => {
+                        checks.push(check("event ids", Status::Fail, format!("the sample read did not finish: {e}")))
+                    }
                 }
             }
         }
@@ -154,9 +156,15 @@ fn clients_check(config: &Config) -> Check {
     use rdkafka::producer::BaseProducer;
     let clients = KafkaClients::from(&config.kafka);
     let built = [
-        ("consumer ([kafka.client] + [kafka.consumer])", clients.group_consumer(&config.kafka.group_id).create::<BaseConsumer>().err()),
+        (
+            "consumer ([kafka.client] + [kafka.consumer])",
+            clients.group_consumer(&config.kafka.group_id).create::<BaseConsumer>().err(),
+        ),
         ("producer ([kafka.client] + [kafka.producer])", clients.producer().create::<BaseProducer>().err()),
-        ("reader ([kafka.client] + [kafka.consumer]'s connection settings)", clients.reader("kdedup-check").create::<BaseConsumer>().err()),
+        (
+            "reader ([kafka.client] + [kafka.consumer]'s connection settings)",
+            clients.reader("kdedup-check").create::<BaseConsumer>().err(),
+        ),
     ];
     let failed: Vec<String> = built.into_iter().filter_map(|(role, e)| e.map(|e| format!("the {role}: {e}"))).collect();
     if failed.is_empty() {

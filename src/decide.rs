@@ -834,7 +834,10 @@ impl Core {
             self.guard(d, held).await?;
             // From here the effects may land: these claims are never released by a drain.
             held.started(
-                &batch.iter().map(|e| (e.envelope.key.clone(), self.claimant(&e.envelope.record.position))).collect::<Vec<_>>(),
+                &batch
+                    .iter()
+                    .map(|e| (e.envelope.key.clone(), self.claimant(&e.envelope.record.position)))
+                    .collect::<Vec<_>>(),
             );
             s.metrics.possible_repeats.inc_by(repeats as u64);
             let results = s.sink.deliver(&batch).await;

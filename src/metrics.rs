@@ -179,6 +179,9 @@ pub struct Metrics {
     pub zombie_batches_dropped: IntCounter,
     /// `kdedup_partition_stalled_since_seconds{topic,partition}`: Unix seconds a partition stalled at; 0 while it progresses.
     pub partition_stalled_since: IntGaugeVec,
+    /// `kdedup_partition_dead_letter_share{topic,partition}`: the share of the partition's last
+    /// records dead-lettered for their most common reason (a `[key]` that does not match the data).
+    pub partition_dead_letter_share: GaugeVec,
     /// `kdedup_partition_errors_total{topic,reason}`: errors a partition's queue reported
     /// (`decode`, `offset_reset`, `authorization`, `other`) and gaps they left (`skipped`).
     pub partition_errors: IntCounterVec,
@@ -534,6 +537,20 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("registered once");
                 g
             },
+            partition_dead_letter_share: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "kdedup_partition_dead_letter_share",
+                        "Share (0 to 1) of the partition's last records (a window of a few hundred) dead-lettered for \
+                         their most common reason: near 1, nearly every record is dead-lettered alike (typically a \
+                         [key] that does not match the data: missing_id).",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("static metric");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             registry,
             health: Arc::default(),
         }
@@ -875,6 +892,7 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
         self.store_answered(tp, true);
         let labels = [tp.0.to_string(), tp.1.to_string()];
         let _ = self.partition_stalled_since.remove_label_values(&labels);
+        let _ = self.partition_dead_letter_share.remove_label_values(&labels);
         let _ = self.lag_records.remove_label_values(&labels);
         let _ = self.lag_seconds.remove_label_values(&labels);
     }

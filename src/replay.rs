@@ -273,7 +273,9 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
             Err(crate::kafka_client::PreflightError::MissingTopics(refusal)) => {
                 return Err(ReplayError::Usage(format!("topics {refusal}")))
             }
-            Err(crate::kafka_client::PreflightError::Unreachable(e)) => return Err(ReplayError::Unreachable(e.to_string())),
+            Err(crate::kafka_client::PreflightError::Unreachable(e)) => {
+                return Err(ReplayError::Unreachable(e.to_string()))
+            }
         }
     }
     let clients: KafkaClients = (&config.kafka).into();

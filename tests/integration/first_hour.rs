@@ -39,7 +39,10 @@ fn run_refuses_a_mistyped_topic(brokers: &str, [input, output, dlq]: [&str; 3]) 
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: run must refuse a missing topic:\n{stderr}");
-        assert!(stderr.contains(&format!("missing: {typo}")) && stderr.contains("kdedup creates no topics"), "{stderr}");
+        assert!(
+            stderr.contains(&format!("missing: {typo}")) && stderr.contains("kdedup creates no topics"),
+            "{stderr}"
+        );
         assert!(!stderr.contains("kdedup running"), "{what}: refused at start, before consuming:\n{stderr}");
         let topics = topic_names(brokers);
         assert!(topics.iter().any(|t| t == input), "the listing works: {topics:?}");
@@ -162,7 +165,10 @@ async fn check_reads_a_sample_through_the_key_and_builds_the_real_clients() {
     assert_ne!(code, Some(0), "{text}");
     let line = text.lines().find(|l| l.contains("event ids")).unwrap_or_else(|| panic!("no event ids line:\n{text}"));
     assert!(line.contains("[FAIL]") && line.contains("0 of 30 records have an event ID"), "{line}");
-    assert!(line.contains("missing_id") && line.contains("\"event-id\""), "names the first reason and the source: {line}");
+    assert!(
+        line.contains("missing_id") && line.contains("\"event-id\""),
+        "names the first reason and the source: {line}"
+    );
     assert!(text.contains("source: the header \"event-id\""), "[key] is among the settings:\n{text}");
     assert!(text.contains("batch_max") && text.contains("expected_keys"), "[pipeline] and [filter] too:\n{text}");
 
@@ -178,4 +184,31 @@ async fn check_reads_a_sample_through_the_key_and_builds_the_real_clients() {
     assert_ne!(code, Some(0), "{text}");
     let line = text.lines().find(|l| l.contains("kafka clients")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains("[FAIL]") && line.contains("sesion.timeout.ms"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_dead_lettering_nearly_every_record_alike_is_loud_and_stays_ready() {
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    // Partition 0: JSON events without the configured `event-id` header; partition 1: good ones.
+    let (good, _) = events(400, 0, 1, 7);
+    let records: Vec<mock::Produce> = (0..400)
+        .map(|i| mock::Produce {
+            partition: 0,
+            key: None,
+            payload: Some(format!(r#"{{"id":"ord-{i}"}}"#).into_bytes()),
+            headers: vec![],
+        })
+        .chain(good.into_iter().map(|r| mock::Produce { partition: 1, ..r }))
+        .collect();
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    let running = start(config(&kafka, &unique("g"), &dir.path().join("store"), &[]), Default::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    let share = |p: &str| running.metrics.partition_dead_letter_share.with_label_values(&[INPUT, p]).get();
+    assert_eq!(share("0"), 1.0, "every record of partition 0 was dead-lettered as missing_id");
+    assert_eq!(share("1"), 0.0);
+    assert!(running.metrics.is_ready(), "the partition progresses: readiness stays true");
+    let page = running.metrics.render();
+    assert!(page.contains(r#"kdedup_partition_dead_letter_share{partition="0",topic="in"} 1"#), "{page}");
+    running.stop(kdedup::source::StopMode::Drain).await;
 }
