@@ -546,7 +546,10 @@ async fn replay_command(args: ReplayArgs) -> anyhow::Result<i32> {
     };
     let job_id = args.job_id.unwrap_or_else(|| format!("replay-{now}"));
     if !args.json {
-        eprintln!("replay job {job_id}, mode {:?}", args.mode);
+        eprintln!("replay job {job_id}, mode {}", args.mode);
+    }
+    if args.show > 0 && args.mode != replay::Mode::DryRun {
+        eprintln!("note: --show lists what a dry-run finds; it is ignored with --mode {}", args.mode);
     }
     let options = replay::ReplayOptions {
         topic: args.topic,
@@ -591,7 +594,7 @@ fn print_replay(r: &replay::Report) {
             r.partitions.len()
         );
     }
-    println!("{:?} of {} (job {}){}", r.mode, r.topic, r.job_id, if r.interrupted { ", interrupted" } else { "" });
+    println!("{} of {} (job {}){}", r.mode, r.topic, r.job_id, if r.interrupted { ", interrupted" } else { "" });
     let row = |name: String, from: String, to: String, c: &replay::Counts| {
         println!(
             "  {name:>9} {from:>12} {to:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -611,6 +614,12 @@ fn print_replay(r: &replay::Report) {
     }
     for s in &r.shown {
         println!("  {} {} at {} (first seen at {})", s.outcome, s.event_id, s.position, s.first);
+    }
+    if r.counts.done > 0 {
+        println!(
+            "  {} records were already handled here, at their own positions (done: not duplicates, not run again)",
+            r.counts.done
+        );
     }
     println!("  {:.2}s", r.elapsed_secs);
 }
