@@ -143,7 +143,11 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         mode = shutdown => (mode, None),
         why = fatal.raised() => (StopMode::Drain, Some(why)),
     };
-    info!(?mode, "stopping");
+    let how = match mode {
+        StopMode::Drain => "finishing in-flight work, then committing",
+        StopMode::Abandon => "abandoning in-flight work, as a crash would",
+    };
+    info!(how, "stopping");
     tokio::task::spawn_blocking(move || source.stop(mode)).await.context("source thread")?;
     for task in [sweeper, watcher] {
         task.abort();

@@ -212,3 +212,37 @@ async fn a_partition_dead_lettering_nearly_every_record_alike_is_loud_and_stays_
     assert!(page.contains(r#"kdedup_partition_dead_letter_share{partition="0",topic="in"} 1"#), "{page}");
     running.stop(kdedup::source::StopMode::Drain).await;
 }
+
+#[test]
+fn a_wrong_broker_address_is_said_once_early_without_colours() {
+    // Nothing listens on port 1 of the loopback address.
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["run", "--config", "config/kdedup.toml"])
+        .env_remove("KDEDUP_LOG")
+        .env("KDEDUP_KAFKA__BROKERS", "127.0.0.1:1")
+        .env("KDEDUP_STORE__PATH", dir.path().join("store"))
+        .env("KDEDUP_METRICS__LISTEN", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("cannot reach Kafka at 127.0.0.1:1").count(), 1, "said once:\n{stderr}");
+    assert!(!stderr.contains("must exist") && !stderr.contains("kdedup running"), "refused before starting:\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30), "early: {:?}", started.elapsed());
+    assert!(!stderr.contains('\u{1b}'), "no ANSI colours in a redirected log:\n{stderr}");
+}
+
+#[test]
+fn inspect_of_an_unknown_id_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["inspect", "--config", "config/kdedup.toml", "--id", "never-seen"])
+        .env("KDEDUP_STORE__PATH", dir.path().join("store"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("never-seen: not in the store"), "{stdout}");
+}
