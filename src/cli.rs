@@ -730,7 +730,7 @@ mod tests {
         let io = std::io::Error::from(std::io::ErrorKind::NotFound);
         let text = io.to_string();
         // An error whose message already carries its source's text.
-        let e = anyhow::Error::new(io).context(format!("{text}")).context("cannot open the store");
+        let e = anyhow::Error::new(io).context(text.clone()).context("cannot open the store");
         assert_eq!(error_chain(&e), format!("cannot open the store: {text}"));
     }
 
