@@ -246,3 +246,31 @@ fn inspect_of_an_unknown_id_exits_non_zero() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("never-seen: not in the store"), "{stdout}");
 }
+
+#[test]
+fn a_locked_embedded_store_names_the_other_process_in_run_stats_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let kafka = cluster(1);
+    let config = config(&kafka, "g", &path, &[]);
+    let _held = kdedup::store::Store::open(&config.store, &config.retention).unwrap();
+    for args in [&["run"][..], &["stats", "--store"], &["replay", "--from-offset", "0"]] {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--config", "config/kdedup.toml"])
+            .env_remove("KDEDUP_LOG")
+            .env("KDEDUP_KAFKA__BROKERS", kafka.bootstrap())
+            .env("KDEDUP_KAFKA__TOPICS", INPUT)
+            .env("KDEDUP_SINK__TOPIC", OUTPUT)
+            .env("KDEDUP_DEAD_LETTER__TOPIC", DLQ)
+            .env("KDEDUP_STORE__PATH", &path)
+            .env("KDEDUP_METRICS__LISTEN", "")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        let said = format!("another kdedup process holds {}", path.display());
+        assert_eq!(stderr.matches(&said).count(), 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains("check disk space"), "{args:?}: {stderr}");
+    }
+}
