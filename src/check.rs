@@ -83,7 +83,7 @@ pub async fn run(path: &Path) -> Report {
     checks.push(clients_check);
     if !clients_ok {
         checks.push(check("broker", Status::Skip, "needs client settings librdkafka accepts"));
-        checks.push(store_check(&config).await);
+        checks.push(store_check(&config, path).await);
         checks.push(metrics_check(&config));
         return finish(path, settings, checks);
     }
@@ -139,7 +139,7 @@ pub async fn run(path: &Path) -> Report {
         Err(e) => checks.push(check("broker", Status::Fail, format!("the probe did not finish: {e}"))),
     }
 
-    checks.push(store_check(&config).await);
+    checks.push(store_check(&config, path).await);
     checks.push(metrics_check(&config));
     finish(path, settings, checks)
 }
@@ -346,7 +346,7 @@ fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec
     out
 }
 
-async fn store_check(config: &Config) -> Check {
+async fn store_check(config: &Config, path: &Path) -> Check {
     if let StoreConfig::Embedded { path } = &config.store {
         // Opening would create it: say what `run` will do instead of doing it.
         if !path.exists() {
@@ -394,7 +394,7 @@ async fn store_check(config: &Config) -> Check {
         Ok(Err(e)) => check(
             "store",
             Status::Fail,
-            format!("{} store: {e} (apply the schema with `kdedup schema apply --config FILE`)", store.kind()),
+            format!("{} store: {e}", store.kind()).replace("--config FILE", &format!("--config {}", path.display())),
         ),
         Err(_) => check("store", Status::Fail, format!("{} store did not answer within 15 s", store.kind())),
     }

@@ -305,10 +305,10 @@ pub struct KeyArgs {
 /// Runs a parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run { config: path } => {
+            let config = Config::load(&path)?;
             let options = RunOptions { metrics: Metrics::new(), serve_metrics: true, ..RunOptions::default() };
-            service::run(&config, options, shutdown_signal()).await?;
+            service::run(&config, options, shutdown_signal()).await.map_err(|e| with_config_file(&e, &path))?;
             Ok(0)
         }
         Command::Check { config, json } => {
@@ -605,6 +605,12 @@ pub fn human_time(ms: u64) -> String {
         s => format!("{} days", s / 86_400),
     };
     format!("{}, {span} {dir}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// The stores name the command that fixes a missing schema with a placeholder for the
+/// config file (they never see it): the file this command was given, instead.
+pub fn with_config_file(e: &anyhow::Error, path: &std::path::Path) -> anyhow::Error {
+    anyhow::anyhow!(error_chain(e).replace("--config FILE", &format!("--config {}", path.display())))
 }
 
 /// An error and its causes, each said once: a cause whose text the message already
