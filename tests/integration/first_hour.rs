@@ -274,3 +274,21 @@ fn a_locked_embedded_store_names_the_other_process_in_run_stats_and_replay() {
         assert!(!stderr.contains("check disk space"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_postgres_connection_error_names_the_host_and_port() {
+    // Nothing listens on port 1.
+    let out = Command::new(BIN)
+        .args(["check", "--config", "config/kdedup.toml"])
+        .env_remove("KDEDUP_LOG")
+        .env("KDEDUP_KAFKA__BROKERS", "127.0.0.1:1")
+        .env("KDEDUP_STORE__KIND", "postgres")
+        .env("KDEDUP_STORE__URL", "postgres://kdedup:pw-s3cr3t@127.0.0.1:1/kdedup")
+        .env("KDEDUP_METRICS__LISTEN", "")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find(|l| l.contains("] store")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("[FAIL]") && line.contains("at 127.0.0.1:1:"), "{line}");
+    assert!(!stdout.contains("pw-s3cr3t"), "never the password: {stdout}");
+}
