@@ -81,14 +81,18 @@ pub async fn run(path: &Path) -> Report {
     };
     let settings = settings(&config);
     checks.extend(offset_reset_check(&config));
+    let clients_check = clients_check(&config);
+    let clients_ok = clients_check.status == Status::Ok;
+    checks.push(clients_check);
+    if !clients_ok {
+        checks.push(check("broker", Status::Skip, "needs client settings librdkafka accepts"));
+        checks.push(store_check(&config.store, &config.retention, path).await);
+        checks.push(metrics_check(&config));
+        return finish(path, settings, checks);
+    }
 
     let clients = KafkaClients::from(&config.kafka);
-    let mut topics: Vec<String> = config.kafka.topics.clone();
-    if let SinkConfig::Kafka { topic, .. } = &config.sink {
-        topics.push(topic.clone());
-    }
-    topics.push(config.dead_letter_topic.clone());
-    topics.extend(config.duplicates_topic.clone());
+    let topics = kafka_client::required_topics(&config);
     let probe = {
         let (clients, topics) = (clients.clone(), topics.clone());
         tokio::task::spawn_blocking(move || kafka_client::probe(&clients, &topics, BROKER_TIMEOUT)).await
@@ -110,7 +114,20 @@ pub async fn run(path: &Path) -> Report {
             if clients.producer_connects_differently() {
                 checks.push(producer_check(&clients).await);
             }
-            checks.extend(topic_checks(&config, &probe.topics));
+            let topics = topic_checks(&config, &probe.topics);
+            let all_found = topics.iter().all(|c| c.status != Status::Fail);
+            checks.extend(topics);
+            if all_found {
+                let (config, clients) = (config.clone(), clients.clone());
+                let samples =
+                    tokio::task::spawn_blocking(move || event_id_checks(&config, &clients, SAMPLE_TIMEOUT)).await;
+                match samples {
+                    Ok(samples) => checks.extend(samples),
+                    Err(e) => {
+                        checks.push(check("event ids", Status::Fail, format!("the sample read did not finish: {e}")))
+                    }
+                }
+            }
         }
         Ok(Err(e)) => {
             let hint = if e.security {
@@ -125,9 +142,120 @@ pub async fn run(path: &Path) -> Report {
         Err(e) => checks.push(check("broker", Status::Fail, format!("the probe did not finish: {e}"))),
     }
 
-    checks.push(store_check(&config.store, &config.retention).await);
+    checks.push(store_check(&config.store, &config.retention, path).await);
     checks.push(metrics_check(&config));
     finish(path, settings, checks)
+}
+
+/// How many records of each input partition `check` reads through the key extractor.
+const SAMPLE_PER_PARTITION: i64 = 20;
+/// How long the sample read may take, over all input topics.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds every client `kdedup run` builds, as librdkafka will: an unknown or misspelled
+/// property (`sesion.timeout.ms`) or a bad value fails here, as it would fail `run`.
+fn clients_check(config: &Config) -> Check {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+    let clients = KafkaClients::from(&config.kafka);
+    let built = [
+        (
+            "consumer ([kafka.client] + [kafka.consumer])",
+            clients.group_consumer(&config.kafka.group_id).create::<BaseConsumer>().err(),
+        ),
+        ("producer ([kafka.client] + [kafka.producer])", clients.producer().create::<BaseProducer>().err()),
+        (
+            "reader ([kafka.client] + [kafka.consumer]'s connection settings)",
+            clients.reader("kdedup-check").create::<BaseConsumer>().err(),
+        ),
+    ];
+    let failed: Vec<String> = built.into_iter().filter_map(|(role, e)| e.map(|e| format!("the {role}: {e}"))).collect();
+    if failed.is_empty() {
+        check("kafka clients", Status::Ok, "librdkafka accepts every client's settings")
+    } else {
+        check("kafka clients", Status::Fail, format!("librdkafka refuses {}", failed.join("; ")))
+    }
+}
+
+/// Reads the last few records of each input partition through the key extractor: a
+/// `[key]` that does not match the data (the sample config's header on JSON events) would
+/// dead-letter every record as it arrives.
+fn event_id_checks(config: &Config, clients: &KafkaClients, timeout: Duration) -> Vec<Check> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let extractor = crate::event::KeyExtractor::new(config.key.clone());
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    for topic in &config.kafka.topics {
+        let reader: BaseConsumer = match clients.reader("kdedup-check").create() {
+            Ok(r) => r,
+            Err(e) => {
+                out.push(check("event ids", Status::Fail, format!("{topic}: cannot create a reader: {e}")));
+                continue;
+            }
+        };
+        let partitions = match reader.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(md) => md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<_>>(),
+            Err(e) => {
+                out.push(check("event ids", Status::Warn, format!("{topic}: cannot read its metadata: {e}")));
+                continue;
+            }
+        };
+        let mut tpl = TopicPartitionList::new();
+        let mut wanted = 0i64;
+        for p in partitions {
+            let Ok((low, high)) = reader.fetch_watermarks(topic, p, Duration::from_secs(5)) else { continue };
+            let from = low.max(high - SAMPLE_PER_PARTITION);
+            if from < high {
+                wanted += high - from;
+                let _ = tpl.add_partition_offset(topic, p, Offset::Offset(from));
+            }
+        }
+        if wanted == 0 {
+            out.push(check("event ids", Status::Ok, format!("{topic}: empty, nothing to sample")));
+            continue;
+        }
+        if let Err(e) = reader.assign(&tpl) {
+            out.push(check("event ids", Status::Warn, format!("{topic}: cannot read a sample: {e}")));
+            continue;
+        }
+        let (mut read, mut with_id, mut first_reason) = (0i64, 0i64, None);
+        while read < wanted && std::time::Instant::now() < deadline {
+            let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) else { continue };
+            read += 1;
+            match extractor.extract(crate::event::Record::from_message(&m, &std::sync::Arc::from(topic.as_str()))) {
+                Ok(_) => with_id += 1,
+                Err((record, e)) => {
+                    first_reason.get_or_insert_with(|| format!("{} at {}: {e}", e.reason(), record.position));
+                }
+            }
+        }
+        let (status, detail) = match (read, first_reason) {
+            (0, _) => (Status::Warn, format!("{topic}: no record could be read within {timeout:?}")),
+            (_, None) => (Status::Ok, format!("{topic}: {with_id} of {read} records have an event ID")),
+            (_, Some(reason)) => (
+                if with_id == 0 { Status::Fail } else { Status::Warn },
+                format!(
+                    "{topic}: {with_id} of {read} records have an event ID ({}); the others are dead-lettered, the first \
+                     because {reason}: check [key] source",
+                    key_source(&config.key.source)
+                ),
+            ),
+        };
+        out.push(check("event ids", status, detail));
+    }
+    out
+}
+
+/// Where `[key]` takes the event ID from, for a person.
+fn key_source(source: &crate::config::KeySource) -> String {
+    use crate::config::KeySource;
+    match source {
+        KeySource::Header(h) => format!("the header {h:?}"),
+        KeySource::RecordKey => "the record key".to_string(),
+        KeySource::Json(p) => format!("the JSON pointer {p:?} in the payload"),
+        KeySource::PayloadHash => "a hash of the payload".to_string(),
+    }
 }
 
 /// `auto.offset.reset` set to the end (`latest`, or librdkafka's synonyms `largest`
@@ -173,31 +301,13 @@ fn finish(path: &Path, settings: serde_json::Value, checks: Vec<Check>) -> Repor
 /// Topics exist, with their partition counts; then whether reconciliation can find a
 /// partition's writes (DESIGN.md §1, src/reconcile.rs).
 fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec<Check> {
-    let mut missing = Vec::new();
-    let mut seen = Vec::new();
-    for (topic, partitions) in found {
-        match partitions {
-            Some(n) => seen.push(format!("{topic} ({n} partition{})", if *n == 1 { "" } else { "s" })),
-            None => missing.push(topic.clone()),
-        }
-    }
     let mut out = Vec::new();
-    if missing.is_empty() {
-        out.push(check("topics", Status::Ok, seen.join(", ")));
-    } else {
-        out.push(check(
-            "topics",
-            Status::Fail,
-            format!(
-                "missing: {} (kdedup creates no topics: create them, e.g. `kafka-topics.sh --create --topic NAME \
-                 --partitions N`); found: {}",
-                missing.join(", "),
-                if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
-            ),
-        ));
+    if let Some(refusal) = kafka_client::missing_topics(found) {
+        out.push(check("topics", Status::Fail, refusal));
         out.push(check("partitioning", Status::Skip, "needs every topic"));
         return out;
     }
+    out.push(check("topics", Status::Ok, kafka_client::found_topics(found).join(", ")));
     let input_max = config.kafka.topics.iter().filter_map(|t| found[t]).max().unwrap_or(0);
     let dlq = found[&config.dead_letter_topic].unwrap_or(0);
     let mut notes = Vec::new();
@@ -239,7 +349,8 @@ fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec
     out
 }
 
-async fn store_check(config: &StoreConfig, retention: &Retention) -> Check {
+/// `file` is the config file given, named in what to run next.
+async fn store_check(config: &StoreConfig, retention: &Retention, file: &Path) -> Check {
     if let StoreConfig::Embedded { path } = config {
         // Opening would create it: say what `run` will do instead of doing it.
         if !path.exists() {
@@ -287,7 +398,7 @@ async fn store_check(config: &StoreConfig, retention: &Retention) -> Check {
         Ok(Err(e)) => check(
             "store",
             Status::Fail,
-            format!("{} store: {e} (apply the schema with `kdedup schema apply --config FILE`)", store.kind()),
+            format!("{} store: {e}", store.kind()).replace("--config FILE", &format!("--config {}", file.display())),
         ),
         Err(_) => check("store", Status::Fail, format!("{} store did not answer within 15 s", store.kind())),
     }
@@ -360,7 +471,7 @@ pub async fn run_serve(path: &Path) -> Report {
         "lease_secs": config.retention.lease.as_secs(),
         "store": kind(&config.store),
     });
-    checks.push(store_check(&config.store, &config.retention).await);
+    checks.push(store_check(&config.store, &config.retention, path).await);
     let host = config.upstream.trim_start_matches("http://").to_string();
     let upstream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host.as_str())).await;
     checks.push(match upstream {
@@ -427,7 +538,35 @@ fn settings(c: &Config) -> serde_json::Value {
             "consumer": redacted(&c.kafka.consumer),
             "producer": redacted(&c.kafka.producer),
         },
-        "key": { "scope": c.key.scope },
+        "key": {
+            "source": key_source(&c.key.source),
+            "scope": c.key.scope,
+            "max_bytes": c.key.max_bytes.get(),
+            "on_oversize": match c.key.on_oversize {
+                crate::config::OnOversize::Hash => "hash",
+                crate::config::OnOversize::DeadLetter => "dead_letter",
+            },
+            "fingerprint_fields": if c.key.fingerprint_fields.is_empty() {
+                "the whole payload".to_string()
+            } else {
+                c.key.fingerprint_fields.join(", ")
+            },
+        },
+        "filter": {
+            "expected_keys": c.filter.expected_keys.get(),
+            "false_positive_rate": c.filter.false_positive_rate,
+            "recent_keys": c.filter.recent_keys,
+            "expired_keys": c.filter.expired_keys,
+        },
+        "pipeline": {
+            "batch_max": c.pipeline.batch_max.get(),
+            "commit_interval_ms": c.pipeline.commit_interval.as_millis() as u64,
+            "drain_timeout_ms": c.pipeline.drain_timeout.as_millis() as u64,
+            "on_conflict": match c.pipeline.on_conflict {
+                crate::config::OnConflict::DeadLetter => "dead_letter",
+                crate::config::OnConflict::Drop => "drop",
+            },
+        },
         "store": store,
         "ttl_secs": c.retention.ttl.as_secs(),
         "lease_secs": c.retention.lease.as_secs(),
@@ -435,7 +574,6 @@ fn settings(c: &Config) -> serde_json::Value {
         "dead_letter_topic": c.dead_letter_topic,
         "duplicates_topic": c.duplicates_topic,
         "metrics_listen": c.metrics_listen.map(|a| a.to_string()),
-        "drain_timeout_ms": c.pipeline.drain_timeout.as_millis() as u64,
         // Observe mode forwards duplicates: say so where the settings are checked.
         "mode": match c.pipeline.mode {
             crate::config::Mode::Enforce => "enforce",

@@ -322,10 +322,10 @@ pub struct KeyArgs {
 /// Runs a parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run { config: path } => {
+            let config = Config::load(&path)?;
             let options = RunOptions { metrics: Metrics::new(), serve_metrics: true, ..RunOptions::default() };
-            service::run(&config, options, shutdown_signal()).await?;
+            service::run(&config, options, shutdown_signal()).await.map_err(|e| with_config_file(&e, &path))?;
             Ok(0)
         }
         Command::Serve { config } => {
@@ -507,23 +507,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Inspect(args) => {
             let (store, key) = open_for_key(args)?;
-            match store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() {
-                Some(row) => println!(
-                    "{}\nstate: {:?}\nfingerprint: {}\nclaimed by: {}\nclaimed at (ms): {}\nlease until (ms): {}\nexpires at (ms): {}",
-                    key.display_id(),
-                    row.state,
-                    row.fingerprint,
-                    row.position,
-                    row.claimed_at_ms,
-                    row.lease_until_ms,
-                    row.expires_at_ms
-                ),
-                None => println!("{}: not in the store (never seen, expired, or forgotten)", key.display_id()),
-            }
+            let Some(row) = store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() else {
+                println!("{}: not in the store (never seen, expired, or forgotten)", key.display_id());
+                return Ok(1);
+            };
+            println!(
+                "{}\nstate: {}\nfingerprint: {}\nclaimed by: {}\nclaimed at: {}\nlease until: {}\nexpires at: {}",
+                key.display_id(),
+                match row.state {
+                    crate::store::ClaimState::InFlight => "in flight (claimed, its effect not yet known to be done)",
+                    crate::store::ClaimState::Done => "done (its effect ran; later copies are duplicates)",
+                },
+                row.fingerprint,
+                row.position,
+                human_time(row.claimed_at_ms),
+                human_time(row.lease_until_ms),
+                human_time(row.expires_at_ms)
+            );
             if let Some(r) = store.response(key, now_ms()).await? {
                 println!(
-                    "response: HTTP {} after {} attempt(s), at (ms) {}\nresponse body: {} bytes, sha256 {}\nresponse excerpt: {:?}",
-                    r.status, r.attempts, r.at_ms, r.body_bytes, r.body_sha256, r.excerpt
+                    "response: HTTP {} after {} attempt(s), at {}\nresponse body: {} bytes, sha256 {}\nresponse excerpt: {:?}",
+                    r.status, r.attempts, human_time(r.at_ms), r.body_bytes, r.body_sha256, r.excerpt
                 );
             }
             Ok(0)
@@ -577,7 +581,10 @@ async fn replay_command(args: ReplayArgs) -> anyhow::Result<i32> {
     };
     let job_id = args.job_id.unwrap_or_else(|| format!("replay-{now}"));
     if !args.json {
-        eprintln!("replay job {job_id}, mode {:?}", args.mode);
+        eprintln!("replay job {job_id}, mode {}", args.mode);
+    }
+    if args.show > 0 && args.mode != replay::Mode::DryRun {
+        eprintln!("note: --show lists what a dry-run finds; it is ignored with --mode {}", args.mode);
     }
     let options = replay::ReplayOptions {
         topic: args.topic,
@@ -614,6 +621,46 @@ async fn replay_command(args: ReplayArgs) -> anyhow::Result<i32> {
     Ok(if report.interrupted { 4 } else { 0 })
 }
 
+/// Milliseconds since the Unix epoch as a person reads them: RFC 3339 in UTC, and how far
+/// from now ("2026-12-05T01:02:03.456Z, 3 min ago").
+pub fn human_time(ms: u64) -> String {
+    let Some(at) = chrono::DateTime::from_timestamp_millis(ms as i64) else {
+        return format!("{ms} ms since the epoch");
+    };
+    let now = now_ms();
+    let (secs, dir) = if ms <= now { ((now - ms) / 1000, "ago") } else { ((ms - now) / 1000, "from now") };
+    let span = match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    };
+    format!("{}, {span} {dir}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// The stores name the command that fixes a missing schema with a placeholder for the
+/// config file (they never see it): the file this command was given, instead.
+pub fn with_config_file(e: &anyhow::Error, path: &std::path::Path) -> anyhow::Error {
+    anyhow::anyhow!(error_chain(e).replace("--config FILE", &format!("--config {}", path.display())))
+}
+
+/// An error and its causes, each said once: a cause whose text the message already
+/// carries (an error that prints its source, then the source itself) is left out.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn print_replay(r: &replay::Report) {
     if r.counts.records == 0 {
         println!(
@@ -622,7 +669,7 @@ fn print_replay(r: &replay::Report) {
             r.partitions.len()
         );
     }
-    println!("{:?} of {} (job {}){}", r.mode, r.topic, r.job_id, if r.interrupted { ", interrupted" } else { "" });
+    println!("{} of {} (job {}){}", r.mode, r.topic, r.job_id, if r.interrupted { ", interrupted" } else { "" });
     let row = |name: String, from: String, to: String, c: &replay::Counts| {
         println!(
             "  {name:>9} {from:>12} {to:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -642,6 +689,12 @@ fn print_replay(r: &replay::Report) {
     }
     for s in &r.shown {
         println!("  {} {} at {} (first seen at {})", s.outcome, s.event_id, s.position, s.first);
+    }
+    if r.counts.done > 0 {
+        println!(
+            "  {} records were already handled here, at their own positions (done: not duplicates, not run again)",
+            r.counts.done
+        );
     }
     println!("  {:.2}s", r.elapsed_secs);
 }
@@ -722,4 +775,26 @@ async fn shutdown_signal() -> StopMode {
         let _ = ctrl_c.await;
     }
     StopMode::Drain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        // An error whose message already carries its source's text.
+        let e = anyhow::Error::new(io).context(text.clone()).context("cannot open the store");
+        assert_eq!(error_chain(&e), format!("cannot open the store: {text}"));
+    }
+
+    #[test]
+    fn times_read_as_dates_not_epoch_milliseconds() {
+        let text = human_time(1_796_426_556_000);
+        assert!(text.starts_with("2026-12-04T23:22:36.000Z, "), "{text}");
+        assert!(text.ends_with(" ago") || text.ends_with(" from now"), "{text}");
+        assert!(human_time(now_ms() + 90_000).ends_with("s from now"));
+    }
 }

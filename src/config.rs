@@ -1145,6 +1145,19 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
     }
     check_group_protocol(&client, &consumer).map_err(|(key, message)| invalid(&key, message))?;
 
+    // kdedup creates no topics (kafka_client.rs sets this false on every client): a mistyped
+    // topic must fail at start, not be created and receive the stream.
+    for (section, map) in [("client", &client), ("consumer", &consumer), ("producer", &producer)] {
+        if let Some(value) = map.get("allow.auto.create.topics") {
+            if librdkafka_bool(value) != Some(false) {
+                return Err(invalid(
+                    &format!("kafka.{section}.allow.auto.create.topics"),
+                    format!("is {value:?}; it must be false (or absent): kdedup creates no topics, so a mistyped topic fails at start instead of receiving the stream"),
+                ));
+            }
+        }
+    }
+
     let k = &file.key;
     let source = match k.source.as_str() {
         "header" => {

@@ -235,6 +235,9 @@ struct Held {
     lost: Mutex<HashSet<i64>>,
     /// When the last ownership check before a write began (ms since the epoch).
     checked_ms: AtomicU64,
+    /// Claims won fresh whose effect was not yet handed to the sink: a drain that stops
+    /// before their effect releases them (never effected, nothing to resume or mark).
+    unstarted: Mutex<Vec<(EventKey, Position)>>,
 }
 
 impl Held {
@@ -249,6 +252,16 @@ impl Held {
     }
     fn remove(&self, gone: &[(EventKey, Position)]) {
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).retain(|k| !gone.contains(k));
+    }
+    fn started(&self, keys: &[(EventKey, Position)]) {
+        self.unstarted.lock().unwrap_or_else(|p| p.into_inner()).retain(|k| !keys.contains(k));
+    }
+    /// The claims still held whose effect never started.
+    fn take_unstarted(&self) -> Vec<(EventKey, Position)> {
+        let held = self.snapshot();
+        let mut unstarted = std::mem::take(&mut *self.unstarted.lock().unwrap_or_else(|p| p.into_inner()));
+        unstarted.retain(|k| held.contains(k));
+        unstarted
     }
     fn was_lost(&self, offset: i64) -> bool {
         self.lost.lock().unwrap_or_else(|p| p.into_inner()).contains(&offset)
@@ -426,7 +439,47 @@ impl Core {
         Ok(())
     }
 
+    /// The batch's rounds; when the driver stops it (a drain) before some of its fresh
+    /// claims' effects were handed to the sink, those claims are released: they were never
+    /// effected, so the next owner claims them fresh instead of resuming them as a crash's
+    /// and marking them as possible repeats. A claim whose effect may have been handed over
+    /// is never released: it is completed, or left for reconciliation.
     async fn rounds<D: Driver>(
+        &self,
+        d: &mut D,
+        records: Vec<Record>,
+        arrived: Instant,
+        held: &Held,
+    ) -> Result<(), Stop> {
+        let result = self.run_rounds(d, records, arrived, held).await;
+        if matches!(result, Err(Stop::Draining)) {
+            self.release_unstarted(d, held).await;
+        }
+        result
+    }
+
+    /// Releases the held claims whose effect never started (one attempt: the driver is
+    /// stopping, so a failing store is not waited on; the claims then stay for the next owner).
+    async fn release_unstarted<D: Driver>(&self, d: &D, held: &Held) {
+        let keys = held.take_unstarted();
+        if keys.is_empty() {
+            return;
+        }
+        let (topic, partition, count) = (&d.partition().0, d.partition().1, keys.len());
+        held.remove(&keys);
+        match self.store.release(keys).await {
+            Ok(()) => {
+                self.settled_claims.send_modify(|n| *n += 1);
+                self.metrics.drain_released.inc_by(count as u64);
+                info!(%topic, partition, count, "stopping: released the claims whose effects had not started (the next owner claims them fresh, unmarked)");
+            }
+            Err(e) => {
+                warn!(%topic, partition, count, error = %e, "stopping: could not release the claims whose effects had not started; the next owner resumes them")
+            }
+        }
+    }
+
+    async fn run_rounds<D: Driver>(
         &self,
         d: &mut D,
         records: Vec<Record>,
@@ -693,7 +746,11 @@ impl Core {
                         }
                     }
                     let e = envelope(&items[i]);
-                    held.add([(e.key.clone(), self.claimant(&e.record.position))]);
+                    let claim = (e.key.clone(), self.claimant(&e.record.position));
+                    if acquired == Acquired::Fresh && !late {
+                        held.unstarted.lock().unwrap_or_else(|p| p.into_inner()).push(claim.clone());
+                    }
+                    held.add([claim]);
                     if late {
                         held.lost.lock().unwrap_or_else(|p| p.into_inner()).insert(e.record.position.offset);
                     }
@@ -745,6 +802,8 @@ impl Core {
                 if d.already_emitted(envelope.record.position.offset, &envelope.key.id) {
                     if new {
                         s.metrics.reconciled.inc();
+                        // Its effect is in the output: never released by a drain.
+                        held.started(&[(envelope.key.clone(), self.claimant(&envelope.record.position))]);
                     }
                 } else {
                     pending.push(i);
@@ -778,6 +837,13 @@ impl Core {
                 .collect();
             let repeats = batch.iter().filter(|e| e.possible_repeat).count();
             self.guard(d, held).await?;
+            // From here the effects may land: these claims are never released by a drain.
+            held.started(
+                &batch
+                    .iter()
+                    .map(|e| (e.envelope.key.clone(), self.claimant(&e.envelope.record.position)))
+                    .collect::<Vec<_>>(),
+            );
             s.metrics.possible_repeats.inc_by(repeats as u64);
             let results = s.sink.deliver(&batch).await;
             if results.len() != batch.len() {

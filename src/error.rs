@@ -98,6 +98,12 @@ pub enum StoreError {
         /// The engine's message.
         message: String,
     },
+    /// Another process has the embedded store open (it is for one process at a time).
+    #[error("another kdedup process holds {path} (the embedded store serves one process: stop that one, or give this one its own [store] path)")]
+    Locked {
+        /// The store's directory.
+        path: String,
+    },
     /// A stored row does not decode; what was wrong with it.
     #[error("store row for a key is corrupt ({0}); run `kdedup forget` on the key or restore the store")]
     Corrupt(String),
@@ -136,7 +142,7 @@ impl StoreError {
             // an operator sees the error in logs and on /readyz.
             StoreError::Embedded { .. } | StoreError::Task(_) => true,
             StoreError::Postgres { retriable, .. } | StoreError::Scylla { retriable, .. } => *retriable,
-            StoreError::Corrupt(_) | StoreError::Config(_) => false,
+            StoreError::Corrupt(_) | StoreError::Config(_) | StoreError::Locked { .. } => false,
         }
     }
 }

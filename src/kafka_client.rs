@@ -24,7 +24,7 @@ use rdkafka::metadata::Metadata;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientConfig;
 
-use crate::config::KafkaConfig;
+use crate::config::{Config, KafkaConfig, SinkConfig};
 use crate::error::ProbeError;
 
 /// The settings every client is built from: brokers and the three property sections.
@@ -146,6 +146,7 @@ impl KafkaClients {
             .set("fetch.queue.backoff.ms", "10");
         Self::layer(&mut c, &self.client, false);
         Self::layer(&mut c, &self.consumer, false);
+        no_topic_creation(&mut c);
         c
     }
 
@@ -155,6 +156,7 @@ impl KafkaClients {
         c.set("enable.idempotence", "true").set("linger.ms", "5").set("message.timeout.ms", "30000");
         Self::layer(&mut c, &self.client, false);
         Self::layer(&mut c, &self.producer, false);
+        no_topic_creation(&mut c);
         c
     }
 
@@ -165,8 +167,75 @@ impl KafkaClients {
         c.set("group.id", group_id).set("enable.auto.commit", "false").set("enable.partition.eof", "false");
         Self::layer(&mut c, &self.client, false);
         Self::layer(&mut c, &self.consumer, true);
+        no_topic_creation(&mut c);
         c
     }
+}
+
+/// kdedup creates no topics: a metadata request (a producer's first write to a topic,
+/// `partition_count`, a probe) must never ask the broker to create the topic it names, or a
+/// mistyped `[sink] topic` is created with the broker's default partition count and receives
+/// the stream. librdkafka's producer asks for creation by default; the config refuses `true`
+/// in any section (config.rs), and this is set last so no layer can turn it back on.
+fn no_topic_creation(c: &mut ClientConfig) {
+    c.set("allow.auto.create.topics", "false");
+}
+
+/// Every topic `kdedup run` reads or writes, each once: the inputs and [`written_topics`].
+pub fn required_topics(config: &Config) -> Vec<String> {
+    let mut topics: Vec<String> = config.kafka.topics.clone();
+    topics.extend(written_topics(config));
+    let mut seen = std::collections::BTreeSet::new();
+    topics.retain(|t| seen.insert(t.clone()));
+    topics
+}
+
+/// The topics `kdedup run` writes: the output (a Kafka sink) or the HTTP sink's results
+/// topic, the dead-letter and the duplicates topics.
+pub fn written_topics(config: &Config) -> Vec<String> {
+    let mut topics = Vec::new();
+    match &config.sink {
+        SinkConfig::Kafka { topic, .. } => topics.push(topic.clone()),
+        SinkConfig::Http(h) => topics.extend(h.results_topic.clone()),
+        SinkConfig::Stdout | SinkConfig::Custom => {}
+    }
+    topics.push(config.dead_letter_topic.clone());
+    topics.extend(config.duplicates_topic.clone());
+    topics
+}
+
+/// The refusal for topics a probe did not find (`None` when every one exists): the same words
+/// in `check`, `run` and `replay`.
+pub fn missing_topics(found: &BTreeMap<String, Option<usize>>) -> Option<String> {
+    let missing: Vec<&str> = found.iter().filter(|(_, n)| n.is_none()).map(|(t, _)| t.as_str()).collect();
+    let seen = found_topics(found);
+    (!missing.is_empty()).then(|| {
+        format!(
+            "missing: {} (kdedup creates no topics: create them, e.g. `kafka-topics.sh --create --topic NAME \
+             --partitions N`); found: {}",
+            missing.join(", "),
+            if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
+        )
+    })
+}
+
+/// The topics a probe found, each with its partition count: "orders (3 partitions)".
+pub fn found_topics(found: &BTreeMap<String, Option<usize>>) -> Vec<String> {
+    found
+        .iter()
+        .filter_map(|(t, n)| n.map(|n| format!("{t} ({n} partition{})", if n == 1 { "" } else { "s" })))
+        .collect()
+}
+
+/// Why `kdedup run` or `replay` will not start on these brokers.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// The brokers did not answer, or refused the connection settings.
+    #[error(transparent)]
+    Unreachable(#[from] ProbeError),
+    /// A topic kdedup reads or writes does not exist.
+    #[error("{0}")]
+    MissingTopics(String),
 }
 
 /// What a probe learnt: each asked-for topic's partition count (`None`: the broker does not know it).
@@ -230,24 +299,24 @@ impl Report {
     }
 }
 
-/// Before `kdedup run` builds its clients: fails, with librdkafka's reason, when TLS or SASL
-/// fails (those settings will not start working by waiting). Brokers that are merely
-/// unreachable are left to the clients' own retries and errors.
-pub fn preflight(kafka: &KafkaConfig) -> Result<(), ProbeError> {
+/// Before `kdedup run` or `replay` builds its clients: the brokers answer (with the readers'
+/// settings, and the producer's when they differ) and every topic in `topics` exists, asked
+/// with clients that cannot create topics. Fails once, with librdkafka's reason ("cannot reach
+/// Kafka at ADDRESS: …"), instead of leaving the clients to log their retries for ever.
+pub fn preflight(kafka: &KafkaConfig, topics: &[String]) -> Result<Probe, PreflightError> {
     let clients = KafkaClients::from(kafka);
-    let mut roles = vec![ProbeAs::Consumer];
+    let probe = probe_as(&clients, ProbeAs::Consumer, topics, PREFLIGHT_TIMEOUT)?;
     if clients.producer_connects_differently() {
-        roles.push(ProbeAs::Producer);
+        probe_as(&clients, ProbeAs::Producer, &[], PREFLIGHT_TIMEOUT)?;
     }
-    for role in roles {
-        match probe_as(&clients, role, &kafka.topics, Duration::from_secs(10)) {
-            Err(e) if e.security => return Err(e),
-            Err(e) => tracing::warn!(error = %e, ?role, "Kafka does not answer yet"),
-            Ok(_) => {}
-        }
+    match missing_topics(&probe.topics) {
+        Some(refusal) => Err(PreflightError::MissingTopics(refusal)),
+        None => Ok(probe),
     }
-    Ok(())
 }
+
+/// How long [`preflight`] waits for the brokers.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One metadata request of a probe waits at most this long before the probe looks at what
 /// librdkafka reported.

@@ -19,7 +19,9 @@ fn main() {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into a redirected log.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -34,7 +36,7 @@ fn main() {
     let code = match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::error_chain(&e));
             2
         }
     };

@@ -138,6 +138,8 @@ pub struct Metrics {
     pub claim_waits: IntCounter,
     /// `kdedup_claims_resumed_total`: claims resumed at their own position after a crash.
     pub claims_resumed: IntCounter,
+    /// `kdedup_drain_released_total`: claims a stop released because their effects had not started.
+    pub drain_released: IntCounter,
     /// `kdedup_claims_lost_total`: completions refused because the claim was taken over.
     pub claims_lost: IntCounter,
     /// `kdedup_reconciled_total`: new claims whose effect was found already written: completed, not re-run.
@@ -177,6 +179,9 @@ pub struct Metrics {
     pub zombie_batches_dropped: IntCounter,
     /// `kdedup_partition_stalled_since_seconds{topic,partition}`: Unix seconds a partition stalled at; 0 while it progresses.
     pub partition_stalled_since: IntGaugeVec,
+    /// `kdedup_partition_dead_letter_share{topic,partition}`: the share of the partition's last
+    /// records dead-lettered for their most common reason (a `[key]` that does not match the data).
+    pub partition_dead_letter_share: GaugeVec,
     /// `kdedup_partition_errors_total{topic,reason}`: errors a partition's queue reported
     /// (`decode`, `offset_reset`, `authorization`, `other`) and gaps they left (`skipped`).
     pub partition_errors: IntCounterVec,
@@ -456,6 +461,11 @@ impl Metrics {
             store_unavailable,
             claim_waits: counter("kdedup_claim_waits_total", "Claims answered in-flight (another owner's live lease)."),
             claims_resumed: counter("kdedup_claims_resumed_total", "Claims resumed at their own position after a crash."),
+            drain_released: counter(
+                "kdedup_drain_released_total",
+                "Claims a stop (shutdown, revoke) released because their effects had not started: claimed fresh by \
+                 the next owner, not resumed as a crash's.",
+            ),
             claims_lost: counter(
                 "kdedup_claims_lost_total",
                 "Completions refused because the claim was taken over (the effect may run twice).",
@@ -520,6 +530,20 @@ impl Metrics {
                     Opts::new(
                         "kdedup_partition_stalled_since_seconds",
                         "When the partition stalled (Unix seconds; 0 while it progresses): it is retrying a store call, an effect, a dead letter or its reconciliation, or its queue reported an error and delivered nothing since.",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("static metric");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            partition_dead_letter_share: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "kdedup_partition_dead_letter_share",
+                        "Share (0 to 1) of the partition's last records (a window of a few hundred) dead-lettered for \
+                         their most common reason: near 1, nearly every record is dead-lettered alike (typically a \
+                         [key] that does not match the data: missing_id).",
                     ),
                     &["topic", "partition"],
                 )
@@ -868,6 +892,7 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
         self.store_answered(tp, true);
         let labels = [tp.0.to_string(), tp.1.to_string()];
         let _ = self.partition_stalled_since.remove_label_values(&labels);
+        let _ = self.partition_dead_letter_share.remove_label_values(&labels);
         let _ = self.lag_records.remove_label_values(&labels);
         let _ = self.lag_seconds.remove_label_values(&labels);
     }

@@ -184,6 +184,68 @@ pub struct PartitionTask {
     rewind: Rewind,
     /// The end of the last freeze after which the group was found to keep this partition.
     confirmed_thaw_ms: AtomicU64,
+    /// Whether nearly every recent record is dead-lettered for the same reason.
+    dead_letters: DeadLetterWatch,
+}
+
+/// Watches a partition's records in windows of [`DeadLetterWatch::WINDOW`]: when nearly all
+/// of a window are dead-lettered for one reason (the sample config's header on events that
+/// carry none: every record `missing_id`, every offset committed), it says so once, loudly,
+/// and again when it ends. Readiness stays true: the partition progresses and commits, and a
+/// restart would change nothing; it is the data or `[key]` that needs a person, and the
+/// metric and the alert reach one.
+#[derive(Debug, Default)]
+pub(crate) struct DeadLetterWatch {
+    records: u32,
+    reasons: HashMap<&'static str, u32>,
+    /// The reason of the streak being reported, if one is.
+    loud: Option<&'static str>,
+}
+
+/// What a window ended with.
+#[derive(Debug, PartialEq)]
+pub(crate) enum DeadLetterVerdict {
+    /// Nothing to say (the window is not full, or nothing changed).
+    Quiet,
+    /// The share of the window dead-lettered for its most common reason.
+    Share(f64),
+    /// A streak began: nearly all dead-lettered for this reason, with the share.
+    Began(&'static str, f64),
+    /// The streak of this reason ended, with the share now.
+    Ended(&'static str, f64),
+}
+
+impl DeadLetterWatch {
+    /// Records per window.
+    pub(crate) const WINDOW: u32 = 200;
+    /// The share of a window above which it is "nearly all".
+    pub(crate) const NEARLY_ALL: f64 = 0.9;
+
+    /// Counts one finished record (`reason`: why it was dead-lettered, if it was).
+    pub(crate) fn record(&mut self, reason: Option<&'static str>) -> DeadLetterVerdict {
+        self.records += 1;
+        if let Some(reason) = reason {
+            *self.reasons.entry(reason).or_default() += 1;
+        }
+        if self.records < Self::WINDOW {
+            return DeadLetterVerdict::Quiet;
+        }
+        let top = self.reasons.iter().max_by_key(|(_, n)| **n).map(|(r, n)| (*r, *n));
+        let share = top.map_or(0.0, |(_, n)| f64::from(n) / f64::from(self.records));
+        self.records = 0;
+        self.reasons.clear();
+        match (top, self.loud) {
+            (Some((reason, _)), None) if share >= Self::NEARLY_ALL => {
+                self.loud = Some(reason);
+                DeadLetterVerdict::Began(reason, share)
+            }
+            (top, Some(was)) if share < Self::NEARLY_ALL || top.is_some_and(|(r, _)| r != was) => {
+                self.loud = None;
+                DeadLetterVerdict::Ended(was, share)
+            }
+            _ => DeadLetterVerdict::Share(share),
+        }
+    }
 }
 
 /// What one partition's queue delivered so far, to tell a gap in offsets that
@@ -525,6 +587,26 @@ impl PartitionTask {
     }
 }
 
+impl PartitionTask {
+    fn watch_dead_letters(&mut self, reason: Option<&'static str>) {
+        let (topic, partition) = (&self.tp.0, self.tp.1);
+        let share = match self.dead_letters.record(reason) {
+            DeadLetterVerdict::Quiet => return,
+            DeadLetterVerdict::Share(share) => share,
+            DeadLetterVerdict::Began(reason, share) => {
+                warn!(%topic, partition, reason, share, "nearly every record of this partition is dead-lettered for the same reason (their offsets are committed): check [key] against the records (`kdedup check` samples them) and the dead-letter topic's kdedup-reason headers");
+                share
+            }
+            DeadLetterVerdict::Ended(reason, share) => {
+                info!(%topic, partition, reason, share, "this partition no longer dead-letters nearly every record");
+                share
+            }
+        };
+        let labels = [topic.to_string(), partition.to_string()];
+        self.stages.core.metrics.partition_dead_letter_share.with_label_values(&labels).set(share);
+    }
+}
+
 impl Driver for PartitionTask {
     fn partition(&self) -> &TopicPartition {
         &self.tp
@@ -566,6 +648,11 @@ impl Driver for PartitionTask {
     /// log marks that do not pass a write for a record at or above it.
     fn finished(&mut self, items: &[Item]) {
         for item in items {
+            let reason = match item {
+                Item::Bad { error, .. } => Some(error.reason()),
+                Item::Keyed { .. } => None,
+            };
+            self.watch_dead_letters(reason);
             if let Err(e) = self.tracker.finish(item.record().position.offset) {
                 error!(topic = %self.tp.0, partition = self.tp.1, error = %e, "offset tracking broken");
             }
@@ -638,6 +725,7 @@ impl PartitionHandler for Workers {
             continuity: Continuity::starting_at(resume.committed),
             rewind,
             confirmed_thaw_ms: AtomicU64::new(0),
+            dead_letters: DeadLetterWatch::default(),
         };
         let stages = self.stages.clone();
         let tp_of_task = tp.clone();
@@ -706,6 +794,27 @@ impl PartitionHandler for Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_nearly_all_dead_lettered_alike_is_loud_once_then_ends() {
+        let mut w = DeadLetterWatch::default();
+        let window = |w: &mut DeadLetterWatch, bad: u32, reason| {
+            (0..DeadLetterWatch::WINDOW).map(|i| w.record((i < bad).then_some(reason))).last().unwrap()
+        };
+        assert_eq!(window(&mut w, 20, "missing_id"), DeadLetterVerdict::Share(0.1));
+        assert_eq!(window(&mut w, 199, "missing_id"), DeadLetterVerdict::Began("missing_id", 0.995));
+        assert_eq!(window(&mut w, 200, "missing_id"), DeadLetterVerdict::Share(1.0), "said once per streak");
+        assert_eq!(window(&mut w, 200, "invalid_json"), DeadLetterVerdict::Ended("missing_id", 1.0));
+        assert_eq!(window(&mut w, 200, "invalid_json"), DeadLetterVerdict::Began("invalid_json", 1.0));
+        assert_eq!(window(&mut w, 0, "invalid_json"), DeadLetterVerdict::Ended("invalid_json", 0.0));
+        // Many dead letters, but for mixed reasons: none dominates.
+        let mut w = DeadLetterWatch::default();
+        let last = (0..DeadLetterWatch::WINDOW)
+            .map(|i| w.record(Some(if i % 2 == 0 { "missing_id" } else { "invalid_json" })))
+            .last()
+            .unwrap();
+        assert_eq!(last, DeadLetterVerdict::Share(0.5));
+    }
 
     #[test]
     fn gaps_without_an_error_are_compaction_or_markers() {

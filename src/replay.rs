@@ -68,6 +68,18 @@ pub enum Mode {
     Release,
 }
 
+/// As on the command line (`--mode dry-run`), for people.
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::DryRun => "dry-run",
+            Mode::Apply => "apply",
+            Mode::Redrive => "redrive",
+            Mode::Release => "release",
+        })
+    }
+}
+
 /// Where a range starts (inclusive).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -124,8 +136,10 @@ pub struct Counts {
     pub records: u64,
     /// New: no live row (dry-run), or claimed and effected (apply, redrive).
     pub new: u64,
-    /// Done earlier with the same fingerprint, or an earlier record of the range.
+    /// Done earlier with the same fingerprint, or an earlier record of the range: a later copy.
     pub duplicate: u64,
+    /// Dry-run: already handled here, at this very position (the live group's own work, not a copy).
+    pub done: u64,
     /// The ID was first claimed with another fingerprint.
     pub conflict: u64,
     /// Another owner holds a live claim.
@@ -143,6 +157,7 @@ impl Counts {
         self.records += o.records;
         self.new += o.new;
         self.duplicate += o.duplicate;
+        self.done += o.done;
         self.conflict += o.conflict;
         self.in_flight += o.in_flight;
         self.bad += o.bad;
@@ -263,6 +278,25 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
             )))
         }
     };
+    if matches!(options.mode, Mode::Apply | Mode::Redrive) {
+        // What the job will write must exist before a producer asks for it (kdedup creates no topics).
+        let mut written = match &options.to_topic {
+            Some(t) => vec![t.clone(), config.dead_letter_topic.clone()],
+            None => crate::kafka_client::written_topics(config),
+        };
+        written.dedup();
+        let kafka = config.kafka.clone();
+        let preflight = tokio::task::block_in_place(|| crate::kafka_client::preflight(&kafka, &written));
+        match preflight {
+            Ok(_) => {}
+            Err(crate::kafka_client::PreflightError::MissingTopics(refusal)) => {
+                return Err(ReplayError::Usage(format!("topics {refusal}")))
+            }
+            Err(crate::kafka_client::PreflightError::Unreachable(e)) => {
+                return Err(ReplayError::Unreachable(e.to_string()))
+            }
+        }
+    }
     let clients: KafkaClients = (&config.kafka).into();
     let consumer: StreamConsumer = clients
         .reader(&config.kafka.group_id)
@@ -570,6 +604,10 @@ async fn dry_run(
                 match row {
                     None => None,
                     Some(row) if row.state == ClaimState::InFlight => Some(("in_flight", row.position.to_string())),
+                    // Claimed at this very record: the original, handled here already, not a copy of itself.
+                    Some(row) if claimed_at(&row.position, &e.record.position) && row.fingerprint == e.fingerprint => {
+                        Some(("done", row.position.to_string()))
+                    }
                     Some(row) if row.fingerprint == e.fingerprint => Some(("duplicate", row.position.to_string())),
                     Some(row) => Some(("conflict", row.position.to_string())),
                 }
@@ -581,9 +619,10 @@ async fn dry_run(
                 match outcome {
                     "duplicate" => counts.duplicate += 1,
                     "conflict" => counts.conflict += 1,
+                    "done" => counts.done += 1,
                     _ => counts.in_flight += 1,
                 }
-                if outcome != "in_flight" && shown.len() < show {
+                if (outcome == "duplicate" || outcome == "conflict") && shown.len() < show {
                     shown.push(Shown {
                         outcome,
                         position: e.record.position.to_string(),
@@ -595,6 +634,18 @@ async fn dry_run(
         }
     }
     Ok(())
+}
+
+/// Whether a claim row's claimant is this very record: the live group's claim at its position,
+/// or a replay job's (`replay:JOB:TOPIC`, see `decide::Core::claimant`) at the same place.
+fn claimed_at(claimant: &Position, record: &Position) -> bool {
+    let same_topic = claimant.topic == record.topic
+        || claimant
+            .topic
+            .strip_prefix("replay:")
+            .and_then(|rest| rest.strip_suffix(&*record.topic))
+            .is_some_and(|job| job.ends_with(':'));
+    same_topic && claimant.partition == record.partition && claimant.offset == record.offset
 }
 
 /// Events of the range met so far, up to [`SEEN_MAX`].
@@ -800,6 +851,11 @@ impl Progress {
     }
 
     fn advance(&mut self, n: u64) {
+        if self.done == 0 {
+            // The rate counts from the first records, not from the setup before them (a store
+            // opening, a broker answering), which would make the first estimates far too long.
+            self.started = Instant::now();
+        }
         self.done += n;
         let every = if self.terminal { Duration::from_millis(200) } else { Duration::from_secs(5) };
         if !self.on || self.last.elapsed() < every {

@@ -79,11 +79,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     }
     metrics.topics(&config.kafka.topics);
     metrics.set_ttl(config.retention.ttl);
-    let kafka = config.kafka.clone();
-    tokio::task::spawn_blocking(move || crate::kafka_client::preflight(&kafka)).await?.context(
-        "cannot connect to Kafka securely (check security.protocol, ssl.* and sasl.* in [kafka.client] / \
-         [kafka.consumer] / [kafka.producer])",
-    )?;
+    preflight(config).await?;
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
     let sink = configured_sink(config, &writer, options.sink, &metrics)?;
     let side = side_topics(config, &writer)?;
@@ -145,7 +141,11 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         mode = shutdown => (mode, None),
         why = fatal.raised() => (StopMode::Drain, Some(why)),
     };
-    info!(?mode, "stopping");
+    let how = match mode {
+        StopMode::Drain => "finishing in-flight work, then committing",
+        StopMode::Abandon => "abandoning in-flight work, as a crash would",
+    };
+    info!(how, "stopping");
     tokio::task::spawn_blocking(move || source.stop(mode)).await.context("source thread")?;
     for task in [sweeper, watcher] {
         task.abort();
@@ -161,6 +161,23 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     }
     info!("stopped");
     Ok(())
+}
+
+/// Before any client that could ask for a topic's metadata: the brokers answer and every topic
+/// kdedup reads or writes exists (asked without creating it). `run` and `replay` refuse here.
+pub(crate) async fn preflight(config: &Config) -> anyhow::Result<()> {
+    use crate::kafka_client::{self, PreflightError};
+    let (kafka, topics) = (config.kafka.clone(), kafka_client::required_topics(config));
+    match tokio::task::spawn_blocking(move || kafka_client::preflight(&kafka, &topics)).await? {
+        Ok(_) => Ok(()),
+        Err(PreflightError::Unreachable(e)) if e.security => Err(anyhow::anyhow!(
+            "{e} (check security.protocol, ssl.* and sasl.* in [kafka.client] / [kafka.consumer] / [kafka.producer])"
+        )),
+        Err(PreflightError::Unreachable(e)) => {
+            Err(anyhow::anyhow!("{e} (check [kafka] brokers, and that this host may reach them)"))
+        }
+        Err(PreflightError::MissingTopics(refusal)) => Err(anyhow::anyhow!("topics {refusal}")),
+    }
 }
 
 /// The `[sink]` effect, on `writer` when it is Kafka.

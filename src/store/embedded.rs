@@ -108,7 +108,10 @@ impl EmbeddedStore {
             message: e.to_string(),
         };
         std::fs::create_dir_all(path).map_err(|e| fail(&e))?;
-        let db = Database::builder(path).open().map_err(|e| fail(&e))?;
+        let db = Database::builder(path).open().map_err(|e| match e {
+            fjall::Error::Locked => StoreError::Locked { path: path.display().to_string() },
+            e => fail(&e),
+        })?;
         let claims = db.keyspace("claims", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
         let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
         let responses = db.keyspace("responses", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;

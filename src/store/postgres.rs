@@ -163,6 +163,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// How connections are encrypted, to say what to check when one fails.
     tls: Arc<PostgresTls>,
+    /// The server(s) of [store] url, `host:port`, named when a connection fails (never the URL).
+    server: Arc<str>,
     ttl_ms: i64,
     lease_ms: i64,
     stats: Arc<Counters>,
@@ -212,6 +214,7 @@ impl PostgresStore {
     ) -> Result<PostgresStore, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Config(format!("[store] url is not a PostgreSQL URL: {e}")))?;
+        let server = server_of(&config);
         config.ssl_mode(match tls {
             PostgresTls::Disable => SslMode::Disable,
             PostgresTls::Prefer => SslMode::Prefer,
@@ -229,6 +232,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             tls: Arc::new(tls.clone()),
+            server: Arc::from(server),
             ttl_ms: retention.ttl.as_millis() as i64,
             lease_ms: retention.lease.as_millis() as i64,
             stats: Arc::new(Counters::default()),
@@ -278,7 +282,12 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.pool.get().await.map_err(|e| connect_error(e, &self.tls))
+        self.pool.get().await.map_err(|e| match connect_error(e, &self.tls) {
+            StoreError::Postgres { message, retriable } => {
+                StoreError::Postgres { message: format!("at {}: {message}", self.server), retriable }
+            }
+            other => other,
+        })
     }
 
     /// Runs statement `op` (`sql`), which carries `keys` keys, on a pooled connection.
@@ -374,6 +383,29 @@ fn tls_connector(tls: &PostgresTls) -> Result<MakeTlsConnector, StoreError> {
         Ok(())
     });
     Ok(connector)
+}
+
+/// `host:port` of each server a config names (tokio-postgres pairs ports with hosts; one
+/// port for all, or 5432 by default).
+fn server_of(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let servers: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            }
+        })
+        .collect();
+    if servers.is_empty() {
+        "localhost:5432".to_string()
+    } else {
+        servers.join(",")
+    }
 }
 
 /// A connection that could not be made, in words that say what to fix: the TLS

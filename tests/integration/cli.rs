@@ -123,7 +123,7 @@ fn run_refuses_a_postgres_store_without_its_table() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("kdedup schema apply"), "{stderr}");
+    assert!(stderr.contains("kdedup schema apply --config config/kdedup.toml"), "names the file given: {stderr}");
 }
 
 #[test]

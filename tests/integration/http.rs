@@ -467,7 +467,7 @@ async fn a_sigkill_between_the_call_and_the_completion_repeats_the_call_with_the
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("state: Done") && text.contains("response: HTTP 200"), "{text}");
+    assert!(text.contains("state: done") && text.contains("response: HTTP 200"), "{text}");
     assert!(text.contains(VICTIM) && text.contains("sha256"), "the excerpt and hash: {text}");
 
     let logs = std::fs::read_to_string(&log).unwrap();

@@ -76,19 +76,29 @@ fn the_deployment_drains_within_its_grace_and_runs_locked_down_on_a_config_kdedu
     let configmap = load(&tools, &format!("{DIR}/configmap.yaml"));
     let toml = configmap["data"]["kdedup.toml"].as_str().unwrap();
 
-    // The config, with the Secret's files where the pod mounts them.
+    // The config, with the Secret's own files where the pod mounts them: every file the
+    // ConfigMap names is in the Secret, with a value.
+    let secret = load(&tools, &format!("{DIR}/secret.yaml"));
+    let files = secret["stringData"].as_object().unwrap();
+    for line in toml.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        if let Some((_, rest)) = line.split_once("/run/secrets/kdedup/") {
+            let name = rest.trim_end_matches('"');
+            let value = files.get(name).and_then(|v| v.as_str());
+            assert!(value.is_some_and(|v| !v.is_empty()), "the ConfigMap reads {name}; the Secret has {value:?}");
+        }
+    }
     let secrets = tempfile::tempdir().unwrap();
-    for (name, value) in [
-        ("sasl-password", "placeholder"),
-        ("postgres-url", "postgres://kdedup:placeholder@db:5432/kdedup"),
-        ("kafka-ca.pem", ""),
-    ] {
-        std::fs::write(secrets.path().join(name), value).unwrap();
+    for (name, value) in files {
+        std::fs::write(secrets.path().join(name), value.as_str().unwrap()).unwrap();
     }
     let local = toml.replace("/run/secrets/kdedup", &secrets.path().display().to_string());
     let config = Config::from_toml_with_env(&local, "configmap.yaml", std::iter::empty()).unwrap();
-    assert_eq!(config.kafka.client.get("sasl.password").map(String::as_str), Some("placeholder"));
-    assert!(config.kafka.client.contains_key("ssl.ca.location"));
+    assert_eq!(config.kafka.client.get("sasl.password").map(String::as_str), Some("REPLACE-ME"));
+    // The clients librdkafka would build from it (a CA file it cannot load fails here).
+    let clients = kdedup::kafka_client::KafkaClients::from(&config.kafka);
+    let _: rdkafka::consumer::BaseConsumer =
+        clients.group_consumer(&config.kafka.group_id).create().expect("the consumer librdkafka builds");
+    let _: rdkafka::producer::BaseProducer = clients.producer().create().expect("the producer librdkafka builds");
     let metrics = config.metrics_listen.expect("the probes need the endpoint");
 
     let deployment = load(&tools, &format!("{DIR}/deployment.yaml"));

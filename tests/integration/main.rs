@@ -6,6 +6,7 @@ mod campaign;
 mod cli;
 mod dead_letter;
 mod endpoint;
+mod first_hour;
 mod group;
 mod hostile;
 mod http;

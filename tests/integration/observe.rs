@@ -79,9 +79,11 @@ fn the_compose_file_with_prometheus_and_grafana_is_valid() {
     let Some(compose) = program("KDEDUP_TEST_DOCKER_COMPOSE") else { return };
     run_ok(&compose, &["-f", "deploy/compose.yaml", "config", "-q"]);
     let services = run_ok(&compose, &["-f", "deploy/compose.yaml", "config", "--services"]);
-    for service in ["kdedup", "prometheus", "grafana"] {
+    for service in ["kdedup", "kafka", "postgres", "prometheus", "grafana"] {
         assert!(services.lines().any(|l| l == service), "{service} missing:\n{services}");
     }
+    // The store this project proves, not one it cannot start here.
+    assert!(!services.lines().any(|l| l == "scylla"), "{services}");
 }
 
 /// Children this test started, killed (by their own handle) when it ends.

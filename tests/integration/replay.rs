@@ -99,8 +99,11 @@ async fn dry_run_counts_exactly_and_changes_nothing() {
     let committed_before = mock::committed_offsets(kafka.bootstrap(), &group, INPUT).unwrap();
 
     let report = replay(&config, options(Mode::DryRun, From::Offset(0), To::End, "dry")).await.unwrap();
-    // a0, a1, a2 done; a3 new; a1 done; a4 new; a4 earlier in the range; a2 other payload; no ID.
-    assert_eq!(counts(&report.counts), [9, 2, 5, 1, 0, 1], "{report:?}");
+    // a0, a1, a2 done here (the originals, not copies of themselves); a3 new; a1 a later copy
+    // (duplicate); a4 new; a4 earlier in the range; a2 other payload; no ID.
+    assert_eq!(counts(&report.counts), [9, 2, 2, 1, 0, 1], "{report:?}");
+    assert_eq!(report.counts.done, 3, "{report:?}");
+    assert!(report.shown.iter().all(|s| s.position != s.first), "no record is its own duplicate: {:?}", report.shown);
     assert_eq!((report.partitions[0].from, report.partitions[0].to), (0, 9));
     assert_eq!(report.counts.emitted, 0);
     let conflict = report.shown.iter().find(|s| s.outcome == "conflict").expect("the conflict is shown");
@@ -345,15 +348,17 @@ async fn the_incident_walkthrough_through_the_cli() {
     };
     let dry = cli(&["--from-offset", "0", "--show", "10"]);
     assert!(dry.contains("conflict ord-1 at in/0@7 (first seen at in/0@0)"), "{dry}");
+    assert!(dry.contains("dry-run of in") && !dry.contains("DryRun"), "the mode as the user typed it: {dry}");
     let applied = cli(&["--from-committed", "--mode", "apply", "--job-id", "incident-42"]);
     assert!(applied.contains("        all"), "{applied}");
     let json = cli(&["--from-offset", "0", "--json"]);
     let report: serde_json::Value = serde_json::from_str(json.lines().nth(1).unwrap()).unwrap();
     assert_eq!(
         [&report["records"], &report["new"], &report["duplicate"], &report["conflict"], &report["bad"]],
-        [9, 0, 7, 1, 1],
+        [9, 0, 2, 1, 1],
         "after apply nothing is new: {report}"
     );
+    assert_eq!(report["done"], 5, "the originals were handled here, by the group or the job: {report}");
     let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
     let replayed: Vec<&str> = output
         .iter()
