@@ -278,23 +278,23 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
             )))
         }
     };
-    if matches!(options.mode, Mode::Apply | Mode::Redrive) {
-        // What the job will write must exist before a producer asks for it (kdedup creates no topics).
-        let mut written = match &options.to_topic {
-            Some(t) => vec![t.clone(), config.dead_letter_topic.clone()],
-            None => crate::kafka_client::written_topics(config),
-        };
-        written.dedup();
-        let kafka = config.kafka.clone();
-        let preflight = tokio::task::block_in_place(|| crate::kafka_client::preflight(&kafka, &written));
-        match preflight {
-            Ok(_) => {}
-            Err(crate::kafka_client::PreflightError::MissingTopics(refusal)) => {
-                return Err(ReplayError::Usage(format!("topics {refusal}")))
-            }
-            Err(crate::kafka_client::PreflightError::Unreachable(e)) => {
-                return Err(ReplayError::Unreachable(e.to_string()))
-            }
+    // Every mode asks the brokers first: a TLS or SASL failure is named (mechanism, listener,
+    // librdkafka's reason) instead of surfacing as a bare metadata transport failure. What the
+    // job will write must exist before a producer asks for it (kdedup creates no topics).
+    let mut written = match (options.mode, &options.to_topic) {
+        (Mode::DryRun | Mode::Release, _) => Vec::new(),
+        (_, Some(t)) => vec![t.clone(), config.dead_letter_topic.clone()],
+        (_, None) => crate::kafka_client::written_topics(config),
+    };
+    written.dedup();
+    let kafka = config.kafka.clone();
+    match tokio::task::block_in_place(|| crate::kafka_client::preflight(&kafka, &written)) {
+        Ok(_) => {}
+        Err(crate::kafka_client::PreflightError::MissingTopics(refusal)) => {
+            return Err(ReplayError::Usage(format!("topics {refusal}")))
+        }
+        Err(crate::kafka_client::PreflightError::Unreachable(e)) => {
+            return Err(ReplayError::Unreachable(e.to_string()))
         }
     }
     let clients: KafkaClients = (&config.kafka).into();
