@@ -41,9 +41,9 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::time::Duration;
 
+use crate::config::filter_plan::{planned_bytes, FP_BITS, HUGE_PAGE, LIVE_EPOCHS, SLOTS, TAG_BITS, TAG_MASK};
 use crate::config::FilterConfig;
 use crate::event::{Envelope, Fingerprint};
-use crate::filter_plan::{planned_bytes, FP_BITS, HUGE_PAGE, LIVE_EPOCHS, SLOTS, TAG_BITS, TAG_MASK};
 use crate::window::{First, Origin};
 
 /// What the filter thinks of a key.

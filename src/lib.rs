@@ -21,8 +21,8 @@
 //!
 //! The bottom of the crate imports nothing above it (`scripts/imports` checks, in CI):
 //! [`error`], [`config`], and the leaves they share with the stages: [`values`] (what a
-//! sink, the store, the core and the commit book exchange), [`url_template`] (parsed once
-//! into the config) and [`filter_plan`] (the filter's size, bounded by config validation).
+//! sink, the store, the core and the commit book exchange), [`config::url_template`] (parsed once
+//! into the config) and [`config::filter_plan`] (the filter's size, bounded by config validation).
 //!
 //! # Your own effect
 //!
@@ -70,7 +70,6 @@ pub mod demo;
 pub mod error;
 pub mod event;
 pub mod filter;
-pub mod filter_plan;
 pub mod kafka_client;
 pub mod metrics;
 // Test kit (librdkafka's in-process mock cluster): kdedup's own tests, the demo
@@ -86,7 +85,6 @@ pub mod service;
 pub mod sink;
 pub mod source;
 pub mod store;
-pub mod url_template;
 pub mod values;
 pub mod window;
 
