@@ -323,9 +323,10 @@ pub struct KeyArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run { config: path } => {
+            let shutdown = shutdown_signal();
             let config = Config::load(&path)?;
             let options = RunOptions { metrics: Metrics::new(), serve_metrics: true, ..RunOptions::default() };
-            service::run(&config, options, shutdown_signal()).await.map_err(|e| with_config_file(&e, &path))?;
+            service::run(&config, options, shutdown).await.map_err(|e| with_config_file(&e, &path))?;
             Ok(0)
         }
         Command::Serve { config } => {
@@ -737,6 +738,7 @@ fn print_report(r: &demo::DemoReport) {
 /// `kdedup serve`: opens the store (its schema must be applied), listens, and
 /// serves until SIGTERM or Ctrl-C, then drains.
 async fn serve_command(config: ServeConfig) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
     store.check_schema().await.context("the store's schema (apply it with `kdedup schema apply --config FILE`)")?;
     let metrics = crate::metrics::ServeMetrics::new();
@@ -748,33 +750,38 @@ async fn serve_command(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} ([serve] listen)", config.listen))?;
     crate::serve::run(config, store, metrics, listener, async {
-        shutdown_signal().await;
+        shutdown.await;
     })
     .await
 }
 
-/// Resolves on SIGTERM or Ctrl-C: drain and stop.
-async fn shutdown_signal() -> StopMode {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C: drain and stop. The handlers are installed when this is
+/// called, not when the future is first polled, so a SIGTERM during start-up (opening the
+/// store, asking the brokers) stops the run cleanly as soon as it can look, instead of
+/// killing the process by the signal's default action.
+fn shutdown_signal() -> impl std::future::Future<Output = StopMode> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return StopMode::Drain;
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+        async move {
+            match handlers {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                Err(_) => drop(tokio::signal::ctrl_c().await),
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            StopMode::Drain
         }
     }
     #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        StopMode::Drain
     }
-    StopMode::Drain
 }
 
 #[cfg(test)]
