@@ -995,9 +995,7 @@ pub struct Config {
 impl Config {
     /// Reads `path`, applies `KDEDUP_…` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Config::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+        Config::from_toml_with_env(&read_file(path)?, &path.display().to_string(), std::env::vars())
     }
 
     /// Parses TOML text with the given environment; `origin` names the source in errors.
@@ -1027,20 +1025,35 @@ impl Config {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
-        let env: Vec<(String, String)> = env.into_iter().collect();
-        let applied = apply_env_overrides(&mut table, env.iter().cloned())?;
-        resolve_secret_files(&mut table, origin, &env)?;
-        let file: FileConfig = FileConfig::deserialize(table).map_err(|e| {
-            let mut message = e.to_string().trim().to_string();
-            if !applied.is_empty() {
-                message.push_str(&format!(" (environment overrides applied: {})", applied.join(", ")));
-            }
-            parse_err(message)
-        })?;
-        validate(file, origin)
+        validate(layered::<FileConfig>(text, origin, env)?, origin)
     }
+}
+
+/// A config file's text, or an error naming the file.
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
+}
+
+/// TOML text with the environment's `KDEDUP_…` overrides and secret files layered on,
+/// deserialized as `T` (a file's shape, before validation); errors name `origin`, and the
+/// overrides applied when the shape is wrong.
+fn layered<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let applied = apply_env_overrides(&mut table, env.iter().cloned())?;
+    resolve_secret_files(&mut table, origin, &env)?;
+    T::deserialize(table).map_err(|e| {
+        let mut message = e.to_string().trim().to_string();
+        if !applied.is_empty() {
+            message.push_str(&format!(" (environment overrides applied: {})", applied.join(", ")));
+        }
+        parse_err(message)
+    })
 }
 
 /// Applies `KDEDUP_SECTION__KEY=value` (and `KDEDUP_KAFKA__CONSUMER__FETCH_MIN_BYTES`
@@ -2064,9 +2077,7 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Reads `path`, applies `KDEDUP_…` overrides (`KDEDUP_SERVE__UPSTREAM`), validates.
     pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        ServeConfig::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+        ServeConfig::from_toml_with_env(&read_file(path)?, &path.display().to_string(), std::env::vars())
     }
 
     /// Parses TOML text with the given environment; `origin` names the source in errors.
@@ -2075,13 +2086,7 @@ impl ServeConfig {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<ServeConfig, ConfigError> {
-        let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
-        let env: Vec<(String, String)> = env.into_iter().collect();
-        apply_env_overrides(&mut table, env.iter().cloned())?;
-        resolve_secret_files(&mut table, origin, &env)?;
-        let file = ServeFile::deserialize(table).map_err(|e| parse_err(e.to_string().trim().to_string()))?;
-        validate_serve(file, origin)
+        validate_serve(layered::<ServeFile>(text, origin, env)?, origin)
     }
 }
 
