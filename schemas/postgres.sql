@@ -24,19 +24,40 @@ CREATE TABLE IF NOT EXISTS kdedup_claims (
     PRIMARY KEY (scope, event_id)
 );
 
-CREATE INDEX IF NOT EXISTS kdedup_claims_expires_at ON kdedup_claims (expires_at);
-
--- Half of each page is left free so that a claim's one update (completion, or
--- a lease renewal) fits beside it on the same page: a heap-only (HOT) update,
--- which writes no new entries into either index. At 100 (the default) a page
--- full of fresh claims has no room: completing 1000 keys wrote a new heap tuple
--- and an entry in each index per key (4,031 WAL records), and 89 of 468,000
--- updates were HOT. Measured here with 16 clients each claiming and completing
--- 1000 keys per statement pair: 48 pairs/s at 100, 69 at 50, and fewer bytes
--- per key on disk (267 vs 300: no index entries for dead versions).
--- Takes effect for pages written from now on; existing pages keep their fill.
-ALTER TABLE kdedup_claims SET (fillfactor = 50);
-
--- The effect's recorded response (JSON: status, body hash, excerpt, time),
--- set once the effect answered; cleared by a new claim of the key.
-ALTER TABLE kdedup_claims ADD COLUMN IF NOT EXISTS response text;
+-- The changes below run only when they are still missing. Each takes a lock on
+-- the table that waits for the claims in flight, and that new claims then queue
+-- behind, so re-applying the schema beside live members (every deploy's
+-- `kdedup schema apply`) must not issue them: the test suite saw such an apply
+-- end in a deadlock (40P01) beside running claims.
+--
+-- kdedup_claims_expires_at serves the sweeper.
+--
+-- fillfactor 50: half of each page is left free so that a claim's one update
+-- (completion, or a lease renewal) fits beside it on the same page: a heap-only
+-- (HOT) update, which writes no new entries into either index. At 100 (the
+-- default) a page full of fresh claims has no room: completing 1000 keys wrote
+-- a new heap tuple and an entry in each index per key (4,031 WAL records), and
+-- 89 of 468,000 updates were HOT. Measured here with 16 clients each claiming
+-- and completing 1000 keys per statement pair: 48 pairs/s at 100, 69 at 50,
+-- and fewer bytes per key on disk (267 vs 300: no index entries for dead
+-- versions). Takes effect for pages written from then on.
+--
+-- response: the effect's recorded response (JSON: status, body hash, excerpt,
+-- time), set once the effect answered; cleared by a new claim of the key.
+DO $$
+BEGIN
+    IF to_regclass('kdedup_claims_expires_at') IS NULL THEN
+        CREATE INDEX kdedup_claims_expires_at ON kdedup_claims (expires_at);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_class
+                   WHERE oid = 'kdedup_claims'::regclass
+                     AND reloptions @> ARRAY['fillfactor=50']) THEN
+        ALTER TABLE kdedup_claims SET (fillfactor = 50);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'kdedup_claims'::regclass
+                     AND attname = 'response' AND NOT attisdropped) THEN
+        ALTER TABLE kdedup_claims ADD COLUMN response text;
+    END IF;
+END
+$$;

@@ -843,6 +843,51 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn schema_apply_upgrades_an_older_table_and_a_reapply_takes_no_lock_live_claims_hold() {
+        let test = "schema_apply_upgrades_an_older_table_and_a_reapply_takes_no_lock_live_claims_hold";
+        let Some(url) = test_url(test) else { return };
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let schema = format!("kdedup_upgrade_{}_{nanos}", std::process::id());
+        let admin = connect(&url, "public").await;
+        // The table as an older kdedup made it: no response column, no fillfactor, no index.
+        let table = &SCHEMA[SCHEMA.find("CREATE TABLE").unwrap()..SCHEMA.find("-- The changes below").unwrap()];
+        admin.batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path TO {schema}; {table}")).await.unwrap();
+        let apply = |client: tokio_postgres::Client| async move {
+            let result = client.batch_execute(SCHEMA).await;
+            (client, result)
+        };
+        let (a, applied) = apply(connect(&url, &schema).await).await;
+        applied.expect("the upgrade applies");
+        let upgraded: (bool, bool, bool) = {
+            let row = admin
+                .query_one(
+                    &format!(
+                        "SELECT to_regclass('{schema}.kdedup_claims_expires_at') IS NOT NULL, \
+                         (SELECT reloptions @> ARRAY['fillfactor=50'] FROM pg_class WHERE oid = '{schema}.kdedup_claims'::regclass), \
+                         EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{schema}' \
+                                 AND table_name = 'kdedup_claims' AND column_name = 'response')"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            (row.get(0), row.get(1), row.get(2))
+        };
+
+        // A claim in flight holds its insert uncommitted; a re-apply (the next
+        // deploy's `schema apply`) must not queue for the table behind it.
+        a.batch_execute("BEGIN").await.unwrap();
+        raw_claim(&a, (0, 5), [1000, 60_000, 3_600_000]).await;
+        let b = connect(&url, &schema).await;
+        b.batch_execute("SET lock_timeout = '5s'").await.unwrap();
+        let (_b, reapplied) = apply(b).await;
+        a.batch_execute("COMMIT").await.unwrap();
+        admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+        assert_eq!(upgraded, (true, true, true), "index, fillfactor and response column after the upgrade");
+        reapplied.expect("a re-apply beside a claim in flight takes no table lock");
+    }
+
     #[tokio::test]
     async fn a_column_of_another_type_is_a_schema_error_naming_it_not_a_panic() {
         let Some(url) = test_url("a_column_of_another_type_is_a_schema_error_naming_it_not_a_panic") else { return };
