@@ -264,3 +264,24 @@ fn anchors_follow_githubs_rule() {
     assert_eq!(anchor(" `kdedup check`"), "kdedup-check");
     assert_eq!(anchor(" Guarantees, in ten lines"), "guarantees-in-ten-lines");
 }
+
+/// The README's 20-line config (the `toml` block under `## The config`) is a config kdedup
+/// accepts, and says what the sample config file says.
+#[test]
+fn the_readmes_config_is_accepted_and_agrees_with_the_sample_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme.split("\n## The config\n").nth(1).expect("a `## The config` section");
+    let block = section.split("```toml\n").nth(1).and_then(|b| b.split("\n```").next()).expect("a toml block");
+    let lines = block.lines().count();
+    assert!(lines <= 25, "about 20 lines, not {lines}");
+    let env = std::iter::empty::<(String, String)>();
+    let short = kdedup::config::Config::from_toml_with_env(block, "README.md", env).expect("README's config loads");
+    let sample = kdedup::config::Config::load(&root.join("config/kdedup.toml")).unwrap();
+    assert_eq!(format!("{:?}", short.kafka), format!("{:?}", sample.kafka), "[kafka] as in config/kdedup.toml");
+    assert_eq!(format!("{:?}", short.key), format!("{:?}", sample.key), "[key] as in config/kdedup.toml");
+    assert_eq!(format!("{:?}", short.store), format!("{:?}", sample.store), "[store] as in config/kdedup.toml");
+    assert_eq!(format!("{:?}", short.retention), format!("{:?}", sample.retention), "ttl_secs as in the file");
+    assert_eq!(format!("{:?}", short.sink), format!("{:?}", sample.sink), "[sink] as in config/kdedup.toml");
+    assert_eq!(short.dead_letter_topic, sample.dead_letter_topic);
+}
