@@ -285,3 +285,46 @@ fn the_readmes_config_is_accepted_and_agrees_with_the_sample_file() {
     assert_eq!(format!("{:?}", short.sink), format!("{:?}", sample.sink), "[sink] as in config/kdedup.toml");
     assert_eq!(short.dead_letter_topic, sample.dead_letter_topic);
 }
+
+/// The README's conflict rule: the copy processed first wins, not the copy produced first.
+/// An order's original (created a minute earlier, by its timestamp) reaches the topic late, on
+/// another partition, after a resend with another amount was processed: the resend is the
+/// one emitted, and the original is dead-lettered as the conflict, its error naming the
+/// fingerprint stored first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_processed_first_wins_a_conflict_not_the_copy_produced_first() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    let producer: FutureProducer =
+        kdedup::kafka_client::KafkaClients::from(kafka.bootstrap()).producer().create().unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let send = |partition: i32, payload: &'static str, timestamp: i64| {
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: "event-id", value: Some("ord-1") });
+        let record: FutureRecord<'_, [u8], str> =
+            FutureRecord::to(INPUT).partition(partition).payload(payload).headers(headers).timestamp(timestamp);
+        producer.send(record, Duration::from_secs(10))
+    };
+
+    // The resend, with another amount, on partition 1: processed first.
+    send(1, r#"{"id":"ord-1","amount":50}"#, now_ms).await.unwrap();
+    let running = start(config(&kafka, &unique("conflict"), &dir.path().join("store"), &[]), Default::default());
+    wait_all_committed(&kafka, &running.metrics).await;
+    // The original, produced a minute before the resend by its timestamp, arrives on partition 0.
+    send(0, r#"{"id":"ord-1","amount":5}"#, now_ms - 60_000).await.unwrap();
+    wait_all_committed(&kafka, &running.metrics).await;
+    running.stop(kdedup::source::StopMode::Drain).await;
+
+    let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
+    assert_eq!(output.len(), 1, "one effect for ord-1");
+    assert_eq!(output[0].header_str(headers::SOURCE_PARTITION), Some("1"), "the resend, processed first, won");
+    assert_eq!(output[0].payload.as_deref(), Some(&br#"{"id":"ord-1","amount":50}"#[..]));
+    let dead = mock::read_all(kafka.bootstrap(), DLQ).unwrap();
+    assert_eq!(dead.len(), 1, "the original is the conflict");
+    assert_eq!(dead[0].header_str(headers::REASON), Some("conflict"));
+    assert_eq!(dead[0].header_str(headers::SOURCE_PARTITION), Some("0"));
+    let error = dead[0].header_str(headers::ERROR).unwrap_or_default();
+    assert!(error.contains("stored first"), "the error names the winner's fingerprint: {error}");
+}
