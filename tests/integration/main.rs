@@ -19,6 +19,7 @@ mod observe;
 mod outage;
 mod path;
 mod pg_tls;
+mod readme;
 mod reconcile;
 mod replay;
 mod restart;
