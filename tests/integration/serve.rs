@@ -573,7 +573,12 @@ async fn health_readiness_metrics_check_and_a_sigterm_that_lets_the_request_in_p
 
     let serve = Process::spawn(dir.path(), 1, &config).await;
     assert_eq!(crate::utils::http_get(metrics_port, "/healthz").map(|a| a.0), Some(200));
-    assert_eq!(crate::utils::http_get(metrics_port, "/readyz").map(|a| a.0), Some(200));
+    // The port listens (bound at start-up) a moment before serving begins and readiness turns true.
+    let started = Instant::now();
+    while crate::utils::http_get(metrics_port, "/readyz").map(|a| a.0) != Some(200) {
+        assert!(started.elapsed() < Duration::from_secs(30), "serve never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let client = reqwest::Client::new();
     let (status, _, _) = post(&client, &serve.url("/pay"), "m-1", "{}").await;
     assert_eq!(status, 201);
