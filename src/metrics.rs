@@ -1270,7 +1270,10 @@ impl ServeMetrics {
             store_errors.with_label_values(&[op]);
         }
         let build_info = IntGaugeVec::new(
-            Opts::new("kdedup_serve_build_info", "Always 1; the version label names the running build of kdedup serve."),
+            Opts::new(
+                "kdedup_serve_build_info",
+                "Always 1; the version label names the running build of kdedup serve.",
+            ),
             &["version"],
         )
         .expect("static metric");

@@ -80,7 +80,8 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     metrics.topics(&config.kafka.topics);
     metrics.set_ttl(config.retention.ttl);
     let probe = preflight(config).await?;
-    metrics.set_topic_partitions(config.kafka.topics.iter().map(|t| (t.as_str(), probe.topics.get(t).copied().flatten())));
+    metrics
+        .set_topic_partitions(config.kafka.topics.iter().map(|t| (t.as_str(), probe.topics.get(t).copied().flatten())));
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
     let sink = configured_sink(config, &writer, options.sink, &metrics)?;
     let side = side_topics(config, &writer)?;
