@@ -78,6 +78,85 @@ fn promtool_accepts_the_config_and_rules_and_every_alert_is_unit_tested_firing_a
     assert_eq!(quiet, names, "every alert has a quiet case");
 }
 
+/// Known series, as promtool's unit tests feed them: on topic `orders` (3
+/// partitions), instance a owns partition 0, stalled since second 120; instance
+/// b owns partition 1, progressing; nobody owns partition 2. Every record is
+/// dead-lettered as missing_id, one a second.
+const ON_CALL_SERIES: [(&str, &str); 9] = [
+    (r#"kdedup_partition_stalled_since_seconds{job="kdedup",instance="a",topic="orders",partition="0"}"#, "0 0 120x8"),
+    (r#"kdedup_partition_stalled_since_seconds{job="kdedup",instance="b",topic="orders",partition="1"}"#, "0x10"),
+    (r#"kdedup_assigned_partitions{job="kdedup",instance="a"}"#, "1x10"),
+    (r#"kdedup_assigned_partitions{job="kdedup",instance="b"}"#, "1x10"),
+    (r#"kdedup_topic_partitions{job="kdedup",instance="a",topic="orders"}"#, "3x10"),
+    (r#"kdedup_records_consumed_total{job="kdedup",instance="a",topic="orders"}"#, "0+60x10"),
+    (r#"kdedup_records_total{job="kdedup",instance="a",topic="orders",outcome="dead_letter"}"#, "0+60x10"),
+    (r#"kdedup_dead_letters_total{job="kdedup",instance="a",topic="orders",reason="missing_id"}"#, "0+60x10"),
+    (r#"kdedup_dead_letters_total{job="kdedup",instance="a",topic="orders",reason="invalid_json"}"#, "0x10"),
+];
+
+#[test]
+fn the_on_call_panels_say_which_partition_stalled_since_when_and_a_whole_dead_lettered_topic_under_promtool() {
+    let Some(promtool) = program("KDEDUP_TEST_PROMTOOL") else { return };
+    let panels = dashboard_panels(DASHBOARD);
+    let expr = |title: &str, i: usize| {
+        let panel = panels.iter().find(|p| p["title"] == title).unwrap_or_else(|| panic!("no panel {title:?}"));
+        substitute_with(panel["targets"][i]["expr"].as_str().unwrap(), "5m")
+    };
+    let table = "Stalled partitions: which and since when";
+    let owned = "Instances and partitions owned";
+    // At 5 minutes (time() = 300): (expression, expected samples as (labels, value)).
+    let cases: Vec<(String, Vec<(&str, f64)>)> = vec![
+        // Since when, in ms for Grafana's date unit; 0 reads "progressing".
+        (
+            expr(table, 0),
+            vec![
+                (r#"{topic="orders",partition="0",instance="a"}"#, 120_000.0),
+                (r#"{topic="orders",partition="1",instance="b"}"#, 0.0),
+            ],
+        ),
+        // For how long: 300 - 120 seconds.
+        (
+            expr(table, 1),
+            vec![
+                (r#"{topic="orders",partition="0",instance="a"}"#, 180.0),
+                (r#"{topic="orders",partition="1",instance="b"}"#, 0.0),
+            ],
+        ),
+        (expr("Stalled partitions", 0), vec![("{}", 1.0)]),
+        (expr("Instances", 0), vec![("{}", 2.0)]),
+        // Each instance owns one partition of a topic that has three.
+        (expr(owned, 0), vec![(r#"{instance="a",topic="orders"}"#, 1.0), (r#"{instance="b",topic="orders"}"#, 1.0)]),
+        (expr(owned, 1), vec![(r#"{topic="orders"}"#, 3.0)]),
+        // Everything dead-lettered reads 100%, by reason.
+        (expr("Dead-letter share", 0), vec![("{}", 1.0)]),
+        (
+            expr("Dead letters as a share of consumed, by reason", 0),
+            vec![(r#"{topic="orders",reason="missing_id"}"#, 1.0), (r#"{topic="orders",reason="invalid_json"}"#, 0.0)],
+        ),
+    ];
+    let mut yaml =
+        String::from("rule_files: []\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n");
+    for (series, values) in ON_CALL_SERIES {
+        yaml += &format!("      - series: '{series}'\n        values: '{values}'\n");
+    }
+    yaml += "    promql_expr_test:\n";
+    for (expr, samples) in &cases {
+        yaml += &format!(
+            "      - expr: {}\n        eval_time: 5m\n        exp_samples:\n",
+            serde_json::to_string(expr).unwrap()
+        );
+        for (labels, value) in samples {
+            yaml += &format!("          - labels: '{labels}'\n            value: {value}\n");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("on_call_test.yml");
+    std::fs::write(&path, &yaml).unwrap();
+    let out = Command::new(&promtool).args(["test", "rules"]).arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n{yaml}");
+}
+
 #[test]
 fn the_compose_file_with_prometheus_and_grafana_is_valid() {
     let Some(compose) = program("KDEDUP_TEST_DOCKER_COMPOSE") else { return };
@@ -161,8 +240,13 @@ fn dashboard_queries(path: &str) -> Vec<(String, String)> {
 
 /// Grafana's template variables as a scrape of one job would fill them in.
 fn substitute(expr: &str) -> String {
+    substitute_with(expr, "5s")
+}
+
+/// As [`substitute`], with rates over `rate_interval`.
+fn substitute_with(expr: &str, rate_interval: &str) -> String {
     let mut e = expr.to_string();
-    for (var, value) in [("$__rate_interval", "5s"), ("$job", ".*"), ("$instance", ".*"), ("$topic", ".*")] {
+    for (var, value) in [("$__rate_interval", rate_interval), ("$job", ".*"), ("$instance", ".*"), ("$topic", ".*")] {
         e = e.replace(&format!("${{{}}}", &var[1..]), value).replace(var, value);
     }
     e
