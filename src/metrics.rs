@@ -1538,4 +1538,46 @@ mod tests {
         assert!(text.contains("process_open_fds"), "{text}");
         assert!(text.contains("process_cpu_seconds_total"), "{text}");
     }
+
+    #[test]
+    fn topic_partitions_are_set_for_the_topics_found_only() {
+        let m = Metrics::new();
+        m.set_topic_partitions([("orders", Some(12)), ("missing", None)]);
+        let text = m.render();
+        assert!(text.contains(r#"kdedup_topic_partitions{topic="orders"} 12"#), "{text}");
+        assert!(!text.contains(r#"topic="missing""#), "{text}");
+    }
+
+    #[test]
+    fn serve_counts_upstream_answers_by_class_and_store_errors_by_op_from_zero() {
+        let m = ServeMetrics::new();
+        let text = m.render();
+        for class in SERVE_UPSTREAM_CLASSES {
+            let line = format!("kdedup_serve_upstream_responses_total{{class=\"{class}\"}} 0");
+            assert!(text.contains(&line), "{line}: {text}");
+        }
+        for op in SERVE_STORE_OPS {
+            let line = format!("kdedup_serve_store_errors_total{{op=\"{op}\"}} 0");
+            assert!(text.contains(&line), "{line}: {text}");
+        }
+        assert!(text.contains(&format!("kdedup_serve_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+        assert!(text.contains("process_cpu_seconds_total"), "{text}");
+        for (answer, class) in [
+            (Ok(200), "2xx"),
+            (Ok(201), "2xx"),
+            (Ok(302), "3xx"),
+            (Ok(422), "4xx"),
+            (Ok(503), "5xx"),
+            (Err(true), "unreachable"),
+            (Err(false), "unknown"),
+        ] {
+            let before = m.upstream_responses.at([class]).get();
+            m.upstream_answered(answer);
+            assert_eq!(m.upstream_responses.at([class]).get(), before + 1, "{answer:?} is {class}");
+        }
+        assert_eq!(m.upstream_responses.get(), 7);
+        m.store_error("claim");
+        assert_eq!(m.store_errors.at(["claim"]).get(), 1);
+        assert_eq!(m.store_errors.get(), 1);
+    }
 }
