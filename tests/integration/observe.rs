@@ -601,7 +601,11 @@ async fn a_real_prometheus_scraping_kdedup_under_load_answers_every_dashboard_qu
     }
 
     // Every alert rule is loaded, evaluates without error, and its expression parses.
-    healthy_rules(prom_port).await;
+    let rules = healthy_rules(prom_port).await;
+    // One instance owns both partitions of `in`: none is unowned.
+    let unowned = rules.iter().find(|r| r["name"] == "KdedupPartitionsUnowned").expect("the unowned-partitions rule");
+    let unowned = values(prom_port, unowned["query"].as_str().unwrap()).await;
+    assert!(unowned.is_empty(), "no partition of `in` is unowned: {unowned:?}");
 
     // Stop the load; kdedup finishes and commits everything, and its counts add up.
     loading.store(false, Ordering::Relaxed);
