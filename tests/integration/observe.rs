@@ -782,44 +782,58 @@ async fn serve_round(
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_prometheus_scraping_kdedup_serve_answers_every_serve_panel_and_its_upstream_alert_goes_pending() {
-    let Some(prometheus) = program("KDEDUP_TEST_PROMETHEUS") else { return };
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
+/// `kdedup serve` in front of `upstream` with this `[store]` section, wait_ms 20,
+/// metrics on a port of its own, logging to `dir/serve.log`; once /readyz answers
+/// 200 (a request to the proxy would count as traffic): (pid, proxy port, metrics port).
+async fn spawn_serve(
+    dir: &Path,
+    upstream: std::net::SocketAddr,
+    store: &str,
+    children: &mut Children,
+    logs: &dyn Fn() -> String,
+) -> (u32, u16, u16) {
     let (serve_port, metrics_port) = (free_port(), free_port());
-    let config = dir.path().join("serve.toml");
+    let config = dir.join("serve.toml");
     std::fs::write(
         &config,
         format!(
-            "[serve]\nlisten = \"127.0.0.1:{serve_port}\"\nupstream = \"http://{}\"\nscope = \"observe\"\nwait_ms = 20\n\
-             [store]\npath = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
-            upstream.addr,
-            dir.path().join("store").display()
+            "[serve]\nlisten = \"127.0.0.1:{serve_port}\"\nupstream = \"http://{upstream}\"\nscope = \"observe\"\n\
+             wait_ms = 20\n{store}[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
         ),
     )
     .unwrap();
-    let serve_log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
     let serve = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
         .env("KDEDUP_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(serve_log)
+        .stderr(log)
         .spawn()
         .unwrap();
-    let serve_pid = serve.id();
-    let mut children = Children(vec![serve]);
-    let logs = || {
-        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
-        format!("serve log:\n{}\nprometheus log:\n{}", read("serve.log"), read("prometheus.log"))
-    };
+    let pid = serve.id();
+    children.0.push(serve);
     let deadline = Instant::now() + Duration::from_secs(30);
-    // Ready once it listens (a request here would count as traffic).
     while get(metrics_port, "/readyz".into()).await.map(|r| r.0) != Some(200) {
         assert!(Instant::now() < deadline, "kdedup serve never became ready\n{}", logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (pid, serve_port, metrics_port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scraping_kdedup_serve_answers_every_serve_panel_and_its_upstream_alert_goes_pending() {
+    let Some(prometheus) = program("KDEDUP_TEST_PROMETHEUS") else { return };
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("[store]\npath = \"{}\"\n", dir.path().join("store").display());
+    let mut children = Children(Vec::new());
+    let logs = || {
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+        format!("serve log:\n{}\nprometheus log:\n{}", read("serve.log"), read("prometheus.log"))
+    };
+    let (serve_pid, serve_port, metrics_port) =
+        spawn_serve(dir.path(), upstream.addr, &store, &mut children, &logs).await;
     let prom_port = start_prometheus(&prometheus, dir.path(), "kdedup-serve", metrics_port, &mut children);
 
     // Traffic while Prometheus watches: every outcome, a quarter of the upstream calls 5xx.
@@ -905,4 +919,76 @@ async fn a_real_prometheus_scraping_kdedup_serve_answers_every_serve_panel_and_i
     let mut serve = children.0.remove(0);
     let status = tokio::task::spawn_blocking(move || serve.wait().unwrap()).await.unwrap();
     assert!(status.success(), "serve exit {status:?}\n{}", logs());
+    drop(children);
+}
+
+/// The state of one alert rule in Prometheus's rules API, and its alerts.
+async fn rule_state(prom_port: u16, name: &str) -> (String, Vec<Value>) {
+    let rules = healthy_rules(prom_port).await;
+    let rule = rules.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no rule {name}"));
+    (rule["state"].as_str().unwrap().to_string(), rule["alerts"].as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kdedup_serve_on_postgres_whose_table_is_dropped_answers_503_and_its_store_alert_goes_pending() {
+    let Some(prometheus) = program("KDEDUP_TEST_PROMETHEUS") else { return };
+    let Ok(url) = std::env::var("KDEDUP_TEST_POSTGRES") else {
+        eprintln!("skipped: KDEDUP_TEST_POSTGRES is not set (scripts/services env prints it)");
+        return;
+    };
+    // A schema of this test's own on the shared server: dropping its table breaks nobody else.
+    let schema = unique("observe_serve").replace('-', "_");
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let sql = include_str!("../../schemas/postgres.sql");
+    admin.batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path TO {schema}; {sql}")).await.unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = format!(
+        "[store]\nkind = \"postgres\"\nurl = \"{url}{separator}options=-c%20search_path%3D{schema}\"\npool_size = 2\n"
+    );
+
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut children = Children(Vec::new());
+    let logs = || {
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+        format!("serve log:\n{}\nprometheus log:\n{}", read("serve.log"), read("prometheus.log"))
+    };
+    let (_, serve_port, metrics_port) = spawn_serve(dir.path(), upstream.addr, &store, &mut children, &logs).await;
+    let prom_port = start_prometheus(&prometheus, dir.path(), "kdedup-serve", metrics_port, &mut children);
+    wait_scraped(prom_port, "kdedup-serve", &logs).await;
+    let client = reqwest::Client::new();
+    let pay = |key: String| client.post(format!("http://127.0.0.1:{serve_port}/pay")).header("Idempotency-Key", key);
+    let answer = pay("before".into()).body("a").send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 201, "the store answers: {}", logs());
+    assert_eq!(rule_state(prom_port, "KdedupServeStoreErrors").await.0, "inactive");
+
+    // The table goes: every claim fails, answered 503 and counted, and the alert goes pending.
+    admin.batch_execute(&format!("DROP TABLE {schema}.kdedup_claims")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sent = 0;
+    let alerts = loop {
+        let answer = pay(format!("after-{sent}")).body("a").send().await.unwrap();
+        sent += 1;
+        assert_eq!(answer.status().as_u16(), 503, "a failed claim is 503");
+        assert_eq!(answer.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
+        let (state, alerts) = rule_state(prom_port, "KdedupServeStoreErrors").await;
+        if state != "inactive" {
+            break alerts;
+        }
+        assert!(Instant::now() < deadline, "KdedupServeStoreErrors never pending\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["labels"]["op"], "claim", "{alerts:?}");
+    let by_op = &panel_queries(SERVE_DASHBOARD, "Store errors by op")[0];
+    let claim = values(prom_port, by_op).await.into_iter().find(|(m, _)| m["op"] == "claim");
+    assert!(claim.is_some_and(|(_, rate)| rate > 0.0), "the panel shows failing claims");
+    let (_, body) = get(metrics_port, "/metrics".into()).await.expect("serve's /metrics");
+    let failed = sample(&body, r#"kdedup_serve_store_errors_total{op="claim"}"#).unwrap();
+    assert_eq!(failed, sent as f64, "each failed claim counted once:\n{body}");
+    assert_eq!(upstream.calls("before"), 1);
+    assert_eq!(upstream.calls.lock().unwrap().len(), 1, "no request ran without its claim");
+    drop(children);
+    admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
 }
