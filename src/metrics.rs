@@ -159,6 +159,9 @@ pub struct Metrics {
     pub committed_offset: IntGaugeVec,
     /// `kdedup_assigned_partitions`: partitions this process owns.
     pub assigned_partitions: IntGauge,
+    /// `kdedup_topic_partitions{topic}`: partitions each input topic had at start, so that a
+    /// dashboard can set the partitions each instance owns against the topic's.
+    pub topic_partitions: IntGaugeVec,
     /// `kdedup_lease_takeovers_total`: claims taken over from a lapsed lease (emitted as possible repeats).
     pub lease_takeovers: IntCounter,
     /// `kdedup_leases_lost_total`: lease renewals refused because another owner took the claim.
@@ -482,6 +485,19 @@ impl Metrics {
             ),
             committed_offset,
             assigned_partitions,
+            topic_partitions: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "kdedup_topic_partitions",
+                        "Partitions each input topic had when kdedup started (from the start-up metadata check): the \
+                         partitions a job's instances own together (kdedup_assigned_partitions) should add up to it.",
+                    ),
+                    &["topic"],
+                )
+                .expect("static metric");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             lease_takeovers: counter(
                 "kdedup_lease_takeovers_total",
                 "Claims taken over from another position whose lease lapsed (its owner died or froze); emitted as possible repeats.",
@@ -592,6 +608,16 @@ impl Metrics {
     pub fn set_ttl(&self, ttl: std::time::Duration) {
         self.ttl_seconds.set(ttl.as_secs_f64());
         self.health.ttl_ms.store(ttl.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Each input topic's partition count, as the start-up metadata check found it
+    /// (`None`: not found; a `^regex` subscription names no topic and sets nothing).
+    pub fn set_topic_partitions<'a>(&self, topics: impl IntoIterator<Item = (&'a str, Option<usize>)>) {
+        for (topic, partitions) in topics {
+            if let Some(n) = partitions {
+                self.topic_partitions.with_label_values(&[topic]).set(n as i64);
+            }
+        }
     }
 
     /// A duplicate of a key first claimed at `claimed_at_ms`, decided at `now_ms`.
@@ -1167,8 +1193,24 @@ pub struct ServeMetrics {
     pub added_seconds: HistogramVec,
     /// `kdedup_serve_upstream_seconds`: the upstream's own time, per call.
     pub upstream_seconds: Histogram,
+    /// `kdedup_serve_upstream_responses_total{class}`: upstream calls by answer, classes from
+    /// [`SERVE_UPSTREAM_CLASSES`].
+    pub upstream_responses: Summed<1>,
+    /// `kdedup_serve_store_errors_total{op}`: store calls that failed, ops from [`SERVE_STORE_OPS`].
+    pub store_errors: Summed<1>,
     ready: Arc<AtomicBool>,
 }
+
+/// How an upstream call ended (`kdedup_serve_upstream_responses_total{class}`): its
+/// status class; `unreachable` it certainly did not get the request (connection
+/// refused); `unknown` no answer after sending (a timeout or a reset: it may have run).
+pub const SERVE_UPSTREAM_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "5xx", "unreachable", "unknown"];
+
+/// Store calls of `kdedup serve` (`kdedup_serve_store_errors_total{op}`): `claim` (a failed
+/// claim answers 503), `response` (reading a stored answer to replay), `record` (keeping the
+/// upstream's answer and completing the claim), `release`, `renew` (the lease while the
+/// upstream works) and `sweep` (removing expired keys).
+pub const SERVE_STORE_OPS: [&str; 6] = ["claim", "response", "record", "release", "renew", "sweep"];
 
 impl Default for ServeMetrics {
     fn default() -> Self {
@@ -1202,14 +1244,57 @@ impl ServeMetrics {
                 .buckets(record_buckets()),
         )
         .expect("static metric");
+        let upstream_responses = IntCounterVec::new(
+            Opts::new(
+                "kdedup_serve_upstream_responses_total",
+                "Upstream calls from kdedup serve by answer: 2xx, 3xx, 4xx, 5xx; unreachable (the request certainly \
+                 did not reach it); unknown (no answer after sending: it may have run).",
+            ),
+            &["class"],
+        )
+        .expect("static metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "kdedup_serve_store_errors_total",
+                "Store calls of kdedup serve that failed, by op: claim (answered 503), response (a replay), record \
+                 (keeping an answer), release, renew (a lease), sweep.",
+            ),
+            &["op"],
+        )
+        .expect("static metric");
+        // Every series from the first scrape, so that rates and shares over them exist at zero.
+        for class in SERVE_UPSTREAM_CLASSES {
+            upstream_responses.with_label_values(&[class]);
+        }
+        for op in SERVE_STORE_OPS {
+            store_errors.with_label_values(&[op]);
+        }
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "kdedup_serve_build_info",
+                "Always 1; the version label names the running build of kdedup serve.",
+            ),
+            &["version"],
+        )
+        .expect("static metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(requests.clone())).expect("registered once");
         registry.register(Box::new(added_seconds.clone())).expect("registered once");
         registry.register(Box::new(upstream_seconds.clone())).expect("registered once");
+        registry.register(Box::new(upstream_responses.clone())).expect("registered once");
+        registry.register(Box::new(store_errors.clone())).expect("registered once");
+        registry.register(Box::new(build_info)).expect("registered once");
+        // CPU seconds, resident memory, open fds (from /proc), as `kdedup run` exports them.
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("registered once");
         ServeMetrics {
             registry,
             requests: Summed(requests),
             added_seconds,
             upstream_seconds,
+            upstream_responses: Summed(upstream_responses),
+            store_errors: Summed(store_errors),
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -1223,6 +1308,25 @@ impl ServeMetrics {
     /// Requests of one outcome so far.
     pub fn outcome(&self, outcome: &str) -> u64 {
         self.requests.at([outcome]).get()
+    }
+
+    /// An upstream call ended with an answer of this status (`Ok`), or without one
+    /// (`Err(true)`: certainly not sent; `Err(false)`: it may have run).
+    pub fn upstream_answered(&self, answer: Result<u16, bool>) {
+        let class = match answer {
+            Ok(status) if status < 300 => "2xx",
+            Ok(status) if status < 400 => "3xx",
+            Ok(status) if status < 500 => "4xx",
+            Ok(_) => "5xx",
+            Err(true) => "unreachable",
+            Err(false) => "unknown",
+        };
+        self.upstream_responses.at([class]).inc();
+    }
+
+    /// A store call failed; `op` is one of [`SERVE_STORE_OPS`].
+    pub fn store_error(&self, op: &'static str) {
+        self.store_errors.at([op]).inc();
     }
 
     /// `/readyz` answers 200 while set.
@@ -1433,5 +1537,47 @@ mod tests {
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         assert!(text.contains("process_open_fds"), "{text}");
         assert!(text.contains("process_cpu_seconds_total"), "{text}");
+    }
+
+    #[test]
+    fn topic_partitions_are_set_for_the_topics_found_only() {
+        let m = Metrics::new();
+        m.set_topic_partitions([("orders", Some(12)), ("missing", None)]);
+        let text = m.render();
+        assert!(text.contains(r#"kdedup_topic_partitions{topic="orders"} 12"#), "{text}");
+        assert!(!text.contains(r#"topic="missing""#), "{text}");
+    }
+
+    #[test]
+    fn serve_counts_upstream_answers_by_class_and_store_errors_by_op_from_zero() {
+        let m = ServeMetrics::new();
+        let text = m.render();
+        for class in SERVE_UPSTREAM_CLASSES {
+            let line = format!("kdedup_serve_upstream_responses_total{{class=\"{class}\"}} 0");
+            assert!(text.contains(&line), "{line}: {text}");
+        }
+        for op in SERVE_STORE_OPS {
+            let line = format!("kdedup_serve_store_errors_total{{op=\"{op}\"}} 0");
+            assert!(text.contains(&line), "{line}: {text}");
+        }
+        assert!(text.contains(&format!("kdedup_serve_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+        assert!(text.contains("process_cpu_seconds_total"), "{text}");
+        for (answer, class) in [
+            (Ok(200), "2xx"),
+            (Ok(201), "2xx"),
+            (Ok(302), "3xx"),
+            (Ok(422), "4xx"),
+            (Ok(503), "5xx"),
+            (Err(true), "unreachable"),
+            (Err(false), "unknown"),
+        ] {
+            let before = m.upstream_responses.at([class]).get();
+            m.upstream_answered(answer);
+            assert_eq!(m.upstream_responses.at([class]).get(), before + 1, "{answer:?} is {class}");
+        }
+        assert_eq!(m.upstream_responses.get(), 7);
+        m.store_error("claim");
+        assert_eq!(m.store_errors.at(["claim"]).get(), 1);
+        assert_eq!(m.store_errors.get(), 1);
     }
 }

@@ -79,7 +79,9 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     }
     metrics.topics(&config.kafka.topics);
     metrics.set_ttl(config.retention.ttl);
-    preflight(config).await?;
+    let probe = preflight(config).await?;
+    metrics
+        .set_topic_partitions(config.kafka.topics.iter().map(|t| (t.as_str(), probe.topics.get(t).copied().flatten())));
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
     let sink = configured_sink(config, &writer, options.sink, &metrics)?;
     let side = side_topics(config, &writer)?;
@@ -165,11 +167,11 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
 
 /// Before any client that could ask for a topic's metadata: the brokers answer and every topic
 /// kdedup reads or writes exists (asked without creating it). `run` and `replay` refuse here.
-pub(crate) async fn preflight(config: &Config) -> anyhow::Result<()> {
+pub(crate) async fn preflight(config: &Config) -> anyhow::Result<crate::kafka_client::Probe> {
     use crate::kafka_client::{self, PreflightError};
     let (kafka, topics) = (config.kafka.clone(), kafka_client::required_topics(config));
     match tokio::task::spawn_blocking(move || kafka_client::preflight(&kafka, &topics)).await? {
-        Ok(_) => Ok(()),
+        Ok(probe) => Ok(probe),
         Err(PreflightError::Unreachable(e)) if e.security => Err(anyhow::anyhow!(
             "{e} (check security.protocol, ssl.* and sasl.* in [kafka.client] / [kafka.consumer] / [kafka.producer])"
         )),

@@ -47,11 +47,12 @@ pub async fn run(
     let config = Arc::new(config);
     let proxy = Arc::new(proxy::Proxy::new(config.clone(), store.clone(), metrics.clone())?);
     let sweeper = (!store.expires_by_itself()).then(|| {
-        let (store, every) = (store.clone(), config.retention.sweep_interval);
+        let (store, every, metrics) = (store.clone(), config.retention.sweep_interval, metrics.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = store.sweep(now_ms()).await {
+                    metrics.store_error("sweep");
                     tracing::warn!(error = %e, "sweeping expired keys failed; retrying at the next interval");
                 }
             }

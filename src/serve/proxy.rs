@@ -203,8 +203,8 @@ impl Proxy {
             let request = ClaimRequest { key: key.clone(), fingerprint, position: position.clone() };
             let claim = match self.store.claim(vec![request], now_ms()).await.map(|mut v| v.pop()) {
                 Ok(Some(claim)) => claim,
-                Ok(None) => return store_failed("the store answered no claim"),
-                Err(e) => return store_failed(&e.to_string()),
+                Ok(None) => return self.store_failed("claim", "the store answered no claim"),
+                Err(e) => return self.store_failed("claim", &e.to_string()),
             };
             match claim {
                 Claim::New(acquired) => {
@@ -225,7 +225,7 @@ impl Proxy {
                             "no_recorded_answer",
                             "the key's first request completed, but its answer was not kept",
                         ),
-                        Err(e) => store_failed(&e.to_string()),
+                        Err(e) => self.store_failed("response", &e.to_string()),
                     }
                 }
                 Claim::Conflict { .. } => {
@@ -281,12 +281,13 @@ impl Proxy {
     ) -> Answer {
         let held = vec![(key.clone(), position.clone())];
         let heartbeat = {
-            let (store, held) = (self.store.clone(), held.clone());
+            let (store, held, metrics) = (self.store.clone(), held.clone(), self.metrics.clone());
             let every = (self.config.retention.lease / 3).max(Duration::from_millis(100));
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
                     if let Err(e) = store.renew(held.clone(), now_ms()).await {
+                        metrics.store_error("renew");
                         tracing::warn!(error = %e, "lease renewal failed; retrying at the next beat");
                     }
                 }
@@ -301,6 +302,7 @@ impl Proxy {
             Ok(upstream) => upstream,
             Err(Failed::NotSent(e)) => {
                 if let Err(e) = self.store.release(held).await {
+                    self.metrics.store_error("release");
                     tracing::warn!(error = %e, "releasing the claim of a request that never reached the upstream failed; it is taken over once its lease lapses");
                 }
                 tracing::warn!(error = %e, "the upstream could not be reached; claim released");
@@ -318,6 +320,7 @@ impl Proxy {
         };
         if upstream.status.is_server_error() && self.config.on_5xx == On5xx::Release {
             if let Err(e) = self.store.release(held).await {
+                self.metrics.store_error("release");
                 tracing::warn!(error = %e, "releasing the claim after an upstream 5xx failed; it is taken over once its lease lapses");
             }
             return Answer { outcome: "upstream_error", response: self.respond(&upstream) };
@@ -336,6 +339,7 @@ impl Proxy {
                 "the claim was lost while the upstream worked (its lease lapsed); the answer is not kept"
             ),
             Err(e) => {
+                self.metrics.store_error("record");
                 tracing::warn!(error = %e, "recording the upstream's answer failed; the key stays claimed and the next attempt after its lease is marked as a possible repeat")
             }
         }
@@ -378,6 +382,16 @@ impl Proxy {
             headers.insert(POSSIBLE_REPEAT, HeaderValue::from_static("true"));
         }
         let request = self.client.request(parts.method.clone(), url).headers(headers).body(body);
+        let answered = self.read(request).await;
+        self.metrics.upstream_answered(match &answered {
+            Ok(upstream) => Ok(upstream.status.as_u16()),
+            Err(failed) => Err(matches!(failed, Failed::NotSent(_))),
+        });
+        answered
+    }
+
+    /// Sends the request and reads its answer, up to `max_response_bytes` kept.
+    async fn read(&self, request: reqwest::RequestBuilder) -> Result<Upstream, Failed> {
         let mut response = request.send().await.map_err(|e| {
             if e.is_connect() {
                 Failed::NotSent(e.without_url().to_string())
@@ -495,6 +509,14 @@ fn problem(outcome: &'static str, status: StatusCode, code: &str, detail: &str) 
 
 fn refused(status: StatusCode, code: &str, detail: &str) -> Answer {
     problem("refused", status, code, detail)
+}
+
+impl Proxy {
+    /// A store call a request depends on failed: counted, and answered 503.
+    fn store_failed(&self, op: &'static str, error: &str) -> Answer {
+        self.metrics.store_error(op);
+        store_failed(error)
+    }
 }
 
 fn store_failed(error: &str) -> Answer {
