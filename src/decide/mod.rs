@@ -33,7 +33,11 @@
 //! stalls the batch, loudly, rather than finish the record unwritten. A fatal
 //! producer error raises [`Fatal`].
 
-use std::collections::{HashMap, HashSet};
+mod batch;
+mod io;
+mod lease;
+
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,16 +47,21 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Mode, OnConflict, PipelineConfig};
-use crate::error::{RecordError, SinkError, StoreError};
+use crate::error::{RecordError, SinkError};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, FilterAllocError, Verdict, PREFETCH_AHEAD};
 use crate::metrics::{Metrics, OUTCOMES};
-use crate::sink::{AnySink, DeadLetter, Effect, Observed, SideTopics};
+use crate::sink::{AnySink, DeadLetter, Effect, SideTopics};
 use crate::store::{
     now_ms, release_marker, Acquired, Claim, ClaimRequest, ClaimState, DedupStore, EffectResponse, Store,
 };
 use crate::values::{OutputMark, TopicPartition};
 use crate::window::First;
+
+use self::batch::{decision_of, envelope, follow_leaders, observed, placeholder, set_aside, set_decision};
+pub(crate) use self::io::Backoff;
+use self::io::Side;
+use self::lease::{renew, Held};
 
 /// Test hooks that stand in for crashes at chosen points. Empty in production.
 /// Hidden from the docs: kdedup's own tests use it; no part of the library API.
@@ -203,69 +212,6 @@ pub enum Stop {
     Crashed,
     /// The process must stop (already raised on [`Fatal`]).
     Fatal,
-}
-
-/// Exponential backoff: from 50 ms to 5 s for failures; from 20 ms to 1 s for
-/// a claim waiting on another process's batch (one in this process wakes the
-/// waiter when it settles).
-pub(crate) struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff { next: Duration::from_millis(50), max: Duration::from_secs(5) }
-    }
-    fn for_claim_waits() -> Backoff {
-        Backoff { next: Duration::from_millis(20), max: Duration::from_secs(1) }
-    }
-    pub(crate) fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-}
-
-/// Claims a batch holds between its claim and its completion, for the heartbeat.
-#[derive(Default)]
-struct Held {
-    keys: Mutex<Vec<(EventKey, Position)>>,
-    /// Offsets whose lease renewal was refused: taken over while we held them.
-    lost: Mutex<HashSet<i64>>,
-    /// When the last ownership check before a write began (ms since the epoch).
-    checked_ms: AtomicU64,
-    /// Claims won fresh whose effect was not yet handed to the sink: a drain that stops
-    /// before their effect releases them (never effected, nothing to resume or mark).
-    unstarted: Mutex<Vec<(EventKey, Position)>>,
-}
-
-impl Held {
-    fn add(&self, keys: impl IntoIterator<Item = (EventKey, Position)>) {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).extend(keys);
-    }
-    fn clear(&self) {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
-    fn snapshot(&self) -> Vec<(EventKey, Position)> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-    fn remove(&self, gone: &[(EventKey, Position)]) {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).retain(|k| !gone.contains(k));
-    }
-    fn started(&self, keys: &[(EventKey, Position)]) {
-        self.unstarted.lock().unwrap_or_else(|p| p.into_inner()).retain(|k| !keys.contains(k));
-    }
-    /// The claims still held whose effect never started.
-    fn take_unstarted(&self) -> Vec<(EventKey, Position)> {
-        let held = self.snapshot();
-        let mut unstarted = std::mem::take(&mut *self.unstarted.lock().unwrap_or_else(|p| p.into_inner()));
-        unstarted.retain(|k| held.contains(k));
-        unstarted
-    }
-    fn was_lost(&self, offset: i64) -> bool {
-        self.lost.lock().unwrap_or_else(|p| p.into_inner()).contains(&offset)
-    }
 }
 
 /// Who holds the claims the core makes.
@@ -538,41 +484,6 @@ impl Core {
             }
         }
     }
-
-    /// Retries a store call with backoff until it answers; the partition reports
-    /// itself stalled meanwhile.
-    async fn store_call<D: Driver, T, F, Fut>(&self, d: &D, op: &'static str, mut call: F) -> Result<T, Stop>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        let mut backoff = Backoff::new();
-        loop {
-            let started = Instant::now();
-            let result = call().await;
-            self.metrics.store_call(op, result.is_ok(), started.elapsed().as_secs_f64());
-            self.metrics.store_answered(d.partition(), result.is_ok());
-            match result {
-                Ok(v) => {
-                    self.progressing(d);
-                    return Ok(v);
-                }
-                Err(e) => {
-                    self.metrics.store_errors.inc();
-                    self.stalled(d);
-                    if !e.is_retriable() {
-                        // A corrupt row cannot be fixed by waiting; keep the partition
-                        // paused and loud rather than guess.
-                        error!(topic = %d.partition().0, partition = d.partition().1, op, error = %e, "store call failed; not retriable, operator action needed");
-                    } else {
-                        warn!(topic = %d.partition().0, partition = d.partition().1, op, error = %e, "store call failed; retrying");
-                    }
-                    d.pause(backoff.next()).await?;
-                }
-            }
-        }
-    }
-
     /// filter (+ store reads for suspects): decides what the caches and reads
     /// can, points later records of a key at the batch's first one, and returns
     /// the items that go on to the claim.
@@ -1070,227 +981,6 @@ impl Core {
             }
         }
         Ok(())
-    }
-
-    /// Writes to a side topic, retrying retriable failures. A dead letter the
-    /// topic refuses for good has nowhere else to go: the partition stalls on
-    /// it, loudly (error log naming the record, the stalled gauge, `/readyz`
-    /// 503), and keeps trying, so the record is never committed unwritten.
-    /// (Records refused for their size were already written truncated by
-    /// [`SideTopics::dead_letter`].) A duplicates-topic copy refused for good
-    /// is only an audit copy: logged, counted, and skipped.
-    /// Returns where the written records landed, by their index in `records`.
-    async fn write_side<D: Driver, T, F, Fut>(
-        &self,
-        d: &D,
-        held: &Held,
-        side: Side,
-        records: &[T],
-        write: F,
-    ) -> Result<Vec<(usize, OutputMark)>, Stop>
-    where
-        T: HasPosition,
-        F: Fn(Vec<T>) -> Fut,
-        Fut: std::future::Future<Output = Vec<Result<OutputMark, SinkError>>>,
-    {
-        let what = side.name();
-        let mut landed = Vec::with_capacity(records.len());
-        let mut pending: Vec<usize> = (0..records.len()).collect();
-        let mut backoff = Backoff::new();
-        while !pending.is_empty() {
-            let batch: Vec<T> = pending.iter().map(|&i| records[i].clone()).collect();
-            self.guard(d, held).await?;
-            let results = write(batch).await;
-            let mut retry = Vec::new();
-            for (&i, result) in pending.iter().zip(results) {
-                match result {
-                    Ok(mark) => landed.push((i, mark)),
-                    Err(e) if e.is_fatal() => {
-                        self.metrics.sink_error(&e);
-                        error!(position = %records[i].position(), topic = what, error = %e, "fatal producer error; kdedup stops so that it restarts with a new producer");
-                        self.fatal.raise(format!("fatal producer error: {e}"));
-                        return Err(Stop::Fatal);
-                    }
-                    Err(e) if e.is_retriable() => retry.push(i),
-                    Err(e) => {
-                        self.metrics.sink_error(&e);
-                        self.metrics.side_refusals.with_label_values(&[what]).inc();
-                        match side {
-                            Side::DeadLetter => {
-                                error!(position = %records[i].position(), topic = what, error = %e, "the dead-letter topic refuses this record: the partition stalls on it until the topic accepts it (check its ACLs, size limits and existence)");
-                                retry.push(i);
-                            }
-                            Side::Duplicates => {
-                                error!(position = %records[i].position(), topic = what, error = %e, "the duplicates topic refused an audit copy; skipped")
-                            }
-                        }
-                    }
-                }
-            }
-            pending = retry;
-            if !pending.is_empty() {
-                // One retry round, counted once as before (or as the refusals above).
-                self.metrics.sink_errors.at(["retriable"]).inc();
-                self.stalled(d);
-                warn!(topic = what, records = pending.len(), "side topic write failed; retrying");
-                d.pause(backoff.next()).await?;
-            }
-        }
-        self.progressing(d);
-        Ok(landed)
-    }
-}
-
-/// The side topics, for logs and the refusal counter.
-#[derive(Debug, Clone, Copy)]
-enum Side {
-    DeadLetter,
-    Duplicates,
-}
-
-impl Side {
-    fn name(self) -> &'static str {
-        match self {
-            Side::DeadLetter => "dead_letter",
-            Side::Duplicates => "duplicates",
-        }
-    }
-}
-
-/// One heartbeat: extends the leases of the claims a batch holds. A refusal
-/// means another owner took the claim over while we held it (our lease had
-/// lapsed: a freeze, a store outage longer than the lease): the effect is then
-/// marked as a possible repeat.
-async fn renew(core: &Core, tp: &TopicPartition, held: &Held) {
-    let keys = held.snapshot();
-    if keys.is_empty() {
-        return;
-    }
-    match core.store.renew(keys.clone(), now_ms()).await {
-        Ok(answers) => {
-            let lost: Vec<i64> = keys.iter().zip(answers).filter(|(_, ok)| !ok).map(|((_, p), _)| p.offset).collect();
-            if !lost.is_empty() {
-                core.metrics.leases_lost.inc_by(lost.len() as u64);
-                warn!(topic = %tp.0, partition = tp.1, claims = lost.len(), first_offset = lost[0], "claims taken over while this partition held them; their effects will be marked as possible repeats");
-                held.lost.lock().unwrap_or_else(|p| p.into_inner()).extend(lost);
-            }
-        }
-        Err(e) => {
-            warn!(topic = %tp.0, partition = tp.1, error = %e, "lease renewal failed; trying again at the next heartbeat")
-        }
-    }
-}
-
-trait HasPosition: Clone {
-    fn position(&self) -> &Position;
-}
-impl HasPosition for DeadLetter<'_> {
-    fn position(&self) -> &Position {
-        &self.record.position
-    }
-}
-impl HasPosition for &Envelope {
-    fn position(&self) -> &Position {
-        &self.record.position
-    }
-}
-
-/// Splits a round's items into those ready for their effects and those set
-/// aside for the next round: the leaders in `waiting` and every later record
-/// of their keys. Leader indices are remapped into each half.
-fn set_aside(items: Vec<Item>, waiting: &[usize]) -> (Vec<Item>, Vec<Item>) {
-    if waiting.is_empty() {
-        return (items, Vec::new());
-    }
-    let waits: HashSet<usize> = waiting.iter().copied().collect();
-    let (mut ready, mut later) = (Vec::new(), Vec::new());
-    // Where each item went, within its half; a leader always precedes its followers.
-    let mut moved_to: Vec<usize> = Vec::with_capacity(items.len());
-    for (i, mut item) in items.into_iter().enumerate() {
-        let defer = match &mut item {
-            Item::Keyed { leader: Some(first), .. } => {
-                let deferred = waits.contains(first);
-                *first = moved_to[*first];
-                deferred
-            }
-            Item::Keyed { leader: None, .. } => waits.contains(&i),
-            Item::Bad { .. } => false,
-        };
-        let half = if defer { &mut later } else { &mut ready };
-        moved_to.push(half.len());
-        half.push(item);
-    }
-    (ready, later)
-}
-
-/// Later records of a key follow the batch's first one: a duplicate of it, or
-/// a conflict with the fingerprint that decided it.
-fn follow_leaders(items: &mut [Item]) {
-    for i in 0..items.len() {
-        let Item::Keyed { leader: Some(leader), .. } = items[i] else { continue };
-        let authority = match (decision_of(&items[leader]), envelope(&items[leader]).fingerprint) {
-            (Decision::Conflict(stored), _) => stored,
-            (_, fp) => fp,
-        };
-        // The duplicate's first occurrence: the leader, or the leader's own first.
-        let first = match decision_of(&items[leader]) {
-            Decision::New { claimed_at_ms, .. } => {
-                Some(First::new(claimed_at_ms, &envelope(&items[leader]).record.position))
-            }
-            Decision::Duplicate { first, .. } => first,
-            Decision::Conflict(_) => None,
-        };
-        let decision = if envelope(&items[i]).fingerprint == authority {
-            Decision::Duplicate { expires_at_ms: None, first }
-        } else {
-            Decision::Conflict(authority)
-        };
-        set_decision(&mut items[i], decision);
-    }
-}
-
-fn envelope(item: &Item) -> &Envelope {
-    match item {
-        Item::Keyed { envelope, .. } => envelope,
-        Item::Bad { .. } => unreachable!("only keyed items are indexed for the store"),
-    }
-}
-
-/// What observe mode stamps on a forwarded record.
-fn observed(decision: Decision) -> Observed {
-    match decision {
-        Decision::New { .. } => Observed { duplicate: false, conflict: false, first: None },
-        Decision::Duplicate { first, .. } => {
-            Observed { duplicate: true, conflict: false, first: first.and_then(|f| f.origin) }
-        }
-        Decision::Conflict(_) => Observed { duplicate: false, conflict: true, first: None },
-    }
-}
-
-fn decision_of(item: &Item) -> Decision {
-    match item {
-        Item::Keyed { decision: Some(d), .. } => *d,
-        _ => unreachable!("leaders are decided before their followers"),
-    }
-}
-
-fn set_decision(item: &mut Item, d: Decision) {
-    if let Item::Keyed { decision, .. } = item {
-        *decision = Some(d);
-    }
-}
-
-fn placeholder() -> Item {
-    Item::Bad {
-        record: Record {
-            position: Position { topic: Arc::from(""), partition: -1, offset: -1 },
-            key: None,
-            payload: None,
-            headers: Vec::new(),
-            timestamp_ms: None,
-            bad_header: None,
-        },
-        error: RecordError::MissingId(String::new()),
     }
 }
 
