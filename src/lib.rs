@@ -54,6 +54,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod backoff;
 // Hidden from the public docs: the command line's own work, not a library
 // surface (their shapes change with the CLI; `bench` and `demo` need a mock cluster).
 #[doc(hidden)]

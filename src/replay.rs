@@ -44,7 +44,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::decide::{Claimant, Core, Decision, Driver, Item, Stop};
+use crate::decide::{Claimant, Core, Decision, Driver, Earlier, Item, Stop};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::kafka_client::KafkaClients;
 use crate::metrics::Metrics;
@@ -354,6 +354,13 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                 stop: stop.clone(),
                 counts: Counts::default(),
             };
+            // A replay re-reads a range the live group may have handled already, so
+            // its dead letters (bad records, conflicts) may repeat the group's: each
+            // is marked `kdedup-possible-repeat` (besides `kdedup-replay`). They are
+            // still written, since the range may hold records nobody dead-lettered
+            // (a group whose offsets were reset past them); a reader dedups them by
+            // their `kdedup-source-*` position.
+            let mut earlier = Earlier::everything_reached();
             let mut next = from;
             while next < to {
                 let to_end = matches!(options.to, To::End);
@@ -381,7 +388,7 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                     }
                     // The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
                     (Mode::Apply, Some(core)) => {
-                        let work = core.run_batch(&mut driver, batch, Instant::now());
+                        let work = core.run_batch(&mut driver, batch, Instant::now(), &mut earlier);
                         crate::sink::with_stop(stop.clone(), work).await.map_err(stopped)
                     }
                     (Mode::Redrive, Some(core)) => {
@@ -744,7 +751,7 @@ async fn redrive(
     if let Some(scope) = scope {
         mark_released(&core.store, &scope, now_ms()).await.map_err(Interrupted::Store)?;
     }
-    core.run_batch(driver, batch, Instant::now()).await.map_err(stopped)
+    core.run_batch(driver, batch, Instant::now(), &mut Earlier::everything_reached()).await.map_err(stopped)
 }
 
 /// The replay's driver of the core: counts what each round decided.
@@ -781,16 +788,6 @@ impl Driver for ReplayDriver {
         }
     }
 
-    /// A replay re-reads a range the live group may have handled already, so
-    /// its dead letters (bad records, conflicts) may repeat the group's: each
-    /// is marked `kdedup-possible-repeat` (besides `kdedup-replay`). They are
-    /// still written, since the range may hold records nobody dead-lettered
-    /// (a group whose offsets were reset past them); a reader dedups them by
-    /// their `kdedup-source-*` position.
-    fn reached_before(&self, _offset: i64) -> bool {
-        true
-    }
-
     fn finished(&mut self, items: &[Item]) {
         for item in items {
             self.counts.records += 1;
@@ -801,7 +798,7 @@ impl Driver for ReplayDriver {
                     self.counts.emitted += 1;
                 }
                 Item::Keyed { decision: Some(Decision::Duplicate { .. }), .. } => self.counts.duplicate += 1,
-                Item::Keyed { decision: Some(Decision::Conflict(_)), .. } => self.counts.conflict += 1,
+                Item::Keyed { decision: Some(Decision::Conflict { .. }), .. } => self.counts.conflict += 1,
                 Item::Keyed { decision: None, .. } => {}
             }
         }

@@ -30,6 +30,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+use crate::backoff::Backoff;
 use crate::config::{HttpOutcome, HttpSinkConfig};
 use crate::error::{HttpError, SinkError};
 use crate::event::{hex, EventKey};
@@ -279,7 +280,7 @@ impl HttpSink {
             Err(m) => return (Err(SinkError::Http(HttpError::Request(m))), None),
         };
         let started = Instant::now();
-        let mut backoff = self.config.backoff_initial;
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut attempts = 0u32;
         let mut last_answer = None;
         // Once an attempt may have been applied, every later one is marked.
@@ -333,10 +334,8 @@ impl HttpSink {
                     (why, None)
                 }
             };
-            // Equal jitter: half the step fixed, half random, so retries of many
-            // records do not arrive at the endpoint in step.
-            let step = backoff.as_millis() as u64;
-            let jittered = Duration::from_millis(step / 2 + rand::random_range(0..=step - step / 2));
+            // Equal jitter, so retries of many records do not arrive at the endpoint in step.
+            let jittered = backoff.wait();
             let wait = retry_after.map_or(jittered, |r| r.min(MAX_RETRY_AFTER).max(jittered));
             let elapsed = started.elapsed();
             if elapsed + wait > self.config.retry_budget {
@@ -350,7 +349,6 @@ impl HttpSink {
                 // A drain must not wait out a long Retry-After: the effect is left to the next owner.
                 _ = super::stopping() => return (Err(SinkError::Http(HttpError::Stopping { attempts, last })), None),
             }
-            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 

@@ -289,6 +289,23 @@ impl AnySink {
 /// How much of a payload (and of a key) a truncated dead letter keeps.
 pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
 
+/// What a write was made for: a digest of the event ID (outputs, results) or
+/// of the payload (dead letters), compared with the record now at its position.
+pub type Identity = u128;
+
+/// The identity of an output or a result written for event `id`.
+pub fn event_identity(id: &[u8]) -> Identity {
+    xxhash_rust::xxh3::xxh3_128(id)
+}
+
+/// Whether a dead letter with identity `found` was written for a record with this payload:
+/// whole, or cut to [`TRUNCATED_PAYLOAD_BYTES`] (a truncated dead letter).
+pub fn is_dead_letter_of(found: Identity, payload: Option<&[u8]>) -> bool {
+    let payload = payload.unwrap_or_default();
+    let cut = &payload[..payload.len().min(TRUNCATED_PAYLOAD_BYTES)];
+    xxhash_rust::xxh3::xxh3_128(payload) == found || xxhash_rust::xxh3::xxh3_128(cut) == found
+}
+
 /// How much of the record's own headers (names and values) a truncated dead
 /// letter keeps: the headers that fit, in order; only those that do not are dropped.
 pub const TRUNCATED_HEADER_BYTES: usize = 16 * 1024;
