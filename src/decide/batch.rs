@@ -573,3 +573,6 @@ fn set_decision(item: &mut Item, d: Option<Decision>) {
         *decision = d;
     }
 }
+
+#[cfg(test)]
+mod tests;
