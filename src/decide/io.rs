@@ -88,6 +88,20 @@ impl Core {
         Ok(())
     }
 
+    pub(super) fn taken<D: Driver>(&self, d: &D, records: &[crate::event::Record]) {
+        self.metrics.taken(d.partition(), records);
+    }
+
+    /// Suspects the store did not know at all: the aging filter's false positives.
+    pub(super) fn count_looked_up(&self, false_positives: usize) {
+        self.metrics.bloom_false_positives.inc_by(false_positives as u64);
+    }
+
+    /// Writes reconciliation found already made: not made again.
+    pub(super) fn count_reconciled(&self, n: usize) {
+        self.metrics.reconciled.inc_by(n as u64);
+    }
+
     pub(super) fn count_screened(&self, screened: &batch::Screened) {
         let (recent, suspects, to_claim) = (screened.recent.len(), screened.suspects.len(), screened.to_claim.len());
         self.metrics.filter_checked("recent", "hit", recent);
@@ -260,7 +274,7 @@ impl Core {
     ) -> Result<(), Stop> {
         let conflicts_dead_letter = self.config.on_conflict == OnConflict::DeadLetter && !observe;
         let sides = batch::side_writes(items, conflicts_dead_letter, earlier);
-        self.metrics.reconciled.inc_by(sides.reconciled);
+        self.count_reconciled(sides.reconciled as usize);
         let dead_letters = batch::dead_letters(&sides.dead, earlier);
         let landed = self.write_side(d, held, Side::DeadLetter, &dead_letters, |b| self.side.dead_letter(b)).await?;
         for (i, mark) in landed {

@@ -32,6 +32,13 @@
 //! dead-lettered with their reason; a dead letter that cannot be written
 //! stalls the batch, loudly, rather than finish the record unwritten. A fatal
 //! producer error raises [`Fatal`].
+//!
+//! - `mod.rs`: the types drivers see ([`Driver`], [`Earlier`], [`Item`],
+//!   [`Decision`], [`Stop`]) and [`Core`], which runs a batch's steps in order;
+//! - `batch.rs`: the steps as a plan with no I/O (what to claim, what follows
+//!   what, what to write, complete and remember), tested against a model store;
+//! - `io.rs`: every store call and write, the one retry, the metrics and logs;
+//! - `lease.rs`: the claims a batch holds, and the heartbeat that renews them.
 
 mod batch;
 mod io;
@@ -427,7 +434,7 @@ impl Core {
         held: &Held,
     ) -> Result<(), Stop> {
         held.checked_ms.store(now_ms(), Ordering::SeqCst);
-        self.metrics.taken(d.partition(), &records);
+        self.taken(d, &records);
         let mut items = batch::keyed(&self.extractor, records);
         if Faults::take(&self.faults.panic_at, &items) {
             panic!("injected panic in partition {}/{}", d.partition().0, d.partition().1);
@@ -483,7 +490,7 @@ impl Core {
             // must not count rows alive that expired meanwhile.
             let rows = self.store_call(d, "lookup", || self.store.lookup(keys.clone(), now_ms())).await?;
             let false_positives = screened.apply_lookups(items, rows);
-            self.metrics.bloom_false_positives.inc_by(false_positives as u64);
+            self.count_looked_up(false_positives);
         }
         Ok(screened.to_claim)
     }
@@ -538,7 +545,7 @@ impl Core {
         // Effects reconciliation found in the output already ran: they are only completed,
         // and a drain never releases their claims.
         let (pending, emitted) = batch::pending_effects(items, observe, earlier);
-        self.metrics.reconciled.inc_by(emitted.len() as u64);
+        self.count_reconciled(emitted.len());
         held.started(&batch::claims_of(items, &emitted, &self.claimant));
         if let Some(delay) = self.faults.take_delay(items) {
             self.faults.fired.notify_one();
