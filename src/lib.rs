@@ -34,7 +34,7 @@
 //! # struct Ledger;
 //! # impl kdedup::Sink for Ledger {
 //! #     fn kind(&self) -> &'static str { "ledger" }
-//! #     async fn deliver(&self, b: &[kdedup::Effect<'_>]) -> Vec<Result<kdedup::Delivered, kdedup::SinkError>> {
+//! #     async fn deliver(&self, b: &[kdedup::Effect<'_>], _: &kdedup::Stopping) -> Vec<Result<kdedup::Delivered, kdedup::SinkError>> {
 //! #         b.iter().map(|_| Ok(kdedup::Delivered::done())).collect()
 //! #     }
 //! # }
@@ -95,6 +95,6 @@ pub use config::Config;
 pub use decide::Decision;
 pub use error::SinkError;
 pub use service::{run, RunOptions};
-pub use sink::{CustomSink, Delivered, Effect, Sink};
+pub use sink::{CustomSink, Delivered, Effect, Sink, Stopping};
 pub use source::StopMode;
 pub use store::{Claim, ClaimRequest, ClaimState, DedupStore, Store};

@@ -45,7 +45,7 @@ pub use crate::decide::{Fatal, Faults};
 use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler, Share};
-use crate::sink::AnySink;
+use crate::sink::{AnySink, Stopping};
 use crate::source::{PartitionHandler, PartitionQueue, Resume, Rewind};
 use crate::store::now_ms;
 
@@ -384,8 +384,7 @@ impl PartitionTask {
                     error!(%topic, partition, error = %e, "offset order broken");
                 }
             }
-            let (stages, stop) = (self.stages.clone(), self.stop.clone());
-            // The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
+            let stages = self.stages.clone();
             let batch = async {
                 if records.is_empty() {
                     return Ok(());
@@ -396,7 +395,7 @@ impl PartitionTask {
                 self.release_share();
                 result
             };
-            match crate::sink::with_stop(stop, batch).await {
+            match batch.await {
                 Ok(()) => match taken {
                     Taken::More => {}
                     Taken::ReadAgain(from) => {
@@ -617,6 +616,11 @@ impl Driver for PartitionTask {
 
     fn before_writes(&self, since_ms: u64) -> impl std::future::Future<Output = Result<(), Stop>> + Send {
         self.confirm_ownership(since_ms)
+    }
+
+    /// The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
+    fn stopping(&self) -> Stopping {
+        Stopping::on(self.stop.clone())
     }
 
     fn landed(&mut self, log: Landed, source_offset: i64, mark: OutputMark) {

@@ -50,7 +50,7 @@ use crate::kafka_client::KafkaClients;
 use crate::metrics::Metrics;
 use crate::offsets::TopicPartition;
 use crate::service::{configured_sink, side_topics};
-use crate::sink::{KafkaSink, KafkaWriter};
+use crate::sink::{KafkaSink, KafkaWriter, Stopping};
 use crate::store::{mark_released, now_ms, ClaimState, DedupStore, Released, Store};
 
 /// What a replay does with its range.
@@ -386,14 +386,10 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                     (Mode::Release, _) => {
                         release(&extractor, &store, batch, &mut seen, started_ms, &mut driver.counts).await
                     }
-                    // The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
                     (Mode::Apply, Some(core)) => {
-                        let work = core.run_batch(&mut driver, batch, Instant::now(), &mut earlier);
-                        crate::sink::with_stop(stop.clone(), work).await.map_err(stopped)
+                        core.run_batch(&mut driver, batch, Instant::now(), &mut earlier).await.map_err(stopped)
                     }
-                    (Mode::Redrive, Some(core)) => {
-                        crate::sink::with_stop(stop.clone(), redrive(core, &mut driver, batch, started_ms)).await
-                    }
+                    (Mode::Redrive, Some(core)) => redrive(core, &mut driver, batch, started_ms).await,
                     (_, None) => unreachable!("apply and redrive have a core"),
                 };
                 match result {
@@ -786,6 +782,11 @@ impl Driver for ReplayDriver {
                 Ok(())
             }
         }
+    }
+
+    /// The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
+    fn stopping(&self) -> Stopping {
+        Stopping::on(self.stop.clone())
     }
 
     fn finished(&mut self, items: &[Item]) {

@@ -164,6 +164,7 @@ impl Core {
     ) -> Result<Delivery, Stop> {
         let mut delivery = Delivery::default();
         let (mut retry, started, mut retrying) = (Retry::new(), Instant::now(), false);
+        let stop = d.stopping();
         while !pending.is_empty() {
             let effects = batch::effects(items, &pending, retrying, &held.lost(), observe, self.claimant.job());
             let repeats = effects.iter().filter(|e| e.possible_repeat).count();
@@ -171,7 +172,7 @@ impl Core {
             // From here the effects may land: these claims are never released by a drain.
             held.started(&batch::claims_of(items, &pending, &self.claimant));
             self.metrics.possible_repeats.inc_by(repeats as u64);
-            let results = self.sink.deliver(&effects).await;
+            let results = self.sink.deliver(&effects, &stop).await;
             if results.len() != effects.len() {
                 return Err(self.miscounted(d, items, &pending, results.len()));
             }

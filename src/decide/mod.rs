@@ -58,7 +58,7 @@ use crate::error::RecordError;
 use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
 use crate::filter::{Filter, FilterAllocError};
 use crate::metrics::Metrics;
-use crate::sink::{event_identity, is_dead_letter_of, AnySink, Identity, SideTopics};
+use crate::sink::{event_identity, is_dead_letter_of, AnySink, Identity, SideTopics, Stopping};
 use crate::store::{now_ms, Acquired, DedupStore, Store};
 use crate::values::{OutputMark, TopicPartition};
 use crate::window::First;
@@ -269,6 +269,9 @@ pub trait Driver: Send + Sync {
     /// an error drops the rest of the round unwritten. `since_ms`: when the
     /// batch started, or the previous check began.
     fn before_writes(&self, since_ms: u64) -> impl Future<Output = Result<(), Stop>> + Send;
+    /// The driver's stop signal, handed to the sink with each delivery (a sink's own
+    /// waits, such as an HTTP backoff or `Retry-After`, end when it fires).
+    fn stopping(&self) -> Stopping;
     /// A write for the record at `source_offset` landed here.
     fn landed(&mut self, _log: Landed, _source_offset: i64, _mark: OutputMark) {}
     /// A round's records are done: decided, their effects and dead letters durable.
@@ -591,7 +594,7 @@ mod tests {
         fn kind(&self) -> &'static str {
             "counting"
         }
-        async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<crate::sink::Delivered, SinkError>> {
+        async fn deliver(&self, batch: &[Effect<'_>], _stop: &Stopping) -> Vec<Result<Delivered, SinkError>> {
             self.0.fetch_add(batch.len(), Ordering::SeqCst);
             batch.iter().map(|_| Ok(Delivered::done())).collect()
         }
@@ -620,6 +623,9 @@ mod tests {
             } else {
                 Err(Stop::Draining)
             }
+        }
+        fn stopping(&self) -> Stopping {
+            Stopping::never()
         }
         fn finished(&mut self, _items: &[Item]) {}
     }

@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::values::{now_ms, EffectResponse};
 
 use super::kafka::{headers, source_headers, OutRecord};
-use super::{Delivered, Effect, KafkaWriter};
+use super::{Delivered, Effect, KafkaWriter, Stopping};
 
 /// Bytes of a response body kept as its excerpt (on the claim row, in dead letters).
 pub const EXCERPT_BYTES: usize = 512;
@@ -236,7 +236,7 @@ impl super::Sink for HttpSink {
     }
 
     /// Runs each effect through its request and retries; one result per effect, in order.
-    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+    async fn deliver(&self, batch: &[Effect<'_>], stop: &Stopping) -> Vec<Result<Delivered, SinkError>> {
         // Effects of one key run in order, in one chain; chains run up to max_in_flight at once.
         let mut chains: Vec<Vec<usize>> = Vec::new();
         let mut chain_of: HashMap<u128, usize> = HashMap::new();
@@ -252,7 +252,7 @@ impl super::Sink for HttpSink {
         let mut runs = futures::stream::iter(chains.into_iter().map(|chain| async move {
             let mut out = Vec::with_capacity(chain.len());
             for i in chain {
-                out.push((i, self.deliver_one(&batch[i]).await));
+                out.push((i, self.deliver_one(&batch[i], stop).await));
             }
             out
         }))
@@ -274,7 +274,11 @@ impl super::Sink for HttpSink {
 impl HttpSink {
     /// One effect through its attempts: the result, and the answer that settled
     /// it (for `results_topic`), with its outcome's name.
-    async fn deliver_one(&self, effect: &Effect<'_>) -> (Result<Delivered, SinkError>, Option<Answer>) {
+    async fn deliver_one(
+        &self,
+        effect: &Effect<'_>,
+        stop: &Stopping,
+    ) -> (Result<Delivered, SinkError>, Option<Answer>) {
         let mut prepared = match self.prepare(effect) {
             Ok(p) => p,
             Err(m) => return (Err(SinkError::Http(HttpError::Request(m))), None),
@@ -347,7 +351,7 @@ impl HttpSink {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 // A drain must not wait out a long Retry-After: the effect is left to the next owner.
-                _ = super::stopping() => return (Err(SinkError::Http(HttpError::Stopping { attempts, last })), None),
+                _ = stop.stopped() => return (Err(SinkError::Http(HttpError::Stopping { attempts, last })), None),
             }
         }
     }

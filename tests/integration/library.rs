@@ -96,6 +96,7 @@ async fn a_sink_answering_fewer_results_than_effects_completes_none_of_them_and_
         async fn deliver(
             &self,
             batch: &[kdedup::sink::Effect<'_>],
+            _stop: &kdedup::sink::Stopping,
         ) -> Vec<Result<kdedup::sink::Delivered, kdedup::error::SinkError>> {
             batch.iter().skip(1).map(|_| Ok(kdedup::sink::Delivered::done())).collect()
         }
