@@ -86,6 +86,9 @@ pub mod service;
 pub mod sink;
 pub mod source;
 pub mod store;
+#[cfg(feature = "testkit")]
+#[doc(hidden)]
+pub mod testkit;
 pub mod values;
 pub mod window;
 

@@ -40,8 +40,8 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+pub use crate::decide::Fatal;
 use crate::decide::{Core, Driver, Earlier, Item, Landed, Stop};
-pub use crate::decide::{Fatal, Faults};
 use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
 use crate::reconcile::{Log, Reconciler, Share};
@@ -114,7 +114,7 @@ pub struct Stages {
 impl Stages {
     /// The output log an input partition writes to, when it is fixed.
     fn output_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Option<Log> {
-        match &self.core.sink {
+        match self.core.sink.undecorated() {
             AnySink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log {
                 topic: k.topic().to_string(),
                 partition,
@@ -126,7 +126,7 @@ impl Stages {
                 partition,
                 mark,
             }),
-            AnySink::Stdout(_) | AnySink::Custom(_) => None,
+            _ => None,
         }
     }
 
@@ -412,11 +412,6 @@ impl PartitionTask {
                 },
                 Err(Stop::Draining) => break,
                 Err(Stop::Fatal) => return,
-                Err(Stop::Crashed) => {
-                    warn!(%topic, partition, "injected crash: partition task stops without finishing its batch");
-                    self.stages.core.faults.fired.notify_one();
-                    return;
-                }
             }
         }
         debug!(%topic, partition, in_flight = self.tracker.in_flight(), "partition task stopped");

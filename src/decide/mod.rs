@@ -55,7 +55,7 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 use crate::config::{Config, Mode, PipelineConfig};
 use crate::error::RecordError;
-use crate::event::{Envelope, Fingerprint, KeyExtractor, Position, Record};
+use crate::event::{Envelope, Fingerprint, KeyExtractor, Record};
 use crate::filter::{Filter, FilterAllocError};
 use crate::metrics::Metrics;
 use crate::sink::{event_identity, is_dead_letter_of, AnySink, Identity, SideTopics, Stopping};
@@ -64,47 +64,6 @@ use crate::values::{OutputMark, TopicPartition};
 use crate::window::First;
 
 use self::lease::Held;
-
-/// Test hooks that stand in for crashes at chosen points. Empty in production.
-/// Hidden from the docs: kdedup's own tests use it; no part of the library API.
-#[doc(hidden)]
-#[derive(Default, Clone)]
-pub struct Faults {
-    /// Claim the batch holding this position, then stop the partition task
-    /// before any effect runs, as a crash would. Fires once.
-    pub crash_after_claim: Arc<Mutex<Option<Position>>>,
-    /// Run the effects of the batch holding this position, then stop before
-    /// completing the claims (the window reconciliation closes). Fires once.
-    pub crash_after_effect: Arc<Mutex<Option<Position>>>,
-    /// Panic in the partition task that takes the batch holding this position. Fires once.
-    pub panic_at: Arc<Mutex<Option<Position>>>,
-    /// Hold the effects of the batch holding this position this long before
-    /// delivering them (a slow endpoint, an output leader that is down). Fires once.
-    pub slow_effect: Arc<Mutex<Option<(Position, Duration)>>>,
-    /// Notified when a fault fired.
-    pub fired: Arc<tokio::sync::Notify>,
-}
-
-impl Faults {
-    pub(crate) fn take(slot: &Mutex<Option<Position>>, batch: &[Item]) -> bool {
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = slot.as_ref().is_some_and(|p| batch.iter().any(|i| i.record().position == *p));
-        if hit {
-            *slot = None;
-        }
-        hit
-    }
-
-    fn take_delay(&self, batch: &[Item]) -> Option<Duration> {
-        let mut slot = self.slow_effect.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = slot.as_ref().is_some_and(|(p, _)| batch.iter().any(|i| i.record().position == *p));
-        if hit {
-            slot.take().map(|(_, d)| d)
-        } else {
-            None
-        }
-    }
-}
 
 /// Why the process must stop: raised by a partition task that cannot go on
 /// (a panic, a fatal producer error); `kdedup run` then drains what it can,
@@ -216,8 +175,6 @@ pub enum Decision {
 pub enum Stop {
     /// Draining was requested (revoke, shutdown), or the partition may be lost.
     Draining,
-    /// A test fault fired.
-    Crashed,
     /// The process must stop (already raised on [`Fatal`]).
     Fatal,
 }
@@ -344,8 +301,6 @@ pub struct Core {
     pub metrics: Metrics,
     /// Batching, draining and conflict policy.
     pub config: PipelineConfig,
-    /// Crash injection for tests; all empty in production.
-    pub faults: Faults,
     /// The store's lease: claims are renewed every third of it.
     pub lease: Duration,
     /// Set when an error no retry fixes happened; the service stops on it.
@@ -358,7 +313,7 @@ pub struct Core {
 }
 
 impl Core {
-    /// The core of `config`'s pipeline; no faults, its own [`Fatal`] (callers may replace both).
+    /// The core of `config`'s pipeline, with its own [`Fatal`] (a caller may replace it).
     pub fn new(
         config: &Config,
         store: Store,
@@ -375,7 +330,6 @@ impl Core {
             side,
             metrics,
             config: config.pipeline.clone(),
-            faults: Faults::default(),
             lease: config.retention.lease,
             fatal: Fatal::default(),
             settled_claims: watch::channel(0).0,
@@ -439,18 +393,12 @@ impl Core {
         held.checked_ms.store(now_ms(), Ordering::SeqCst);
         self.taken(d, &records);
         let mut items = batch::keyed(&self.extractor, records);
-        if Faults::take(&self.faults.panic_at, &items) {
-            panic!("injected panic in partition {}/{}", d.partition().0, d.partition().1);
-        }
         let mut to_claim = self.screen(d, &mut items).await?;
         let mut backoff = Backoff::claim_waits();
         loop {
             let mut settled = self.settled_claims.subscribe();
             settled.mark_unchanged();
             let waiting = self.claim(d, &mut items, &to_claim, held).await?;
-            if Faults::take(&self.faults.crash_after_claim, &items) {
-                return Err(Stop::Crashed);
-            }
             let (mut ready, later) = batch::set_aside(items, &waiting);
             batch::follow_leaders(&mut ready);
             self.apply_effects(d, &mut ready, earlier, held).await?;
@@ -550,14 +498,7 @@ impl Core {
         let (pending, emitted) = batch::pending_effects(items, observe, earlier);
         self.count_reconciled(emitted.len());
         held.started(&batch::claims_of(items, &emitted, &self.claimant));
-        if let Some(delay) = self.faults.take_delay(items) {
-            self.faults.fired.notify_one();
-            tokio::time::sleep(delay).await;
-        }
         let delivery = self.deliver(d, items, pending, observe, held).await?;
-        if Faults::take(&self.faults.crash_after_effect, items) {
-            return Err(Stop::Crashed);
-        }
         if !delivery.rejected.is_empty() {
             let rejected = batch::apply_rejections(items, delivery.rejected, observe, &self.claimant);
             held.remove(&rejected.unheld);
@@ -583,6 +524,7 @@ mod tests {
 
     use super::*;
     use crate::error::SinkError;
+    use crate::event::Position;
     use crate::kafka_client::KafkaClients;
     use crate::mock::MockKafka;
     use crate::sink::{CustomSink, Delivered, Effect, KafkaWriter, Sink};

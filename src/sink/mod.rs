@@ -13,6 +13,8 @@
 //! Sinks must be idempotent for the event ID: a crash between the effect and
 //! its completion runs the effect again on redelivery.
 
+#[cfg(feature = "testkit")]
+pub(crate) mod faulty;
 pub mod http;
 pub mod kafka;
 pub mod stdout;
@@ -272,6 +274,10 @@ pub enum AnySink {
     Http(Box<HttpSink>),
     /// `[sink] kind = "custom"`: the caller's own.
     Custom(CustomSink),
+    /// Another sink with kdedup's own test hooks around it.
+    #[cfg(feature = "testkit")]
+    #[doc(hidden)]
+    Faulty(Box<faulty::FaultySink>),
 }
 
 impl AnySink {
@@ -282,6 +288,17 @@ impl AnySink {
             AnySink::Stdout(s) => Sink::kind(s),
             AnySink::Http(s) => Sink::kind(&**s),
             AnySink::Custom(s) => s.kind(),
+            #[cfg(feature = "testkit")]
+            AnySink::Faulty(s) => s.inner().kind(),
+        }
+    }
+
+    /// The configured sink itself, without test decorations.
+    pub fn undecorated(&self) -> &AnySink {
+        match self {
+            #[cfg(feature = "testkit")]
+            AnySink::Faulty(s) => s.inner().undecorated(),
+            _ => self,
         }
     }
 
@@ -297,6 +314,8 @@ impl AnySink {
             AnySink::Stdout(s) => Sink::deliver(s, batch, stop).await,
             AnySink::Http(s) => Sink::deliver(&**s, batch, stop).await,
             AnySink::Custom(s) => s.0.deliver_boxed(batch, stop).await,
+            #[cfg(feature = "testkit")]
+            AnySink::Faulty(s) => s.deliver(batch, stop).await,
         }
     }
 }
