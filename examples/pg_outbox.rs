@@ -17,7 +17,7 @@ use std::path::Path;
 use kdedup::config::Config;
 use kdedup::error::SinkError;
 use kdedup::service::{self, RunOptions};
-use kdedup::sink::{CustomSink, Delivered, Effect, Sink};
+use kdedup::sink::{CustomSink, Delivered, Effect, Sink, Stopping};
 use kdedup::source::StopMode;
 use tokio::sync::Mutex;
 
@@ -50,7 +50,7 @@ impl Sink for PaymentsLedger {
         "payments_ledger"
     }
 
-    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+    async fn deliver(&self, batch: &[Effect<'_>], _stop: &Stopping) -> Vec<Result<Delivered, SinkError>> {
         // Refusals first: a record without an amount never joins the transaction.
         let parsed: Vec<Result<Payment<'_>, SinkError>> = batch.iter().map(Payment::parse).collect();
         let valid: Vec<&Payment<'_>> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();

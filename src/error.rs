@@ -58,10 +58,12 @@ pub enum RecordError {
         max: usize,
     },
     /// The key was claimed first with another payload fingerprint.
-    #[error("event ID reused with a different payload (fingerprint {stored} was stored first)")]
+    #[error("event ID reused with a different payload (fingerprint {stored} was stored first, by {first})")]
     Conflict {
         /// The first claim's fingerprint, hex.
         stored: String,
+        /// Where and when the first claim was made (`topic/partition/offset, claimed at <time>`).
+        first: String,
     },
     /// The sink refused the record for good (a permanent [`SinkError`]); its message.
     #[error("sink rejected the record: {0}")]

@@ -34,7 +34,7 @@
 //! # struct Ledger;
 //! # impl kdedup::Sink for Ledger {
 //! #     fn kind(&self) -> &'static str { "ledger" }
-//! #     async fn deliver(&self, b: &[kdedup::Effect<'_>]) -> Vec<Result<kdedup::Delivered, kdedup::SinkError>> {
+//! #     async fn deliver(&self, b: &[kdedup::Effect<'_>], _: &kdedup::Stopping) -> Vec<Result<kdedup::Delivered, kdedup::SinkError>> {
 //! #         b.iter().map(|_| Ok(kdedup::Delivered::done())).collect()
 //! #     }
 //! # }
@@ -54,6 +54,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod backoff;
 // Hidden from the public docs: the command line's own work, not a library
 // surface (their shapes change with the CLI; `bench` and `demo` need a mock cluster).
 #[doc(hidden)]
@@ -85,6 +86,9 @@ pub mod service;
 pub mod sink;
 pub mod source;
 pub mod store;
+#[cfg(feature = "testkit")]
+#[doc(hidden)]
+pub mod testkit;
 pub mod values;
 pub mod window;
 
@@ -94,6 +98,6 @@ pub use config::Config;
 pub use decide::Decision;
 pub use error::SinkError;
 pub use service::{run, RunOptions};
-pub use sink::{CustomSink, Delivered, Effect, Sink};
+pub use sink::{CustomSink, Delivered, Effect, Sink, Stopping};
 pub use source::StopMode;
 pub use store::{Claim, ClaimRequest, ClaimState, DedupStore, Store};

@@ -1402,7 +1402,7 @@ mod tests {
             RecordError::MissingId(String::new()),
             RecordError::InvalidJson(String::new()),
             RecordError::OversizeId { len: 1, max: 0 },
-            RecordError::Conflict { stored: String::new() },
+            RecordError::Conflict { stored: String::new(), first: String::new() },
             RecordError::SinkRejected(String::new()),
         ];
         let reasons: Vec<&str> = errors.iter().map(RecordError::reason).collect();

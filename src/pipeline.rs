@@ -39,12 +39,13 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::decide::{Backoff, Core, Driver, Item, Landed, Stop};
-pub use crate::decide::{Fatal, Faults};
+use crate::backoff::Backoff;
+pub use crate::decide::Fatal;
+use crate::decide::{Core, Driver, Earlier, Item, Landed, Stop};
 use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};
-use crate::reconcile::{event_identity, is_dead_letter_of, Identity, Log, Reconciler, Share};
-use crate::sink::AnySink;
+use crate::reconcile::{Log, Reconciler, Share};
+use crate::sink::{AnySink, Stopping};
 use crate::source::{PartitionHandler, PartitionQueue, Resume, Rewind};
 use crate::store::now_ms;
 
@@ -113,7 +114,7 @@ pub struct Stages {
 impl Stages {
     /// The output log an input partition writes to, when it is fixed.
     fn output_log(&self, input_partition: i32, mark: Option<OutputMark>) -> Option<Log> {
-        match &self.core.sink {
+        match self.core.sink.undecorated() {
             AnySink::Kafka(k) => k.output_partition(input_partition).map(|partition| Log {
                 topic: k.topic().to_string(),
                 partition,
@@ -125,7 +126,7 @@ impl Stages {
                 partition,
                 mark,
             }),
-            AnySink::Stdout(_) | AnySink::Custom(_) => None,
+            _ => None,
         }
     }
 
@@ -161,17 +162,11 @@ pub struct PartitionTask {
     stop: watch::Receiver<bool>,
     tracker: OffsetTracker,
     resume: Resume,
-    /// Offsets whose effect is already in the output (found by reconciliation), and for which event.
-    emitted: HashMap<i64, Identity>,
-    /// Offsets already in the dead-letter topic (found by reconciliation), and for which payload.
-    dead_lettered: HashMap<i64, Identity>,
+    /// The writes reconciliation found (met and taken out by the batches that
+    /// pass them), and the highest offset an earlier owner is known to have reached.
+    earlier: Earlier,
     /// The share of the process's reconciliation budget the two maps hold; given back once both are empty.
     share: Share,
-    /// The highest offset of this partition an earlier owner is known to have
-    /// reached: its writes found by reconciliation, its claims resumed. That
-    /// owner may still be alive (a zombie) and write a dead letter for a record
-    /// up to here after we looked, so ours for those records are marked.
-    reached_before: Option<i64>,
     /// Where this partition's latest writes for records below the watermark landed, plus one.
     logs: LogMarks,
     /// Writes for records not yet below the watermark (a record set aside may
@@ -389,15 +384,18 @@ impl PartitionTask {
                     error!(%topic, partition, error = %e, "offset order broken");
                 }
             }
-            let (stages, stop) = (self.stages.clone(), self.stop.clone());
-            // The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
+            let stages = self.stages.clone();
             let batch = async {
                 if records.is_empty() {
                     return Ok(());
                 }
-                stages.core.run_batch(&mut self, records, arrived).await
+                let mut earlier = std::mem::take(&mut self.earlier);
+                let result = stages.core.run_batch(&mut self, records, arrived, &mut earlier).await;
+                self.earlier = earlier;
+                self.release_share();
+                result
             };
-            match crate::sink::with_stop(stop, batch).await {
+            match batch.await {
                 Ok(()) => match taken {
                     Taken::More => {}
                     Taken::ReadAgain(from) => {
@@ -414,11 +412,6 @@ impl PartitionTask {
                 },
                 Err(Stop::Draining) => break,
                 Err(Stop::Fatal) => return,
-                Err(Stop::Crashed) => {
-                    warn!(%topic, partition, "injected crash: partition task stops without finishing its batch");
-                    self.stages.core.faults.fired.notify_one();
-                    return;
-                }
             }
         }
         debug!(%topic, partition, in_flight = self.tracker.in_flight(), "partition task stopped");
@@ -481,7 +474,7 @@ impl PartitionTask {
     /// retrying until it moves; the partition stays stalled meanwhile.
     async fn read_again(&mut self, from: Option<i64>) -> Result<(), Stop> {
         self.stages.core.metrics.partition_stalled(&self.tp);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::failures();
         loop {
             let rewind = self.rewind.clone();
             match tokio::task::spawn_blocking(move || rewind.to(from)).await {
@@ -493,7 +486,7 @@ impl PartitionTask {
                     warn!(topic = %self.tp.0, partition = self.tp.1, error = %e, "moving the partition back failed")
                 }
             }
-            self.sleep(backoff.next()).await?;
+            self.sleep(backoff.wait()).await?;
         }
     }
 
@@ -522,7 +515,7 @@ impl PartitionTask {
             _ = stages.settle_logs(&self.tp) => {}
             _ = self.stop.wait_for(|s| *s) => return Err(Stop::Draining),
         }
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::failures();
         loop {
             let (r, tp, output, dead_letter) =
                 (self.stages.reconciler.clone(), self.tp.clone(), output.clone(), dead_letter.clone());
@@ -537,9 +530,9 @@ impl PartitionTask {
                     if !found.complete {
                         self.stages.core.metrics.reconciliations_incomplete.inc();
                     }
-                    self.reached_before = found.emitted.keys().chain(found.dead_lettered.keys()).max().copied();
-                    self.emitted = found.emitted;
-                    self.dead_lettered = found.dead_lettered;
+                    let reached_before = found.emitted.keys().chain(found.dead_lettered.keys()).max().copied();
+                    self.earlier =
+                        Earlier { emitted: found.emitted, dead_lettered: found.dead_lettered, reached_before };
                     self.share = found.share;
                     self.release_share();
                     self.stages.core.metrics.partition_progressing(&self.tp);
@@ -548,7 +541,7 @@ impl PartitionTask {
                 Err(e) => {
                     self.stages.core.metrics.partition_stalled(&self.tp);
                     warn!(topic = %self.tp.0, partition = self.tp.1, error = %e, "cannot read the output back; retrying before processing");
-                    self.sleep(backoff.next()).await?;
+                    self.sleep(backoff.wait()).await?;
                 }
             }
         }
@@ -556,7 +549,7 @@ impl PartitionTask {
 
     /// Gives the reconciliation budget back once every write found has been passed.
     fn release_share(&mut self) {
-        if self.emitted.is_empty() && self.dead_lettered.is_empty() {
+        if self.earlier.is_empty() {
             self.share = Share::default();
         }
     }
@@ -620,24 +613,9 @@ impl Driver for PartitionTask {
         self.confirm_ownership(since_ms)
     }
 
-    fn already_emitted(&mut self, offset: i64, event_id: &[u8]) -> bool {
-        let found = self.emitted.remove(&offset);
-        self.release_share();
-        found.is_some_and(|identity| identity == event_identity(event_id))
-    }
-
-    fn already_dead_lettered(&mut self, offset: i64, payload: Option<&[u8]>) -> bool {
-        let found = self.dead_lettered.remove(&offset);
-        self.release_share();
-        found.is_some_and(|identity| is_dead_letter_of(identity, payload))
-    }
-
-    fn reached_before(&self, offset: i64) -> bool {
-        self.reached_before.is_some_and(|r| offset <= r)
-    }
-
-    fn resumed_up_to(&mut self, offset: i64) {
-        self.reached_before = self.reached_before.max(Some(offset));
+    /// The sink's own waits (HTTP backoff, Retry-After) end when the partition drains.
+    fn stopping(&self) -> Stopping {
+        Stopping::on(self.stop.clone())
     }
 
     fn landed(&mut self, log: Landed, source_offset: i64, mark: OutputMark) {
@@ -716,10 +694,8 @@ impl PartitionHandler for Workers {
             stop: stop_rx,
             tracker: OffsetTracker::new(),
             resume,
-            emitted: HashMap::new(),
-            dead_lettered: HashMap::new(),
+            earlier: Earlier::default(),
             share: Share::default(),
-            reached_before: None,
             logs: resume.logs,
             unsettled: Vec::new(),
             continuity: Continuity::starting_at(resume.committed),

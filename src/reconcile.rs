@@ -123,22 +123,7 @@ pub struct Log {
     pub mark: Option<OutputMark>,
 }
 
-/// What a write was made for: a digest of the event ID (outputs, results) or
-/// of the payload (dead letters), compared with the record now at its position.
-pub type Identity = u128;
-
-/// The identity of an output or a result written for event `id`.
-pub fn event_identity(id: &[u8]) -> Identity {
-    xxhash_rust::xxh3::xxh3_128(id)
-}
-
-/// Whether a dead letter with identity `found` was written for a record with this payload:
-/// whole, or cut to [`crate::sink::TRUNCATED_PAYLOAD_BYTES`] (a truncated dead letter).
-pub fn is_dead_letter_of(found: Identity, payload: Option<&[u8]>) -> bool {
-    let payload = payload.unwrap_or_default();
-    let cut = &payload[..payload.len().min(crate::sink::TRUNCATED_PAYLOAD_BYTES)];
-    xxhash_rust::xxh3::xxh3_128(payload) == found || xxhash_rust::xxh3::xxh3_128(cut) == found
-}
+pub use crate::sink::{event_identity, is_dead_letter_of, Identity};
 
 /// What reconciliation found for one input partition.
 #[derive(Debug)]

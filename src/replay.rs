@@ -44,13 +44,13 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::decide::{Claimant, Core, Decision, Driver, Item, Stop};
+use crate::decide::{Claimant, Core, Decision, Driver, Earlier, Item, Stop};
 use crate::event::{Envelope, EventKey, Fingerprint, KeyExtractor, Position, Record};
 use crate::kafka_client::KafkaClients;
 use crate::metrics::Metrics;
 use crate::offsets::TopicPartition;
 use crate::service::{configured_sink, side_topics};
-use crate::sink::{KafkaSink, KafkaWriter};
+use crate::sink::{KafkaSink, KafkaWriter, Stopping};
 use crate::store::{mark_released, now_ms, ClaimState, DedupStore, Released, Store};
 
 /// What a replay does with its range.
@@ -354,6 +354,13 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                 stop: stop.clone(),
                 counts: Counts::default(),
             };
+            // A replay re-reads a range the live group may have handled already, so
+            // its dead letters (bad records, conflicts) may repeat the group's: each
+            // is marked `kdedup-possible-repeat` (besides `kdedup-replay`). They are
+            // still written, since the range may hold records nobody dead-lettered
+            // (a group whose offsets were reset past them); a reader dedups them by
+            // their `kdedup-source-*` position.
+            let mut earlier = Earlier::everything_reached();
             let mut next = from;
             while next < to {
                 let to_end = matches!(options.to, To::End);
@@ -379,14 +386,10 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
                     (Mode::Release, _) => {
                         release(&extractor, &store, batch, &mut seen, started_ms, &mut driver.counts).await
                     }
-                    // The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
                     (Mode::Apply, Some(core)) => {
-                        let work = core.run_batch(&mut driver, batch, Instant::now());
-                        crate::sink::with_stop(stop.clone(), work).await.map_err(stopped)
+                        core.run_batch(&mut driver, batch, Instant::now(), &mut earlier).await.map_err(stopped)
                     }
-                    (Mode::Redrive, Some(core)) => {
-                        crate::sink::with_stop(stop.clone(), redrive(core, &mut driver, batch, started_ms)).await
-                    }
+                    (Mode::Redrive, Some(core)) => redrive(core, &mut driver, batch, started_ms).await,
                     (_, None) => unreachable!("apply and redrive have a core"),
                 };
                 match result {
@@ -744,7 +747,7 @@ async fn redrive(
     if let Some(scope) = scope {
         mark_released(&core.store, &scope, now_ms()).await.map_err(Interrupted::Store)?;
     }
-    core.run_batch(driver, batch, Instant::now()).await.map_err(stopped)
+    core.run_batch(driver, batch, Instant::now(), &mut Earlier::everything_reached()).await.map_err(stopped)
 }
 
 /// The replay's driver of the core: counts what each round decided.
@@ -781,14 +784,9 @@ impl Driver for ReplayDriver {
         }
     }
 
-    /// A replay re-reads a range the live group may have handled already, so
-    /// its dead letters (bad records, conflicts) may repeat the group's: each
-    /// is marked `kdedup-possible-repeat` (besides `kdedup-replay`). They are
-    /// still written, since the range may hold records nobody dead-lettered
-    /// (a group whose offsets were reset past them); a reader dedups them by
-    /// their `kdedup-source-*` position.
-    fn reached_before(&self, _offset: i64) -> bool {
-        true
+    /// The sink's own waits (HTTP backoff, Retry-After) end when the replay is interrupted.
+    fn stopping(&self) -> Stopping {
+        Stopping::on(self.stop.clone())
     }
 
     fn finished(&mut self, items: &[Item]) {
@@ -801,7 +799,7 @@ impl Driver for ReplayDriver {
                     self.counts.emitted += 1;
                 }
                 Item::Keyed { decision: Some(Decision::Duplicate { .. }), .. } => self.counts.duplicate += 1,
-                Item::Keyed { decision: Some(Decision::Conflict(_)), .. } => self.counts.conflict += 1,
+                Item::Keyed { decision: Some(Decision::Conflict { .. }), .. } => self.counts.conflict += 1,
                 Item::Keyed { decision: None, .. } => {}
             }
         }

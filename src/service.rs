@@ -10,7 +10,7 @@ use anyhow::Context;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, SinkConfig};
-use crate::decide::{Claimant, Core, Fatal, Faults};
+use crate::decide::{Claimant, Core, Fatal};
 use crate::kafka_client::KafkaClients;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::offsets::CommitBook;
@@ -25,10 +25,6 @@ use crate::store::{now_ms, DedupStore, Store};
 pub struct RunOptions {
     /// Shared with the caller, who may read counts while the run goes on.
     pub metrics: Metrics,
-    /// Crash injection for kdedup's own tests; hidden: not part of the API
-    /// (a library user's run never needs it, and it may change with the tests).
-    #[doc(hidden)]
-    pub faults: Faults,
     /// Serve `[metrics] listen`; off for in-process runs (demo, tests).
     pub serve_metrics: bool,
     /// The effect, when it is the caller's own: needs `[sink] kind = "custom"`.
@@ -59,6 +55,16 @@ pub struct RunOptions {
 /// # }
 /// ```
 pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Output = StopMode>) -> anyhow::Result<()> {
+    run_decorated(config, options, shutdown, |sink| sink).await
+}
+
+/// [`run`], with `decorate` applied to the configured sink (`kdedup::testkit`'s fault points).
+pub(crate) async fn run_decorated(
+    config: &Config,
+    options: RunOptions,
+    shutdown: impl Future<Output = StopMode>,
+    decorate: impl FnOnce(AnySink) -> AnySink,
+) -> anyhow::Result<()> {
     let metrics = options.metrics;
     let _server = match (options.serve_metrics, config.metrics_listen) {
         (true, Some(addr)) => {
@@ -83,7 +89,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     metrics
         .set_topic_partitions(config.kafka.topics.iter().map(|t| (t.as_str(), probe.topics.get(t).copied().flatten())));
     let writer = KafkaWriter::new(&(&config.kafka).into()).context("cannot create the Kafka producer")?;
-    let sink = configured_sink(config, &writer, options.sink, &metrics)?;
+    let sink = decorate(configured_sink(config, &writer, options.sink, &metrics)?);
     let side = side_topics(config, &writer)?;
 
     let liveness = Arc::new(liveness(config).await);
@@ -101,7 +107,6 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
         Ok(())
     })));
     let mut core = Core::new(config, store.clone(), sink, side, metrics.clone(), Claimant::Position)?;
-    core.faults = options.faults;
     core.fatal = fatal.clone();
     let stages = Arc::new(Stages {
         core,

@@ -30,6 +30,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+use crate::backoff::Backoff;
 use crate::config::{HttpOutcome, HttpSinkConfig};
 use crate::error::{HttpError, SinkError};
 use crate::event::{hex, EventKey};
@@ -37,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::values::{now_ms, EffectResponse};
 
 use super::kafka::{headers, source_headers, OutRecord};
-use super::{Delivered, Effect, KafkaWriter};
+use super::{Delivered, Effect, KafkaWriter, Stopping};
 
 /// Bytes of a response body kept as its excerpt (on the claim row, in dead letters).
 pub const EXCERPT_BYTES: usize = 512;
@@ -235,7 +236,7 @@ impl super::Sink for HttpSink {
     }
 
     /// Runs each effect through its request and retries; one result per effect, in order.
-    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+    async fn deliver(&self, batch: &[Effect<'_>], stop: &Stopping) -> Vec<Result<Delivered, SinkError>> {
         // Effects of one key run in order, in one chain; chains run up to max_in_flight at once.
         let mut chains: Vec<Vec<usize>> = Vec::new();
         let mut chain_of: HashMap<u128, usize> = HashMap::new();
@@ -251,7 +252,7 @@ impl super::Sink for HttpSink {
         let mut runs = futures::stream::iter(chains.into_iter().map(|chain| async move {
             let mut out = Vec::with_capacity(chain.len());
             for i in chain {
-                out.push((i, self.deliver_one(&batch[i]).await));
+                out.push((i, self.deliver_one(&batch[i], stop).await));
             }
             out
         }))
@@ -273,13 +274,17 @@ impl super::Sink for HttpSink {
 impl HttpSink {
     /// One effect through its attempts: the result, and the answer that settled
     /// it (for `results_topic`), with its outcome's name.
-    async fn deliver_one(&self, effect: &Effect<'_>) -> (Result<Delivered, SinkError>, Option<Answer>) {
+    async fn deliver_one(
+        &self,
+        effect: &Effect<'_>,
+        stop: &Stopping,
+    ) -> (Result<Delivered, SinkError>, Option<Answer>) {
         let mut prepared = match self.prepare(effect) {
             Ok(p) => p,
             Err(m) => return (Err(SinkError::Http(HttpError::Request(m))), None),
         };
         let started = Instant::now();
-        let mut backoff = self.config.backoff_initial;
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut attempts = 0u32;
         let mut last_answer = None;
         // Once an attempt may have been applied, every later one is marked.
@@ -333,10 +338,8 @@ impl HttpSink {
                     (why, None)
                 }
             };
-            // Equal jitter: half the step fixed, half random, so retries of many
-            // records do not arrive at the endpoint in step.
-            let step = backoff.as_millis() as u64;
-            let jittered = Duration::from_millis(step / 2 + rand::random_range(0..=step - step / 2));
+            // Equal jitter, so retries of many records do not arrive at the endpoint in step.
+            let jittered = backoff.wait();
             let wait = retry_after.map_or(jittered, |r| r.min(MAX_RETRY_AFTER).max(jittered));
             let elapsed = started.elapsed();
             if elapsed + wait > self.config.retry_budget {
@@ -348,9 +351,8 @@ impl HttpSink {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 // A drain must not wait out a long Retry-After: the effect is left to the next owner.
-                _ = super::stopping() => return (Err(SinkError::Http(HttpError::Stopping { attempts, last })), None),
+                _ = stop.stopped() => return (Err(SinkError::Http(HttpError::Stopping { attempts, last })), None),
             }
-            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 

@@ -402,7 +402,7 @@ impl super::Sink for KafkaSink {
         "kafka"
     }
 
-    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+    async fn deliver(&self, batch: &[Effect<'_>], _stop: &super::Stopping) -> Vec<Result<Delivered, SinkError>> {
         let out = batch
             .iter()
             .map(|Effect { envelope: e, possible_repeat, observed, replay }| {

@@ -13,6 +13,8 @@
 //! Sinks must be idempotent for the event ID: a crash between the effect and
 //! its completion runs the effect again on redelivery.
 
+#[cfg(feature = "testkit")]
+pub(crate) mod faulty;
 pub mod http;
 pub mod kafka;
 pub mod stdout;
@@ -129,7 +131,7 @@ impl Delivered {
 /// ```
 /// use std::sync::Mutex;
 /// use kdedup::error::SinkError;
-/// use kdedup::sink::{Delivered, Effect, Sink};
+/// use kdedup::sink::{Delivered, Effect, Sink, Stopping};
 ///
 /// /// Remembers event IDs; refuses empty payloads for good.
 /// #[derive(Default)]
@@ -140,7 +142,7 @@ impl Delivered {
 ///         "ledger"
 ///     }
 ///
-///     async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+///     async fn deliver(&self, batch: &[Effect<'_>], _stop: &Stopping) -> Vec<Result<Delivered, SinkError>> {
 ///         let mut seen = self.0.lock().unwrap();
 ///         batch
 ///             .iter()
@@ -164,8 +166,13 @@ pub trait Sink: Send + Sync + 'static {
     /// A short name for logs and metrics labels: `kafka`, `http`, …
     fn kind(&self) -> &'static str;
 
-    /// Runs the effect of each event; one result per event, in order.
-    fn deliver(&self, batch: &[Effect<'_>]) -> impl Future<Output = Vec<Result<Delivered, SinkError>>> + Send;
+    /// Runs the effect of each event; one result per event, in order. `stop`
+    /// completes when the partition starts to stop: see [`Stopping`].
+    fn deliver(
+        &self,
+        batch: &[Effect<'_>],
+        stop: &Stopping,
+    ) -> impl Future<Output = Vec<Result<Delivered, SinkError>>> + Send;
 }
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -173,8 +180,11 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// [`Sink`] behind a pointer: its future boxed.
 trait DynSink: Send + Sync {
     fn dyn_kind(&self) -> &'static str;
-    fn deliver_boxed<'a, 'b: 'a>(&'a self, batch: &'a [Effect<'b>])
-        -> BoxFuture<'a, Vec<Result<Delivered, SinkError>>>;
+    fn deliver_boxed<'a, 'b: 'a>(
+        &'a self,
+        batch: &'a [Effect<'b>],
+        stop: &'a Stopping,
+    ) -> BoxFuture<'a, Vec<Result<Delivered, SinkError>>>;
 }
 
 impl<S: Sink> DynSink for S {
@@ -184,28 +194,18 @@ impl<S: Sink> DynSink for S {
     fn deliver_boxed<'a, 'b: 'a>(
         &'a self,
         batch: &'a [Effect<'b>],
+        stop: &'a Stopping,
     ) -> BoxFuture<'a, Vec<Result<Delivered, SinkError>>> {
-        Box::pin(self.deliver(batch))
+        Box::pin(self.deliver(batch, stop))
     }
 }
 
-tokio::task_local! {
-    /// The stop signal of the partition (or replay) whose effects run in this task.
-    static STOP: tokio::sync::watch::Receiver<bool>;
-}
-
-/// Runs `work` (a driver's batch) with `stop` as what [`stopping`] watches.
-pub(crate) async fn with_stop<T>(stop: tokio::sync::watch::Receiver<bool>, work: impl Future<Output = T>) -> T {
-    STOP.scope(stop, work).await
-}
-
-/// Completes when the partition whose effects the current [`Sink::deliver`] runs
-/// for starts to stop (a revoke, a shutdown, a replay interrupted); at once when it
-/// already has. Never completes outside a kdedup run (a sink called from a test), nor
-/// in a task the sink spawns: the signal is task-local to `deliver`'s own task.
+/// The stop signal of the partition (or replay) whose effects a [`Sink::deliver`]
+/// runs: [`Stopping::stopped`] completes when it starts to stop (a revoke, a
+/// shutdown, a replay interrupted), at once when it already has.
 ///
 /// A sink that waits of its own accord (a backoff, a `Retry-After`) should race the
-/// wait against this and, when it completes first, answer [`SinkError::retriable`]:
+/// wait against it and, when it completes first, answer [`SinkError::retriable`]:
 /// kdedup then leaves the batch unfinished, its claims neither completed nor released
 /// and its offsets uncommitted, and the partition's next owner (or the next run)
 /// resumes those effects, marked as possible repeats. A request already sent may be
@@ -214,19 +214,36 @@ pub(crate) async fn with_stop<T>(stop: tokio::sync::watch::Receiver<bool>, work:
 /// ```
 /// use std::time::Duration;
 /// use kdedup::error::SinkError;
+/// use kdedup::sink::Stopping;
 ///
-/// async fn back_off(wait: Duration) -> Result<(), SinkError> {
+/// async fn back_off(wait: Duration, stop: &Stopping) -> Result<(), SinkError> {
 ///     tokio::select! {
 ///         _ = tokio::time::sleep(wait) => Ok(()),
-///         _ = kdedup::sink::stopping() => Err(SinkError::retriable("stopping; left to the next owner")),
+///         _ = stop.stopped() => Err(SinkError::retriable("stopping; left to the next owner")),
 ///     }
 /// }
 /// ```
-pub async fn stopping() {
-    match STOP.try_with(|stop| stop.clone()) {
-        // A dropped sender means the partition task is gone: stopping too.
-        Ok(mut stop) => drop(stop.wait_for(|stopping| *stopping).await),
-        Err(_) => std::future::pending().await,
+#[derive(Debug, Clone)]
+pub struct Stopping(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Stopping {
+    /// A signal that never fires: for a sink called outside a run (a test).
+    pub fn never() -> Stopping {
+        Stopping(None)
+    }
+
+    /// Fires once `stop` turns true (or its sender is dropped: the driver is gone).
+    pub fn on(stop: tokio::sync::watch::Receiver<bool>) -> Stopping {
+        Stopping(Some(stop))
+    }
+
+    /// Completes when the partition starts to stop; at once when it already has.
+    pub async fn stopped(&self) {
+        match &self.0 {
+            // A dropped sender means the partition task is gone: stopping too.
+            Some(stop) => drop(stop.clone().wait_for(|stopping| *stopping).await),
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -257,6 +274,10 @@ pub enum AnySink {
     Http(Box<HttpSink>),
     /// `[sink] kind = "custom"`: the caller's own.
     Custom(CustomSink),
+    /// Another sink with kdedup's own test hooks around it.
+    #[cfg(feature = "testkit")]
+    #[doc(hidden)]
+    Faulty(Box<faulty::FaultySink>),
 }
 
 impl AnySink {
@@ -267,27 +288,57 @@ impl AnySink {
             AnySink::Stdout(s) => Sink::kind(s),
             AnySink::Http(s) => Sink::kind(&**s),
             AnySink::Custom(s) => s.kind(),
+            #[cfg(feature = "testkit")]
+            AnySink::Faulty(s) => s.inner().kind(),
+        }
+    }
+
+    /// The configured sink itself, without test decorations.
+    pub fn undecorated(&self) -> &AnySink {
+        match self {
+            #[cfg(feature = "testkit")]
+            AnySink::Faulty(s) => s.inner().undecorated(),
+            _ => self,
         }
     }
 
     /// Runs the effect for each event, in order; one result per event, with
     /// where it landed in the output topic when the sink is Kafka, and the
     /// endpoint's answer when it is HTTP.
-    pub async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+    pub async fn deliver(&self, batch: &[Effect<'_>], stop: &Stopping) -> Vec<Result<Delivered, SinkError>> {
         if batch.is_empty() {
             return Vec::new();
         }
         match self {
-            AnySink::Kafka(s) => Sink::deliver(s, batch).await,
-            AnySink::Stdout(s) => Sink::deliver(s, batch).await,
-            AnySink::Http(s) => Sink::deliver(&**s, batch).await,
-            AnySink::Custom(s) => s.0.deliver_boxed(batch).await,
+            AnySink::Kafka(s) => Sink::deliver(s, batch, stop).await,
+            AnySink::Stdout(s) => Sink::deliver(s, batch, stop).await,
+            AnySink::Http(s) => Sink::deliver(&**s, batch, stop).await,
+            AnySink::Custom(s) => s.0.deliver_boxed(batch, stop).await,
+            #[cfg(feature = "testkit")]
+            AnySink::Faulty(s) => s.deliver(batch, stop).await,
         }
     }
 }
 
 /// How much of a payload (and of a key) a truncated dead letter keeps.
 pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// What a write was made for: a digest of the event ID (outputs, results) or
+/// of the payload (dead letters), compared with the record now at its position.
+pub type Identity = u128;
+
+/// The identity of an output or a result written for event `id`.
+pub fn event_identity(id: &[u8]) -> Identity {
+    xxhash_rust::xxh3::xxh3_128(id)
+}
+
+/// Whether a dead letter with identity `found` was written for a record with this payload:
+/// whole, or cut to [`TRUNCATED_PAYLOAD_BYTES`] (a truncated dead letter).
+pub fn is_dead_letter_of(found: Identity, payload: Option<&[u8]>) -> bool {
+    let payload = payload.unwrap_or_default();
+    let cut = &payload[..payload.len().min(TRUNCATED_PAYLOAD_BYTES)];
+    xxhash_rust::xxh3::xxh3_128(payload) == found || xxhash_rust::xxh3::xxh3_128(cut) == found
+}
 
 /// How much of the record's own headers (names and values) a truncated dead
 /// letter keeps: the headers that fit, in order; only those that do not are dropped.

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use super::{Delivered, Effect};
+use super::{Delivered, Effect, Stopping};
 use crate::error::SinkError;
 use crate::event::hex;
 
@@ -15,7 +15,7 @@ impl super::Sink for StdoutSink {
         "stdout"
     }
 
-    async fn deliver(&self, batch: &[Effect<'_>]) -> Vec<Result<Delivered, SinkError>> {
+    async fn deliver(&self, batch: &[Effect<'_>], _stop: &Stopping) -> Vec<Result<Delivered, SinkError>> {
         let mut buf = Vec::with_capacity(batch.len() * 128);
         for Effect { envelope: e, possible_repeat, observed, replay } in batch {
             let payload = e.record.payload.as_deref().unwrap_or_default();

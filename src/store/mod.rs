@@ -98,6 +98,10 @@ pub enum Claim {
     Conflict {
         /// The fingerprint the key was first claimed with.
         stored: Fingerprint,
+        /// The position whose claim won the key (for the conflict's reason).
+        first: Position,
+        /// When that claim was made, ms since the epoch.
+        claimed_at_ms: u64,
     },
 }
 
@@ -147,7 +151,11 @@ pub fn decide(existing: Option<&ClaimRow>, request: &ClaimRequest, now_ms: u64, 
             if row.fingerprint == request.fingerprint {
                 Claim::Duplicate { first: row.position.clone(), claimed_at_ms: row.claimed_at_ms }
             } else {
-                Claim::Conflict { stored: row.fingerprint }
+                Claim::Conflict {
+                    stored: row.fingerprint,
+                    first: row.position.clone(),
+                    claimed_at_ms: row.claimed_at_ms,
+                }
             }
         }
         Some(row) if row.position == request.position => Claim::New(Acquired::Resumed),

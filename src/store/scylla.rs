@@ -1627,7 +1627,7 @@ mod tests {
         );
         assert_eq!(
             next_step(Some(&done), &request(2, at(0, 5)), now, LEASE),
-            Step::Answer(Claim::Conflict { stored: Fingerprint(1) })
+            Step::Answer(Claim::Conflict { stored: Fingerprint(1), first: at(3, 3), claimed_at_ms: NOW })
         );
         // Another position's live lease.
         let theirs = row(ClaimState::InFlight, 1, at(3, 3), NOW);

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use kdedup::mock::{self, Produce};
-use kdedup::pipeline::Faults;
 use kdedup::sink::kafka::headers;
 use kdedup::source::StopMode;
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 
@@ -61,6 +61,9 @@ async fn malformed_missing_and_oversize_ids_and_conflicts_are_dead_lettered_with
         Some(br#"{"id":"a","amount":999}"#.as_slice()),
         "the original payload is kept"
     );
+    // The reason names where the winning copy was claimed: the first "a", at offset 0.
+    let error = conflict.header_str(headers::ERROR).unwrap_or_default();
+    assert!(error.contains(&format!("by {INPUT}/0/0, claimed at ")), "{error}");
 
     let output = mock::read_all(kafka.bootstrap(), OUTPUT).unwrap();
     assert_exactly_once(&output, &["a".into(), "b".into(), "c".into()]);

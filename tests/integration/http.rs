@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use kdedup::event::EventKey;
 use kdedup::mock::{self, Produce};
-use kdedup::pipeline::Faults;
 use kdedup::sink::kafka::headers;
 use kdedup::source::StopMode;
 use kdedup::store::{DedupStore, Store};
+use kdedup::testkit::Faults;
 
 use crate::endpoint::{Endpoint, Fault, Seen};
 use crate::utils::*;

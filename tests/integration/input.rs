@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use kdedup::metrics::Metrics;
 use kdedup::mock::{self, Consumed, MockKafka, Produce};
-use kdedup::pipeline::Faults;
 use kdedup::source::StopMode;
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 

@@ -10,10 +10,10 @@ use std::time::Duration;
 use kdedup::event::Position;
 use kdedup::metrics::Metrics;
 use kdedup::mock::{self, Produce};
-use kdedup::pipeline::Faults;
-use kdedup::service::{self, RunOptions};
+use kdedup::service::RunOptions;
 use kdedup::sink::kafka::headers;
 use kdedup::source::StopMode;
+use kdedup::testkit::Faults;
 use rdkafka_sys::types::RDKafkaRespErr;
 
 use crate::utils::*;
@@ -200,11 +200,11 @@ async fn a_panicking_partition_task_stops_the_run_with_an_error_and_commits_noth
     let faults = Faults::default();
     *faults.panic_at.lock().unwrap() = Some(position(0, 50));
     let metrics = Metrics::new();
-    let options = RunOptions { metrics: metrics.clone(), faults, serve_metrics: false, sink: None };
+    let options = RunOptions { metrics: metrics.clone(), serve_metrics: false, sink: None };
     let config = config(&kafka, &group, dir.path(), &[("KDEDUP_PIPELINE__BATCH_MAX", "10")]);
     let run = tokio::time::timeout(
         Duration::from_secs(60),
-        service::run(&config, options, std::future::pending::<StopMode>()),
+        kdedup::testkit::run(&config, options, faults, std::future::pending::<StopMode>()),
     )
     .await
     .expect("the run stops by itself after the panic");

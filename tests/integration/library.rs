@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use kdedup::event::Position;
 use kdedup::mock::{self, Produce};
-use kdedup::pipeline::Faults;
 use kdedup::service::RunOptions;
 use kdedup::sink::kafka::headers;
 use kdedup::sink::CustomSink;
 use kdedup::source::StopMode;
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 
@@ -51,10 +51,8 @@ async fn a_custom_effect_writes_each_event_once_in_postgres_through_a_crash_afte
     let faults = Faults::default();
     *faults.crash_after_effect.lock().unwrap() = Some(Position { topic: Arc::from(INPUT), partition: 1, offset: 100 });
     let ledger = pg_outbox::PaymentsLedger::connect(&url, &prefix).await.unwrap();
-    let first = start_with(
-        config.clone(),
-        RunOptions { sink: Some(CustomSink::new(ledger)), faults: faults.clone(), ..RunOptions::default() },
-    );
+    let options = RunOptions { sink: Some(CustomSink::new(ledger)), ..RunOptions::default() };
+    let first = start_faulty(config.clone(), options, faults.clone());
     tokio::time::timeout(Duration::from_secs(60), faults.fired.notified()).await.expect("the crash fired");
     first.stop(StopMode::Drain).await;
     let after_crash = count(&url, &format!("{prefix}_payments")).await;
@@ -96,6 +94,7 @@ async fn a_sink_answering_fewer_results_than_effects_completes_none_of_them_and_
         async fn deliver(
             &self,
             batch: &[kdedup::sink::Effect<'_>],
+            _stop: &kdedup::sink::Stopping,
         ) -> Vec<Result<kdedup::sink::Delivered, kdedup::error::SinkError>> {
             batch.iter().skip(1).map(|_| Ok(kdedup::sink::Delivered::done())).collect()
         }

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use kdedup::mock;
-use kdedup::pipeline::Faults;
 use kdedup::source::StopMode;
 use kdedup::store::Store;
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 

@@ -1,8 +1,8 @@
 //! The whole path on one machine, clean run.
 
 use kdedup::mock;
-use kdedup::pipeline::Faults;
 use kdedup::source::StopMode;
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 

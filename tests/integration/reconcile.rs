@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use kdedup::event::Position;
 use kdedup::mock::{self, Consumed, MockKafka, Produce};
-use kdedup::pipeline::Faults;
 use kdedup::reconcile::{Limits, Log, Reconciler};
 use kdedup::sink::kafka::headers;
 use kdedup::source::StopMode;
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 

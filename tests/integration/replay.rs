@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use kdedup::config::Config;
 use kdedup::mock::{self, MockKafka, Produce};
-use kdedup::pipeline::Faults;
 use kdedup::replay::{self, Counts, From, Mode, ReplayError, ReplayOptions, Report, To};
 use kdedup::sink::kafka::headers;
 use kdedup::source::StopMode;
 use kdedup::store::{now_ms, ClaimState, DedupStore, Store};
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use kdedup::event::{EventKey, Position};
 use kdedup::mock;
-use kdedup::pipeline::Faults;
 use kdedup::source::StopMode;
 use kdedup::store::{now_ms, ClaimState, DedupStore, Store};
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 

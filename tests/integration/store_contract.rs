@@ -150,7 +150,7 @@ async fn new_then_duplicate_then_conflict() {
         );
         assert_eq!(
             claim1(store, b.req("k", 2, at(1, 10)), T0 + 2).await,
-            Claim::Conflict { stored: Fingerprint(1) },
+            Claim::Conflict { stored: Fingerprint(1), first: at(0, 1), claimed_at_ms: T0 },
             "{name}"
         );
     }

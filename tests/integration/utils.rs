@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use kdedup::config::Config;
 use kdedup::metrics::Metrics;
 use kdedup::mock::{self, Consumed, MockKafka, Produce};
-use kdedup::pipeline::Faults;
-use kdedup::service::{self, RunOptions};
+use kdedup::service::RunOptions;
 use kdedup::sink::kafka::headers;
 use kdedup::source::StopMode;
+use kdedup::testkit::{self, Faults};
 use tokio::sync::oneshot;
 
 pub const INPUT: &str = "in";
@@ -89,7 +89,7 @@ fn init_logs() {
 }
 
 pub fn start(config: Config, faults: Faults) -> Running {
-    start_with(config, RunOptions { faults, ..RunOptions::default() })
+    start_faulty(config, RunOptions::default(), faults)
 }
 
 /// [`start`], serving `[metrics] listen` too, for tests that read `/metrics` as Prometheus would.
@@ -99,12 +99,18 @@ pub fn start_serving(config: Config) -> Running {
 
 /// [`start`] with options of the caller's (a custom sink, serving metrics); metrics are always the run's own.
 pub fn start_with(config: Config, options: RunOptions) -> Running {
+    start_faulty(config, options, Faults::default())
+}
+
+/// [`start_with`], with `faults` armed around the configured sink.
+pub fn start_faulty(config: Config, options: RunOptions, faults: Faults) -> Running {
     init_logs();
     let metrics = Metrics::new();
     let options = RunOptions { metrics: metrics.clone(), ..options };
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
-        service::run(&config, options, async move { rx.await.unwrap_or(StopMode::Abandon) }).await
+        let shutdown = async move { rx.await.unwrap_or(StopMode::Abandon) };
+        testkit::run(&config, options, faults, shutdown).await
     });
     Running { metrics, stop: Some(tx), handle }
 }

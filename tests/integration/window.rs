@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kdedup::mock::{self, Produce};
-use kdedup::pipeline::Faults;
 use kdedup::sink::kafka::headers;
 use kdedup::source::StopMode;
+use kdedup::testkit::Faults;
 
 use crate::utils::*;
 

@@ -1,0 +1,87 @@
+//! The claims a batch holds between its claim and its completion, and the
+//! heartbeat that renews their leases every third of `lease_secs` while the
+//! batch runs, so a slow effect never lets another owner take a live claim
+//! over. A renewal refused (the claim was taken over while we held it) marks
+//! the claim's offset lost: its effect is then sent as a possible repeat.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::Core;
+use crate::event::{EventKey, Position};
+use crate::values::TopicPartition;
+
+/// Claims a batch holds between its claim and its completion, for the heartbeat.
+#[derive(Default)]
+pub(super) struct Held {
+    keys: Mutex<Vec<(EventKey, Position)>>,
+    /// Offsets whose lease renewal was refused: taken over while we held them.
+    lost: Mutex<HashSet<i64>>,
+    /// When the last ownership check before a write began (ms since the epoch).
+    pub(super) checked_ms: AtomicU64,
+    /// Claims won fresh whose effect was not yet handed to the sink: a drain that stops
+    /// before their effect releases them (never effected, nothing to resume or mark).
+    unstarted: Mutex<Vec<(EventKey, Position)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Held {
+    /// A claim won: held from now on; `unstarted` when a drain may release it
+    /// until its effect starts; `lost` (its offset) when its lease may have
+    /// lapsed before we heard of it.
+    pub(super) fn won(&self, claim: (EventKey, Position), unstarted: bool, lost: Option<i64>) {
+        if unstarted {
+            lock(&self.unstarted).push(claim.clone());
+        }
+        lock(&self.keys).push(claim);
+        lock(&self.lost).extend(lost);
+    }
+    pub(super) fn clear(&self) {
+        lock(&self.keys).clear();
+    }
+    pub(super) fn snapshot(&self) -> Vec<(EventKey, Position)> {
+        lock(&self.keys).clone()
+    }
+    pub(super) fn remove(&self, gone: &[(EventKey, Position)]) {
+        lock(&self.keys).retain(|k| !gone.contains(k));
+    }
+    /// Their effects may land from now on: never released by a drain.
+    pub(super) fn started(&self, keys: &[(EventKey, Position)]) {
+        lock(&self.unstarted).retain(|k| !keys.contains(k));
+    }
+    /// The claims still held whose effect never started.
+    pub(super) fn take_unstarted(&self) -> Vec<(EventKey, Position)> {
+        let held = self.snapshot();
+        let mut unstarted = std::mem::take(&mut *lock(&self.unstarted));
+        unstarted.retain(|k| held.contains(k));
+        unstarted
+    }
+    /// These offsets' claims were taken over while we held them.
+    pub(super) fn lose(&self, offsets: impl IntoIterator<Item = i64>) {
+        lock(&self.lost).extend(offsets);
+    }
+    /// The offsets whose claims were taken over while we held them.
+    pub(super) fn lost(&self) -> HashSet<i64> {
+        lock(&self.lost).clone()
+    }
+}
+
+/// Runs `work` while a heartbeat renews the leases of the claims in `held`.
+pub(super) async fn with_heartbeat<F: Future>(core: &Core, tp: &TopicPartition, held: &Held, work: F) -> F::Output {
+    tokio::pin!(work);
+    let period = (core.lease / 3).max(Duration::from_millis(100));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            result = &mut work => return result,
+            _ = heartbeat.tick() => core.renew(tp, held).await,
+        }
+    }
+}
