@@ -290,7 +290,7 @@ fn the_readmes_config_is_accepted_and_agrees_with_the_sample_file() {
 /// An order's original (created a minute earlier, by its timestamp) reaches the topic late, on
 /// another partition, after a resend with another amount was processed: the resend is the
 /// one emitted, and the original is dead-lettered as the conflict, its error naming the
-/// fingerprint stored first.
+/// fingerprint stored first and the position that claimed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_copy_processed_first_wins_a_conflict_not_the_copy_produced_first() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -326,5 +326,8 @@ async fn the_copy_processed_first_wins_a_conflict_not_the_copy_produced_first() 
     assert_eq!(dead[0].header_str(headers::REASON), Some("conflict"));
     assert_eq!(dead[0].header_str(headers::SOURCE_PARTITION), Some("0"));
     let error = dead[0].header_str(headers::ERROR).unwrap_or_default();
-    assert!(error.contains("stored first"), "the error names the winner's fingerprint: {error}");
+    assert!(
+        error.contains("stored first") && error.contains(&format!("by {INPUT}/1/0, claimed at ")),
+        "the error names the winner's fingerprint and where it was claimed: {error}"
+    );
 }
