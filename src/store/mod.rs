@@ -350,7 +350,7 @@ impl Store {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
             StoreConfig::Postgres { url, pool_size, tls } => {
-                Ok(Store::Postgres(PostgresStore::open(url, *pool_size, tls, retention)?))
+                Ok(Store::Postgres(PostgresStore::open(url.expose(), *pool_size, tls, retention)?))
             }
             StoreConfig::Scylla(scylla) => Ok(Store::Scylla(ScyllaStore::open(scylla, retention)?)),
         }

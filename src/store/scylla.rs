@@ -1100,7 +1100,7 @@ async fn connect(config: &ScyllaConfig) -> Result<(Session, Profiles), StoreErro
         .connection_timeout(config.connect_timeout)
         .default_execution_profile_handle(profiles.read.clone());
     if let Some((user, password)) = &config.credentials {
-        builder = builder.user(user, password);
+        builder = builder.user(user, password.expose());
     }
     if let Some(tls) = &config.tls {
         builder = builder.tls_context(Some(tls_config(tls.ca_file.as_deref())?));

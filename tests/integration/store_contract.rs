@@ -100,9 +100,11 @@ async fn backends() -> Vec<Backend> {
         vec![Backend { name: "embedded", store, scope: Arc::from("contract"), _dir: Some(dir), _keyspace: None }];
     match std::env::var("KDEDUP_TEST_POSTGRES") {
         Ok(url) => {
-            let store =
-                Store::open(&StoreConfig::Postgres { url, pool_size: 8, tls: Default::default() }, &retention())
-                    .unwrap();
+            let store = Store::open(
+                &StoreConfig::Postgres { url: url.into(), pool_size: 8, tls: Default::default() },
+                &retention(),
+            )
+            .unwrap();
             store.apply_schema().await.expect("PostgreSQL at KDEDUP_TEST_POSTGRES answers");
             all.push(Backend {
                 name: "postgres",
