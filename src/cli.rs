@@ -329,9 +329,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             service::run(&config, options, shutdown).await.map_err(|e| with_config_file(&e, &path))?;
             Ok(0)
         }
-        Command::Serve { config } => {
-            let config = ServeConfig::load(&config)?;
-            serve_command(config).await?;
+        Command::Serve { config: path } => {
+            let config = ServeConfig::load(&path)?;
+            serve_command(config).await.map_err(|e| with_config_file(&e, &path))?;
             Ok(0)
         }
         Command::Check { config, json } => {

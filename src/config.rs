@@ -1360,7 +1360,7 @@ fn validate_filter(f: FilterConfig, ctx: &Ctx<'_>) -> Result<FilterConfig, Confi
         return Err(ctx.err("filter.false_positive_rate", "must be between 0 and 0.5 (e.g. 0.001)"));
     }
     let planned = filter_plan::planned_bytes(f.expected_keys.get(), f.false_positive_rate);
-    if !planned.is_some_and(|bytes| bytes as u64 <= MAX_FILTER_BYTES) {
+    if planned.is_none_or(|bytes| bytes as u64 > MAX_FILTER_BYTES) {
         let planned = planned.map_or("more than this machine can address".to_string(), |b| format!("{b} bytes"));
         return Err(ctx.err(
             "filter.expected_keys",
