@@ -916,9 +916,10 @@ struct Override<'e> {
 /// a span in the text gives the line and column; each override gets a span past the
 /// text's end, which names its variable.
 ///
-/// Why not figment: its environment provider splits `KAFKA__CONSUMER__FETCH_MIN_BYTES`
-/// into nested keys but cannot turn `FETCH_MIN_BYTES` into librdkafka's dotted
-/// `fetch.min.bytes`, and its errors carry a key path but no line and column.
+/// Why not figment: its errors name the key and the provider (file or variable) but
+/// not the line and column, since its TOML provider keeps no spans; and the parts that
+/// are ours anyway (librdkafka's dotted names from `FETCH_MIN_BYTES`, `NAME.file` and
+/// `NAME.env` secrets, messages that list what is allowed) would stay beside it.
 fn layered<T: serde::de::DeserializeOwned>(
     text: &str,
     origin: &str,
@@ -1080,8 +1081,8 @@ fn shape_error(
             }
             None => (at_line, key),
         };
-        let section = key.rsplit_once('.').map_or("the top level".to_string(), |(s, _)| format!("[{s}]"));
-        return invalid(place, key, format!("is not a key of {section}; allowed: {}", quoted(allowed)));
+        let what = key.rsplit_once('.').map_or("a config section".to_string(), |(s, _)| format!("a key of [{s}]"));
+        return invalid(place, key, format!("is not {what}; allowed: {}", quoted(allowed)));
     }
     let env_note = from_env.map(|o| format!(" (set by environment variable {})", o.var)).unwrap_or_default();
     let place = if from_env.is_some() { origin.to_string() } else { at_line };
