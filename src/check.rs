@@ -393,13 +393,9 @@ async fn store_check(config: &StoreConfig, retention: &Retention, file: &Path) -
             Err(_) => return check("store", Status::Fail, "postgres store did not answer within 15 s"),
         }
     }
-    match tokio::time::timeout(Duration::from_secs(15), store.check_schema()).await {
+    match tokio::time::timeout(Duration::from_secs(15), store.check_schema(Some(file))).await {
         Ok(Ok(())) => check("store", Status::Ok, format!("{} store reachable, schema applied", store.kind())),
-        Ok(Err(e)) => check(
-            "store",
-            Status::Fail,
-            format!("{} store: {e}", store.kind()).replace("--config FILE", &format!("--config {}", file.display())),
-        ),
+        Ok(Err(e)) => check("store", Status::Fail, format!("{} store: {e}", store.kind())),
         Err(_) => check("store", Status::Fail, format!("{} store did not answer within 15 s", store.kind())),
     }
 }

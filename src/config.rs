@@ -855,12 +855,15 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// `[pipeline]`.
     pub pipeline: PipelineConfig,
+    /// The file it was read from ([`Config::load`]); `None` when it came from text.
+    pub file: Option<PathBuf>,
 }
 
 impl Config {
     /// Reads `path`, applies `KDEDUP_…` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Config::from_toml_with_env(&read_file(path)?, &path.display().to_string(), std::env::vars())
+        let config = Config::from_toml_with_env(&read_file(path)?, &path.display().to_string(), std::env::vars())?;
+        Ok(Config { file: Some(path.to_path_buf()), ..config })
     }
 
     /// Parses TOML text with the given environment; `origin` names the source in errors.
@@ -897,6 +900,15 @@ impl Config {
 // ---------------------------------------------------------------------------
 // Layering: the file, then the environment, then secret files; errors located
 // ---------------------------------------------------------------------------
+
+/// The command that creates or updates the store's schema with the config read from
+/// `file`, as messages about a missing schema tell a person to run it.
+pub fn schema_apply_command(file: Option<&Path>) -> String {
+    match file {
+        Some(file) => format!("kdedup schema apply --config {}", file.display()),
+        None => "kdedup schema apply".to_string(),
+    }
+}
 
 /// A config file's text, or an error naming the file.
 fn read_file(path: &Path) -> Result<String, ConfigError> {
@@ -1225,6 +1237,7 @@ fn validate(file: FileConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         duplicates_topic: Some(file.duplicates.topic).filter(|t| !t.is_empty()),
         metrics_listen: ctx.socket("metrics.listen", &file.metrics.listen)?,
         pipeline,
+        file: None,
     })
 }
 
@@ -2181,6 +2194,18 @@ mod tests {
         let e = load(MINIMAL, &[("KDEDUP_STORE__TTL_SECS", "soon")]).unwrap_err().to_string();
         assert!(e.contains("`store.ttl_secs` (set by environment variable KDEDUP_STORE__TTL_SECS)"), "{e}");
         assert!(!e.contains("line "), "{e}");
+    }
+
+    #[test]
+    fn a_loaded_config_names_its_own_file_in_the_schema_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orders.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let c = Config::load(&path).unwrap();
+        let command = schema_apply_command(c.file.as_deref());
+        assert_eq!(command, format!("kdedup schema apply --config {}", path.display()));
+        assert_eq!(load(MINIMAL, &[]).unwrap().file, None, "text has no file");
+        assert_eq!(schema_apply_command(None), "kdedup schema apply");
     }
 
     #[test]

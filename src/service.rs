@@ -70,7 +70,7 @@ pub async fn run(config: &Config, options: RunOptions, shutdown: impl Future<Out
     };
 
     let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
-    store.check_schema().await?;
+    store.check_schema(config.file.as_deref()).await?;
     if let Some(ops) = store.op_metrics() {
         metrics.register_store_ops(ops);
     }

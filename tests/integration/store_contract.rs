@@ -433,14 +433,14 @@ async fn schema_apply_adds_the_response_column_to_an_older_cql_table() {
             T0 + TTL_MS
         );
         session.query_unpaged(old_row, (1u128.to_be_bytes().to_vec(),)).await.unwrap();
-        let err = store.check_schema().await.expect_err("an older table is refused");
+        let err = store.check_schema(None).await.expect_err("an older table is refused");
         assert!(
             err.to_string().contains("`response` column") && err.to_string().contains("schema apply"),
             "{name}: {err}"
         );
         store.apply_schema().await.unwrap_or_else(|e| panic!("{name}: migration: {e}"));
         store.apply_schema().await.unwrap_or_else(|e| panic!("{name}: applied twice: {e}"));
-        store.check_schema().await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        store.check_schema(None).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let old = EventKey { scope: Arc::from("s"), id: b"old".to_vec() };
         let request = ClaimRequest { key: old, fingerprint: Fingerprint(1), position: at(0, 9) };
         assert_eq!(
