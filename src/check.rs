@@ -339,7 +339,7 @@ fn topic_checks(config: &Config, found: &BTreeMap<String, Option<usize>>) -> Vec
         SinkConfig::Http(h) => notes.push(format!(
             "http sink to {}: nothing to reconcile in Kafka; a resumed claim repeats its request with the same \
              {} (the endpoint dedups it)",
-            redact_url(&h.url),
+            redact_url(h.url.expose()),
             h.idempotency_header
         )),
     }
@@ -393,13 +393,9 @@ async fn store_check(config: &StoreConfig, retention: &Retention, file: &Path) -
             Err(_) => return check("store", Status::Fail, "postgres store did not answer within 15 s"),
         }
     }
-    match tokio::time::timeout(Duration::from_secs(15), store.check_schema()).await {
+    match tokio::time::timeout(Duration::from_secs(15), store.check_schema(Some(file))).await {
         Ok(Ok(())) => check("store", Status::Ok, format!("{} store reachable, schema applied", store.kind())),
-        Ok(Err(e)) => check(
-            "store",
-            Status::Fail,
-            format!("{} store: {e}", store.kind()).replace("--config FILE", &format!("--config {}", file.display())),
-        ),
+        Ok(Err(e)) => check("store", Status::Fail, format!("{} store: {e}", store.kind())),
         Err(_) => check("store", Status::Fail, format!("{} store did not answer within 15 s", store.kind())),
     }
 }
@@ -497,7 +493,7 @@ fn settings(c: &Config) -> serde_json::Value {
                     ("verify-full", ca_file.as_ref().map(|p| p.display().to_string()))
                 }
             };
-            json!({ "kind": "postgres", "url": redact_url(url), "pool_size": pool_size, "tls": mode, "tls_ca_file": ca_file })
+            json!({ "kind": "postgres", "url": redact_url(url.expose()), "pool_size": pool_size, "tls": mode, "tls_ca_file": ca_file })
         }
         StoreConfig::Scylla(s) => json!({
             "kind": "scylla",
@@ -519,7 +515,7 @@ fn settings(c: &Config) -> serde_json::Value {
         SinkConfig::Custom => json!({ "kind": "custom" }),
         SinkConfig::Http(h) => json!({
             "kind": "http",
-            "url": redact_url(&h.url),
+            "url": redact_url(h.url.expose()),
             "method": h.method,
             "idempotency_header": h.idempotency_header,
             "headers": h.headers.iter().map(|(k, _)| (k.clone(), "<redacted>")).collect::<std::collections::BTreeMap<_, _>>(),

@@ -326,12 +326,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let shutdown = shutdown_signal();
             let config = Config::load(&path)?;
             let options = RunOptions { metrics: Metrics::new(), serve_metrics: true, ..RunOptions::default() };
-            service::run(&config, options, shutdown).await.map_err(|e| with_config_file(&e, &path))?;
+            service::run(&config, options, shutdown).await?;
             Ok(0)
         }
-        Command::Serve { config } => {
-            let config = ServeConfig::load(&config)?;
-            serve_command(config).await?;
+        Command::Serve { config: path } => {
+            let config = ServeConfig::load(&path)?;
+            serve_command(config, &path).await?;
             Ok(0)
         }
         Command::Check { config, json } => {
@@ -639,12 +639,6 @@ pub fn human_time(ms: u64) -> String {
     format!("{}, {span} {dir}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-/// The stores name the command that fixes a missing schema with a placeholder for the
-/// config file (they never see it): the file this command was given, instead.
-pub fn with_config_file(e: &anyhow::Error, path: &std::path::Path) -> anyhow::Error {
-    anyhow::anyhow!(error_chain(e).replace("--config FILE", &format!("--config {}", path.display())))
-}
-
 /// An error and its causes, each said once: a cause whose text the message already
 /// carries (an error that prints its source, then the source itself) is left out.
 pub fn error_chain(e: &anyhow::Error) -> String {
@@ -737,10 +731,10 @@ fn print_report(r: &demo::DemoReport) {
 
 /// `kdedup serve`: opens the store (its schema must be applied), listens, and
 /// serves until SIGTERM or Ctrl-C, then drains.
-async fn serve_command(config: ServeConfig) -> anyhow::Result<()> {
+async fn serve_command(config: ServeConfig, path: &std::path::Path) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
-    store.check_schema().await.context("the store's schema (apply it with `kdedup schema apply --config FILE`)")?;
+    store.check_schema(Some(path)).await.context("the store's schema")?;
     let metrics = crate::metrics::ServeMetrics::new();
     let _endpoint = match config.metrics_listen {
         Some(addr) => Some(crate::metrics::MetricsServer::start_serve(addr, metrics.clone())?),

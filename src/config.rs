@@ -1,14 +1,25 @@
 //! Configuration: a TOML file, then `KDEDUP_<SECTION>__<KEY>` environment
 //! overrides, then validation into richer types. Parsing never guesses: unknown
-//! keys are errors, and every error names the file, the key and what is allowed.
+//! keys are errors, and every error names where the value came from (the file with
+//! its line and column, or the environment variable), the key, and what is allowed.
+//!
+//! The file's shape is plain serde types: choices are enums (serde's own error lists
+//! the allowed values), each section has its defaults in one `Default`. [`validate`]
+//! turns that shape into the richer types the crate uses, checking bounds and the rules
+//! that tie keys together.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 use crate::error::ConfigError;
 
@@ -58,12 +69,23 @@ pub const MAX_STORE_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_POOL_SIZE: usize = 1_024;
 /// `store.max_in_flight`: CQL stream IDs per connection.
 pub const MAX_IN_FLIGHT: usize = 32_768;
+/// `[sink.http] timeout_ms`, `backoff_*_ms` and `retry_budget_ms`: a day.
+pub const MAX_HTTP_MS: u64 = 86_400_000;
+/// `[sink.http] max_in_flight`: requests per partition at once.
+pub const MAX_HTTP_IN_FLIGHT: usize = 1_024;
+/// `serve.max_key_bytes`: the header value is hashed into the stored key, so
+/// this bounds only what a client may send.
+pub const MAX_SERVE_KEY_BYTES: usize = 8_192;
+/// `serve.max_body_bytes` and `serve.max_response_bytes`: 1 GiB, held in memory per request.
+pub const MAX_SERVE_BODY_BYTES: usize = 1 << 30;
+/// `serve.record_body_bytes`: each recorded body is kept on its claim row (base64).
+pub const MAX_SERVE_RECORD_BYTES: usize = 16 << 20;
 
 // ---------------------------------------------------------------------------
 // The file as written
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     kafka: KafkaSection,
@@ -72,18 +94,18 @@ struct FileConfig {
     #[serde(default)]
     store: StoreSection,
     #[serde(default)]
-    filter: FilterSection,
+    filter: FilterConfig,
     sink: SinkSection,
-    dead_letter: DeadLetterSection,
+    dead_letter: TopicSection,
     #[serde(default)]
-    duplicates: DuplicatesSection,
+    duplicates: TopicSection,
     #[serde(default)]
     metrics: MetricsSection,
     #[serde(default)]
     pipeline: PipelineSection,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KafkaSection {
     #[serde(deserialize_with = "lenient_string")]
@@ -101,124 +123,100 @@ struct KafkaSection {
     producer: BTreeMap<String, toml::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct KeySection {
-    #[serde(default = "default_key_source")]
-    source: String,
-    #[serde(default = "default_header", deserialize_with = "lenient_string")]
+    source: KeyKind,
+    #[serde(deserialize_with = "lenient_string")]
     header: String,
-    #[serde(default = "default_json_pointer")]
     json_pointer: String,
-    #[serde(default, deserialize_with = "lenient_opt_string")]
-    scope: Option<String>,
-    #[serde(default = "default_max_bytes")]
+    /// Empty: the group ID.
+    #[serde(deserialize_with = "lenient_string")]
+    scope: String,
     max_bytes: usize,
-    #[serde(default = "default_on_oversize")]
-    on_oversize: String,
-    #[serde(default, deserialize_with = "string_list")]
+    on_oversize: OnOversize,
+    #[serde(deserialize_with = "string_list")]
     fingerprint_fields: Vec<String>,
 }
 
 impl Default for KeySection {
     fn default() -> Self {
         KeySection {
-            source: default_key_source(),
-            header: default_header(),
-            json_pointer: default_json_pointer(),
-            scope: None,
-            max_bytes: default_max_bytes(),
-            on_oversize: default_on_oversize(),
+            source: KeyKind::Header,
+            header: "event-id".into(),
+            json_pointer: "/id".into(),
+            scope: String::new(),
+            max_bytes: 512,
+            on_oversize: OnOversize::Hash,
             fingerprint_fields: Vec::new(),
         }
     }
 }
 
-fn default_key_source() -> String {
-    "header".into()
-}
-fn default_header() -> String {
-    "event-id".into()
-}
-fn default_json_pointer() -> String {
-    "/id".into()
-}
-fn default_max_bytes() -> usize {
-    512
-}
-fn default_on_oversize() -> String {
-    "hash".into()
+/// `[key] source`.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum KeyKind {
+    Header,
+    Key,
+    Json,
+    PayloadHash,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct StoreSection {
-    #[serde(default = "default_store_kind")]
-    kind: String,
-    #[serde(default = "default_store_path")]
+    kind: StoreKind,
     path: PathBuf,
-    #[serde(default = "default_ttl_secs")]
     ttl_secs: u64,
-    #[serde(default = "default_lease_secs")]
     lease_secs: u64,
-    #[serde(default = "default_sweep_interval_secs")]
     sweep_interval_secs: u64,
     /// PostgreSQL URL, when kind = "postgres" (may carry the password: set it from the environment).
-    #[serde(default)]
     url: String,
-    #[serde(default = "default_pool_size")]
     pool_size: usize,
     // ScyllaDB, when kind = "scylla".
-    #[serde(default, deserialize_with = "string_list")]
+    #[serde(deserialize_with = "string_list")]
     contact_points: Vec<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(deserialize_with = "lenient_string")]
     local_datacenter: String,
-    #[serde(default = "default_keyspace", deserialize_with = "lenient_string")]
+    #[serde(deserialize_with = "lenient_string")]
     keyspace: String,
     /// Datacenter name -> replication factor; empty = 3 in local_datacenter.
-    #[serde(default)]
     replication: BTreeMap<String, toml::Value>,
-    #[serde(default = "default_consistency")]
-    consistency: String,
-    #[serde(default = "default_serial_consistency")]
-    serial_consistency: String,
-    #[serde(default = "default_request_timeout_ms")]
+    consistency: ScyllaConsistency,
+    serial_consistency: ScyllaSerialConsistency,
     request_timeout_ms: u64,
-    #[serde(default = "default_connect_timeout_ms")]
     connect_timeout_ms: u64,
-    #[serde(default = "default_max_in_flight")]
     max_in_flight: usize,
     /// ScyllaDB: `true`/`false`; PostgreSQL: also "disable", "require", "verify-full".
-    #[serde(default)]
     tls: Option<TlsMode>,
-    #[serde(default)]
     tls_ca_file: Option<PathBuf>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(deserialize_with = "lenient_string")]
     username: String,
-    /// Set it from the environment (KDEDUP_STORE__PASSWORD), never in the file.
-    #[serde(default, deserialize_with = "lenient_string")]
+    /// Set it from the environment (KDEDUP_STORE__PASSWORD) or a file, never in the file.
+    #[serde(deserialize_with = "lenient_string")]
     password: String,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
-            kind: default_store_kind(),
-            path: default_store_path(),
-            ttl_secs: default_ttl_secs(),
-            lease_secs: default_lease_secs(),
-            sweep_interval_secs: default_sweep_interval_secs(),
+            kind: StoreKind::Embedded,
+            path: PathBuf::from("./kdedup-data"),
+            ttl_secs: 86_400,
+            lease_secs: 60,
+            sweep_interval_secs: 60,
             url: String::new(),
-            pool_size: default_pool_size(),
+            pool_size: 16,
             contact_points: Vec::new(),
             local_datacenter: String::new(),
-            keyspace: default_keyspace(),
+            keyspace: "kdedup".into(),
             replication: BTreeMap::new(),
-            consistency: default_consistency(),
-            serial_consistency: default_serial_consistency(),
-            request_timeout_ms: default_request_timeout_ms(),
-            connect_timeout_ms: default_connect_timeout_ms(),
-            max_in_flight: default_max_in_flight(),
+            consistency: ScyllaConsistency::LocalQuorum,
+            serial_consistency: ScyllaSerialConsistency::LocalSerial,
+            request_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            max_in_flight: 256,
             tls: None,
             tls_ca_file: None,
             username: String::new(),
@@ -227,41 +225,13 @@ impl Default for StoreSection {
     }
 }
 
-fn default_store_kind() -> String {
-    "embedded".into()
-}
-fn default_store_path() -> PathBuf {
-    PathBuf::from("./kdedup-data")
-}
-fn default_ttl_secs() -> u64 {
-    86_400
-}
-fn default_lease_secs() -> u64 {
-    60
-}
-fn default_sweep_interval_secs() -> u64 {
-    60
-}
-fn default_pool_size() -> usize {
-    16
-}
-fn default_keyspace() -> String {
-    "kdedup".into()
-}
-fn default_consistency() -> String {
-    "local_quorum".into()
-}
-fn default_serial_consistency() -> String {
-    "local_serial".into()
-}
-fn default_request_timeout_ms() -> u64 {
-    5_000
-}
-fn default_connect_timeout_ms() -> u64 {
-    5_000
-}
-fn default_max_in_flight() -> usize {
-    256
+/// `[store] kind`.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoreKind {
+    Embedded,
+    Postgres,
+    Scylla,
 }
 
 /// `[store] tls`: how the store connection is encrypted. `true` means
@@ -281,215 +251,130 @@ pub enum TlsMode {
 
 impl<'de> Deserialize<'de> for TlsMode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TlsMode, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = TlsMode;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("\"disable\", \"require\", \"verify-full\", true or false")
-            }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<TlsMode, E> {
-                Ok(if v { TlsMode::VerifyFull } else { TlsMode::Disable })
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TlsMode, E> {
-                match v {
-                    "disable" | "false" => Ok(TlsMode::Disable),
-                    "require" => Ok(TlsMode::Require),
-                    "verify-full" | "true" => Ok(TlsMode::VerifyFull),
-                    other => Err(E::custom(format!(
-                        "tls is \"{other}\"; allowed: \"disable\", \"require\", \"verify-full\" (or true / false)"
-                    ))),
-                }
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilterSection {
-    #[serde(default = "default_expected_keys")]
-    expected_keys: u64,
-    #[serde(default = "default_fpr")]
-    false_positive_rate: f64,
-    #[serde(default = "default_recent_keys")]
-    recent_keys: usize,
-    #[serde(default = "default_expired_keys")]
-    expired_keys: usize,
-}
-
-impl Default for FilterSection {
-    fn default() -> Self {
-        FilterSection {
-            expected_keys: default_expected_keys(),
-            false_positive_rate: default_fpr(),
-            recent_keys: default_recent_keys(),
-            expired_keys: default_expired_keys(),
+        match toml::Value::deserialize(d)? {
+            toml::Value::Boolean(true) => Ok(TlsMode::VerifyFull),
+            toml::Value::Boolean(false) => Ok(TlsMode::Disable),
+            toml::Value::String(s) => match s.as_str() {
+                "disable" | "false" => Ok(TlsMode::Disable),
+                "require" => Ok(TlsMode::Require),
+                "verify-full" | "true" => Ok(TlsMode::VerifyFull),
+                other => Err(serde::de::Error::custom(format!(
+                    "is \"{other}\"; allowed: \"disable\", \"require\", \"verify-full\" (or true / false)"
+                ))),
+            },
+            other => Err(serde::de::Error::custom(format!(
+                "is {other}; allowed: \"disable\", \"require\", \"verify-full\" (or true / false)"
+            ))),
         }
     }
 }
 
-fn default_expected_keys() -> u64 {
-    10_000_000
-}
-fn default_fpr() -> f64 {
-    0.001
-}
-fn default_recent_keys() -> usize {
-    100_000
-}
-fn default_expired_keys() -> usize {
-    1_000_000
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkSection {
-    kind: String,
+    kind: SinkKind,
     #[serde(default, deserialize_with = "lenient_string")]
     topic: String,
-    #[serde(default = "default_partitioning")]
-    partitioning: String,
+    #[serde(default)]
+    partitioning: Partitioning,
     /// `kind = "http"`: the endpoint and how its answers are read.
     #[serde(default)]
     http: Option<HttpSection>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[sink] kind`.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SinkKind {
+    Kafka,
+    Stdout,
+    Http,
+    Custom,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct HttpSection {
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(deserialize_with = "lenient_string")]
     url: String,
-    #[serde(default = "default_http_method")]
     method: String,
-    #[serde(default = "default_idempotency_header")]
     idempotency_header: String,
-    #[serde(default)]
     content_type: Option<String>,
     /// Static headers; `NAME.file = PATH` reads the value from a file and
     /// `NAME.env = VAR` from the environment (resolved before parsing).
-    #[serde(default)]
     headers: BTreeMap<String, String>,
-    #[serde(default = "default_http_timeout_ms")]
     timeout_ms: u64,
-    #[serde(default = "default_http_max_in_flight")]
     max_in_flight: usize,
-    #[serde(default = "default_http_retry_budget_ms")]
     retry_budget_ms: u64,
-    #[serde(default = "default_http_backoff_initial_ms")]
     backoff_initial_ms: u64,
-    #[serde(default = "default_http_backoff_max_ms")]
     backoff_max_ms: u64,
-    #[serde(default = "default_http_max_request_bytes")]
     max_request_bytes: usize,
-    /// Status code (`"409"`) or class (`"4xx"`) → `done | retry | conflict | dead_letter`.
-    #[serde(default)]
-    outcomes: BTreeMap<String, String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    /// Status code (`"409"`) or class (`"4xx"`) → what it means.
+    outcomes: BTreeMap<String, HttpOutcome>,
+    #[serde(deserialize_with = "lenient_string")]
     results_topic: String,
 }
 
-fn default_http_method() -> String {
-    "POST".into()
-}
-fn default_idempotency_header() -> String {
-    "Idempotency-Key".into()
-}
-fn default_http_timeout_ms() -> u64 {
-    10_000
-}
-fn default_http_max_in_flight() -> usize {
-    8
-}
-fn default_http_retry_budget_ms() -> u64 {
-    300_000
-}
-fn default_http_backoff_initial_ms() -> u64 {
-    200
-}
-fn default_http_backoff_max_ms() -> u64 {
-    30_000
-}
-fn default_http_max_request_bytes() -> usize {
-    10 << 20
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            url: String::new(),
+            method: "POST".into(),
+            idempotency_header: "Idempotency-Key".into(),
+            content_type: None,
+            headers: BTreeMap::new(),
+            timeout_ms: 10_000,
+            max_in_flight: 8,
+            retry_budget_ms: 300_000,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 30_000,
+            max_request_bytes: 10 << 20,
+            outcomes: BTreeMap::new(),
+            results_topic: String::new(),
+        }
+    }
 }
 
-fn default_partitioning() -> String {
-    "source".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
+/// `[dead_letter]` and `[duplicates]`.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeadLetterSection {
-    #[serde(deserialize_with = "lenient_string")]
-    topic: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DuplicatesSection {
+struct TopicSection {
     #[serde(default, deserialize_with = "lenient_string")]
     topic: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct MetricsSection {
-    #[serde(default = "default_metrics_listen")]
     listen: String,
 }
 
 impl Default for MetricsSection {
     fn default() -> Self {
-        MetricsSection { listen: default_metrics_listen() }
+        MetricsSection { listen: "127.0.0.1:9464".into() }
     }
 }
 
-fn default_metrics_listen() -> String {
-    "127.0.0.1:9464".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct PipelineSection {
-    #[serde(default = "default_batch_max")]
     batch_max: usize,
-    #[serde(default = "default_commit_interval_ms")]
     commit_interval_ms: u64,
-    #[serde(default = "default_drain_timeout_ms")]
     drain_timeout_ms: u64,
-    #[serde(default = "default_on_conflict")]
-    on_conflict: String,
-    #[serde(default = "default_mode")]
-    mode: String,
+    on_conflict: OnConflict,
+    mode: Mode,
 }
 
 impl Default for PipelineSection {
     fn default() -> Self {
         PipelineSection {
-            batch_max: default_batch_max(),
-            commit_interval_ms: default_commit_interval_ms(),
-            drain_timeout_ms: default_drain_timeout_ms(),
-            on_conflict: default_on_conflict(),
-            mode: default_mode(),
+            batch_max: 1000,
+            commit_interval_ms: 1000,
+            drain_timeout_ms: 10_000,
+            on_conflict: OnConflict::DeadLetter,
+            mode: Mode::Enforce,
         }
     }
-}
-
-fn default_batch_max() -> usize {
-    1000
-}
-fn default_commit_interval_ms() -> u64 {
-    1000
-}
-fn default_drain_timeout_ms() -> u64 {
-    10_000
-}
-fn default_on_conflict() -> String {
-    "dead_letter".into()
-}
-fn default_mode() -> String {
-    "enforce".into()
 }
 
 /// A URL as it may be shown (check's settings, `Debug`, logs, dead-letter
@@ -538,19 +423,13 @@ fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     scalar_to_string(&value).ok_or_else(|| serde::de::Error::custom("expected a string"))
 }
 
-fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    lenient_string(d).map(Some)
-}
-
 /// Accepts a list of strings, or one comma-separated string (handy from the environment).
 fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let bad = || serde::de::Error::custom("expected a list of strings");
     match toml::Value::deserialize(d)? {
-        toml::Value::Array(items) => items
-            .iter()
-            .map(|v| scalar_to_string(v).ok_or_else(|| serde::de::Error::custom("expected a list of strings")))
-            .collect(),
+        toml::Value::Array(items) => items.iter().map(|v| scalar_to_string(v).ok_or_else(bad)).collect(),
         other => {
-            let s = scalar_to_string(&other).ok_or_else(|| serde::de::Error::custom("expected a list of strings"))?;
+            let s = scalar_to_string(&other).ok_or_else(bad)?;
             Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
         }
     }
@@ -570,6 +449,37 @@ fn scalar_to_string(value: &toml::Value) -> Option<String> {
 // The validated configuration the rest of the crate uses
 // ---------------------------------------------------------------------------
 
+/// A value that must never be printed (a password, a URL with credentials, a header
+/// holding a token): `Debug` shows it as [`redact_url`] does, `<redacted>` unless it
+/// is a `scheme://` URL, whose host and path stay.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that needs it (a connection, a request).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret(value.to_string())
+    }
+}
+
 /// Where the event ID comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -585,7 +495,8 @@ pub enum KeySource {
 }
 
 /// `[key] on_oversize`: what an event ID longer than `max_bytes` becomes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum OnOversize {
     /// Replaced by `sha256:<hex>` of the ID (still one key per ID).
@@ -610,7 +521,7 @@ pub struct KeyConfig {
 }
 
 /// `[store]`: which store holds the claims, the authority on what is new.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum StoreConfig {
     /// The embedded (fjall) store on local disk (`kind = "embedded"`): one consumer instance.
@@ -620,8 +531,8 @@ pub enum StoreConfig {
     },
     /// PostgreSQL (`kind = "postgres"`): a shared SQL store.
     Postgres {
-        /// `postgres://…` connection URL; a secret, never printed.
-        url: String,
+        /// `postgres://…` connection URL; may hold a password.
+        url: Secret,
         /// Most connections in the pool.
         pool_size: usize,
         /// TLS to the server.
@@ -651,22 +562,10 @@ pub enum PostgresTls {
     },
 }
 
-/// Never prints the PostgreSQL URL or the ScyllaDB password: they are secrets.
-impl std::fmt::Debug for StoreConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreConfig::Embedded { path } => f.debug_struct("Embedded").field("path", path).finish(),
-            StoreConfig::Postgres { pool_size, tls, .. } => {
-                f.debug_struct("Postgres").field("pool_size", pool_size).field("tls", tls).finish_non_exhaustive()
-            }
-            StoreConfig::Scylla(c) => f.debug_tuple("Scylla").field(c).finish(),
-        }
-    }
-}
-
 /// Consistency of the commit (learn) phase of a lightweight transaction and
 /// of plain reads: `LOCAL_QUORUM` stays inside the local datacenter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ScyllaConsistency {
     /// `LOCAL_QUORUM`: a quorum of the local datacenter's replicas.
@@ -679,7 +578,8 @@ pub enum ScyllaConsistency {
 /// SERIAL reads that settle ambiguous outcomes). `LocalSerial` is linearizable
 /// within one datacenter only: every kdedup process of one scope must then
 /// use the same datacenter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ScyllaSerialConsistency {
     /// `LOCAL_SERIAL`: Paxos among the local datacenter's replicas.
@@ -689,7 +589,7 @@ pub enum ScyllaSerialConsistency {
 }
 
 /// `[store] kind = "scylla"`: the ScyllaDB cluster and how to talk to it.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ScyllaConfig {
     /// host:port of a few nodes; the driver discovers the rest.
     pub contact_points: Vec<String>,
@@ -712,7 +612,7 @@ pub struct ScyllaConfig {
     /// `Some` when TLS is on.
     pub tls: Option<ScyllaTls>,
     /// (username, password) for PasswordAuthenticator.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<(String, Secret)>,
 }
 
 /// `[store] tls = true` for ScyllaDB: how the nodes' certificates are checked.
@@ -720,25 +620,6 @@ pub struct ScyllaConfig {
 pub struct ScyllaTls {
     /// The CA bundle (PEM) to trust; the system's roots when `None`.
     pub ca_file: Option<PathBuf>,
-}
-
-/// Never prints the password.
-impl std::fmt::Debug for ScyllaConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScyllaConfig")
-            .field("contact_points", &self.contact_points)
-            .field("local_datacenter", &self.local_datacenter)
-            .field("keyspace", &self.keyspace)
-            .field("replication", &self.replication)
-            .field("consistency", &self.consistency)
-            .field("serial_consistency", &self.serial_consistency)
-            .field("request_timeout", &self.request_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_in_flight", &self.max_in_flight)
-            .field("tls", &self.tls)
-            .field("username", &self.credentials.as_ref().map(|(u, _)| u))
-            .finish_non_exhaustive()
-    }
 }
 
 /// `[store] ttl_secs`, `lease_secs` and `sweep_interval_secs`: how long claims live.
@@ -752,8 +633,10 @@ pub struct Retention {
     pub sweep_interval: Duration,
 }
 
-/// `[filter]`: sizes of the in-process tiers in front of the store.
-#[derive(Debug, Clone)]
+/// `[filter]`: sizes of the in-process tiers in front of the store. Read as written;
+/// the bounds are checked at validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FilterConfig {
     /// Keys expected within one TTL window; sizes the aging filter (about 2.5 bytes a key).
     pub expected_keys: NonZeroU64,
@@ -766,12 +649,25 @@ pub struct FilterConfig {
     pub expired_keys: usize,
 }
 
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig {
+            expected_keys: NonZeroU64::new(10_000_000).expect("not zero"),
+            false_positive_rate: 0.001,
+            recent_keys: 100_000,
+            expired_keys: 1_000_000,
+        }
+    }
+}
+
 /// `[sink] partitioning`: which output partition a record goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Partitioning {
     /// Output partition = input partition (modulo the output's partition count):
     /// each input partition's order is kept in the output.
+    #[default]
     Source,
     /// The librdkafka partitioner hashes the record key.
     Key,
@@ -797,7 +693,8 @@ pub enum SinkConfig {
 }
 
 /// What an HTTP answer means for the record (`[sink.http.outcomes]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum HttpOutcome {
     /// The effect happened: complete the claim, record the response.
@@ -810,23 +707,12 @@ pub enum HttpOutcome {
     DeadLetter,
 }
 
-impl HttpOutcome {
-    fn parse(s: &str) -> Option<HttpOutcome> {
-        match s {
-            "done" => Some(HttpOutcome::Done),
-            "retry" => Some(HttpOutcome::Retry),
-            "conflict" => Some(HttpOutcome::Conflict),
-            "dead_letter" => Some(HttpOutcome::DeadLetter),
-            _ => None,
-        }
-    }
-}
-
 /// `[sink] kind = "http"` with `[sink.http]`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpSinkConfig {
-    /// May hold `{topic}`, `{partition}` and `{header.NAME}` (percent-encoded when filled in).
-    pub url: String,
+    /// May hold `{topic}`, `{partition}` and `{header.NAME}` (percent-encoded when filled in);
+    /// shown redacted, since tokens live in URLs.
+    pub url: Secret,
     /// `url` parsed, once: the sink fills it per record.
     pub url_template: UrlTemplate,
     /// The HTTP method, upper case (`POST` by default).
@@ -835,8 +721,8 @@ pub struct HttpSinkConfig {
     pub idempotency_header: String,
     /// Used when the record has no `content-type` header of its own.
     pub content_type: String,
-    /// Static headers, in order; values may be secrets (never printed).
-    pub headers: Vec<(String, String)>,
+    /// Static headers, in order; values may be credentials.
+    pub headers: Vec<(String, Secret)>,
     /// Per request, connection to last body byte.
     pub timeout: Duration,
     /// Requests in flight per partition at once; one key's effects stay in order.
@@ -873,31 +759,9 @@ impl HttpSinkConfig {
     }
 }
 
-/// Never prints header values: they carry credentials.
-impl std::fmt::Debug for HttpSinkConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, _)| (k.as_str(), "<redacted>")).collect();
-        f.debug_struct("HttpSinkConfig")
-            .field("url", &redact_url(&self.url))
-            .field("method", &self.method)
-            .field("idempotency_header", &self.idempotency_header)
-            .field("content_type", &self.content_type)
-            .field("headers", &headers)
-            .field("timeout", &self.timeout)
-            .field("max_in_flight", &self.max_in_flight)
-            .field("retry_budget", &self.retry_budget)
-            .field("backoff_initial", &self.backoff_initial)
-            .field("backoff_max", &self.backoff_max)
-            .field("max_request_bytes", &self.max_request_bytes)
-            .field("outcomes_by_code", &self.outcomes_by_code)
-            .field("outcomes_by_class", &self.outcomes_by_class)
-            .field("results_topic", &self.results_topic)
-            .finish()
-    }
-}
-
 /// `[pipeline] mode`: what the decision is used for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Mode {
     /// Effects run for new events only (the default).
@@ -910,7 +774,8 @@ pub enum Mode {
 }
 
 /// `[pipeline] on_conflict`: what becomes of a reused ID with another payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum OnConflict {
     /// Dead-lettered with reason `conflict` (the default).
@@ -990,12 +855,15 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// `[pipeline]`.
     pub pipeline: PipelineConfig,
+    /// The file it was read from ([`Config::load`]); `None` when it came from text.
+    pub file: Option<PathBuf>,
 }
 
 impl Config {
     /// Reads `path`, applies `KDEDUP_…` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Config::from_toml_with_env(&read_file(path)?, &path.display().to_string(), std::env::vars())
+        let config = Config::from_toml_with_env(&read_file(path)?, &path.display().to_string(), std::env::vars())?;
+        Ok(Config { file: Some(path.to_path_buf()), ..config })
     }
 
     /// Parses TOML text with the given environment; `origin` names the source in errors.
@@ -1025,7 +893,20 @@ impl Config {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        validate(layered::<FileConfig>(text, origin, env)?, origin)
+        validate(layered::<FileConfig>(text, origin, env)?, &Ctx(origin))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Layering: the file, then the environment, then secret files; errors located
+// ---------------------------------------------------------------------------
+
+/// The command that creates or updates the store's schema with the config read from
+/// `file`, as messages about a missing schema tell a person to run it.
+pub fn schema_apply_command(file: Option<&Path>) -> String {
+    match file {
+        Some(file) => format!("kdedup schema apply --config {}", file.display()),
+        None => "kdedup schema apply".to_string(),
     }
 }
 
@@ -1034,192 +915,443 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
 }
 
+/// One `KDEDUP_…` variable that sets a key.
+struct Override<'e> {
+    var: &'e str,
+    path: Vec<String>,
+    raw: &'e str,
+}
+
 /// TOML text with the environment's `KDEDUP_…` overrides and secret files layered on,
-/// deserialized as `T` (a file's shape, before validation); errors name `origin`, and the
-/// overrides applied when the shape is wrong.
+/// deserialized as `T` (a file's shape, before validation). The layering happens on
+/// toml's spanned document, so a shape error still knows where its value came from:
+/// a span in the text gives the line and column; each override gets a span past the
+/// text's end, which names its variable.
+///
+/// Why not figment: its errors name the key and the provider (file or variable) but
+/// not the line and column, since its TOML provider keeps no spans; and the parts that
+/// are ours anyway (librdkafka's dotted names from `FETCH_MIN_BYTES`, `NAME.file` and
+/// `NAME.env` secrets, messages that list what is allowed) would stay beside it.
 fn layered<T: serde::de::DeserializeOwned>(
     text: &str,
     origin: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(origin), message };
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
     let env: Vec<(String, String)> = env.into_iter().collect();
-    let applied = apply_env_overrides(&mut table, env.iter().cloned())?;
-    resolve_secret_files(&mut table, origin, &env)?;
-    T::deserialize(table).map_err(|e| {
-        let mut message = e.to_string().trim().to_string();
-        if !applied.is_empty() {
-            message.push_str(&format!(" (environment overrides applied: {})", applied.join(", ")));
+    let overrides = env_overrides(&env)?;
+    let mut doc = DeTable::parse(text)
+        .map_err(|e| ConfigError::Parse { path: PathBuf::from(origin), message: e.to_string().trim().to_string() })?;
+    for (i, o) in overrides.iter().enumerate() {
+        let span = text.len() + 1 + i..text.len() + 2 + i;
+        let value = match DeValue::parse(o.raw) {
+            Ok(v) => respan(v, &span),
+            Err(_) => Spanned::new(span.clone(), DeValue::String(Cow::Borrowed(o.raw))),
+        };
+        if !insert(doc.get_mut(), &o.path, value, &span) {
+            return Err(ConfigError::Invalid {
+                origin: format!("environment variable {}", o.var),
+                key: o.path.join("."),
+                message: format!("cannot be set: [{}] is not a table in the file", o.path[0]),
+            });
         }
-        parse_err(message)
+    }
+    resolve_secret_files(doc.get_mut(), &Ctx(origin), &env)?;
+    let snapshot = doc.clone();
+    T::deserialize(toml::de::Deserializer::from(doc)).map_err(|e| shape_error(&e, text, origin, &snapshot, &overrides))
+}
+
+/// `KDEDUP_SECTION__KEY=value` (and `KDEDUP_KAFKA__CONSUMER__FETCH_MIN_BYTES` for raw
+/// librdkafka properties, underscores becoming dots). Values are read as TOML when they
+/// parse as a TOML value (numbers, booleans, arrays), else as strings.
+fn env_overrides(env: &[(String, String)]) -> Result<Vec<Override<'_>>, ConfigError> {
+    let mut out = Vec::new();
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+        let parts: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        let path = match parts.as_slice() {
+            [_, _] => parts,
+            [kafka, sub, prop] if kafka == "kafka" && matches!(sub.as_str(), "client" | "consumer" | "producer") => {
+                vec![kafka.clone(), sub.clone(), prop.replace('_', ".")]
+            }
+            // KDEDUP_SINK__HTTP__URL sets [sink.http] url.
+            [sink, http, _] if sink == "sink" && http == "http" => parts,
+            // KDEDUP_LOG and friends are run-time flags, not config keys.
+            [_] => continue,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    origin: format!("environment variable {var}"),
+                    key: rest.to_string(),
+                    message: "must look like KDEDUP_<SECTION>__<KEY>".into(),
+                })
+            }
+        };
+        out.push(Override { var, path, raw });
+    }
+    Ok(out)
+}
+
+/// `value` and everything in it, spanned at `span`.
+fn respan<'i>(value: Spanned<DeValue<'i>>, span: &Range<usize>) -> Spanned<DeValue<'i>> {
+    let value = match value.into_inner() {
+        DeValue::Array(items) => DeValue::Array(items.into_iter().map(|v| respan(v, span)).collect()),
+        DeValue::Table(t) => DeValue::Table(
+            t.into_iter().map(|(k, v)| (Spanned::new(span.clone(), k.into_inner()), respan(v, span))).collect(),
+        ),
+        other => other,
+    };
+    Spanned::new(span.clone(), value)
+}
+
+/// Sets `path` in `table`, making the tables on the way; false if one is not a table.
+fn insert<'i>(table: &mut DeTable<'i>, path: &[String], value: Spanned<DeValue<'i>>, span: &Range<usize>) -> bool {
+    let Some((last, parents)) = path.split_last() else { return false };
+    let mut node = table;
+    for segment in parents {
+        if !node.contains_key(segment.as_str()) {
+            let key = Spanned::new(span.clone(), Cow::Owned(segment.clone()));
+            node.insert(key, Spanned::new(span.clone(), DeValue::Table(DeTable::new())));
+        }
+        node = match node.get_mut(segment.as_str()).map(Spanned::get_mut) {
+            Some(DeValue::Table(t)) => t,
+            _ => return false,
+        };
+    }
+    node.remove(last.as_str());
+    node.insert(Spanned::new(span.clone(), Cow::Owned(last.clone())), value);
+    true
+}
+
+fn table_mut<'a, 'i>(mut table: &'a mut DeTable<'i>, path: &[&str]) -> Option<&'a mut DeTable<'i>> {
+    for segment in path {
+        table = match table.get_mut(*segment).map(Spanned::get_mut) {
+            Some(DeValue::Table(t)) => t,
+            _ => return None,
+        };
+    }
+    Some(table)
+}
+
+/// The dotted key whose key or value sits at `span` (the deepest), if any.
+fn locate(table: &DeTable<'_>, span: &Range<usize>, prefix: &str) -> Option<String> {
+    for (k, v) in table.iter() {
+        let path = if prefix.is_empty() { k.get_ref().to_string() } else { format!("{prefix}.{}", k.get_ref()) };
+        if let DeValue::Table(t) = v.get_ref() {
+            if let Some(found) = locate(t, span, &path) {
+                return Some(found);
+            }
+        }
+        let within = |s: Range<usize>| s.start <= span.start && span.end <= s.end;
+        if k.span() == *span || within(v.span()) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// What each required section needs, for the error that says it is missing.
+fn needs(section: &str) -> &'static str {
+    match section {
+        "kafka" => "brokers = \"host:9092\", group_id = \"…\" and topics = [\"…\"]",
+        "sink" => "kind = \"kafka\" (and topic = \"…\"), \"stdout\", \"http\" (and [sink.http] url) or \"custom\"",
+        "dead_letter" => "topic = \"…\": where records that cannot be handled go, never silently dropped",
+        "serve" => "listen = \"host:port\" and upstream = \"http://host:port\"",
+        _ => "it",
+    }
+}
+
+/// A serde error from the layered document, said as the person who wrote it needs it:
+/// where (file line and column, or the environment variable), which key, what is allowed.
+fn shape_error(
+    e: &toml::de::Error,
+    text: &str,
+    origin: &str,
+    doc: &Spanned<DeTable<'_>>,
+    overrides: &[Override<'_>],
+) -> ConfigError {
+    let span = e.span().unwrap_or(0..0);
+    let from_env = span.start.checked_sub(text.len() + 1).and_then(|i| overrides.get(i));
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let at_line = format!("{origin}:{line}:{column}");
+    let message = e.message().trim().replace('`', "\"");
+    let named: Vec<&str> = e.message().split('`').skip(1).step_by(2).collect();
+    let quoted = |names: &[&str]| names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    let key = match from_env {
+        Some(o) => Some(o.path.join(".")),
+        None if span == doc.span() => Some(String::new()),
+        None => locate(doc.get_ref(), &span, ""),
+    };
+    let key = key.unwrap_or_default();
+    let invalid = |origin: String, key: String, message: String| ConfigError::Invalid { origin, key, message };
+    if message.starts_with("unknown field") {
+        let (name, allowed) = named.split_first().map_or(("", &[][..]), |(n, rest)| (*n, rest));
+        let (place, key) = match from_env {
+            Some(o) => {
+                let end = o.path.iter().position(|p| p == name).map_or(o.path.len(), |i| i + 1);
+                (format!("environment variable {}", o.var), o.path[..end].join("."))
+            }
+            None => (at_line, key),
+        };
+        let what = key.rsplit_once('.').map_or("a config section".to_string(), |(s, _)| format!("a key of [{s}]"));
+        return invalid(place, key, format!("is not {what}; allowed: {}", quoted(allowed)));
+    }
+    let env_note = from_env.map(|o| format!(" (set by environment variable {})", o.var)).unwrap_or_default();
+    let place = if from_env.is_some() { origin.to_string() } else { at_line };
+    if message.starts_with("unknown variant") {
+        let (value, allowed) = named.split_first().map_or(("", &[][..]), |(n, rest)| (*n, rest));
+        return invalid(place, key, format!("is \"{value}\"{env_note}; allowed: {}", quoted(allowed)));
+    }
+    if message.starts_with("is ") {
+        return invalid(place, key, format!("{message}{env_note}"));
+    }
+    if message.starts_with("missing field") {
+        let name = named.first().copied().unwrap_or_default();
+        return if key.is_empty() {
+            invalid(
+                origin.to_string(),
+                name.to_string(),
+                format!("section is missing: add [{name}] with {}", needs(name)),
+            )
+        } else {
+            invalid(place, format!("{key}.{name}"), format!("is missing from [{key}]; it is required"))
+        };
+    }
+    let key = if key.is_empty() { String::new() } else { format!("`{key}`{env_note}: ") };
+    let line = if from_env.is_some() { String::new() } else { format!("line {line}, column {column}: ") };
+    ConfigError::Parse { path: PathBuf::from(origin), message: format!("{line}{key}{message}") }
+}
+
+// ---------------------------------------------------------------------------
+// Validation: bounds, and the rules that tie keys together
+// ---------------------------------------------------------------------------
+
+/// Where the values being validated came from, for errors.
+struct Ctx<'a>(&'a str);
+
+impl Ctx<'_> {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { origin: self.0.to_string(), key: key.to_string(), message: message.into() }
+    }
+
+    /// `value` if within `min..=max`, else an error naming the key, the value, the range and `why`.
+    fn within<T: PartialOrd + Display>(
+        &self,
+        key: &str,
+        value: T,
+        min: T,
+        max: T,
+        why: &str,
+    ) -> Result<T, ConfigError> {
+        if value >= min && value <= max {
+            Ok(value)
+        } else {
+            Err(self.err(key, format!("is {value}; allowed: {min} to {max}{why}")))
+        }
+    }
+
+    fn socket(&self, key: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let e = text.parse::<SocketAddr>().map_err(|e| {
+            self.err(key, format!("is \"{text}\": {e}; write host:port, e.g. 127.0.0.1:9464, or \"\" to disable"))
+        })?;
+        Ok(Some(e))
+    }
+}
+
+fn non_zero(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).expect("checked to be at least 1 above")
+}
+
+fn validate(file: FileConfig, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
+    let kafka = validate_kafka(file.kafka, ctx)?;
+    let key = validate_key(file.key, &kafka.group_id, ctx)?;
+    let (store, retention) = validate_store(&file.store, ctx)?;
+    let filter = validate_filter(file.filter, ctx)?;
+    let topics = &kafka.topics;
+    let s = file.sink;
+    let sink = match s.kind {
+        SinkKind::Kafka if s.topic.is_empty() => {
+            return Err(ctx.err("sink.topic", "must name the output topic when sink.kind = \"kafka\""))
+        }
+        SinkKind::Kafka if topics.contains(&s.topic) => {
+            return Err(ctx.err("sink.topic", "must differ from the input topics (it would loop)"))
+        }
+        SinkKind::Kafka => SinkConfig::Kafka { topic: s.topic, partitioning: s.partitioning },
+        SinkKind::Stdout => SinkConfig::Stdout,
+        SinkKind::Http => match &s.http {
+            Some(h) => SinkConfig::Http(Box::new(validate_http(h, topics, ctx)?)),
+            None => return Err(ctx.err("sink.http", "must be given ([sink.http] url = …) when sink.kind = \"http\"")),
+        },
+        SinkKind::Custom => SinkConfig::Custom,
+    };
+    if s.http.is_some() && !matches!(sink, SinkConfig::Http(_)) {
+        return Err(ctx.err("sink.http", "is set but sink.kind is not \"http\""));
+    }
+    let dead_letter_topic = file.dead_letter.topic;
+    if dead_letter_topic.is_empty() {
+        let why = "must name a topic: records that cannot be handled go there, never silently dropped";
+        return Err(ctx.err("dead_letter.topic", why));
+    }
+    if topics.contains(&dead_letter_topic) {
+        return Err(ctx.err("dead_letter.topic", "must differ from the input topics"));
+    }
+    let p = file.pipeline;
+    if p.mode == Mode::Observe && matches!(sink, SinkConfig::Http(_)) {
+        // Observe mode forwards duplicates too: with an HTTP sink that is a request per duplicate.
+        return Err(ctx.err(
+            "pipeline.mode",
+            "is \"observe\", which forwards every record, duplicates included: with sink.kind = \"http\" each \
+             would become a request; observe with a Kafka or stdout sink",
+        ));
+    }
+    let pipeline = PipelineConfig {
+        batch_max: non_zero(ctx.within("pipeline.batch_max", p.batch_max, 1, MAX_BATCH, "")?),
+        commit_interval: Duration::from_millis(ctx.within(
+            "pipeline.commit_interval_ms",
+            p.commit_interval_ms,
+            1,
+            MAX_COMMIT_INTERVAL_MS,
+            " (a day)",
+        )?),
+        drain_timeout: Duration::from_millis(ctx.within(
+            "pipeline.drain_timeout_ms",
+            p.drain_timeout_ms,
+            0,
+            MAX_DRAIN_TIMEOUT_MS,
+            " (an hour)",
+        )?),
+        on_conflict: p.on_conflict,
+        mode: p.mode,
+    };
+    Ok(Config {
+        kafka,
+        key,
+        store,
+        retention,
+        filter,
+        sink,
+        dead_letter_topic,
+        duplicates_topic: Some(file.duplicates.topic).filter(|t| !t.is_empty()),
+        metrics_listen: ctx.socket("metrics.listen", &file.metrics.listen)?,
+        pipeline,
+        file: None,
     })
 }
 
-/// Applies `KDEDUP_SECTION__KEY=value` (and `KDEDUP_KAFKA__CONSUMER__FETCH_MIN_BYTES`
-/// for raw librdkafka properties, underscores becoming dots). Values are read as
-/// TOML when they parse as a TOML value (numbers, booleans, arrays), else as strings.
-fn apply_env_overrides(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<String>, ConfigError> {
-    let mut applied = Vec::new();
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
-        let parts: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-        let invalid = |message: &str| ConfigError::Invalid {
-            origin: format!("environment variable {name}"),
-            key: rest.to_string(),
-            message: message.to_string(),
-        };
-        let (section, path) = match parts.as_slice() {
-            [section, key] => (section.clone(), vec![key.clone()]),
-            [section, sub, prop]
-                if section == "kafka" && matches!(sub.as_str(), "client" | "consumer" | "producer") =>
-            {
-                (section.clone(), vec![sub.clone(), prop.replace('_', ".")])
-            }
-            // KDEDUP_SINK__HTTP__URL sets [sink.http] url.
-            [section, sub, key] if section == "sink" && sub == "http" => {
-                (section.clone(), vec![sub.clone(), key.clone()])
-            }
-            // KDEDUP_LOG and friends are run-time flags, not config keys.
-            [_] => continue,
-            _ => return Err(invalid("must look like KDEDUP_<SECTION>__<KEY>")),
-        };
-        let value = parse_env_value(&raw);
-        let mut node = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        for (i, segment) in path.iter().enumerate() {
-            let toml::Value::Table(t) = node else {
-                return Err(invalid(&format!("section [{section}] is not a table in the file")));
-            };
-            if i + 1 == path.len() {
-                t.insert(segment.clone(), value.clone());
-                break;
-            }
-            node = t.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        }
-        applied.push(name.clone());
+/// `[kafka]`: the raw librdkafka properties as strings, and the settings kdedup cannot run with.
+fn validate_kafka(k: KafkaSection, ctx: &Ctx<'_>) -> Result<KafkaConfig, ConfigError> {
+    if k.brokers.trim().is_empty() {
+        return Err(ctx.err("kafka.brokers", "must list at least one host:port"));
     }
-    Ok(applied)
-}
-
-fn parse_env_value(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
-    let invalid =
-        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
-
-    let kafka = &file.kafka;
-    if kafka.brokers.trim().is_empty() {
-        return Err(invalid("kafka.brokers", "must list at least one host:port".into()));
+    if k.group_id.trim().is_empty() {
+        return Err(ctx.err("kafka.group_id", "must not be empty"));
     }
-    if kafka.group_id.trim().is_empty() {
-        return Err(invalid("kafka.group_id", "must not be empty".into()));
+    if k.topics.is_empty() {
+        return Err(ctx.err("kafka.topics", "must name at least one input topic"));
     }
-    if kafka.topics.is_empty() {
-        return Err(invalid("kafka.topics", "must name at least one input topic".into()));
-    }
-    let props = |section: &str, map: &BTreeMap<String, toml::Value>| {
-        map.iter()
-            .map(|(k, v)| {
-                scalar_to_string(v).map(|s| (k.clone(), s)).ok_or_else(|| {
-                    invalid(&format!("kafka.{section}.{k}"), "must be a string, number or boolean".into())
-                })
+    let props = |section: &str, map: BTreeMap<String, toml::Value>| {
+        map.into_iter()
+            .map(|(key, v)| match scalar_to_string(&v) {
+                Some(s) => Ok((key, s)),
+                None => Err(ctx.err(&format!("kafka.{section}.{key}"), "must be a string, number or boolean")),
             })
             .collect::<Result<BTreeMap<_, _>, _>>()
     };
-    let client = props("client", &kafka.client)?;
-    let consumer = props("consumer", &kafka.consumer)?;
-    let producer = props("producer", &kafka.producer)?;
+    let c = KafkaConfig {
+        client: props("client", k.client)?,
+        consumer: props("consumer", k.consumer)?,
+        producer: props("producer", k.producer)?,
+        brokers: k.brokers,
+        group_id: k.group_id,
+        topics: k.topics,
+    };
+    let sections = [("client", &c.client), ("consumer", &c.consumer)];
     // Both sections reach the group consumer (and `[kafka.client]` every reader):
     // auto-commit in any spelling librdkafka reads as true would commit offsets
     // ahead of finished work. `auto.commit.enable` is librdkafka's legacy alias.
     for key in ["enable.auto.commit", "enable.auto.offset.store", "auto.commit.enable"] {
-        for (section, map) in [("client", &client), ("consumer", &consumer)] {
+        for (section, map) in sections {
             let Some(value) = map.get(key) else { continue };
-            match librdkafka_bool(value) {
-                Some(false) => {}
+            let why = match librdkafka_bool(value) {
+                Some(false) => continue,
                 Some(true) => {
-                    return Err(invalid(
-                        &format!("kafka.{section}.{key}"),
-                        format!("is {value:?}, which librdkafka reads as true; it must be false (or absent): kdedup commits offsets itself, only behind finished work"),
-                    ))
+                    "which librdkafka reads as true; it must be false (or absent): kdedup commits \
+                               offsets itself, only behind finished work"
                 }
                 None => {
-                    return Err(invalid(
-                        &format!("kafka.{section}.{key}"),
-                        format!("is {value:?}, not a boolean librdkafka reads; allowed: false, f or 0 (any case); kdedup commits offsets itself"),
-                    ))
+                    "not a boolean librdkafka reads; allowed: false, f or 0 (any case); kdedup commits \
+                         offsets itself"
                 }
-            }
+            };
+            return Err(ctx.err(&format!("kafka.{section}.{key}"), format!("is {value:?}, {why}")));
         }
     }
-    check_group_protocol(&client, &consumer).map_err(|(key, message)| invalid(&key, message))?;
-
-    // kdedup creates no topics (kafka_client.rs sets this false on every client): a mistyped
-    // topic must fail at start, not be created and receive the stream.
-    for (section, map) in [("client", &client), ("consumer", &consumer), ("producer", &producer)] {
-        if let Some(value) = map.get("allow.auto.create.topics") {
-            if librdkafka_bool(value) != Some(false) {
-                return Err(invalid(
-                    &format!("kafka.{section}.allow.auto.create.topics"),
-                    format!("is {value:?}; it must be false (or absent): kdedup creates no topics, so a mistyped topic fails at start instead of receiving the stream"),
+    for (section, map) in sections {
+        if map.get("isolation.level").is_some_and(|v| v.eq_ignore_ascii_case("read_uncommitted")) {
+            return Err(ctx.err(
+                &format!("kafka.{section}.isolation.level"),
+                "cannot be read_uncommitted: records of aborted transactions would be processed",
+            ));
+        }
+    }
+    // Under the KIP-848 protocol the broker owns these; librdkafka would refuse them only at start.
+    let protocol = c.consumer.get("group.protocol").or(c.client.get("group.protocol"));
+    if protocol.is_some_and(|p| p.eq_ignore_ascii_case("consumer")) {
+        for key in ["partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"] {
+            if let Some((section, _)) = sections.iter().find(|(_, map)| map.contains_key(key)) {
+                return Err(ctx.err(
+                    &format!("kafka.{section}.{key}"),
+                    "cannot be set with group.protocol = \"consumer\" (KIP-848): the broker owns it \
+                     (group.consumer.* broker settings; choose the assignor with group.remote.assignor)",
                 ));
             }
         }
     }
+    // kdedup creates no topics (kafka_client.rs sets this false on every client): a mistyped
+    // topic must fail at start, not be created and receive the stream.
+    for (section, map) in [("client", &c.client), ("consumer", &c.consumer), ("producer", &c.producer)] {
+        if let Some(value) = map.get("allow.auto.create.topics").filter(|v| librdkafka_bool(v) != Some(false)) {
+            return Err(ctx.err(
+                &format!("kafka.{section}.allow.auto.create.topics"),
+                format!("is {value:?}; it must be false (or absent): kdedup creates no topics, so a mistyped topic fails at start instead of receiving the stream"),
+            ));
+        }
+    }
+    Ok(c)
+}
 
-    let k = &file.key;
-    let source = match k.source.as_str() {
-        "header" => {
-            if k.header.is_empty() {
-                return Err(invalid("key.header", "must name a header when key.source = \"header\"".into()));
-            }
-            KeySource::Header(k.header.clone())
+/// `[key]`; the scope defaults to the group ID, whose length is then bounded too.
+fn validate_key(k: KeySection, group_id: &str, ctx: &Ctx<'_>) -> Result<KeyConfig, ConfigError> {
+    let source = match k.source {
+        KeyKind::Header if k.header.is_empty() => {
+            return Err(ctx.err("key.header", "must name a header when key.source = \"header\""))
         }
-        "key" => KeySource::RecordKey,
-        "json" => {
-            check_pointer(&k.json_pointer).map_err(|m| invalid("key.json_pointer", m))?;
-            KeySource::Json(k.json_pointer.clone())
+        KeyKind::Header => KeySource::Header(k.header),
+        KeyKind::Key => KeySource::RecordKey,
+        KeyKind::Json => {
+            check_pointer(&k.json_pointer).map_err(|m| ctx.err("key.json_pointer", m))?;
+            KeySource::Json(k.json_pointer)
         }
-        "payload_hash" => KeySource::PayloadHash,
-        other => {
-            return Err(invalid(
-                "key.source",
-                format!("is \"{other}\"; allowed: \"header\", \"key\", \"json\", \"payload_hash\""),
-            ))
-        }
+        KeyKind::PayloadHash => KeySource::PayloadHash,
     };
     for pointer in &k.fingerprint_fields {
-        check_pointer(pointer).map_err(|m| invalid("key.fingerprint_fields", m))?;
+        check_pointer(pointer).map_err(|m| ctx.err("key.fingerprint_fields", m))?;
     }
-    let on_oversize = match k.on_oversize.as_str() {
-        "hash" => OnOversize::Hash,
-        "dead_letter" => OnOversize::DeadLetter,
-        other => return Err(invalid("key.on_oversize", format!("is \"{other}\"; allowed: \"hash\", \"dead_letter\""))),
-    };
-    let max_bytes = NonZeroUsize::new(k.max_bytes).filter(|m| m.get() <= MAX_ID_BYTES).ok_or_else(|| {
-        invalid(
-            "key.max_bytes",
-            format!(
-                "is {}; allowed: 1 to {MAX_ID_BYTES} (the stores' keys are bounded; longer IDs are hashed with \
-                     key.on_oversize = \"hash\")",
-                k.max_bytes
-            ),
-        )
-    })?;
-    let scope = k.scope.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| kafka.group_id.clone());
+    let max_bytes = ctx.within(
+        "key.max_bytes",
+        k.max_bytes,
+        1,
+        MAX_ID_BYTES,
+        " (the stores' keys are bounded; longer IDs are hashed with key.on_oversize = \"hash\")",
+    )?;
+    let (scope, from) =
+        if k.scope.is_empty() { (group_id.to_string(), "kafka.group_id") } else { (k.scope, "key.scope") };
     if scope.len() > MAX_SCOPE_BYTES {
-        let key = if k.scope.as_deref().is_some_and(|s| !s.is_empty()) { "key.scope" } else { "kafka.group_id" };
-        return Err(invalid(
-            key,
+        return Err(ctx.err(
+            from,
             format!(
                 "is {} bytes; the dedup scope (key.scope, by default kafka.group_id) may hold at most \
                  {MAX_SCOPE_BYTES}: set a shorter key.scope",
@@ -1227,38 +1359,38 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    Ok(KeyConfig {
+        source,
+        scope,
+        max_bytes: non_zero(max_bytes),
+        on_oversize: k.on_oversize,
+        fingerprint_fields: k.fingerprint_fields,
+    })
+}
 
-    let s = &file.store;
-    let (store, retention) = validate_store(s, origin)?;
-
-    let f = &file.filter;
-    let expected_keys =
-        NonZeroU64::new(f.expected_keys).ok_or_else(|| invalid("filter.expected_keys", "must be at least 1".into()))?;
+/// `[filter]`: the planned table must fit, and the caches are bounded.
+fn validate_filter(f: FilterConfig, ctx: &Ctx<'_>) -> Result<FilterConfig, ConfigError> {
     if !(f.false_positive_rate > 0.0 && f.false_positive_rate < 0.5) {
-        return Err(invalid("filter.false_positive_rate", "must be between 0 and 0.5 (e.g. 0.001)".into()));
+        return Err(ctx.err("filter.false_positive_rate", "must be between 0 and 0.5 (e.g. 0.001)"));
     }
-    match filter_plan::planned_bytes(f.expected_keys, f.false_positive_rate) {
-        Some(bytes) if bytes as u64 <= MAX_FILTER_BYTES => {}
-        planned => {
-            let planned = planned.map_or("more than this machine can address".to_string(), |b| format!("{b} bytes"));
-            return Err(invalid(
-                "filter.expected_keys",
-                format!(
-                    "is {} at filter.false_positive_rate {}: the filter would take {planned}, over the \
-                     {MAX_FILTER_BYTES}-byte (64 GiB) limit; about 2.5 bytes per key at rates of 0.001 and above",
-                    f.expected_keys, f.false_positive_rate
-                ),
-            ));
-        }
-    }
-    if f.recent_keys > MAX_RECENT_KEYS {
-        return Err(invalid(
-            "filter.recent_keys",
-            format!("is {}; allowed: 0 (no cache) to {MAX_RECENT_KEYS} (about 80 bytes per key)", f.recent_keys),
+    let planned = filter_plan::planned_bytes(f.expected_keys.get(), f.false_positive_rate);
+    if planned.is_none_or(|bytes| bytes as u64 > MAX_FILTER_BYTES) {
+        let planned = planned.map_or("more than this machine can address".to_string(), |b| format!("{b} bytes"));
+        return Err(ctx.err(
+            "filter.expected_keys",
+            format!(
+                "is {} at filter.false_positive_rate {}: the filter would take {planned}, over the \
+                 {MAX_FILTER_BYTES}-byte (64 GiB) limit; about 2.5 bytes per key at rates of 0.001 and above",
+                f.expected_keys, f.false_positive_rate
+            ),
         ));
     }
+    if f.recent_keys > MAX_RECENT_KEYS {
+        let why = format!("is {}; allowed: 0 (no cache) to {MAX_RECENT_KEYS} (about 80 bytes per key)", f.recent_keys);
+        return Err(ctx.err("filter.recent_keys", why));
+    }
     if f.expired_keys > MAX_EXPIRED_KEYS {
-        return Err(invalid(
+        return Err(ctx.err(
             "filter.expired_keys",
             format!(
                 "is {}; allowed: 0 (no expired-key estimate) to {MAX_EXPIRED_KEYS} (about 34 bytes per key)",
@@ -1266,201 +1398,44 @@ fn validate(file: FileConfig, origin: &str) -> Result<Config, ConfigError> {
             ),
         ));
     }
-
-    let sink = match file.sink.kind.as_str() {
-        "kafka" => {
-            if file.sink.topic.is_empty() {
-                return Err(invalid("sink.topic", "must name the output topic when sink.kind = \"kafka\"".into()));
-            }
-            if kafka.topics.contains(&file.sink.topic) {
-                return Err(invalid("sink.topic", "must differ from the input topics (it would loop)".into()));
-            }
-            let partitioning = match file.sink.partitioning.as_str() {
-                "source" => Partitioning::Source,
-                "key" => Partitioning::Key,
-                other => {
-                    return Err(invalid("sink.partitioning", format!("is \"{other}\"; allowed: \"source\", \"key\"")))
-                }
-            };
-            SinkConfig::Kafka { topic: file.sink.topic.clone(), partitioning }
-        }
-        "stdout" => SinkConfig::Stdout,
-        "http" => {
-            let Some(h) = &file.sink.http else {
-                return Err(invalid(
-                    "sink.http",
-                    "must be given ([sink.http] url = …) when sink.kind = \"http\"".into(),
-                ));
-            };
-            let h = validate_http(h, &kafka.topics).map_err(|(key, message)| invalid(&key, message))?;
-            SinkConfig::Http(Box::new(h))
-        }
-        "custom" => SinkConfig::Custom,
-        other => {
-            return Err(invalid(
-                "sink.kind",
-                format!("is \"{other}\"; allowed: \"kafka\", \"stdout\", \"http\", \"custom\" (library use)"),
-            ))
-        }
-    };
-    if file.sink.http.is_some() && !matches!(sink, SinkConfig::Http(_)) {
-        return Err(invalid("sink.http", "is set but sink.kind is not \"http\"".into()));
-    }
-    if file.dead_letter.topic.is_empty() {
-        return Err(invalid(
-            "dead_letter.topic",
-            "must name a topic: records that cannot be handled go there, never silently dropped".into(),
-        ));
-    }
-    if kafka.topics.contains(&file.dead_letter.topic) {
-        return Err(invalid("dead_letter.topic", "must differ from the input topics".into()));
-    }
-    let duplicates_topic = Some(file.duplicates.topic.clone()).filter(|t| !t.is_empty());
-
-    let metrics_listen = if file.metrics.listen.is_empty() {
-        None
-    } else {
-        Some(file.metrics.listen.parse::<SocketAddr>().map_err(|e| {
-            invalid(
-                "metrics.listen",
-                format!(
-                    "is \"{}\": {e}; write host:port, e.g. 127.0.0.1:9464, or \"\" to disable",
-                    file.metrics.listen
-                ),
-            )
-        })?)
-    };
-
-    let p = &file.pipeline;
-    let batch_max = NonZeroUsize::new(p.batch_max)
-        .filter(|b| b.get() <= MAX_BATCH)
-        .ok_or_else(|| invalid("pipeline.batch_max", format!("is {}; allowed: 1 to {MAX_BATCH}", p.batch_max)))?;
-    if !(1..=MAX_COMMIT_INTERVAL_MS).contains(&p.commit_interval_ms) {
-        return Err(invalid(
-            "pipeline.commit_interval_ms",
-            format!("is {}; allowed: 1 to {MAX_COMMIT_INTERVAL_MS} (a day)", p.commit_interval_ms),
-        ));
-    }
-    if p.drain_timeout_ms > MAX_DRAIN_TIMEOUT_MS {
-        return Err(invalid(
-            "pipeline.drain_timeout_ms",
-            format!("is {}; allowed: 0 to {MAX_DRAIN_TIMEOUT_MS} (an hour)", p.drain_timeout_ms),
-        ));
-    }
-    let on_conflict = match p.on_conflict.as_str() {
-        "dead_letter" => OnConflict::DeadLetter,
-        "drop" => OnConflict::Drop,
-        other => {
-            return Err(invalid("pipeline.on_conflict", format!("is \"{other}\"; allowed: \"dead_letter\", \"drop\"")))
-        }
-    };
-
-    let mode = match p.mode.as_str() {
-        "enforce" => Mode::Enforce,
-        "observe" => Mode::Observe,
-        other => return Err(invalid("pipeline.mode", format!("is \"{other}\"; allowed: \"enforce\", \"observe\""))),
-    };
-    if mode == Mode::Observe && matches!(sink, SinkConfig::Http(_)) {
-        // Observe mode forwards duplicates too: with an HTTP sink that is a request per duplicate.
-        return Err(invalid(
-            "pipeline.mode",
-            "is \"observe\", which forwards every record, duplicates included: with sink.kind = \"http\" each \
-             would become a request; observe with a Kafka or stdout sink"
-                .into(),
-        ));
-    }
-
-    Ok(Config {
-        kafka: KafkaConfig {
-            brokers: kafka.brokers.clone(),
-            group_id: kafka.group_id.clone(),
-            topics: kafka.topics.clone(),
-            client,
-            consumer,
-            producer,
-        },
-        key: KeyConfig { source, scope, max_bytes, on_oversize, fingerprint_fields: k.fingerprint_fields.clone() },
-        store,
-        retention,
-        filter: FilterConfig {
-            expected_keys,
-            false_positive_rate: f.false_positive_rate,
-            recent_keys: f.recent_keys,
-            expired_keys: f.expired_keys,
-        },
-        sink,
-        dead_letter_topic: file.dead_letter.topic.clone(),
-        duplicates_topic,
-        metrics_listen,
-        pipeline: PipelineConfig {
-            batch_max,
-            commit_interval: Duration::from_millis(p.commit_interval_ms),
-            drain_timeout: Duration::from_millis(p.drain_timeout_ms),
-            on_conflict,
-            mode,
-        },
-    })
+    Ok(f)
 }
 
 /// `[store]` into the backend and its retention; shared by `kdedup run` and `kdedup serve` files.
-fn validate_store(s: &StoreSection, origin: &str) -> Result<(StoreConfig, Retention), ConfigError> {
-    let invalid =
-        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
-    let store = match s.kind.as_str() {
-        "embedded" => StoreConfig::Embedded { path: s.path.clone() },
-        "postgres" => {
+fn validate_store(s: &StoreSection, ctx: &Ctx<'_>) -> Result<(StoreConfig, Retention), ConfigError> {
+    let store = match s.kind {
+        StoreKind::Embedded => StoreConfig::Embedded { path: s.path.clone() },
+        StoreKind::Postgres => {
             if !(s.url.starts_with("postgres://") || s.url.starts_with("postgresql://")) {
-                return Err(invalid(
+                return Err(ctx.err(
                     "store.url",
                     "must be a PostgreSQL URL (postgres://user@host:port/db) when store.kind = \"postgres\"; \
-                     set it from the environment (KDEDUP_STORE__URL) when it holds a password"
-                        .into(),
+                     set it from the environment (KDEDUP_STORE__URL) when it holds a password",
                 ));
             }
-            if !(1..=MAX_POOL_SIZE).contains(&s.pool_size) {
-                return Err(invalid("store.pool_size", format!("is {}; allowed: 1 to {MAX_POOL_SIZE}", s.pool_size)));
-            }
-            let tls = validate_postgres_tls(s).map_err(|(key, message)| invalid(key, message))?;
-            StoreConfig::Postgres { url: s.url.clone(), pool_size: s.pool_size, tls }
+            let pool_size = ctx.within("store.pool_size", s.pool_size, 1, MAX_POOL_SIZE, "")?;
+            StoreConfig::Postgres { url: s.url.clone().into(), pool_size, tls: validate_postgres_tls(s, ctx)? }
         }
-        "scylla" => StoreConfig::Scylla(Box::new(validate_scylla(s).map_err(|(key, message)| invalid(key, message))?)),
-        other => {
-            return Err(invalid(
-                "store.kind",
-                format!("is \"{other}\"; allowed: \"embedded\", \"postgres\", \"scylla\""),
-            ))
-        }
+        StoreKind::Scylla => StoreConfig::Scylla(Box::new(validate_scylla(s, ctx)?)),
     };
-    if !(1..=MAX_TTL_SECS).contains(&s.ttl_secs) {
-        return Err(invalid(
-            "store.ttl_secs",
-            format!(
-                "is {}; allowed: 1 to {MAX_TTL_SECS} (20 years; ScyllaDB refuses longer TTLs on every write)",
-                s.ttl_secs
-            ),
-        ));
-    }
-    if s.lease_secs == 0 || s.lease_secs >= s.ttl_secs || s.lease_secs > MAX_LEASE_SECS {
-        return Err(invalid(
+    let why = " (20 years; ScyllaDB refuses longer TTLs on every write)";
+    let ttl = ctx.within("store.ttl_secs", s.ttl_secs, 1, MAX_TTL_SECS, why)?;
+    if s.lease_secs == 0 || s.lease_secs >= ttl || s.lease_secs > MAX_LEASE_SECS {
+        return Err(ctx.err(
             "store.lease_secs",
             format!(
-                "is {}; allowed: 1 to {MAX_LEASE_SECS} (an hour) and below store.ttl_secs ({}); a crashed owner's \
+                "is {}; allowed: 1 to {MAX_LEASE_SECS} (an hour) and below store.ttl_secs ({ttl}); a crashed owner's \
                  claims wait this long before they are taken over",
-                s.lease_secs, s.ttl_secs
+                s.lease_secs
             ),
         ));
     }
-    if !(1..=MAX_SWEEP_INTERVAL_SECS).contains(&s.sweep_interval_secs) {
-        return Err(invalid(
-            "store.sweep_interval_secs",
-            format!("is {}; allowed: 1 to {MAX_SWEEP_INTERVAL_SECS} (a day)", s.sweep_interval_secs),
-        ));
-    }
-
+    let sweep =
+        ctx.within("store.sweep_interval_secs", s.sweep_interval_secs, 1, MAX_SWEEP_INTERVAL_SECS, " (a day)")?;
     let retention = Retention {
-        ttl: Duration::from_secs(s.ttl_secs),
+        ttl: Duration::from_secs(ttl),
         lease: Duration::from_secs(s.lease_secs),
-        sweep_interval: Duration::from_secs(s.sweep_interval_secs),
+        sweep_interval: Duration::from_secs(sweep),
     };
     Ok((store, retention))
 }
@@ -1491,110 +1466,54 @@ pub fn redacted(props: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 /// `[store] password_file` sets `password`, `[sink.http.headers] NAME.file` sets the
 /// header NAME, and `NAME.env = "VAR"` sets it from the environment variable VAR.
 /// Errors name the key and the file or variable, never the content.
-fn resolve_secret_files(table: &mut toml::Table, origin: &str, env: &[(String, String)]) -> Result<(), ConfigError> {
-    let invalid =
-        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
-    let read = |key: &str, path: &toml::Value| -> Result<toml::Value, ConfigError> {
-        let path = path.as_str().ok_or_else(|| invalid(key, "must be the path of a file holding the secret".into()))?;
-        let text = std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
-        let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
-        Ok(toml::Value::String(text.to_string()))
-    };
-    let from_env = |key: &str, var: &toml::Value| -> Result<toml::Value, ConfigError> {
-        let var = var.as_str().ok_or_else(|| invalid(key, "must name an environment variable".into()))?;
-        let value = env.iter().rev().find(|(k, _)| k == var).map(|(_, v)| v.clone());
-        value
-            .map(toml::Value::String)
-            .ok_or_else(|| invalid(key, format!("names the environment variable {var}, which is not set")))
-    };
+fn resolve_secret_files(doc: &mut DeTable<'_>, ctx: &Ctx<'_>, env: &[(String, String)]) -> Result<(), ConfigError> {
     let mut moves: Vec<(Vec<&str>, String, String)> = Vec::new();
-    if let Some(toml::Value::Table(kafka)) = table.get("kafka") {
-        for section in ["client", "consumer", "producer"] {
-            if let Some(toml::Value::Table(props)) = kafka.get(section) {
-                for k in props.keys() {
-                    if let Some(prop) = k.strip_suffix(".file") {
-                        moves.push((vec!["kafka", section], k.clone(), prop.to_string()));
-                    }
+    let mut find = |path: Vec<&'static str>, strip: &dyn Fn(&str) -> Option<String>| {
+        if let Some(t) = table_mut(doc, &path) {
+            for k in t.keys() {
+                if let Some(key) = strip(k.get_ref()) {
+                    moves.push((path.clone(), k.get_ref().to_string(), key));
                 }
             }
         }
+    };
+    for section in ["client", "consumer", "producer"] {
+        find(vec!["kafka", section], &|k| k.strip_suffix(".file").map(String::from));
     }
-    if let Some(toml::Value::Table(headers)) =
-        table.get("sink").and_then(|s| s.get("http")).and_then(|h| h.get("headers"))
-    {
-        for k in headers.keys() {
-            if let Some(name) = k.strip_suffix(".file").or_else(|| k.strip_suffix(".env")) {
-                moves.push((vec!["sink", "http", "headers"], k.clone(), name.to_string()));
-            }
-        }
-    }
-    if let Some(toml::Value::Table(store)) = table.get("store") {
-        for (file_key, key) in [("url_file", "url"), ("password_file", "password")] {
-            if store.contains_key(file_key) {
-                moves.push((vec!["store"], file_key.to_string(), key.to_string()));
-            }
-        }
-    }
+    find(vec!["sink", "http", "headers"], &|k| {
+        k.strip_suffix(".file").or_else(|| k.strip_suffix(".env")).map(String::from)
+    });
+    find(vec!["store"], &|k| k.strip_suffix("_file").filter(|k| matches!(*k, "url" | "password")).map(String::from));
     for (path, file_key, key) in moves {
-        let mut node = &mut *table;
-        for segment in &path {
-            let Some(toml::Value::Table(t)) = node.get_mut(*segment) else { unreachable!("found above") };
-            node = t;
-        }
+        let node = table_mut(doc, &path).expect("found above");
         let dotted = format!("{}.{file_key}", path.join("."));
-        if node.contains_key(&key) {
-            return Err(invalid(&dotted, format!("and `{key}` are both set; give the secret one way only")));
+        if node.contains_key(key.as_str()) {
+            return Err(ctx.err(&dotted, format!("and `{key}` are both set; give the secret one way only")));
         }
-        let file = node.remove(&file_key).expect("found above");
-        let value = if file_key.ends_with(".env") { from_env(&dotted, &file)? } else { read(&dotted, &file)? };
-        node.insert(key, value);
+        let (k, v) = node.remove_entry(file_key.as_str()).expect("found above");
+        let span = v.span();
+        let value = if file_key.ends_with(".env") {
+            let var = v.get_ref().as_str().ok_or_else(|| ctx.err(&dotted, "must name an environment variable"))?;
+            let value = env.iter().rev().find(|(k, _)| k == var).map(|(_, v)| v.clone());
+            value.ok_or_else(|| ctx.err(&dotted, format!("names the environment variable {var}, which is not set")))?
+        } else {
+            let path = v
+                .get_ref()
+                .as_str()
+                .ok_or_else(|| ctx.err(&dotted, "must be the path of a file holding the secret"))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ctx.err(&dotted, format!("cannot read {path}: {e}")))?;
+            let trimmed = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t));
+            trimmed.unwrap_or(&text).to_string()
+        };
+        node.insert(Spanned::new(k.span(), Cow::Owned(key)), Spanned::new(span, DeValue::String(Cow::Owned(value))));
     }
     Ok(())
 }
 
-/// `[sink.http] timeout_ms`, `backoff_*_ms` and `retry_budget_ms`: a day.
-pub const MAX_HTTP_MS: u64 = 86_400_000;
-/// `[sink.http] max_in_flight`: requests per partition at once.
-pub const MAX_HTTP_IN_FLIGHT: usize = 1_024;
-
-/// The `[sink.http]` keys; errors name the key.
-/// Settings the group consumer cannot run with: records of aborted transactions
-/// (`read_uncommitted`), and under the KIP-848 protocol (`group.protocol = "consumer"`) the
-/// keys that protocol moves to the broker, which librdkafka would otherwise refuse only at start.
-fn check_group_protocol(
-    client: &BTreeMap<String, String>,
-    consumer: &BTreeMap<String, String>,
-) -> Result<(), (String, String)> {
-    let sections = [("client", client), ("consumer", consumer)];
-    for (section, map) in sections {
-        if map.get("isolation.level").is_some_and(|v| v.eq_ignore_ascii_case("read_uncommitted")) {
-            return Err((
-                format!("kafka.{section}.isolation.level"),
-                "cannot be read_uncommitted: records of aborted transactions would be processed".into(),
-            ));
-        }
-    }
-    let protocol = consumer.get("group.protocol").or(client.get("group.protocol"));
-    if !protocol.is_some_and(|p| p.eq_ignore_ascii_case("consumer")) {
-        return Ok(());
-    }
-    for key in ["partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"] {
-        for (section, map) in sections {
-            if map.contains_key(key) {
-                return Err((
-                    format!("kafka.{section}.{key}"),
-                    "cannot be set with group.protocol = \"consumer\" (KIP-848): the broker owns it \
-                     (group.consumer.* broker settings; choose the assignor with group.remote.assignor)"
-                        .into(),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (String, String)> {
-    let err = |key: &str, message: String| (format!("sink.http.{key}"), message);
+/// `[sink.http]`; errors name the key.
+fn validate_http(h: &HttpSection, inputs: &[String], ctx: &Ctx<'_>) -> Result<HttpSinkConfig, ConfigError> {
+    let err = |key: &str, message: String| ctx.err(&format!("sink.http.{key}"), message);
     if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
         return Err(err("url", format!("is \"{}\"; must start with http:// or https://", redact_url(&h.url))));
     }
@@ -1620,48 +1539,30 @@ fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (
         if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
             return Err(err("headers", format!("the value of \"{name}\" holds control characters (a stray newline?)")));
         }
-        headers.push((name.clone(), value.clone()));
+        headers.push((name.clone(), Secret(value.clone())));
     }
     let content_type = h.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
     if content_type.is_empty() || content_type.bytes().any(|b| b.is_ascii_control()) {
         return Err(err("content_type", format!("\"{content_type}\" is not a media type")));
     }
-    let ms = |key: &str, v: u64, min: u64| -> Result<Duration, (String, String)> {
-        if !(min..=MAX_HTTP_MS).contains(&v) {
-            return Err(err(key, format!("is {v}; allowed: {min} to {MAX_HTTP_MS} (a day)")));
-        }
-        Ok(Duration::from_millis(v))
+    let ms = |key: &str, v: u64, min: u64| {
+        ctx.within(&format!("sink.http.{key}"), v, min, MAX_HTTP_MS, " (a day)").map(Duration::from_millis)
     };
-    let timeout = ms("timeout_ms", h.timeout_ms, 1)?;
-    let retry_budget = ms("retry_budget_ms", h.retry_budget_ms, 0)?;
-    let backoff_initial = ms("backoff_initial_ms", h.backoff_initial_ms, 1)?;
-    let backoff_max = ms("backoff_max_ms", h.backoff_max_ms, h.backoff_initial_ms)?;
-    let max_in_flight = NonZeroUsize::new(h.max_in_flight)
-        .filter(|n| n.get() <= MAX_HTTP_IN_FLIGHT)
-        .ok_or_else(|| err("max_in_flight", format!("is {}; allowed: 1 to {MAX_HTTP_IN_FLIGHT}", h.max_in_flight)))?;
+    let max_in_flight = ctx.within("sink.http.max_in_flight", h.max_in_flight, 1, MAX_HTTP_IN_FLIGHT, "")?;
     if h.max_request_bytes == 0 {
         return Err(err("max_request_bytes", "must be at least 1".into()));
     }
     let (mut outcomes_by_code, mut outcomes_by_class) = (BTreeMap::new(), BTreeMap::new());
-    for (status, outcome) in &h.outcomes {
-        let o = HttpOutcome::parse(outcome).ok_or_else(|| {
-            err(
-                "outcomes",
-                format!("\"{status}\" = \"{outcome}\"; allowed: \"done\", \"retry\", \"conflict\", \"dead_letter\""),
-            )
-        })?;
+    for (status, &outcome) in &h.outcomes {
         let bad =
             || err("outcomes", format!("\"{status}\" is not a status (\"409\") or a class (\"4xx\") from 100 to 599"));
         match status.as_bytes() {
             [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
-                outcomes_by_class.insert(u16::from(c - b'0'), o);
+                outcomes_by_class.insert(u16::from(c - b'0'), outcome);
             }
             _ => {
-                let code: u16 = status.parse().map_err(|_| bad())?;
-                if !(100..=599).contains(&code) {
-                    return Err(bad());
-                }
-                outcomes_by_code.insert(code, o);
+                let code = status.parse::<u16>().ok().filter(|c| (100..=599).contains(c)).ok_or_else(bad)?;
+                outcomes_by_code.insert(code, outcome);
             }
         }
     }
@@ -1670,17 +1571,17 @@ fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (
         return Err(err("results_topic", "must differ from the input topics (it would loop)".into()));
     }
     Ok(HttpSinkConfig {
-        url: h.url.clone(),
+        url: Secret(h.url.clone()),
         url_template,
         method,
         idempotency_header: h.idempotency_header.clone(),
         content_type,
         headers,
-        timeout,
-        max_in_flight,
-        retry_budget,
-        backoff_initial,
-        backoff_max,
+        timeout: ms("timeout_ms", h.timeout_ms, 1)?,
+        max_in_flight: non_zero(max_in_flight),
+        retry_budget: ms("retry_budget_ms", h.retry_budget_ms, 0)?,
+        backoff_initial: ms("backoff_initial_ms", h.backoff_initial_ms, 1)?,
+        backoff_max: ms("backoff_max_ms", h.backoff_max_ms, h.backoff_initial_ms)?,
         max_request_bytes: h.max_request_bytes,
         outcomes_by_code,
         outcomes_by_class,
@@ -1689,122 +1590,87 @@ fn validate_http(h: &HttpSection, inputs: &[String]) -> Result<HttpSinkConfig, (
 }
 
 /// The `[store]` keys of kind = "scylla"; errors name the key.
-fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, String)> {
+fn validate_scylla(s: &StoreSection, ctx: &Ctx<'_>) -> Result<ScyllaConfig, ConfigError> {
     if s.contact_points.is_empty() {
-        return Err((
+        return Err(ctx.err(
             "store.contact_points",
-            "must list at least one node as host:port, e.g. [\"10.0.0.5:9042\"], when store.kind = \"scylla\"".into(),
+            "must list at least one node as host:port, e.g. [\"10.0.0.5:9042\"], when store.kind = \"scylla\"",
         ));
     }
     for point in &s.contact_points {
         let port = point.rsplit_once(':').map(|(_, p)| p);
         if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
-            return Err((
-                "store.contact_points",
-                format!("\"{point}\" is not host:port; write e.g. \"10.0.0.5:9042\" (the CQL port)"),
-            ));
+            let why = format!("\"{point}\" is not host:port; write e.g. \"10.0.0.5:9042\" (the CQL port)");
+            return Err(ctx.err("store.contact_points", why));
         }
     }
-    if s.local_datacenter.trim().is_empty() {
-        return Err((
+    let dc = &s.local_datacenter;
+    if dc.trim().is_empty() {
+        return Err(ctx.err(
             "store.local_datacenter",
             "must name the ScyllaDB datacenter this process talks to (the `Datacenter:` line of `nodetool status`, \
-             e.g. \"datacenter1\") when store.kind = \"scylla\""
-                .into(),
+             e.g. \"datacenter1\") when store.kind = \"scylla\"",
         ));
     }
     if !is_cql_identifier(&s.keyspace) {
-        return Err((
-            "store.keyspace",
-            format!(
-                "is \"{}\"; allowed: a lowercase letter, then up to 47 lowercase letters, digits or '_'",
-                s.keyspace
-            ),
-        ));
+        let why = "allowed: a lowercase letter, then up to 47 lowercase letters, digits or '_'";
+        return Err(ctx.err("store.keyspace", format!("is \"{}\"; {why}", s.keyspace)));
     }
     let mut replication = BTreeMap::new();
-    for (dc, rf) in &s.replication {
-        if dc.is_empty() || !dc.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
-            return Err((
-                "store.replication",
-                format!("datacenter name \"{dc}\" may hold only letters, digits, '_', '-', '.'"),
-            ));
+    for (name, rf) in &s.replication {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+            let why = format!("datacenter name \"{name}\" may hold only letters, digits, '_', '-', '.'");
+            return Err(ctx.err("store.replication", why));
         }
-        let rf = rf.as_integer().and_then(|n| u32::try_from(n).ok()).and_then(NonZeroU32::new).ok_or_else(|| {
-            ("store.replication", format!("{dc} = {rf}: the replication factor must be a whole number of at least 1"))
-        })?;
-        replication.insert(dc.clone(), rf);
+        let why = format!("{name} = {rf}: the replication factor must be a whole number of at least 1");
+        let rf = rf.as_integer().and_then(|n| u32::try_from(n).ok()).and_then(NonZeroU32::new);
+        replication.insert(name.clone(), rf.ok_or_else(|| ctx.err("store.replication", why))?);
     }
     if replication.is_empty() {
-        replication.insert(s.local_datacenter.clone(), NonZeroU32::new(3).expect("3 is not zero"));
+        replication.insert(dc.clone(), NonZeroU32::new(3).expect("3 is not zero"));
     }
-    if !replication.contains_key(&s.local_datacenter) {
-        return Err((
-            "store.replication",
-            format!(
-                "has no replicas in store.local_datacenter \"{}\": LOCAL_QUORUM there could never be reached",
-                s.local_datacenter
-            ),
-        ));
+    if !replication.contains_key(dc) {
+        let why =
+            format!("has no replicas in store.local_datacenter \"{dc}\": LOCAL_QUORUM there could never be reached");
+        return Err(ctx.err("store.replication", why));
     }
-    let consistency = match s.consistency.as_str() {
-        "local_quorum" => ScyllaConsistency::LocalQuorum,
-        "quorum" => ScyllaConsistency::Quorum,
-        other => return Err(("store.consistency", format!("is \"{other}\"; allowed: \"local_quorum\", \"quorum\""))),
-    };
-    let serial_consistency = match s.serial_consistency.as_str() {
-        "local_serial" => ScyllaSerialConsistency::LocalSerial,
-        "serial" => ScyllaSerialConsistency::Serial,
-        other => {
-            return Err(("store.serial_consistency", format!("is \"{other}\"; allowed: \"local_serial\", \"serial\"")))
-        }
-    };
-    for (key, ms) in
-        [("store.request_timeout_ms", s.request_timeout_ms), ("store.connect_timeout_ms", s.connect_timeout_ms)]
-    {
-        if !(1..=MAX_STORE_TIMEOUT_MS).contains(&ms) {
-            return Err((key, format!("is {ms}; allowed: 1 to {MAX_STORE_TIMEOUT_MS} (ten minutes)")));
-        }
-    }
-    let max_in_flight = NonZeroUsize::new(s.max_in_flight)
-        .filter(|m| m.get() <= MAX_IN_FLIGHT)
-        .ok_or(("store.max_in_flight", format!("is {}; allowed: 1 to {MAX_IN_FLIGHT}", s.max_in_flight)))?;
+    let timeout =
+        |key: &str, ms: u64| ctx.within(key, ms, 1, MAX_STORE_TIMEOUT_MS, " (ten minutes)").map(Duration::from_millis);
     let tls = match (s.tls, &s.tls_ca_file) {
         (Some(TlsMode::VerifyFull), ca) => Some(ScyllaTls { ca_file: ca.clone() }),
         (Some(TlsMode::Require), _) => {
-            return Err((
-                "store.tls",
-                "is \"require\"; ScyllaDB's TLS always verifies the certificate: set tls = true".into(),
-            ))
+            return Err(
+                ctx.err("store.tls", "is \"require\"; ScyllaDB's TLS always verifies the certificate: set tls = true")
+            )
         }
         (None | Some(TlsMode::Disable), None) => None,
         (None | Some(TlsMode::Disable), Some(_)) => {
-            return Err(("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it".into()))
+            return Err(ctx.err("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it"))
         }
     };
     let credentials = match (s.username.is_empty(), s.password.is_empty()) {
         (true, true) => None,
-        (false, false) => Some((s.username.clone(), s.password.clone())),
+        (false, false) => Some((s.username.clone(), Secret(s.password.clone()))),
         (true, false) => {
-            return Err(("store.username", "must be set when store.password is (KDEDUP_STORE__USERNAME)".into()))
+            return Err(ctx.err("store.username", "must be set when store.password is (KDEDUP_STORE__USERNAME)"))
         }
         (false, true) => {
-            return Err((
+            return Err(ctx.err(
                 "store.password",
-                "must be set when store.username is; set it from the environment (KDEDUP_STORE__PASSWORD)".into(),
+                "must be set when store.username is; set it from the environment (KDEDUP_STORE__PASSWORD)",
             ))
         }
     };
     Ok(ScyllaConfig {
         contact_points: s.contact_points.clone(),
-        local_datacenter: s.local_datacenter.clone(),
+        local_datacenter: dc.clone(),
         keyspace: s.keyspace.clone(),
         replication,
-        consistency,
-        serial_consistency,
-        request_timeout: Duration::from_millis(s.request_timeout_ms),
-        connect_timeout: Duration::from_millis(s.connect_timeout_ms),
-        max_in_flight,
+        consistency: s.consistency,
+        serial_consistency: s.serial_consistency,
+        request_timeout: timeout("store.request_timeout_ms", s.request_timeout_ms)?,
+        connect_timeout: timeout("store.connect_timeout_ms", s.connect_timeout_ms)?,
+        max_in_flight: non_zero(ctx.within("store.max_in_flight", s.max_in_flight, 1, MAX_IN_FLIGHT, "")?),
         tls,
         credentials,
     })
@@ -1814,7 +1680,7 @@ fn validate_scylla(s: &StoreSection) -> Result<ScyllaConfig, (&'static str, Stri
 /// (tokio-postgres knows disable, prefer and require; it cannot verify, so
 /// `verify-full` lives in `[store] tls`). The CA file is read and parsed here,
 /// so a bad one fails at load, not at the first connection.
-fn validate_postgres_tls(s: &StoreSection) -> Result<PostgresTls, (&'static str, String)> {
+fn validate_postgres_tls(s: &StoreSection, ctx: &Ctx<'_>) -> Result<PostgresTls, ConfigError> {
     use tokio_postgres::config::SslMode;
     let parsed = s.url.parse::<tokio_postgres::Config>().map_err(|e| {
         let hint = if s.url.contains("sslmode=verify") {
@@ -1824,7 +1690,7 @@ fn validate_postgres_tls(s: &StoreSection) -> Result<PostgresTls, (&'static str,
             ""
         };
         // The error names the option, never its value: the URL may hold a password.
-        ("store.url", format!("is not a URL tokio-postgres accepts: {e}{hint}"))
+        ctx.err("store.url", format!("is not a URL tokio-postgres accepts: {e}{hint}"))
     })?;
     let url_mode = s.url.contains("sslmode=").then(|| match parsed.get_ssl_mode() {
         SslMode::Disable => "disable",
@@ -1844,37 +1710,31 @@ fn validate_postgres_tls(s: &StoreSection) -> Result<PostgresTls, (&'static str,
                 TlsMode::Require => "require",
                 TlsMode::VerifyFull => "verify-full",
             };
-            return Err((
-                "store.tls",
-                format!(
-                    "is \"{mode}\" but store.url says sslmode={url}; say it once: remove sslmode from the URL \
-                     (or the tls key)"
-                ),
-            ));
+            let why = format!(
+                "is \"{mode}\" but store.url says sslmode={url}; say it once: remove sslmode from the URL (or the tls key)"
+            );
+            return Err(ctx.err("store.tls", why));
         }
     };
     match (&tls, &s.tls_ca_file) {
         (PostgresTls::VerifyFull { .. }, Some(path)) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| ("store.tls_ca_file", format!("cannot read {}: {e}", path.display())))?;
+            let shown = path.display();
+            let pem =
+                std::fs::read(path).map_err(|e| ctx.err("store.tls_ca_file", format!("cannot read {shown}: {e}")))?;
             match openssl::x509::X509::stack_from_pem(&pem) {
                 Ok(certs) if !certs.is_empty() => {}
-                Ok(_) => return Err(("store.tls_ca_file", format!("{} holds no PEM certificate", path.display()))),
-                Err(e) => {
-                    return Err(("store.tls_ca_file", format!("{} is not a PEM certificate: {e}", path.display())))
-                }
+                Ok(_) => return Err(ctx.err("store.tls_ca_file", format!("{shown} holds no PEM certificate"))),
+                Err(e) => return Err(ctx.err("store.tls_ca_file", format!("{shown} is not a PEM certificate: {e}"))),
             }
         }
-        (PostgresTls::VerifyFull { .. }, None) => {}
+        (PostgresTls::VerifyFull { .. }, None) | (_, None) => {}
         (_, Some(_)) => {
-            return Err((
+            return Err(ctx.err(
                 "store.tls_ca_file",
                 "is set but store.tls is not \"verify-full\": only verify-full checks the certificate; set \
-                 tls = \"verify-full\""
-                    .into(),
+                 tls = \"verify-full\"",
             ))
         }
-        (_, None) => {}
     }
     Ok(tls)
 }
@@ -1899,15 +1759,7 @@ fn check_pointer(pointer: &str) -> Result<(), String> {
 // `kdedup serve`: a file of its own ([serve], [store], [metrics]; no Kafka)
 // ---------------------------------------------------------------------------
 
-/// `serve.max_key_bytes`: the header value is hashed into the stored key, so
-/// this bounds only what a client may send.
-pub const MAX_SERVE_KEY_BYTES: usize = 8_192;
-/// `serve.max_body_bytes` and `serve.max_response_bytes`: 1 GiB, held in memory per request.
-pub const MAX_SERVE_BODY_BYTES: usize = 1 << 30;
-/// `serve.record_body_bytes`: each recorded body is kept on its claim row (base64).
-pub const MAX_SERVE_RECORD_BYTES: usize = 16 << 20;
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServeFile {
     serve: ServeSection,
@@ -1917,91 +1769,67 @@ struct ServeFile {
     metrics: MetricsSection,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct ServeSection {
     #[serde(deserialize_with = "lenient_string")]
     listen: String,
     #[serde(deserialize_with = "lenient_string")]
     upstream: String,
-    #[serde(default = "default_serve_scope", deserialize_with = "lenient_string")]
+    #[serde(deserialize_with = "lenient_string")]
     scope: String,
-    #[serde(default = "default_serve_methods", deserialize_with = "string_list")]
+    #[serde(deserialize_with = "string_list")]
     methods: Vec<String>,
-    #[serde(default = "default_idempotency_header", deserialize_with = "lenient_string")]
+    #[serde(deserialize_with = "lenient_string")]
     key_header: String,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(deserialize_with = "lenient_string")]
     client_header: String,
-    #[serde(default, deserialize_with = "string_list")]
+    #[serde(deserialize_with = "string_list")]
     fingerprint_headers: Vec<String>,
-    #[serde(default = "default_serve_recorded_headers", deserialize_with = "string_list")]
+    #[serde(deserialize_with = "string_list")]
     recorded_headers: Vec<String>,
-    #[serde(default = "default_missing_key")]
-    missing_key: String,
-    #[serde(default = "default_serve_max_key_bytes")]
+    missing_key: MissingKey,
     max_key_bytes: usize,
-    #[serde(default = "default_serve_max_header_bytes")]
     max_header_bytes: usize,
-    #[serde(default = "default_serve_max_body_bytes")]
     max_body_bytes: usize,
-    #[serde(default = "default_serve_max_response_bytes")]
     max_response_bytes: usize,
-    #[serde(default = "default_serve_record_body_bytes")]
     record_body_bytes: usize,
-    #[serde(default = "default_serve_wait_ms")]
     wait_ms: u64,
-    #[serde(default = "default_serve_upstream_timeout_ms")]
     upstream_timeout_ms: u64,
-    #[serde(default = "default_serve_client_timeout_ms")]
     client_timeout_ms: u64,
-    #[serde(default = "default_serve_on_5xx")]
-    on_5xx: String,
-    #[serde(default = "default_drain_timeout_ms")]
+    on_5xx: On5xx,
     drain_timeout_ms: u64,
 }
 
-fn default_serve_scope() -> String {
-    "serve".into()
-}
-fn default_serve_methods() -> Vec<String> {
-    vec!["POST".into(), "PATCH".into()]
-}
-fn default_serve_recorded_headers() -> Vec<String> {
-    vec!["Location".into()]
-}
-fn default_missing_key() -> String {
-    "pass".into()
-}
-fn default_serve_max_key_bytes() -> usize {
-    255
-}
-fn default_serve_max_header_bytes() -> usize {
-    16_384
-}
-fn default_serve_max_body_bytes() -> usize {
-    1 << 20
-}
-fn default_serve_max_response_bytes() -> usize {
-    8 << 20
-}
-fn default_serve_record_body_bytes() -> usize {
-    64 << 10
-}
-fn default_serve_wait_ms() -> u64 {
-    5_000
-}
-fn default_serve_upstream_timeout_ms() -> u64 {
-    30_000
-}
-fn default_serve_client_timeout_ms() -> u64 {
-    10_000
-}
-fn default_serve_on_5xx() -> String {
-    "record".into()
+impl Default for ServeSection {
+    fn default() -> Self {
+        ServeSection {
+            listen: String::new(),
+            upstream: String::new(),
+            scope: "serve".into(),
+            methods: vec!["POST".into(), "PATCH".into()],
+            key_header: "Idempotency-Key".into(),
+            client_header: String::new(),
+            fingerprint_headers: Vec::new(),
+            recorded_headers: vec!["Location".into()],
+            missing_key: MissingKey::Pass,
+            max_key_bytes: 255,
+            max_header_bytes: 16_384,
+            max_body_bytes: 1 << 20,
+            max_response_bytes: 8 << 20,
+            record_body_bytes: 64 << 10,
+            wait_ms: 5_000,
+            upstream_timeout_ms: 30_000,
+            client_timeout_ms: 10_000,
+            on_5xx: On5xx::Record,
+            drain_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// `serve.missing_key`: a request on a configured method without the key header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MissingKey {
     /// Forward it as a plain proxy would (counted as `passed_through`).
     Pass,
@@ -2010,7 +1838,8 @@ pub enum MissingKey {
 }
 
 /// `serve.on_5xx`: what an answered 5xx does to its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum On5xx {
     /// Kept like any answer and replayed to retries (Stripe's rule; the default):
     /// a 5xx from the upstream does not say its effect did not run, so running
@@ -2086,34 +1915,30 @@ impl ServeConfig {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<ServeConfig, ConfigError> {
-        validate_serve(layered::<ServeFile>(text, origin, env)?, origin)
+        validate_serve(layered::<ServeFile>(text, origin, env)?, &Ctx(origin))
     }
 }
 
-fn validate_serve(file: ServeFile, origin: &str) -> Result<ServeConfig, ConfigError> {
-    let invalid =
-        |key: &str, message: String| ConfigError::Invalid { origin: origin.to_string(), key: key.to_string(), message };
-    let s = &file.serve;
-    let listen = s
-        .listen
-        .parse::<SocketAddr>()
-        .map_err(|e| invalid("serve.listen", format!("is \"{}\": {e}; write host:port", s.listen)))?;
+fn validate_serve(file: ServeFile, ctx: &Ctx<'_>) -> Result<ServeConfig, ConfigError> {
+    let s = file.serve;
+    let listen = s.listen.parse::<SocketAddr>();
+    let listen = listen.map_err(|e| ctx.err("serve.listen", format!("is \"{}\": {e}; write host:port", s.listen)))?;
     let upstream = s.upstream.trim_end_matches('/').to_string();
     let rest = upstream.strip_prefix("http://").unwrap_or("");
     if rest.is_empty() || rest.contains('/') || rest.contains('?') {
-        return Err(invalid(
+        return Err(ctx.err(
             "serve.upstream",
             format!("is \"{}\"; write the API's origin, http://host:port (paths pass through unchanged)", s.upstream),
         ));
     }
     if s.scope.is_empty() || s.scope.len() > MAX_SCOPE_BYTES {
-        return Err(invalid("serve.scope", format!("must be 1 to {MAX_SCOPE_BYTES} bytes")));
+        return Err(ctx.err("serve.scope", format!("must be 1 to {MAX_SCOPE_BYTES} bytes")));
     }
     let mut methods = Vec::new();
     for m in &s.methods {
         let upper = m.to_ascii_uppercase();
         if upper.is_empty() || !upper.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(invalid("serve.methods", format!("holds \"{m}\"; write HTTP methods such as POST, PATCH")));
+            return Err(ctx.err("serve.methods", format!("holds \"{m}\"; write HTTP methods such as POST, PATCH")));
         }
         methods.push(upper);
     }
@@ -2121,82 +1946,44 @@ fn validate_serve(file: ServeFile, origin: &str) -> Result<ServeConfig, ConfigEr
         let lower = name.to_ascii_lowercase();
         hyper::http::HeaderName::from_bytes(lower.as_bytes())
             .map(|_| lower)
-            .map_err(|_| invalid(key, format!("holds \"{name}\", which is not an HTTP header name")))
+            .map_err(|_| ctx.err(key, format!("holds \"{name}\", which is not an HTTP header name")))
     };
-    let key_header = header("serve.key_header", &s.key_header)?;
-    let client_header =
-        if s.client_header.is_empty() { None } else { Some(header("serve.client_header", &s.client_header)?) };
-    let fingerprint_headers =
-        s.fingerprint_headers.iter().map(|h| header("serve.fingerprint_headers", h)).collect::<Result<_, _>>()?;
-    let recorded_headers =
-        s.recorded_headers.iter().map(|h| header("serve.recorded_headers", h)).collect::<Result<_, _>>()?;
-    let missing_key = match s.missing_key.as_str() {
-        "pass" => MissingKey::Pass,
-        "refuse" => MissingKey::Refuse,
-        other => return Err(invalid("serve.missing_key", format!("is \"{other}\"; allowed: \"pass\", \"refuse\""))),
-    };
-    let on_5xx = match s.on_5xx.as_str() {
-        "record" => On5xx::Record,
-        "release" => On5xx::Release,
-        other => return Err(invalid("serve.on_5xx", format!("is \"{other}\"; allowed: \"record\", \"release\""))),
-    };
-    let bounded = |key: &str, value: usize, min: usize, max: usize| {
-        if (min..=max).contains(&value) {
-            Ok(value)
-        } else {
-            Err(invalid(key, format!("is {value}; allowed: {min} to {max}")))
-        }
-    };
-    let max_key_bytes = bounded("serve.max_key_bytes", s.max_key_bytes, 1, MAX_SERVE_KEY_BYTES)?;
-    let max_header_bytes = bounded("serve.max_header_bytes", s.max_header_bytes, 8_192, 1 << 20)?;
-    let max_body_bytes = bounded("serve.max_body_bytes", s.max_body_bytes, 0, MAX_SERVE_BODY_BYTES)?;
-    let max_response_bytes = bounded("serve.max_response_bytes", s.max_response_bytes, 0, MAX_SERVE_BODY_BYTES)?;
-    let record_body_bytes = bounded("serve.record_body_bytes", s.record_body_bytes, 0, MAX_SERVE_RECORD_BYTES)?;
+    let headers = |key: &str, names: &[String]| names.iter().map(|h| header(key, h)).collect::<Result<_, _>>();
     let ms = |key: &str, value: u64, min: u64| {
-        if (min..=MAX_DRAIN_TIMEOUT_MS).contains(&value) {
-            Ok(Duration::from_millis(value))
-        } else {
-            Err(invalid(key, format!("is {value}; allowed: {min} to {MAX_DRAIN_TIMEOUT_MS} (an hour)")))
-        }
+        ctx.within(key, value, min, MAX_DRAIN_TIMEOUT_MS, " (an hour)").map(Duration::from_millis)
     };
-    let wait = ms("serve.wait_ms", s.wait_ms, 0)?;
-    let upstream_timeout = ms("serve.upstream_timeout_ms", s.upstream_timeout_ms, 1)?;
-    let client_timeout = ms("serve.client_timeout_ms", s.client_timeout_ms, 1)?;
-    let drain_timeout = ms("serve.drain_timeout_ms", s.drain_timeout_ms, 0)?;
-    let (store, retention) = validate_store(&file.store, origin)?;
-    let metrics_listen = if file.metrics.listen.is_empty() {
-        None
-    } else {
-        Some(file.metrics.listen.parse::<SocketAddr>().map_err(|e| {
-            invalid(
-                "metrics.listen",
-                format!("is \"{}\": {e}; write host:port, or \"\" to disable", file.metrics.listen),
-            )
-        })?)
-    };
+    let (store, retention) = validate_store(&file.store, ctx)?;
     Ok(ServeConfig {
         listen,
         upstream,
         scope: s.scope.clone(),
         methods,
-        key_header,
-        client_header,
-        fingerprint_headers,
-        recorded_headers,
-        missing_key,
-        max_key_bytes,
-        max_header_bytes,
-        max_body_bytes,
-        max_response_bytes,
-        record_body_bytes,
-        wait,
-        upstream_timeout,
-        client_timeout,
-        on_5xx,
-        drain_timeout,
+        key_header: header("serve.key_header", &s.key_header)?,
+        client_header: (!s.client_header.is_empty())
+            .then(|| header("serve.client_header", &s.client_header))
+            .transpose()?,
+        fingerprint_headers: headers("serve.fingerprint_headers", &s.fingerprint_headers)?,
+        recorded_headers: headers("serve.recorded_headers", &s.recorded_headers)?,
+        missing_key: s.missing_key,
+        max_key_bytes: ctx.within("serve.max_key_bytes", s.max_key_bytes, 1, MAX_SERVE_KEY_BYTES, "")?,
+        max_header_bytes: ctx.within("serve.max_header_bytes", s.max_header_bytes, 8_192, 1 << 20, "")?,
+        max_body_bytes: ctx.within("serve.max_body_bytes", s.max_body_bytes, 0, MAX_SERVE_BODY_BYTES, "")?,
+        max_response_bytes: ctx.within(
+            "serve.max_response_bytes",
+            s.max_response_bytes,
+            0,
+            MAX_SERVE_BODY_BYTES,
+            "",
+        )?,
+        record_body_bytes: ctx.within("serve.record_body_bytes", s.record_body_bytes, 0, MAX_SERVE_RECORD_BYTES, "")?,
+        wait: ms("serve.wait_ms", s.wait_ms, 0)?,
+        upstream_timeout: ms("serve.upstream_timeout_ms", s.upstream_timeout_ms, 1)?,
+        client_timeout: ms("serve.client_timeout_ms", s.client_timeout_ms, 1)?,
+        on_5xx: s.on_5xx,
+        drain_timeout: ms("serve.drain_timeout_ms", s.drain_timeout_ms, 0)?,
         store,
         retention,
-        metrics_listen,
+        metrics_listen: ctx.socket("metrics.listen", &file.metrics.listen)?,
     })
 }
 
@@ -2356,6 +2143,69 @@ mod tests {
     fn unknown_key_is_an_error_naming_it_and_the_file() {
         let err = load(&format!("{MINIMAL}\n[store]\nttl = 5\n"), &[]).unwrap_err().to_string();
         assert!(err.contains("test.toml") && err.contains("ttl"), "{err}");
+    }
+
+    #[test]
+    fn a_type_error_names_its_line_and_column() {
+        let text = format!("{MINIMAL}\n[store]\nttl_secs = \"a day\"\n");
+        let line = text.lines().position(|l| l.starts_with("ttl_secs")).unwrap() + 1;
+        match load(&text, &[]) {
+            Err(ConfigError::Parse { path, message }) => {
+                assert_eq!(path, PathBuf::from("test.toml"));
+                let at = format!("line {line}, column 12: `store.ttl_secs`: invalid type: string \"a day\"");
+                assert!(message.starts_with(&at), "{message}");
+            }
+            other => panic!("a type error: {other:?}"),
+        }
+        let text = format!("{MINIMAL}\n[key]\nsource = \"xml\"\n");
+        let line = text.lines().position(|l| l.starts_with("source")).unwrap() + 1;
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("config test.toml:{line}:10: `key.source` is \"xml\"; allowed:")), "{e}");
+    }
+
+    #[test]
+    fn a_missing_section_is_named_with_what_it_needs() {
+        let text = MINIMAL.replace("[dead_letter]", "").replace("topic = \"orders.dlq\"", "");
+        match load(&text, &[]) {
+            Err(ConfigError::Invalid { origin, key, message }) => {
+                assert_eq!((origin.as_str(), key.as_str()), ("test.toml", "dead_letter"));
+                assert!(message.contains("add [dead_letter] with topic = ") && message.contains("cannot be handled"));
+            }
+            other => panic!("a missing section: {other:?}"),
+        }
+        let text = MINIMAL.replace("group_id = \"g\"", "");
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("`kafka.group_id` is missing from [kafka]") && !e.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn an_environment_typo_is_blamed_on_the_variable_with_the_keys_allowed() {
+        match load(MINIMAL, &[("KDEDUP_STORE__TTL_SEC", "5")]) {
+            Err(ConfigError::Invalid { origin, key, message }) => {
+                assert_eq!(origin, "environment variable KDEDUP_STORE__TTL_SEC");
+                assert_eq!(key, "store.ttl_sec");
+                assert!(message.contains("not a key of [store]") && message.contains("\"ttl_secs\""), "{message}");
+            }
+            other => panic!("an unknown key from the environment: {other:?}"),
+        }
+        let e = load(MINIMAL, &[("KDEDUP_STOR__TTL_SECS", "5")]).unwrap_err().to_string();
+        assert!(e.contains("KDEDUP_STOR__TTL_SECS") && e.contains("`stor`") && e.contains("\"store\""), "{e}");
+        // A bad value from the environment names the variable, not a line of the file.
+        let e = load(MINIMAL, &[("KDEDUP_STORE__TTL_SECS", "soon")]).unwrap_err().to_string();
+        assert!(e.contains("`store.ttl_secs` (set by environment variable KDEDUP_STORE__TTL_SECS)"), "{e}");
+        assert!(!e.contains("line "), "{e}");
+    }
+
+    #[test]
+    fn a_loaded_config_names_its_own_file_in_the_schema_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orders.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let c = Config::load(&path).unwrap();
+        let command = schema_apply_command(c.file.as_deref());
+        assert_eq!(command, format!("kdedup schema apply --config {}", path.display()));
+        assert_eq!(load(MINIMAL, &[]).unwrap().file, None, "text has no file");
+        assert_eq!(schema_apply_command(None), "kdedup schema apply");
     }
 
     #[test]
@@ -2775,7 +2625,7 @@ mod secret_tests {
         assert!(!c.kafka.client.contains_key("sasl.password.file"), "the indirection itself never reaches librdkafka");
         assert_eq!(c.kafka.producer.get("ssl.key.password").map(String::as_str), Some("s3cr3t-key"));
         match &c.store {
-            StoreConfig::Postgres { url, .. } => assert_eq!(url, "postgres://u:s3cr3t-pg@db:5432/k"),
+            StoreConfig::Postgres { url, .. } => assert_eq!(url.expose(), "postgres://u:s3cr3t-pg@db:5432/k"),
             other => panic!("not postgres: {other:?}"),
         }
         let shown = format!("{c:?}");
@@ -2793,7 +2643,7 @@ mod secret_tests {
         let c = load(&text, &[]).unwrap();
         match &c.store {
             StoreConfig::Scylla(s) => {
-                assert_eq!(s.credentials, Some(("kdedup".to_string(), "s3cr3t-scylla".to_string())))
+                assert_eq!(s.credentials, Some(("kdedup".to_string(), "s3cr3t-scylla".into())))
             }
             other => panic!("not scylla: {other:?}"),
         }
@@ -2941,7 +2791,7 @@ mod secret_tests {
         let h = http(&c);
         assert_eq!(h.outcome(409), HttpOutcome::Retry);
         assert_eq!(h.outcome(422), HttpOutcome::Conflict);
-        assert_eq!(h.headers.iter().find(|(k, _)| k == "X-Api-Key").map(|(_, v)| v.as_str()), Some("k"));
+        assert_eq!(h.headers.iter().find(|(k, _)| k == "X-Api-Key").map(|(_, v)| v.expose()), Some("k"));
     }
 
     #[test]
@@ -2999,7 +2849,7 @@ mod secret_tests {
         );
         let c = load(&text, &[("API_KEY", "from-env-secret")]).unwrap();
         let h = http(&c);
-        let get = |name: &str| h.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let get = |name: &str| h.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.expose());
         assert_eq!(get("Authorization"), Some("Bearer sk_live_from_file"));
         assert_eq!(get("X-Api-Key"), Some("from-env-secret"));
         assert_eq!(get("Stripe-Version"), Some("2024-06-20"));

@@ -308,7 +308,7 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
 
     let store =
         Store::open(&config.store, &config.retention).map_err(|e| unreachable("cannot open the store ([store])", e))?;
-    store.check_schema().await.map_err(|e| unreachable("the store is not ready", e))?;
+    store.check_schema(config.file.as_deref()).await.map_err(|e| unreachable("the store is not ready", e))?;
     let (core, writer) = match options.mode {
         Mode::Apply | Mode::Redrive => {
             let (core, writer) = writing_core(config, options, store.clone())?;

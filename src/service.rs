@@ -76,7 +76,7 @@ pub(crate) async fn run_decorated(
     };
 
     let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
-    store.check_schema().await?;
+    store.check_schema(config.file.as_deref()).await?;
     if let Some(ops) = store.op_metrics() {
         metrics.register_store_ops(ops);
     }

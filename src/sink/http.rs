@@ -131,7 +131,7 @@ impl HttpSink {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| bad(format!("[sink.http.headers] {name} is not a header name")))?;
             // Never the value in the message: it may be a credential.
-            let mut value = HeaderValue::from_str(value)
+            let mut value = HeaderValue::from_str(value.expose())
                 .map_err(|_| bad(format!("[sink.http.headers] {name} has a value that is not a header value")))?;
             value.set_sensitive(true);
             static_headers.append(name, value);

@@ -358,7 +358,7 @@ impl Store {
         match config {
             StoreConfig::Embedded { path } => Ok(Store::Embedded(EmbeddedStore::open(path, retention)?)),
             StoreConfig::Postgres { url, pool_size, tls } => {
-                Ok(Store::Postgres(PostgresStore::open(url, *pool_size, tls, retention)?))
+                Ok(Store::Postgres(PostgresStore::open(url.expose(), *pool_size, tls, retention)?))
             }
             StoreConfig::Scylla(scylla) => Ok(Store::Scylla(ScyllaStore::open(scylla, retention)?)),
         }
@@ -391,12 +391,13 @@ impl Store {
         }
     }
 
-    /// Refuses to start on a store whose schema is missing.
-    pub async fn check_schema(&self) -> Result<(), StoreError> {
+    /// Refuses to start on a store whose schema is missing; the error names the command
+    /// that applies it with the config read from `config_file`.
+    pub async fn check_schema(&self, config_file: Option<&std::path::Path>) -> Result<(), StoreError> {
         match self {
             Store::Embedded(_) => Ok(()),
-            Store::Postgres(s) => s.check_schema().await,
-            Store::Scylla(s) => s.check_schema().await,
+            Store::Postgres(s) => s.check_schema(config_file).await,
+            Store::Scylla(s) => s.check_schema(config_file).await,
         }
     }
 

@@ -251,20 +251,21 @@ impl PostgresStore {
 
     /// Fails with a clear error when the table is missing; a server that does
     /// not answer is not an error here (the pipeline waits for it).
-    pub async fn check_schema(&self) -> Result<(), StoreError> {
+    pub async fn check_schema(&self, config_file: Option<&std::path::Path>) -> Result<(), StoreError> {
+        let apply = crate::config::schema_apply_command(config_file);
         let client = match self.client().await {
             Ok(c) => c,
             Err(_) => return Ok(()),
         };
         match client.simple_query("SELECT response FROM kdedup_claims LIMIT 0").await {
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Err(StoreError::Config(
-                "table kdedup_claims does not exist: run `kdedup schema apply --config FILE` first".into(),
-            )),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => Err(StoreError::Config(
-                "table kdedup_claims has no `response` column (made by an older kdedup): run \
-                 `kdedup schema apply --config FILE`, which adds it"
-                    .into(),
-            )),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                Err(StoreError::Config(format!("table kdedup_claims does not exist: run `{apply}` first")))
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+                Err(StoreError::Config(format!(
+                "table kdedup_claims has no `response` column (made by an older kdedup): run `{apply}`, which adds it"
+            )))
+            }
             _ => Ok(()),
         }
     }
@@ -481,7 +482,7 @@ fn column<'r, T: tokio_postgres::types::FromSql<'r>>(row: &'r Row, i: usize) -> 
         let name = row.columns().get(i).map_or("?", |c| c.name());
         StoreError::Config(format!(
             "column `{name}` of kdedup_claims cannot be read ({e}): the table does not match \
-             schemas/postgres.sql; check its schema (`kdedup schema print`) and run `kdedup schema apply --config FILE`"
+             schemas/postgres.sql; check its schema (`kdedup schema print`) and run `kdedup schema apply` with kdedup's config"
         ))
     })
 }

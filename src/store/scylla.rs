@@ -629,7 +629,8 @@ impl ScyllaStore {
 
     /// Fails with a clear error when the table is missing; a cluster that does
     /// not answer is not an error here (the pipeline waits for it).
-    pub async fn check_schema(&self) -> Result<(), StoreError> {
+    pub async fn check_schema(&self, config_file: Option<&std::path::Path>) -> Result<(), StoreError> {
+        let apply = crate::config::schema_apply_command(config_file);
         let Ok(session) = self.session_only().await else { return Ok(()) };
         let found = session
             .query_unpaged(
@@ -641,14 +642,13 @@ impl ScyllaStore {
         let rows = found.into_rows_result().map(|r| r.rows_num()).unwrap_or(1);
         if rows == 0 {
             return Err(StoreError::Config(format!(
-                "table {}.{TABLE} does not exist: run `kdedup schema apply --config FILE` first",
+                "table {}.{TABLE} does not exist: run `{apply}` first",
                 self.inner.config.keyspace
             )));
         }
         if let Ok(false) = self.has_response_column(&session).await {
             return Err(StoreError::Config(format!(
-                "table {}.{TABLE} has no `response` column (made by an older kdedup): run \
-                 `kdedup schema apply --config FILE` to add it",
+                "table {}.{TABLE} has no `response` column (made by an older kdedup): run `{apply}` to add it",
                 self.inner.config.keyspace
             )));
         }
@@ -1100,7 +1100,7 @@ async fn connect(config: &ScyllaConfig) -> Result<(Session, Profiles), StoreErro
         .connection_timeout(config.connect_timeout)
         .default_execution_profile_handle(profiles.read.clone());
     if let Some((user, password)) = &config.credentials {
-        builder = builder.user(user, password);
+        builder = builder.user(user, password.expose());
     }
     if let Some(tls) = &config.tls {
         builder = builder.tls_context(Some(tls_config(tls.ca_file.as_deref())?));
@@ -1757,6 +1757,6 @@ mod tests {
         let err = store.lookup(vec![request(1, at(0, 1)).key], NOW).await.unwrap_err();
         assert!(err.is_retriable(), "{err}");
         assert!(err.to_string().contains("contact_points"), "{err}");
-        store.check_schema().await.expect("an unreachable cluster is waited for, not refused");
+        store.check_schema(None).await.expect("an unreachable cluster is waited for, not refused");
     }
 }

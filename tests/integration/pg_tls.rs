@@ -72,7 +72,7 @@ async fn verify_full_with_the_right_ca_claims_completes_and_applies_the_schema()
 
     let config = load(&store_section);
     let store = Store::open(&config.store, &config.retention).unwrap();
-    store.check_schema().await.expect("the table exists");
+    store.check_schema(None).await.expect("the table exists");
     let claimed = store.claim(vec![request("a", 1)], T0).await.expect("claims over verify-full");
     assert_eq!(claimed, vec![Claim::New(Acquired::Fresh)]);
     assert_eq!(store.complete(vec![(request("a", 1).key, at(1))], T0).await.unwrap(), vec![true]);

@@ -100,9 +100,11 @@ async fn backends() -> Vec<Backend> {
         vec![Backend { name: "embedded", store, scope: Arc::from("contract"), _dir: Some(dir), _keyspace: None }];
     match std::env::var("KDEDUP_TEST_POSTGRES") {
         Ok(url) => {
-            let store =
-                Store::open(&StoreConfig::Postgres { url, pool_size: 8, tls: Default::default() }, &retention())
-                    .unwrap();
+            let store = Store::open(
+                &StoreConfig::Postgres { url: url.into(), pool_size: 8, tls: Default::default() },
+                &retention(),
+            )
+            .unwrap();
             store.apply_schema().await.expect("PostgreSQL at KDEDUP_TEST_POSTGRES answers");
             all.push(Backend {
                 name: "postgres",
@@ -431,14 +433,14 @@ async fn schema_apply_adds_the_response_column_to_an_older_cql_table() {
             T0 + TTL_MS
         );
         session.query_unpaged(old_row, (1u128.to_be_bytes().to_vec(),)).await.unwrap();
-        let err = store.check_schema().await.expect_err("an older table is refused");
+        let err = store.check_schema(None).await.expect_err("an older table is refused");
         assert!(
             err.to_string().contains("`response` column") && err.to_string().contains("schema apply"),
             "{name}: {err}"
         );
         store.apply_schema().await.unwrap_or_else(|e| panic!("{name}: migration: {e}"));
         store.apply_schema().await.unwrap_or_else(|e| panic!("{name}: applied twice: {e}"));
-        store.check_schema().await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        store.check_schema(None).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let old = EventKey { scope: Arc::from("s"), id: b"old".to_vec() };
         let request = ClaimRequest { key: old, fingerprint: Fingerprint(1), position: at(0, 9) };
         assert_eq!(
