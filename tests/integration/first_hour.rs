@@ -384,7 +384,7 @@ async fn a_replay_says_what_it_found_once() {
 }
 
 #[test]
-fn waiting_to_join_the_group_is_said_until_partitions_are_assigned() {
+fn waiting_to_join_the_group_is_said_until_partitions_are_assigned_and_the_stop_in_words() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let kafka = cluster(1);
@@ -412,10 +412,17 @@ fn waiting_to_join_the_group_is_said_until_partitions_are_assigned() {
             Err(_) => break,
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    // A clean stop, said in words (not `mode=Drain`).
+    // SAFETY: kill(2) on our own child's pid; it is reaped below.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
     let _ = reader.join();
+    seen.extend(rx.try_iter());
     let log = seen.join("\n");
+    assert!(status.success(), "{status}:\n{log}");
+    let stop = "stopping how=\"finishing in-flight work, then committing\"";
+    assert_eq!(log.matches(stop).count(), 1, "{log}");
+    assert!(!log.contains("Drain"), "{log}");
     let assigned = seen.iter().position(is_assigned).unwrap_or_else(|| panic!("{log}"));
     let waiting: Vec<&String> =
         seen[..assigned].iter().filter(|l| l.contains("waiting to join the consumer group")).collect();
