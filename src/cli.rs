@@ -521,7 +521,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     crate::store::ClaimState::Done => "done (its effect ran; later copies are duplicates)",
                 },
                 row.fingerprint,
-                row.position,
+                replay::claimant_display(&row.position),
                 human_time(row.claimed_at_ms),
                 // A done row holds no lease (its lease time is 0: not a date to show).
                 match row.state {

@@ -625,13 +625,17 @@ async fn dry_run(
                 seen.remember(e);
                 match row {
                     None => None,
-                    Some(row) if row.state == ClaimState::InFlight => Some(("in_flight", row.position.to_string())),
+                    Some(row) if row.state == ClaimState::InFlight => {
+                        Some(("in_flight", claimant_display(&row.position)))
+                    }
                     // Claimed at this very record: the original, handled here already, not a copy of itself.
                     Some(row) if claimed_at(&row.position, &e.record.position) && row.fingerprint == e.fingerprint => {
-                        Some(("done", row.position.to_string()))
+                        Some(("done", claimant_display(&row.position)))
                     }
-                    Some(row) if row.fingerprint == e.fingerprint => Some(("duplicate", row.position.to_string())),
-                    Some(row) => Some(("conflict", row.position.to_string())),
+                    Some(row) if row.fingerprint == e.fingerprint => {
+                        Some(("duplicate", claimant_display(&row.position)))
+                    }
+                    Some(row) => Some(("conflict", claimant_display(&row.position))),
                 }
             }
         };
@@ -656,6 +660,16 @@ async fn dry_run(
         }
     }
     Ok(())
+}
+
+/// A claim row's claimant as a person reads it: `topic/partition@offset`, and for a replay
+/// job's claim (`replay:JOB:TOPIC`, see `decide::Core::claimant`) `topic/partition@offset
+/// (replay job JOB)` instead of the encoded topic (a topic name holds no `:`; a job ID may).
+pub fn claimant_display(claimant: &Position) -> String {
+    let Some((job, topic)) = claimant.topic.strip_prefix("replay:").and_then(|rest| rest.rsplit_once(':')) else {
+        return claimant.to_string();
+    };
+    format!("{topic}/{}@{} (replay job {job})", claimant.partition, claimant.offset)
 }
 
 /// Whether a claim row's claimant is this very record: the live group's claim at its position,
@@ -918,6 +932,15 @@ mod tests {
         assert_eq!((rate, eta), (1000.0, 21.0));
         assert_eq!(rate_and_eta(5, 5, Duration::from_secs(1)).1, 0.0, "nothing left");
         assert_eq!(rate_and_eta(31_000, 1_000, Duration::from_secs(1)).1, 0.0, "more read than counted");
+    }
+
+    #[test]
+    fn a_replay_jobs_claim_reads_as_its_place_and_job() {
+        let at = |topic: &str| Position { topic: topic.into(), partition: 1, offset: 2 };
+        assert_eq!(claimant_display(&at("replay:incident-42:orders")), "orders/1@2 (replay job incident-42)");
+        assert_eq!(claimant_display(&at("orders")), "orders/1@2");
+        // A topic name holds no ':', a job ID may.
+        assert_eq!(claimant_display(&at("replay:a:b:orders")), "orders/1@2 (replay job a:b)");
     }
 
     #[test]
