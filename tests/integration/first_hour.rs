@@ -290,6 +290,8 @@ fn a_postgres_connection_error_names_the_host_and_port() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().find(|l| l.contains("] store")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(line.contains("[FAIL]") && line.contains("at 127.0.0.1:1:"), "{line}");
+    assert_eq!(line.matches("error connecting to server").count(), 1, "each cause once: {line}");
+    assert!(!line.contains("creating a new object"), "not the pool's words: {line}");
     assert!(!stdout.contains("pw-s3cr3t"), "never the password: {stdout}");
 }
 
