@@ -500,6 +500,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 v["coverage"] = window.coverage().into();
                 v["near_expiry_share"] = window.near_expiry_share().into();
                 v["advice"] = window.advice().into();
+                v["can_judge"] = window.can_judge().into();
                 println!("{v}");
             } else {
                 println!("{}", window.advice());
@@ -520,9 +521,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     crate::store::ClaimState::Done => "done (its effect ran; later copies are duplicates)",
                 },
                 row.fingerprint,
-                row.position,
+                replay::claimant_display(&row.position),
                 human_time(row.claimed_at_ms),
-                human_time(row.lease_until_ms),
+                // A done row holds no lease (its lease time is 0: not a date to show).
+                match row.state {
+                    crate::store::ClaimState::Done => "none (done)".to_string(),
+                    crate::store::ClaimState::InFlight => human_time(row.lease_until_ms),
+                },
                 human_time(row.expires_at_ms)
             );
             if let Some(r) = store.response(key, now_ms()).await? {
@@ -622,22 +627,19 @@ async fn replay_command(args: ReplayArgs) -> anyhow::Result<i32> {
     Ok(if report.interrupted { 4 } else { 0 })
 }
 
-/// Milliseconds since the Unix epoch as a person reads them: RFC 3339 in UTC, and how far
-/// from now ("2026-12-05T01:02:03.456Z, 3 min ago").
-pub fn human_time(ms: u64) -> String {
-    let Some(at) = chrono::DateTime::from_timestamp_millis(ms as i64) else {
-        return format!("{ms} ms since the epoch");
-    };
-    let now = now_ms();
-    let (secs, dir) = if ms <= now { ((now - ms) / 1000, "ago") } else { ((ms - now) / 1000, "from now") };
-    let span = match secs {
-        s if s < 120 => format!("{s} s"),
-        s if s < 7200 => format!("{} min", s / 60),
-        s if s < 172_800 => format!("{} h", s / 3600),
-        s => format!("{} days", s / 86_400),
-    };
-    format!("{}, {span} {dir}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+/// The log filter: `asked` (`--log` / `KDEDUP_LOG`) or the command's default level, with the
+/// storage engine's targets (fjall, lsm_tree) at `warn` unless the filter names them: their
+/// INFO lines (a journal recovered, a tree opened) say nothing to a person running
+/// `kdedup inspect`, and nine of them buried its one line of answer.
+pub fn log_filter(asked: Option<&str>, default_level: &str) -> String {
+    let filter = asked.unwrap_or(default_level);
+    if filter.contains("fjall") || filter.contains("lsm_tree") {
+        return filter.to_string();
+    }
+    format!("{filter},fjall=warn,lsm_tree=warn")
 }
+
+pub use crate::values::human_time;
 
 /// An error and its causes, each said once: a cause whose text the message already
 /// carries (an error that prints its source, then the source itself) is left out.
@@ -789,6 +791,13 @@ mod tests {
         // An error whose message already carries its source's text.
         let e = anyhow::Error::new(io).context(text.clone()).context("cannot open the store");
         assert_eq!(error_chain(&e), format!("cannot open the store: {text}"));
+    }
+
+    #[test]
+    fn the_storage_engine_logs_warnings_only_unless_asked() {
+        assert_eq!(log_filter(None, "info"), "info,fjall=warn,lsm_tree=warn");
+        assert_eq!(log_filter(Some("debug"), "info"), "debug,fjall=warn,lsm_tree=warn");
+        assert_eq!(log_filter(Some("info,fjall=debug"), "info"), "info,fjall=debug");
     }
 
     #[test]

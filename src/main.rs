@@ -17,8 +17,8 @@ fn main() {
         | cli::Command::Replay(_) => "warn",
         _ => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let filter = tracing_subscriber::EnvFilter::try_new(cli::log_filter(cli.log.as_deref(), default_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli::log_filter(None, default_level)));
     // Colours only for a person at a terminal, never into a redirected log.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);

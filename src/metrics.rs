@@ -162,6 +162,10 @@ pub struct Metrics {
     /// `kdedup_topic_partitions{topic}`: partitions each input topic had at start, so that a
     /// dashboard can set the partitions each instance owns against the topic's.
     pub topic_partitions: IntGaugeVec,
+    /// `kdedup_embedded_store_partial`: 1 while this process keeps its claims in an embedded
+    /// (single-instance) store and owns only part of its input topics' partitions; see
+    /// [`Metrics::embedded_store_ownership`].
+    pub embedded_store_partial: IntGauge,
     /// `kdedup_lease_takeovers_total`: claims taken over from a lapsed lease (emitted as possible repeats).
     pub lease_takeovers: IntCounter,
     /// `kdedup_leases_lost_total`: lease renewals refused because another owner took the claim.
@@ -196,8 +200,8 @@ pub struct Metrics {
 #[derive(Default)]
 struct Health {
     source_ready: AtomicBool,
-    /// Stalled partitions and since when (seconds since the epoch).
-    stalled: Mutex<HashMap<(String, i32), i64>>,
+    /// Stalled partitions: since when (seconds since the epoch) and why.
+    stalled: Mutex<HashMap<(String, i32), (i64, String)>>,
     /// Per partition, batches taken but not yet committed: (last offset, oldest
     /// record timestamp in ms), in offset order; for `kdedup_consumer_lag_seconds`.
     taken: Mutex<HashMap<(String, i32), Taken>>,
@@ -207,6 +211,8 @@ struct Health {
     store_down: Mutex<StoreDown>,
     /// The TTL in ms, for the near-expiry threshold (0 until [`Metrics::set_ttl`]).
     ttl_ms: AtomicU64,
+    /// (owned, total) partitions while an embedded store owns only part of the topics.
+    partial: Mutex<Option<(usize, usize)>>,
 }
 
 /// Partitions whose last store call failed, and since when at least one has.
@@ -320,6 +326,15 @@ impl Metrics {
         let assigned_partitions =
             IntGauge::new("kdedup_assigned_partitions", "Partitions this process owns.").expect("static metric");
         registry.register(Box::new(assigned_partitions.clone())).expect("registered once");
+        let embedded_store_partial = IntGauge::new(
+            "kdedup_embedded_store_partial",
+            "1 while this process keeps its claims in an embedded (single-instance) store but owns only part of \
+             its input topics' partitions: another member of the group decides the rest against a store of its \
+             own, so duplicates across partitions of different members are not caught. Run one instance, or use \
+             a shared store (postgres, scylla).",
+        )
+        .expect("static metric");
+        registry.register(Box::new(embedded_store_partial.clone())).expect("registered once");
 
         let records = Summed(counter_vec(
             "kdedup_records_total",
@@ -498,6 +513,7 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("registered once");
                 g
             },
+            embedded_store_partial,
             lease_takeovers: counter(
                 "kdedup_lease_takeovers_total",
                 "Claims taken over from another position whose lease lapsed (its owner died or froze); emitted as possible repeats.",
@@ -765,13 +781,17 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
 .muted{{color:#777}}
 </style></head><body>
 <h1>kdedup <span class="muted" id="version">{version}</span> <span id="ready" class="{class}">{state}</span></h1>
-<p>Duplicate rate over the last minute: <b id="recent-duplicate-rate">{recent}</b>
+{warning}<p>Duplicate rate over the last minute: <b id="recent-duplicate-rate">{recent}</b>
 <span class="muted">(all figures since this process started unless said; the page reloads every 5 s; raw numbers on <a href="/metrics">/metrics</a>)</span></p>
 <h2>Records by topic</h2><table id="records"><tr><th>topic</th><th>consumed</th>"#,
             version = env!("CARGO_PKG_VERSION"),
             class = if ready { "ok" } else { "bad" },
             state = if ready { "ready" } else { "not ready" },
             recent = pct(self.recent_duplicate_rate()),
+            warning = self.partial_ownership_warning().map_or(String::new(), |w| format!(
+                "<p id=\"warning\"><span class=\"bad\">warning</span> {}</p>\n",
+                esc(&w)
+            )),
         );
         for o in OUTCOMES {
             let _ = write!(html, "<th>{o}</th>");
@@ -812,7 +832,11 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
         for ((topic, partition), [committed, lag, lag_secs]) in &partitions {
             let show = |v: &Option<f64>| v.map_or("–".to_string(), |v| format!("{v}"));
             let state = match stalled.get(&(topic.clone(), *partition)) {
-                Some(since) => format!(r#"<span class="bad">stalled since {since}</span>"#),
+                Some((since, why)) => format!(
+                    r#"<span class="bad">stalled since {}</span>: {}"#,
+                    crate::values::human_time((*since).max(0) as u64 * 1000),
+                    esc(why)
+                ),
                 None => "progressing".to_string(),
             };
             let _ = writeln!(
@@ -875,6 +899,40 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
         }
     }
 
+    /// After each assignment change of a process on the embedded store: it owns `owned` of the
+    /// input topics' `total` partitions. Owning fewer is said by the gauge
+    /// `kdedup_embedded_store_partial`, on the status page and in `/readyz`'s body.
+    ///
+    /// Readiness stays as it was: every member of such a group sees the same, so failing
+    /// readiness would take all of them out of service at once (and a restart does not fix
+    /// it), while each goes on deciding its own partitions correctly. The fix is a change
+    /// of deployment (one instance, or a shared store), which the alert on the gauge asks for.
+    pub fn embedded_store_ownership(&self, owned: usize, total: usize) {
+        let partial = owned < total;
+        self.embedded_store_partial.set(i64::from(partial));
+        *self.health.partial.lock().unwrap_or_else(|p| p.into_inner()) = partial.then_some((owned, total));
+    }
+
+    /// The warning for an embedded store that owns only part of the topics, if it does.
+    pub fn partial_ownership_warning(&self) -> Option<String> {
+        let (owned, total) = (*self.health.partial.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some(format!(
+            "this process owns {owned} of {total} partitions but keeps its claims in an embedded store: another \
+             instance decides the other partitions against a store of its own, so duplicates across instances are \
+             not caught; run one instance or use a shared store (postgres, scylla)"
+        ))
+    }
+
+    /// `/readyz`'s body: `ready` or `not ready`, then any warning that does not change
+    /// readiness (an embedded store owning only part of the topics).
+    pub fn readiness_text(&self) -> String {
+        let mut text = if self.is_ready() { "ready\n" } else { "not ready\n" }.to_string();
+        if let Some(warning) = self.partial_ownership_warning() {
+            text.push_str(&format!("warning: {warning}\n"));
+        }
+        text
+    }
+
     /// The source joined its group (true) or is leaving it (false).
     pub fn set_ready(&self, ready: bool) {
         self.health.source_ready.store(ready, Ordering::Relaxed);
@@ -890,15 +948,31 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
         self.health.stalled.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// A partition is retrying and cannot move on; the first call sets the time.
+    /// A partition is retrying a store call, an effect or a dead letter and cannot move on
+    /// (the decision core's stalls); the first call sets the time and the reason.
     pub fn partition_stalled(&self, tp: &(Arc<str>, i32)) {
+        let store_failing =
+            self.health.store_down.lock().unwrap_or_else(|p| p.into_inner()).0.contains(&(tp.0.to_string(), tp.1));
+        self.partition_stalled_because(
+            tp,
+            if store_failing {
+                "a store call fails; retrying (the log says why)"
+            } else {
+                "an effect or a dead-letter write fails; retrying (the log says which)"
+            },
+        );
+    }
+
+    /// A partition cannot move on, for `reason` (shown on the status page); the first call
+    /// sets the time and the reason.
+    pub fn partition_stalled_because(&self, tp: &(Arc<str>, i32), reason: &str) {
         let mut stalled = self.health.stalled.lock().unwrap_or_else(|p| p.into_inner());
         if let std::collections::hash_map::Entry::Vacant(slot) = stalled.entry((tp.0.to_string(), tp.1)) {
             let since = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(1);
-            slot.insert(since);
+            slot.insert((since, reason.to_string()));
             self.partition_stalled_since.with_label_values(&[tp.0.to_string(), tp.1.to_string()]).set(since);
         }
     }
@@ -1132,8 +1206,7 @@ impl MetricsServer {
             "/" => (200, metrics.status_page(), "text/html; charset=utf-8"),
             "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
             "/healthz" => (200, "ok\n".to_string(), "text/plain"),
-            "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
-            "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
+            "/readyz" => (if metrics.is_ready() { 200 } else { 503 }, metrics.readiness_text(), "text/plain"),
             _ => (404, "try /, /metrics, /healthz or /readyz\n".to_string(), "text/plain"),
         })
     }
@@ -1445,6 +1518,25 @@ mod tests {
     }
 
     #[test]
+    fn an_embedded_store_owning_part_of_the_topics_is_said_on_the_page_readyz_and_a_gauge() {
+        let m = Metrics::new();
+        m.set_ready(true);
+        m.embedded_store_ownership(4, 4);
+        assert_eq!(m.readiness_text(), "ready\n");
+        assert!(!m.status_page().contains(r#"id="warning""#));
+        assert!(m.render().contains("kdedup_embedded_store_partial 0"));
+        m.embedded_store_ownership(2, 4);
+        assert!(m.is_ready(), "readiness is unchanged: each member decides its own partitions correctly");
+        let said = "this process owns 2 of 4 partitions but keeps its claims in an embedded store";
+        let text = m.readiness_text();
+        assert!(text.starts_with("ready\nwarning: ") && text.matches(said).count() == 1, "{text}");
+        assert_eq!(m.status_page().matches(said).count(), 1);
+        assert!(m.render().contains("kdedup_embedded_store_partial 1"));
+        m.embedded_store_ownership(4, 4);
+        assert_eq!(m.readiness_text(), "ready\n", "the warning goes when this process owns everything again");
+    }
+
+    #[test]
     fn the_status_page_shows_counts_partitions_and_readiness_escaped() {
         let m = Metrics::new();
         let t: Arc<str> = Arc::from("a<b");
@@ -1453,13 +1545,17 @@ mod tests {
         m.records.at(["a<b", "new"]).inc_by(3);
         m.records.at(["a<b", "duplicate"]).inc();
         m.committed_offset.with_label_values(&["a<b", "3"]).set(4);
+        m.store_answered(&(t.clone(), 3), false);
         m.partition_stalled(&(t.clone(), 3));
         let page = m.status_page();
         assert!(page.contains(r#"<tr data-topic="a&lt;b"><td>a&lt;b</td><td data-k="consumed">4</td>"#), "{page}");
         assert!(page.contains(r#"<td data-k="new">3</td><td data-k="duplicate">1</td>"#), "{page}");
         assert!(page.contains(r#"<td data-k="duplicate_rate">25.0%</td>"#), "{page}");
         assert!(page.contains(r#"<td data-k="committed">4</td>"#), "{page}");
-        assert!(page.contains("stalled since"), "{page}");
+        let stalled = page.lines().find(|l| l.contains("stalled since")).unwrap_or_else(|| panic!("{page}"));
+        // A date and how long ago, then the reason; never raw epoch seconds.
+        assert!(stalled.contains("stalled since 20") && stalled.contains("Z, "), "{stalled}");
+        assert!(stalled.contains(" s ago</span>: a store call fails; retrying"), "{stalled}");
         assert!(page.contains(r#"id="ready" class="bad">not ready<"#), "not in a group yet: {page}");
         assert!(!page.contains("a<b"), "topic names are escaped");
         assert!(!page.contains("http://") && !page.contains("https://"), "no external assets");

@@ -97,6 +97,16 @@ impl MockKafka {
         Ok(MockKafka { owner, bootstrap, brokers })
     }
 
+    /// Makes a group's first join wait `delay` before partitions are assigned, as a broker's
+    /// `group.initial.rebalance.delay.ms` does (the cluster starts with none).
+    pub fn delay_group_joins(&self, delay: std::time::Duration) {
+        // SAFETY: as in `start`: the handle belongs to `owner`, alive as long as `self`.
+        unsafe {
+            let handle = rdkafka_sys::rd_kafka_handle_mock_cluster(self.owner.client().native_ptr());
+            rdkafka_sys::rd_kafka_mock_group_initial_rebalance_delay_ms(handle, delay.as_millis() as i32);
+        }
+    }
+
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
     }

@@ -49,6 +49,10 @@ use crate::sink::{AnySink, Stopping};
 use crate::source::{PartitionHandler, PartitionQueue, Resume, Rewind};
 use crate::store::now_ms;
 
+/// Why a partition stopped at a gap, as the status page says it.
+const GAP: &str = "records were not delivered after an error on this partition; it stops at the first one \
+                   missing (the log says what to check)";
+
 /// Notices that this process was frozen (SIGSTOP, a paused VM, a starved
 /// host) for long enough that the group may have given its partitions away.
 /// A ticker records every tick; a tick that comes late by half the session
@@ -405,7 +409,7 @@ impl PartitionTask {
                     }
                     Taken::Gap => {
                         // The records before the gap are done; nothing after it runs.
-                        self.stages.core.metrics.partition_stalled(&self.tp);
+                        self.stages.core.metrics.partition_stalled_because(&self.tp, GAP);
                         let _ = self.stop.wait_for(|s| *s).await;
                         break;
                     }
@@ -445,7 +449,7 @@ impl PartitionTask {
                     }
                     Arrival::Gap { from, reason } => {
                         metrics.partition_errors.with_label_values(&[topic.as_ref(), "skipped"]).inc();
-                        metrics.partition_stalled(&self.tp);
+                        metrics.partition_stalled_because(&self.tp, GAP);
                         error!(%topic, partition, offset = from, next_delivered = offset, reason, "records were not delivered after an error on this partition (librdkafka skipped a batch it could not decode, or the gap is not known to be compaction or transaction markers); the partition stops here and nothing at or after the offset is processed or committed by this member: check the batch at that offset (its compression, its CRC, the client's codecs), then restart, or move the group's offset past it on purpose");
                         return Taken::Gap;
                     }
@@ -457,7 +461,10 @@ impl PartitionTask {
             Some(Err(e)) => {
                 let reason = queue_error_reason(&e);
                 metrics.partition_errors.with_label_values(&[topic.as_ref(), reason]).inc();
-                metrics.partition_stalled(&self.tp);
+                metrics.partition_stalled_because(
+                    &self.tp,
+                    &format!("its queue reported an error ({reason}: {e}) and delivered nothing since"),
+                );
                 let offset = self.continuity.next;
                 if self.continuity.error(reason) {
                     error!(%topic, partition, offset, reason, error = %e, "the partition's queue reported an error; the partition is stalled until a record arrives at this offset (readiness false)");
@@ -473,7 +480,10 @@ impl PartitionTask {
     /// Moves the partition's queue back to `from` (its start when `None`),
     /// retrying until it moves; the partition stays stalled meanwhile.
     async fn read_again(&mut self, from: Option<i64>) -> Result<(), Stop> {
-        self.stages.core.metrics.partition_stalled(&self.tp);
+        self.stages.core.metrics.partition_stalled_because(
+            &self.tp,
+            "reading the partition again from records not delivered after an error",
+        );
         let mut backoff = Backoff::failures();
         loop {
             let rewind = self.rewind.clone();
@@ -539,7 +549,10 @@ impl PartitionTask {
                     return Ok(());
                 }
                 Err(e) => {
-                    self.stages.core.metrics.partition_stalled(&self.tp);
+                    self.stages.core.metrics.partition_stalled_because(
+                        &self.tp,
+                        "cannot read the output back to find writes after the last commit; retrying before processing",
+                    );
                     warn!(topic = %self.tp.0, partition = self.tp.1, error = %e, "cannot read the output back; retrying before processing");
                     self.sleep(backoff.wait()).await?;
                 }
@@ -716,7 +729,7 @@ impl PartitionHandler for Workers {
                 let (topic, partition) = (&tp_of_task.0, tp_of_task.1);
                 error!(%topic, partition, panic = %what, "partition task panicked; its partition is stalled and kdedup stops (exit non-zero) so that it restarts from the last commit");
                 stages.core.metrics.partition_panics.inc();
-                stages.core.metrics.partition_stalled(&tp_of_task);
+                stages.core.metrics.partition_stalled_because(&tp_of_task, "its task panicked; kdedup stops");
                 stages.core.fatal.raise(format!("partition task {topic}/{partition} panicked: {what}"));
             }
         });

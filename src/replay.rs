@@ -466,18 +466,23 @@ fn ranges(
             known.len() - 1
         )));
     }
-    let committed = match options.from {
-        From::Committed => {
-            let mut tpl = TopicPartitionList::new();
-            for &p in &wanted {
-                tpl.add_partition(topic, p);
-            }
-            let c = consumer
-                .committed_offsets(tpl, timeout)
-                .map_err(|e| unreachable("cannot read the group's committed offsets", e))?;
-            wanted.iter().map(|&p| (p, c.find_partition(topic, p).map(|e| e.offset()))).collect()
+    // The live group's committed offsets: the start of --from-committed, and a check of the
+    // broker's end for every range (a failure to read them only fails --from-committed).
+    let committed: HashMap<i32, Option<Offset>> = {
+        let mut tpl = TopicPartitionList::new();
+        for &p in &wanted {
+            tpl.add_partition(topic, p);
         }
-        _ => HashMap::new(),
+        match consumer.committed_offsets(tpl, timeout) {
+            Ok(c) => wanted.iter().map(|&p| (p, c.find_partition(topic, p).map(|e| e.offset()))).collect(),
+            Err(e) if matches!(options.from, From::Committed) => {
+                return Err(unreachable("cannot read the group's committed offsets", e))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the group's committed offsets; the end is not checked against them");
+                HashMap::new()
+            }
+        }
     };
     let at_time = |t: i64| -> Result<HashMap<i32, i64>, ReplayError> {
         let mut tpl = TopicPartitionList::new();
@@ -501,6 +506,11 @@ fn ranges(
         let (low, high) = consumer
             .fetch_watermarks(topic, p, timeout)
             .map_err(|e| unreachable("cannot read the partition's offsets", e))?;
+        if let Some(Offset::Offset(c)) = committed.get(&p).copied().flatten() {
+            if let Some(warning) = end_below_committed(topic, p, high, c) {
+                tracing::warn!("{warning}");
+            }
+        }
         // A time past the last record maps to the end.
         let from = match options.from {
             From::Offset(n) => n.max(low),
@@ -521,6 +531,18 @@ fn ranges(
         out.push((p, from, if from >= high { from } else { to }));
     }
     Ok(out)
+}
+
+/// The warning for a partition whose end, as the broker gives it, lies below the live
+/// group's committed offset: the group read records that the broker now says are not there.
+fn end_below_committed(topic: &str, partition: i32, high: i64, committed: i64) -> Option<String> {
+    (high < committed).then(|| {
+        format!(
+            "{topic}/{partition}: the broker says the partition ends at offset {high}, below the group's committed \
+             offset {committed}: its end (high watermark) is wrong, or the log lost records the group had read \
+             (an unclean leader election, a topic deleted and created again); the replay reads only up to {high}"
+        )
+    })
 }
 
 /// Reads up to `max` records below `to` from the assigned partition, starting at `*next`.
@@ -606,13 +628,17 @@ async fn dry_run(
                 seen.remember(e);
                 match row {
                     None => None,
-                    Some(row) if row.state == ClaimState::InFlight => Some(("in_flight", row.position.to_string())),
+                    Some(row) if row.state == ClaimState::InFlight => {
+                        Some(("in_flight", claimant_display(&row.position)))
+                    }
                     // Claimed at this very record: the original, handled here already, not a copy of itself.
                     Some(row) if claimed_at(&row.position, &e.record.position) && row.fingerprint == e.fingerprint => {
-                        Some(("done", row.position.to_string()))
+                        Some(("done", claimant_display(&row.position)))
                     }
-                    Some(row) if row.fingerprint == e.fingerprint => Some(("duplicate", row.position.to_string())),
-                    Some(row) => Some(("conflict", row.position.to_string())),
+                    Some(row) if row.fingerprint == e.fingerprint => {
+                        Some(("duplicate", claimant_display(&row.position)))
+                    }
+                    Some(row) => Some(("conflict", claimant_display(&row.position))),
                 }
             }
         };
@@ -637,6 +663,16 @@ async fn dry_run(
         }
     }
     Ok(())
+}
+
+/// A claim row's claimant as a person reads it: `topic/partition@offset`, and for a replay
+/// job's claim (`replay:JOB:TOPIC`, see `decide::Core::claimant`) `topic/partition@offset
+/// (replay job JOB)` instead of the encoded topic (a topic name holds no `:`; a job ID may).
+pub fn claimant_display(claimant: &Position) -> String {
+    let Some((job, topic)) = claimant.topic.strip_prefix("replay:").and_then(|rest| rest.rsplit_once(':')) else {
+        return claimant.to_string();
+    };
+    format!("{topic}/{}@{} (replay job {job})", claimant.partition, claimant.offset)
 }
 
 /// Whether a claim row's claimant is this very record: the live group's claim at its position,
@@ -860,8 +896,7 @@ impl Progress {
             return;
         }
         self.last = Instant::now();
-        let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
-        let eta = self.total.saturating_sub(self.done) as f64 / rate.max(1.0);
+        let (rate, eta) = rate_and_eta(self.done, self.total, self.started.elapsed());
         let line = format!("{} of {} records, {:.0}/s, ETA {:.0}s", self.done, self.total, rate, eta);
         if self.terminal {
             eprint!("\r{line}   ");
@@ -877,9 +912,46 @@ impl Progress {
     }
 }
 
+/// Records a second so far, and the seconds left at that rate, from `done` of `total`
+/// records read in `elapsed` (counted from the first record).
+fn rate_and_eta(done: u64, total: u64, elapsed: Duration) -> (f64, f64) {
+    let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
+    (rate, total.saturating_sub(done) as f64 / rate.max(1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_eta_is_the_rest_at_the_rate_so_far() {
+        // A 31 s job, 10 s in: about 21 s left, not an hour.
+        let (rate, eta) = rate_and_eta(10_000, 31_000, Duration::from_secs(10));
+        assert_eq!((rate, eta), (1000.0, 21.0));
+        assert_eq!(rate_and_eta(5, 5, Duration::from_secs(1)).1, 0.0, "nothing left");
+        assert_eq!(rate_and_eta(31_000, 1_000, Duration::from_secs(1)).1, 0.0, "more read than counted");
+    }
+
+    #[test]
+    fn a_replay_jobs_claim_reads_as_its_place_and_job() {
+        let at = |topic: &str| Position { topic: topic.into(), partition: 1, offset: 2 };
+        assert_eq!(claimant_display(&at("replay:incident-42:orders")), "orders/1@2 (replay job incident-42)");
+        assert_eq!(claimant_display(&at("orders")), "orders/1@2");
+        // A topic name holds no ':', a job ID may.
+        assert_eq!(claimant_display(&at("replay:a:b:orders")), "orders/1@2 (replay job a:b)");
+    }
+
+    #[test]
+    fn an_end_below_the_committed_offset_is_named() {
+        let said = end_below_committed("orders", 3, 100, 250).unwrap();
+        assert!(
+            said.starts_with(
+                "orders/3: the broker says the partition ends at offset 100, below the group's committed offset 250"
+            ),
+            "{said}"
+        );
+        assert_eq!(end_below_committed("orders", 3, 250, 250), None);
+    }
 
     #[test]
     fn times_are_rfc3339_or_relative() {

@@ -63,6 +63,9 @@ impl PartitionQueue {
 /// How long `start` waits for the brokers' first answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often the source says it is still waiting to join its group.
+const JOIN_LOG_EVERY: Duration = Duration::from_secs(5);
+
 /// What the group remembers of a partition when it is assigned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resume {
@@ -126,6 +129,8 @@ pub struct SourceContext {
     total_partitions: Option<usize>,
     single_instance_store: bool,
     assigned: Mutex<HashSet<TopicPartition>>,
+    /// The group assigned this member its partitions (perhaps none) at least once.
+    joined: AtomicBool,
 }
 
 impl ClientContext for SourceContext {}
@@ -182,7 +187,9 @@ impl SourceContext {
             }
         }
         self.metrics.set_ready(true);
+        self.joined.store(true, Ordering::SeqCst);
         let owned = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.embedded_store_ownership(owned);
         if let Some(total) = self.total_partitions {
             if self.single_instance_store && owned < total {
                 warn!(
@@ -233,6 +240,20 @@ impl SourceContext {
         for tp in &partitions {
             self.book.close(tp);
             assigned.remove(tp);
+        }
+        let owned = assigned.len();
+        drop(assigned);
+        // Not while leaving the group: it is being given up, not split.
+        if !abandon && owned > 0 {
+            self.embedded_store_ownership(owned);
+        }
+    }
+
+    /// Tells the metrics how much of the topics this process owns, when it keeps its
+    /// claims in an embedded store (the gauge, the status page and `/readyz` say a split).
+    fn embedded_store_ownership(&self, owned: usize) {
+        if let (true, Some(total)) = (self.single_instance_store, self.total_partitions) {
+            self.metrics.embedded_store_ownership(owned, total);
         }
     }
 }
@@ -327,6 +348,7 @@ impl Source {
             total_partitions,
             single_instance_store,
             assigned: Mutex::new(HashSet::new()),
+            joined: AtomicBool::new(false),
         };
         let consumer: Arc<Kafka> =
             Arc::new(consumer_config(kafka).create_with_context(context).map_err(SourceError::Create)?);
@@ -335,9 +357,10 @@ impl Source {
         consumer.subscribe(&names).map_err(|source| SourceError::Subscribe { topics: kafka.topics.clone(), source })?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let group = kafka.group_id.clone();
         let thread = std::thread::Builder::new()
             .name("kdedup-source".into())
-            .spawn(move || poll_loop(consumer, handler, book, metrics, commit_interval, stop_rx))
+            .spawn(move || poll_loop(consumer, handler, book, metrics, commit_interval, &group, stop_rx))
             .map_err(SourceError::Thread)?;
         Ok(Source { stop: Some(stop_tx), thread: Some(thread) })
     }
@@ -372,6 +395,7 @@ fn poll_loop(
     book: Arc<CommitBook>,
     metrics: Metrics,
     commit_interval: Duration,
+    group: &str,
     mut stop: tokio::sync::oneshot::Receiver<StopMode>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
@@ -384,9 +408,25 @@ fn poll_loop(
     let mode = runtime.block_on(async {
         let mut tick = tokio::time::interval(commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Until the group assigns partitions, say so every few seconds: a join can take the
+        // group's initial rebalance delay, or a session timeout when an earlier member of
+        // the group left without saying so, and nothing else is logged meanwhile.
+        let subscribed = std::time::Instant::now();
+        let mut joining =
+            tokio::time::interval_at(tokio::time::Instant::now() + JOIN_LOG_EVERY, JOIN_LOG_EVERY);
+        joining.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_joined = false;
         loop {
             tokio::select! {
                 mode = &mut stop => break mode.unwrap_or(StopMode::Abandon),
+                _ = joining.tick(), if !seen_joined => {
+                    if consumer.context().joined.load(Ordering::SeqCst) {
+                        seen_joined = true;
+                    } else {
+                        let waited_secs = subscribed.elapsed().as_secs();
+                        info!(group, waited_secs, "waiting to join the consumer group: the group has given this member nothing yet (its coordinator waits for the members to join; one that left without saying so is waited for up to its session timeout)");
+                    }
+                }
                 _ = tick.tick() => {
                     commit(&*consumer, &book, &metrics, None);
                     metrics.sample_lag(&*consumer);

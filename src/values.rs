@@ -85,3 +85,20 @@ impl EffectResponse {
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// Milliseconds since the Unix epoch as a person reads them: RFC 3339 in UTC, and how far
+/// from now ("2026-12-05T01:02:03.456Z, 3 min ago").
+pub fn human_time(ms: u64) -> String {
+    let Some(at) = chrono::DateTime::from_timestamp_millis(ms as i64) else {
+        return format!("{ms} ms since the epoch");
+    };
+    let now = now_ms();
+    let (secs, dir) = if ms <= now { ((now - ms) / 1000, "ago") } else { ((ms - now) / 1000, "from now") };
+    let span = match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    };
+    format!("{}, {span} {dir}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}

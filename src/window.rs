@@ -91,11 +91,25 @@ pub struct Window {
     pub expired_key_hits: f64,
     /// Sum and count of `kdedup_duplicate_age_seconds`.
     pub age_sum_secs: f64,
+    /// How long this process has watched (now − `process_start_time_seconds`); `None` when
+    /// the scrape does not say (the process collector reads `/proc`, Linux only).
+    pub observed_secs: Option<f64>,
 }
 
 impl Window {
-    /// Reads the counters from Prometheus text (a scrape of `/metrics`).
+    /// Reads the counters from Prometheus text (a scrape of `/metrics`) taken now.
     pub fn from_metrics(text: &str) -> Window {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        Window::from_metrics_at(text, now)
+    }
+
+    /// Reads the counters from Prometheus text taken at `now_secs` (Unix seconds).
+    pub fn from_metrics_at(text: &str, now_secs: f64) -> Window {
+        let start = text.lines().find_map(|l| {
+            let value = l.strip_prefix("process_start_time_seconds ")?;
+            value.trim().parse::<f64>().ok().filter(|s| *s > 0.0)
+        });
         let sum = |name: &str, only: Option<(&str, &str)>| -> f64 {
             text.lines()
                 .filter(|l| !l.starts_with('#'))
@@ -112,7 +126,9 @@ impl Window {
                     }
                     value.parse::<f64>().ok()
                 })
-                .sum()
+                .sum::<f64>()
+                // An empty sum of floats is -0.0, which would print as "-0.0%".
+                + 0.0
         };
         Window {
             ttl_secs: sum("kdedup_ttl_seconds", None),
@@ -120,6 +136,7 @@ impl Window {
             near_expiry: sum("kdedup_duplicates_near_expiry_total", None),
             expired_key_hits: sum("kdedup_expired_key_hits_total", None),
             age_sum_secs: sum("kdedup_duplicate_age_seconds_sum", None),
+            observed_secs: start.map(|s| (now_secs - s).max(0.0)),
         }
     }
 
@@ -135,8 +152,17 @@ impl Window {
         (self.duplicates > 0.0).then(|| self.near_expiry / self.duplicates)
     }
 
+    /// Whether the counters can tell that the TTL is long enough: a duplicate that arrives
+    /// after its key expired is seen (as an expired-key hit) only for keys this process
+    /// watched expire, so only once it has run for a whole TTL. Before that, "long enough"
+    /// would be a guess (one minute into a 24 h TTL, nothing can have expired yet).
+    pub fn can_judge(&self) -> bool {
+        self.observed_secs.is_some_and(|o| o >= self.ttl_secs)
+    }
+
     /// One line for a person: how much of the duplicate traffic the TTL covers,
-    /// and what to do about it.
+    /// and what to do about it. "Long enough" only once [`Window::can_judge`]; a
+    /// TTL already shown too short is said so at once.
     pub fn advice(&self) -> String {
         let pct = |r: f64| {
             let p = r * 100.0;
@@ -158,6 +184,14 @@ impl Window {
             line.push_str(&format!(
                 "; raise ttl_secs (now {}): {} duplicates arrived after their key expired",
                 self.ttl_secs, self.expired_key_hits
+            ));
+        } else if !self.can_judge() {
+            // No running figure here (the uptime is `observed_secs` in `stats --json`): the
+            // line stays the same from one scrape to the next.
+            line.push_str(&format!(
+                "; too early to judge whether ttl_secs = {} is long enough: a duplicate that arrives after its \
+                 key expired shows only once this process has run for a whole TTL",
+                self.ttl_secs,
             ));
         } else {
             line.push_str(&format!("; ttl_secs = {} is long enough", self.ttl_secs));
@@ -219,12 +253,40 @@ mod tests {
             "ttl_secs covers 99.8% of duplicates seen; 0.2% arrived within 10% of expiry; raise ttl_secs (now \
              3600): 2 duplicates arrived after their key expired"
         );
-        let quiet = Window { ttl_secs: 60.0, duplicates: 10.0, ..Window::default() };
+        let quiet = Window { ttl_secs: 60.0, duplicates: 10.0, observed_secs: Some(60.0), ..Window::default() };
         assert_eq!(
             quiet.advice(),
             "ttl_secs covers 100.0% of duplicates seen; 0.0% arrived within 10% of expiry; ttl_secs = 60 is long enough"
         );
         assert!(Window::default().advice().starts_with("no duplicates seen yet"));
+    }
+
+    #[test]
+    fn one_minute_into_a_day_long_ttl_is_too_early_to_judge() {
+        let scrape = |started: f64| {
+            format!(
+                "kdedup_ttl_seconds 86400\n\
+                 kdedup_records_total{{outcome=\"duplicate\",topic=\"a\"}} 40\n\
+                 process_start_time_seconds {started}\n"
+            )
+        };
+        let now = 1_796_400_000.0;
+        let early = Window::from_metrics_at(&scrape(now - 60.0), now);
+        assert_eq!(early.observed_secs, Some(60.0));
+        assert!(!early.can_judge());
+        assert_eq!(
+            early.advice(),
+            "ttl_secs covers 100.0% of duplicates seen; 0.0% arrived within 10% of expiry; too early to judge \
+             whether ttl_secs = 86400 is long enough: a duplicate that arrives after its key expired shows only \
+             once this process has run for a whole TTL"
+        );
+        let day = Window::from_metrics_at(&scrape(now - 86_400.0), now);
+        assert!(day.advice().ends_with("; ttl_secs = 86400 is long enough"), "{}", day.advice());
+        // Evidence that the TTL is too short needs no wait.
+        let short = Window { expired_key_hits: 3.0, ..early };
+        assert!(short.advice().contains("raise ttl_secs"), "{}", short.advice());
+        let unknown = Window { observed_secs: None, ..day };
+        assert!(unknown.advice().contains("too early to judge"), "{}", unknown.advice());
     }
 
     #[test]

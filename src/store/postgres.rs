@@ -419,7 +419,7 @@ fn connect_error(e: deadpool_postgres::PoolError, tls: &PostgresTls) -> StoreErr
         chain.push(err.to_string());
         source = err.source();
     }
-    let all = chain.join(": ");
+    let all = each_cause_once(&chain);
     // The innermost message, or for a failed verification the one that carries OpenSSL's
     // verify result too (postgres-openssl appends it: "…: unable to get local issuer certificate").
     let detail =
@@ -451,6 +451,36 @@ fn connect_error(e: deadpool_postgres::PoolError, tls: &PostgresTls) -> StoreErr
         format!("no connection: {all}")
     };
     StoreError::Postgres { message, retriable: true }
+}
+
+/// An error chain joined with `: `, each cause said once: a cause the text already holds is
+/// left out, and one that begins where the text ends ("…: error connecting to server" then
+/// "error connecting to server: Connection refused") adds only what is new. The pool's
+/// "Error occurred while creating a new object" says nothing a person can act on.
+fn each_cause_once(chain: &[String]) -> String {
+    let mut out = String::new();
+    for text in chain {
+        let text = text.strip_prefix("Error occurred while creating a new object: ").unwrap_or(text);
+        if text.is_empty() || out.contains(text) {
+            continue;
+        }
+        let overlap = (1..text.len()).rev().find(|&n| {
+            text.is_char_boundary(n)
+                && text[n..].starts_with(": ")
+                && out.ends_with(&text[..n])
+                && (out.len() == n || out[..out.len() - n].ends_with(": "))
+        });
+        match overlap {
+            Some(n) => out.push_str(&text[n..]),
+            None => {
+                if !out.is_empty() {
+                    out.push_str(": ");
+                }
+                out.push_str(text);
+            }
+        }
+    }
+    out
 }
 
 /// Reads a claim row from `row` starting at column `at` (state first); `None` if absent.
@@ -700,6 +730,19 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    #[test]
+    fn a_connection_error_says_each_cause_once() {
+        let chain = [
+            "Error occurred while creating a new object: error connecting to server",
+            "error connecting to server: Connection refused (os error 111)",
+            "Connection refused (os error 111)",
+        ]
+        .map(String::from);
+        assert_eq!(each_cause_once(&chain), "error connecting to server: Connection refused (os error 111)");
+        let plain = ["timed out".to_string(), "deadline elapsed".to_string()];
+        assert_eq!(each_cause_once(&plain), "timed out: deadline elapsed");
+    }
 
     /// The shared test server, or `None` (and why) when there is none.
     fn test_url(test: &str) -> Option<String> {

@@ -290,5 +290,180 @@ fn a_postgres_connection_error_names_the_host_and_port() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().find(|l| l.contains("] store")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(line.contains("[FAIL]") && line.contains("at 127.0.0.1:1:"), "{line}");
+    assert_eq!(line.matches("error connecting to server").count(), 1, "each cause once: {line}");
+    assert!(!line.contains("creating a new object"), "not the pool's words: {line}");
     assert!(!stdout.contains("pw-s3cr3t"), "never the password: {stdout}");
+}
+
+/// `kdedup CMD --config config/kdedup.toml` on the mock cluster's test topics and `store`.
+fn kdedup_on(kafka: &mock::MockKafka, group: &str, store: &std::path::Path, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .args(["--config", "config/kdedup.toml"])
+        .env_remove("KDEDUP_LOG")
+        .env("KDEDUP_KAFKA__BROKERS", kafka.bootstrap())
+        .env("KDEDUP_KAFKA__GROUP_ID", group)
+        .env("KDEDUP_KAFKA__TOPICS", INPUT)
+        .env("KDEDUP_SINK__TOPIC", OUTPUT)
+        .env("KDEDUP_DEAD_LETTER__TOPIC", DLQ)
+        .env("KDEDUP_STORE__PATH", store)
+        .env("KDEDUP_METRICS__LISTEN", "");
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_shows_a_key_in_words_and_dates_and_nothing_of_the_storage_engine() {
+    use kdedup::event::{EventKey, Fingerprint, Position};
+    use kdedup::store::{ClaimRequest, DedupStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let kafka = cluster(1);
+    {
+        let config = config(&kafka, "g", &path, &[]);
+        let store = Store::open(&config.store, &config.retention).unwrap();
+        let key = EventKey { scope: "inspected".into(), id: b"ord-7".to_vec() };
+        let position = Position { topic: INPUT.into(), partition: 0, offset: 3 };
+        let now = kdedup::store::now_ms();
+        let request = ClaimRequest { key: key.clone(), fingerprint: Fingerprint(7), position: position.clone() };
+        store.claim(vec![request], now).await.unwrap();
+        assert_eq!(store.complete(vec![(key, position)], now).await.unwrap(), [true]);
+        store.sync().unwrap();
+    }
+    let out = kdedup_on(&kafka, "g", &path, &["inspect", "--id", "ord-7", "--scope", "inspected"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("state: done (its effect ran"), "the state in words, not `Done`: {stdout}");
+    let claimed = stdout.lines().find(|l| l.starts_with("claimed at: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(claimed.contains("Z, ") && claimed.ends_with(" s ago"), "a date and how long ago: {claimed}");
+    assert!(stdout.contains("lease until: none (done)"), "no lease on a done row, not 1970: {stdout}");
+    assert!(stdout.contains("claimed by: in/0@3\n"), "{stdout}");
+    let expires = stdout.lines().find(|l| l.starts_with("expires at: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(expires.contains("Z, ") && expires.ends_with(" from now"), "{expires}");
+    assert!(!stdout.contains("1970") && !stdout.contains("Done"), "{stdout}");
+    assert!(stderr.trim().is_empty(), "one answer, no storage engine INFO lines on stderr:\n{stderr}");
+
+    let out = kdedup_on(&kafka, "g", &path, &["inspect", "--id", "never-seen"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("never-seen: not in the store"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("fjall") && !stderr.contains("lsm_tree") && !stderr.contains("INFO"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_says_what_it_found_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let kafka = cluster(1);
+    let (records, _) = events(20, 5, 1, 24);
+    mock::produce_all(kafka.bootstrap(), INPUT, &records).await.unwrap();
+    // The group committed past the end the broker gives: a broker's wrong watermark as a
+    // replay meets it (or a log that lost records the group had read).
+    let group = unique("g");
+    let committer: BaseConsumer = KafkaClients::from(kafka.bootstrap()).reader(&group).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(INPUT, 0, rdkafka::Offset::Offset(1000)).unwrap();
+    committer.commit(&tpl, rdkafka::consumer::CommitMode::Sync).unwrap();
+    drop(committer);
+
+    let out = kdedup_on(&kafka, &group, &path, &["replay", "--from-offset", "0"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let said = "in/0: the broker says the partition ends at offset 25, below the group's committed offset 1000";
+    assert_eq!(stderr.matches(said).count(), 1, "said once:\n{stderr}");
+    assert!(
+        !stderr.contains("ERROR") && !stderr.contains("PartitionEOF"),
+        "the end of a partition is no error:\n{stderr}"
+    );
+    assert!(!stderr.contains("DryRun") && stderr.contains("mode dry-run"), "{stderr}");
+
+    let out = kdedup_on(&kafka, &group, &path, &["replay", "--from-offset", "0", "--mode", "apply", "--show", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let note = "note: --show lists what a dry-run finds; it is ignored with --mode apply";
+    assert_eq!(stderr.matches(note).count(), 1, "{stderr}");
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+}
+
+#[test]
+fn waiting_to_join_the_group_is_said_until_partitions_are_assigned_and_the_stop_in_words() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = cluster(1);
+    // The group's first join waits 12 s, as a broker's initial rebalance delay (or a session
+    // timeout for a member that left without a word) makes it wait.
+    kafka.delay_group_joins(Duration::from_secs(12));
+    let mut child = kdedup_on(&kafka, &unique("g"), &dir.path().join("store"), &["run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let is_assigned = |l: &String| l.contains("source: partitions assigned");
+    while !seen.iter().any(is_assigned) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    // A clean stop, said in words (not `mode=Drain`).
+    // SAFETY: kill(2) on our own child's pid; it is reaped below.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    let _ = reader.join();
+    seen.extend(rx.try_iter());
+    let log = seen.join("\n");
+    assert!(status.success(), "{status}:\n{log}");
+    let stop = "stopping how=\"finishing in-flight work, then committing\"";
+    assert_eq!(log.matches(stop).count(), 1, "{log}");
+    assert!(!log.contains("Drain"), "{log}");
+    let assigned = seen.iter().position(is_assigned).unwrap_or_else(|| panic!("{log}"));
+    let waiting: Vec<&String> =
+        seen[..assigned].iter().filter(|l| l.contains("waiting to join the consumer group")).collect();
+    assert!(!waiting.is_empty(), "said while waiting:\n{log}");
+    assert!(waiting.iter().all(|l| l.contains("waited_secs=")), "and for how long:\n{log}");
+    let running = seen.iter().position(|l| l.contains("kdedup running")).unwrap_or_else(|| panic!("{log}"));
+    assert!(running < assigned, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_their_own_embedded_stores_say_so_on_the_page_readyz_and_a_gauge() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = cluster(2);
+    let group = unique("g");
+    let a = start(config(&kafka, &group, &dir.path().join("a"), &[]), Default::default());
+    wait_for("the first instance owns both partitions", Duration::from_secs(60), || async {
+        a.metrics.assigned_partitions.get() == 2
+    })
+    .await;
+    assert_eq!(a.metrics.embedded_store_partial.get(), 0, "alone, it owns the whole topic");
+    assert_eq!(a.metrics.partial_ownership_warning(), None);
+    let b = start(config(&kafka, &group, &dir.path().join("b"), &[]), Default::default());
+    let said = "owns 1 of 2 partitions but keeps its claims in an embedded store";
+    for (name, m) in [("first", &a.metrics), ("second", &b.metrics)] {
+        wait_for(&format!("the {name} instance says it owns part of the topic"), Duration::from_secs(60), || async {
+            m.embedded_store_partial.get() == 1
+        })
+        .await;
+        assert!(m.render().contains("kdedup_embedded_store_partial 1"));
+        assert_eq!(m.readiness_text().matches(said).count(), 1, "{}", m.readiness_text());
+        assert_eq!(m.status_page().matches(said).count(), 1);
+    }
+    b.stop(kdedup::source::StopMode::Drain).await;
+    wait_for("the first instance owns the whole topic again", Duration::from_secs(60), || async {
+        a.metrics.embedded_store_partial.get() == 0
+    })
+    .await;
+    assert_eq!(a.metrics.readiness_text(), "ready\n");
+    a.stop(kdedup::source::StopMode::Drain).await;
 }
