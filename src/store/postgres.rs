@@ -275,6 +275,21 @@ impl PostgresStore {
         self.client().await?.simple_query("SELECT 1").await.map(drop).map_err(pg_error)
     }
 
+    /// Runs `sql` (one statement, simple protocol, no parameters) on a pooled
+    /// connection and returns the first column of each row it answered. For
+    /// administration around the store (`kdedup bench`'s database of its own),
+    /// never for claims.
+    pub async fn admin_query(&self, sql: &str) -> Result<Vec<Option<String>>, StoreError> {
+        let messages = self.client().await?.simple_query(sql).await.map_err(pg_error)?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_string)),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Keys per statement (`kdedup_store_statement_keys`).
     pub fn batch_metrics(&self) -> &StoreBatchMetrics {
         &self.batches
