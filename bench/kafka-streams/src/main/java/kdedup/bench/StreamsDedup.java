@@ -12,6 +12,7 @@ import java.util.Locale;
 import java.util.Map;
 import java.util.Optional;
 import java.util.Properties;
+import java.util.Set;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.stream.Collectors;
@@ -58,6 +59,8 @@ import org.apache.kafka.streams.state.WindowStoreIterator;
  *   <li>{@code verify}: an independent reader (Kafka's own Java consumer, {@code read_committed}):
  *       the input's event IDs, then each output topic: every input event ID exactly once, nothing
  *       else. Exit status 1 when an output fails.
+ *   <li>{@code delete}: deletes the named topics, and Kafka Streams' internal topics of an output
+ *       named among them (a run's topics hold its whole dataset on the broker's disk).
  * </ul>
  */
 public final class StreamsDedup {
@@ -74,6 +77,7 @@ public final class StreamsDedup {
     switch (argv[0]) {
       case "run" -> run(args);
       case "verify" -> System.exit(verify(args) ? 0 : 1);
+      case "delete" -> delete(args);
       default -> usage();
     }
   }
@@ -81,7 +85,8 @@ public final class StreamsDedup {
   private static void usage() {
     System.err.println(
         "usage: StreamsDedup run --brokers B --input T --output T --expected N --unique N [--ttl-ms MS] [--threads N]\n"
-            + "       StreamsDedup verify --brokers B --input T --output T [--output T ...]");
+            + "       StreamsDedup verify --brokers B --input T --output T [--output T ...]\n"
+            + "       StreamsDedup delete --brokers B --topic T [--topic T ...]");
     System.exit(2);
   }
 
@@ -175,7 +180,7 @@ public final class StreamsDedup {
 
     Path stateDir = Files.createTempDirectory("kdedup-bench-streams");
     Properties props = new Properties();
-    props.put(StreamsConfig.APPLICATION_ID_CONFIG, "kdedup-bench-streams-" + output);
+    props.put(StreamsConfig.APPLICATION_ID_CONFIG, applicationId(output));
     props.put(StreamsConfig.BOOTSTRAP_SERVERS_CONFIG, brokers);
     props.put(StreamsConfig.PROCESSING_GUARANTEE_CONFIG, StreamsConfig.EXACTLY_ONCE_V2);
     props.put(StreamsConfig.NUM_STREAM_THREADS_CONFIG, threads);
@@ -249,6 +254,24 @@ public final class StreamsDedup {
       for (Path p : paths.sorted((a, b) -> b.getNameCount() - a.getNameCount()).toList()) {
         Files.deleteIfExists(p);
       }
+    }
+  }
+
+  private static String applicationId(String output) {
+    return "kdedup-bench-streams-" + output;
+  }
+
+  private static void delete(Map<String, List<String>> args) throws Exception {
+    try (Admin admin = Admin.create(Map.of(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, one(args, "brokers")))) {
+      Set<String> named = Set.copyOf(args.getOrDefault("topic", List.of()));
+      List<String> doomed =
+          admin.listTopics().names().get().stream()
+              .filter(t -> named.contains(t)
+                  || named.stream().anyMatch(o -> t.startsWith(applicationId(o) + "-")))
+              .sorted()
+              .collect(Collectors.toList());
+      admin.deleteTopics(doomed).all().get();
+      System.err.println("deleted " + doomed.size() + " topics: " + String.join(" ", doomed));
     }
   }
 
