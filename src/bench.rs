@@ -31,7 +31,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::Config;
+use crate::config::{Config, Retention, StoreConfig};
 use crate::demo::wait_committed;
 use crate::metrics::{self, Metrics};
 use crate::mock::{self, Produce};
@@ -39,6 +39,7 @@ use crate::service::{self, RunOptions};
 use crate::sink::kafka::{headers, OutRecord};
 use crate::sink::KafkaWriter;
 use crate::source::{self, StopMode};
+use crate::store::postgres::PostgresStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -134,6 +135,8 @@ pub struct BenchReport {
     pub cross_partition_duplicates: u64,
     pub payload_bytes: usize,
     pub partitions: i32,
+    /// The topics of this run (named per run on real brokers, so they can be read again).
+    pub topics: BenchTopics,
     pub passthrough: Phase,
     pub kdedup: KdedupFigures,
     /// kdedup events/s over passthrough events/s.
@@ -148,6 +151,14 @@ pub struct BenchReport {
     /// record consumed: how long each took to get there (group join, start).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub before_first_record: Option<BeforeFirstRecord>,
+}
+
+/// The topics a run made and used.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchTopics {
+    pub input: String,
+    pub passthrough: String,
+    pub kdedup: String,
 }
 
 /// Seconds from a run's start to its first record consumed: on a real broker
@@ -177,6 +188,13 @@ pub struct StoreTime {
     pub cpu_secs_kdedup: f64,
     pub cpu_secs_others: f64,
     pub cpu_secs_available: f64,
+    /// The bench's own database, dropped after the run.
+    pub database: String,
+    /// Deadlocks PostgreSQL detected in that database during the run
+    /// (`pg_stat_database.deadlocks`); each one cost a `deadlock_timeout` wait.
+    pub deadlocks: u64,
+    /// Store calls that failed and were retried (`kdedup_store_errors_total`), deadlocks included.
+    pub store_errors_retried: u64,
 }
 
 /// One kind of call of the kdedup run.
@@ -254,7 +272,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let ends = input_read.ends;
 
     let dir = tempfile::tempdir()?;
-    let config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), options)?;
+    let mut config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), &suffix, options)?;
+    let database = match &mut config.store {
+        StoreConfig::Postgres { url, tls, .. } => {
+            say("creating a PostgreSQL database of the bench's own...");
+            Some(PrivateDatabase::create(url, tls, &config.retention).await?)
+        }
+        _ => None,
+    };
     if options.store != BenchStore::Embedded {
         crate::store::Store::open(&config.store, &config.retention)?
             .apply_schema()
@@ -304,6 +329,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         mock_truncated(&pass_out, &pass_read)?;
         mock_truncated(&dedup_out, &dedup_read)?;
     }
+    let deadlocks = match database {
+        Some(db) => Some(db.finish().await?),
+        None => None,
+    };
     let (pass_records, dedup_records) = (pass_read.records, dedup_read.records);
     let (verified, verification) = verify(produced, unique, &pass_records, &dedup_records);
     let (passthrough, kdedup) = (
@@ -329,8 +358,11 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
         duplicates_dropped: metrics.outcome("duplicate"),
     };
-    let store_time =
-        (options.store == BenchStore::Postgres).then(|| store_time(&metrics, options, &kdedup, machine_cpu));
+    let store_time = deadlocks.map(|(database, deadlocks)| StoreTime {
+        database,
+        deadlocks,
+        ..store_time(&metrics, options, &kdedup, machine_cpu)
+    });
     let before_first_record = pass_wait
         .zip(kdedup_wait)
         .map(|(p, k)| BeforeFirstRecord { passthrough_secs: p.as_secs_f64(), kdedup_secs: k.as_secs_f64() });
@@ -345,6 +377,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         cross_partition_duplicates: cross_partition,
         payload_bytes: options.payload_bytes,
         partitions: options.partitions,
+        topics: BenchTopics { input, passthrough: pass_out, kdedup: dedup_out },
         ratio: kdedup.events_per_sec / passthrough.events_per_sec.max(f64::MIN_POSITIVE),
         passthrough,
         kdedup: KdedupFigures {
@@ -400,7 +433,69 @@ fn store_time(metrics: &Metrics, options: &BenchOptions, run: &Phase, machine_cp
         cpu_secs_kdedup: own,
         cpu_secs_others: machine_cpu.map_or(f64::NAN, |m| (m - own).max(0.0)),
         cpu_secs_available: run.elapsed_secs * cores as f64,
+        database: String::new(),
+        deadlocks: 0,
+        store_errors_retried: metrics.store_errors.get(),
     }
+}
+
+/// A PostgreSQL database of the bench's own, on the server of `[store] url`
+/// (`KDEDUP_STORE__URL`): every run starts from an empty table (a second run
+/// would otherwise find the first one's keys and drop every event as a
+/// duplicate), and the database's `pg_stat_database.deadlocks` counts this
+/// run's deadlocks and nobody else's. Needs the `CREATEDB` privilege.
+struct PrivateDatabase {
+    admin: PostgresStore,
+    name: String,
+    deadlocks_before: u64,
+}
+
+impl PrivateDatabase {
+    /// Creates the database and points `url` at it.
+    async fn create(url: &mut String, tls: &crate::config::PostgresTls, retention: &Retention) -> anyhow::Result<Self> {
+        let name = format!("kdedup_bench_{}_{}", std::process::id(), crate::store::now_ms());
+        let admin = PostgresStore::open(url, 1, tls, retention)?;
+        admin
+            .admin_query(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating the bench's database {name} (the user needs CREATEDB)"))?;
+        *url = with_database(url, &name);
+        let mut db = PrivateDatabase { admin, name, deadlocks_before: 0 };
+        db.deadlocks_before = db.deadlocks().await?;
+        Ok(db)
+    }
+
+    async fn deadlocks(&self) -> anyhow::Result<u64> {
+        let sql = format!("SELECT deadlocks FROM pg_stat_database WHERE datname = '{}'", self.name);
+        let rows = self.admin.admin_query(&sql).await.context("reading pg_stat_database")?;
+        Ok(rows.first().cloned().flatten().and_then(|n| n.parse().ok()).unwrap_or(0))
+    }
+
+    /// The database's name and the deadlocks of the run; then drops it. Call
+    /// it a while after the run ended: a backend reports its statistics when
+    /// it goes idle for a second or exits, not at once.
+    async fn finish(self) -> anyhow::Result<(String, u64)> {
+        let deadlocks = self.deadlocks().await?.saturating_sub(self.deadlocks_before);
+        self.admin
+            .admin_query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await
+            .with_context(|| format!("dropping the bench's database {}", self.name))?;
+        Ok((self.name, deadlocks))
+    }
+}
+
+/// `url` with its database replaced by `database` (a name that needs no
+/// quoting): the path of a `postgres://` URL, or a `dbname=` added to the
+/// key=value form (the last one given wins).
+fn with_database(url: &str, database: &str) -> String {
+    let Some(rest_at) = url.find("://").map(|i| i + 3) else {
+        return format!("{url} dbname={database}");
+    };
+    let (head, rest) = url.split_at(rest_at);
+    let query_at = rest.find('?').unwrap_or(rest.len());
+    let (authority_and_path, query) = rest.split_at(query_at);
+    let authority = authority_and_path.split('/').next().unwrap_or_default();
+    format!("{head}{authority}/{database}{query}")
 }
 
 /// Busy CPU seconds of the whole machine since boot (all but idle and iowait
@@ -584,6 +679,7 @@ fn bench_config(
     output: &str,
     dlq: &str,
     store_dir: &std::path::Path,
+    group_suffix: &str,
     o: &BenchOptions,
 ) -> anyhow::Result<Config> {
     let store = match o.store {
@@ -597,7 +693,7 @@ fn bench_config(
         r#"
 [kafka]
 brokers = "{brokers}"
-group_id = "kdedup-bench-{seed}"
+group_id = "kdedup-bench-{seed}{group_suffix}"
 topics = ["{input}"]
 
 [key]
@@ -997,4 +1093,32 @@ fn print_store_time(t: &StoreTime) {
         "  CPU over the kdedup run: kdedup {:.1} s, other processes (store server, broker, the rest) {:.1} s, of {:.1} s the cores offered",
         t.cpu_secs_kdedup, t.cpu_secs_others, t.cpu_secs_available
     );
+    println!(
+        "  deadlocks: {} (pg_stat_database of the bench's own database {}, dropped); store calls retried: {}",
+        t.deadlocks, t.database, t.store_errors_retried
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn with_database_replaces_only_the_database() {
+        let db = "kdedup_bench_1_2";
+        assert_eq!(
+            with_database("postgres://u@127.0.0.1:5432/postgres", db),
+            "postgres://u@127.0.0.1:5432/kdedup_bench_1_2"
+        );
+        assert_eq!(
+            with_database("postgresql://u:p@h/app?sslmode=require", db),
+            "postgresql://u:p@h/kdedup_bench_1_2?sslmode=require"
+        );
+        assert_eq!(with_database("postgres://u@h", db), "postgres://u@h/kdedup_bench_1_2");
+        assert_eq!(
+            with_database("postgres://u@h?options=-c%20x%3Dy", db),
+            "postgres://u@h/kdedup_bench_1_2?options=-c%20x%3Dy"
+        );
+        assert_eq!(with_database("host=h user=u dbname=app", db), "host=h user=u dbname=app dbname=kdedup_bench_1_2");
+    }
 }

@@ -90,12 +90,33 @@ LEFT JOIN kdedup_claims o ON o.scope = r.scope AND o.event_id = r.event_id
 ORDER BY r.ord
 "#;
 
+/// Locks its rows in key order first (`ORDER BY … FOR UPDATE`: the sort runs
+/// before the locks), the order `claim` inserts in, whatever plan the join
+/// gets: a plain `UPDATE … FROM unnest(…)` locked them in its join's order,
+/// and a completion crossing a claim over the same keys in the other order
+/// deadlocked (3 per 500,000-event `kdedup bench --store postgres`, each a
+/// 1 s `deadlock_timeout` wait). `MATERIALIZED` keeps the locking query one
+/// step of its own (PostgreSQL 12+). The update repeats the conditions: a row
+/// changed between the statement's snapshot and its lock is checked again.
 const COMPLETE: &str = r#"
+WITH r AS (
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int[], $5::bigint[])
+        AS r(scope, event_id, topic, partition, "offset")
+),
+locked AS MATERIALIZED (
+    SELECT c.scope, c.event_id FROM kdedup_claims c
+    JOIN r ON c.scope = r.scope AND c.event_id = r.event_id
+    WHERE c.topic = r.topic AND c.partition = r.partition AND c."offset" = r."offset"
+      AND c.expires_at > $6
+    ORDER BY c.scope, c.event_id
+    FOR UPDATE OF c
+)
 UPDATE kdedup_claims c SET state = 2, lease_until = 0
-FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int[], $5::bigint[]) AS r(scope, event_id, topic, partition, "offset")
+FROM r
 WHERE c.scope = r.scope AND c.event_id = r.event_id
   AND c.topic = r.topic AND c.partition = r.partition AND c."offset" = r."offset"
   AND c.expires_at > $6
+  AND (c.scope, c.event_id) IN (SELECT scope, event_id FROM locked)
 RETURNING c.scope, c.event_id
 "#;
 
@@ -274,6 +295,21 @@ impl PostgresStore {
     /// authentication included, so `kdedup check` can tell an operator what failed.
     pub async fn probe(&self) -> Result<(), StoreError> {
         self.client().await?.simple_query("SELECT 1").await.map(drop).map_err(pg_error)
+    }
+
+    /// Runs `sql` (one statement, simple protocol, no parameters) on a pooled
+    /// connection and returns the first column of each row it answered. For
+    /// administration around the store (`kdedup bench`'s database of its own),
+    /// never for claims.
+    pub async fn admin_query(&self, sql: &str) -> Result<Vec<Option<String>>, StoreError> {
+        let messages = self.client().await?.simple_query(sql).await.map_err(pg_error)?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_string)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Keys per statement (`kdedup_store_statement_keys`).
