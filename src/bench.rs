@@ -452,14 +452,18 @@ struct PrivateDatabase {
 
 impl PrivateDatabase {
     /// Creates the database and points `url` at it.
-    async fn create(url: &mut String, tls: &crate::config::PostgresTls, retention: &Retention) -> anyhow::Result<Self> {
+    async fn create(
+        url: &mut crate::config::Secret,
+        tls: &crate::config::PostgresTls,
+        retention: &Retention,
+    ) -> anyhow::Result<Self> {
         let name = format!("kdedup_bench_{}_{}", std::process::id(), crate::store::now_ms());
-        let admin = PostgresStore::open(url, 1, tls, retention)?;
+        let admin = PostgresStore::open(url.expose(), 1, tls, retention)?;
         admin
             .admin_query(&format!("CREATE DATABASE {name}"))
             .await
             .with_context(|| format!("creating the bench's database {name} (the user needs CREATEDB)"))?;
-        *url = with_database(url, &name);
+        *url = with_database(url.expose(), &name).into();
         let mut db = PrivateDatabase { admin, name, deadlocks_before: 0 };
         db.deadlocks_before = db.deadlocks().await?;
         Ok(db)
