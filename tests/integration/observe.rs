@@ -7,7 +7,8 @@
 //!
 //! The programs come from scripts/services (Debian's `prometheus`, `chromium`),
 //! named by KDEDUP_TEST_PROMTOOL, KDEDUP_TEST_PROMETHEUS, KDEDUP_TEST_CHROMIUM
-//! and KDEDUP_TEST_DOCKER_COMPOSE; a test without its program says "skipped".
+//! and KDEDUP_TEST_DOCKER_COMPOSE (`docker-compose`, also installed by `up`); a test
+//! without its program says "skipped".
 
 use std::collections::BTreeSet;
 use std::path::Path;
