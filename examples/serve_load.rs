@@ -39,7 +39,7 @@ struct Tally {
     latencies_us: Vec<u64>,
     send_lag_us: Vec<u64>,
     statuses: std::collections::BTreeMap<u16, u64>,
-    errors: u64,
+    errors: std::collections::BTreeMap<String, u64>,
 }
 
 fn args() -> Result<Args, String> {
@@ -105,7 +105,9 @@ async fn drive(args: Arc<Args>) -> Tally {
         for (status, n) in t.statuses {
             *tally.statuses.entry(status).or_default() += n;
         }
-        tally.errors += t.errors;
+        for (kind, n) in t.errors {
+            *tally.errors.entry(kind).or_default() += n;
+        }
     }
     tally
 }
@@ -153,8 +155,8 @@ async fn connection(
                 *tally.statuses.entry(status).or_default() += 1;
                 tally.latencies_us.push(due.elapsed().as_micros() as u64);
             }
-            Err(_) => {
-                tally.errors += 1;
+            Err(e) => {
+                *tally.errors.entry(format!("{:?}", e.kind())).or_default() += 1;
                 match TcpStream::connect(args.addr.clone()).await {
                     Ok(s) => stream = s,
                     Err(_) => break,
@@ -209,13 +211,14 @@ fn report(args: &Args, mut tally: Tally) {
     let ms = |v: Option<u64>| v.map_or("-".to_string(), |us| format!("{:.2}", us as f64 / 1000.0));
     let answered = tally.latencies_us.len();
     let statuses: Vec<String> = tally.statuses.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+    let errors: Vec<String> = tally.errors.iter().map(|(kind, n)| format!("{kind}:{n}")).collect();
     println!(
         "RESULT connections={} offered_rps={:.0} answered_rps={:.0} answered={answered} errors={} statuses={} \
          p50_ms={} p99_ms={} p999_ms={} max_ms={} send_lag_p99_ms={}",
         args.connections,
         args.rate,
         answered as f64 / args.seconds,
-        tally.errors,
+        if errors.is_empty() { "0".to_string() } else { errors.join(",") },
         statuses.join(","),
         ms(q(&tally.latencies_us, 0.50)),
         ms(q(&tally.latencies_us, 0.99)),
