@@ -41,6 +41,9 @@ use crate::sink::KafkaWriter;
 use crate::source::{self, StopMode};
 use crate::store::postgres::PostgresStore;
 
+/// The store `kdedup bench --store` measures.
+// No variant docs: clap would print them in `--help` as the values' descriptions.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchStore {
@@ -50,7 +53,7 @@ pub enum BenchStore {
 }
 
 #[derive(Debug, Clone)]
-pub struct BenchOptions {
+pub(crate) struct BenchOptions {
     /// External brokers; `None` starts a mock cluster in a child process.
     pub brokers: Option<String>,
     pub events: u64,
@@ -66,7 +69,7 @@ pub struct BenchOptions {
 
 /// One pipeline's figures.
 #[derive(Debug, Clone, Serialize)]
-pub struct Phase {
+pub(crate) struct Phase {
     pub events_per_sec: f64,
     pub elapsed_secs: f64,
     /// User + system CPU time of this process per input record.
@@ -80,7 +83,7 @@ pub struct Phase {
 
 /// kdedup's run: the figures both runs have, and its own counters.
 #[derive(Debug, Clone, Serialize)]
-pub struct KdedupFigures {
+pub(crate) struct KdedupFigures {
     #[serde(flatten)]
     pub run: Phase,
     #[serde(flatten)]
@@ -92,7 +95,7 @@ pub struct KdedupFigures {
 /// holds, and the rest of the peak resident set (allocator slack, librdkafka's
 /// buffers and queues, batches in flight, the runtime).
 #[derive(Debug, Clone, Serialize)]
-pub struct MemoryFigures {
+pub(crate) struct MemoryFigures {
     /// The filter: aging table, recent-key cache, expired keys (`kdedup_filter_bytes`).
     pub filter_bytes: u64,
     /// The store's memtables and block cache, where it can tell (embedded).
@@ -105,7 +108,7 @@ pub struct MemoryFigures {
 
 /// kdedup's own counters, per 1000 input records unless named otherwise.
 #[derive(Debug, Clone, Serialize)]
-pub struct DedupFigures {
+pub(crate) struct DedupFigures {
     pub store_round_trips_per_1000: f64,
     /// Store read calls (each carries a batch of suspected duplicates).
     pub store_reads_per_1000: f64,
@@ -123,7 +126,7 @@ pub struct DedupFigures {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct BenchReport {
+pub(crate) struct BenchReport {
     pub machine: String,
     pub brokers: String,
     pub store: BenchStore,
@@ -155,7 +158,7 @@ pub struct BenchReport {
 
 /// The topics a run made and used.
 #[derive(Debug, Clone, Serialize)]
-pub struct BenchTopics {
+pub(crate) struct BenchTopics {
     pub input: String,
     pub passthrough: String,
     pub kdedup: String,
@@ -166,7 +169,7 @@ pub struct BenchTopics {
 /// see DESIGN.md §4), which says nothing about the cost per event, so the
 /// figures leave it out.
 #[derive(Debug, Clone, Serialize)]
-pub struct BeforeFirstRecord {
+pub(crate) struct BeforeFirstRecord {
     pub passthrough_secs: f64,
     pub kdedup_secs: f64,
 }
@@ -175,7 +178,7 @@ pub struct BeforeFirstRecord {
 /// statements (PostgreSQL): from `kdedup_store_statement_keys`,
 /// `kdedup_store_seconds`, `kdedup_sink_seconds` and the machine's CPU counters.
 #[derive(Debug, Clone, Serialize)]
-pub struct StoreTime {
+pub(crate) struct StoreTime {
     /// Keys per claim statement; each statement is one round trip.
     pub claims_per_round_trip: f64,
     pub claim_round_trips: u64,
@@ -199,7 +202,7 @@ pub struct StoreTime {
 
 /// One kind of call of the kdedup run.
 #[derive(Debug, Clone, Serialize)]
-pub struct CallTime {
+pub(crate) struct CallTime {
     pub op: String,
     pub calls: u64,
     pub mean_ms: f64,
@@ -212,7 +215,7 @@ const PASSTHROUGH_OUT: &str = "bench.passthrough";
 const KDEDUP_OUT: &str = "bench.kdedup";
 const DEAD_LETTER: &str = "bench.dlq";
 
-pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let say = |s: &str| {
         if options.progress {
             eprintln!("{s}");
@@ -1000,7 +1003,7 @@ fn spawn_mock_cluster(topics: &[(&str, i32)]) -> anyhow::Result<(Child, String)>
 /// `kdedup mock-cluster NAME:PARTITIONS...`: runs librdkafka's mock cluster
 /// with these topics, prints its bootstrap address on stdout, and serves
 /// until stdin closes.
-pub fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
+pub(crate) fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
     let kafka = mock::MockKafka::start(3)?;
     for t in topics {
         let (name, partitions) = t.rsplit_once(':').ok_or_else(|| anyhow!("topic {t}: expected NAME:PARTITIONS"))?;
@@ -1016,7 +1019,7 @@ pub fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
 }
 
 /// The report as a table for people.
-pub fn print_table(r: &BenchReport) {
+pub(crate) fn print_table(r: &BenchReport) {
     println!("kdedup bench  ({}; {}; store {:?})", r.machine, r.brokers, r.store);
     println!(
         "  {} events ({} unique, {:.0}% duplicates, {} of them on another partition), {} B payloads, {} partitions",

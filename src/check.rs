@@ -27,7 +27,7 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
-pub enum Status {
+pub(crate) enum Status {
     /// It works.
     Ok,
     /// It works, but something is likely wrong (e.g. a topic with fewer partitions than expected).
@@ -40,7 +40,7 @@ pub enum Status {
 
 /// One question asked of a dependency.
 #[derive(Debug, Clone, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     /// What was checked, e.g. `broker` or `store`.
     pub name: &'static str,
     /// The verdict.
@@ -51,7 +51,7 @@ pub struct Check {
 
 /// What `kdedup check` prints: every check and whether `run` would work.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The config file checked.
     pub config: String,
     /// No check failed (warnings allowed).
@@ -67,7 +67,7 @@ fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check
 }
 
 /// Runs every check against the config at `path`.
-pub async fn run(path: &Path) -> Report {
+pub(crate) async fn run(path: &Path) -> Report {
     let mut checks = Vec::new();
     let config = match Config::load(path) {
         Ok(c) => {
@@ -431,7 +431,7 @@ fn listen_check(name: &'static str, addr: Option<std::net::SocketAddr>, key: &st
 }
 
 /// Whether the file at `path` is a `kdedup serve` config (it has a `[serve]` table).
-pub fn is_serve_config(path: &Path) -> bool {
+pub(crate) fn is_serve_config(path: &Path) -> bool {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
@@ -440,7 +440,7 @@ pub fn is_serve_config(path: &Path) -> bool {
 
 /// `kdedup check` of a `kdedup serve` config: valid, store reachable with its
 /// schema, the upstream accepting connections, both listen addresses free.
-pub async fn run_serve(path: &Path) -> Report {
+pub(crate) async fn run_serve(path: &Path) -> Report {
     let mut checks = Vec::new();
     let config = match ServeConfig::load(path) {
         Ok(c) => {
@@ -579,7 +579,7 @@ fn settings(c: &Config) -> serde_json::Value {
 }
 
 /// Prints the report for a person.
-pub fn print(report: &Report) {
+pub(crate) fn print(report: &Report) {
     println!("kdedup check: {}", report.config);
     if !report.settings.is_null() {
         println!("\neffective settings (secrets redacted):");

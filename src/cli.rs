@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::bench::{self, BenchOptions, BenchStore};
+use crate::bench::{self, BenchOptions};
+// Named by `Command::Bench` (clap's `--store` values).
+pub use crate::bench::BenchStore;
 use crate::config::{Config, ServeConfig, StoreConfig};
 use crate::demo::{self, DemoOptions};
 use crate::event::EventKey;

@@ -1830,6 +1830,7 @@ impl Default for ServeSection {
 /// `serve.missing_key`: a request on a configured method without the key header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum MissingKey {
     /// Forward it as a plain proxy would (counted as `passed_through`).
     Pass,
@@ -1840,6 +1841,7 @@ pub enum MissingKey {
 /// `serve.on_5xx`: what an answered 5xx does to its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum On5xx {
     /// Kept like any answer and replayed to retries (Stripe's rule; the default):
     /// a 5xx from the upstream does not say its effect did not run, so running

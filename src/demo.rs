@@ -19,12 +19,12 @@ use crate::service::{self, RunOptions};
 use crate::sink::kafka::headers;
 use crate::source::StopMode;
 
-pub const INPUT: &str = "orders";
-pub const OUTPUT: &str = "orders.deduped";
-pub const DEAD_LETTER: &str = "orders.dlq";
+pub(crate) const INPUT: &str = "orders";
+pub(crate) const OUTPUT: &str = "orders.deduped";
+pub(crate) const DEAD_LETTER: &str = "orders.dlq";
 
 #[derive(Debug, Clone)]
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     pub events: u64,
     pub duplicate_rate: f64,
     /// Share of duplicates placed on a random other partition than their original.
@@ -37,7 +37,7 @@ pub struct DemoOptions {
 
 /// What the demo measured; `lost` and `duplicated_effects` must be 0.
 #[derive(Debug, Clone, Serialize)]
-pub struct DemoReport {
+pub(crate) struct DemoReport {
     pub records_in: u64,
     pub unique_events: u64,
     pub duplicates_in: u64,
@@ -59,13 +59,13 @@ pub struct DemoReport {
 }
 
 impl DemoReport {
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.lost == 0 && self.duplicated_effects == 0
     }
 }
 
 /// A generated stream and what it holds.
-pub struct Dataset {
+pub(crate) struct Dataset {
     pub records: Vec<Produce>,
     pub unique_ids: Vec<String>,
     pub duplicates: u64,
@@ -82,7 +82,13 @@ pub struct Dataset {
 /// copy reaches another member, and only a shared store can tell. Same ID means
 /// same payload. A few malformed records too: no ID header, an empty one, an ID
 /// over the size limit.
-pub fn generate(events: u64, duplicate_rate: f64, cross_partition_rate: f64, partitions: i32, seed: u64) -> Dataset {
+pub(crate) fn generate(
+    events: u64,
+    duplicate_rate: f64,
+    cross_partition_rate: f64,
+    partitions: i32,
+    seed: u64,
+) -> Dataset {
     let mut rng = StdRng::seed_from_u64(seed);
     let malformed = if events >= 100 { (events / 2000).max(3) } else { 0 };
     let duplicates = ((events - malformed) as f64 * duplicate_rate).round() as u64;
@@ -140,7 +146,7 @@ pub fn generate(events: u64, duplicate_rate: f64, cross_partition_rate: f64, par
 }
 
 /// The demo's pipeline configuration, written as a user would write it.
-pub fn demo_config(brokers: &str, store_path: &std::path::Path, expected_keys: u64) -> anyhow::Result<Config> {
+pub(crate) fn demo_config(brokers: &str, store_path: &std::path::Path, expected_keys: u64) -> anyhow::Result<Config> {
     let text = format!(
         r#"
 [kafka]
@@ -183,7 +189,13 @@ commit_interval_ms = 200
 }
 
 /// Waits until the group's commits reach `ends` on every partition, reporting progress.
-pub async fn wait_committed(metrics: &Metrics, topic: &str, ends: &BTreeMap<i32, i64>, progress: bool, total: u64) {
+pub(crate) async fn wait_committed(
+    metrics: &Metrics,
+    topic: &str,
+    ends: &BTreeMap<i32, i64>,
+    progress: bool,
+    total: u64,
+) {
     let started = Instant::now();
     let mut last_report = Instant::now();
     loop {
@@ -205,7 +217,7 @@ pub async fn wait_committed(metrics: &Metrics, topic: &str, ends: &BTreeMap<i32,
     }
 }
 
-pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
+pub(crate) async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     let say = |s: &str| {
         if options.progress {
             eprintln!("{s}");

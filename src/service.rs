@@ -39,13 +39,13 @@ pub struct RunOptions {
 /// stopped the run (an effect no retry fixes, a panicking partition task).
 ///
 /// ```no_run
-/// use kdedup::{config::Config, service::{self, RunOptions}, source::StopMode};
+/// use kdedup::{Config, RunOptions, StopMode};
 ///
 /// # async fn example() -> anyhow::Result<()> {
 /// let config = Config::load("config/kdedup.toml".as_ref())?;
 /// let options = RunOptions { serve_metrics: true, ..RunOptions::default() };
 /// let counts = options.metrics.clone(); // readable while it runs
-/// service::run(&config, options, async {
+/// kdedup::run(&config, options, async {
 ///     tokio::signal::ctrl_c().await.ok();
 ///     StopMode::Drain
 /// })
