@@ -216,39 +216,10 @@ const KDEDUP_OUT: &str = "bench.kdedup";
 const DEAD_LETTER: &str = "bench.dlq";
 
 pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let say = |s: &str| {
-        if options.progress {
-            eprintln!("{s}");
-        }
-    };
-    // Topic names of their own on real brokers, so runs never see each other's data.
-    let suffix = if options.brokers.is_some() {
-        format!("-{}-{}", std::process::id(), crate::store::now_ms())
-    } else {
-        String::new()
-    };
-    let name = |t: &str| format!("{t}{suffix}");
-    let (input, pass_out, dedup_out, dlq) = (name(INPUT), name(PASSTHROUGH_OUT), name(KDEDUP_OUT), name(DEAD_LETTER));
-    let topics = [
-        (input.as_str(), options.partitions),
-        (&pass_out, options.partitions),
-        (&dedup_out, options.partitions),
-        (&dlq, 1),
-    ];
-    let mut _cluster = None;
-    let brokers = match &options.brokers {
-        Some(b) => {
-            mock::create_topics(b, &topics).await.context("creating the bench topics")?;
-            b.clone()
-        }
-        None => {
-            let (child, bootstrap) = spawn_mock_cluster(&topics)?;
-            _cluster = Some(ChildCluster(child));
-            bootstrap
-        }
-    };
+    let (names, brokers, _cluster) = brokers_with_topics(options).await?;
+    let BenchNames { input, pass_out, dedup_out, dlq, suffix } = names;
 
-    say(&format!(
+    options.say(&format!(
         "kdedup bench: producing {} events ({:.0}% duplicates, {:.0}% of those on another partition, {} B payloads) to {} partitions...",
         options.events,
         options.duplicate_rate * 100.0,
@@ -257,40 +228,14 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         options.partitions
     ));
     let Produced { unique, cross_partition } = produce_dataset(&brokers, &input, options).await?;
-    // Counted by reading, not from high watermarks (some brokers' are wrong, see
-    // `read_back`): where each partition ends is where both runs must get to.
-    say("reading the input back to count it...");
-    let input_read = read_back(&brokers, &input, options.events, false)?;
-    if options.brokers.is_none() {
-        mock_truncated(&input, &input_read)?;
-    }
-    let produced = input_read.count;
-    if produced != options.events {
-        bail!(
-            "the input topic holds {produced} records, not {} (read back per partition: {:?})",
-            options.events,
-            input_read.counts
-        );
-    }
-    let ends = input_read.ends;
+    let ends = count_input(&brokers, &input, options)?;
+    let produced = options.events;
 
     let dir = tempfile::tempdir()?;
     let mut config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), &suffix, options)?;
-    let database = match &mut config.store {
-        StoreConfig::Postgres { url, tls, .. } => {
-            say("creating a PostgreSQL database of the bench's own...");
-            Some(PrivateDatabase::create(url, tls, &config.retention).await?)
-        }
-        _ => None,
-    };
-    if options.store != BenchStore::Embedded {
-        crate::store::Store::open(&config.store, &config.retention)?
-            .apply_schema()
-            .await
-            .context("applying the store schema")?;
-    }
+    let database = prepare_store(&mut config, options).await?;
 
-    say("(a) passthrough: consume, produce, commit...");
+    options.say("(a) passthrough: consume, produce, commit...");
     let latency = latency_histogram();
     let real_brokers = options.brokers.is_some();
     let mut meter = Meter::start();
@@ -298,34 +243,10 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let pass_wait = meter.time_from(first, real_brokers);
     let passthrough = meter.finish(options.events, &latency);
 
-    say("(b) kdedup: the whole path...");
-    let machine_cpu_before = machine_cpu_secs();
-    let metrics = Metrics::new();
-    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
-    let mut meter = Meter::start();
-    let (m, input_topic, ends_b, progress, total) =
-        (metrics.clone(), input.clone(), ends.clone(), options.progress, options.events);
-    let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let finished_w = finished.clone();
-    service::run(&config, run_options, async move {
-        let first_consumed = async {
-            while m.consumed_total() == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Instant::now()
-        };
-        let (first, ()) = tokio::join!(first_consumed, wait_committed(&m, &input_topic, &ends_b, progress, total));
-        *finished_w.lock().unwrap_or_else(|p| p.into_inner()) = Some((first, Instant::now()));
-        StopMode::Drain
-    })
-    .await?;
-    let (first, finished_at) = finished.lock().unwrap_or_else(|p| p.into_inner()).unzip();
-    let finished_at = finished_at.unwrap_or_else(Instant::now);
-    let kdedup_wait = meter.time_from(first, real_brokers);
-    let kdedup = meter.finish_at(options.events, &metrics.record_seconds, finished_at);
-    let machine_cpu = machine_cpu_secs().zip(machine_cpu_before).map(|(after, before)| after - before);
+    options.say("(b) kdedup: the whole path...");
+    let (kdedup, kdedup_wait, metrics, machine_cpu) = kdedup_phase(&config, &input, &ends, options).await?;
 
-    say("reading both outputs back...");
+    options.say("reading both outputs back...");
     let (pass_read, dedup_read) =
         (read_back(&brokers, &pass_out, produced, true)?, read_back(&brokers, &dedup_out, unique, true)?);
     if options.brokers.is_none() {
@@ -342,25 +263,6 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         Phase { records_out: pass_records.len() as u64, ..passthrough },
         Phase { records_out: dedup_records.len() as u64, ..kdedup },
     );
-
-    let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
-    let filter = |tier: &str, result: &str| metrics.filter_checks(tier, result) as f64;
-    let (recent, bloom_hit, bloom_miss) = (filter("recent", "hit"), filter("aging", "hit"), filter("aging", "miss"));
-    let checked = (recent + bloom_hit + bloom_miss).max(1.0);
-    let false_positives = metrics.bloom_false_positives.get() as f64;
-    let store_calls: u64 = ["lookup", "claim", "complete", "release"].iter().map(|op| metrics.store_calls_ok(op)).sum();
-    let dedup = DedupFigures {
-        store_round_trips_per_1000: per_1000(store_calls as f64),
-        store_reads_per_1000: per_1000(metrics.store_calls_ok("lookup") as f64),
-        store_key_reads_per_event: bloom_hit / options.events as f64,
-        fsyncs_per_1000: per_1000(metrics.fsyncs.get() as f64),
-        writes_per_new_event: (metrics.store_writes.get() > 0)
-            .then(|| metrics.store_writes.get() as f64 / metrics.outcome("new").max(1) as f64),
-        recent_cache_hit_rate: recent / checked,
-        bloom_hit_rate: bloom_hit / checked,
-        bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
-        duplicates_dropped: metrics.outcome("duplicate"),
-    };
     let store_time = deadlocks.map(|(database, deadlocks)| StoreTime {
         database,
         deadlocks,
@@ -385,14 +287,162 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         passthrough,
         kdedup: KdedupFigures {
             memory: memory(&config, &metrics, options.partitions, kdedup.peak_rss_bytes),
+            dedup: dedup_figures(&metrics, options),
             run: kdedup,
-            dedup,
         },
         verified,
         verification,
         store_time,
         before_first_record,
     })
+}
+
+impl BenchOptions {
+    /// A progress line on stderr, unless the report is JSON.
+    fn say(&self, s: &str) {
+        if self.progress {
+            eprintln!("{s}");
+        }
+    }
+}
+
+/// The bench's topics, and the suffix that names them apart on real brokers.
+struct BenchNames {
+    input: String,
+    pass_out: String,
+    dedup_out: String,
+    dlq: String,
+    suffix: String,
+}
+
+/// Creates the topics on `--brokers`, or spawns a mock cluster that has them (it
+/// lives as long as the [`ChildCluster`] returned); and the bootstrap address.
+async fn brokers_with_topics(options: &BenchOptions) -> anyhow::Result<(BenchNames, String, Option<ChildCluster>)> {
+    // Topic names of their own on real brokers, so runs never see each other's data.
+    let suffix = if options.brokers.is_some() {
+        format!("-{}-{}", std::process::id(), crate::store::now_ms())
+    } else {
+        String::new()
+    };
+    let name = |t: &str| format!("{t}{suffix}");
+    let (input, pass_out, dedup_out, dlq) = (name(INPUT), name(PASSTHROUGH_OUT), name(KDEDUP_OUT), name(DEAD_LETTER));
+    let topics = [
+        (input.as_str(), options.partitions),
+        (&pass_out, options.partitions),
+        (&dedup_out, options.partitions),
+        (&dlq, 1),
+    ];
+    let mut cluster = None;
+    let brokers = match &options.brokers {
+        Some(b) => {
+            mock::create_topics(b, &topics).await.context("creating the bench topics")?;
+            b.clone()
+        }
+        None => {
+            let (child, bootstrap) = spawn_mock_cluster(&topics)?;
+            cluster = Some(ChildCluster(child));
+            bootstrap
+        }
+    };
+    Ok((BenchNames { input, pass_out, dedup_out, dlq, suffix }, brokers, cluster))
+}
+
+/// Reads the input back to count it; errors unless it holds `--events` records.
+/// Counted by reading, not from high watermarks (some brokers' are wrong, see
+/// [`read_back`]): where each partition ends, returned, is where both runs must get to.
+fn count_input(brokers: &str, input: &str, options: &BenchOptions) -> anyhow::Result<BTreeMap<i32, i64>> {
+    options.say("reading the input back to count it...");
+    let input_read = read_back(brokers, input, options.events, false)?;
+    if options.brokers.is_none() {
+        mock_truncated(input, &input_read)?;
+    }
+    let produced = input_read.count;
+    if produced != options.events {
+        bail!(
+            "the input topic holds {produced} records, not {} (read back per partition: {:?})",
+            options.events,
+            input_read.counts
+        );
+    }
+    Ok(input_read.ends)
+}
+
+/// A PostgreSQL database of the bench's own (in `config`), and the schema applied
+/// to any store but the embedded one.
+async fn prepare_store(config: &mut Config, options: &BenchOptions) -> anyhow::Result<Option<PrivateDatabase>> {
+    let database = match &mut config.store {
+        StoreConfig::Postgres { url, tls, .. } => {
+            options.say("creating a PostgreSQL database of the bench's own...");
+            Some(PrivateDatabase::create(url, tls, &config.retention).await?)
+        }
+        _ => None,
+    };
+    if options.store != BenchStore::Embedded {
+        crate::store::Store::open(&config.store, &config.retention)?
+            .apply_schema()
+            .await
+            .context("applying the store schema")?;
+    }
+    Ok(database)
+}
+
+/// Phase (b): kdedup's whole path over the input, until every partition's end is
+/// committed. Returns the phase, the wait before its first record, its metrics,
+/// and the machine's CPU seconds spent meanwhile.
+async fn kdedup_phase(
+    config: &Config,
+    input: &str,
+    ends: &BTreeMap<i32, i64>,
+    options: &BenchOptions,
+) -> anyhow::Result<(Phase, Option<Duration>, Metrics, Option<f64>)> {
+    let machine_cpu_before = machine_cpu_secs();
+    let metrics = Metrics::new();
+    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
+    let mut meter = Meter::start();
+    let (m, input_topic, ends_b, progress, total) =
+        (metrics.clone(), input.to_string(), ends.clone(), options.progress, options.events);
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let finished_w = finished.clone();
+    service::run(config, run_options, async move {
+        let first_consumed = async {
+            while m.consumed_total() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Instant::now()
+        };
+        let (first, ()) = tokio::join!(first_consumed, wait_committed(&m, &input_topic, &ends_b, progress, total));
+        *finished_w.lock().unwrap_or_else(|p| p.into_inner()) = Some((first, Instant::now()));
+        StopMode::Drain
+    })
+    .await?;
+    let (first, finished_at) = finished.lock().unwrap_or_else(|p| p.into_inner()).unzip();
+    let finished_at = finished_at.unwrap_or_else(Instant::now);
+    let kdedup_wait = meter.time_from(first, options.brokers.is_some());
+    let kdedup = meter.finish_at(options.events, &metrics.record_seconds, finished_at);
+    let machine_cpu = machine_cpu_secs().zip(machine_cpu_before).map(|(after, before)| after - before);
+    Ok((kdedup, kdedup_wait, metrics, machine_cpu))
+}
+
+/// The filter's and the store's work per event, from phase (b)'s metrics.
+fn dedup_figures(metrics: &Metrics, options: &BenchOptions) -> DedupFigures {
+    let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
+    let filter = |tier: &str, result: &str| metrics.filter_checks(tier, result) as f64;
+    let (recent, bloom_hit, bloom_miss) = (filter("recent", "hit"), filter("aging", "hit"), filter("aging", "miss"));
+    let checked = (recent + bloom_hit + bloom_miss).max(1.0);
+    let false_positives = metrics.bloom_false_positives.get() as f64;
+    let store_calls: u64 = ["lookup", "claim", "complete", "release"].iter().map(|op| metrics.store_calls_ok(op)).sum();
+    DedupFigures {
+        store_round_trips_per_1000: per_1000(store_calls as f64),
+        store_reads_per_1000: per_1000(metrics.store_calls_ok("lookup") as f64),
+        store_key_reads_per_event: bloom_hit / options.events as f64,
+        fsyncs_per_1000: per_1000(metrics.fsyncs.get() as f64),
+        writes_per_new_event: (metrics.store_writes.get() > 0)
+            .then(|| metrics.store_writes.get() as f64 / metrics.outcome("new").max(1) as f64),
+        recent_cache_hit_rate: recent / checked,
+        bloom_hit_rate: bloom_hit / checked,
+        bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
+        duplicates_dropped: metrics.outcome("duplicate"),
+    }
 }
 
 fn memory(config: &Config, metrics: &Metrics, partitions: i32, peak_rss_bytes: u64) -> MemoryFigures {
