@@ -265,6 +265,16 @@ impl Taken {
 /// batches widen the last entry (the oldest one, which the gauge reads, stays exact).
 const TAKEN_BATCHES_MAX: usize = 1024;
 
+/// Text made safe for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A share as a percentage with one decimal, or a dash.
+fn pct(r: Option<f64>) -> String {
+    r.map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -827,18 +837,6 @@ impl Metrics {
     /// same registry as `/metrics` and refreshed by the browser every 5 s.
     pub fn status_page(&self) -> String {
         use std::fmt::Write;
-        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
-        let pct = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0));
-        let mut topics: std::collections::BTreeMap<String, [u64; OUTCOMES.len() + 1]> = Default::default();
-        for (labels, v) in series(&self.consumed.0) {
-            topics.entry(labels.get("topic").cloned().unwrap_or_default()).or_default()[0] = v as u64;
-        }
-        for (labels, v) in series(&self.records.0) {
-            let (Some(topic), Some(outcome)) = (labels.get("topic"), labels.get("outcome")) else { continue };
-            if let Some(i) = OUTCOMES.iter().position(|o| o == outcome) {
-                topics.entry(topic.clone()).or_default()[i + 1] = v as u64;
-            }
-        }
         let ready = self.is_ready();
         let mut html = String::new();
         let _ = write!(
@@ -865,6 +863,28 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
                 esc(&w)
             )),
         );
+        self.records_table(&mut html);
+        self.partitions_table(&mut html);
+        // Window adequacy: the same line `kdedup stats` prints, from these same counters.
+        let window = crate::window::Window::from_metrics(&self.render());
+        let _ =
+            write!(html, "<h2>Window adequacy</h2><p id=\"window\">{}</p>\n</body></html>\n", esc(&window.advice()));
+        html
+    }
+
+    /// The status page's records by topic and outcome (the table's first cells are open).
+    fn records_table(&self, html: &mut String) {
+        use std::fmt::Write;
+        let mut topics: std::collections::BTreeMap<String, [u64; OUTCOMES.len() + 1]> = Default::default();
+        for (labels, v) in series(&self.consumed.0) {
+            topics.entry(labels.get("topic").cloned().unwrap_or_default()).or_default()[0] = v as u64;
+        }
+        for (labels, v) in series(&self.records.0) {
+            let (Some(topic), Some(outcome)) = (labels.get("topic"), labels.get("outcome")) else { continue };
+            if let Some(i) = OUTCOMES.iter().position(|o| o == outcome) {
+                topics.entry(topic.clone()).or_default()[i + 1] = v as u64;
+            }
+        }
         for o in OUTCOMES {
             let _ = write!(html, "<th>{o}</th>");
         }
@@ -883,8 +903,14 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
             let rate = (finished > 0).then(|| counts[2] as f64 / finished as f64);
             let _ = writeln!(html, r#"<td data-k="duplicate_rate">{}</td></tr>"#, pct(rate));
         }
+        html.push_str("</table>\n");
+    }
+
+    /// The status page's table of partitions: committed offset, lag, and stalls with their reasons.
+    fn partitions_table(&self, html: &mut String) {
+        use std::fmt::Write;
         html.push_str(
-            "</table>\n<h2>Partitions</h2><table id=\"partitions\"><tr><th>topic</th><th>partition</th>\
+            "<h2>Partitions</h2><table id=\"partitions\"><tr><th>topic</th><th>partition</th>\
              <th>committed offset</th><th>lag (records)</th><th>lag (seconds)</th><th>state</th></tr>\n",
         );
         let mut partitions: std::collections::BTreeMap<(String, i32), [Option<f64>; 3]> = Default::default();
@@ -921,11 +947,6 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
             );
         }
         html.push_str("</table>\n");
-        // Window adequacy: the same line `kdedup stats` prints, from these same counters.
-        let window = crate::window::Window::from_metrics(&self.render());
-        let _ =
-            write!(html, "<h2>Window adequacy</h2><p id=\"window\">{}</p>\n</body></html>\n", esc(&window.advice()));
-        html
     }
 
     /// Committed offsets as last set on `kdedup_committed_offset`.
