@@ -482,49 +482,8 @@ pub(crate) async fn run_serve(path: &Path) -> Report {
 
 /// The settings `kdedup run` would use, secrets redacted.
 fn settings(c: &Config) -> serde_json::Value {
-    let store = match &c.store {
-        StoreConfig::Embedded { path } => json!({ "kind": "embedded", "path": path.display().to_string() }),
-        StoreConfig::Postgres { url, pool_size, tls } => {
-            let (mode, ca_file) = match tls {
-                PostgresTls::Prefer => ("prefer (TLS if offered, not verified)", None),
-                PostgresTls::Disable => ("disable", None),
-                PostgresTls::Require => ("require (encrypted, not verified)", None),
-                PostgresTls::VerifyFull { ca_file } => {
-                    ("verify-full", ca_file.as_ref().map(|p| p.display().to_string()))
-                }
-            };
-            json!({ "kind": "postgres", "url": redact_url(url.expose()), "pool_size": pool_size, "tls": mode, "tls_ca_file": ca_file })
-        }
-        StoreConfig::Scylla(s) => json!({
-            "kind": "scylla",
-            "contact_points": s.contact_points,
-            "local_datacenter": s.local_datacenter,
-            "keyspace": s.keyspace,
-            "tls": s.tls.is_some(),
-            "username": s.credentials.as_ref().map(|(u, _)| u.clone()),
-            "password": s.credentials.as_ref().map(|_| "<redacted>"),
-        }),
-    };
-    let sink = match &c.sink {
-        SinkConfig::Kafka { topic, partitioning } => json!({
-            "kind": "kafka",
-            "topic": topic,
-            "partitioning": match partitioning { Partitioning::Source => "source", Partitioning::Key => "key" },
-        }),
-        SinkConfig::Stdout => json!({ "kind": "stdout" }),
-        SinkConfig::Custom => json!({ "kind": "custom" }),
-        SinkConfig::Http(h) => json!({
-            "kind": "http",
-            "url": redact_url(h.url.expose()),
-            "method": h.method,
-            "idempotency_header": h.idempotency_header,
-            "headers": h.headers.iter().map(|(k, _)| (k.clone(), "<redacted>")).collect::<std::collections::BTreeMap<_, _>>(),
-            "timeout_ms": h.timeout.as_millis() as u64,
-            "max_in_flight": h.max_in_flight.get(),
-            "retry_budget_ms": h.retry_budget.as_millis() as u64,
-            "results_topic": h.results_topic,
-        }),
-    };
+    let store = store_settings(&c.store);
+    let sink = sink_settings(&c.sink);
     json!({
         "kafka": {
             "brokers": c.kafka.brokers,
@@ -576,6 +535,57 @@ fn settings(c: &Config) -> serde_json::Value {
             crate::config::Mode::Observe => "observe (every record forwarded, stamped kdedup-duplicate)",
         },
     })
+}
+
+/// `[store]`, its password and the URL's redacted.
+fn store_settings(store: &StoreConfig) -> serde_json::Value {
+    match store {
+        StoreConfig::Embedded { path } => json!({ "kind": "embedded", "path": path.display().to_string() }),
+        StoreConfig::Postgres { url, pool_size, tls } => {
+            let (mode, ca_file) = match tls {
+                PostgresTls::Prefer => ("prefer (TLS if offered, not verified)", None),
+                PostgresTls::Disable => ("disable", None),
+                PostgresTls::Require => ("require (encrypted, not verified)", None),
+                PostgresTls::VerifyFull { ca_file } => {
+                    ("verify-full", ca_file.as_ref().map(|p| p.display().to_string()))
+                }
+            };
+            json!({ "kind": "postgres", "url": redact_url(url.expose()), "pool_size": pool_size, "tls": mode, "tls_ca_file": ca_file })
+        }
+        StoreConfig::Scylla(s) => json!({
+            "kind": "scylla",
+            "contact_points": s.contact_points,
+            "local_datacenter": s.local_datacenter,
+            "keyspace": s.keyspace,
+            "tls": s.tls.is_some(),
+            "username": s.credentials.as_ref().map(|(u, _)| u.clone()),
+            "password": s.credentials.as_ref().map(|_| "<redacted>"),
+        }),
+    }
+}
+
+/// `[sink]`, its header values and the URL's password redacted.
+fn sink_settings(sink: &SinkConfig) -> serde_json::Value {
+    match sink {
+        SinkConfig::Kafka { topic, partitioning } => json!({
+            "kind": "kafka",
+            "topic": topic,
+            "partitioning": match partitioning { Partitioning::Source => "source", Partitioning::Key => "key" },
+        }),
+        SinkConfig::Stdout => json!({ "kind": "stdout" }),
+        SinkConfig::Custom => json!({ "kind": "custom" }),
+        SinkConfig::Http(h) => json!({
+            "kind": "http",
+            "url": redact_url(h.url.expose()),
+            "method": h.method,
+            "idempotency_header": h.idempotency_header,
+            "headers": h.headers.iter().map(|(k, _)| (k.clone(), "<redacted>")).collect::<std::collections::BTreeMap<_, _>>(),
+            "timeout_ms": h.timeout.as_millis() as u64,
+            "max_in_flight": h.max_in_flight.get(),
+            "retry_budget_ms": h.retry_budget.as_millis() as u64,
+            "results_topic": h.results_topic,
+        }),
+    }
 }
 
 /// Prints the report for a person.
