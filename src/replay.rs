@@ -478,44 +478,8 @@ fn ranges(
     options: &ReplayOptions,
 ) -> Result<Vec<(i32, i64, i64)>, ReplayError> {
     let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| unreachable("cannot read the topic's metadata from the brokers", e))?;
-    let known: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    if known.is_empty() {
-        return Err(ReplayError::Usage(format!("topic `{topic}` does not exist (or has no partitions)")));
-    }
-    let wanted = if options.partitions.is_empty() { known.clone() } else { options.partitions.clone() };
-    if let Some(p) = wanted.iter().find(|p| !known.contains(p)) {
-        return Err(ReplayError::Usage(format!(
-            "topic `{topic}` has no partition {p} (it has {} partitions: 0 to {})",
-            known.len(),
-            known.len() - 1
-        )));
-    }
-    // The live group's committed offsets: the start of --from-committed, and a check of the
-    // broker's end for every range (a failure to read them only fails --from-committed).
-    let committed: HashMap<i32, Option<Offset>> = {
-        let mut tpl = TopicPartitionList::new();
-        for &p in &wanted {
-            tpl.add_partition(topic, p);
-        }
-        match consumer.committed_offsets(tpl, timeout) {
-            Ok(c) => wanted.iter().map(|&p| (p, c.find_partition(topic, p).map(|e| e.offset()))).collect(),
-            Err(e) if matches!(options.from, From::Committed) => {
-                return Err(unreachable("cannot read the group's committed offsets", e))
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read the group's committed offsets; the end is not checked against them");
-                HashMap::new()
-            }
-        }
-    };
+    let wanted = wanted_partitions(consumer, topic, options, timeout)?;
+    let committed = committed_offsets(consumer, topic, &wanted, options, timeout)?;
     let at_time = |t: i64| -> Result<HashMap<i32, i64>, ReplayError> {
         let mut tpl = TopicPartitionList::new();
         for &p in &wanted {
@@ -563,6 +527,61 @@ fn ranges(
         out.push((p, from, if from >= high { from } else { to }));
     }
     Ok(out)
+}
+
+/// The partitions to replay: `--partition`s, or all of the topic's; errors name what is missing.
+fn wanted_partitions(
+    consumer: &StreamConsumer,
+    topic: &str,
+    options: &ReplayOptions,
+    timeout: Duration,
+) -> Result<Vec<i32>, ReplayError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| unreachable("cannot read the topic's metadata from the brokers", e))?;
+    let known: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if known.is_empty() {
+        return Err(ReplayError::Usage(format!("topic `{topic}` does not exist (or has no partitions)")));
+    }
+    let wanted = if options.partitions.is_empty() { known.clone() } else { options.partitions.clone() };
+    if let Some(p) = wanted.iter().find(|p| !known.contains(p)) {
+        return Err(ReplayError::Usage(format!(
+            "topic `{topic}` has no partition {p} (it has {} partitions: 0 to {})",
+            known.len(),
+            known.len() - 1
+        )));
+    }
+    Ok(wanted)
+}
+
+/// The live group's committed offsets: the start of --from-committed, and a check of the
+/// broker's end for every range (a failure to read them only fails --from-committed).
+fn committed_offsets(
+    consumer: &StreamConsumer,
+    topic: &str,
+    wanted: &[i32],
+    options: &ReplayOptions,
+    timeout: Duration,
+) -> Result<HashMap<i32, Option<Offset>>, ReplayError> {
+    let mut tpl = TopicPartitionList::new();
+    for &p in wanted {
+        tpl.add_partition(topic, p);
+    }
+    match consumer.committed_offsets(tpl, timeout) {
+        Ok(c) => Ok(wanted.iter().map(|&p| (p, c.find_partition(topic, p).map(|e| e.offset()))).collect()),
+        Err(e) if matches!(options.from, From::Committed) => {
+            Err(unreachable("cannot read the group's committed offsets", e))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the group's committed offsets; the end is not checked against them");
+            Ok(HashMap::new())
+        }
+    }
 }
 
 /// The warning for a partition whose end, as the broker gives it, lies below the live
