@@ -251,42 +251,14 @@ pub(crate) async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
 
     let dir = tempfile::tempdir()?;
     let config = demo_config(kafka.bootstrap(), &dir.path().join("store"), options.events.max(1000))?;
-    let metrics = Metrics::new();
-    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
     say("running the pipeline (embedded store, Kafka sink)...");
-    let started = Instant::now();
-    let elapsed = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
-    let elapsed_w = elapsed.clone();
     let total = data.records.len() as u64;
-    let progress = options.progress;
-    let m = metrics.clone();
-    service::run(&config, run_options, async move {
-        wait_committed(&m, INPUT, &ends, progress, total).await;
-        *elapsed_w.lock().unwrap_or_else(|p| p.into_inner()) = started.elapsed();
-        StopMode::Drain
-    })
-    .await?;
-    let elapsed = *elapsed.lock().unwrap_or_else(|p| p.into_inner());
+    let (metrics, elapsed) = run_until_committed(&config, ends, total, options.progress).await?;
 
     say("reading the output and dead-letter topics back...");
     let output = mock::read_all(kafka.bootstrap(), OUTPUT)?;
     let dead = mock::read_all(kafka.bootstrap(), DEAD_LETTER)?;
-    let mut emitted: HashMap<&[u8], u64> = HashMap::new();
-    for r in &output {
-        *emitted.entry(r.header(headers::EVENT_ID).unwrap_or_default()).or_default() += 1;
-    }
-    let lost = data.unique_ids.iter().filter(|id| !emitted.contains_key(id.as_bytes())).count() as u64;
-    let duplicated_effects = emitted.values().filter(|c| **c > 1).count() as u64;
-    let mut last: HashMap<i64, i64> = HashMap::new();
-    let mut out_of_order = 0;
-    for r in &output {
-        let p: i64 = r.header_str(headers::SOURCE_PARTITION).and_then(|s| s.parse().ok()).unwrap_or(-1);
-        let o: i64 = r.header_str(headers::SOURCE_OFFSET).and_then(|s| s.parse().ok()).unwrap_or(-1);
-        if last.get(&p).is_some_and(|prev| *prev > o) {
-            out_of_order += 1;
-        }
-        last.insert(p, o);
-    }
+    let Checked { lost, duplicated_effects, out_of_order } = check_output(&output, &data.unique_ids);
     let secs = elapsed.as_secs_f64();
     Ok(DemoReport {
         records_in: total,
@@ -306,6 +278,57 @@ pub(crate) async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         elapsed_secs: secs,
         events_per_sec: if secs > 0.0 { total as f64 / secs } else { 0.0 },
     })
+}
+
+/// Runs the pipeline until `total` records are committed; its metrics and the time it took.
+async fn run_until_committed(
+    config: &Config,
+    ends: BTreeMap<i32, i64>,
+    total: u64,
+    progress: bool,
+) -> anyhow::Result<(Metrics, Duration)> {
+    let metrics = Metrics::new();
+    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
+    let started = Instant::now();
+    let elapsed = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let elapsed_w = elapsed.clone();
+    let m = metrics.clone();
+    service::run(config, run_options, async move {
+        wait_committed(&m, INPUT, &ends, progress, total).await;
+        *elapsed_w.lock().unwrap_or_else(|p| p.into_inner()) = started.elapsed();
+        StopMode::Drain
+    })
+    .await?;
+    let elapsed = *elapsed.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((metrics, elapsed))
+}
+
+/// What the output says of the run: events never emitted, events emitted more than
+/// once, and records emitted behind a later offset of their source partition.
+struct Checked {
+    lost: u64,
+    duplicated_effects: u64,
+    out_of_order: u64,
+}
+
+fn check_output(output: &[mock::Consumed], unique_ids: &[String]) -> Checked {
+    let mut emitted: HashMap<&[u8], u64> = HashMap::new();
+    for r in output {
+        *emitted.entry(r.header(headers::EVENT_ID).unwrap_or_default()).or_default() += 1;
+    }
+    let lost = unique_ids.iter().filter(|id| !emitted.contains_key(id.as_bytes())).count() as u64;
+    let duplicated_effects = emitted.values().filter(|c| **c > 1).count() as u64;
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    let mut out_of_order = 0;
+    for r in output {
+        let p: i64 = r.header_str(headers::SOURCE_PARTITION).and_then(|s| s.parse().ok()).unwrap_or(-1);
+        let o: i64 = r.header_str(headers::SOURCE_OFFSET).and_then(|s| s.parse().ok()).unwrap_or(-1);
+        if last.get(&p).is_some_and(|prev| *prev > o) {
+            out_of_order += 1;
+        }
+        last.insert(p, o);
+    }
+    Checked { lost, duplicated_effects, out_of_order }
 }
 
 #[cfg(test)]
