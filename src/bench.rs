@@ -33,6 +33,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{Config, Retention, StoreConfig};
 use crate::demo::wait_committed;
+use crate::error::SinkError;
 use crate::metrics::{self, Metrics};
 use crate::mock::{self, Produce};
 use crate::service::{self, RunOptions};
@@ -40,6 +41,7 @@ use crate::sink::kafka::{headers, OutRecord};
 use crate::sink::KafkaWriter;
 use crate::source::{self, StopMode};
 use crate::store::postgres::PostgresStore;
+use crate::values::OutputMark;
 
 /// The store `kdedup bench --store` measures.
 // No variant docs: clap would print them in `--help` as the values' descriptions.
@@ -824,33 +826,7 @@ async fn passthrough(
                         None => break,
                     }
                 }
-                let (writer, topic) = (writer.clone(), output.to_string());
-                inflight.push_back(async move {
-                    // The writer counts writes per origin partition; one topic Arc per batch.
-                    let input: std::sync::Arc<str> = batch[0].topic().into();
-                    let sources: Vec<crate::event::Position> = batch
-                        .iter()
-                        .map(|m| crate::event::Position {
-                            topic: if m.topic() == &*input { input.clone() } else { m.topic().into() },
-                            partition: m.partition(),
-                            offset: m.offset(),
-                        })
-                        .collect();
-                    let out = batch
-                        .iter()
-                        .zip(&sources)
-                        .map(|(m, source)| OutRecord {
-                            partition: Some(m.partition().rem_euclid(partitions)),
-                            source,
-                            key: m.key(),
-                            payload: m.payload(),
-                            headers: m.headers().cloned().unwrap_or_default(),
-                        })
-                        .collect();
-                    let results = writer.write_all(&topic, out).await;
-                    let positions: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
-                    (positions, results, arrived)
-                });
+                inflight.push_back(forward(writer.clone(), output.to_string(), batch, partitions, arrived));
             }
             Some((positions, results, arrived)) = inflight.next() => {
                 let secs = arrived.elapsed().as_secs_f64();
@@ -872,6 +848,41 @@ async fn passthrough(
     }
     commit(&consumer, input, &delivered, CommitMode::Sync)?;
     Ok(first)
+}
+
+/// The passthrough's write of one batch to `topic`, each record to its source
+/// partition's number; the batch's positions and results, and when it arrived.
+async fn forward(
+    writer: KafkaWriter,
+    topic: String,
+    batch: Vec<OwnedMessage>,
+    partitions: i32,
+    arrived: Instant,
+) -> (Vec<(i32, i64)>, Vec<Result<OutputMark, SinkError>>, Instant) {
+    // The writer counts writes per origin partition; one topic Arc per batch.
+    let input: std::sync::Arc<str> = batch[0].topic().into();
+    let sources: Vec<crate::event::Position> = batch
+        .iter()
+        .map(|m| crate::event::Position {
+            topic: if m.topic() == &*input { input.clone() } else { m.topic().into() },
+            partition: m.partition(),
+            offset: m.offset(),
+        })
+        .collect();
+    let out = batch
+        .iter()
+        .zip(&sources)
+        .map(|(m, source)| OutRecord {
+            partition: Some(m.partition().rem_euclid(partitions)),
+            source,
+            key: m.key(),
+            payload: m.payload(),
+            headers: m.headers().cloned().unwrap_or_default(),
+        })
+        .collect();
+    let results = writer.write_all(&topic, out).await;
+    let positions: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
+    (positions, results, arrived)
 }
 
 fn commit(
