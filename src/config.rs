@@ -4,7 +4,7 @@
 //! its line and column, or the environment variable), the key, and what is allowed.
 //!
 //! The file's shape is plain serde types: choices are enums (serde's own error lists
-//! the allowed values), each section has its defaults in one `Default`. [`validate`]
+//! the allowed values), each section has its defaults in one `Default`. `validate`
 //! turns that shape into the richer types the crate uses, checking bounds and the rules
 //! that tie keys together.
 

@@ -28,7 +28,8 @@
 //!
 //! A library user sees [`config`] and [`error`], and at the top: [`run`] with its
 //! [`RunOptions`] (and the [`Metrics`] it counts into), the effect ([`Sink`],
-//! [`CustomSink`], [`Effect`], [`Delivered`], [`Stopping`]), the store ([`DedupStore`],
+//! [`CustomSink`], [`Effect`], [`Delivered`], [`Stopping`]; the HTTP sink's
+//! [`idempotency_key`]), the store ([`DedupStore`],
 //! [`Store`], [`Claim`] and the rest of its answers), the [`Decision`] and [`StopMode`];
 //! plus the types those name. Every other module is `pub(crate)`.
 //!
@@ -142,6 +143,7 @@ pub use decide::Decision;
 pub use error::SinkError;
 pub use metrics::Metrics;
 pub use service::{run, RunOptions};
+pub use sink::http::idempotency_key;
 pub use sink::{CustomSink, Delivered, Effect, Sink, Stopping};
 pub use source::StopMode;
 pub use store::{Claim, ClaimRequest, ClaimState, DedupStore, Store};

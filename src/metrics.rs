@@ -109,7 +109,7 @@ pub struct Metrics {
     pub lag_seconds: GaugeVec,
     /// `kdedup_filter_bytes`: memory the filters hold.
     pub filter_bytes: IntGauge,
-    /// `kdedup_filter_checks_total{tier,result}`; see [`FILTER_CHECKS`].
+    /// `kdedup_filter_checks_total{tier,result}`; see `FILTER_CHECKS`.
     pub filter: IntCounterVec,
     /// `kdedup_bloom_false_positives_total`: aging-filter hits whose store read found no row.
     pub bloom_false_positives: IntCounter,
@@ -121,7 +121,7 @@ pub struct Metrics {
     pub sink_seconds: Histogram,
     /// `kdedup_record_seconds`: time kdedup adds per record, arrival to completed claim.
     pub record_seconds: Histogram,
-    /// `kdedup_sink_errors_total{kind}`; see [`SINK_ERROR_KINDS`].
+    /// `kdedup_sink_errors_total{kind}`; see `SINK_ERROR_KINDS`.
     pub sink_errors: Summed<1>,
     /// `kdedup_duplicate_age_seconds{topic}`: now − the first claim, per duplicate.
     pub duplicate_age: HistogramVec,
@@ -745,7 +745,7 @@ impl Metrics {
         self.store_seconds.with_label_values(&[op, "ok"]).get_sample_count()
     }
 
-    /// The filter checked `n` keys in `tier` with `result` (see [`FILTER_CHECKS`]).
+    /// The filter checked `n` keys in `tier` with `result` (see `FILTER_CHECKS`).
     pub fn filter_checked(&self, tier: &str, result: &str, n: usize) {
         self.filter.with_label_values(&[tier, result]).inc_by(n as u64);
     }
@@ -1145,7 +1145,7 @@ pub const STORE_OP_RESULTS: [&str; 5] = ["applied", "not_applied", "ok", "timeou
 /// `op` names the statement kind (for ScyllaDB: `insert`, `takeover`, `resume`,
 /// `complete`, `release`, `forget`, `sweep_delete` are lightweight transactions;
 /// `read`, `serial_read`, `scan` are reads), so lookups on the Bloom route and
-/// Paxos claims are counted apart; `result` is one of [`STORE_OP_RESULTS`].
+/// Paxos claims are counted apart; `result` is one of `STORE_OP_RESULTS`.
 #[derive(Clone)]
 pub struct StoreOpMetrics {
     /// `kdedup_store_ops_total{store,op,result}`.

@@ -53,8 +53,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3_600);
 /// Stripe's 255.
 ///
 /// ```
-/// use kdedup::event::EventKey;
-/// use kdedup::sink::http::idempotency_key;
+/// use kdedup::{idempotency_key, EventKey};
 ///
 /// let key = EventKey { scope: "payments".into(), id: b"evt-1".to_vec() };
 /// assert_eq!(idempotency_key(&key), idempotency_key(&key.clone()));
