@@ -14,11 +14,7 @@
 
 use std::path::Path;
 
-use kdedup::config::Config;
-use kdedup::error::SinkError;
-use kdedup::service::{self, RunOptions};
-use kdedup::sink::{CustomSink, Delivered, Effect, Sink, Stopping};
-use kdedup::source::StopMode;
+use kdedup::{Config, CustomSink, Delivered, Effect, RunOptions, Sink, SinkError, StopMode, Stopping};
 use tokio::sync::Mutex;
 
 /// The ledger: `{prefix}_payments` (the business row) and `{prefix}_outbox`
@@ -111,7 +107,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = StopMode>,
 ) -> anyhow::Result<()> {
     let options = RunOptions { sink: Some(CustomSink::new(ledger)), ..RunOptions::default() };
-    service::run(config, options, shutdown).await
+    kdedup::run(config, options, shutdown).await
 }
 
 #[tokio::main]

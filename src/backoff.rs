@@ -8,30 +8,30 @@ use std::time::Duration;
 
 /// The waits between attempts: each step doubles, up to `max`.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     max: Duration,
 }
 
 impl Backoff {
     /// From `initial`, doubling up to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Backoff {
         Backoff { next: initial, max }
     }
 
     /// For failures (a store or a topic that errs): from 50 ms to 5 s.
-    pub fn failures() -> Backoff {
+    pub(crate) fn failures() -> Backoff {
         Backoff::new(Duration::from_millis(50), Duration::from_secs(5))
     }
 
     /// For a claim waiting on another process's batch (one in this process
     /// wakes the waiter when it settles): from 20 ms to 1 s.
-    pub fn claim_waits() -> Backoff {
+    pub(crate) fn claim_waits() -> Backoff {
         Backoff::new(Duration::from_millis(20), Duration::from_secs(1))
     }
 
     /// The next wait: half the current step, plus a random share of the other half.
-    pub fn wait(&mut self) -> Duration {
+    pub(crate) fn wait(&mut self) -> Duration {
         let step = self.next.as_millis() as u64;
         self.next = (self.next * 2).min(self.max);
         Duration::from_millis(step / 2 + rand::random_range(0..=step - step / 2))

@@ -33,6 +33,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{Config, Retention, StoreConfig};
 use crate::demo::wait_committed;
+use crate::error::SinkError;
 use crate::metrics::{self, Metrics};
 use crate::mock::{self, Produce};
 use crate::service::{self, RunOptions};
@@ -40,7 +41,11 @@ use crate::sink::kafka::{headers, OutRecord};
 use crate::sink::KafkaWriter;
 use crate::source::{self, StopMode};
 use crate::store::postgres::PostgresStore;
+use crate::values::OutputMark;
 
+/// The store `kdedup bench --store` measures.
+// No variant docs: clap would print them in `--help` as the values' descriptions.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchStore {
@@ -50,7 +55,7 @@ pub enum BenchStore {
 }
 
 #[derive(Debug, Clone)]
-pub struct BenchOptions {
+pub(crate) struct BenchOptions {
     /// External brokers; `None` starts a mock cluster in a child process.
     pub brokers: Option<String>,
     pub events: u64,
@@ -66,7 +71,7 @@ pub struct BenchOptions {
 
 /// One pipeline's figures.
 #[derive(Debug, Clone, Serialize)]
-pub struct Phase {
+pub(crate) struct Phase {
     pub events_per_sec: f64,
     pub elapsed_secs: f64,
     /// User + system CPU time of this process per input record.
@@ -80,7 +85,7 @@ pub struct Phase {
 
 /// kdedup's run: the figures both runs have, and its own counters.
 #[derive(Debug, Clone, Serialize)]
-pub struct KdedupFigures {
+pub(crate) struct KdedupFigures {
     #[serde(flatten)]
     pub run: Phase,
     #[serde(flatten)]
@@ -92,7 +97,7 @@ pub struct KdedupFigures {
 /// holds, and the rest of the peak resident set (allocator slack, librdkafka's
 /// buffers and queues, batches in flight, the runtime).
 #[derive(Debug, Clone, Serialize)]
-pub struct MemoryFigures {
+pub(crate) struct MemoryFigures {
     /// The filter: aging table, recent-key cache, expired keys (`kdedup_filter_bytes`).
     pub filter_bytes: u64,
     /// The store's memtables and block cache, where it can tell (embedded).
@@ -105,7 +110,7 @@ pub struct MemoryFigures {
 
 /// kdedup's own counters, per 1000 input records unless named otherwise.
 #[derive(Debug, Clone, Serialize)]
-pub struct DedupFigures {
+pub(crate) struct DedupFigures {
     pub store_round_trips_per_1000: f64,
     /// Store read calls (each carries a batch of suspected duplicates).
     pub store_reads_per_1000: f64,
@@ -123,7 +128,7 @@ pub struct DedupFigures {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct BenchReport {
+pub(crate) struct BenchReport {
     pub machine: String,
     pub brokers: String,
     pub store: BenchStore,
@@ -155,7 +160,7 @@ pub struct BenchReport {
 
 /// The topics a run made and used.
 #[derive(Debug, Clone, Serialize)]
-pub struct BenchTopics {
+pub(crate) struct BenchTopics {
     pub input: String,
     pub passthrough: String,
     pub kdedup: String,
@@ -166,7 +171,7 @@ pub struct BenchTopics {
 /// see DESIGN.md §4), which says nothing about the cost per event, so the
 /// figures leave it out.
 #[derive(Debug, Clone, Serialize)]
-pub struct BeforeFirstRecord {
+pub(crate) struct BeforeFirstRecord {
     pub passthrough_secs: f64,
     pub kdedup_secs: f64,
 }
@@ -175,7 +180,7 @@ pub struct BeforeFirstRecord {
 /// statements (PostgreSQL): from `kdedup_store_statement_keys`,
 /// `kdedup_store_seconds`, `kdedup_sink_seconds` and the machine's CPU counters.
 #[derive(Debug, Clone, Serialize)]
-pub struct StoreTime {
+pub(crate) struct StoreTime {
     /// Keys per claim statement; each statement is one round trip.
     pub claims_per_round_trip: f64,
     pub claim_round_trips: u64,
@@ -199,7 +204,7 @@ pub struct StoreTime {
 
 /// One kind of call of the kdedup run.
 #[derive(Debug, Clone, Serialize)]
-pub struct CallTime {
+pub(crate) struct CallTime {
     pub op: String,
     pub calls: u64,
     pub mean_ms: f64,
@@ -212,40 +217,11 @@ const PASSTHROUGH_OUT: &str = "bench.passthrough";
 const KDEDUP_OUT: &str = "bench.kdedup";
 const DEAD_LETTER: &str = "bench.dlq";
 
-pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let say = |s: &str| {
-        if options.progress {
-            eprintln!("{s}");
-        }
-    };
-    // Topic names of their own on real brokers, so runs never see each other's data.
-    let suffix = if options.brokers.is_some() {
-        format!("-{}-{}", std::process::id(), crate::store::now_ms())
-    } else {
-        String::new()
-    };
-    let name = |t: &str| format!("{t}{suffix}");
-    let (input, pass_out, dedup_out, dlq) = (name(INPUT), name(PASSTHROUGH_OUT), name(KDEDUP_OUT), name(DEAD_LETTER));
-    let topics = [
-        (input.as_str(), options.partitions),
-        (&pass_out, options.partitions),
-        (&dedup_out, options.partitions),
-        (&dlq, 1),
-    ];
-    let mut _cluster = None;
-    let brokers = match &options.brokers {
-        Some(b) => {
-            mock::create_topics(b, &topics).await.context("creating the bench topics")?;
-            b.clone()
-        }
-        None => {
-            let (child, bootstrap) = spawn_mock_cluster(&topics)?;
-            _cluster = Some(ChildCluster(child));
-            bootstrap
-        }
-    };
+pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let (names, brokers, _cluster) = brokers_with_topics(options).await?;
+    let BenchNames { input, pass_out, dedup_out, dlq, suffix } = names;
 
-    say(&format!(
+    options.say(&format!(
         "kdedup bench: producing {} events ({:.0}% duplicates, {:.0}% of those on another partition, {} B payloads) to {} partitions...",
         options.events,
         options.duplicate_rate * 100.0,
@@ -254,40 +230,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         options.partitions
     ));
     let Produced { unique, cross_partition } = produce_dataset(&brokers, &input, options).await?;
-    // Counted by reading, not from high watermarks (some brokers' are wrong, see
-    // `read_back`): where each partition ends is where both runs must get to.
-    say("reading the input back to count it...");
-    let input_read = read_back(&brokers, &input, options.events, false)?;
-    if options.brokers.is_none() {
-        mock_truncated(&input, &input_read)?;
-    }
-    let produced = input_read.count;
-    if produced != options.events {
-        bail!(
-            "the input topic holds {produced} records, not {} (read back per partition: {:?})",
-            options.events,
-            input_read.counts
-        );
-    }
-    let ends = input_read.ends;
+    let ends = count_input(&brokers, &input, options)?;
+    let produced = options.events;
 
     let dir = tempfile::tempdir()?;
     let mut config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), &suffix, options)?;
-    let database = match &mut config.store {
-        StoreConfig::Postgres { url, tls, .. } => {
-            say("creating a PostgreSQL database of the bench's own...");
-            Some(PrivateDatabase::create(url, tls, &config.retention).await?)
-        }
-        _ => None,
-    };
-    if options.store != BenchStore::Embedded {
-        crate::store::Store::open(&config.store, &config.retention)?
-            .apply_schema()
-            .await
-            .context("applying the store schema")?;
-    }
+    let database = prepare_store(&mut config, options).await?;
 
-    say("(a) passthrough: consume, produce, commit...");
+    options.say("(a) passthrough: consume, produce, commit...");
     let latency = latency_histogram();
     let real_brokers = options.brokers.is_some();
     let mut meter = Meter::start();
@@ -295,34 +245,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let pass_wait = meter.time_from(first, real_brokers);
     let passthrough = meter.finish(options.events, &latency);
 
-    say("(b) kdedup: the whole path...");
-    let machine_cpu_before = machine_cpu_secs();
-    let metrics = Metrics::new();
-    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
-    let mut meter = Meter::start();
-    let (m, input_topic, ends_b, progress, total) =
-        (metrics.clone(), input.clone(), ends.clone(), options.progress, options.events);
-    let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let finished_w = finished.clone();
-    service::run(&config, run_options, async move {
-        let first_consumed = async {
-            while m.consumed_total() == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Instant::now()
-        };
-        let (first, ()) = tokio::join!(first_consumed, wait_committed(&m, &input_topic, &ends_b, progress, total));
-        *finished_w.lock().unwrap_or_else(|p| p.into_inner()) = Some((first, Instant::now()));
-        StopMode::Drain
-    })
-    .await?;
-    let (first, finished_at) = finished.lock().unwrap_or_else(|p| p.into_inner()).unzip();
-    let finished_at = finished_at.unwrap_or_else(Instant::now);
-    let kdedup_wait = meter.time_from(first, real_brokers);
-    let kdedup = meter.finish_at(options.events, &metrics.record_seconds, finished_at);
-    let machine_cpu = machine_cpu_secs().zip(machine_cpu_before).map(|(after, before)| after - before);
+    options.say("(b) kdedup: the whole path...");
+    let (kdedup, kdedup_wait, metrics, machine_cpu) = kdedup_phase(&config, &input, &ends, options).await?;
 
-    say("reading both outputs back...");
+    options.say("reading both outputs back...");
     let (pass_read, dedup_read) =
         (read_back(&brokers, &pass_out, produced, true)?, read_back(&brokers, &dedup_out, unique, true)?);
     if options.brokers.is_none() {
@@ -339,25 +265,6 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         Phase { records_out: pass_records.len() as u64, ..passthrough },
         Phase { records_out: dedup_records.len() as u64, ..kdedup },
     );
-
-    let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
-    let filter = |tier: &str, result: &str| metrics.filter_checks(tier, result) as f64;
-    let (recent, bloom_hit, bloom_miss) = (filter("recent", "hit"), filter("aging", "hit"), filter("aging", "miss"));
-    let checked = (recent + bloom_hit + bloom_miss).max(1.0);
-    let false_positives = metrics.bloom_false_positives.get() as f64;
-    let store_calls: u64 = ["lookup", "claim", "complete", "release"].iter().map(|op| metrics.store_calls_ok(op)).sum();
-    let dedup = DedupFigures {
-        store_round_trips_per_1000: per_1000(store_calls as f64),
-        store_reads_per_1000: per_1000(metrics.store_calls_ok("lookup") as f64),
-        store_key_reads_per_event: bloom_hit / options.events as f64,
-        fsyncs_per_1000: per_1000(metrics.fsyncs.get() as f64),
-        writes_per_new_event: (metrics.store_writes.get() > 0)
-            .then(|| metrics.store_writes.get() as f64 / metrics.outcome("new").max(1) as f64),
-        recent_cache_hit_rate: recent / checked,
-        bloom_hit_rate: bloom_hit / checked,
-        bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
-        duplicates_dropped: metrics.outcome("duplicate"),
-    };
     let store_time = deadlocks.map(|(database, deadlocks)| StoreTime {
         database,
         deadlocks,
@@ -382,14 +289,162 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         passthrough,
         kdedup: KdedupFigures {
             memory: memory(&config, &metrics, options.partitions, kdedup.peak_rss_bytes),
+            dedup: dedup_figures(&metrics, options),
             run: kdedup,
-            dedup,
         },
         verified,
         verification,
         store_time,
         before_first_record,
     })
+}
+
+impl BenchOptions {
+    /// A progress line on stderr, unless the report is JSON.
+    fn say(&self, s: &str) {
+        if self.progress {
+            eprintln!("{s}");
+        }
+    }
+}
+
+/// The bench's topics, and the suffix that names them apart on real brokers.
+struct BenchNames {
+    input: String,
+    pass_out: String,
+    dedup_out: String,
+    dlq: String,
+    suffix: String,
+}
+
+/// Creates the topics on `--brokers`, or spawns a mock cluster that has them (it
+/// lives as long as the [`ChildCluster`] returned); and the bootstrap address.
+async fn brokers_with_topics(options: &BenchOptions) -> anyhow::Result<(BenchNames, String, Option<ChildCluster>)> {
+    // Topic names of their own on real brokers, so runs never see each other's data.
+    let suffix = if options.brokers.is_some() {
+        format!("-{}-{}", std::process::id(), crate::store::now_ms())
+    } else {
+        String::new()
+    };
+    let name = |t: &str| format!("{t}{suffix}");
+    let (input, pass_out, dedup_out, dlq) = (name(INPUT), name(PASSTHROUGH_OUT), name(KDEDUP_OUT), name(DEAD_LETTER));
+    let topics = [
+        (input.as_str(), options.partitions),
+        (&pass_out, options.partitions),
+        (&dedup_out, options.partitions),
+        (&dlq, 1),
+    ];
+    let mut cluster = None;
+    let brokers = match &options.brokers {
+        Some(b) => {
+            mock::create_topics(b, &topics).await.context("creating the bench topics")?;
+            b.clone()
+        }
+        None => {
+            let (child, bootstrap) = spawn_mock_cluster(&topics)?;
+            cluster = Some(ChildCluster(child));
+            bootstrap
+        }
+    };
+    Ok((BenchNames { input, pass_out, dedup_out, dlq, suffix }, brokers, cluster))
+}
+
+/// Reads the input back to count it; errors unless it holds `--events` records.
+/// Counted by reading, not from high watermarks (some brokers' are wrong, see
+/// [`read_back`]): where each partition ends, returned, is where both runs must get to.
+fn count_input(brokers: &str, input: &str, options: &BenchOptions) -> anyhow::Result<BTreeMap<i32, i64>> {
+    options.say("reading the input back to count it...");
+    let input_read = read_back(brokers, input, options.events, false)?;
+    if options.brokers.is_none() {
+        mock_truncated(input, &input_read)?;
+    }
+    let produced = input_read.count;
+    if produced != options.events {
+        bail!(
+            "the input topic holds {produced} records, not {} (read back per partition: {:?})",
+            options.events,
+            input_read.counts
+        );
+    }
+    Ok(input_read.ends)
+}
+
+/// A PostgreSQL database of the bench's own (in `config`), and the schema applied
+/// to any store but the embedded one.
+async fn prepare_store(config: &mut Config, options: &BenchOptions) -> anyhow::Result<Option<PrivateDatabase>> {
+    let database = match &mut config.store {
+        StoreConfig::Postgres { url, tls, .. } => {
+            options.say("creating a PostgreSQL database of the bench's own...");
+            Some(PrivateDatabase::create(url, tls, &config.retention).await?)
+        }
+        _ => None,
+    };
+    if options.store != BenchStore::Embedded {
+        crate::store::Store::open(&config.store, &config.retention)?
+            .apply_schema()
+            .await
+            .context("applying the store schema")?;
+    }
+    Ok(database)
+}
+
+/// Phase (b): kdedup's whole path over the input, until every partition's end is
+/// committed. Returns the phase, the wait before its first record, its metrics,
+/// and the machine's CPU seconds spent meanwhile.
+async fn kdedup_phase(
+    config: &Config,
+    input: &str,
+    ends: &BTreeMap<i32, i64>,
+    options: &BenchOptions,
+) -> anyhow::Result<(Phase, Option<Duration>, Metrics, Option<f64>)> {
+    let machine_cpu_before = machine_cpu_secs();
+    let metrics = Metrics::new();
+    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
+    let mut meter = Meter::start();
+    let (m, input_topic, ends_b, progress, total) =
+        (metrics.clone(), input.to_string(), ends.clone(), options.progress, options.events);
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let finished_w = finished.clone();
+    service::run(config, run_options, async move {
+        let first_consumed = async {
+            while m.consumed_total() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Instant::now()
+        };
+        let (first, ()) = tokio::join!(first_consumed, wait_committed(&m, &input_topic, &ends_b, progress, total));
+        *finished_w.lock().unwrap_or_else(|p| p.into_inner()) = Some((first, Instant::now()));
+        StopMode::Drain
+    })
+    .await?;
+    let (first, finished_at) = finished.lock().unwrap_or_else(|p| p.into_inner()).unzip();
+    let finished_at = finished_at.unwrap_or_else(Instant::now);
+    let kdedup_wait = meter.time_from(first, options.brokers.is_some());
+    let kdedup = meter.finish_at(options.events, &metrics.record_seconds, finished_at);
+    let machine_cpu = machine_cpu_secs().zip(machine_cpu_before).map(|(after, before)| after - before);
+    Ok((kdedup, kdedup_wait, metrics, machine_cpu))
+}
+
+/// The filter's and the store's work per event, from phase (b)'s metrics.
+fn dedup_figures(metrics: &Metrics, options: &BenchOptions) -> DedupFigures {
+    let per_1000 = |n: f64| n * 1000.0 / options.events as f64;
+    let filter = |tier: &str, result: &str| metrics.filter_checks(tier, result) as f64;
+    let (recent, bloom_hit, bloom_miss) = (filter("recent", "hit"), filter("aging", "hit"), filter("aging", "miss"));
+    let checked = (recent + bloom_hit + bloom_miss).max(1.0);
+    let false_positives = metrics.bloom_false_positives.get() as f64;
+    let store_calls: u64 = ["lookup", "claim", "complete", "release"].iter().map(|op| metrics.store_calls_ok(op)).sum();
+    DedupFigures {
+        store_round_trips_per_1000: per_1000(store_calls as f64),
+        store_reads_per_1000: per_1000(metrics.store_calls_ok("lookup") as f64),
+        store_key_reads_per_event: bloom_hit / options.events as f64,
+        fsyncs_per_1000: per_1000(metrics.fsyncs.get() as f64),
+        writes_per_new_event: (metrics.store_writes.get() > 0)
+            .then(|| metrics.store_writes.get() as f64 / metrics.outcome("new").max(1) as f64),
+        recent_cache_hit_rate: recent / checked,
+        bloom_hit_rate: bloom_hit / checked,
+        bloom_false_positive_rate: false_positives / (false_positives + bloom_miss).max(1.0),
+        duplicates_dropped: metrics.outcome("duplicate"),
+    }
 }
 
 fn memory(config: &Config, metrics: &Metrics, partitions: i32, peak_rss_bytes: u64) -> MemoryFigures {
@@ -771,33 +826,7 @@ async fn passthrough(
                         None => break,
                     }
                 }
-                let (writer, topic) = (writer.clone(), output.to_string());
-                inflight.push_back(async move {
-                    // The writer counts writes per origin partition; one topic Arc per batch.
-                    let input: std::sync::Arc<str> = batch[0].topic().into();
-                    let sources: Vec<crate::event::Position> = batch
-                        .iter()
-                        .map(|m| crate::event::Position {
-                            topic: if m.topic() == &*input { input.clone() } else { m.topic().into() },
-                            partition: m.partition(),
-                            offset: m.offset(),
-                        })
-                        .collect();
-                    let out = batch
-                        .iter()
-                        .zip(&sources)
-                        .map(|(m, source)| OutRecord {
-                            partition: Some(m.partition().rem_euclid(partitions)),
-                            source,
-                            key: m.key(),
-                            payload: m.payload(),
-                            headers: m.headers().cloned().unwrap_or_default(),
-                        })
-                        .collect();
-                    let results = writer.write_all(&topic, out).await;
-                    let positions: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
-                    (positions, results, arrived)
-                });
+                inflight.push_back(forward(writer.clone(), output.to_string(), batch, partitions, arrived));
             }
             Some((positions, results, arrived)) = inflight.next() => {
                 let secs = arrived.elapsed().as_secs_f64();
@@ -819,6 +848,41 @@ async fn passthrough(
     }
     commit(&consumer, input, &delivered, CommitMode::Sync)?;
     Ok(first)
+}
+
+/// The passthrough's write of one batch to `topic`, each record to its source
+/// partition's number; the batch's positions and results, and when it arrived.
+async fn forward(
+    writer: KafkaWriter,
+    topic: String,
+    batch: Vec<OwnedMessage>,
+    partitions: i32,
+    arrived: Instant,
+) -> (Vec<(i32, i64)>, Vec<Result<OutputMark, SinkError>>, Instant) {
+    // The writer counts writes per origin partition; one topic Arc per batch.
+    let input: std::sync::Arc<str> = batch[0].topic().into();
+    let sources: Vec<crate::event::Position> = batch
+        .iter()
+        .map(|m| crate::event::Position {
+            topic: if m.topic() == &*input { input.clone() } else { m.topic().into() },
+            partition: m.partition(),
+            offset: m.offset(),
+        })
+        .collect();
+    let out = batch
+        .iter()
+        .zip(&sources)
+        .map(|(m, source)| OutRecord {
+            partition: Some(m.partition().rem_euclid(partitions)),
+            source,
+            key: m.key(),
+            payload: m.payload(),
+            headers: m.headers().cloned().unwrap_or_default(),
+        })
+        .collect();
+    let results = writer.write_all(&topic, out).await;
+    let positions: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
+    (positions, results, arrived)
 }
 
 fn commit(
@@ -1000,7 +1064,7 @@ fn spawn_mock_cluster(topics: &[(&str, i32)]) -> anyhow::Result<(Child, String)>
 /// `kdedup mock-cluster NAME:PARTITIONS...`: runs librdkafka's mock cluster
 /// with these topics, prints its bootstrap address on stdout, and serves
 /// until stdin closes.
-pub fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
+pub(crate) fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
     let kafka = mock::MockKafka::start(3)?;
     for t in topics {
         let (name, partitions) = t.rsplit_once(':').ok_or_else(|| anyhow!("topic {t}: expected NAME:PARTITIONS"))?;
@@ -1016,7 +1080,7 @@ pub fn serve_mock_cluster(topics: &[String]) -> anyhow::Result<()> {
 }
 
 /// The report as a table for people.
-pub fn print_table(r: &BenchReport) {
+pub(crate) fn print_table(r: &BenchReport) {
     println!("kdedup bench  ({}; {}; store {:?})", r.machine, r.brokers, r.store);
     println!(
         "  {} events ({} unique, {:.0}% duplicates, {} of them on another partition), {} B payloads, {} partitions",

@@ -27,7 +27,7 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
-pub enum Status {
+pub(crate) enum Status {
     /// It works.
     Ok,
     /// It works, but something is likely wrong (e.g. a topic with fewer partitions than expected).
@@ -40,7 +40,7 @@ pub enum Status {
 
 /// One question asked of a dependency.
 #[derive(Debug, Clone, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     /// What was checked, e.g. `broker` or `store`.
     pub name: &'static str,
     /// The verdict.
@@ -51,7 +51,7 @@ pub struct Check {
 
 /// What `kdedup check` prints: every check and whether `run` would work.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The config file checked.
     pub config: String,
     /// No check failed (warnings allowed).
@@ -67,7 +67,7 @@ fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check
 }
 
 /// Runs every check against the config at `path`.
-pub async fn run(path: &Path) -> Report {
+pub(crate) async fn run(path: &Path) -> Report {
     let mut checks = Vec::new();
     let config = match Config::load(path) {
         Ok(c) => {
@@ -431,7 +431,7 @@ fn listen_check(name: &'static str, addr: Option<std::net::SocketAddr>, key: &st
 }
 
 /// Whether the file at `path` is a `kdedup serve` config (it has a `[serve]` table).
-pub fn is_serve_config(path: &Path) -> bool {
+pub(crate) fn is_serve_config(path: &Path) -> bool {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
@@ -440,7 +440,7 @@ pub fn is_serve_config(path: &Path) -> bool {
 
 /// `kdedup check` of a `kdedup serve` config: valid, store reachable with its
 /// schema, the upstream accepting connections, both listen addresses free.
-pub async fn run_serve(path: &Path) -> Report {
+pub(crate) async fn run_serve(path: &Path) -> Report {
     let mut checks = Vec::new();
     let config = match ServeConfig::load(path) {
         Ok(c) => {
@@ -482,49 +482,8 @@ pub async fn run_serve(path: &Path) -> Report {
 
 /// The settings `kdedup run` would use, secrets redacted.
 fn settings(c: &Config) -> serde_json::Value {
-    let store = match &c.store {
-        StoreConfig::Embedded { path } => json!({ "kind": "embedded", "path": path.display().to_string() }),
-        StoreConfig::Postgres { url, pool_size, tls } => {
-            let (mode, ca_file) = match tls {
-                PostgresTls::Prefer => ("prefer (TLS if offered, not verified)", None),
-                PostgresTls::Disable => ("disable", None),
-                PostgresTls::Require => ("require (encrypted, not verified)", None),
-                PostgresTls::VerifyFull { ca_file } => {
-                    ("verify-full", ca_file.as_ref().map(|p| p.display().to_string()))
-                }
-            };
-            json!({ "kind": "postgres", "url": redact_url(url.expose()), "pool_size": pool_size, "tls": mode, "tls_ca_file": ca_file })
-        }
-        StoreConfig::Scylla(s) => json!({
-            "kind": "scylla",
-            "contact_points": s.contact_points,
-            "local_datacenter": s.local_datacenter,
-            "keyspace": s.keyspace,
-            "tls": s.tls.is_some(),
-            "username": s.credentials.as_ref().map(|(u, _)| u.clone()),
-            "password": s.credentials.as_ref().map(|_| "<redacted>"),
-        }),
-    };
-    let sink = match &c.sink {
-        SinkConfig::Kafka { topic, partitioning } => json!({
-            "kind": "kafka",
-            "topic": topic,
-            "partitioning": match partitioning { Partitioning::Source => "source", Partitioning::Key => "key" },
-        }),
-        SinkConfig::Stdout => json!({ "kind": "stdout" }),
-        SinkConfig::Custom => json!({ "kind": "custom" }),
-        SinkConfig::Http(h) => json!({
-            "kind": "http",
-            "url": redact_url(h.url.expose()),
-            "method": h.method,
-            "idempotency_header": h.idempotency_header,
-            "headers": h.headers.iter().map(|(k, _)| (k.clone(), "<redacted>")).collect::<std::collections::BTreeMap<_, _>>(),
-            "timeout_ms": h.timeout.as_millis() as u64,
-            "max_in_flight": h.max_in_flight.get(),
-            "retry_budget_ms": h.retry_budget.as_millis() as u64,
-            "results_topic": h.results_topic,
-        }),
-    };
+    let store = store_settings(&c.store);
+    let sink = sink_settings(&c.sink);
     json!({
         "kafka": {
             "brokers": c.kafka.brokers,
@@ -578,8 +537,59 @@ fn settings(c: &Config) -> serde_json::Value {
     })
 }
 
+/// `[store]`, its password and the URL's redacted.
+fn store_settings(store: &StoreConfig) -> serde_json::Value {
+    match store {
+        StoreConfig::Embedded { path } => json!({ "kind": "embedded", "path": path.display().to_string() }),
+        StoreConfig::Postgres { url, pool_size, tls } => {
+            let (mode, ca_file) = match tls {
+                PostgresTls::Prefer => ("prefer (TLS if offered, not verified)", None),
+                PostgresTls::Disable => ("disable", None),
+                PostgresTls::Require => ("require (encrypted, not verified)", None),
+                PostgresTls::VerifyFull { ca_file } => {
+                    ("verify-full", ca_file.as_ref().map(|p| p.display().to_string()))
+                }
+            };
+            json!({ "kind": "postgres", "url": redact_url(url.expose()), "pool_size": pool_size, "tls": mode, "tls_ca_file": ca_file })
+        }
+        StoreConfig::Scylla(s) => json!({
+            "kind": "scylla",
+            "contact_points": s.contact_points,
+            "local_datacenter": s.local_datacenter,
+            "keyspace": s.keyspace,
+            "tls": s.tls.is_some(),
+            "username": s.credentials.as_ref().map(|(u, _)| u.clone()),
+            "password": s.credentials.as_ref().map(|_| "<redacted>"),
+        }),
+    }
+}
+
+/// `[sink]`, its header values and the URL's password redacted.
+fn sink_settings(sink: &SinkConfig) -> serde_json::Value {
+    match sink {
+        SinkConfig::Kafka { topic, partitioning } => json!({
+            "kind": "kafka",
+            "topic": topic,
+            "partitioning": match partitioning { Partitioning::Source => "source", Partitioning::Key => "key" },
+        }),
+        SinkConfig::Stdout => json!({ "kind": "stdout" }),
+        SinkConfig::Custom => json!({ "kind": "custom" }),
+        SinkConfig::Http(h) => json!({
+            "kind": "http",
+            "url": redact_url(h.url.expose()),
+            "method": h.method,
+            "idempotency_header": h.idempotency_header,
+            "headers": h.headers.iter().map(|(k, _)| (k.clone(), "<redacted>")).collect::<std::collections::BTreeMap<_, _>>(),
+            "timeout_ms": h.timeout.as_millis() as u64,
+            "max_in_flight": h.max_in_flight.get(),
+            "retry_budget_ms": h.retry_budget.as_millis() as u64,
+            "results_topic": h.results_topic,
+        }),
+    }
+}
+
 /// Prints the report for a person.
-pub fn print(report: &Report) {
+pub(crate) fn print(report: &Report) {
     println!("kdedup check: {}", report.config);
     if !report.settings.is_null() {
         println!("\neffective settings (secrets redacted):");

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::bench::{self, BenchOptions, BenchStore};
+use crate::bench::{self, BenchOptions};
+// Named by `Command::Bench` (clap's `--store` values).
+pub use crate::bench::BenchStore;
 use crate::config::{Config, ServeConfig, StoreConfig};
 use crate::demo::{self, DemoOptions};
 use crate::event::EventKey;
@@ -334,44 +336,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             serve_command(config, &path).await?;
             Ok(0)
         }
-        Command::Check { config, json } => {
-            let report = if crate::check::is_serve_config(&config) {
-                crate::check::run_serve(&config).await
-            } else {
-                crate::check::run(&config).await
-            };
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                crate::check::print(&report);
-            }
-            Ok(if report.ok { 0 } else { 1 })
-        }
+        Command::Check { config, json } => check_command(config, json).await,
         Command::Demo { events, duplicate_rate, cross_partition_rate, partitions, seed, json } => {
-            if !(0.0..=0.9).contains(&duplicate_rate) {
-                anyhow::bail!("--duplicate-rate must be between 0 and 0.9, got {duplicate_rate}");
-            }
-            if !(0.0..=1.0).contains(&cross_partition_rate) {
-                anyhow::bail!("--cross-partition-rate must be between 0 and 1, got {cross_partition_rate}");
-            }
-            if partitions < 1 {
-                anyhow::bail!("--partitions must be at least 1");
-            }
-            let report = demo::run(&DemoOptions {
-                events,
-                duplicate_rate,
-                cross_partition_rate,
-                partitions,
-                seed,
-                progress: !json,
-            })
-            .await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print_report(&report);
-            }
-            Ok(if report.ok() { 0 } else { 1 })
+            demo_command(events, duplicate_rate, cross_partition_rate, partitions, seed, json).await
         }
         Command::Bench {
             brokers,
@@ -384,15 +351,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             seed,
             json,
         } => {
-            if !(0.0..=0.9).contains(&duplicate_rate) {
-                anyhow::bail!("--duplicate-rate must be between 0 and 0.9, got {duplicate_rate}");
-            }
-            if !(0.0..=1.0).contains(&cross_partition_rate) {
-                anyhow::bail!("--cross-partition-rate must be between 0 and 1, got {cross_partition_rate}");
-            }
-            if partitions < 1 || events < 1 {
-                anyhow::bail!("--partitions and --events must be at least 1");
-            }
             let options = BenchOptions {
                 brokers,
                 events,
@@ -404,152 +362,231 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 seed,
                 progress: !json,
             };
-            let report = bench::run(&options).await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                bench::print_table(&report);
-            }
-            Ok(if report.verified { 0 } else { 1 })
+            bench_command(options, json).await
         }
         Command::MockCluster { topics } => {
             tokio::task::spawn_blocking(move || bench::serve_mock_cluster(&topics)).await??;
             Ok(0)
         }
-        Command::Schema { action: SchemaAction::Print { config, kind } } => {
-            let schema = match (config, kind.as_deref()) {
-                (_, Some("postgres")) => Some(crate::store::postgres::SCHEMA.to_string()),
-                (_, Some("scylla")) => Some(crate::store::scylla::SCHEMA_TEMPLATE.to_string()),
-                (_, Some(other)) => anyhow::bail!("--kind {other}: allowed: postgres, scylla"),
-                (Some(path), None) => {
-                    let config = Config::load(&path)?;
-                    match &config.store {
-                        StoreConfig::Postgres { .. } => Some(crate::store::postgres::SCHEMA.to_string()),
-                        StoreConfig::Scylla(scylla) => {
-                            Some(crate::store::scylla::render_schema(scylla, &config.retention))
-                        }
-                        StoreConfig::Embedded { .. } => None,
-                    }
-                }
-                (None, None) => unreachable!("clap requires --config or --kind"),
-            };
-            match schema {
-                Some(text) => print!("{text}"),
-                None => println!("-- the embedded store needs no schema"),
-            }
-            Ok(0)
-        }
-        Command::Schema { action: SchemaAction::Apply { config } } => {
-            let store = if crate::check::is_serve_config(&config) {
-                let config = ServeConfig::load(&config)?;
-                Store::open(&config.store, &config.retention)?
-            } else {
-                let config = Config::load(&config)?;
-                Store::open(&config.store, &config.retention)?
-            };
-            store.apply_schema().await.context("applying the schema")?;
-            println!("schema applied ({} store)", store.kind());
-            Ok(0)
-        }
+        Command::Schema { action: SchemaAction::Print { config, kind } } => schema_print(config, kind),
+        Command::Schema { action: SchemaAction::Apply { config } } => schema_apply(config).await,
         Command::Replay(args) => replay_command(args).await,
-        Command::Stats { config: Some(path), store: true, json, .. } => {
-            let config = Config::load(&path)?;
-            let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
-            let now = now_ms();
-            let census = store.census(&config.key.scope, now).await?;
-            let age_secs = census.oldest_claimed_at_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0);
-            if json {
-                let mut v = serde_json::to_value(census)?;
-                v["scope"] = config.key.scope.clone().into();
-                v["oldest_age_secs"] = age_secs.into();
-                v["ttl_secs"] = config.retention.ttl.as_secs().into();
-                println!("{v}");
-            } else {
-                let age = age_secs.map_or("no keys".to_string(), |a| format!("oldest key {a:.0}s old"));
-                let size =
-                    census.bytes.map_or(String::new(), |b| format!("; store {:.1} MiB on disk", b as f64 / 1048576.0));
-                println!(
-                    "scope {}: {} keys done, {} in flight; {age} (ttl_secs {}){size}",
-                    config.key.scope,
-                    census.done,
-                    census.in_flight,
-                    config.retention.ttl.as_secs()
-                );
-            }
-            Ok(0)
-        }
-        Command::Stats { url, config, json, .. } => {
-            let url = match (url, config) {
-                (Some(url), _) => url,
-                (None, Some(path)) => match Config::load(&path)?.metrics_listen {
-                    Some(addr) => format!("http://{addr}/metrics"),
-                    None => {
-                        anyhow::bail!("{}: [metrics] listen is \"\": no metrics to read; pass --url", path.display())
-                    }
-                },
-                (None, None) => "http://127.0.0.1:9464/metrics".to_string(),
-            };
-            let text = tokio::task::spawn_blocking({
-                let url = url.clone();
-                move || crate::window::fetch_metrics(&url)
-            })
-            .await??;
-            let window = crate::window::Window::from_metrics(&text);
-            if json {
-                let mut v = serde_json::to_value(&window)?;
-                v["coverage"] = window.coverage().into();
-                v["near_expiry_share"] = window.near_expiry_share().into();
-                v["advice"] = window.advice().into();
-                v["can_judge"] = window.can_judge().into();
-                println!("{v}");
-            } else {
-                println!("{}", window.advice());
-            }
-            Ok(0)
-        }
-        Command::Inspect(args) => {
-            let (store, key) = open_for_key(args)?;
-            let Some(row) = store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() else {
-                println!("{}: not in the store (never seen, expired, or forgotten)", key.display_id());
-                return Ok(1);
-            };
-            println!(
-                "{}\nstate: {}\nfingerprint: {}\nclaimed by: {}\nclaimed at: {}\nlease until: {}\nexpires at: {}",
-                key.display_id(),
-                match row.state {
-                    crate::store::ClaimState::InFlight => "in flight (claimed, its effect not yet known to be done)",
-                    crate::store::ClaimState::Done => "done (its effect ran; later copies are duplicates)",
-                },
-                row.fingerprint,
-                replay::claimant_display(&row.position),
-                human_time(row.claimed_at_ms),
-                // A done row holds no lease (its lease time is 0: not a date to show).
-                match row.state {
-                    crate::store::ClaimState::Done => "none (done)".to_string(),
-                    crate::store::ClaimState::InFlight => human_time(row.lease_until_ms),
-                },
-                human_time(row.expires_at_ms)
-            );
-            if let Some(r) = store.response(key, now_ms()).await? {
-                println!(
-                    "response: HTTP {} after {} attempt(s), at {}\nresponse body: {} bytes, sha256 {}\nresponse excerpt: {:?}",
-                    r.status, r.attempts, human_time(r.at_ms), r.body_bytes, r.body_sha256, r.excerpt
-                );
-            }
-            Ok(0)
-        }
-        Command::Forget(args) => {
-            let (store, key) = open_for_key(args)?;
-            let existed = store.forget(key.clone()).await?;
-            store.sync()?;
-            if existed {
-                // Live processes' recent caches must stop vouching for it.
-                crate::store::mark_released(&store, &key.scope, crate::store::now_ms()).await?;
-            }
-            println!("{}: {}", key.display_id(), if existed { "forgotten" } else { "was not in the store" });
-            Ok(0)
-        }
+        Command::Stats { config: Some(path), store: true, json, .. } => stats_store(path, json).await,
+        Command::Stats { url, config, json, .. } => stats_window(url, config, json).await,
+        Command::Inspect(args) => inspect_command(args).await,
+        Command::Forget(args) => forget_command(args).await,
     }
+}
+
+/// `kdedup check`: the report as text or JSON; exits 1 when `run` would not work.
+async fn check_command(config: PathBuf, json: bool) -> anyhow::Result<i32> {
+    let report = if crate::check::is_serve_config(&config) {
+        crate::check::run_serve(&config).await
+    } else {
+        crate::check::run(&config).await
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        crate::check::print(&report);
+    }
+    Ok(if report.ok { 0 } else { 1 })
+}
+
+/// `--duplicate-rate` and `--cross-partition-rate` of `demo` and `bench`.
+fn check_rates(duplicate_rate: f64, cross_partition_rate: f64) -> anyhow::Result<()> {
+    if !(0.0..=0.9).contains(&duplicate_rate) {
+        anyhow::bail!("--duplicate-rate must be between 0 and 0.9, got {duplicate_rate}");
+    }
+    if !(0.0..=1.0).contains(&cross_partition_rate) {
+        anyhow::bail!("--cross-partition-rate must be between 0 and 1, got {cross_partition_rate}");
+    }
+    Ok(())
+}
+
+/// `kdedup demo`: a run on the mock cluster; exits 1 when its counts do not add up.
+async fn demo_command(
+    events: u64,
+    duplicate_rate: f64,
+    cross_partition_rate: f64,
+    partitions: i32,
+    seed: u64,
+    json: bool,
+) -> anyhow::Result<i32> {
+    check_rates(duplicate_rate, cross_partition_rate)?;
+    if partitions < 1 {
+        anyhow::bail!("--partitions must be at least 1");
+    }
+    let report =
+        demo::run(&DemoOptions { events, duplicate_rate, cross_partition_rate, partitions, seed, progress: !json })
+            .await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.ok() { 0 } else { 1 })
+}
+
+/// `kdedup bench`: the measurement as a table or JSON; exits 1 when it did not verify.
+async fn bench_command(options: BenchOptions, json: bool) -> anyhow::Result<i32> {
+    check_rates(options.duplicate_rate, options.cross_partition_rate)?;
+    if options.partitions < 1 || options.events < 1 {
+        anyhow::bail!("--partitions and --events must be at least 1");
+    }
+    let report = bench::run(&options).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        bench::print_table(&report);
+    }
+    Ok(if report.verified { 0 } else { 1 })
+}
+
+/// `kdedup schema print`: the schema of `--kind`, or of the config's store.
+fn schema_print(config: Option<PathBuf>, kind: Option<String>) -> anyhow::Result<i32> {
+    let schema = match (config, kind.as_deref()) {
+        (_, Some("postgres")) => Some(crate::store::postgres::SCHEMA.to_string()),
+        (_, Some("scylla")) => Some(crate::store::scylla::SCHEMA_TEMPLATE.to_string()),
+        (_, Some(other)) => anyhow::bail!("--kind {other}: allowed: postgres, scylla"),
+        (Some(path), None) => {
+            let config = Config::load(&path)?;
+            match &config.store {
+                StoreConfig::Postgres { .. } => Some(crate::store::postgres::SCHEMA.to_string()),
+                StoreConfig::Scylla(scylla) => Some(crate::store::scylla::render_schema(scylla, &config.retention)),
+                StoreConfig::Embedded { .. } => None,
+            }
+        }
+        (None, None) => unreachable!("clap requires --config or --kind"),
+    };
+    match schema {
+        Some(text) => print!("{text}"),
+        None => println!("-- the embedded store needs no schema"),
+    }
+    Ok(0)
+}
+
+/// `kdedup schema apply`: the schema of a run's or a serve's config, applied to its store.
+async fn schema_apply(config: PathBuf) -> anyhow::Result<i32> {
+    let store = if crate::check::is_serve_config(&config) {
+        let config = ServeConfig::load(&config)?;
+        Store::open(&config.store, &config.retention)?
+    } else {
+        let config = Config::load(&config)?;
+        Store::open(&config.store, &config.retention)?
+    };
+    store.apply_schema().await.context("applying the schema")?;
+    println!("schema applied ({} store)", store.kind());
+    Ok(0)
+}
+
+/// `kdedup stats --store`: what the store holds for the config's scope.
+async fn stats_store(path: PathBuf, json: bool) -> anyhow::Result<i32> {
+    let config = Config::load(&path)?;
+    let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
+    let now = now_ms();
+    let census = store.census(&config.key.scope, now).await?;
+    let age_secs = census.oldest_claimed_at_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0);
+    if json {
+        let mut v = serde_json::to_value(census)?;
+        v["scope"] = config.key.scope.clone().into();
+        v["oldest_age_secs"] = age_secs.into();
+        v["ttl_secs"] = config.retention.ttl.as_secs().into();
+        println!("{v}");
+    } else {
+        let age = age_secs.map_or("no keys".to_string(), |a| format!("oldest key {a:.0}s old"));
+        let size = census.bytes.map_or(String::new(), |b| format!("; store {:.1} MiB on disk", b as f64 / 1048576.0));
+        println!(
+            "scope {}: {} keys done, {} in flight; {age} (ttl_secs {}){size}",
+            config.key.scope,
+            census.done,
+            census.in_flight,
+            config.retention.ttl.as_secs()
+        );
+    }
+    Ok(0)
+}
+
+/// `kdedup stats`: the window advice from a running instance's metrics.
+async fn stats_window(url: Option<String>, config: Option<PathBuf>, json: bool) -> anyhow::Result<i32> {
+    let url = match (url, config) {
+        (Some(url), _) => url,
+        (None, Some(path)) => match Config::load(&path)?.metrics_listen {
+            Some(addr) => format!("http://{addr}/metrics"),
+            None => {
+                anyhow::bail!("{}: [metrics] listen is \"\": no metrics to read; pass --url", path.display())
+            }
+        },
+        (None, None) => "http://127.0.0.1:9464/metrics".to_string(),
+    };
+    let text = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || crate::window::fetch_metrics(&url)
+    })
+    .await??;
+    let window = crate::window::Window::from_metrics(&text);
+    if json {
+        let mut v = serde_json::to_value(&window)?;
+        v["coverage"] = window.coverage().into();
+        v["near_expiry_share"] = window.near_expiry_share().into();
+        v["advice"] = window.advice().into();
+        v["can_judge"] = window.can_judge().into();
+        println!("{v}");
+    } else {
+        println!("{}", window.advice());
+    }
+    Ok(0)
+}
+
+/// `kdedup inspect`: one key's row (and its recorded response); exits 1 when absent.
+async fn inspect_command(args: KeyArgs) -> anyhow::Result<i32> {
+    let (store, key) = open_for_key(args)?;
+    let Some(row) = store.lookup(vec![key.clone()], now_ms()).await?.pop().flatten() else {
+        println!("{}: not in the store (never seen, expired, or forgotten)", key.display_id());
+        return Ok(1);
+    };
+    println!(
+        "{}\nstate: {}\nfingerprint: {}\nclaimed by: {}\nclaimed at: {}\nlease until: {}\nexpires at: {}",
+        key.display_id(),
+        match row.state {
+            crate::store::ClaimState::InFlight => "in flight (claimed, its effect not yet known to be done)",
+            crate::store::ClaimState::Done => "done (its effect ran; later copies are duplicates)",
+        },
+        row.fingerprint,
+        replay::claimant_display(&row.position),
+        human_time(row.claimed_at_ms),
+        // A done row holds no lease (its lease time is 0: not a date to show).
+        match row.state {
+            crate::store::ClaimState::Done => "none (done)".to_string(),
+            crate::store::ClaimState::InFlight => human_time(row.lease_until_ms),
+        },
+        human_time(row.expires_at_ms)
+    );
+    if let Some(r) = store.response(key, now_ms()).await? {
+        println!(
+            "response: HTTP {} after {} attempt(s), at {}\nresponse body: {} bytes, sha256 {}\nresponse excerpt: {:?}",
+            r.status,
+            r.attempts,
+            human_time(r.at_ms),
+            r.body_bytes,
+            r.body_sha256,
+            r.excerpt
+        );
+    }
+    Ok(0)
+}
+
+/// `kdedup forget`: deletes one key's row, so its next copy runs again.
+async fn forget_command(args: KeyArgs) -> anyhow::Result<i32> {
+    let (store, key) = open_for_key(args)?;
+    let existed = store.forget(key.clone()).await?;
+    store.sync()?;
+    if existed {
+        // Live processes' recent caches must stop vouching for it.
+        crate::store::mark_released(&store, &key.scope, crate::store::now_ms()).await?;
+    }
+    println!("{}: {}", key.display_id(), if existed { "forgotten" } else { "was not in the store" });
+    Ok(0)
 }
 
 async fn replay_command(args: ReplayArgs) -> anyhow::Result<i32> {

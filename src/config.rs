@@ -4,7 +4,7 @@
 //! its line and column, or the environment variable), the key, and what is allowed.
 //!
 //! The file's shape is plain serde types: choices are enums (serde's own error lists
-//! the allowed values), each section has its defaults in one `Default`. [`validate`]
+//! the allowed values), each section has its defaults in one `Default`. `validate`
 //! turns that shape into the richer types the crate uses, checking bounds and the rules
 //! that tie keys together.
 
@@ -1591,19 +1591,7 @@ fn validate_http(h: &HttpSection, inputs: &[String], ctx: &Ctx<'_>) -> Result<Ht
 
 /// The `[store]` keys of kind = "scylla"; errors name the key.
 fn validate_scylla(s: &StoreSection, ctx: &Ctx<'_>) -> Result<ScyllaConfig, ConfigError> {
-    if s.contact_points.is_empty() {
-        return Err(ctx.err(
-            "store.contact_points",
-            "must list at least one node as host:port, e.g. [\"10.0.0.5:9042\"], when store.kind = \"scylla\"",
-        ));
-    }
-    for point in &s.contact_points {
-        let port = point.rsplit_once(':').map(|(_, p)| p);
-        if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
-            let why = format!("\"{point}\" is not host:port; write e.g. \"10.0.0.5:9042\" (the CQL port)");
-            return Err(ctx.err("store.contact_points", why));
-        }
-    }
+    validate_contact_points(&s.contact_points, ctx)?;
     let dc = &s.local_datacenter;
     if dc.trim().is_empty() {
         return Err(ctx.err(
@@ -1616,51 +1604,11 @@ fn validate_scylla(s: &StoreSection, ctx: &Ctx<'_>) -> Result<ScyllaConfig, Conf
         let why = "allowed: a lowercase letter, then up to 47 lowercase letters, digits or '_'";
         return Err(ctx.err("store.keyspace", format!("is \"{}\"; {why}", s.keyspace)));
     }
-    let mut replication = BTreeMap::new();
-    for (name, rf) in &s.replication {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
-            let why = format!("datacenter name \"{name}\" may hold only letters, digits, '_', '-', '.'");
-            return Err(ctx.err("store.replication", why));
-        }
-        let why = format!("{name} = {rf}: the replication factor must be a whole number of at least 1");
-        let rf = rf.as_integer().and_then(|n| u32::try_from(n).ok()).and_then(NonZeroU32::new);
-        replication.insert(name.clone(), rf.ok_or_else(|| ctx.err("store.replication", why))?);
-    }
-    if replication.is_empty() {
-        replication.insert(dc.clone(), NonZeroU32::new(3).expect("3 is not zero"));
-    }
-    if !replication.contains_key(dc) {
-        let why =
-            format!("has no replicas in store.local_datacenter \"{dc}\": LOCAL_QUORUM there could never be reached");
-        return Err(ctx.err("store.replication", why));
-    }
+    let replication = scylla_replication(&s.replication, dc, ctx)?;
+    let tls = scylla_tls(s, ctx)?;
+    let credentials = scylla_credentials(s, ctx)?;
     let timeout =
         |key: &str, ms: u64| ctx.within(key, ms, 1, MAX_STORE_TIMEOUT_MS, " (ten minutes)").map(Duration::from_millis);
-    let tls = match (s.tls, &s.tls_ca_file) {
-        (Some(TlsMode::VerifyFull), ca) => Some(ScyllaTls { ca_file: ca.clone() }),
-        (Some(TlsMode::Require), _) => {
-            return Err(
-                ctx.err("store.tls", "is \"require\"; ScyllaDB's TLS always verifies the certificate: set tls = true")
-            )
-        }
-        (None | Some(TlsMode::Disable), None) => None,
-        (None | Some(TlsMode::Disable), Some(_)) => {
-            return Err(ctx.err("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it"))
-        }
-    };
-    let credentials = match (s.username.is_empty(), s.password.is_empty()) {
-        (true, true) => None,
-        (false, false) => Some((s.username.clone(), Secret(s.password.clone()))),
-        (true, false) => {
-            return Err(ctx.err("store.username", "must be set when store.password is (KDEDUP_STORE__USERNAME)"))
-        }
-        (false, true) => {
-            return Err(ctx.err(
-                "store.password",
-                "must be set when store.username is; set it from the environment (KDEDUP_STORE__PASSWORD)",
-            ))
-        }
-    };
     Ok(ScyllaConfig {
         contact_points: s.contact_points.clone(),
         local_datacenter: dc.clone(),
@@ -1673,6 +1621,85 @@ fn validate_scylla(s: &StoreSection, ctx: &Ctx<'_>) -> Result<ScyllaConfig, Conf
         max_in_flight: non_zero(ctx.within("store.max_in_flight", s.max_in_flight, 1, MAX_IN_FLIGHT, "")?),
         tls,
         credentials,
+    })
+}
+
+/// `store.contact_points`: at least one, each host:port.
+fn validate_contact_points(contact_points: &[String], ctx: &Ctx<'_>) -> Result<(), ConfigError> {
+    if contact_points.is_empty() {
+        return Err(ctx.err(
+            "store.contact_points",
+            "must list at least one node as host:port, e.g. [\"10.0.0.5:9042\"], when store.kind = \"scylla\"",
+        ));
+    }
+    for point in contact_points {
+        let port = point.rsplit_once(':').map(|(_, p)| p);
+        if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
+            let why = format!("\"{point}\" is not host:port; write e.g. \"10.0.0.5:9042\" (the CQL port)");
+            return Err(ctx.err("store.contact_points", why));
+        }
+    }
+    Ok(())
+}
+
+/// `store.replication`: a factor of at least 1 per datacenter (3 in the local one when
+/// empty), which must include the local datacenter `dc`.
+fn scylla_replication(
+    given: &BTreeMap<String, toml::Value>,
+    dc: &str,
+    ctx: &Ctx<'_>,
+) -> Result<BTreeMap<String, NonZeroU32>, ConfigError> {
+    let mut replication = BTreeMap::new();
+    for (name, rf) in given {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+            let why = format!("datacenter name \"{name}\" may hold only letters, digits, '_', '-', '.'");
+            return Err(ctx.err("store.replication", why));
+        }
+        let why = format!("{name} = {rf}: the replication factor must be a whole number of at least 1");
+        let rf = rf.as_integer().and_then(|n| u32::try_from(n).ok()).and_then(NonZeroU32::new);
+        replication.insert(name.clone(), rf.ok_or_else(|| ctx.err("store.replication", why))?);
+    }
+    if replication.is_empty() {
+        replication.insert(dc.to_string(), NonZeroU32::new(3).expect("3 is not zero"));
+    }
+    if !replication.contains_key(dc) {
+        let why =
+            format!("has no replicas in store.local_datacenter \"{dc}\": LOCAL_QUORUM there could never be reached");
+        return Err(ctx.err("store.replication", why));
+    }
+    Ok(replication)
+}
+
+/// `store.tls` and `store.tls_ca_file` of ScyllaDB, which always verifies.
+fn scylla_tls(s: &StoreSection, ctx: &Ctx<'_>) -> Result<Option<ScyllaTls>, ConfigError> {
+    Ok(match (s.tls, &s.tls_ca_file) {
+        (Some(TlsMode::VerifyFull), ca) => Some(ScyllaTls { ca_file: ca.clone() }),
+        (Some(TlsMode::Require), _) => {
+            return Err(
+                ctx.err("store.tls", "is \"require\"; ScyllaDB's TLS always verifies the certificate: set tls = true")
+            )
+        }
+        (None | Some(TlsMode::Disable), None) => None,
+        (None | Some(TlsMode::Disable), Some(_)) => {
+            return Err(ctx.err("store.tls_ca_file", "is set but store.tls is false; set tls = true to use it"))
+        }
+    })
+}
+
+/// `store.username` and `store.password`: both or neither.
+fn scylla_credentials(s: &StoreSection, ctx: &Ctx<'_>) -> Result<Option<(String, Secret)>, ConfigError> {
+    Ok(match (s.username.is_empty(), s.password.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some((s.username.clone(), Secret(s.password.clone()))),
+        (true, false) => {
+            return Err(ctx.err("store.username", "must be set when store.password is (KDEDUP_STORE__USERNAME)"))
+        }
+        (false, true) => {
+            return Err(ctx.err(
+                "store.password",
+                "must be set when store.username is; set it from the environment (KDEDUP_STORE__PASSWORD)",
+            ))
+        }
     })
 }
 
@@ -1830,6 +1857,7 @@ impl Default for ServeSection {
 /// `serve.missing_key`: a request on a configured method without the key header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum MissingKey {
     /// Forward it as a plain proxy would (counted as `passed_through`).
     Pass,
@@ -1840,6 +1868,7 @@ pub enum MissingKey {
 /// `serve.on_5xx`: what an answered 5xx does to its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum On5xx {
     /// Kept like any answer and replayed to retries (Stripe's rule; the default):
     /// a 5xx from the upstream does not say its effect did not run, so running

@@ -19,12 +19,12 @@ use crate::service::{self, RunOptions};
 use crate::sink::kafka::headers;
 use crate::source::StopMode;
 
-pub const INPUT: &str = "orders";
-pub const OUTPUT: &str = "orders.deduped";
-pub const DEAD_LETTER: &str = "orders.dlq";
+pub(crate) const INPUT: &str = "orders";
+pub(crate) const OUTPUT: &str = "orders.deduped";
+pub(crate) const DEAD_LETTER: &str = "orders.dlq";
 
 #[derive(Debug, Clone)]
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     pub events: u64,
     pub duplicate_rate: f64,
     /// Share of duplicates placed on a random other partition than their original.
@@ -37,7 +37,7 @@ pub struct DemoOptions {
 
 /// What the demo measured; `lost` and `duplicated_effects` must be 0.
 #[derive(Debug, Clone, Serialize)]
-pub struct DemoReport {
+pub(crate) struct DemoReport {
     pub records_in: u64,
     pub unique_events: u64,
     pub duplicates_in: u64,
@@ -59,13 +59,13 @@ pub struct DemoReport {
 }
 
 impl DemoReport {
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.lost == 0 && self.duplicated_effects == 0
     }
 }
 
 /// A generated stream and what it holds.
-pub struct Dataset {
+pub(crate) struct Dataset {
     pub records: Vec<Produce>,
     pub unique_ids: Vec<String>,
     pub duplicates: u64,
@@ -82,7 +82,13 @@ pub struct Dataset {
 /// copy reaches another member, and only a shared store can tell. Same ID means
 /// same payload. A few malformed records too: no ID header, an empty one, an ID
 /// over the size limit.
-pub fn generate(events: u64, duplicate_rate: f64, cross_partition_rate: f64, partitions: i32, seed: u64) -> Dataset {
+pub(crate) fn generate(
+    events: u64,
+    duplicate_rate: f64,
+    cross_partition_rate: f64,
+    partitions: i32,
+    seed: u64,
+) -> Dataset {
     let mut rng = StdRng::seed_from_u64(seed);
     let malformed = if events >= 100 { (events / 2000).max(3) } else { 0 };
     let duplicates = ((events - malformed) as f64 * duplicate_rate).round() as u64;
@@ -140,7 +146,7 @@ pub fn generate(events: u64, duplicate_rate: f64, cross_partition_rate: f64, par
 }
 
 /// The demo's pipeline configuration, written as a user would write it.
-pub fn demo_config(brokers: &str, store_path: &std::path::Path, expected_keys: u64) -> anyhow::Result<Config> {
+pub(crate) fn demo_config(brokers: &str, store_path: &std::path::Path, expected_keys: u64) -> anyhow::Result<Config> {
     let text = format!(
         r#"
 [kafka]
@@ -183,7 +189,13 @@ commit_interval_ms = 200
 }
 
 /// Waits until the group's commits reach `ends` on every partition, reporting progress.
-pub async fn wait_committed(metrics: &Metrics, topic: &str, ends: &BTreeMap<i32, i64>, progress: bool, total: u64) {
+pub(crate) async fn wait_committed(
+    metrics: &Metrics,
+    topic: &str,
+    ends: &BTreeMap<i32, i64>,
+    progress: bool,
+    total: u64,
+) {
     let started = Instant::now();
     let mut last_report = Instant::now();
     loop {
@@ -205,7 +217,7 @@ pub async fn wait_committed(metrics: &Metrics, topic: &str, ends: &BTreeMap<i32,
     }
 }
 
-pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
+pub(crate) async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     let say = |s: &str| {
         if options.progress {
             eprintln!("{s}");
@@ -239,42 +251,14 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
 
     let dir = tempfile::tempdir()?;
     let config = demo_config(kafka.bootstrap(), &dir.path().join("store"), options.events.max(1000))?;
-    let metrics = Metrics::new();
-    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
     say("running the pipeline (embedded store, Kafka sink)...");
-    let started = Instant::now();
-    let elapsed = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
-    let elapsed_w = elapsed.clone();
     let total = data.records.len() as u64;
-    let progress = options.progress;
-    let m = metrics.clone();
-    service::run(&config, run_options, async move {
-        wait_committed(&m, INPUT, &ends, progress, total).await;
-        *elapsed_w.lock().unwrap_or_else(|p| p.into_inner()) = started.elapsed();
-        StopMode::Drain
-    })
-    .await?;
-    let elapsed = *elapsed.lock().unwrap_or_else(|p| p.into_inner());
+    let (metrics, elapsed) = run_until_committed(&config, ends, total, options.progress).await?;
 
     say("reading the output and dead-letter topics back...");
     let output = mock::read_all(kafka.bootstrap(), OUTPUT)?;
     let dead = mock::read_all(kafka.bootstrap(), DEAD_LETTER)?;
-    let mut emitted: HashMap<&[u8], u64> = HashMap::new();
-    for r in &output {
-        *emitted.entry(r.header(headers::EVENT_ID).unwrap_or_default()).or_default() += 1;
-    }
-    let lost = data.unique_ids.iter().filter(|id| !emitted.contains_key(id.as_bytes())).count() as u64;
-    let duplicated_effects = emitted.values().filter(|c| **c > 1).count() as u64;
-    let mut last: HashMap<i64, i64> = HashMap::new();
-    let mut out_of_order = 0;
-    for r in &output {
-        let p: i64 = r.header_str(headers::SOURCE_PARTITION).and_then(|s| s.parse().ok()).unwrap_or(-1);
-        let o: i64 = r.header_str(headers::SOURCE_OFFSET).and_then(|s| s.parse().ok()).unwrap_or(-1);
-        if last.get(&p).is_some_and(|prev| *prev > o) {
-            out_of_order += 1;
-        }
-        last.insert(p, o);
-    }
+    let Checked { lost, duplicated_effects, out_of_order } = check_output(&output, &data.unique_ids);
     let secs = elapsed.as_secs_f64();
     Ok(DemoReport {
         records_in: total,
@@ -294,6 +278,57 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         elapsed_secs: secs,
         events_per_sec: if secs > 0.0 { total as f64 / secs } else { 0.0 },
     })
+}
+
+/// Runs the pipeline until `total` records are committed; its metrics and the time it took.
+async fn run_until_committed(
+    config: &Config,
+    ends: BTreeMap<i32, i64>,
+    total: u64,
+    progress: bool,
+) -> anyhow::Result<(Metrics, Duration)> {
+    let metrics = Metrics::new();
+    let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
+    let started = Instant::now();
+    let elapsed = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let elapsed_w = elapsed.clone();
+    let m = metrics.clone();
+    service::run(config, run_options, async move {
+        wait_committed(&m, INPUT, &ends, progress, total).await;
+        *elapsed_w.lock().unwrap_or_else(|p| p.into_inner()) = started.elapsed();
+        StopMode::Drain
+    })
+    .await?;
+    let elapsed = *elapsed.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((metrics, elapsed))
+}
+
+/// What the output says of the run: events never emitted, events emitted more than
+/// once, and records emitted behind a later offset of their source partition.
+struct Checked {
+    lost: u64,
+    duplicated_effects: u64,
+    out_of_order: u64,
+}
+
+fn check_output(output: &[mock::Consumed], unique_ids: &[String]) -> Checked {
+    let mut emitted: HashMap<&[u8], u64> = HashMap::new();
+    for r in output {
+        *emitted.entry(r.header(headers::EVENT_ID).unwrap_or_default()).or_default() += 1;
+    }
+    let lost = unique_ids.iter().filter(|id| !emitted.contains_key(id.as_bytes())).count() as u64;
+    let duplicated_effects = emitted.values().filter(|c| **c > 1).count() as u64;
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    let mut out_of_order = 0;
+    for r in output {
+        let p: i64 = r.header_str(headers::SOURCE_PARTITION).and_then(|s| s.parse().ok()).unwrap_or(-1);
+        let o: i64 = r.header_str(headers::SOURCE_OFFSET).and_then(|s| s.parse().ok()).unwrap_or(-1);
+        if last.get(&p).is_some_and(|prev| *prev > o) {
+            out_of_order += 1;
+        }
+        last.insert(p, o);
+    }
+    Checked { lost, duplicated_effects, out_of_order }
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ pub struct Record {
     /// The value, if any (`None` for a tombstone).
     pub payload: Option<Vec<u8>>,
     /// Header names as kdedup carries them: UTF-8 names as they are, others as
-    /// `hex:<hex of the name bytes>` (see [`decode_header_name`]).
+    /// `hex:<hex of the name bytes>` (see `decode_header_name`).
     pub headers: Vec<RecordHeader>,
     /// Producer or broker timestamp, milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,

@@ -109,7 +109,7 @@ pub struct Metrics {
     pub lag_seconds: GaugeVec,
     /// `kdedup_filter_bytes`: memory the filters hold.
     pub filter_bytes: IntGauge,
-    /// `kdedup_filter_checks_total{tier,result}`; see [`FILTER_CHECKS`].
+    /// `kdedup_filter_checks_total{tier,result}`; see `FILTER_CHECKS`.
     pub filter: IntCounterVec,
     /// `kdedup_bloom_false_positives_total`: aging-filter hits whose store read found no row.
     pub bloom_false_positives: IntCounter,
@@ -121,7 +121,7 @@ pub struct Metrics {
     pub sink_seconds: Histogram,
     /// `kdedup_record_seconds`: time kdedup adds per record, arrival to completed claim.
     pub record_seconds: Histogram,
-    /// `kdedup_sink_errors_total{kind}`; see [`SINK_ERROR_KINDS`].
+    /// `kdedup_sink_errors_total{kind}`; see `SINK_ERROR_KINDS`.
     pub sink_errors: Summed<1>,
     /// `kdedup_duplicate_age_seconds{topic}`: now − the first claim, per duplicate.
     pub duplicate_age: HistogramVec,
@@ -265,6 +265,16 @@ impl Taken {
 /// batches widen the last entry (the oldest one, which the gauge reads, stays exact).
 const TAKEN_BATCHES_MAX: usize = 1024;
 
+/// Text made safe for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A share as a percentage with one decimal, or a dash.
+fn pct(r: Option<f64>) -> String {
+    r.map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -275,136 +285,71 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    /// Every metric at zero, registered on a fresh registry.
-    pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("metric names are static and valid");
-            registry.register(Box::new(c.clone())).expect("each metric is registered once");
-            c
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric names are static and valid");
-            registry.register(Box::new(c.clone())).expect("each metric is registered once");
-            c
-        };
-        // 100 µs .. ~6.5 s
-        let buckets = prometheus::exponential_buckets(0.0001, 2.0, 17).expect("static bucket layout");
-        let store_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "kdedup_store_seconds",
-                "Store call latency by operation and result (ok, error; one call carries a batch); its _count is \
-                 the calls.",
-            )
-            .buckets(buckets.clone()),
-            &["op", "result"],
-        )
-        .expect("static metric");
-        registry.register(Box::new(store_seconds.clone())).expect("registered once");
-        let sink_seconds = Histogram::with_opts(
-            HistogramOpts::new("kdedup_sink_seconds", "Time for a batch's effects to be acknowledged by the sink.")
-                .buckets(buckets),
-        )
-        .expect("static metric");
-        registry.register(Box::new(sink_seconds.clone())).expect("registered once");
-        let record_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "kdedup_record_seconds",
-                "Time kdedup adds per record: from its batch's arrival in the partition task to its effect delivered and its claim completed.",
-            )
-            .buckets(record_buckets()),
-        )
-        .expect("static metric");
-        registry.register(Box::new(record_seconds.clone())).expect("registered once");
-        let committed_offset = IntGaugeVec::new(
-            Opts::new("kdedup_committed_offset", "Last offset committed (next to read), per partition."),
-            &["topic", "partition"],
-        )
-        .expect("static metric");
-        registry.register(Box::new(committed_offset.clone())).expect("registered once");
-        let assigned_partitions =
-            IntGauge::new("kdedup_assigned_partitions", "Partitions this process owns.").expect("static metric");
-        registry.register(Box::new(assigned_partitions.clone())).expect("registered once");
-        let embedded_store_partial = IntGauge::new(
-            "kdedup_embedded_store_partial",
-            "1 while this process keeps its claims in an embedded (single-instance) store but owns only part of \
-             its input topics' partitions: another member of the group decides the rest against a store of its \
-             own, so duplicates across partitions of different members are not caught. Run one instance, or use \
-             a shared store (postgres, scylla).",
-        )
-        .expect("static metric");
-        registry.register(Box::new(embedded_store_partial.clone())).expect("registered once");
+/// Builds [`Metrics`] onto one registry, a family at a time: each helper registers
+/// what it makes and hands back its handle.
+struct Reg<'a>(&'a Registry);
 
-        let records = Summed(counter_vec(
+impl Reg<'_> {
+    fn add<C: Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0.register(Box::new(c.clone())).expect("each metric is registered once");
+        c
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("metric names are static and valid"))
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("metric names are static and valid"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("static metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric"))
+    }
+
+    fn float_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        self.add(GaugeVec::new(Opts::new(name, help), labels).expect("static metric"))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        self.add(Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("static metric"))
+    }
+
+    fn histogram_vec(&self, name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]) -> HistogramVec {
+        self.add(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("static metric"))
+    }
+
+    /// `kdedup_build_info`, and the process's CPU seconds, resident memory, open and
+    /// maximum fds, threads and start time (from /proc).
+    fn build_and_process(&self) {
+        let build_info =
+            self.gauge_vec("kdedup_build_info", "Always 1; the version label names the running build.", &["version"]);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        self.0.register(Box::new(process)).expect("registered once");
+    }
+
+    /// What became of the records: consumed, finished by outcome, dead-lettered, and the
+    /// effects and side-topic writes that failed.
+    fn outcomes(&self) -> (Summed<1>, Summed<2>, Summed<2>, Summed<1>, IntCounterVec, IntCounterVec) {
+        let consumed =
+            Summed(self.counter_vec("kdedup_records_consumed_total", "Records taken from Kafka, by topic.", &["topic"]));
+        let records = Summed(self.counter_vec(
             "kdedup_records_total",
             "Records finished, by topic and outcome: new (effect ran), duplicate, conflict, dead_letter; per topic they \
              sum to kdedup_records_consumed_total.",
             &["topic", "outcome"],
         ));
-        let gauge_vec = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["topic", "partition"]).expect("static metric");
-            registry.register(Box::new(g.clone())).expect("registered once");
-            g
-        };
-        let lag_records = gauge_vec(
-            "kdedup_consumer_lag_records",
-            "Records behind, per partition: the high watermark last seen by the consumer minus the committed offset \
-             (minus the low watermark, or 0, before the first commit). Sampled every commit interval.",
-        );
-        let lag_seconds = GaugeVec::new(
-            Opts::new(
-                "kdedup_consumer_lag_seconds",
-                "Age of the oldest record of this partition not yet committed, from Kafka record timestamps: of \
-                 the records taken, the oldest; with none taken but records behind, the newest committed record's \
-                 age (an upper bound); 0 when nothing is behind. Sampled every commit interval.",
-            ),
-            &["topic", "partition"],
-        )
-        .expect("static metric");
-        registry.register(Box::new(lag_seconds.clone())).expect("registered once");
-        let filter_bytes = IntGauge::new(
-            "kdedup_filter_bytes",
-            "Memory held by the filter (aging table plus the recent-key cache, estimated from its capacity).",
-        )
-        .expect("static metric");
-        registry.register(Box::new(filter_bytes.clone())).expect("registered once");
-        let store_memory_bytes = IntGauge::new(
-            "kdedup_store_memory_bytes",
-            "Bytes the store holds in this process (the embedded store's memtables and block cache); updated at each commit.",
-        )
-        .expect("static metric");
-        registry.register(Box::new(store_memory_bytes.clone())).expect("registered once");
-        let build_info = IntGaugeVec::new(
-            Opts::new("kdedup_build_info", "Always 1; the version label names the running build."),
-            &["version"],
-        )
-        .expect("static metric");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        registry.register(Box::new(build_info)).expect("registered once");
-        // CPU seconds, resident memory, open and maximum fds, threads, start time (from /proc).
-        registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-            .expect("registered once");
-        let rebalances = counter_vec(
-            "kdedup_rebalances_total",
-            "Group rebalances seen by this process, by kind: assign, revoke (partitions handed back), lost \
-             (revoked without a hand-back: the group expelled this member).",
-            &["kind"],
-        );
-        for kind in REBALANCE_KINDS {
-            rebalances.with_label_values(&[kind]);
-        }
-        let filter = counter_vec(
-            "kdedup_filter_checks_total",
-            "Filter checks by tier and result: recent hit (a duplicate, no store call) or miss (on to the aging \
-             filter); aging hit (suspected duplicate: store read first) or miss (claimed directly).",
-            &["tier", "result"],
-        );
-        for (tier, result) in FILTER_CHECKS {
-            filter.with_label_values(&[tier, result]);
-        }
-        let sink_errors = Summed(counter_vec(
+        let dead_letters = Summed(self.counter_vec(
+            "kdedup_dead_letters_total",
+            "Records written to the dead-letter topic, by input topic and reason (the kdedup-reason header).",
+            &["topic", "reason"],
+        ));
+        let sink_errors = Summed(self.counter_vec(
             "kdedup_sink_errors_total",
             "Failed effects and side-topic writes, by kind: retriable (retried), rejected (dead-lettered, or a \
              side-topic refusal), fatal (kdedup stops).",
@@ -413,176 +358,313 @@ impl Metrics {
         for kind in SINK_ERROR_KINDS {
             sink_errors.at([kind]);
         }
-        let duplicate_age = HistogramVec::new(
-            HistogramOpts::new(
-                "kdedup_duplicate_age_seconds",
-                "Age of each duplicate: now minus its key's first claim (from the store row or the recent cache).",
-            )
-            .buckets(duplicate_age_buckets()),
+        let side_refusals = self.counter_vec(
+            "kdedup_side_refusals_total",
+            "Side-topic writes refused for good, by side (a refused dead letter stalls its partition).",
+            &["side"],
+        );
+        let http_requests = self.counter_vec(
+            "kdedup_http_requests_total",
+            "HTTP sink requests, retries included, by answer: 2xx, 3xx, 4xx, 5xx, or timeout, connect, error \
+             when none came.",
+            &["answer"],
+        );
+        (consumed, records, dead_letters, sink_errors, side_refusals, http_requests)
+    }
+
+    /// How long a store call, a batch's effects and a record take.
+    fn latencies(&self) -> (HistogramVec, Histogram, Histogram) {
+        // 100 µs .. ~6.5 s
+        let buckets = prometheus::exponential_buckets(0.0001, 2.0, 17).expect("static bucket layout");
+        let store_seconds = self.histogram_vec(
+            "kdedup_store_seconds",
+            "Store call latency by operation and result (ok, error; one call carries a batch); its _count is \
+             the calls.",
+            buckets.clone(),
+            &["op", "result"],
+        );
+        let sink_seconds =
+            self.histogram("kdedup_sink_seconds", "Time for a batch's effects to be acknowledged by the sink.", buckets);
+        let record_seconds = self.histogram(
+            "kdedup_record_seconds",
+            "Time kdedup adds per record: from its batch's arrival in the partition task to its effect delivered and its claim completed.",
+            record_buckets(),
+        );
+        (store_seconds, sink_seconds, record_seconds)
+    }
+
+    /// Whether the TTL is long enough: duplicates' ages against it, and keys that expired.
+    fn window(&self) -> (HistogramVec, Summed<1>, Summed<1>, Gauge) {
+        let duplicate_age = self.histogram_vec(
+            "kdedup_duplicate_age_seconds",
+            "Age of each duplicate: now minus its key's first claim (from the store row or the recent cache).",
+            duplicate_age_buckets(),
             &["topic"],
+        );
+        let near_expiry = Summed(self.counter_vec(
+            "kdedup_duplicates_near_expiry_total",
+            "Duplicates older than 90% of ttl_secs: the window barely caught them.",
+            &["topic"],
+        ));
+        let expired_key_hits = Summed(self.counter_vec(
+            "kdedup_expired_key_hits_total",
+            "New events whose key expired within the last TTL: most likely duplicates the window was too short \
+             to catch (an estimate, per process; see [filter] expired_keys).",
+            &["topic"],
+        ));
+        let ttl_seconds = self.add(
+            Gauge::new("kdedup_ttl_seconds", "The configured store.ttl_secs: how long a key suppresses its duplicates.")
+                .expect("static metric"),
+        );
+        (duplicate_age, near_expiry, expired_key_hits, ttl_seconds)
+    }
+
+    /// The filter's memory, its checks by tier and result, and its false positives.
+    fn filter(&self) -> (IntGauge, IntCounterVec, IntCounter) {
+        let filter_bytes = self.gauge(
+            "kdedup_filter_bytes",
+            "Memory held by the filter (aging table plus the recent-key cache, estimated from its capacity).",
+        );
+        let filter = self.counter_vec(
+            "kdedup_filter_checks_total",
+            "Filter checks by tier and result: recent hit (a duplicate, no store call) or miss (on to the aging \
+             filter); aging hit (suspected duplicate: store read first) or miss (claimed directly).",
+            &["tier", "result"],
+        );
+        for (tier, result) in FILTER_CHECKS {
+            filter.with_label_values(&[tier, result]);
+        }
+        let bloom_false_positives =
+            self.counter("kdedup_bloom_false_positives_total", "Bloom hits whose store read found no row.");
+        (filter_bytes, filter, bloom_false_positives)
+    }
+
+    /// The store's failures and outages, its memory and writes, and the commits its
+    /// durability barriers come before.
+    fn store(&self) -> (IntCounter, Counter, IntGauge, IntCounter, IntCounter, IntCounter) {
+        let store_errors = self.counter("kdedup_store_errors_total", "Failed store calls (retried with backoff).");
+        let store_unavailable = self.add(
+            Counter::new(
+                "kdedup_store_unavailable_seconds_total",
+                "Seconds during which at least one partition was stalled on a failing store call (readiness false \
+                 because of the store).",
+            )
+            .expect("static metric"),
+        );
+        let store_memory_bytes = self.gauge(
+            "kdedup_store_memory_bytes",
+            "Bytes the store holds in this process (the embedded store's memtables and block cache); updated at each commit.",
+        );
+        let store_writes = self.counter(
+            "kdedup_store_writes_total",
+            "Keys the store wrote (rows, index entries, deletions), embedded store only; updated at each commit.",
+        );
+        let fsyncs = self.counter("kdedup_store_syncs_total", "Store durability barriers (fsyncs) run before commits.");
+        let commits = self.counter("kdedup_commits_total", "Offset commits sent to Kafka.");
+        (store_errors, store_unavailable, store_memory_bytes, store_writes, fsyncs, commits)
+    }
+
+    /// Claims that waited, resumed, were released, lost or reconciled; and leases taken
+    /// over or lost, with the possible repeats they emit.
+    #[allow(clippy::type_complexity)] // two tuples of counters, named where new() takes them apart
+    fn claims(
+        &self,
+    ) -> ((IntCounter, IntCounter, IntCounter, IntCounter, IntCounter), (IntCounter, IntCounter, IntCounter, IntCounter))
+    {
+        let claim_waits =
+            self.counter("kdedup_claim_waits_total", "Claims answered in-flight (another owner's live lease).");
+        let claims_resumed =
+            self.counter("kdedup_claims_resumed_total", "Claims resumed at their own position after a crash.");
+        let drain_released = self.counter(
+            "kdedup_drain_released_total",
+            "Claims a stop (shutdown, revoke) released because their effects had not started: claimed fresh by \
+             the next owner, not resumed as a crash's.",
+        );
+        let claims_lost = self.counter(
+            "kdedup_claims_lost_total",
+            "Completions refused because the claim was taken over (the effect may run twice).",
+        );
+        let reconciled = self.counter(
+            "kdedup_reconciled_total",
+            "New claims whose effect was found already in the output (a crash after the effect): completed, not re-run.",
+        );
+        let lease_takeovers = self.counter(
+            "kdedup_lease_takeovers_total",
+            "Claims taken over from another position whose lease lapsed (its owner died or froze); emitted as possible repeats.",
+        );
+        let leases_lost = self.counter(
+            "kdedup_leases_lost_total",
+            "Lease renewals refused: another owner took the claim over while this one held it.",
+        );
+        let reconciliations_incomplete = self.counter(
+            "kdedup_reconciliations_incomplete_total",
+            "Reconciliations that could not read the whole log back (a bound, or retention): resumed claims there run again, marked.",
+        );
+        let possible_repeats = self.counter(
+            "kdedup_possible_repeats_total",
+            "Effects emitted with kdedup-possible-repeat: true (resumed, taken over, or retried after a failed delivery).",
+        );
+        (
+            (claim_waits, claims_resumed, drain_released, claims_lost, reconciled),
+            (lease_takeovers, leases_lost, reconciliations_incomplete, possible_repeats),
         )
-        .expect("static metric");
-        registry.register(Box::new(duplicate_age.clone())).expect("registered once");
-        let ttl_seconds = Gauge::new(
-            "kdedup_ttl_seconds",
-            "The configured store.ttl_secs: how long a key suppresses its duplicates.",
-        )
-        .expect("static metric");
-        registry.register(Box::new(ttl_seconds.clone())).expect("registered once");
-        let store_unavailable = Counter::new(
-            "kdedup_store_unavailable_seconds_total",
-            "Seconds during which at least one partition was stalled on a failing store call (readiness false \
-             because of the store).",
-        )
-        .expect("static metric");
-        registry.register(Box::new(store_unavailable.clone())).expect("registered once");
+    }
+
+    /// The group: rebalances, the partitions owned against the topics', and an embedded
+    /// store that sees only part of them.
+    fn group(&self) -> (IntCounterVec, IntGauge, IntGaugeVec, IntGauge) {
+        let rebalances = self.counter_vec(
+            "kdedup_rebalances_total",
+            "Group rebalances seen by this process, by kind: assign, revoke (partitions handed back), lost \
+             (revoked without a hand-back: the group expelled this member).",
+            &["kind"],
+        );
+        for kind in REBALANCE_KINDS {
+            rebalances.with_label_values(&[kind]);
+        }
+        let assigned_partitions = self.gauge("kdedup_assigned_partitions", "Partitions this process owns.");
+        let topic_partitions = self.gauge_vec(
+            "kdedup_topic_partitions",
+            "Partitions each input topic had when kdedup started (from the start-up metadata check): the \
+             partitions a job's instances own together (kdedup_assigned_partitions) should add up to it.",
+            &["topic"],
+        );
+        let embedded_store_partial = self.gauge(
+            "kdedup_embedded_store_partial",
+            "1 while this process keeps its claims in an embedded (single-instance) store but owns only part of \
+             its input topics' partitions: another member of the group decides the rest against a store of its \
+             own, so duplicates across partitions of different members are not caught. Run one instance, or use \
+             a shared store (postgres, scylla).",
+        );
+        (rebalances, assigned_partitions, topic_partitions, embedded_store_partial)
+    }
+
+    /// A frozen process's batches checked or dropped, and partition tasks that panicked.
+    fn freezes(&self) -> (IntCounter, IntCounter, IntCounter) {
+        let ownership_checks = self.counter(
+            "kdedup_ownership_checks_total",
+            "Batches that waited for the group's word before writing, after this process was frozen.",
+        );
+        let zombie_batches_dropped = self.counter(
+            "kdedup_zombie_batches_dropped_total",
+            "Batches not written because their partition was revoked after a freeze (the next owner writes them).",
+        );
+        let partition_panics =
+            self.counter("kdedup_partition_panics_total", "Partition tasks that panicked (kdedup then exits non-zero).");
+        (ownership_checks, zombie_batches_dropped, partition_panics)
+    }
+
+    /// Per partition: records and seconds behind, and the offset committed.
+    fn lag(&self) -> (IntGaugeVec, GaugeVec, IntGaugeVec) {
+        let lag_records = self.gauge_vec(
+            "kdedup_consumer_lag_records",
+            "Records behind, per partition: the high watermark last seen by the consumer minus the committed offset \
+             (minus the low watermark, or 0, before the first commit). Sampled every commit interval.",
+            &["topic", "partition"],
+        );
+        let lag_seconds = self.float_gauge_vec(
+            "kdedup_consumer_lag_seconds",
+            "Age of the oldest record of this partition not yet committed, from Kafka record timestamps: of \
+             the records taken, the oldest; with none taken but records behind, the newest committed record's \
+             age (an upper bound); 0 when nothing is behind. Sampled every commit interval.",
+            &["topic", "partition"],
+        );
+        let committed_offset = self.gauge_vec(
+            "kdedup_committed_offset",
+            "Last offset committed (next to read), per partition.",
+            &["topic", "partition"],
+        );
+        (lag_records, lag_seconds, committed_offset)
+    }
+
+    /// Per partition: since when it stalls, its share of dead letters, and its queue's errors.
+    fn partition_health(&self) -> (IntGaugeVec, GaugeVec, IntCounterVec) {
+        let partition_stalled_since = self.gauge_vec(
+            "kdedup_partition_stalled_since_seconds",
+            "When the partition stalled (Unix seconds; 0 while it progresses): it is retrying a store call, an effect, a dead letter or its reconciliation, or its queue reported an error and delivered nothing since.",
+            &["topic", "partition"],
+        );
+        let partition_dead_letter_share = self.float_gauge_vec(
+            "kdedup_partition_dead_letter_share",
+            "Share (0 to 1) of the partition's last records (a window of a few hundred) dead-lettered for \
+             their most common reason: near 1, nearly every record is dead-lettered alike (typically a \
+             [key] that does not match the data: missing_id).",
+            &["topic", "partition"],
+        );
+        let partition_errors = self.counter_vec(
+            "kdedup_partition_errors_total",
+            "Errors a partition's queue reported, by reason: decode (a batch the client cannot decode), \
+             offset_reset, authorization, other; skipped: records not delivered after an error (the partition \
+             stops there). A partition with an error and no progress since is stalled.",
+            &["topic", "reason"],
+        );
+        (partition_stalled_since, partition_dead_letter_share, partition_errors)
+    }
+}
+
+impl Metrics {
+    /// Every metric at zero, registered on a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let r = Reg(&registry);
+        r.build_and_process();
+        let (consumed, records, dead_letters, sink_errors, side_refusals, http_requests) = r.outcomes();
+        let (store_seconds, sink_seconds, record_seconds) = r.latencies();
+        let (duplicate_age, near_expiry, expired_key_hits, ttl_seconds) = r.window();
+        let (filter_bytes, filter, bloom_false_positives) = r.filter();
+        let (store_errors, store_unavailable, store_memory_bytes, store_writes, fsyncs, commits) = r.store();
+        let claims = r.claims();
+        let (claim_waits, claims_resumed, drain_released, claims_lost, reconciled) = claims.0;
+        let (lease_takeovers, leases_lost, reconciliations_incomplete, possible_repeats) = claims.1;
+        let (rebalances, assigned_partitions, topic_partitions, embedded_store_partial) = r.group();
+        let (ownership_checks, zombie_batches_dropped, partition_panics) = r.freezes();
+        let (lag_records, lag_seconds, committed_offset) = r.lag();
+        let (partition_stalled_since, partition_dead_letter_share, partition_errors) = r.partition_health();
         Metrics {
-            consumed: Summed(counter_vec(
-                "kdedup_records_consumed_total",
-                "Records taken from Kafka, by topic.",
-                &["topic"],
-            )),
+            consumed,
             records,
-            dead_letters: Summed(counter_vec(
-                "kdedup_dead_letters_total",
-                "Records written to the dead-letter topic, by input topic and reason (the kdedup-reason header).",
-                &["topic", "reason"],
-            )),
+            dead_letters,
             rebalances,
             lag_records,
             lag_seconds,
             filter_bytes,
             store_memory_bytes,
             filter,
-            bloom_false_positives: counter(
-                "kdedup_bloom_false_positives_total",
-                "Bloom hits whose store read found no row.",
-            ),
+            bloom_false_positives,
             store_seconds,
-            store_errors: counter("kdedup_store_errors_total", "Failed store calls (retried with backoff)."),
+            store_errors,
             sink_seconds,
             record_seconds,
             sink_errors,
             duplicate_age,
-            near_expiry: Summed(counter_vec(
-                "kdedup_duplicates_near_expiry_total",
-                "Duplicates older than 90% of ttl_secs: the window barely caught them.",
-                &["topic"],
-            )),
-            expired_key_hits: Summed(counter_vec(
-                "kdedup_expired_key_hits_total",
-                "New events whose key expired within the last TTL: most likely duplicates the window was too short \
-                 to catch (an estimate, per process; see [filter] expired_keys).",
-                &["topic"],
-            )),
+            near_expiry,
+            expired_key_hits,
             ttl_seconds,
             store_unavailable,
-            claim_waits: counter("kdedup_claim_waits_total", "Claims answered in-flight (another owner's live lease)."),
-            claims_resumed: counter("kdedup_claims_resumed_total", "Claims resumed at their own position after a crash."),
-            drain_released: counter(
-                "kdedup_drain_released_total",
-                "Claims a stop (shutdown, revoke) released because their effects had not started: claimed fresh by \
-                 the next owner, not resumed as a crash's.",
-            ),
-            claims_lost: counter(
-                "kdedup_claims_lost_total",
-                "Completions refused because the claim was taken over (the effect may run twice).",
-            ),
-            reconciled: counter(
-                "kdedup_reconciled_total",
-                "New claims whose effect was found already in the output (a crash after the effect): completed, not re-run.",
-            ),
-            commits: counter("kdedup_commits_total", "Offset commits sent to Kafka."),
-            fsyncs: counter("kdedup_store_syncs_total", "Store durability barriers (fsyncs) run before commits."),
-            store_writes: counter(
-                "kdedup_store_writes_total",
-                "Keys the store wrote (rows, index entries, deletions), embedded store only; updated at each commit.",
-            ),
+            claim_waits,
+            claims_resumed,
+            drain_released,
+            claims_lost,
+            reconciled,
+            commits,
+            fsyncs,
+            store_writes,
             committed_offset,
             assigned_partitions,
-            topic_partitions: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "kdedup_topic_partitions",
-                        "Partitions each input topic had when kdedup started (from the start-up metadata check): the \
-                         partitions a job's instances own together (kdedup_assigned_partitions) should add up to it.",
-                    ),
-                    &["topic"],
-                )
-                .expect("static metric");
-                registry.register(Box::new(g.clone())).expect("registered once");
-                g
-            },
+            topic_partitions,
             embedded_store_partial,
-            lease_takeovers: counter(
-                "kdedup_lease_takeovers_total",
-                "Claims taken over from another position whose lease lapsed (its owner died or froze); emitted as possible repeats.",
-            ),
-            leases_lost: counter(
-                "kdedup_leases_lost_total",
-                "Lease renewals refused: another owner took the claim over while this one held it.",
-            ),
-            reconciliations_incomplete: counter(
-                "kdedup_reconciliations_incomplete_total",
-                "Reconciliations that could not read the whole log back (a bound, or retention): resumed claims there run again, marked.",
-            ),
-            possible_repeats: counter(
-                "kdedup_possible_repeats_total",
-                "Effects emitted with kdedup-possible-repeat: true (resumed, taken over, or retried after a failed delivery).",
-            ),
-            partition_panics: counter("kdedup_partition_panics_total", "Partition tasks that panicked (kdedup then exits non-zero)."),
-            side_refusals: counter_vec(
-                "kdedup_side_refusals_total",
-                "Side-topic writes refused for good, by side (a refused dead letter stalls its partition).",
-                &["side"],
-            ),
-            http_requests: counter_vec(
-                "kdedup_http_requests_total",
-                "HTTP sink requests, retries included, by answer: 2xx, 3xx, 4xx, 5xx, or timeout, connect, error \
-                 when none came.",
-                &["answer"],
-            ),
-            ownership_checks: counter(
-                "kdedup_ownership_checks_total",
-                "Batches that waited for the group's word before writing, after this process was frozen.",
-            ),
-            zombie_batches_dropped: counter(
-                "kdedup_zombie_batches_dropped_total",
-                "Batches not written because their partition was revoked after a freeze (the next owner writes them).",
-            ),
-            partition_errors: counter_vec(
-                "kdedup_partition_errors_total",
-                "Errors a partition's queue reported, by reason: decode (a batch the client cannot decode), \
-                 offset_reset, authorization, other; skipped: records not delivered after an error (the partition \
-                 stops there). A partition with an error and no progress since is stalled.",
-                &["topic", "reason"],
-            ),
-            partition_stalled_since: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "kdedup_partition_stalled_since_seconds",
-                        "When the partition stalled (Unix seconds; 0 while it progresses): it is retrying a store call, an effect, a dead letter or its reconciliation, or its queue reported an error and delivered nothing since.",
-                    ),
-                    &["topic", "partition"],
-                )
-                .expect("static metric");
-                registry.register(Box::new(g.clone())).expect("registered once");
-                g
-            },
-            partition_dead_letter_share: {
-                let g = GaugeVec::new(
-                    Opts::new(
-                        "kdedup_partition_dead_letter_share",
-                        "Share (0 to 1) of the partition's last records (a window of a few hundred) dead-lettered for \
-                         their most common reason: near 1, nearly every record is dead-lettered alike (typically a \
-                         [key] that does not match the data: missing_id).",
-                    ),
-                    &["topic", "partition"],
-                )
-                .expect("static metric");
-                registry.register(Box::new(g.clone())).expect("registered once");
-                g
-            },
+            lease_takeovers,
+            leases_lost,
+            reconciliations_incomplete,
+            possible_repeats,
+            partition_panics,
+            side_refusals,
+            http_requests,
+            ownership_checks,
+            zombie_batches_dropped,
+            partition_errors,
+            partition_stalled_since,
+            partition_dead_letter_share,
             registry,
             health: Arc::default(),
         }
@@ -663,7 +745,7 @@ impl Metrics {
         self.store_seconds.with_label_values(&[op, "ok"]).get_sample_count()
     }
 
-    /// The filter checked `n` keys in `tier` with `result` (see [`FILTER_CHECKS`]).
+    /// The filter checked `n` keys in `tier` with `result` (see `FILTER_CHECKS`).
     pub fn filter_checked(&self, tier: &str, result: &str, n: usize) {
         self.filter.with_label_values(&[tier, result]).inc_by(n as u64);
     }
@@ -755,18 +837,6 @@ impl Metrics {
     /// same registry as `/metrics` and refreshed by the browser every 5 s.
     pub fn status_page(&self) -> String {
         use std::fmt::Write;
-        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
-        let pct = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{:.1}%", r * 100.0));
-        let mut topics: std::collections::BTreeMap<String, [u64; OUTCOMES.len() + 1]> = Default::default();
-        for (labels, v) in series(&self.consumed.0) {
-            topics.entry(labels.get("topic").cloned().unwrap_or_default()).or_default()[0] = v as u64;
-        }
-        for (labels, v) in series(&self.records.0) {
-            let (Some(topic), Some(outcome)) = (labels.get("topic"), labels.get("outcome")) else { continue };
-            if let Some(i) = OUTCOMES.iter().position(|o| o == outcome) {
-                topics.entry(topic.clone()).or_default()[i + 1] = v as u64;
-            }
-        }
         let ready = self.is_ready();
         let mut html = String::new();
         let _ = write!(
@@ -793,6 +863,28 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
                 esc(&w)
             )),
         );
+        self.records_table(&mut html);
+        self.partitions_table(&mut html);
+        // Window adequacy: the same line `kdedup stats` prints, from these same counters.
+        let window = crate::window::Window::from_metrics(&self.render());
+        let _ =
+            write!(html, "<h2>Window adequacy</h2><p id=\"window\">{}</p>\n</body></html>\n", esc(&window.advice()));
+        html
+    }
+
+    /// The status page's records by topic and outcome (the table's first cells are open).
+    fn records_table(&self, html: &mut String) {
+        use std::fmt::Write;
+        let mut topics: std::collections::BTreeMap<String, [u64; OUTCOMES.len() + 1]> = Default::default();
+        for (labels, v) in series(&self.consumed.0) {
+            topics.entry(labels.get("topic").cloned().unwrap_or_default()).or_default()[0] = v as u64;
+        }
+        for (labels, v) in series(&self.records.0) {
+            let (Some(topic), Some(outcome)) = (labels.get("topic"), labels.get("outcome")) else { continue };
+            if let Some(i) = OUTCOMES.iter().position(|o| o == outcome) {
+                topics.entry(topic.clone()).or_default()[i + 1] = v as u64;
+            }
+        }
         for o in OUTCOMES {
             let _ = write!(html, "<th>{o}</th>");
         }
@@ -811,8 +903,14 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
             let rate = (finished > 0).then(|| counts[2] as f64 / finished as f64);
             let _ = writeln!(html, r#"<td data-k="duplicate_rate">{}</td></tr>"#, pct(rate));
         }
+        html.push_str("</table>\n");
+    }
+
+    /// The status page's table of partitions: committed offset, lag, and stalls with their reasons.
+    fn partitions_table(&self, html: &mut String) {
+        use std::fmt::Write;
         html.push_str(
-            "</table>\n<h2>Partitions</h2><table id=\"partitions\"><tr><th>topic</th><th>partition</th>\
+            "<h2>Partitions</h2><table id=\"partitions\"><tr><th>topic</th><th>partition</th>\
              <th>committed offset</th><th>lag (records)</th><th>lag (seconds)</th><th>state</th></tr>\n",
         );
         let mut partitions: std::collections::BTreeMap<(String, i32), [Option<f64>; 3]> = Default::default();
@@ -849,11 +947,6 @@ th{{background:#f0f0f0}} td:first-child,th:first-child{{text-align:left}}
             );
         }
         html.push_str("</table>\n");
-        // Window adequacy: the same line `kdedup stats` prints, from these same counters.
-        let window = crate::window::Window::from_metrics(&self.render());
-        let _ =
-            write!(html, "<h2>Window adequacy</h2><p id=\"window\">{}</p>\n</body></html>\n", esc(&window.advice()));
-        html
     }
 
     /// Committed offsets as last set on `kdedup_committed_offset`.
@@ -1052,7 +1145,7 @@ pub const STORE_OP_RESULTS: [&str; 5] = ["applied", "not_applied", "ok", "timeou
 /// `op` names the statement kind (for ScyllaDB: `insert`, `takeover`, `resume`,
 /// `complete`, `release`, `forget`, `sweep_delete` are lightweight transactions;
 /// `read`, `serial_read`, `scan` are reads), so lookups on the Bloom route and
-/// Paxos claims are counted apart; `result` is one of [`STORE_OP_RESULTS`].
+/// Paxos claims are counted apart; `result` is one of `STORE_OP_RESULTS`.
 #[derive(Clone)]
 pub struct StoreOpMetrics {
     /// `kdedup_store_ops_total{store,op,result}`.

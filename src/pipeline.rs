@@ -40,7 +40,6 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-pub use crate::decide::Fatal;
 use crate::decide::{Core, Driver, Earlier, Item, Landed, Stop};
 use crate::event::Record;
 use crate::offsets::{CommitBook, LogMarks, OffsetTracker, OutputMark, TopicPartition};

@@ -67,7 +67,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::error;
 
@@ -275,38 +275,50 @@ impl Reconciler {
             };
             let message = message.with_context(|| format!("reading {topic}"))?;
             position = message.offset() + 1;
-            // Names as bytes: any producer may write a non-UTF-8 name into these topics.
-            let pairs = crate::event::header_pairs(&message);
-            let last = |name: &str| pairs.iter().rev().find(|(k, _)| *k == name.as_bytes()).and_then(|(_, v)| *v);
-            // An HTTP answer counts only when it settled the effect as done: a conflict's or a
-            // refusal's record is dead-lettered after it, by the dead-letter log's reconciliation.
-            let ours = last(headers::SCOPE) == Some(scope)
-                && last(headers::SOURCE_TOPIC) == Some(source.0.as_bytes())
-                && last(headers::SOURCE_PARTITION) == Some(source_partition.as_bytes())
-                && last(headers::OUTCOME).is_none_or(|o| o == b"done");
-            let offset = last(headers::SOURCE_OFFSET)
-                .and_then(|o| std::str::from_utf8(o).ok())
-                .and_then(|o| o.parse::<i64>().ok());
-            // What the write was for; a write that does not say is not matched to any record.
-            let identity = match kind {
-                Kind::Output => last(headers::EVENT_ID).map(event_identity),
-                Kind::DeadLetter => Some(xxhash_rust::xxh3::xxh3_128(message.payload().unwrap_or_default())),
-            };
-            match (offset, identity) {
-                (Some(offset), Some(identity)) if ours && offset >= from_offset => {
-                    if !found.found.contains_key(&offset) && !found.share.take(self.limits.max_found) {
-                        incomplete(
-                            &mut found,
-                            "the process holds as many found writes as it may (Limits::max_found)",
-                            message.offset(),
-                        );
-                        return Ok(found);
-                    }
-                    found.found.insert(offset, identity);
+            let written = written_for(&message, source, &source_partition, scope, kind);
+            if let Some((offset, identity)) = written.filter(|&(offset, _)| offset >= from_offset) {
+                if !found.found.contains_key(&offset) && !found.share.take(self.limits.max_found) {
+                    incomplete(
+                        &mut found,
+                        "the process holds as many found writes as it may (Limits::max_found)",
+                        message.offset(),
+                    );
+                    return Ok(found);
                 }
-                _ => {}
+                found.found.insert(offset, identity);
             }
         }
         Ok(found)
     }
+}
+
+/// The source offset and identity of a write of `source` (in `scope`), read from its
+/// headers; `None` for another's write, or one that does not say what it was for.
+fn written_for(
+    message: &BorrowedMessage<'_>,
+    source: &TopicPartition,
+    source_partition: &str,
+    scope: &[u8],
+    kind: Kind,
+) -> Option<(i64, Identity)> {
+    // Names as bytes: any producer may write a non-UTF-8 name into these topics.
+    let pairs = crate::event::header_pairs(message);
+    let last = |name: &str| pairs.iter().rev().find(|(k, _)| *k == name.as_bytes()).and_then(|(_, v)| *v);
+    // An HTTP answer counts only when it settled the effect as done: a conflict's or a
+    // refusal's record is dead-lettered after it, by the dead-letter log's reconciliation.
+    let ours = last(headers::SCOPE) == Some(scope)
+        && last(headers::SOURCE_TOPIC) == Some(source.0.as_bytes())
+        && last(headers::SOURCE_PARTITION) == Some(source_partition.as_bytes())
+        && last(headers::OUTCOME).is_none_or(|o| o == b"done");
+    if !ours {
+        return None;
+    }
+    let offset =
+        last(headers::SOURCE_OFFSET).and_then(|o| std::str::from_utf8(o).ok()).and_then(|o| o.parse::<i64>().ok())?;
+    // What the write was for; a write that does not say is not matched to any record.
+    let identity = match kind {
+        Kind::Output => last(headers::EVENT_ID).map(event_identity),
+        Kind::DeadLetter => Some(xxhash_rust::xxh3::xxh3_128(message.payload().unwrap_or_default())),
+    }?;
+    Some((offset, identity))
 }

@@ -267,36 +267,8 @@ pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
 /// Runs a replay; `stop` turning true interrupts it (a partial report).
 pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver<bool>) -> Result<Report, ReplayError> {
     let started = Instant::now();
-    let topic = match (&options.topic, config.kafka.topics.as_slice()) {
-        (Some(t), _) => t.clone(),
-        (None, [only]) => only.clone(),
-        (None, many) => {
-            return Err(ReplayError::Usage(format!(
-                "the config reads {} topics ({}): say which with --topic",
-                many.len(),
-                many.join(", ")
-            )))
-        }
-    };
-    // Every mode asks the brokers first: a TLS or SASL failure is named (mechanism, listener,
-    // librdkafka's reason) instead of surfacing as a bare metadata transport failure. What the
-    // job will write must exist before a producer asks for it (kdedup creates no topics).
-    let mut written = match (options.mode, &options.to_topic) {
-        (Mode::DryRun | Mode::Release, _) => Vec::new(),
-        (_, Some(t)) => vec![t.clone(), config.dead_letter_topic.clone()],
-        (_, None) => crate::kafka_client::written_topics(config),
-    };
-    written.dedup();
-    let kafka = config.kafka.clone();
-    match tokio::task::block_in_place(|| crate::kafka_client::preflight(&kafka, &written)) {
-        Ok(_) => {}
-        Err(crate::kafka_client::PreflightError::MissingTopics(refusal)) => {
-            return Err(ReplayError::Usage(format!("topics {refusal}")))
-        }
-        Err(crate::kafka_client::PreflightError::Unreachable(e)) => {
-            return Err(ReplayError::Unreachable(e.to_string()))
-        }
-    }
+    let topic = job_topic(config, options)?;
+    preflight(config, options)?;
     let clients: KafkaClients = (&config.kafka).into();
     let consumer: StreamConsumer = clients
         .reader(&config.kafka.group_id)
@@ -316,10 +288,8 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
         }
         Mode::DryRun | Mode::Release => (None, None),
     };
-    let extractor = KeyExtractor::new(config.key.clone());
-    let batch_max = config.pipeline.batch_max.get();
     let total: i64 = ranges.iter().map(|(_, from, to)| (to - from).max(0)).sum();
-    let mut progress = Progress::new(options.progress, total as u64);
+    let progress = Progress::new(options.progress, total as u64);
 
     let mut report = Report {
         mode: options.mode,
@@ -332,8 +302,6 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
         partitions: Vec::new(),
         shown: Vec::new(),
     };
-    // Events seen earlier in the range, for the dry-run and release: key digest → (first position, fingerprint).
-    let mut seen = Seen::default();
     // Rows claimed from here on are not released (see the module's doc). A row
     // claimed within the millisecond the job starts counts as older; the job's
     // own claims come after it.
@@ -341,67 +309,24 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
     while now_ms() < started_ms {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let mut limiter = RateLimiter::new(options.max_rate);
+    let mut job = Job {
+        options,
+        topic: &topic,
+        consumer: &consumer,
+        store: &store,
+        core: core.as_ref(),
+        extractor: KeyExtractor::new(config.key.clone()),
+        batch_max: config.pipeline.batch_max.get(),
+        started_ms,
+        stop: &stop,
+        limiter: RateLimiter::new(options.max_rate),
+        progress,
+        seen: Seen::default(),
+        shown: Vec::new(),
+    };
     for &(partition, from, to) in &ranges {
-        let mut counts = Counts::default();
-        if from < to && !*stop.borrow() {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, partition, Offset::Offset(from))
-                .map_err(|e| unreachable("cannot assign the partition", e))?;
-            consumer.assign(&tpl).map_err(|e| unreachable("cannot assign the partition", e))?;
-            let mut driver = ReplayDriver {
-                tp: (Arc::from(topic.as_str()), partition),
-                stop: stop.clone(),
-                counts: Counts::default(),
-            };
-            // A replay re-reads a range the live group may have handled already, so
-            // its dead letters (bad records, conflicts) may repeat the group's: each
-            // is marked `kdedup-possible-repeat` (besides `kdedup-replay`). They are
-            // still written, since the range may hold records nobody dead-lettered
-            // (a group whose offsets were reset past them); a reader dedups them by
-            // their `kdedup-source-*` position.
-            let mut earlier = Earlier::everything_reached();
-            let mut next = from;
-            while next < to {
-                let to_end = matches!(options.to, To::End);
-                let batch = read_batch(&consumer, (&topic, partition), &mut next, to, batch_max, to_end, &stop).await?;
-                if batch.is_empty() {
-                    break;
-                }
-                let n = batch.len() as u64;
-                limiter.wait(n, &stop).await;
-                let result = match (options.mode, &core) {
-                    (Mode::DryRun, _) => {
-                        dry_run(
-                            &extractor,
-                            &store,
-                            batch,
-                            &mut seen,
-                            &mut driver.counts,
-                            options.show,
-                            &mut report.shown,
-                        )
-                        .await
-                    }
-                    (Mode::Release, _) => {
-                        release(&extractor, &store, batch, &mut seen, started_ms, &mut driver.counts).await
-                    }
-                    (Mode::Apply, Some(core)) => {
-                        core.run_batch(&mut driver, batch, Instant::now(), &mut earlier).await.map_err(stopped)
-                    }
-                    (Mode::Redrive, Some(core)) => redrive(core, &mut driver, batch, started_ms).await,
-                    (_, None) => unreachable!("apply and redrive have a core"),
-                };
-                match result {
-                    Ok(()) => {}
-                    Err(Interrupted::Stopped) => break,
-                    Err(Interrupted::Store(e)) => return Err(unreachable("the store failed", e)),
-                }
-                progress.advance(n);
-            }
-            counts = driver.counts;
-            consumer.unassign().map_err(|e| unreachable("cannot unassign the partition", e))?;
-        }
+        let counts =
+            if from < to && !*stop.borrow() { job.partition(partition, from, to).await? } else { Counts::default() };
         report.counts.add(&counts);
         report.partitions.push(PartitionReport { partition, from, to: to.max(from), counts });
     }
@@ -409,11 +334,118 @@ pub async fn run(config: &Config, options: &ReplayOptions, stop: watch::Receiver
         tokio::task::block_in_place(|| writer.flush(Duration::from_secs(30)))
             .map_err(|e| unreachable("flushing the producer", e))?;
     }
-    progress.finish();
+    job.progress.finish();
+    report.shown = job.shown;
     report.interrupted = *stop.borrow();
-    report.seen_full = seen.full;
+    report.seen_full = job.seen.full;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The topic to replay: `--topic`, or the config's only one.
+fn job_topic(config: &Config, options: &ReplayOptions) -> Result<String, ReplayError> {
+    match (&options.topic, config.kafka.topics.as_slice()) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, [only]) => Ok(only.clone()),
+        (None, many) => Err(ReplayError::Usage(format!(
+            "the config reads {} topics ({}): say which with --topic",
+            many.len(),
+            many.join(", ")
+        ))),
+    }
+}
+
+/// Every mode asks the brokers first: a TLS or SASL failure is named (mechanism, listener,
+/// librdkafka's reason) instead of surfacing as a bare metadata transport failure. What the
+/// job will write must exist before a producer asks for it (kdedup creates no topics).
+fn preflight(config: &Config, options: &ReplayOptions) -> Result<(), ReplayError> {
+    let mut written = match (options.mode, &options.to_topic) {
+        (Mode::DryRun | Mode::Release, _) => Vec::new(),
+        (_, Some(t)) => vec![t.clone(), config.dead_letter_topic.clone()],
+        (_, None) => crate::kafka_client::written_topics(config),
+    };
+    written.dedup();
+    let kafka = config.kafka.clone();
+    match tokio::task::block_in_place(|| crate::kafka_client::preflight(&kafka, &written)) {
+        Ok(_) => Ok(()),
+        Err(crate::kafka_client::PreflightError::MissingTopics(refusal)) => {
+            Err(ReplayError::Usage(format!("topics {refusal}")))
+        }
+        Err(crate::kafka_client::PreflightError::Unreachable(e)) => Err(ReplayError::Unreachable(e.to_string())),
+    }
+}
+
+/// A replay job's reader, store and core, and what it carries from one partition to the next.
+struct Job<'a> {
+    options: &'a ReplayOptions,
+    topic: &'a str,
+    consumer: &'a StreamConsumer,
+    store: &'a Store,
+    /// For apply and redrive.
+    core: Option<&'a Core>,
+    extractor: KeyExtractor,
+    batch_max: usize,
+    /// Rows claimed from then on are not released.
+    started_ms: u64,
+    stop: &'a watch::Receiver<bool>,
+    limiter: RateLimiter,
+    progress: Progress,
+    /// Events seen earlier in the range, for the dry-run and release: key digest → (first position, fingerprint).
+    seen: Seen,
+    /// What a dry-run shows (`--show`).
+    shown: Vec<Shown>,
+}
+
+impl Job<'_> {
+    /// Replays `from..to` of one partition, batch by batch, in the job's mode; its counts
+    /// (so far, when stopped).
+    async fn partition(&mut self, partition: i32, from: i64, to: i64) -> Result<Counts, ReplayError> {
+        let (topic, options) = (self.topic, self.options);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+            .map_err(|e| unreachable("cannot assign the partition", e))?;
+        self.consumer.assign(&tpl).map_err(|e| unreachable("cannot assign the partition", e))?;
+        let mut driver =
+            ReplayDriver { tp: (Arc::from(topic), partition), stop: self.stop.clone(), counts: Counts::default() };
+        // A replay re-reads a range the live group may have handled already, so
+        // its dead letters (bad records, conflicts) may repeat the group's: each
+        // is marked `kdedup-possible-repeat` (besides `kdedup-replay`). They are
+        // still written, since the range may hold records nobody dead-lettered
+        // (a group whose offsets were reset past them); a reader dedups them by
+        // their `kdedup-source-*` position.
+        let mut earlier = Earlier::everything_reached();
+        let mut next = from;
+        while next < to {
+            let to_end = matches!(options.to, To::End);
+            let batch =
+                read_batch(self.consumer, (topic, partition), &mut next, to, self.batch_max, to_end, self.stop).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len() as u64;
+            self.limiter.wait(n, self.stop).await;
+            let (extractor, store, counts) = (&self.extractor, self.store, &mut driver.counts);
+            let result = match (options.mode, self.core) {
+                (Mode::DryRun, _) => {
+                    dry_run(extractor, store, batch, &mut self.seen, counts, options.show, &mut self.shown).await
+                }
+                (Mode::Release, _) => release(extractor, store, batch, &mut self.seen, self.started_ms, counts).await,
+                (Mode::Apply, Some(core)) => {
+                    core.run_batch(&mut driver, batch, Instant::now(), &mut earlier).await.map_err(stopped)
+                }
+                (Mode::Redrive, Some(core)) => redrive(core, &mut driver, batch, self.started_ms).await,
+                (_, None) => unreachable!("apply and redrive have a core"),
+            };
+            match result {
+                Ok(()) => {}
+                Err(Interrupted::Stopped) => break,
+                Err(Interrupted::Store(e)) => return Err(unreachable("the store failed", e)),
+            }
+            self.progress.advance(n);
+        }
+        self.consumer.unassign().map_err(|e| unreachable("cannot unassign the partition", e))?;
+        Ok(driver.counts)
+    }
 }
 
 /// The core that writes: the configured sink, or `--to-topic`; the configured dead-letter topic.
@@ -446,44 +478,8 @@ fn ranges(
     options: &ReplayOptions,
 ) -> Result<Vec<(i32, i64, i64)>, ReplayError> {
     let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| unreachable("cannot read the topic's metadata from the brokers", e))?;
-    let known: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    if known.is_empty() {
-        return Err(ReplayError::Usage(format!("topic `{topic}` does not exist (or has no partitions)")));
-    }
-    let wanted = if options.partitions.is_empty() { known.clone() } else { options.partitions.clone() };
-    if let Some(p) = wanted.iter().find(|p| !known.contains(p)) {
-        return Err(ReplayError::Usage(format!(
-            "topic `{topic}` has no partition {p} (it has {} partitions: 0 to {})",
-            known.len(),
-            known.len() - 1
-        )));
-    }
-    // The live group's committed offsets: the start of --from-committed, and a check of the
-    // broker's end for every range (a failure to read them only fails --from-committed).
-    let committed: HashMap<i32, Option<Offset>> = {
-        let mut tpl = TopicPartitionList::new();
-        for &p in &wanted {
-            tpl.add_partition(topic, p);
-        }
-        match consumer.committed_offsets(tpl, timeout) {
-            Ok(c) => wanted.iter().map(|&p| (p, c.find_partition(topic, p).map(|e| e.offset()))).collect(),
-            Err(e) if matches!(options.from, From::Committed) => {
-                return Err(unreachable("cannot read the group's committed offsets", e))
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read the group's committed offsets; the end is not checked against them");
-                HashMap::new()
-            }
-        }
-    };
+    let wanted = wanted_partitions(consumer, topic, options, timeout)?;
+    let committed = committed_offsets(consumer, topic, &wanted, options, timeout)?;
     let at_time = |t: i64| -> Result<HashMap<i32, i64>, ReplayError> {
         let mut tpl = TopicPartitionList::new();
         for &p in &wanted {
@@ -531,6 +527,61 @@ fn ranges(
         out.push((p, from, if from >= high { from } else { to }));
     }
     Ok(out)
+}
+
+/// The partitions to replay: `--partition`s, or all of the topic's; errors name what is missing.
+fn wanted_partitions(
+    consumer: &StreamConsumer,
+    topic: &str,
+    options: &ReplayOptions,
+    timeout: Duration,
+) -> Result<Vec<i32>, ReplayError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| unreachable("cannot read the topic's metadata from the brokers", e))?;
+    let known: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if known.is_empty() {
+        return Err(ReplayError::Usage(format!("topic `{topic}` does not exist (or has no partitions)")));
+    }
+    let wanted = if options.partitions.is_empty() { known.clone() } else { options.partitions.clone() };
+    if let Some(p) = wanted.iter().find(|p| !known.contains(p)) {
+        return Err(ReplayError::Usage(format!(
+            "topic `{topic}` has no partition {p} (it has {} partitions: 0 to {})",
+            known.len(),
+            known.len() - 1
+        )));
+    }
+    Ok(wanted)
+}
+
+/// The live group's committed offsets: the start of --from-committed, and a check of the
+/// broker's end for every range (a failure to read them only fails --from-committed).
+fn committed_offsets(
+    consumer: &StreamConsumer,
+    topic: &str,
+    wanted: &[i32],
+    options: &ReplayOptions,
+    timeout: Duration,
+) -> Result<HashMap<i32, Option<Offset>>, ReplayError> {
+    let mut tpl = TopicPartitionList::new();
+    for &p in wanted {
+        tpl.add_partition(topic, p);
+    }
+    match consumer.committed_offsets(tpl, timeout) {
+        Ok(c) => Ok(wanted.iter().map(|&p| (p, c.find_partition(topic, p).map(|e| e.offset()))).collect()),
+        Err(e) if matches!(options.from, From::Committed) => {
+            Err(unreachable("cannot read the group's committed offsets", e))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the group's committed offsets; the end is not checked against them");
+            Ok(HashMap::new())
+        }
+    }
 }
 
 /// The warning for a partition whose end, as the broker gives it, lies below the live

@@ -39,13 +39,13 @@ pub struct RunOptions {
 /// stopped the run (an effect no retry fixes, a panicking partition task).
 ///
 /// ```no_run
-/// use kdedup::{config::Config, service::{self, RunOptions}, source::StopMode};
+/// use kdedup::{Config, RunOptions, StopMode};
 ///
 /// # async fn example() -> anyhow::Result<()> {
 /// let config = Config::load("config/kdedup.toml".as_ref())?;
 /// let options = RunOptions { serve_metrics: true, ..RunOptions::default() };
 /// let counts = options.metrics.clone(); // readable while it runs
-/// service::run(&config, options, async {
+/// kdedup::run(&config, options, async {
 ///     tokio::signal::ctrl_c().await.ok();
 ///     StopMode::Drain
 /// })
@@ -75,14 +75,7 @@ pub(crate) async fn run_decorated(
         _ => None,
     };
 
-    let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
-    store.check_schema(config.file.as_deref()).await?;
-    if let Some(ops) = store.op_metrics() {
-        metrics.register_store_ops(ops);
-    }
-    if let Some(batches) = store.batch_metrics() {
-        metrics.register_store_batches(batches);
-    }
+    let store = open_store(config, &metrics).await?;
     metrics.topics(&config.kafka.topics);
     metrics.set_ttl(config.retention.ttl);
     let probe = preflight(config).await?;
@@ -94,18 +87,7 @@ pub(crate) async fn run_decorated(
 
     let liveness = Arc::new(liveness(config).await);
     let fatal = Fatal::default();
-    let (barrier_store, barrier_metrics) = (store.clone(), metrics.clone());
-    let book = Arc::new(CommitBook::new(Box::new(move || {
-        barrier_store.sync()?;
-        let (stats, m) = (barrier_store.stats(), &barrier_metrics);
-        if let Some(total) = stats.writes {
-            m.store_writes.inc_by(total.saturating_sub(m.store_writes.get()));
-        }
-        if let Some(bytes) = stats.memory_bytes {
-            m.store_memory_bytes.set(bytes as i64);
-        }
-        Ok(())
-    })));
+    let book = Arc::new(commit_book(&store, &metrics));
     let mut core = Core::new(config, store.clone(), sink, side, metrics.clone(), Claimant::Position)?;
     core.fatal = fatal.clone();
     let stages = Arc::new(Stages {
@@ -126,23 +108,7 @@ pub(crate) async fn run_decorated(
     )?;
     info!(topics = ?config.kafka.topics, group = %config.kafka.group_id, store = store.kind(), "kdedup running");
 
-    let sweep_interval = config.retention.sweep_interval;
-    let sweep_store = store.clone();
-    let sweeper = tokio::spawn(async move {
-        if sweep_store.expires_by_itself() {
-            // ScyllaDB's TTL removes rows; a sweep there would scan the whole table.
-            return;
-        }
-        let mut tick = tokio::time::interval(sweep_interval);
-        loop {
-            tick.tick().await;
-            match sweep_store.sweep(now_ms()).await {
-                Ok(0) => {}
-                Ok(n) => debug!(removed = n, "expired keys swept"),
-                Err(e) => warn!(error = %e, "sweeping expired keys failed; will retry"),
-            }
-        }
-    });
+    let sweeper = tokio::spawn(sweep(store.clone(), config.retention.sweep_interval));
 
     let (mode, fatal) = tokio::select! {
         mode = shutdown => (mode, None),
@@ -168,6 +134,53 @@ pub(crate) async fn run_decorated(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The configured store, its schema checked and its own metrics registered on `metrics`.
+async fn open_store(config: &Config, metrics: &Metrics) -> anyhow::Result<Store> {
+    let store = Store::open(&config.store, &config.retention).context("cannot open the store ([store])")?;
+    store.check_schema(config.file.as_deref()).await?;
+    if let Some(ops) = store.op_metrics() {
+        metrics.register_store_ops(ops);
+    }
+    if let Some(batches) = store.batch_metrics() {
+        metrics.register_store_batches(batches);
+    }
+    Ok(store)
+}
+
+/// The commit book, whose durability barrier syncs the store before each commit and
+/// brings the store's write and memory metrics up to date.
+fn commit_book(store: &Store, metrics: &Metrics) -> CommitBook {
+    let (barrier_store, barrier_metrics) = (store.clone(), metrics.clone());
+    CommitBook::new(Box::new(move || {
+        barrier_store.sync()?;
+        let (stats, m) = (barrier_store.stats(), &barrier_metrics);
+        if let Some(total) = stats.writes {
+            m.store_writes.inc_by(total.saturating_sub(m.store_writes.get()));
+        }
+        if let Some(bytes) = stats.memory_bytes {
+            m.store_memory_bytes.set(bytes as i64);
+        }
+        Ok(())
+    }))
+}
+
+/// Removes expired keys every `interval`, for stores that do not expire rows themselves.
+async fn sweep(store: Store, interval: Duration) {
+    if store.expires_by_itself() {
+        // ScyllaDB's TTL removes rows; a sweep there would scan the whole table.
+        return;
+    }
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        match store.sweep(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => debug!(removed = n, "expired keys swept"),
+            Err(e) => warn!(error = %e, "sweeping expired keys failed; will retry"),
+        }
+    }
 }
 
 /// Before any client that could ask for a topic's metadata: the brokers answer and every topic

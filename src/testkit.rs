@@ -8,7 +8,7 @@ use std::future::Future;
 use crate::config::Config;
 use crate::service::RunOptions;
 pub use crate::sink::faulty::Faults;
-use crate::sink::faulty::FaultySink;
+pub use crate::sink::faulty::FaultySink;
 use crate::sink::AnySink;
 use crate::source::StopMode;
 

@@ -27,7 +27,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// `None` when the topic name cannot be kept (see [`intern`]).
+    /// `None` when the topic name cannot be kept (see `intern`).
     pub fn of(position: &crate::event::Position) -> Option<Origin> {
         Some(Origin { topic: intern(&position.topic)?, partition: position.partition, offset: position.offset })
     }

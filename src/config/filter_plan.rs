@@ -1,6 +1,6 @@
 //! The aging filter's sizing plan: how many buckets (and bytes) a table needs for a
 //! number of keys per ttl at a false-positive rate. Shared by config validation, which
-//! bounds the size before anything is allocated, and by [`crate::filter::AgingCuckoo`],
+//! bounds the size before anything is allocated, and by `filter::AgingCuckoo`,
 //! which allocates it: one plan, so the two cannot disagree. A leaf: it imports nothing
 //! from the crate.
 

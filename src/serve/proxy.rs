@@ -216,18 +216,7 @@ impl Proxy {
                     }
                     return answer;
                 }
-                Claim::Duplicate { .. } => {
-                    return match self.store.response(key, now_ms()).await {
-                        Ok(Some(recorded)) => Answer { outcome: "replayed", response: replay(&recorded) },
-                        Ok(None) => problem(
-                            "upstream_error",
-                            StatusCode::BAD_GATEWAY,
-                            "no_recorded_answer",
-                            "the key's first request completed, but its answer was not kept",
-                        ),
-                        Err(e) => self.store_failed("response", &e.to_string()),
-                    }
-                }
+                Claim::Duplicate { .. } => return self.replay_recorded(key).await,
                 Claim::Conflict { .. } => {
                     return problem(
                         "conflict",
@@ -238,18 +227,7 @@ impl Proxy {
                 }
                 Claim::InFlight { lease_until_ms, .. } => {
                     if Instant::now() + pause > deadline {
-                        // The owner is alive (it renews its lease) and usually done soon: suggest the
-                        // wait bound, never later than its lease could be taken over.
-                        let lease_left = lease_until_ms.saturating_sub(now_ms()).div_ceil(1000);
-                        let secs = (self.config.wait.as_millis() as u64).div_ceil(1000).min(lease_left).max(1);
-                        let mut answer = problem(
-                            "in_progress",
-                            StatusCode::CONFLICT,
-                            "in_progress",
-                            "a request with this idempotency key is still in progress; retry later",
-                        );
-                        answer.response.headers_mut().insert("retry-after", HeaderValue::from(secs));
-                        return answer;
+                        return self.in_progress(lease_until_ms);
                     }
                     let waiting = waiting.get_or_insert_with(|| {
                         let mut map = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
@@ -266,6 +244,36 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// A duplicate: the first request's recorded answer, replayed.
+    async fn replay_recorded(&self, key: EventKey) -> Answer {
+        match self.store.response(key, now_ms()).await {
+            Ok(Some(recorded)) => Answer { outcome: "replayed", response: replay(&recorded) },
+            Ok(None) => problem(
+                "upstream_error",
+                StatusCode::BAD_GATEWAY,
+                "no_recorded_answer",
+                "the key's first request completed, but its answer was not kept",
+            ),
+            Err(e) => self.store_failed("response", &e.to_string()),
+        }
+    }
+
+    /// The wait for another request with the key ran out: 409 with a `Retry-After`.
+    fn in_progress(&self, lease_until_ms: u64) -> Answer {
+        // The owner is alive (it renews its lease) and usually done soon: suggest the
+        // wait bound, never later than its lease could be taken over.
+        let lease_left = lease_until_ms.saturating_sub(now_ms()).div_ceil(1000);
+        let secs = (self.config.wait.as_millis() as u64).div_ceil(1000).min(lease_left).max(1);
+        let mut answer = problem(
+            "in_progress",
+            StatusCode::CONFLICT,
+            "in_progress",
+            "a request with this idempotency key is still in progress; retry later",
+        );
+        answer.response.headers_mut().insert("retry-after", HeaderValue::from(secs));
+        answer
     }
 
     /// The claim is ours: forward with the lease renewed, then record and complete,

@@ -53,8 +53,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3_600);
 /// Stripe's 255.
 ///
 /// ```
-/// use kdedup::event::EventKey;
-/// use kdedup::sink::http::idempotency_key;
+/// use kdedup::{idempotency_key, EventKey};
 ///
 /// let key = EventKey { scope: "payments".into(), id: b"evt-1".to_vec() };
 /// assert_eq!(idempotency_key(&key), idempotency_key(&key.clone()));
@@ -271,6 +270,24 @@ impl super::Sink for HttpSink {
     }
 }
 
+/// An answer that settles the effect (`outcome` is not a retry): done, a conflict, or
+/// refused; with the answer, for `results_topic`.
+fn settled(
+    outcome: HttpOutcome,
+    response: EffectResponse,
+    may_have_landed: bool,
+) -> (Result<Delivered, SinkError>, Option<Answer>) {
+    let (status, excerpt) = (response.status, response.excerpt.clone());
+    let (name, result) = match outcome {
+        HttpOutcome::Done => ("done", Ok(Delivered { mark: None, response: Some(response.clone()) })),
+        HttpOutcome::Conflict => {
+            ("conflict", Err(SinkError::Http(HttpError::Conflict { status, excerpt, may_have_landed })))
+        }
+        _ => ("dead_letter", Err(SinkError::Http(HttpError::Refused { status, excerpt, may_have_landed }))),
+    };
+    (result, Some(Answer { outcome: name, response }))
+}
+
 impl HttpSink {
     /// One effect through its attempts: the result, and the answer that settled
     /// it (for `results_topic`), with its outcome's name.
@@ -316,21 +333,7 @@ impl HttpSink {
                         last_answer = Some(Answer { outcome: "gave_up", response });
                         (last, retry_after)
                     } else {
-                        let excerpt = response.excerpt.clone();
-                        let (name, result) = match outcome {
-                            HttpOutcome::Done => {
-                                ("done", Ok(Delivered { mark: None, response: Some(response.clone()) }))
-                            }
-                            HttpOutcome::Conflict => (
-                                "conflict",
-                                Err(SinkError::Http(HttpError::Conflict { status, excerpt, may_have_landed })),
-                            ),
-                            _ => (
-                                "dead_letter",
-                                Err(SinkError::Http(HttpError::Refused { status, excerpt, may_have_landed })),
-                            ),
-                        };
-                        return (result, Some(Answer { outcome: name, response }));
+                        return settled(outcome, response, may_have_landed);
                     }
                 }
                 Attempt::Failed { why, may_have_landed: landed } => {

@@ -130,8 +130,8 @@ impl Delivered {
 ///
 /// ```
 /// use std::sync::Mutex;
-/// use kdedup::error::SinkError;
-/// use kdedup::sink::{Delivered, Effect, Sink, Stopping};
+/// use kdedup::SinkError;
+/// use kdedup::{Delivered, Effect, Sink, Stopping};
 ///
 /// /// Remembers event IDs; refuses empty payloads for good.
 /// #[derive(Default)]
@@ -159,7 +159,7 @@ impl Delivered {
 ///
 /// // Give it to a run: `RunOptions { sink: Some(CustomSink::new(Ledger::default())), .. }`
 /// // with `[sink] kind = "custom"` in the config.
-/// let sink = kdedup::sink::CustomSink::new(Ledger::default());
+/// let sink = kdedup::CustomSink::new(Ledger::default());
 /// assert_eq!(sink.kind(), "ledger");
 /// ```
 pub trait Sink: Send + Sync + 'static {
@@ -213,8 +213,8 @@ impl<S: Sink> DynSink for S {
 ///
 /// ```
 /// use std::time::Duration;
-/// use kdedup::error::SinkError;
-/// use kdedup::sink::Stopping;
+/// use kdedup::SinkError;
+/// use kdedup::Stopping;
 ///
 /// async fn back_off(wait: Duration, stop: &Stopping) -> Result<(), SinkError> {
 ///     tokio::select! {
