@@ -74,27 +74,17 @@ fn main() {
 }
 
 async fn drive(args: Arc<Args>) -> Tally {
-    // Connect first, in steps, so the listener's backlog is not the thing measured.
-    let mut streams = Vec::with_capacity(args.connections);
-    for chunk in 0..args.connections.div_ceil(500) {
-        let n = 500.min(args.connections - chunk * 500);
-        let connects = (0..n).map(|_| TcpStream::connect(args.addr.clone()));
-        for stream in futures::future::join_all(connects).await {
-            let stream = stream.unwrap_or_else(|e| panic!("connect to {}: {e}", args.addr));
-            stream.set_nodelay(true).unwrap();
-            streams.push(stream);
-        }
-    }
+    // Each connection opens just before its first request: opened all at once
+    // first, the early ones would sit idle past the server's head timeout
+    // (serve's client_timeout_ms) while the rest connect.
     let recent: Arc<Mutex<VecDeque<String>>> = Arc::new(Mutex::new(VecDeque::with_capacity(1024)));
     let interval = Duration::from_secs_f64(args.connections as f64 / args.rate);
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(args.seconds);
-    let tasks: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(i, stream)| {
+    let tasks: Vec<_> = (0..args.connections)
+        .map(|i| {
             let first = start + interval.mul_f64(i as f64 / args.connections as f64);
-            tokio::spawn(connection(args.clone(), i, stream, first, interval, end, recent.clone()))
+            tokio::spawn(connection(args.clone(), i, first, interval, end, recent.clone()))
         })
         .collect();
     let mut tally = Tally::default();
@@ -115,13 +105,21 @@ async fn drive(args: Arc<Args>) -> Tally {
 async fn connection(
     args: Arc<Args>,
     index: usize,
-    mut stream: TcpStream,
     first: Instant,
     interval: Duration,
     end: Instant,
     recent: Arc<Mutex<VecDeque<String>>>,
 ) -> Tally {
     let mut tally = Tally::default();
+    tokio::time::sleep_until(first.checked_sub(Duration::from_millis(50)).unwrap_or(first).into()).await;
+    let mut stream = match TcpStream::connect(args.addr.clone()).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            *tally.errors.entry(format!("connect {:?}", e.kind())).or_default() += 1;
+            return tally;
+        }
+    };
+    let _ = stream.set_nodelay(true);
     let mut buffer = Vec::with_capacity(4096);
     let mut due = first;
     let mut sent = 0u64;
