@@ -98,3 +98,34 @@ pub(super) async fn with_heartbeat<F: Future>(core: &Core, tp: &TopicPartition, 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn claim(id: &str, offset: i64) -> (EventKey, Position) {
+        (
+            EventKey { scope: Arc::from("s"), id: id.as_bytes().to_vec() },
+            Position { topic: Arc::from("t"), partition: 0, offset },
+        )
+    }
+
+    /// A drain releases exactly the claims still held whose effect never started: not
+    /// those started, not those no longer held, and a key is told apart by its position too.
+    #[test]
+    fn only_claims_held_and_never_started_are_left_to_release() {
+        let held = Held::default();
+        let (a, b, c, d) = (claim("a", 0), claim("b", 1), claim("c", 2), claim("d", 3));
+        for k in [&a, &b, &c, &d] {
+            held.won(k.clone(), true, None);
+        }
+        held.won(claim("e", 4), false, None);
+        held.started(&[b.clone(), claim("a", 9)]);
+        held.remove(std::slice::from_ref(&c));
+        assert_eq!(held.snapshot().len(), 4, "c is no longer held");
+        assert_eq!(held.take_unstarted(), vec![a, d], "b started, c gone, e was never releasable");
+        assert!(held.take_unstarted().is_empty(), "taken once");
+    }
+}
