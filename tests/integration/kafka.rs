@@ -65,15 +65,9 @@ impl Sasl {
         let file = dir.join(format!("password-{}", password.len()));
         std::fs::write(&file, format!("{password}\n")).unwrap();
         let mut c = Command::new(BIN);
-        c.args(args)
-            .args(["--config", "config/kdedup.toml"])
-            .env("KDEDUP_LOG", "debug")
-            .env("KDEDUP_KAFKA__BROKERS", &self.broker)
-            .env("KDEDUP_KAFKA__GROUP_ID", &topics.group)
-            .env("KDEDUP_KEY__SCOPE", &topics.group)
-            .env("KDEDUP_KAFKA__TOPICS", &topics.input)
-            .env("KDEDUP_SINK__TOPIC", &topics.output)
-            .env("KDEDUP_DEAD_LETTER__TOPIC", &topics.dlq)
+        c.args(args).args(["--config", "config/kdedup.toml"]).env("KDEDUP_LOG", "debug");
+        topics
+            .point(&mut c, &self.broker)
             .env("KDEDUP_STORE__KIND", "embedded")
             .env("KDEDUP_STORE__PATH", dir.join("store"))
             .env("KDEDUP_METRICS__LISTEN", "")
@@ -304,15 +298,10 @@ async fn transactional_input_committed_once_aborted_never_commits_reach_the_end(
     assert_exactly_once(&output, &ids);
 
     let replay = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(["replay", "--config", "config/kdedup.toml", "--json"])
-            .args(args)
-            .env("KDEDUP_KAFKA__BROKERS", &env.brokers)
-            .env("KDEDUP_KAFKA__GROUP_ID", &topics.group)
-            .env("KDEDUP_KEY__SCOPE", &topics.group)
-            .env("KDEDUP_KAFKA__TOPICS", &topics.input)
-            .env("KDEDUP_SINK__TOPIC", &topics.output)
-            .env("KDEDUP_DEAD_LETTER__TOPIC", &topics.dlq)
+        let mut replay = Command::new(BIN);
+        replay.args(["replay", "--config", "config/kdedup.toml", "--json"]).args(args);
+        let out = topics
+            .point(&mut replay, &env.brokers)
             .env("KDEDUP_STORE__KIND", "postgres")
             .env("KDEDUP_STORE__URL", &env.postgres)
             .output()

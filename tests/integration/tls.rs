@@ -45,13 +45,6 @@ impl Tls {
     }
 }
 
-struct Topics {
-    input: String,
-    output: String,
-    dlq: String,
-    group: String,
-}
-
 async fn create_topics(tls: &Tls, partitions: i32) -> Topics {
     let t = Topics { input: unique("tin"), output: unique("tout"), dlq: unique("tdlq"), group: unique("tgroup") };
     mock::create_topics(tls.clients(), &[(&t.input, partitions), (&t.output, partitions), (&t.dlq, 1)])
@@ -63,15 +56,9 @@ async fn create_topics(tls: &Tls, partitions: i32) -> Topics {
 /// `kdedup <args>` on the example config, pointed at the TLS broker and this test's topics.
 fn kdedup(tls: &Tls, topics: &Topics, store: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(args)
-        .args(["--config", "config/kdedup.toml"])
-        .env_remove("KDEDUP_LOG")
-        .env("KDEDUP_KAFKA__BROKERS", &tls.broker)
-        .env("KDEDUP_KAFKA__GROUP_ID", &topics.group)
-        .env("KDEDUP_KEY__SCOPE", &topics.group)
-        .env("KDEDUP_KAFKA__TOPICS", &topics.input)
-        .env("KDEDUP_SINK__TOPIC", &topics.output)
-        .env("KDEDUP_DEAD_LETTER__TOPIC", &topics.dlq)
+    c.args(args).args(["--config", "config/kdedup.toml"]).env_remove("KDEDUP_LOG");
+    topics
+        .point(&mut c, &tls.broker)
         .env("KDEDUP_STORE__KIND", "embedded")
         .env("KDEDUP_STORE__PATH", store)
         .env("KDEDUP_METRICS__LISTEN", "")

@@ -321,6 +321,18 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// Points `cmd` (a `kdedup` command on the example config) at `brokers` and these topics,
+    /// with the group as the key scope: the shared store outlives tests, so a scope per test
+    /// keeps their keys apart.
+    pub fn point<'c>(&self, cmd: &'c mut std::process::Command, brokers: &str) -> &'c mut std::process::Command {
+        cmd.env("KDEDUP_KAFKA__BROKERS", brokers)
+            .env("KDEDUP_KAFKA__GROUP_ID", &self.group)
+            .env("KDEDUP_KEY__SCOPE", &self.group)
+            .env("KDEDUP_KAFKA__TOPICS", &self.input)
+            .env("KDEDUP_SINK__TOPIC", &self.output)
+            .env("KDEDUP_DEAD_LETTER__TOPIC", &self.dlq)
+    }
+
     /// Creates the topics, and the store's table at `store_url` the way an operator would.
     pub async fn create(brokers: &str, store_url: &str, partitions: i32) -> Topics {
         let t = Topics { input: unique("in"), output: unique("out"), dlq: unique("dlq"), group: unique("group") };
@@ -383,15 +395,9 @@ impl Member {
         let log = std::fs::File::create(logs.join(format!("member-{n}.log"))).unwrap();
         let level = std::env::var("KDEDUP_TEST_LOG").unwrap_or_else(|_| "kdedup=info".into());
         let mut cmd = std::process::Command::new(BIN);
-        cmd.args(["run", "--config", "config/kdedup.toml"])
-            .env("KDEDUP_LOG", level)
-            .env("KDEDUP_KAFKA__BROKERS", brokers)
-            .env("KDEDUP_KAFKA__GROUP_ID", &topics.group)
-            // The shared store outlives tests: a scope per test keeps their keys apart.
-            .env("KDEDUP_KEY__SCOPE", &topics.group)
-            .env("KDEDUP_KAFKA__TOPICS", &topics.input)
-            .env("KDEDUP_SINK__TOPIC", &topics.output)
-            .env("KDEDUP_DEAD_LETTER__TOPIC", &topics.dlq)
+        cmd.args(["run", "--config", "config/kdedup.toml"]).env("KDEDUP_LOG", level);
+        topics
+            .point(&mut cmd, brokers)
             .env("KDEDUP_STORE__KIND", "postgres")
             .env("KDEDUP_STORE__URL", store_url)
             .env("KDEDUP_STORE__LEASE_SECS", "5")
