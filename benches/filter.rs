@@ -10,7 +10,7 @@
 //!   slices (each sized expected/3 * 1.25, each given a quarter of the budget).
 //! - `blocked_bloom`: the same slicing with split-block slices (one 64-byte
 //!   block per slice probe, 8 bits from the digest, one per word).
-//! - `aging_cuckoo`: `kdedup::filter::AgingCuckoo`, the filter the pipeline uses.
+//! - `aging_cuckoo`: `kdedup::aging::AgingCuckoo`, the filter the pipeline uses.
 //!
 //! Criterion reports the time per check: `absent` and `present` time a lone
 //! check; `absent_batch` times 256 checks in a row (as the pipeline makes
@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use kdedup::aging::AgingCuckoo;
 use kdedup::event::EventKey;
-use kdedup::filter::{AgingCuckoo, PREFETCH_AHEAD};
+use kdedup::filter::PREFETCH_AHEAD;
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
 const FPR: f64 = 0.001;

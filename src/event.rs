@@ -245,7 +245,12 @@ impl EventKey {
     /// seeded, so input chosen to collide under XXH3's public default secret
     /// collides nowhere else.
     pub fn digest(&self) -> u128 {
-        xxh3_128_with_secret(&self.encode(), digest_secret())
+        EventKey::digest_encoded(&self.encode())
+    }
+
+    /// [`EventKey::digest`] of a key already [`EventKey::encode`]d.
+    pub fn digest_encoded(encoded: &[u8]) -> u128 {
+        xxh3_128_with_secret(encoded, digest_secret())
     }
 
     /// The ID for humans and headers: UTF-8 as is, other bytes as `hex:<…>`.

@@ -5,7 +5,9 @@
 //! 1. `source`: a consumer in a group; each partition gets its own queue and task.
 //! 2. `event`: the event ID (header, record key, JSON pointer or payload hash),
 //!    its scope, and a payload fingerprint; records without one are dead-lettered.
-//! 3. `filter`: a recent-key cache and an aging filter (cuckoo table) that only save store calls.
+//! 3. `filter`: a recent-key cache and an aging filter that only save store calls. The aging
+//!    filter's table (`aging`, a cuckoo table whose keys age out) also lets the embedded store
+//!    skip the read of a key it never wrote.
 //! 4. `store`: the authority: atomic claim → `New | Duplicate | InFlight | Conflict`.
 //! 5. `sink`: the side effect, only for `New`; dead letters and duplicates to side topics.
 //! 6. complete: the claim turns `Done` and lives for the retention TTL.
@@ -102,6 +104,7 @@ macro_rules! testkit_visible {
 }
 
 testkit_visible! {
+    mod aging;
     mod event;
     mod filter;
     mod kafka_client;

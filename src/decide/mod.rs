@@ -52,11 +52,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::aging::FilterAllocError;
 use crate::backoff::Backoff;
 use crate::config::{Config, Mode, PipelineConfig};
 use crate::error::RecordError;
 use crate::event::{Envelope, Fingerprint, KeyExtractor, Record};
-use crate::filter::{Filter, FilterAllocError};
+use crate::filter::Filter;
 use crate::metrics::Metrics;
 use crate::sink::{event_identity, is_dead_letter_of, AnySink, Identity, SideTopics, Stopping};
 use crate::store::{now_ms, Acquired, DedupStore, Store};

@@ -14,6 +14,10 @@
 //! - Writes per new event: the claim row, then its rewrite as done; nothing
 //!   else is written per key (`kdedup bench` prints the figure).
 //!
+//! - Reads per new event: none. The store keeps the keys it holds rows for in
+//!   an aging filter ([`Known`]); a claim of a key the filter never saw skips
+//!   the read, which was the largest single cost of a claim.
+//!
 //! Correct for a single consumer instance only: two processes cannot share it.
 
 use foldhash::HashMap;
@@ -22,11 +26,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use tracing::{info, warn};
 
 use super::{
     decide, kept_on_release, Acquired, Claim, ClaimRequest, ClaimRow, ClaimState, DedupStore, EffectResponse, Released,
     StoreStats,
 };
+use crate::aging::AgingCuckoo;
 use crate::config::Retention;
 use crate::error::StoreError;
 use crate::event::{EventKey, Fingerprint, Position};
@@ -44,6 +50,91 @@ const PENDING_MAX: usize = 1_000_000;
 /// write path under the lock updates or drops its key's entry, so an entry
 /// is always the row on disk; a key missing here is read from disk.
 type Pending = HashMap<Vec<u8>, ClaimRow>;
+
+/// Keys the aging filter of known keys is planned for, per TTL (about 2.5
+/// bytes a key, allocated at the first claim). More keys than this never
+/// cause a false negative: the filter grows overflow tables, and its checks
+/// get a little slower.
+const KNOWN_KEYS_PLANNED: u64 = 10_000_000;
+
+/// The keys this store holds a row for, as an aging filter, so that a claim
+/// of a key it has never seen skips the read (that read was 11% of the
+/// pipeline's CPU, the largest single part of a claim: perf, `kdedup bench`).
+///
+/// A filter can stand in for a read only if it never misses a key that has a
+/// live row. Here it cannot:
+/// 1. Only this process writes the store: fjall locks its directory, and a
+///    second open fails with [`StoreError::Locked`].
+/// 2. A row comes to exist only in a claim call (complete, renew and record
+///    change rows they read; the rest delete), and that call adds the key's
+///    digest under the store lock before it commits the row.
+/// 3. A row lives at most one TTL from the claim call that made it: its
+///    `expires_at_ms` is that call's time plus the TTL, and neither a resume
+///    nor a completion moves it. The aging filter reports a key added at t
+///    until at least t + ttl, and never drops one for lack of room (it
+///    spills into overflow tables); both measure time with the callers' clock.
+/// 4. The rows already on disk are added by one scan, under the lock, before
+///    the first claim relies on the filter. A row there that outlives now +
+///    TTL (the TTL was shortened since it was written, or the clock went
+///    back) could be forgotten while it counts: then the filter is never
+///    relied on, and every key is read as before.
+///
+/// A false positive only costs the read. A digest keyed per process (see
+/// [`EventKey::digest`]) keeps input from being chosen to pile into one bucket.
+struct Known {
+    keys: AgingCuckoo,
+    /// Whether a miss stands for a read (see 4 above).
+    trusted: bool,
+    /// Whether the responses keyspace may hold an answer. A claim that skips
+    /// its read cannot tell whether an expired row (not yet swept) had one,
+    /// so while this holds it deletes the key's answer blindly.
+    responses: bool,
+}
+
+impl Known {
+    /// Adds every row on disk that still counts at `now_ms` (see [`Known`], 4).
+    fn load(inner: &Inner, now_ms: u64) -> Result<Known, StoreError> {
+        let started = std::time::Instant::now();
+        let ttl = std::time::Duration::from_millis(inner.ttl_ms);
+        let mut keys = AgingCuckoo::try_new(KNOWN_KEYS_PLANNED, 0.001, ttl, now_ms)
+            .map_err(|e| inner.err(format!("the filter of known keys: {e}")))?;
+        let (mut rows, mut outliving) = (0u64, 0u64);
+        for entry in inner.claims.iter() {
+            let (key, value) = entry.into_inner().map_err(|e| inner.err(e))?;
+            let Some(row) = decode_row(&value).filter(|r| r.expires_at_ms > now_ms) else { continue };
+            rows += 1;
+            if row.expires_at_ms > now_ms.saturating_add(inner.ttl_ms) {
+                outliving += 1;
+            }
+            keys.insert(EventKey::digest_encoded(&key), now_ms);
+        }
+        let responses = !inner.responses.is_empty().map_err(|e| inner.err(e))?;
+        if outliving > 0 {
+            warn!(
+                rows = outliving,
+                "{outliving} rows in the embedded store outlive the configured TTL from now \
+                 (was it shortened?): every claim reads the store until they expire and the process restarts"
+            );
+        }
+        if rows > 0 {
+            info!(rows, ms = started.elapsed().as_millis() as u64, "indexed the embedded store's live keys");
+        }
+        Ok(Known { keys, trusted: outliving == 0, responses })
+    }
+
+    /// Whether `digest`'s key may have a row: `false` means it has none.
+    fn may_hold(&mut self, digest: u128, now_ms: u64) -> bool {
+        self.keys.advance(now_ms);
+        !self.trusted || self.keys.check(digest)
+    }
+}
+
+/// What the store lock guards.
+struct Guarded {
+    pending: Pending,
+    /// Made by the first claim call (see [`Known::load`]).
+    known: Option<Known>,
+}
 
 /// The embedded store: claims in a fjall keyspace on local disk, with real expiry.
 /// Correct for one consumer instance (it cannot see another process's claims). Cheap to clone.
@@ -64,11 +155,13 @@ struct Inner {
     calls: AtomicU64,
     /// encoded key → the effect's recorded response (JSON); lives and dies with the claim row.
     responses: Keyspace,
-    lock: Mutex<Pending>,
+    lock: Mutex<Guarded>,
     ttl_ms: u64,
     lease_ms: u64,
     path: PathBuf,
     round_trips: AtomicU64,
+    /// Rows looked up on disk (the memtable first), for tests.
+    reads: AtomicU64,
     /// Keys written: rows, index entries and deletions.
     writes: AtomicU64,
     syncs: AtomicU64,
@@ -121,7 +214,7 @@ impl EmbeddedStore {
                 claims,
                 expiry,
                 responses,
-                lock: Mutex::new(HashMap::default()),
+                lock: Mutex::new(Guarded { pending: HashMap::default(), known: None }),
                 ttl_ms: retention.ttl.as_millis() as u64,
                 lease_ms: retention.lease.as_millis() as u64,
                 path: path.to_path_buf(),
@@ -131,6 +224,7 @@ impl EmbeddedStore {
                         .map_or(0, |d| d.as_nanos() as u64),
                 ),
                 round_trips: AtomicU64::new(0),
+                reads: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
                 syncs: AtomicU64::new(0),
             }),
@@ -147,11 +241,19 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&Inner, &mut Pending) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.guarded(move |inner, guarded| f(inner, &mut guarded.pending)).await
+    }
+
+    /// As [`EmbeddedStore::locked`], with all the lock guards.
+    async fn guarded<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner, &mut Guarded) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             inner.round_trips.fetch_add(1, Ordering::Relaxed);
-            let mut pending = inner.lock.lock().unwrap_or_else(|p| p.into_inner());
-            f(&inner, &mut pending)
+            let mut guarded = inner.lock.lock().unwrap_or_else(|p| p.into_inner());
+            f(&inner, &mut guarded)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -177,6 +279,7 @@ impl Inner {
     }
 
     fn read(&self, key: &[u8]) -> Result<Option<ClaimRow>, StoreError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         match self.claims.get(key).map_err(|e| self.err(e))? {
             Some(bytes) => {
                 decode_row(&bytes).map(Some).ok_or_else(|| StoreError::Corrupt(format!("row of {} bytes", bytes.len())))
@@ -211,7 +314,12 @@ fn indexed_keys<'a>(index_key: &'a [u8], value: &'a [u8]) -> Option<Vec<&'a [u8]
 
 impl DedupStore for EmbeddedStore {
     async fn claim(&self, requests: Vec<ClaimRequest>, now_ms: u64) -> Result<Vec<Claim>, StoreError> {
-        self.locked(move |s, pending| {
+        self.guarded(move |s, guarded| {
+            let known = match &mut guarded.known {
+                Some(known) => known,
+                known @ None => known.insert(Known::load(s, now_ms)?),
+            };
+            let pending = &mut guarded.pending;
             let mut batch = s.batch(requests.len() + 1);
             // Writes of this batch, so a key repeated in it sees the earlier request.
             let mut overlay: Pending = HashMap::default();
@@ -220,9 +328,12 @@ impl DedupStore for EmbeddedStore {
             let mut created = Vec::new();
             for request in requests {
                 let key = request.key.encode();
+                let digest = EventKey::digest_encoded(&key);
+                let read = known.may_hold(digest, now_ms);
                 let existing = match overlay.get(&key).or_else(|| pending.get(&key)) {
                     Some(row) => Some(row.clone()),
-                    None => s.read(&key)?,
+                    None if read => s.read(&key)?,
+                    None => None,
                 };
                 let claim = decide(existing.as_ref(), &request, now_ms, s.lease_ms);
                 if let Claim::New(how) = claim {
@@ -241,16 +352,18 @@ impl DedupStore for EmbeddedStore {
                             };
                             created.extend_from_slice(&(key.len() as u32).to_be_bytes());
                             created.extend_from_slice(&key);
-                            if had_row {
+                            if had_row || (!read && known.responses) {
                                 // An earlier claim's answer is not this one's. (Without
                                 // a row there is no answer: every path that deletes a
-                                // row deletes its answer too.)
+                                // row deletes its answer too. Unread, an expired row
+                                // may still be there.)
                                 batch.remove(&s.responses, key.clone());
                             }
                             row
                         }
                     };
                     batch.insert(&s.claims, key.clone(), encode_row(&row));
+                    known.keys.insert(digest, now_ms);
                     overlay.insert(key, row);
                 }
                 answers.push(claim);
@@ -351,18 +464,22 @@ impl DedupStore for EmbeddedStore {
     }
 
     async fn record(&self, responses: Vec<(EventKey, Position, EffectResponse)>) -> Result<Vec<bool>, StoreError> {
-        self.locked(move |s, pending| {
+        self.guarded(move |s, guarded| {
             let mut batch = s.db.batch();
             let mut answers = Vec::with_capacity(responses.len());
             for (key, position, response) in responses {
                 let key = key.encode();
-                let row = match pending.get(&key) {
+                let row = match guarded.pending.get(&key) {
                     Some(row) => Some(row.clone()),
                     None => s.read(&key)?,
                 };
                 let held = row.is_some_and(|row| row.position == position);
                 if held {
                     batch.insert(&s.responses, key, response.encode().into_bytes());
+                    // (Without `known` yet, its load finds this answer on disk.)
+                    if let Some(known) = &mut guarded.known {
+                        known.responses = true;
+                    }
                 }
                 answers.push(held);
             }
@@ -654,5 +771,96 @@ mod tests {
         assert_eq!(store.sweep(150_000).await.unwrap(), 0);
         assert_eq!(store.row_count().unwrap(), 1);
         assert_eq!(store.sweep(200_000).await.unwrap(), 1);
+    }
+
+    fn reads(store: &EmbeddedStore) -> u64 {
+        store.inner.reads.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_key_never_claimed_is_claimed_without_a_read_a_known_one_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let batch: Vec<_> = (0..50).map(|i| request(&format!("k{i}"), 1, i)).collect();
+        assert!(store.claim(batch.clone(), 0).await.unwrap().iter().all(|a| *a == Claim::New(Acquired::Fresh)));
+        assert_eq!(reads(&store), 0, "no key had a row");
+        // A key repeated in one call is answered from the call's own writes.
+        let twice = vec![request("x", 1, 100), request("x", 1, 101)];
+        let answers = store.claim(twice, 1).await.unwrap();
+        assert_eq!(answers[0], Claim::New(Acquired::Fresh));
+        assert!(matches!(answers[1], Claim::InFlight { .. }), "{:?}", answers[1]);
+        assert_eq!(reads(&store), 0);
+        // In flight here: answered from memory. Done and dropped from memory: read.
+        store.complete(vec![(batch[0].key.clone(), batch[0].position.clone())], 2).await.unwrap();
+        let again = request("k0", 1, 7);
+        assert_eq!(
+            store.claim(vec![again], 3).await.unwrap(),
+            vec![Claim::Duplicate { first: batch[0].position.clone(), claimed_at_ms: 0 }]
+        );
+        assert_eq!(reads(&store), 1, "a known key is read");
+    }
+
+    #[tokio::test]
+    async fn rows_written_before_an_open_are_known_after_it_for_their_whole_life() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_000_000;
+        let first = request("a", 1, 5);
+        {
+            let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+            store.claim(vec![first.clone()], t0).await.unwrap();
+            store.complete(vec![(first.key.clone(), first.position.clone())], t0).await.unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        // The first claim after the open (of another key) loads what is on disk...
+        store.claim(vec![request("b", 1, 6)], t0 + 10_000).await.unwrap();
+        // ...so the row is read, and counts, until the end of its TTL.
+        let duplicate = Claim::Duplicate { first: first.position.clone(), claimed_at_ms: t0 };
+        assert_eq!(store.claim(vec![request("a", 1, 7)], t0 + 99_999).await.unwrap(), vec![duplicate]);
+        assert_eq!(reads(&store), 1);
+        assert_eq!(store.claim(vec![request("a", 1, 8)], t0 + 100_000).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
+    }
+
+    #[tokio::test]
+    async fn rows_that_outlive_a_shortened_ttl_are_read_for_as_long_as_they_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_000_000;
+        let first = request("a", 1, 5);
+        {
+            let store = EmbeddedStore::open(dir.path(), &retention()).unwrap(); // TTL 100 s
+            store.claim(vec![first.clone()], t0).await.unwrap();
+            store.complete(vec![(first.key.clone(), first.position.clone())], t0).await.unwrap();
+        }
+        let short = Retention { ttl: Duration::from_secs(10), ..retention() };
+        let store = EmbeddedStore::open(dir.path(), &short).unwrap();
+        store.claim(vec![request("b", 1, 6)], t0).await.unwrap();
+        // Past the new TTL, a filter trusted to stand for reads would have
+        // forgotten "a", whose row counts until t0 + 100 s.
+        let duplicate = Claim::Duplicate { first: first.position.clone(), claimed_at_ms: t0 };
+        assert_eq!(store.claim(vec![request("a", 1, 7)], t0 + 50_000).await.unwrap(), vec![duplicate]);
+    }
+
+    #[tokio::test]
+    async fn a_key_claimed_anew_unread_over_its_expired_row_does_not_inherit_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let first = request("a", 1, 5);
+        store.claim(vec![first.clone()], 0).await.unwrap();
+        let answer = EffectResponse {
+            status: 200,
+            body_sha256: String::new(),
+            body_bytes: 0,
+            excerpt: String::new(),
+            at_ms: 1,
+            attempts: 1,
+            headers: Vec::new(),
+            body_base64: None,
+        };
+        assert_eq!(store.record(vec![(first.key.clone(), first.position.clone(), answer)]).await.unwrap(), vec![true]);
+        store.complete(vec![(first.key.clone(), first.position.clone())], 1).await.unwrap();
+        // Two TTLs on, unswept: the filter has forgotten the key and the claim skips its read.
+        let later = 200_000;
+        assert_eq!(store.claim(vec![request("a", 1, 9)], later).await.unwrap(), vec![Claim::New(Acquired::Fresh)]);
+        assert_eq!(reads(&store), 0);
+        assert_eq!(store.response(first.key.clone(), later).await.unwrap(), None, "the expired claim's answer");
     }
 }
