@@ -954,16 +954,21 @@ mod tests {
         .await
         .expect("the claim is answered while the owner holds the rows")
         .unwrap();
-        // The claim committed: had it locked the rows, it would have waited above;
-        // the owner's update goes on without waiting for anyone.
-        let updated = tokio::time::timeout(
-            Duration::from_secs(20),
-            owner.execute("UPDATE kdedup_claims SET state = 2, lease_until = 0 WHERE event_id = 'held'", &[]),
-        )
-        .await
-        .expect("the owner's completion never waits on the duplicate's claim")
-        .unwrap();
         owner.batch_execute("COMMIT").await.unwrap();
+
+        // The other way round: a duplicate's claim still uncommitted ('k' is done by
+        // in/0@5; the claim comes from in/1@9) holds no lock its owner would wait on.
+        admin
+            .execute("INSERT INTO kdedup_claims VALUES ('s', 'k', 2, $1, 'in', 0, 5, 1000, 0, $2)", &[&fp, &(1000 + ttl)])
+            .await
+            .unwrap();
+        let duplicate = connect(&url, &schema).await;
+        duplicate.batch_execute("BEGIN").await.unwrap();
+        let rows = raw_claim(&duplicate, (1, 9), [now, lease, ttl]).await;
+        assert!(!rows[0].get::<_, bool>(1), "a done row is not taken");
+        owner.batch_execute("SET lock_timeout = '5s'").await.unwrap();
+        let updated = owner.execute("UPDATE kdedup_claims SET lease_until = 1 WHERE event_id = 'k'", &[]).await;
+        duplicate.batch_execute("COMMIT").await.unwrap();
         admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
         let first = |offset| Position { topic: Arc::from("in"), partition: 0, offset };
         assert_eq!(
@@ -973,7 +978,7 @@ mod tests {
                 Claim::InFlight { holder: first(6), lease_until_ms: (now + lease) as u64 },
             ]
         );
-        assert_eq!(updated, 1);
+        assert_eq!(updated.expect("the owner does not wait on the duplicate's claim"), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
