@@ -203,17 +203,31 @@ fn reader(kafka: &KafkaClients) -> anyhow::Result<BaseConsumer> {
     Ok(kafka.reader("kdedup-reader").set("enable.partition.eof", "false").create()?)
 }
 
-/// End offsets (high watermarks) of every partition of `topic`.
+/// End offsets (high watermarks) of every partition of `topic`. A broker
+/// that cannot answer yet (a topic just made, its leader still being elected:
+/// `NotLeaderForPartition`) is asked again for up to 30 s.
 pub fn end_offsets(kafka: impl Into<KafkaClients>, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
     let c = reader(&kafka.into())?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for {topic}"))?;
-    let mut out = BTreeMap::new();
-    for p in t.partitions() {
-        let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-        out.insert(p.id(), high);
+    let ask = || -> anyhow::Result<BTreeMap<i32, i64>> {
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for {topic}"))?;
+        let mut out = BTreeMap::new();
+        for p in t.partitions() {
+            let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            out.insert(p.id(), high);
+        }
+        Ok(out)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match ask() {
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!("end offsets of {topic}: {e:#}; asking again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            answer => return answer,
+        }
     }
-    Ok(out)
 }
 
 /// Offsets `group` has committed on `topic` (partitions without a commit are absent).
