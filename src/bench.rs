@@ -93,19 +93,120 @@ pub(crate) struct KdedupFigures {
     pub memory: MemoryFigures,
 }
 
-/// Where kdedup's memory goes, at the end of its run: what each holder says it
-/// holds, and the rest of the peak resident set (allocator slack, librdkafka's
-/// buffers and queues, batches in flight, the runtime).
+/// Where kdedup's memory goes at its peak: the resident set sampled every 100 ms
+/// through the run, split at its highest sample by what each heap says it holds, and
+/// what the filter and the store say they hold at the end.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct MemoryFigures {
-    /// The filter: aging table, recent-key cache, expired keys (`kdedup_filter_bytes`).
+    /// The highest resident set sampled (the phase's `peak_rss_bytes` may be a little
+    /// higher: a peak between two samples).
+    pub sampled_peak_rss_bytes: u64,
+    /// Threads at that sample.
+    pub threads: u64,
+    /// The Rust heap at that sample: what the global allocator (mimalloc) holds
+    /// committed, live blocks and its slack; `None` when it cannot tell.
+    pub rust_heap_bytes: Option<u64>,
+    /// The C heap at that sample (glibc's malloc: librdkafka's queues and buffers, the
+    /// compression libraries): what it holds from the system, and of that in use.
+    pub c_heap_bytes: Option<u64>,
+    pub c_heap_in_use_bytes: Option<u64>,
+    /// The resident rest at that sample (thread stacks, code, the runtime's own maps):
+    /// negative when the heaps hold more committed than is resident (pages reserved
+    /// for blocks not yet touched).
+    pub other_bytes: i64,
+    /// Of the Rust heap, at the end: the filter (aging table, recent-key cache,
+    /// expired keys; `kdedup_filter_bytes`), and the store's memtables and block cache
+    /// where it can tell (embedded).
     pub filter_bytes: u64,
-    /// The store's memtables and block cache, where it can tell (embedded).
     pub store_bytes: Option<u64>,
-    /// The most the consumer may prefetch: `queued.max.messages.kbytes` per partition.
+    /// Of the C heap: the most the consumer may prefetch (`[kafka] prefetch_mib`
+    /// shared among the partitions), and per partition in bytes and in records.
     pub consumer_prefetch_bound_bytes: u64,
-    /// Peak RSS less the filter and the store.
-    pub rest_of_peak_bytes: u64,
+    pub prefetch_per_partition_bytes: u64,
+    pub prefetch_per_partition_records: u64,
+}
+
+/// The process's memory at one moment, by holder.
+#[derive(Debug, Clone, Copy, Default)]
+struct MemorySample {
+    rss_bytes: u64,
+    threads: u64,
+    rust_heap_bytes: Option<u64>,
+    c_heap_bytes: Option<u64>,
+    c_heap_in_use_bytes: Option<u64>,
+}
+
+/// How the global allocator says what it holds (set by the binary, which chooses it).
+static HEAP_PROBE: std::sync::OnceLock<fn() -> Option<u64>> = std::sync::OnceLock::new();
+
+pub(crate) fn set_heap_probe(probe: fn() -> Option<u64>) {
+    let _ = HEAP_PROBE.set(probe);
+}
+
+impl MemorySample {
+    fn now() -> MemorySample {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        let (c_heap_bytes, c_heap_in_use_bytes) = c_heap();
+        MemorySample {
+            rss_bytes: field("VmRSS:").unwrap_or(0) * 1024,
+            threads: field("Threads:").unwrap_or(0),
+            rust_heap_bytes: HEAP_PROBE.get().and_then(|probe| probe()),
+            c_heap_bytes,
+            c_heap_in_use_bytes,
+        }
+    }
+}
+
+/// glibc's malloc over all its arenas: bytes held from the system (`arena` + `hblkhd`), and
+/// of those in use (`uordblks` + `hblkhd`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn c_heap() -> (Option<u64>, Option<u64>) {
+    // SAFETY: mallinfo2 only reads the allocator's counters (glibc 2.33+).
+    let m = unsafe { libc::mallinfo2() };
+    (Some((m.arena + m.hblkhd) as u64), Some((m.uordblks + m.hblkhd) as u64))
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn c_heap() -> (Option<u64>, Option<u64>) {
+    (None, None)
+}
+
+/// Samples the process's memory every 100 ms on a thread of its own, keeping the sample
+/// with the highest resident set, until [`PeakWatch::finish`].
+struct PeakWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<MemorySample>,
+}
+
+impl PeakWatch {
+    fn start() -> PeakWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = MemorySample::default();
+            while !stopped.load(Ordering::Relaxed) {
+                let s = MemorySample::now();
+                if s.rss_bytes >= peak.rss_bytes {
+                    peak = s;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        PeakWatch { stop, thread }
+    }
+
+    fn finish(self) -> MemorySample {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 /// kdedup's own counters, per 1000 input records unless named otherwise.
@@ -246,7 +347,7 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let passthrough = meter.finish(options.events, &latency);
 
     options.say("(b) kdedup: the whole path...");
-    let (kdedup, kdedup_wait, metrics, machine_cpu) = kdedup_phase(&config, &input, &ends, options).await?;
+    let (kdedup, kdedup_wait, metrics, machine_cpu, peak) = kdedup_phase(&config, &input, &ends, options).await?;
 
     options.say("reading both outputs back...");
     let (pass_read, dedup_read) =
@@ -288,7 +389,7 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         ratio: kdedup.events_per_sec / passthrough.events_per_sec.max(f64::MIN_POSITIVE),
         passthrough,
         kdedup: KdedupFigures {
-            memory: memory(&config, &metrics, options.partitions, kdedup.peak_rss_bytes),
+            memory: memory(&config, &metrics, options.partitions, peak),
             dedup: dedup_figures(&metrics, options),
             run: kdedup,
         },
@@ -396,11 +497,12 @@ async fn kdedup_phase(
     input: &str,
     ends: &BTreeMap<i32, i64>,
     options: &BenchOptions,
-) -> anyhow::Result<(Phase, Option<Duration>, Metrics, Option<f64>)> {
+) -> anyhow::Result<(Phase, Option<Duration>, Metrics, Option<f64>, MemorySample)> {
     let machine_cpu_before = machine_cpu_secs();
     let metrics = Metrics::new();
     let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
     let mut meter = Meter::start();
+    let watch = PeakWatch::start();
     let (m, input_topic, ends_b, progress, total) =
         (metrics.clone(), input.to_string(), ends.clone(), options.progress, options.events);
     let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -422,7 +524,7 @@ async fn kdedup_phase(
     let kdedup_wait = meter.time_from(first, options.brokers.is_some());
     let kdedup = meter.finish_at(options.events, &metrics.record_seconds, finished_at);
     let machine_cpu = machine_cpu_secs().zip(machine_cpu_before).map(|(after, before)| after - before);
-    Ok((kdedup, kdedup_wait, metrics, machine_cpu))
+    Ok((kdedup, kdedup_wait, metrics, machine_cpu, watch.finish()))
 }
 
 /// The filter's and the store's work per event, from phase (b)'s metrics.
@@ -447,19 +549,27 @@ fn dedup_figures(metrics: &Metrics, options: &BenchOptions) -> DedupFigures {
     }
 }
 
-fn memory(config: &Config, metrics: &Metrics, partitions: i32, peak_rss_bytes: u64) -> MemoryFigures {
+fn memory(config: &Config, metrics: &Metrics, partitions: i32, peak: MemorySample) -> MemoryFigures {
     let filter_bytes = metrics.filter_bytes.get().max(0) as u64;
     let store_bytes = (metrics.store_memory_bytes.get() > 0).then(|| metrics.store_memory_bytes.get() as u64);
-    let per_partition_kib: u64 = crate::kafka_client::KafkaClients::from(&config.kafka)
-        .group_consumer("bench")
-        .get("queued.max.messages.kbytes")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let partitions = partitions.max(0) as usize;
+    // What the group consumer was given (a `[kafka.consumer]` override wins, as in the run).
+    let consumer = crate::kafka_client::KafkaClients::from(&config.kafka).group_consumer("bench", Some(partitions));
+    let get = |key: &str| consumer.get(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let per_partition_bytes = get("queued.max.messages.kbytes") * 1024;
+    let heaps = peak.rust_heap_bytes.unwrap_or(0) + peak.c_heap_bytes.unwrap_or(0);
     MemoryFigures {
+        sampled_peak_rss_bytes: peak.rss_bytes,
+        threads: peak.threads,
+        rust_heap_bytes: peak.rust_heap_bytes,
+        c_heap_bytes: peak.c_heap_bytes,
+        c_heap_in_use_bytes: peak.c_heap_in_use_bytes,
+        other_bytes: peak.rss_bytes as i64 - heaps as i64,
         filter_bytes,
         store_bytes,
-        consumer_prefetch_bound_bytes: per_partition_kib * 1024 * partitions.max(0) as u64,
-        rest_of_peak_bytes: peak_rss_bytes.saturating_sub(filter_bytes + store_bytes.unwrap_or(0)),
+        consumer_prefetch_bound_bytes: per_partition_bytes * partitions as u64,
+        prefetch_per_partition_bytes: per_partition_bytes,
+        prefetch_per_partition_records: get("queued.min.messages"),
     }
 }
 
@@ -800,7 +910,7 @@ async fn passthrough(
     let mut kafka = config.kafka.clone();
     kafka.group_id = format!("{}-passthrough", kafka.group_id);
     let consumer: StreamConsumer =
-        source::consumer_config(&kafka).create().context("creating the passthrough consumer")?;
+        source::consumer_config(&kafka, Some(ends.len())).create().context("creating the passthrough consumer")?;
     consumer.subscribe(&[input])?;
     let writer = KafkaWriter::new(&(&kafka).into())?;
     let partitions = ends.len() as i32;
@@ -1118,12 +1228,28 @@ pub(crate) fn print_table(r: &BenchReport) {
     }
     let m = &r.kdedup.memory;
     let mib = |b: u64| b as f64 / 1048576.0;
+    let maybe = |b: Option<u64>| b.map_or("not counted".to_string(), |b| format!("{:.0} MiB", mib(b)));
     println!(
-        "  memory at the end: filter {:.0} MiB, store {}, consumer prefetch at most {:.0} MiB; the rest of the peak {:.0} MiB",
+        "  memory at the peak: {:.0} MiB resident, {} threads: Rust heap {} committed (at the end: filter {:.0} MiB, \
+         store {}), C heap {} ({} in use), {}",
+        mib(m.sampled_peak_rss_bytes),
+        m.threads,
+        maybe(m.rust_heap_bytes),
         mib(m.filter_bytes),
-        m.store_bytes.map_or("not counted".into(), |b| format!("{:.0} MiB (memtables, block cache)", mib(b))),
+        maybe(m.store_bytes),
+        maybe(m.c_heap_bytes),
+        maybe(m.c_heap_in_use_bytes),
+        if m.other_bytes >= 0 {
+            format!("other {:.0} MiB (stacks, code)", mib(m.other_bytes as u64))
+        } else {
+            format!("{:.0} MiB of which not resident yet", mib(m.other_bytes.unsigned_abs()))
+        },
+    );
+    println!(
+        "    the C heap holds the consumer's prefetch, at most {:.0} MiB: {:.0} KiB or {} records per partition",
         mib(m.consumer_prefetch_bound_bytes),
-        mib(m.rest_of_peak_bytes)
+        m.prefetch_per_partition_bytes as f64 / 1024.0,
+        m.prefetch_per_partition_records
     );
     println!(
         "  filter: recent-cache hits {:.1}%, Bloom hits {:.1}%, Bloom false-positive rate {:.4}%; {} duplicates dropped",

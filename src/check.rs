@@ -161,7 +161,7 @@ fn clients_check(config: &Config) -> Check {
     let built = [
         (
             "consumer ([kafka.client] + [kafka.consumer])",
-            clients.group_consumer(&config.kafka.group_id).create::<BaseConsumer>().err(),
+            clients.group_consumer(&config.kafka.group_id, None).create::<BaseConsumer>().err(),
         ),
         ("producer ([kafka.client] + [kafka.producer])", clients.producer().create::<BaseProducer>().err()),
         (

@@ -59,6 +59,8 @@ pub const MAX_ID_BYTES: usize = 2_048;
 pub const MAX_SCOPE_BYTES: usize = 256;
 /// `pipeline.batch_max`: each partition holds up to this many records at once.
 pub const MAX_BATCH: usize = 100_000;
+/// `kafka.prefetch_mib`: the group consumer's prefetch, all partitions together (64 GiB).
+pub const MAX_PREFETCH_MIB: u64 = 65_536;
 /// `pipeline.commit_interval_ms`: a day.
 pub const MAX_COMMIT_INTERVAL_MS: u64 = 86_400_000;
 /// `pipeline.drain_timeout_ms`: an hour.
@@ -121,6 +123,13 @@ struct KafkaSection {
     consumer: BTreeMap<String, toml::Value>,
     #[serde(default)]
     producer: BTreeMap<String, toml::Value>,
+    /// What the group consumer may prefetch, all partitions together, in MiB.
+    #[serde(default = "default_prefetch_mib")]
+    prefetch_mib: u64,
+}
+
+fn default_prefetch_mib() -> u64 {
+    crate::kafka_client::DEFAULT_PREFETCH_BYTES >> 20
 }
 
 #[derive(Deserialize)]
@@ -815,6 +824,9 @@ pub struct KafkaConfig {
     pub consumer: BTreeMap<String, String>,
     /// Raw properties for the producers only (output, dead letters, duplicates), after `client`.
     pub producer: BTreeMap<String, String>,
+    /// `prefetch_mib` in bytes: what the group consumer may prefetch, all partitions together
+    /// (each gets a share; `queued.*` in `consumer` override it).
+    pub prefetch_bytes: u64,
 }
 
 /// Never prints a secret property's value (see [`is_secret_property`]).
@@ -827,6 +839,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("client", &redacted(&self.client))
             .field("consumer", &redacted(&self.consumer))
             .field("producer", &redacted(&self.producer))
+            .field("prefetch_bytes", &self.prefetch_bytes)
             .finish()
     }
 }
@@ -1260,7 +1273,15 @@ fn validate_kafka(k: KafkaSection, ctx: &Ctx<'_>) -> Result<KafkaConfig, ConfigE
             })
             .collect::<Result<BTreeMap<_, _>, _>>()
     };
+    let prefetch_mib = ctx.within(
+        "kafka.prefetch_mib",
+        k.prefetch_mib,
+        1,
+        MAX_PREFETCH_MIB,
+        " (MiB the consumer may prefetch, all partitions together)",
+    )?;
     let c = KafkaConfig {
+        prefetch_bytes: prefetch_mib << 20,
         client: props("client", k.client)?,
         consumer: props("consumer", k.consumer)?,
         producer: props("producer", k.producer)?,
@@ -2465,6 +2486,17 @@ mod tests {
         assert_eq!((c.pipeline.mode, c.filter.expired_keys), (Mode::Enforce, 1_000_000), "the defaults");
         let c = load(MINIMAL, &[("KDEDUP_PIPELINE__MODE", "observe"), ("KDEDUP_FILTER__EXPIRED_KEYS", "0")]).unwrap();
         assert_eq!((c.pipeline.mode, c.filter.expired_keys), (Mode::Observe, 0));
+    }
+
+    #[test]
+    fn the_prefetch_budget_is_in_mib_and_bounded() {
+        assert_eq!(load(MINIMAL, &[]).unwrap().kafka.prefetch_bytes, 128 << 20, "the default");
+        let c = load(MINIMAL, &[("KDEDUP_KAFKA__PREFETCH_MIB", "512")]).unwrap();
+        assert_eq!(c.kafka.prefetch_bytes, 512 << 20);
+        for bad in ["0", "65537"] {
+            let e = invalid_key(&[("KDEDUP_KAFKA__PREFETCH_MIB", bad)]);
+            assert!(e.starts_with("kafka.prefetch_mib:") && e.contains("1 to 65536"), "{bad}: {e}");
+        }
     }
 
     #[test]

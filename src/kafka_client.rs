@@ -34,6 +34,39 @@ pub struct KafkaClients {
     client: BTreeMap<String, String>,
     consumer: BTreeMap<String, String>,
     producer: BTreeMap<String, String>,
+    /// `[kafka] prefetch_mib` in bytes: what the group consumer may prefetch, all partitions
+    /// together (`None`: [`DEFAULT_PREFETCH_BYTES`]).
+    prefetch_bytes: Option<u64>,
+}
+
+/// `[kafka] prefetch_mib`'s default, in bytes.
+pub const DEFAULT_PREFETCH_BYTES: u64 = 128 << 20;
+
+/// The prefetch one partition gets, whatever the budget: a few batches' worth.
+const MIN_PARTITION_PREFETCH_BYTES: u64 = 256 << 10;
+
+/// ...and at most, however few partitions share the budget (librdkafka's own default is 64 MiB).
+const MAX_PARTITION_PREFETCH_BYTES: u64 = 16 << 20;
+
+/// What librdkafka holds per queued record beyond the bytes it counts: its op and message
+/// structs and a share of the fetch buffer the record points into. Measured with 100-byte
+/// payloads (`kdedup bench`, glibc's heap over 160 partitions' queues): ~800 bytes a record.
+const QUEUED_RECORD_BYTES: u64 = 1024;
+
+/// The group consumer's prefetch per partition, `(queued.max.messages.kbytes,
+/// queued.min.messages)`: `budget` divided among `partitions` (every partition of the input
+/// topics, so a process of a group that owns a share of them stays further below it),
+/// within [`MIN_PARTITION_PREFETCH_BYTES`] and [`MAX_PARTITION_PREFETCH_BYTES`]. librdkafka
+/// counts `kbytes` in payload bytes and stops fetching a partition at either bound, so the
+/// record count bounds small records, whose overhead dwarfs their payload.
+pub fn partition_prefetch(budget: u64, partitions: Option<usize>) -> (u64, u64) {
+    let per_partition = match partitions {
+        Some(n) if n > 0 => budget / n as u64,
+        // Unknown at start (brokers not reachable yet): as if the budget were one partition's.
+        _ => budget,
+    };
+    let bytes = per_partition.clamp(MIN_PARTITION_PREFETCH_BYTES, MAX_PARTITION_PREFETCH_BYTES);
+    (bytes / 1024, bytes / QUEUED_RECORD_BYTES)
 }
 
 /// Never prints a secret property's value.
@@ -55,6 +88,7 @@ impl From<&KafkaConfig> for KafkaClients {
             client: kafka.client.clone(),
             consumer: kafka.consumer.clone(),
             producer: kafka.producer.clone(),
+            prefetch_bytes: Some(kafka.prefetch_bytes),
         }
     }
 }
@@ -124,10 +158,19 @@ impl KafkaClients {
         }
     }
 
-    /// The group consumer of `kdedup run`: kdedup's commit discipline, then
-    /// `[kafka.client]`, then `[kafka.consumer]` (its commit keys are checked at validation).
-    pub fn group_consumer(&self, group_id: &str) -> ClientConfig {
+    /// The group consumer of `kdedup run`: kdedup's commit discipline, its prefetch (the
+    /// `[kafka] prefetch_mib` budget divided among `partitions`, the input topics' partition
+    /// count when known), then `[kafka.client]`, then `[kafka.consumer]` (its commit keys are
+    /// checked at validation).
+    pub fn group_consumer(&self, group_id: &str, partitions: Option<usize>) -> ClientConfig {
         let mut c = self.base();
+        // librdkafka prefetches up to 100,000 records / 64 MiB *per partition* by default
+        // (per partition queue, and kdedup splits one off for every partition): with many
+        // partitions and a pipeline slower than the fetch, that is the whole backlog in
+        // memory (6 GiB peak RSS at 10M events on 160 partitions, `kdedup bench`). So the
+        // process has one budget, and each partition a share of it.
+        let (kbytes, records) =
+            partition_prefetch(self.prefetch_bytes.unwrap_or(DEFAULT_PREFETCH_BYTES), partitions);
         c.set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -136,12 +179,8 @@ impl KafkaClients {
             // librdkafka's default, said aloud: aborted transactions are never processed
             // (config validation refuses read_uncommitted).
             .set("isolation.level", "read_committed")
-            // librdkafka prefetches up to 100,000 records / 64 MiB per partition by
-            // default: with many partitions and a pipeline slower than the fetch,
-            // that is the whole backlog in memory (6 GiB peak RSS at 10M events on
-            // 160 partitions, `kdedup bench`). A few batches ahead is enough.
-            .set("queued.min.messages", "10000")
-            .set("queued.max.messages.kbytes", "16384")
+            .set("queued.min.messages", records.to_string())
+            .set("queued.max.messages.kbytes", kbytes.to_string())
             // ...and once a queue is full, look again soon (default: 1 s idle).
             .set("fetch.queue.backoff.ms", "10");
         Self::layer(&mut c, &self.client, false);
@@ -505,6 +544,7 @@ mod tests {
             ]),
             consumer: map(&[("ssl.ca.location", "/ca.pem"), ("group.instance.id", "pod-1"), ("fetch.min.bytes", "1")]),
             producer: map(&[("sasl.password", "producer-secret"), ("linger.ms", "20")]),
+            prefetch_bytes: None,
         }
     }
 
@@ -516,7 +556,7 @@ mod tests {
     fn the_shared_section_reaches_every_client() {
         let c = clients();
         for (name, config) in
-            [("consumer", c.group_consumer("g")), ("producer", c.producer()), ("reader", c.reader("kdedup-reconcile"))]
+            [("consumer", c.group_consumer("g", None)), ("producer", c.producer()), ("reader", c.reader("kdedup-reconcile"))]
         {
             assert_eq!(get(&config, "bootstrap.servers").as_deref(), Some("b1:9093"), "{name}");
             assert_eq!(get(&config, "security.protocol").as_deref(), Some("SASL_SSL"), "{name}");
@@ -532,12 +572,29 @@ mod tests {
         assert_eq!(get(&producer, "sasl.password").as_deref(), Some("producer-secret"));
         assert_eq!(get(&producer, "linger.ms").as_deref(), Some("20"));
         assert_eq!(get(&producer, "ssl.ca.location"), None, "consumer TLS settings stay out of the producer");
-        let consumer = c.group_consumer("g");
+        let consumer = c.group_consumer("g", None);
         assert_eq!(get(&consumer, "sasl.password").as_deref(), Some("client-secret"));
         assert_eq!(get(&consumer, "ssl.ca.location").as_deref(), Some("/ca.pem"));
         assert_eq!(get(&consumer, "group.instance.id").as_deref(), Some("pod-1"));
         assert_eq!(get(&consumer, "enable.auto.commit").as_deref(), Some("false"));
         assert_eq!(get(&consumer, "isolation.level").as_deref(), Some("read_committed"));
+    }
+
+    #[test]
+    fn the_prefetch_budget_is_shared_among_partitions_within_bounds() {
+        let mib = 1 << 20;
+        assert_eq!(partition_prefetch(128 * mib, Some(160)), (819, 819), "a share of the budget");
+        assert_eq!(partition_prefetch(128 * mib, Some(16)), (8192, 8192));
+        assert_eq!(partition_prefetch(128 * mib, Some(1)), (16384, 16384), "at most 16 MiB a partition");
+        assert_eq!(partition_prefetch(128 * mib, Some(10_000)), (256, 256), "at least 256 KiB a partition");
+        assert_eq!(partition_prefetch(128 * mib, None), (16384, 16384), "unknown: as one partition");
+        let consumer = KafkaClients::from("b:9092").group_consumer("g", Some(160));
+        assert_eq!(get(&consumer, "queued.max.messages.kbytes").as_deref(), Some("819"));
+        assert_eq!(get(&consumer, "queued.min.messages").as_deref(), Some("819"));
+        // A user's [kafka.consumer] setting wins over the share.
+        let mut c = clients();
+        c.consumer.insert("queued.min.messages".into(), "5".into());
+        assert_eq!(get(&c.group_consumer("g", Some(160)), "queued.min.messages").as_deref(), Some("5"));
     }
 
     #[test]
@@ -562,7 +619,7 @@ mod tests {
         // this proves the build has SSL and SASL/SCRAM, and the layering yields valid configs.
         let mut c = clients();
         c.consumer.remove("ssl.ca.location"); // librdkafka would load it at create()
-        let _: BaseConsumer = c.group_consumer("g").create().expect("consumer with SASL_SSL");
+        let _: BaseConsumer = c.group_consumer("g", None).create().expect("consumer with SASL_SSL");
         let _: BaseConsumer = c.reader("r").create().expect("reader with SASL_SSL");
         let _: rdkafka::producer::BaseProducer = c.producer().create().expect("producer with SASL_SSL");
     }

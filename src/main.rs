@@ -8,6 +8,30 @@ use kdedup::cli::{self, Cli, LogFormat};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    // mimalloc's own accounting (linked in through the global allocator above).
+    fn mi_process_info(
+        elapsed_msecs: *mut usize,
+        user_msecs: *mut usize,
+        system_msecs: *mut usize,
+        current_rss: *mut usize,
+        peak_rss: *mut usize,
+        current_commit: *mut usize,
+        peak_commit: *mut usize,
+        page_faults: *mut usize,
+    );
+}
+
+/// The bytes mimalloc holds committed now: the Rust heap, live blocks and the
+/// allocator's slack (librdkafka's C heap is glibc's, outside it).
+fn mimalloc_committed() -> Option<u64> {
+    let mut v = [0usize; 8];
+    let [a, b, c, d, e, f, g, h] = &mut v;
+    // SAFETY: mi_process_info writes one size_t through each pointer, all valid here.
+    unsafe { mi_process_info(a, b, c, d, e, f, g, h) };
+    Some(v[5] as u64)
+}
+
 fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
@@ -26,7 +50,12 @@ fn main() {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    cli::set_heap_probe(mimalloc_committed);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(cli::max_blocking_threads())
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -318,7 +318,7 @@ mod tests {
         let config = Config::from_toml_with_env(text, "t.toml", env).unwrap();
         let reconciler = Reconciler::new(&config.kafka, "s");
         for (name, c) in [
-            ("source", source::consumer_config(&config.kafka)),
+            ("source", source::consumer_config(&config.kafka, None)),
             ("sink", KafkaClients::from(&config.kafka).producer()),
             ("reconcile", reconciler.kafka.reader("kdedup-reconcile")),
         ] {

@@ -308,8 +308,9 @@ pub struct Source {
 
 /// The group consumer's properties (built in [`crate::kafka_client`], with
 /// `[kafka.client]` and `[kafka.consumer]`; the commit-related ones are checked at config validation).
-pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
-    KafkaClients::from(kafka).group_consumer(&kafka.group_id)
+/// `partitions`: the input topics' partitions, among which `[kafka] prefetch_mib` is shared.
+pub fn consumer_config(kafka: &KafkaConfig, partitions: Option<usize>) -> ClientConfig {
+    KafkaClients::from(kafka).group_consumer(&kafka.group_id, partitions)
 }
 
 impl Source {
@@ -351,7 +352,7 @@ impl Source {
             joined: AtomicBool::new(false),
         };
         let consumer: Arc<Kafka> =
-            Arc::new(consumer_config(kafka).create_with_context(context).map_err(SourceError::Create)?);
+            Arc::new(consumer_config(kafka, total_partitions).create_with_context(context).map_err(SourceError::Create)?);
         consumer.context().consumer.set(Arc::downgrade(&consumer)).ok();
         let names: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|source| SourceError::Subscribe { topics: kafka.topics.clone(), source })?;

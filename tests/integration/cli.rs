@@ -162,6 +162,11 @@ fn bench_json_compares_both_runs_and_verifies_their_outputs() {
     let ratio = f(&["kdedup", "events_per_sec"]) / f(&["passthrough", "events_per_sec"]);
     assert!((f(&["ratio"]) - ratio).abs() < 1e-9);
     assert!(f(&["kdedup", "fsyncs_per_1000"]) > 0.0, "commits sync the store");
+    // Where the peak goes: both heaps measured, the prefetch a share of the budget.
+    let memory = |k: &str| f(&["kdedup", "memory", k]);
+    assert!(memory("sampled_peak_rss_bytes") > 0.0 && memory("threads") > 0.0);
+    assert!(memory("rust_heap_bytes") > 0.0 && memory("c_heap_bytes") >= memory("c_heap_in_use_bytes"));
+    assert_eq!(memory("consumer_prefetch_bound_bytes"), 4.0 * memory("prefetch_per_partition_bytes"));
 }
 
 /// `kdedup bench --brokers` on the reference broker (Apache Kafka): both phases verified by reading back.

@@ -97,7 +97,7 @@ fn the_deployment_drains_within_its_grace_and_runs_locked_down_on_a_config_kdedu
     // The clients librdkafka would build from it (a CA file it cannot load fails here).
     let clients = kdedup::kafka_client::KafkaClients::from(&config.kafka);
     let _: rdkafka::consumer::BaseConsumer =
-        clients.group_consumer(&config.kafka.group_id).create().expect("the consumer librdkafka builds");
+        clients.group_consumer(&config.kafka.group_id, None).create().expect("the consumer librdkafka builds");
     let _: rdkafka::producer::BaseProducer = clients.producer().create().expect("the producer librdkafka builds");
     let metrics = config.metrics_listen.expect("the probes need the endpoint");
 
