@@ -57,6 +57,9 @@ pub const MAX_EXPIRED_KEYS: usize = 100_000_000;
 pub const MAX_ID_BYTES: usize = 2_048;
 /// `key.scope` (which defaults to `kafka.group_id`), in bytes; see [`MAX_ID_BYTES`].
 pub const MAX_SCOPE_BYTES: usize = 256;
+/// `[kafka] prefetch_mib`'s default, in bytes: what the group consumer may
+/// prefetch, all partitions together.
+pub const DEFAULT_PREFETCH_BYTES: u64 = 128 << 20;
 /// `pipeline.batch_max`: each partition holds up to this many records at once.
 pub const MAX_BATCH: usize = 100_000;
 /// `kafka.prefetch_mib`: the group consumer's prefetch, all partitions together (64 GiB).
@@ -129,7 +132,7 @@ struct KafkaSection {
 }
 
 fn default_prefetch_mib() -> u64 {
-    crate::kafka_client::DEFAULT_PREFETCH_BYTES >> 20
+    DEFAULT_PREFETCH_BYTES >> 20
 }
 
 #[derive(Deserialize)]

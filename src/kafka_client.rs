@@ -35,12 +35,9 @@ pub struct KafkaClients {
     consumer: BTreeMap<String, String>,
     producer: BTreeMap<String, String>,
     /// `[kafka] prefetch_mib` in bytes: what the group consumer may prefetch, all partitions
-    /// together (`None`: [`DEFAULT_PREFETCH_BYTES`]).
+    /// together (`None`: [`crate::config::DEFAULT_PREFETCH_BYTES`]).
     prefetch_bytes: Option<u64>,
 }
-
-/// `[kafka] prefetch_mib`'s default, in bytes.
-pub const DEFAULT_PREFETCH_BYTES: u64 = 128 << 20;
 
 /// The prefetch one partition gets, whatever the budget: a few batches' worth.
 const MIN_PARTITION_PREFETCH_BYTES: u64 = 256 << 10;
@@ -170,7 +167,7 @@ impl KafkaClients {
         // memory (6 GiB peak RSS at 10M events on 160 partitions, `kdedup bench`). So the
         // process has one budget, and each partition a share of it.
         let (kbytes, records) =
-            partition_prefetch(self.prefetch_bytes.unwrap_or(DEFAULT_PREFETCH_BYTES), partitions);
+            partition_prefetch(self.prefetch_bytes.unwrap_or(crate::config::DEFAULT_PREFETCH_BYTES), partitions);
         c.set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
