@@ -836,6 +836,17 @@ mod tests {
         (admin, schema)
     }
 
+    /// The store, on one connection, over the table in `schema`, with `lease` and `ttl` in ms.
+    fn store_in(url: &str, schema: &str, lease: i64, ttl: i64) -> PostgresStore {
+        let store_url = format!("{url}?options=-c%20search_path%3D{schema}");
+        let retention = Retention {
+            ttl: Duration::from_millis(ttl as u64),
+            lease: Duration::from_millis(lease as u64),
+            sweep_interval: Duration::from_secs(3600),
+        };
+        PostgresStore::open(&store_url, 1, &PostgresTls::Disable, &retention).unwrap()
+    }
+
     /// The claim statement for key ('s', 'k') at position in/`partition`@`offset`, on `client`.
     async fn raw_claim(client: &tokio_postgres::Client, (partition, offset): (i32, i64), times: [i64; 3]) -> Vec<Row> {
         let fp = [7u8; 16].to_vec();
@@ -935,13 +946,7 @@ mod tests {
         owner.batch_execute("BEGIN").await.unwrap();
         owner.batch_execute("SELECT 1 FROM kdedup_claims FOR UPDATE").await.unwrap();
 
-        let store_url = format!("{url}?options=-c%20search_path%3D{schema}");
-        let retention = Retention {
-            ttl: Duration::from_millis(ttl as u64),
-            lease: Duration::from_millis(lease as u64),
-            sweep_interval: Duration::from_secs(3600),
-        };
-        let store = PostgresStore::open(&store_url, 1, &PostgresTls::Disable, &retention).unwrap();
+        let store = store_in(&url, &schema, lease, ttl);
         let request = |id: &[u8]| ClaimRequest {
             key: EventKey { scope: Arc::from("s"), id: id.to_vec() },
             fingerprint: Fingerprint(u128::from_be_bytes([7u8; 16])),
@@ -996,13 +1001,7 @@ mod tests {
 
         // The store claims the key for another position at 5000: its snapshot has
         // no row, its insert waits on A's, and A's lease has lapsed (and its grace) by then.
-        let store_url = format!("{url}?options=-c%20search_path%3D{schema}");
-        let retention = Retention {
-            ttl: Duration::from_millis(ttl as u64),
-            lease: Duration::from_millis(lease as u64),
-            sweep_interval: Duration::from_secs(3600),
-        };
-        let store = PostgresStore::open(&store_url, 1, &PostgresTls::Disable, &retention).unwrap();
+        let store = store_in(&url, &schema, lease, ttl);
         let request = ClaimRequest {
             key: EventKey { scope: Arc::from("s"), id: b"k".to_vec() },
             fingerprint: Fingerprint(u128::from_be_bytes([7u8; 16])),
