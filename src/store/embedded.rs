@@ -11,8 +11,11 @@
 //!   rows in bounded chunks without scanning live ones. Every row a claim call
 //!   creates expires at the same instant (the call's time plus the TTL), so
 //!   the index holds one entry per call, listing its keys, not one per key.
-//! - Writes per new event: the claim row, then its rewrite as done; nothing
-//!   else is written per key (`kdedup bench` prints the figure).
+//! - Writes per new event: the claim row, nothing else. A completion does
+//!   not rewrite rows: it sets their bits in their claim call's completion
+//!   bitmap, one write per call ([`Slot`]). Rewriting every row as done was
+//!   the second of two skiplist inserts per key, the largest single cost of the
+//!   pipeline (`kdedup bench` prints the writes per new event).
 //!
 //! - Reads per new event: none. The store keeps the keys it holds rows for in
 //!   an aging filter ([`Known`]); a claim of a key the filter never saw skips
@@ -39,7 +42,10 @@ use crate::event::{EventKey, Fingerprint, Position};
 
 /// How many expired rows one sweep chunk deletes while holding the lock.
 const SWEEP_CHUNK: usize = 10_000;
+/// Rows without a [`Slot`] (written before slots; still read).
 const ROW_VERSION: u8 = 1;
+/// Rows with a [`Slot`].
+const ROW_VERSION_SLOTTED: u8 = 2;
 /// Past this many entries the in-flight cache is dropped whole (it is only a cache).
 const PENDING_MAX: usize = 1_000_000;
 
@@ -49,7 +55,28 @@ const PENDING_MAX: usize = 1_000_000;
 /// bench`). Entries change only after their batch is committed, and every
 /// write path under the lock updates or drops its key's entry, so an entry
 /// is always the row on disk; a key missing here is read from disk.
-type Pending = HashMap<Vec<u8>, ClaimRow>;
+type Pending = HashMap<Vec<u8>, Stored>;
+
+/// Where an in-flight row's completion is recorded: bit `index` of the
+/// completion bitmap of the claim call that wrote the row (`call`, see
+/// [`Inner::completed`]). A row whose bit is set is done. A row keeps its slot
+/// while it is renewed or resumed; a new claim of the key (after expiry, or a
+/// takeover) writes a new row with a new slot. Call numbers are never reused
+/// while a row or a bitmap names them (see [`Inner::calls`]), so a bit set for
+/// one row never reads as another's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    call: u64,
+    index: u32,
+}
+
+/// A row as stored, with its state resolved against its bitmap when it has a slot.
+#[derive(Debug, Clone, PartialEq)]
+struct Stored {
+    row: ClaimRow,
+    /// `None` for rows written before slots (their state is in the row).
+    slot: Option<Slot>,
+}
 
 /// Keys the aging filter of known keys is planned for, per TTL (about 2.5
 /// bytes a key, allocated at the first claim). More keys than this never
@@ -98,16 +125,28 @@ impl Known {
         let ttl = std::time::Duration::from_millis(inner.ttl_ms);
         let mut keys = AgingCuckoo::try_new(KNOWN_KEYS_PLANNED, 0.001, ttl, now_ms)
             .map_err(|e| inner.err(format!("the filter of known keys: {e}")))?;
-        let (mut rows, mut outliving) = (0u64, 0u64);
+        let (mut rows, mut outliving, mut last_call) = (0u64, 0u64, 0u64);
         for entry in inner.claims.iter() {
             let (key, value) = entry.into_inner().map_err(|e| inner.err(e))?;
-            let Some(row) = decode_row(&value).filter(|r| r.expires_at_ms > now_ms) else { continue };
+            let Some(Stored { row, slot }) = decode_row(&value) else { continue };
+            if let Some(slot) = slot {
+                last_call = last_call.max(slot.call);
+            }
+            if row.expires_at_ms <= now_ms {
+                continue;
+            }
             rows += 1;
             if row.expires_at_ms > now_ms.saturating_add(inner.ttl_ms) {
                 outliving += 1;
             }
             keys.insert(EventKey::digest_encoded(&key), now_ms);
         }
+        if let Some(entry) = inner.completed.last_key_value() {
+            let (key, _) = entry.into_inner().map_err(|e| inner.err(e))?;
+            last_call = last_call.max(call_of(&key).unwrap_or(0));
+        }
+        // The open numbered calls from its clock; a clock set back must not reuse a number.
+        inner.calls.fetch_max(last_call.saturating_add(1), Ordering::Relaxed);
         let responses = !inner.responses.is_empty().map_err(|e| inner.err(e))?;
         if outliving > 0 {
             warn!(
@@ -150,9 +189,14 @@ struct Inner {
     /// each `len (u32 BE) | encoded key`: the sweep's work list. (Stores written
     /// before this shape hold `expires_at_ms | encoded key` → empty; the sweep reads both.)
     expiry: Keyspace,
-    /// Numbers the claim calls' index entries; starts at the open's time in
-    /// nanoseconds, so entries of an earlier process never collide with ours.
+    /// Numbers the claim calls (their index entries and their rows' [`Slot`]s).
+    /// Starts at the open's time in nanoseconds, and is raised at the first
+    /// claim above every call a row or a bitmap on disk names (see
+    /// [`Known::load`]), so a call of an earlier process is never numbered again.
     calls: AtomicU64,
+    /// `call (u64 BE)` → the completion bitmap of that claim call's rows (see
+    /// [`Slot`]); swept with the call's index entry, when its rows expire.
+    completed: Keyspace,
     /// encoded key → the effect's recorded response (JSON); lives and dies with the claim row.
     responses: Keyspace,
     lock: Mutex<Guarded>,
@@ -179,7 +223,11 @@ impl EmbeddedStore {
                 if key.as_ref() == prefix.as_slice() {
                     continue; // the scope's release marker, not an event
                 }
-                let Some(row) = decode_row(&value).filter(|r| r.expires_at_ms > now_ms) else { continue };
+                let Some(stored) = decode_row(&value) else { continue };
+                let row = inner.resolve(stored)?.row;
+                if row.expires_at_ms <= now_ms {
+                    continue;
+                }
                 match row.state {
                     ClaimState::InFlight => census.in_flight += 1,
                     ClaimState::Done => census.done += 1,
@@ -208,12 +256,14 @@ impl EmbeddedStore {
         let claims = db.keyspace("claims", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
         let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
         let responses = db.keyspace("responses", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
+        let completed = db.keyspace("completed", KeyspaceCreateOptions::default).map_err(|e| fail(&e))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 claims,
                 expiry,
                 responses,
+                completed,
                 lock: Mutex::new(Guarded { pending: HashMap::default(), known: None }),
                 ttl_ms: retention.ttl.as_millis() as u64,
                 lease_ms: retention.lease.as_millis() as u64,
@@ -278,15 +328,47 @@ impl Inner {
         batch.commit().map_err(|e| self.err(e))
     }
 
-    fn read(&self, key: &[u8]) -> Result<Option<ClaimRow>, StoreError> {
+    /// The key's row, its state resolved (see [`Inner::resolve`]).
+    fn read(&self, key: &[u8]) -> Result<Option<Stored>, StoreError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         match self.claims.get(key).map_err(|e| self.err(e))? {
-            Some(bytes) => {
-                decode_row(&bytes).map(Some).ok_or_else(|| StoreError::Corrupt(format!("row of {} bytes", bytes.len())))
-            }
+            Some(bytes) => match decode_row(&bytes) {
+                Some(stored) => self.resolve(stored).map(Some),
+                None => Err(StoreError::Corrupt(format!("row of {} bytes", bytes.len()))),
+            },
             None => Ok(None),
         }
     }
+
+    /// An in-flight row whose bit is set in its call's bitmap is done.
+    fn resolve(&self, mut stored: Stored) -> Result<Stored, StoreError> {
+        if let (ClaimState::InFlight, Some(slot)) = (stored.row.state, stored.slot) {
+            let bitmap = self.completed.get(slot.call.to_be_bytes()).map_err(|e| self.err(e))?;
+            if bitmap.is_some_and(|b| bit(&b, slot.index)) {
+                stored.row.state = ClaimState::Done;
+                stored.row.lease_until_ms = 0;
+            }
+        }
+        Ok(stored)
+    }
+}
+
+/// Whether bit `index` of `bitmap` is set.
+fn bit(bitmap: &[u8], index: u32) -> bool {
+    bitmap.get(index as usize / 8).is_some_and(|byte| byte & (1 << (index % 8)) != 0)
+}
+
+fn set_bit(bitmap: &mut Vec<u8>, index: u32) {
+    let at = index as usize / 8;
+    if bitmap.len() <= at {
+        bitmap.resize(at + 1, 0);
+    }
+    bitmap[at] |= 1 << (index % 8);
+}
+
+/// The call of a bitmap's key (see [`Inner::completed`]).
+fn call_of(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
 fn expiry_key(expires_at_ms: u64, call: u64) -> Vec<u8> {
@@ -326,22 +408,29 @@ impl DedupStore for EmbeddedStore {
             let mut answers = Vec::with_capacity(requests.len());
             // The keys whose rows this call creates: they all expire at now + ttl.
             let mut created = Vec::new();
+            let (mut call, mut slots) = (None, 0u32);
             for request in requests {
                 let key = request.key.encode();
                 let digest = EventKey::digest_encoded(&key);
                 let read = known.may_hold(digest, now_ms);
                 let existing = match overlay.get(&key).or_else(|| pending.get(&key)) {
-                    Some(row) => Some(row.clone()),
+                    Some(stored) => Some(stored.clone()),
                     None if read => s.read(&key)?,
                     None => None,
                 };
-                let claim = decide(existing.as_ref(), &request, now_ms, s.lease_ms);
+                let claim = decide(existing.as_ref().map(|e| &e.row), &request, now_ms, s.lease_ms);
                 if let Claim::New(how) = claim {
                     let had_row = existing.is_some();
-                    let row = match (how, existing) {
-                        // Resume keeps the original claim time, so the TTL does not stretch.
-                        (Acquired::Resumed, Some(old)) => ClaimRow { lease_until_ms: now_ms + s.lease_ms, ..old },
+                    let stored = match (how, existing) {
+                        // Resume keeps the original claim time, so the TTL does not stretch,
+                        // and its slot.
+                        (Acquired::Resumed, Some(old)) => {
+                            Stored { row: ClaimRow { lease_until_ms: now_ms + s.lease_ms, ..old.row }, slot: old.slot }
+                        }
                         _ => {
+                            let call = *call.get_or_insert_with(|| s.calls.fetch_add(1, Ordering::Relaxed));
+                            let slot = Slot { call, index: slots };
+                            slots += 1;
                             let row = ClaimRow {
                                 state: ClaimState::InFlight,
                                 fingerprint: request.fingerprint,
@@ -359,17 +448,16 @@ impl DedupStore for EmbeddedStore {
                                 // may still be there.)
                                 batch.remove(&s.responses, key.clone());
                             }
-                            row
+                            Stored { row, slot: Some(slot) }
                         }
                     };
-                    batch.insert(&s.claims, key.clone(), encode_row(&row));
+                    batch.insert(&s.claims, key.clone(), encode_row(&stored.row, stored.slot));
                     known.keys.insert(digest, now_ms);
-                    overlay.insert(key, row);
+                    overlay.insert(key, stored);
                 }
                 answers.push(claim);
             }
-            if !created.is_empty() {
-                let call = s.calls.fetch_add(1, Ordering::Relaxed);
+            if let Some(call) = call {
                 batch.insert(&s.expiry, expiry_key(now_ms + s.ttl_ms, call), created);
             }
             s.commit(batch)?;
@@ -386,26 +474,36 @@ impl DedupStore for EmbeddedStore {
         self.locked(move |s, pending| {
             let mut batch = s.batch(done.len());
             let mut answers = Vec::with_capacity(done.len());
+            // The slots completed, by call: one bitmap write per call.
+            let mut completed: HashMap<u64, Vec<u32>> = HashMap::default();
             for (key, position) in done {
                 let key = key.encode();
-                let row = match pending.remove(&key) {
-                    Some(row) => Some(row),
+                let stored = match pending.remove(&key) {
+                    Some(stored) => Some(stored),
                     None => s.read(&key)?,
                 };
-                let held = match row {
-                    Some(row) if row.position == position && row.expires_at_ms > now_ms => {
-                        if row.state == ClaimState::InFlight {
-                            batch.insert(
-                                &s.claims,
-                                key,
-                                encode_row(&ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..row }),
-                            );
+                let held = match stored {
+                    Some(Stored { row, slot }) if row.position == position && row.expires_at_ms > now_ms => {
+                        match (row.state, slot) {
+                            (ClaimState::Done, _) => {}
+                            (ClaimState::InFlight, Some(slot)) => completed.entry(slot.call).or_default().push(slot.index),
+                            // A row written before slots is rewritten as done.
+                            (ClaimState::InFlight, None) => {
+                                let row = ClaimRow { state: ClaimState::Done, lease_until_ms: 0, ..row };
+                                batch.insert(&s.claims, key, encode_row(&row, None));
+                            }
                         }
                         true
                     }
                     _ => false,
                 };
                 answers.push(held);
+            }
+            for (call, indexes) in completed {
+                let key = call.to_be_bytes();
+                let mut bitmap = s.completed.get(key).map_err(|e| s.err(e))?.map_or_else(Vec::new, |b| b.to_vec());
+                indexes.into_iter().for_each(|index| set_bit(&mut bitmap, index));
+                batch.insert(&s.completed, key, bitmap);
             }
             s.commit(batch)?;
             Ok(answers)
@@ -420,19 +518,19 @@ impl DedupStore for EmbeddedStore {
             let mut answers = Vec::with_capacity(held.len());
             for (key, position) in held {
                 let key = key.encode();
-                let row = match pending.get(&key) {
-                    Some(row) => Some(row.clone()),
+                let stored = match pending.get(&key) {
+                    Some(stored) => Some(stored.clone()),
                     None => s.read(&key)?,
                 };
-                let renewed = match row {
-                    Some(row)
+                let renewed = match stored {
+                    Some(Stored { row, slot })
                         if row.state == ClaimState::InFlight
                             && row.position == position
                             && row.expires_at_ms > now_ms =>
                     {
                         let row = ClaimRow { lease_until_ms: (now_ms + lease_ms).max(row.lease_until_ms), ..row };
-                        batch.insert(&s.claims, key.clone(), encode_row(&row));
-                        pending.insert(key, row);
+                        batch.insert(&s.claims, key.clone(), encode_row(&row, slot));
+                        pending.insert(key, Stored { row, slot });
                         true
                     }
                     _ => false,
@@ -451,7 +549,7 @@ impl DedupStore for EmbeddedStore {
             for (key, position) in keys {
                 let key = key.encode();
                 pending.remove(&key);
-                if let Some(row) = s.read(&key)? {
+                if let Some(Stored { row, .. }) = s.read(&key)? {
                     if row.state == ClaimState::InFlight && row.position == position {
                         batch.remove(&s.responses, key.clone());
                         batch.remove(&s.claims, key);
@@ -469,11 +567,10 @@ impl DedupStore for EmbeddedStore {
             let mut answers = Vec::with_capacity(responses.len());
             for (key, position, response) in responses {
                 let key = key.encode();
-                let row = match guarded.pending.get(&key) {
-                    Some(row) => Some(row.clone()),
-                    None => s.read(&key)?,
+                let held = match guarded.pending.get(&key) {
+                    Some(stored) => stored.row.position == position,
+                    None => s.read(&key)?.is_some_and(|stored| stored.row.position == position),
                 };
-                let held = row.is_some_and(|row| row.position == position);
                 if held {
                     batch.insert(&s.responses, key, response.encode().into_bytes());
                     // (Without `known` yet, its load finds this answer on disk.)
@@ -493,7 +590,7 @@ impl DedupStore for EmbeddedStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let key = key.encode();
-            if inner.read(&key)?.is_none_or(|row| row.expires_at_ms <= now_ms) {
+            if inner.read(&key)?.is_none_or(|stored| stored.row.expires_at_ms <= now_ms) {
                 return Ok(None);
             }
             match inner.responses.get(&key).map_err(|e| inner.err(e))? {
@@ -510,7 +607,9 @@ impl DedupStore for EmbeddedStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             inner.round_trips.fetch_add(1, Ordering::Relaxed);
-            keys.iter().map(|k| Ok(inner.read(&k.encode())?.filter(|row| row.expires_at_ms > now_ms))).collect()
+            keys.iter()
+                .map(|k| Ok(inner.read(&k.encode())?.map(|stored| stored.row).filter(|row| row.expires_at_ms > now_ms)))
+                .collect()
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -538,7 +637,7 @@ impl DedupStore for EmbeddedStore {
     ) -> Result<Released, StoreError> {
         self.locked(move |s, pending| {
             let key = key.encode();
-            let Some(row) = s.read(&key)? else { return Ok(Released::Absent) };
+            let Some(Stored { row, .. }) = s.read(&key)? else { return Ok(Released::Absent) };
             if let Some(kept) = kept_on_release(&row, now_ms, s.lease_ms, claimed_before_ms) {
                 return Ok(kept);
             }
@@ -572,13 +671,19 @@ impl DedupStore for EmbeddedStore {
                         for key in keys {
                             seen += 1;
                             // The row may have been re-claimed since (a later expiry): keep it then.
-                            if let Some(row) = s.read(key)? {
+                            if let Some(Stored { row, .. }) = s.read(key)? {
                                 if row.expires_at_ms <= now_ms {
                                     pending.remove(key);
                                     batch.remove(&s.claims, key.to_vec());
                                     batch.remove(&s.responses, key.to_vec());
                                     count += 1;
                                 }
+                            }
+                        }
+                        // The call's bitmap goes with its rows (the former shape had none).
+                        if !value.is_empty() {
+                            if let Some(call) = index_key.get(8..16).and_then(call_of) {
+                                batch.remove(&s.completed, call.to_be_bytes());
                             }
                         }
                         batch.remove(&s.expiry, index_key.to_vec());
@@ -622,11 +727,12 @@ fn dir_bytes(path: &Path) -> u64 {
         .sum()
 }
 
-/// `version | state | fingerprint(16) | claimed_at | lease_until | expires_at | partition | offset | topic`
-fn encode_row(row: &ClaimRow) -> Vec<u8> {
+/// `version | state | fingerprint(16) | claimed_at | lease_until | expires_at | partition | offset
+/// | [call | index] | topic`; the slot only in rows of version 2.
+fn encode_row(row: &ClaimRow, slot: Option<Slot>) -> Vec<u8> {
     let topic = row.position.topic.as_bytes();
-    let mut v = Vec::with_capacity(2 + 16 + 24 + 12 + topic.len());
-    v.push(ROW_VERSION);
+    let mut v = Vec::with_capacity(2 + 16 + 24 + 12 + 12 + topic.len());
+    v.push(if slot.is_some() { ROW_VERSION_SLOTTED } else { ROW_VERSION });
     v.push(match row.state {
         ClaimState::InFlight => 1,
         ClaimState::Done => 2,
@@ -637,12 +743,28 @@ fn encode_row(row: &ClaimRow) -> Vec<u8> {
     v.extend_from_slice(&row.expires_at_ms.to_be_bytes());
     v.extend_from_slice(&row.position.partition.to_be_bytes());
     v.extend_from_slice(&row.position.offset.to_be_bytes());
+    if let Some(slot) = slot {
+        v.extend_from_slice(&slot.call.to_be_bytes());
+        v.extend_from_slice(&slot.index.to_be_bytes());
+    }
     v.extend_from_slice(topic);
     v
 }
 
-fn decode_row(v: &[u8]) -> Option<ClaimRow> {
-    if v.len() < 54 || v[0] != ROW_VERSION {
+/// The row as written; its state is not resolved against its bitmap (see [`Inner::resolve`]).
+fn decode_row(v: &[u8]) -> Option<Stored> {
+    let (slot, topic_at) = match v.first() {
+        Some(&ROW_VERSION) => (None, 54),
+        Some(&ROW_VERSION_SLOTTED) => {
+            let slot = Slot {
+                call: u64::from_be_bytes(v.get(54..62)?.try_into().ok()?),
+                index: u32::from_be_bytes(v.get(62..66)?.try_into().ok()?),
+            };
+            (Some(slot), 66)
+        }
+        _ => return None,
+    };
+    if v.len() < topic_at {
         return None;
     }
     let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().expect("8-byte slice"));
@@ -651,7 +773,7 @@ fn decode_row(v: &[u8]) -> Option<ClaimRow> {
         2 => ClaimState::Done,
         _ => return None,
     };
-    Some(ClaimRow {
+    let row = ClaimRow {
         state,
         fingerprint: Fingerprint(u128::from_be_bytes(v[2..18].try_into().expect("16-byte slice"))),
         claimed_at_ms: u64_at(18),
@@ -660,9 +782,10 @@ fn decode_row(v: &[u8]) -> Option<ClaimRow> {
         position: Position {
             partition: i32::from_be_bytes(v[42..46].try_into().expect("4-byte slice")),
             offset: i64::from_be_bytes(v[46..54].try_into().expect("8-byte slice")),
-            topic: Arc::from(std::str::from_utf8(&v[54..]).ok()?),
+            topic: Arc::from(std::str::from_utf8(&v[topic_at..]).ok()?),
         },
-    })
+    };
+    Some(Stored { row, slot })
 }
 
 #[cfg(test)]
@@ -697,8 +820,13 @@ mod tests {
             lease_until_ms: 2,
             expires_at_ms: 3,
         };
-        assert_eq!(decode_row(&encode_row(&row)), Some(row));
+        let slot = Some(Slot { call: u64::MAX - 1, index: 999 });
+        for slot in [None, slot] {
+            let stored = Stored { row: row.clone(), slot };
+            assert_eq!(decode_row(&encode_row(&row, slot)), Some(stored));
+        }
         assert_eq!(decode_row(&[9; 60]), None);
+        assert_eq!(decode_row(&[ROW_VERSION_SLOTTED; 60]), None, "too short for a slot");
     }
 
     #[tokio::test]
@@ -724,7 +852,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_new_key_costs_its_row_and_its_done_rewrite_and_a_call_one_index_entry() {
+    async fn a_new_key_costs_its_row_and_a_call_one_index_entry_and_one_completion_bitmap() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
         let requests: Vec<_> = (0..100).map(|i| request(&format!("k{i}"), 1, i)).collect();
@@ -733,12 +861,84 @@ mod tests {
         assert_eq!(store.stats().writes, Some(101), "100 rows and one index entry");
         let done: Vec<_> = requests.iter().map(|r| (r.key.clone(), r.position.clone())).collect();
         assert!(store.complete(done, 1).await.unwrap().into_iter().all(|held| held));
-        assert_eq!(store.stats().writes, Some(201), "one rewrite per key");
+        assert_eq!(store.stats().writes, Some(102), "one bitmap for the call, no row rewritten");
+        let rows = store.lookup(requests.iter().map(|r| r.key.clone()).collect(), 2).await.unwrap();
+        assert!(rows.iter().all(|r| r.as_ref().is_some_and(|r| r.state == ClaimState::Done)), "every row reads done");
         assert_eq!(store.inner.expiry.len().unwrap(), 1);
+        assert_eq!(store.inner.completed.len().unwrap(), 1);
         assert_eq!(store.sweep(99_999).await.unwrap(), 0);
         assert_eq!(store.sweep(100_000).await.unwrap(), 100, "the call's entry lists every key");
         assert_eq!(store.row_count().unwrap(), 0);
         assert_eq!(store.inner.expiry.len().unwrap(), 0);
+        assert_eq!(store.inner.completed.len().unwrap(), 0, "the bitmap goes with the call's rows");
+    }
+
+    /// A completion is in the call's bitmap, on disk: after a reopen the key is done for
+    /// everyone, and a key of the same call not completed is still in flight (resumed by its
+    /// position, waited for by another).
+    #[tokio::test]
+    async fn completions_and_claims_in_flight_outlive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (request("a", 1, 1), request("b", 1, 2));
+        {
+            let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+            store.claim(vec![a.clone(), b.clone()], 0).await.unwrap();
+            assert_eq!(store.complete(vec![(a.key.clone(), a.position.clone())], 1).await.unwrap(), vec![true]);
+        }
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let elsewhere = |r: &ClaimRequest| ClaimRequest { position: Position { partition: 3, ..r.position.clone() }, ..r.clone() };
+        assert_eq!(
+            store.claim(vec![elsewhere(&a), elsewhere(&b)], 2).await.unwrap(),
+            vec![
+                Claim::Duplicate { first: a.position.clone(), claimed_at_ms: 0 },
+                Claim::InFlight { holder: b.position.clone(), lease_until_ms: 10_000 },
+            ]
+        );
+        assert_eq!(store.claim(vec![b.clone()], 3).await.unwrap(), vec![Claim::New(Acquired::Resumed)]);
+        assert_eq!(store.complete(vec![(b.key.clone(), b.position.clone())], 4).await.unwrap(), vec![true]);
+        let rows = store.lookup(vec![b.key.clone()], 5).await.unwrap();
+        assert_eq!(rows[0].as_ref().map(|r| r.state), Some(ClaimState::Done), "resumed, it keeps its slot");
+    }
+
+    /// Rows written before slots carry their state: one in flight is completed by a rewrite.
+    #[tokio::test]
+    async fn a_row_written_before_slots_is_completed_by_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        let a = request("a", 1, 1);
+        let row = ClaimRow {
+            state: ClaimState::InFlight,
+            fingerprint: a.fingerprint,
+            position: a.position.clone(),
+            claimed_at_ms: 0,
+            lease_until_ms: 10_000,
+            expires_at_ms: 100_000,
+        };
+        store.inner.claims.insert(a.key.encode(), encode_row(&row, None)).unwrap();
+        assert_eq!(store.claim(vec![a.clone()], 1).await.unwrap(), vec![Claim::New(Acquired::Resumed)]);
+        assert_eq!(store.complete(vec![(a.key.clone(), a.position.clone())], 2).await.unwrap(), vec![true]);
+        let rows = store.lookup(vec![a.key.clone()], 3).await.unwrap();
+        assert_eq!(rows[0].as_ref().map(|r| r.state), Some(ClaimState::Done));
+    }
+
+    /// Calls are numbered from the clock at open; one set back must not number a new call
+    /// as an earlier process's, whose bitmap would make the new rows read done. Failed
+    /// before the first claim raised the numbering above the calls on disk.
+    #[tokio::test]
+    async fn a_call_is_never_numbered_again_after_the_clock_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (request("a", 1, 1), request("b", 1, 2));
+        {
+            let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+            store.inner.calls.store(7, Ordering::Relaxed);
+            store.claim(vec![a.clone()], 0).await.unwrap();
+            store.complete(vec![(a.key.clone(), a.position.clone())], 1).await.unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), &retention()).unwrap();
+        store.inner.calls.store(7, Ordering::Relaxed);
+        store.claim(vec![b.clone()], 2).await.unwrap();
+        let rows = store.lookup(vec![b.key.clone()], 3).await.unwrap();
+        assert_eq!(rows[0].as_ref().map(|r| r.state), Some(ClaimState::InFlight));
     }
 
     #[tokio::test]
