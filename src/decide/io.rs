@@ -122,6 +122,7 @@ impl Core {
         held: &Held,
     ) {
         let mut resumed = Vec::new();
+        let mut won = Vec::with_capacity(claimed.won.len());
         for &(i, acquired) in &claimed.won {
             let e = envelope(&items[i]);
             match acquired {
@@ -136,8 +137,15 @@ impl Core {
                 }
             }
             let claim = (e.key.clone(), claim_position(&self.claimant, &e.record.position));
-            held.won(claim, acquired == Acquired::Fresh && !late, late.then_some(e.record.position.offset));
+            won.push((claim, acquired == Acquired::Fresh && !late));
         }
+        // Late, every claim won may have lapsed before we heard of it.
+        let lost = if late {
+            claimed.won.iter().map(|&(i, _)| envelope(&items[i]).record.position.offset).collect()
+        } else {
+            Vec::new()
+        };
+        held.won(won, lost);
         for (i, holder) in &claimed.waiting {
             self.metrics.claim_waits.inc();
             debug!(position = %envelope(&items[*i]).record.position, %holder, "key in flight elsewhere; set aside until the rest of the batch is done");

@@ -38,14 +38,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Held {
-    /// A claim won: held from now on; `unstarted` when a drain may release it
-    /// until its effect starts; `lost` (its offset) when its lease may have
-    /// lapsed before we heard of it.
-    pub(super) fn won(&self, claim: (EventKey, Position), unstarted: bool, lost: Option<i64>) {
-        if unstarted {
-            lock(&self.unstarted).push(claim.clone());
+    /// Claims won: held from now on; each `true` beside it when a drain may
+    /// release it until its effect starts. `lost`: the offsets of those whose
+    /// lease may have lapsed before we heard of them. (One call per round: its
+    /// locks were taken once per claim before.)
+    pub(super) fn won(&self, claims: Vec<((EventKey, Position), bool)>, lost: Vec<i64>) {
+        let mut unstarted = lock(&self.unstarted);
+        let mut keys = lock(&self.keys);
+        for (claim, releasable) in claims {
+            if releasable {
+                unstarted.push(claim.clone());
+            }
+            keys.push(claim);
         }
-        lock(&self.keys).push(claim);
         lock(&self.lost).extend(lost);
     }
     pub(super) fn clear(&self) {
@@ -118,10 +123,8 @@ mod tests {
     fn only_claims_held_and_never_started_are_left_to_release() {
         let held = Held::default();
         let (a, b, c, d) = (claim("a", 0), claim("b", 1), claim("c", 2), claim("d", 3));
-        for k in [&a, &b, &c, &d] {
-            held.won(k.clone(), true, None);
-        }
-        held.won(claim("e", 4), false, None);
+        held.won([&a, &b, &c, &d].map(|k| (k.clone(), true)).into(), Vec::new());
+        held.won(vec![(claim("e", 4), false)], Vec::new());
         held.started(&[b.clone(), claim("a", 9)]);
         held.remove(std::slice::from_ref(&c));
         assert_eq!(held.snapshot().len(), 4, "c is no longer held");

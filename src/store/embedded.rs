@@ -404,7 +404,7 @@ impl DedupStore for EmbeddedStore {
             let pending = &mut guarded.pending;
             let mut batch = s.batch(requests.len() + 1);
             // Writes of this batch, so a key repeated in it sees the earlier request.
-            let mut overlay: Pending = HashMap::default();
+            let mut overlay: Pending = HashMap::with_capacity_and_hasher(requests.len(), Default::default());
             let mut answers = Vec::with_capacity(requests.len());
             // The keys whose rows this call creates: they all expire at now + ttl.
             let mut created = Vec::new();
