@@ -123,6 +123,8 @@ impl Core {
     ) {
         let mut resumed = Vec::new();
         let mut won = Vec::with_capacity(claimed.won.len());
+        // Late, every claim won may have lapsed before we heard of it.
+        let mut lost = Vec::new();
         for &(i, acquired) in &claimed.won {
             let e = envelope(&items[i]);
             match acquired {
@@ -138,13 +140,10 @@ impl Core {
             }
             let claim = (e.key.clone(), claim_position(&self.claimant, &e.record.position));
             won.push((claim, acquired == Acquired::Fresh && !late));
+            if late {
+                lost.push(e.record.position.offset);
+            }
         }
-        // Late, every claim won may have lapsed before we heard of it.
-        let lost = if late {
-            claimed.won.iter().map(|&(i, _)| envelope(&items[i]).record.position.offset).collect()
-        } else {
-            Vec::new()
-        };
         held.won(won, lost);
         for (i, holder) in &claimed.waiting {
             self.metrics.claim_waits.inc();

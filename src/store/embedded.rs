@@ -681,10 +681,8 @@ impl DedupStore for EmbeddedStore {
                             }
                         }
                         // The call's bitmap goes with its rows (the former shape had none).
-                        if !value.is_empty() {
-                            if let Some(call) = index_key.get(8..16).and_then(call_of) {
-                                batch.remove(&s.completed, call.to_be_bytes());
-                            }
+                        if let Some(call) = index_key.get(8..16).filter(|_| !value.is_empty()).and_then(call_of) {
+                            batch.remove(&s.completed, call.to_be_bytes());
                         }
                         batch.remove(&s.expiry, index_key.to_vec());
                     }
