@@ -210,12 +210,11 @@ async fn reconciliation_past_its_bounds_is_incomplete_and_keeps_only_real_writes
         )
     };
     // One process, two partitions reconciling at once: the bound is the process's, not each one's.
-    let shared = Reconciler {
-        limits: Limits { max_found: 200, ..Limits::default() },
-        ..Reconciler::new(kafka.bootstrap(), scope)
-    };
+    let mut shared = Reconciler::new(kafka.bootstrap(), scope);
+    shared.limits = Limits { max_found: 200, ..Limits::default() };
     let find = move |limits: Limits| {
-        let reconciler = Reconciler { limits, ..Reconciler::new(kafka.bootstrap(), scope) };
+        let mut reconciler = Reconciler::new(kafka.bootstrap(), scope);
+        reconciler.limits = limits;
         let (output, dead_letter) = logs();
         let source = (Arc::clone(&source.0), source.1);
         move || reconciler.find(&source, 50, output, dead_letter).unwrap()
@@ -475,4 +474,46 @@ async fn new_events_in_a_recreated_topic_are_emitted_on_the_test_broker() {
         .collect();
     assert_exactly_once(&second, &ids);
     assert_eq!(metrics.reconciled.get(), 0, "nothing of the first incarnation was taken for the second's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_assigned_at_once_share_one_client_for_their_log_ends() {
+    // 64 partitions reconciling at once, as at a rebalance: one client asks
+    // every log's ends, and only a log with writes after its mark gets a reader
+    // (a client per log made every partition wait seconds at 160 partitions).
+    const PARTITIONS: i32 = 64;
+    let kafka = MockKafka::start(1).unwrap();
+    kafka.create_topic(OUTPUT, PARTITIONS).unwrap();
+    kafka.create_topic(DLQ, PARTITIONS).unwrap();
+    let scope = "many";
+    let write = |offset: i64| Produce {
+        partition: 7,
+        key: Some(format!("evt-{offset}").into_bytes()),
+        payload: Some(b"{}".to_vec()),
+        headers: vec![
+            (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
+            (headers::SOURCE_PARTITION.into(), b"7".to_vec()),
+            (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
+            (headers::SCOPE.into(), scope.as_bytes().to_vec()),
+            (headers::EVENT_ID.into(), format!("evt-{offset}").into_bytes()),
+        ],
+    };
+    mock::produce_all(kafka.bootstrap(), OUTPUT, &(0..10).map(write).collect::<Vec<_>>()).await.unwrap();
+    let reconciler = Reconciler::new(kafka.bootstrap(), scope);
+    let finds = (0..PARTITIONS).map(|p| {
+        let reconciler = reconciler.clone();
+        tokio::task::spawn_blocking(move || {
+            let output = Some(Log { topic: OUTPUT.into(), partition: p, mark: None });
+            let dead_letter = Log { topic: DLQ.into(), partition: p, mark: None };
+            (p, reconciler.find(&(Arc::from(INPUT), p), 0, output, dead_letter).unwrap())
+        })
+    });
+    for found in futures::future::join_all(finds).await {
+        let (p, found) = found.unwrap();
+        assert!(found.complete, "partition {p}");
+        assert!(found.dead_lettered.is_empty(), "partition {p}");
+        let expected: HashSet<i64> = if p == 7 { (0..10).collect() } else { HashSet::new() };
+        assert_eq!(found.emitted.keys().copied().collect::<HashSet<_>>(), expected, "partition {p}");
+    }
+    assert_eq!(reconciler.clients_made(), 2, "one for the ends, one reader for the only log with writes");
 }
