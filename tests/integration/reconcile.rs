@@ -157,6 +157,23 @@ async fn two_scopes_on_one_output_partition_never_take_each_others_writes_for_th
     }
 }
 
+/// An earlier owner's output for `offset` of `INPUT` partition `partition`, in
+/// `scope`, on the output partition of the same number.
+fn earlier_write(scope: &str, partition: i32, offset: i64) -> Produce {
+    Produce {
+        partition,
+        key: Some(format!("evt-{offset}").into_bytes()),
+        payload: Some(b"{}".to_vec()),
+        headers: vec![
+            (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
+            (headers::SOURCE_PARTITION.into(), partition.to_string().into_bytes()),
+            (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
+            (headers::SCOPE.into(), scope.as_bytes().to_vec()),
+            (headers::EVENT_ID.into(), format!("evt-{offset}").into_bytes()),
+        ],
+    }
+}
+
 /// A header set with a name that is not UTF-8, as any producer may write.
 fn headers_with_binary_name() -> rdkafka::message::OwnedHeaders {
     let h = rdkafka::message::OwnedHeaders::new();
@@ -179,19 +196,8 @@ async fn reconciliation_past_its_bounds_is_incomplete_and_keeps_only_real_writes
     let scope = "bounded";
     // Output partition 0 as a previous owner of in/0 left it: 200 of its writes,
     // interleaved with another scope's writes for the same positions.
-    let write = |scope: &str, offset: i64| Produce {
-        partition: 0,
-        key: Some(format!("evt-{offset}").into_bytes()),
-        payload: Some(b"{}".to_vec()),
-        headers: vec![
-            (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
-            (headers::SOURCE_PARTITION.into(), b"0".to_vec()),
-            (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
-            (headers::SCOPE.into(), scope.as_bytes().to_vec()),
-            (headers::EVENT_ID.into(), format!("evt-{offset}").into_bytes()),
-        ],
-    };
-    let log: Vec<Produce> = (0..200).flat_map(|o| [write("other", o + 1000), write(scope, o)]).collect();
+    let log: Vec<Produce> =
+        (0..200).flat_map(|o| [earlier_write("other", 0, o + 1000), earlier_write(scope, 0, o)]).collect();
     mock::produce_all(kafka.bootstrap(), OUTPUT, &log).await.unwrap();
     // Another producer's record whose header name is not UTF-8.
     {
@@ -486,19 +492,8 @@ async fn partitions_assigned_at_once_share_one_client_for_their_log_ends() {
     kafka.create_topic(OUTPUT, PARTITIONS).unwrap();
     kafka.create_topic(DLQ, PARTITIONS).unwrap();
     let scope = "many";
-    let write = |offset: i64| Produce {
-        partition: 7,
-        key: Some(format!("evt-{offset}").into_bytes()),
-        payload: Some(b"{}".to_vec()),
-        headers: vec![
-            (headers::SOURCE_TOPIC.into(), INPUT.as_bytes().to_vec()),
-            (headers::SOURCE_PARTITION.into(), b"7".to_vec()),
-            (headers::SOURCE_OFFSET.into(), offset.to_string().into_bytes()),
-            (headers::SCOPE.into(), scope.as_bytes().to_vec()),
-            (headers::EVENT_ID.into(), format!("evt-{offset}").into_bytes()),
-        ],
-    };
-    mock::produce_all(kafka.bootstrap(), OUTPUT, &(0..10).map(write).collect::<Vec<_>>()).await.unwrap();
+    let log: Vec<Produce> = (0..10).map(|o| earlier_write(scope, 7, o)).collect();
+    mock::produce_all(kafka.bootstrap(), OUTPUT, &log).await.unwrap();
     let reconciler = Reconciler::new(kafka.bootstrap(), scope);
     let finds = (0..PARTITIONS).map(|p| {
         let reconciler = reconciler.clone();
