@@ -74,6 +74,8 @@ pub(crate) struct BenchOptions {
     pub partitions: i32,
     pub store: BenchStore,
     pub seed: u64,
+    /// Pairs of runs (passthrough, then kdedup) over the one dataset.
+    pub runs: u32,
     pub progress: bool,
 }
 
@@ -144,10 +146,18 @@ struct MemorySample {
     c_heap_in_use_bytes: Option<u64>,
 }
 
-/// How the global allocator says what it holds (set by the binary, which chooses it).
-static HEAP_PROBE: std::sync::OnceLock<fn() -> Option<u64>> = std::sync::OnceLock::new();
+/// What the bench asks of the global allocator (set by the binary, which chooses it).
+#[derive(Debug, Clone, Copy)]
+pub struct HeapProbe {
+    /// The bytes it holds committed now, when it can tell.
+    pub committed: fn() -> Option<u64>,
+    /// Gives what it holds free back to the system now.
+    pub release_free: fn(),
+}
 
-pub(crate) fn set_heap_probe(probe: fn() -> Option<u64>) {
+static HEAP_PROBE: std::sync::OnceLock<HeapProbe> = std::sync::OnceLock::new();
+
+pub(crate) fn set_heap_probe(probe: HeapProbe) {
     let _ = HEAP_PROBE.set(probe);
 }
 
@@ -164,7 +174,7 @@ impl MemorySample {
         MemorySample {
             rss_bytes: field("VmRSS:").unwrap_or(0) * 1024,
             threads: field("Threads:").unwrap_or(0),
-            rust_heap_bytes: HEAP_PROBE.get().and_then(|probe| probe()),
+            rust_heap_bytes: HEAP_PROBE.get().and_then(|probe| (probe.committed)()),
             c_heap_bytes,
             c_heap_in_use_bytes,
         }
@@ -183,6 +193,19 @@ fn c_heap() -> (Option<u64>, Option<u64>) {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn c_heap() -> (Option<u64>, Option<u64>) {
     (None, None)
+}
+
+/// Gives both heaps' free memory back to the system: the Rust heap's through the binary's probe, the C heap's
+/// (which glibc keeps otherwise) here.
+fn release_free_heaps() {
+    if let Some(probe) = HEAP_PROBE.get() {
+        (probe.release_free)();
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory no block uses.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Samples the process's memory every 100 ms on a thread of its own, keeping the sample
@@ -267,6 +290,60 @@ pub(crate) struct BenchReport {
     pub before_first_record: Option<BeforeFirstRecord>,
 }
 
+/// What `--runs` pairs found, for figures that one pair's noise does not decide: the
+/// medians over the pairs, and each figure's range.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RunsSummary {
+    pub runs: usize,
+    pub ratio: Spread,
+    pub passthrough_events_per_sec: Spread,
+    pub kdedup_events_per_sec: Spread,
+    pub kdedup_cpu_secs_per_event: Spread,
+    pub kdedup_peak_rss_bytes: Spread,
+    /// Every pair verified.
+    pub verified: bool,
+}
+
+/// A figure over the pairs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Spread {
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = match n {
+            0 => f64::NAN,
+            _ if n % 2 == 1 => values[n / 2],
+            _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        };
+        Spread {
+            median,
+            min: values.first().copied().unwrap_or(f64::NAN),
+            max: values.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+impl RunsSummary {
+    pub(crate) fn of(reports: &[BenchReport]) -> RunsSummary {
+        let spread = |f: fn(&BenchReport) -> f64| Spread::of(reports.iter().map(f).collect());
+        RunsSummary {
+            runs: reports.len(),
+            ratio: spread(|r| r.ratio),
+            passthrough_events_per_sec: spread(|r| r.passthrough.events_per_sec),
+            kdedup_events_per_sec: spread(|r| r.kdedup.run.events_per_sec),
+            kdedup_cpu_secs_per_event: spread(|r| r.kdedup.run.cpu_secs_per_event),
+            kdedup_peak_rss_bytes: spread(|r| r.kdedup.run.peak_rss_bytes as f64),
+            verified: reports.iter().all(|r| r.verified),
+        }
+    }
+}
+
 /// The topics a run made and used.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct BenchTopics {
@@ -326,10 +403,8 @@ const PASSTHROUGH_OUT: &str = "bench.passthrough";
 const KDEDUP_OUT: &str = "bench.kdedup";
 const DEAD_LETTER: &str = "bench.dlq";
 
-pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<Vec<BenchReport>> {
     let (names, brokers, _cluster) = brokers_with_topics(options).await?;
-    let BenchNames { input, pass_out, dedup_out, dlq, suffix } = names;
-
     options.say(&format!(
         "kdedup bench: producing {} events ({:.0}% duplicates, {:.0}% of those on another partition, {} B payloads) to {} partitions...",
         options.events,
@@ -338,31 +413,54 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         options.payload_bytes,
         options.partitions
     ));
-    let Produced { unique, cross_partition } = produce_dataset(&brokers, &input, options).await?;
-    let ends = count_input(&brokers, &input, options)?;
-    let produced = options.events;
+    let dataset = produce_dataset(&brokers, &names.input, options).await?;
+    let ends = count_input(&brokers, &names.input, options)?;
+    let mut reports = Vec::with_capacity(names.runs.len());
+    for (i, outputs) in names.runs.iter().enumerate() {
+        if i > 0 {
+            // What reading the last pair's outputs back left free in both heaps would count in this pair's peaks.
+            release_free_heaps();
+            options.say(&format!("run {} of {}:", i + 1, names.runs.len()));
+        }
+        reports.push(run_once(options, &brokers, &names.input, outputs, &dataset, &ends).await?);
+    }
+    Ok(reports)
+}
 
+/// One pair of runs over the produced input: (a) the passthrough, then (b) kdedup, each into output topics, a
+/// consumer group and a store of this pair's own; then both outputs read back and checked.
+async fn run_once(
+    options: &BenchOptions,
+    brokers: &str,
+    input: &str,
+    outputs: &RunTopics,
+    dataset: &Produced,
+    ends: &BTreeMap<i32, i64>,
+) -> anyhow::Result<BenchReport> {
+    let RunTopics { pass_out, dedup_out, dlq, group_suffix } = outputs;
+    let Produced { unique, cross_partition } = *dataset;
+    let produced = options.events;
     let dir = tempfile::tempdir()?;
-    let mut config = bench_config(&brokers, &input, &dedup_out, &dlq, &dir.path().join("store"), &suffix, options)?;
+    let mut config = bench_config(brokers, input, dedup_out, dlq, &dir.path().join("store"), group_suffix, options)?;
     let database = prepare_store(&mut config, options).await?;
 
     options.say("(a) passthrough: consume, produce, commit...");
     let latency = latency_histogram();
     let real_brokers = options.brokers.is_some();
     let mut meter = Meter::start();
-    let first = passthrough(&config, &input, &pass_out, &ends, &latency, options.progress).await?;
+    let first = passthrough(&config, input, pass_out, ends, &latency, options.progress).await?;
     let pass_wait = meter.time_from(first, real_brokers);
     let passthrough = meter.finish(options.events, &latency);
 
     options.say("(b) kdedup: the whole path...");
-    let (kdedup, kdedup_wait, metrics, machine_cpu, peak) = kdedup_phase(&config, &input, &ends, options).await?;
+    let (kdedup, kdedup_wait, metrics, machine_cpu, peak) = kdedup_phase(&config, input, ends, options).await?;
 
     options.say("reading both outputs back...");
     let (pass_read, dedup_read) =
-        (read_back(&brokers, &pass_out, produced, true)?, read_back(&brokers, &dedup_out, unique, true)?);
+        (read_back(brokers, pass_out, produced, true)?, read_back(brokers, dedup_out, unique, true)?);
     if options.brokers.is_none() {
-        mock_truncated(&pass_out, &pass_read)?;
-        mock_truncated(&dedup_out, &dedup_read)?;
+        mock_truncated(pass_out, &pass_read)?;
+        mock_truncated(dedup_out, &dedup_read)?;
     }
     let deadlocks = match database {
         Some(db) => Some(db.finish().await?),
@@ -384,7 +482,7 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         .map(|(p, k)| BeforeFirstRecord { passthrough_secs: p.as_secs_f64(), kdedup_secs: k.as_secs_f64() });
     Ok(BenchReport {
         machine: machine(),
-        brokers: if options.brokers.is_some() { brokers } else { "mock cluster (child process)".into() },
+        brokers: if options.brokers.is_some() { brokers.to_string() } else { "mock cluster (child process)".into() },
         store: options.store,
         events: options.events,
         unique_events: unique,
@@ -393,7 +491,7 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         cross_partition_duplicates: cross_partition,
         payload_bytes: options.payload_bytes,
         partitions: options.partitions,
-        topics: BenchTopics { input, passthrough: pass_out, kdedup: dedup_out },
+        topics: BenchTopics { input: input.to_string(), passthrough: pass_out.clone(), kdedup: dedup_out.clone() },
         ratio: kdedup.events_per_sec / passthrough.events_per_sec.max(f64::MIN_POSITIVE),
         passthrough,
         kdedup: KdedupFigures {
@@ -417,13 +515,18 @@ impl BenchOptions {
     }
 }
 
-/// The bench's topics, and the suffix that names them apart on real brokers.
+/// The bench's topics: the input, and the outputs of each pair of runs.
 struct BenchNames {
     input: String,
+    runs: Vec<RunTopics>,
+}
+
+/// What one pair of runs writes to, and the suffix of its consumer groups.
+struct RunTopics {
     pass_out: String,
     dedup_out: String,
     dlq: String,
-    suffix: String,
+    group_suffix: String,
 }
 
 /// Creates the topics on `--brokers`, or spawns a mock cluster that has them (it
@@ -435,14 +538,23 @@ async fn brokers_with_topics(options: &BenchOptions) -> anyhow::Result<(BenchNam
     } else {
         String::new()
     };
-    let name = |t: &str| format!("{t}{suffix}");
-    let (input, pass_out, dedup_out, dlq) = (name(INPUT), name(PASSTHROUGH_OUT), name(KDEDUP_OUT), name(DEAD_LETTER));
-    let topics = [
-        (input.as_str(), options.partitions),
-        (&pass_out, options.partitions),
-        (&dedup_out, options.partitions),
-        (&dlq, 1),
-    ];
+    // The first pair writes to the plain names; each later one to names of its own, `bench.kdedup.2` and on.
+    let runs: Vec<RunTopics> = (1..=options.runs.max(1))
+        .map(|n| {
+            let name = |t: &str| if n == 1 { format!("{t}{suffix}") } else { format!("{t}.{n}{suffix}") };
+            RunTopics {
+                pass_out: name(PASSTHROUGH_OUT),
+                dedup_out: name(KDEDUP_OUT),
+                dlq: name(DEAD_LETTER),
+                group_suffix: if n == 1 { suffix.clone() } else { format!("{suffix}-{n}") },
+            }
+        })
+        .collect();
+    let input = format!("{INPUT}{suffix}");
+    let mut topics = vec![(input.as_str(), options.partitions)];
+    for r in &runs {
+        topics.extend([(r.pass_out.as_str(), options.partitions), (&r.dedup_out, options.partitions), (&r.dlq, 1)]);
+    }
     let mut cluster = None;
     let brokers = match &options.brokers {
         Some(b) => {
@@ -455,7 +567,7 @@ async fn brokers_with_topics(options: &BenchOptions) -> anyhow::Result<(BenchNam
             bootstrap
         }
     };
-    Ok((BenchNames { input, pass_out, dedup_out, dlq, suffix }, brokers, cluster))
+    Ok((BenchNames { input, runs }, brokers, cluster))
 }
 
 /// Reads the input back to count it; errors unless it holds `--events` records.
@@ -700,6 +812,7 @@ fn event_id(n: u64) -> String {
 }
 
 /// What [`produce_dataset`] wrote.
+#[derive(Debug, Clone, Copy)]
 struct Produced {
     unique: u64,
     cross_partition: u64,
@@ -1286,6 +1399,20 @@ pub(crate) fn print_table(r: &BenchReport) {
     }
 }
 
+/// The lines after `--runs` pairs' tables: each figure's median and range.
+pub(crate) fn print_summary(s: &RunsSummary) {
+    let range = |x: Spread, scale: f64, digits: usize| {
+        format!("{:.*} (from {:.*} to {:.*})", digits, x.median * scale, digits, x.min * scale, digits, x.max * scale)
+    };
+    println!("over {} pairs of runs, alternating on the same input (median, range):", s.runs);
+    println!("  ratio kdedup/passthrough: {}", range(s.ratio, 1.0, 2));
+    println!("  passthrough events/s:     {}", range(s.passthrough_events_per_sec, 1.0, 0));
+    println!("  kdedup events/s:          {}", range(s.kdedup_events_per_sec, 1.0, 0));
+    println!("  kdedup CPU µs/event:      {}", range(s.kdedup_cpu_secs_per_event, 1e6, 2));
+    println!("  kdedup peak RSS, MiB:     {}", range(s.kdedup_peak_rss_bytes, 1.0 / 1048576.0, 0));
+    println!("  verified: {}", if s.verified { "yes, every pair" } else { "NO" });
+}
+
 /// The [`StoreTime`] block of the table.
 fn print_store_time(t: &StoreTime) {
     println!(
@@ -1311,6 +1438,16 @@ fn print_store_time(t: &StoreTime) {
 
 #[cfg(test)]
 mod tests {
+    use super::Spread;
+
+    #[test]
+    fn a_spread_has_the_middle_value_or_the_mean_of_the_middle_two() {
+        let odd = Spread::of(vec![0.7, 0.5, 0.6]);
+        assert_eq!((odd.median, odd.min, odd.max), (0.6, 0.5, 0.7));
+        let even = Spread::of(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!((even.median, even.min, even.max), (2.5, 1.0, 4.0));
+    }
+
     use super::with_database;
 
     #[test]

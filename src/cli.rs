@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bench::{self, BenchOptions};
 // Named by `Command::Bench` (clap's `--store` values).
-pub use crate::bench::BenchStore;
+pub use crate::bench::{BenchStore, HeapProbe};
 use crate::config::{Config, ServeConfig, StoreConfig};
 use crate::demo::{self, DemoOptions};
 use crate::event::EventKey;
@@ -134,7 +134,12 @@ pub enum Command {
         /// Seed of the dataset (same seed, same data).
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Print one JSON object instead of a table.
+        /// Pairs of runs (passthrough, then kdedup) over the one dataset, each pair into outputs, groups
+        /// and a store of its own; past one, the medians and ranges follow the pairs' tables.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        runs: u32,
+        /// Print one JSON object instead of a table (with `--runs` past 1: `runs`, each pair's object, and
+        /// `summary`).
         #[arg(long)]
         json: bool,
     },
@@ -349,6 +354,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             partitions,
             store,
             seed,
+            runs,
             json,
         } => {
             let options = BenchOptions {
@@ -360,6 +366,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 partitions,
                 store,
                 seed,
+                runs,
                 progress: !json,
             };
             bench_command(options, json).await
@@ -434,13 +441,24 @@ async fn bench_command(options: BenchOptions, json: bool) -> anyhow::Result<i32>
     if options.partitions < 1 || options.events < 1 {
         anyhow::bail!("--partitions and --events must be at least 1");
     }
-    let report = bench::run(&options).await?;
-    if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        bench::print_table(&report);
+    let reports = bench::run(&options).await?;
+    let verified = reports.iter().all(|r| r.verified);
+    match reports.as_slice() {
+        [one] if json => println!("{}", serde_json::to_string(one)?),
+        [one] => bench::print_table(one),
+        many if json => {
+            let summary = bench::RunsSummary::of(many);
+            println!("{}", serde_json::json!({ "runs": many, "summary": summary }));
+        }
+        many => {
+            for (i, r) in many.iter().enumerate() {
+                println!("run {} of {}:", i + 1, many.len());
+                bench::print_table(r);
+            }
+            bench::print_summary(&bench::RunsSummary::of(many));
+        }
     }
-    Ok(if report.verified { 0 } else { 1 })
+    Ok(if verified { 0 } else { 1 })
 }
 
 /// `kdedup schema print`: the schema of `--kind`, or of the config's store.
@@ -675,9 +693,9 @@ pub fn max_blocking_threads() -> usize {
     (cores * 4).clamp(8, 64)
 }
 
-/// Tells `kdedup bench` how to ask the global allocator what it holds committed (the binary
-/// chooses the allocator; src/main.rs registers mimalloc's count).
-pub fn set_heap_probe(probe: fn() -> Option<u64>) {
+/// Tells `kdedup bench` how to ask the global allocator what it holds committed, and to give back
+/// what it holds free (the binary chooses the allocator; src/main.rs registers mimalloc's).
+pub fn set_heap_probe(probe: HeapProbe) {
     bench::set_heap_probe(probe);
 }
 

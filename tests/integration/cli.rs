@@ -169,6 +169,33 @@ fn bench_json_compares_both_runs_and_verifies_their_outputs() {
     assert_eq!(memory("consumer_prefetch_bound_bytes"), 4.0 * memory("prefetch_per_partition_bytes"));
 }
 
+/// `--runs 2`: two pairs on the one dataset, each into outputs of its own and verified; the summary's medians and
+/// ranges are the pairs' own figures.
+#[test]
+fn bench_runs_pairs_on_one_dataset_and_summarises_them() {
+    let out = output(&["bench", "--events", "5000", "--partitions", "2", "--runs", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let runs = report["runs"].as_array().unwrap_or_else(|| panic!("runs missing in {report}"));
+    assert_eq!(runs.len(), 2, "{report}");
+    for r in runs {
+        assert_eq!(r["verified"], serde_json::Value::Bool(true), "{r}");
+        assert_eq!(r["passthrough"]["records_out"], 5000, "{r}");
+        assert_eq!(r["kdedup"]["records_out"], r["unique_events"], "{r}");
+    }
+    assert_eq!(runs[0]["unique_events"], runs[1]["unique_events"], "one dataset");
+    assert_eq!(runs[0]["topics"]["input"], runs[1]["topics"]["input"], "one dataset");
+    assert_ne!(runs[0]["topics"]["kdedup"], runs[1]["topics"]["kdedup"], "outputs of their own");
+    let summary = &report["summary"];
+    assert_eq!(summary["runs"], 2);
+    assert_eq!(summary["verified"], serde_json::Value::Bool(true));
+    let ratios: Vec<f64> = runs.iter().map(|r| r["ratio"].as_f64().unwrap()).collect();
+    let spread = |k: &str| summary["ratio"][k].as_f64().unwrap_or_else(|| panic!("ratio.{k} missing in {summary}"));
+    assert_eq!(spread("min"), ratios[0].min(ratios[1]));
+    assert_eq!(spread("max"), ratios[0].max(ratios[1]));
+    assert!((spread("median") - (ratios[0] + ratios[1]) / 2.0).abs() < 1e-12, "{summary}");
+}
+
 /// `kdedup bench --brokers` on the reference broker (Apache Kafka): both phases verified by reading back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_on_a_real_broker_verifies_both_runs() {
