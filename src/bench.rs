@@ -123,7 +123,8 @@ pub(crate) struct MemoryFigures {
     /// The resident rest at that sample (thread stacks, code, the runtime's own maps):
     /// negative when the heaps hold more committed than is resident (pages reserved
     /// for blocks not yet touched).
-    pub other_bytes: i64,
+    /// `None` when a heap is not counted.
+    pub other_bytes: Option<i64>,
     /// Of the Rust heap, at the end: the filter (aging table, recent-key cache,
     /// expired keys; `kdedup_filter_bytes`), and the store's memtables and block cache
     /// where it can tell (embedded).
@@ -162,7 +163,9 @@ pub(crate) fn set_heap_probe(probe: HeapProbe) {
 }
 
 impl MemorySample {
-    fn now() -> MemorySample {
+    /// Now; the Rust heap only when `rust_heap`: mimalloc's count of what it holds committed keeps memory it has
+    /// since given back (a later pair's read 8.9 GiB at an 843 MiB peak), so only a process's first run reads it.
+    fn now(rust_heap: bool) -> MemorySample {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let field = |name: &str| {
             status
@@ -174,7 +177,7 @@ impl MemorySample {
         MemorySample {
             rss_bytes: field("VmRSS:").unwrap_or(0) * 1024,
             threads: field("Threads:").unwrap_or(0),
-            rust_heap_bytes: HEAP_PROBE.get().and_then(|probe| (probe.committed)()),
+            rust_heap_bytes: HEAP_PROBE.get().filter(|_| rust_heap).and_then(|probe| (probe.committed)()),
             c_heap_bytes,
             c_heap_in_use_bytes,
         }
@@ -216,14 +219,15 @@ struct PeakWatch {
 }
 
 impl PeakWatch {
-    fn start() -> PeakWatch {
+    /// Samples with the Rust heap's count when `rust_heap` (see [`MemorySample::now`]).
+    fn start(rust_heap: bool) -> PeakWatch {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut peak = MemorySample::default();
             while !stopped.load(Ordering::Relaxed) {
-                let s = MemorySample::now();
+                let s = MemorySample::now(rust_heap);
                 if s.rss_bytes >= peak.rss_bytes {
                     peak = s;
                 }
@@ -415,14 +419,14 @@ pub(crate) async fn run(options: &BenchOptions) -> anyhow::Result<Vec<BenchRepor
     ));
     let dataset = produce_dataset(&brokers, &names.input, options).await?;
     let ends = count_input(&brokers, &names.input, options)?;
-    let mut reports = Vec::with_capacity(names.runs.len());
-    for (i, outputs) in names.runs.iter().enumerate() {
-        if i > 0 {
+    let mut reports = Vec::with_capacity(names.pairs.len());
+    for pair in &names.pairs {
+        if pair.number > 1 {
             // What reading the last pair's outputs back left free in both heaps would count in this pair's peaks.
             release_free_heaps();
-            options.say(&format!("run {} of {}:", i + 1, names.runs.len()));
+            options.say(&format!("run {} of {}:", pair.number, names.pairs.len()));
         }
-        reports.push(run_once(options, &brokers, &names.input, outputs, &dataset, &ends).await?);
+        reports.push(run_once(options, &brokers, &names.input, pair, &dataset, &ends).await?);
     }
     Ok(reports)
 }
@@ -433,11 +437,11 @@ async fn run_once(
     options: &BenchOptions,
     brokers: &str,
     input: &str,
-    outputs: &RunTopics,
+    pair: &Pair,
     dataset: &Produced,
     ends: &BTreeMap<i32, i64>,
 ) -> anyhow::Result<BenchReport> {
-    let RunTopics { pass_out, dedup_out, dlq, group_suffix } = outputs;
+    let Pair { number, pass_out, dedup_out, dlq, group_suffix } = pair;
     let Produced { unique, cross_partition } = *dataset;
     let produced = options.events;
     let dir = tempfile::tempdir()?;
@@ -453,7 +457,8 @@ async fn run_once(
     let passthrough = meter.finish(options.events, &latency);
 
     options.say("(b) kdedup: the whole path...");
-    let (kdedup, kdedup_wait, metrics, machine_cpu, peak) = kdedup_phase(&config, input, ends, options).await?;
+    let (kdedup, kdedup_wait, metrics, machine_cpu, peak) =
+        kdedup_phase(&config, input, ends, options, *number == 1).await?;
 
     options.say("reading both outputs back...");
     let (pass_read, dedup_read) =
@@ -518,11 +523,12 @@ impl BenchOptions {
 /// The bench's topics: the input, and the outputs of each pair of runs.
 struct BenchNames {
     input: String,
-    runs: Vec<RunTopics>,
+    pairs: Vec<Pair>,
 }
 
-/// What one pair of runs writes to, and the suffix of its consumer groups.
-struct RunTopics {
+/// One pair of runs: its number (from 1), what it writes to, and the suffix of its consumer groups.
+struct Pair {
+    number: u32,
     pass_out: String,
     dedup_out: String,
     dlq: String,
@@ -539,10 +545,11 @@ async fn brokers_with_topics(options: &BenchOptions) -> anyhow::Result<(BenchNam
         String::new()
     };
     // The first pair writes to the plain names; each later one to names of its own, `bench.kdedup.2` and on.
-    let runs: Vec<RunTopics> = (1..=options.runs.max(1))
+    let pairs: Vec<Pair> = (1..=options.runs.max(1))
         .map(|n| {
             let name = |t: &str| if n == 1 { format!("{t}{suffix}") } else { format!("{t}.{n}{suffix}") };
-            RunTopics {
+            Pair {
+                number: n,
                 pass_out: name(PASSTHROUGH_OUT),
                 dedup_out: name(KDEDUP_OUT),
                 dlq: name(DEAD_LETTER),
@@ -552,7 +559,7 @@ async fn brokers_with_topics(options: &BenchOptions) -> anyhow::Result<(BenchNam
         .collect();
     let input = format!("{INPUT}{suffix}");
     let mut topics = vec![(input.as_str(), options.partitions)];
-    for r in &runs {
+    for r in &pairs {
         topics.extend([(r.pass_out.as_str(), options.partitions), (&r.dedup_out, options.partitions), (&r.dlq, 1)]);
     }
     let mut cluster = None;
@@ -567,7 +574,7 @@ async fn brokers_with_topics(options: &BenchOptions) -> anyhow::Result<(BenchNam
             bootstrap
         }
     };
-    Ok((BenchNames { input, runs }, brokers, cluster))
+    Ok((BenchNames { input, pairs }, brokers, cluster))
 }
 
 /// Reads the input back to count it; errors unless it holds `--events` records.
@@ -611,18 +618,20 @@ async fn prepare_store(config: &mut Config, options: &BenchOptions) -> anyhow::R
 
 /// Phase (b): kdedup's whole path over the input, until every partition's end is
 /// committed. Returns the phase, the wait before its first record, its metrics,
-/// and the machine's CPU seconds spent meanwhile.
+/// and the machine's CPU seconds spent meanwhile. The Rust heap is counted in the
+/// process's first pair only (see [`MemorySample::now`]).
 async fn kdedup_phase(
     config: &Config,
     input: &str,
     ends: &BTreeMap<i32, i64>,
     options: &BenchOptions,
+    first_pair: bool,
 ) -> anyhow::Result<(Phase, Option<Duration>, Metrics, Option<f64>, MemorySample)> {
     let machine_cpu_before = machine_cpu_secs();
     let metrics = Metrics::new();
     let run_options = RunOptions { metrics: metrics.clone(), ..RunOptions::default() };
     let mut meter = Meter::start();
-    let watch = PeakWatch::start();
+    let watch = PeakWatch::start(first_pair);
     let (m, input_topic, ends_b, progress, total) =
         (metrics.clone(), input.to_string(), ends.clone(), options.progress, options.events);
     let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -685,14 +694,14 @@ fn memory(config: &Config, metrics: &Metrics, partitions: i32, peak: MemorySampl
     let consumer = crate::kafka_client::KafkaClients::from(&config.kafka).group_consumer("bench", Some(partitions));
     let get = |key: &str| consumer.get(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let per_partition_bytes = get("queued.max.messages.kbytes") * 1024;
-    let heaps = peak.rust_heap_bytes.unwrap_or(0) + peak.c_heap_bytes.unwrap_or(0);
+    let heaps = peak.rust_heap_bytes.zip(peak.c_heap_bytes).map(|(rust, c)| rust + c);
     MemoryFigures {
         sampled_peak_rss_bytes: peak.rss_bytes,
         threads: peak.threads,
         rust_heap_bytes: peak.rust_heap_bytes,
         c_heap_bytes: peak.c_heap_bytes,
         c_heap_in_use_bytes: peak.c_heap_in_use_bytes,
-        other_bytes: peak.rss_bytes as i64 - heaps as i64,
+        other_bytes: heaps.map(|heaps| peak.rss_bytes as i64 - heaps as i64),
         filter_bytes,
         store_bytes,
         consumer_prefetch_bound_bytes: per_partition_bytes * partitions as u64,
@@ -1359,19 +1368,20 @@ pub(crate) fn print_table(r: &BenchReport) {
     let mib = |b: u64| b as f64 / 1048576.0;
     let maybe = |b: Option<u64>| b.map_or("not counted".to_string(), |b| format!("{:.0} MiB", mib(b)));
     println!(
-        "  memory at the peak: {:.0} MiB resident, {} threads: Rust heap {} committed (at the end: filter {:.0} MiB, \
-         store {}), C heap {} ({} in use), {}",
+        "  memory at the peak: {:.0} MiB resident, {} threads: Rust heap {} (at the end: filter {:.0} MiB, \
+         store {}), C heap {} ({} in use){}",
         mib(m.sampled_peak_rss_bytes),
         m.threads,
-        maybe(m.rust_heap_bytes),
+        m.rust_heap_bytes
+            .map_or("not counted after a process's first pair".to_string(), |b| format!("{:.0} MiB committed", mib(b))),
         mib(m.filter_bytes),
         maybe(m.store_bytes),
         maybe(m.c_heap_bytes),
         maybe(m.c_heap_in_use_bytes),
-        if m.other_bytes >= 0 {
-            format!("other {:.0} MiB (stacks, code)", mib(m.other_bytes as u64))
-        } else {
-            format!("{:.0} MiB of which not resident yet", mib(m.other_bytes.unsigned_abs()))
+        match m.other_bytes {
+            Some(other) if other >= 0 => format!(", other {:.0} MiB (stacks, code)", mib(other as u64)),
+            Some(other) => format!(", {:.0} MiB of which not resident yet", mib(other.unsigned_abs())),
+            None => String::new(),
         },
     );
     println!(
