@@ -1385,7 +1385,8 @@ pub(crate) fn print_table(r: &BenchReport) {
         },
     );
     println!(
-        "    the C heap holds the consumer's prefetch, at most {:.0} MiB: {:.0} KiB or {} records per partition",
+        "    the C heap holds the consumer's prefetch: at most {:.0} MiB of records ({:.0} KiB or {} records per partition), \
+         and librdkafka's bookkeeping of each and the batches it decompressed them from",
         mib(m.consumer_prefetch_bound_bytes),
         m.prefetch_per_partition_bytes as f64 / 1024.0,
         m.prefetch_per_partition_records
