@@ -1372,8 +1372,10 @@ pub(crate) fn print_table(r: &BenchReport) {
          store {}), C heap {} ({} in use){}",
         mib(m.sampled_peak_rss_bytes),
         m.threads,
-        m.rust_heap_bytes
-            .map_or("not counted after a process's first pair".to_string(), |b| format!("{:.0} MiB committed", mib(b))),
+        m.rust_heap_bytes.map_or("not counted (a process's first pair counts it)".to_string(), |b| format!(
+            "{:.0} MiB committed",
+            mib(b)
+        )),
         mib(m.filter_bytes),
         maybe(m.store_bytes),
         maybe(m.c_heap_bytes),
