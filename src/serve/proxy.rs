@@ -201,7 +201,10 @@ impl Proxy {
         let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let request = ClaimRequest { key: key.clone(), fingerprint, position: position.clone() };
-            let claim = match self.store.claim(vec![request], now_ms()).await.map(|mut v| v.pop()) {
+            // One instant for the claim and, on a duplicate, the read of its answer: read at a later one, a key
+            // whose TTL ran out in between was a duplicate without an answer (a 502 at the TTL's edge).
+            let now = now_ms();
+            let claim = match self.store.claim(vec![request], now).await.map(|mut v| v.pop()) {
                 Ok(Some(claim)) => claim,
                 Ok(None) => return self.store_failed("claim", "the store answered no claim"),
                 Err(e) => return self.store_failed("claim", &e.to_string()),
@@ -216,7 +219,7 @@ impl Proxy {
                     }
                     return answer;
                 }
-                Claim::Duplicate { .. } => return self.replay_recorded(key).await,
+                Claim::Duplicate { .. } => return self.replay_recorded(key, now).await,
                 Claim::Conflict { .. } => {
                     return problem(
                         "conflict",
@@ -246,9 +249,9 @@ impl Proxy {
         }
     }
 
-    /// A duplicate: the first request's recorded answer, replayed.
-    async fn replay_recorded(&self, key: EventKey) -> Answer {
-        match self.store.response(key, now_ms()).await {
+    /// A duplicate: the first request's recorded answer, replayed; read as the key stood at `now`, its claim's instant.
+    async fn replay_recorded(&self, key: EventKey, now: u64) -> Answer {
+        match self.store.response(key, now).await {
             Ok(Some(recorded)) => Answer { outcome: "replayed", response: replay(&recorded) },
             Ok(None) => problem(
                 "upstream_error",

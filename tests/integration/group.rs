@@ -100,8 +100,14 @@ async fn group_of_three_under_sigkill_churn_on_the_cql_store_on_cassandra() {
 async fn churn(env: &GroupEnv, protocol: Protocol, store: &[(&str, &str)]) {
     let _turn = BROKER_TURN.lock().await;
     let started = Instant::now();
+    // A kill every 1.5-3.5 s can take a partition's owner, then its next one before it reconciled, while a
+    // duplicate of that partition's claim waits on another member. That member takes the claim over once its
+    // lease lapses, marked as a possible repeat (DESIGN §1), unless the partition's reconciliation resolved
+    // it first: the lease must outlast the churn's reassignments for this test's exactly-once to be the
+    // design's promise. At 5 s it lapsed 0.5 s after the third owner was assigned (6 marked repeats, once).
+    let settings: Vec<(&str, &str)> = store.iter().copied().chain([("KDEDUP_STORE__LEASE_SECS", "15")]).collect();
     let spawn = |env: &GroupEnv, topics: &Topics, logs: &std::path::Path, n: usize| {
-        spawn_on(env, topics, logs, n, protocol, store)
+        spawn_on(env, topics, logs, n, protocol, &settings)
     };
     let topics = Topics::create(&env.brokers, &env.postgres, 6).await;
     let logs = LogDir::new();
